@@ -1,0 +1,262 @@
+"""The channel layer contract shared by every backend.
+
+This module owns what a layer *means*, independent of where messages live:
+the name rules, the limits, the errors, the wire format of a stored message,
+capacity lookup, and the counters. Backends (``memory.py``, ``redis.py``) own
+storage and waiting; they must not re-implement anything here.
+
+Theory of operation: a message is validated and serialized exactly once, at
+``send``. The serialized bytes are what a backend stores, so the size limit is
+checked on the real payload, mutation after ``send`` is invisible, and bytes
+and str survive the trip because msgpack keeps them distinct.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import secrets
+import string
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+# ASGI 1.0 name rules. ASCII only: names become Redis keys and log fields.
+CHANNEL_NAME_RE = re.compile(r"^[a-zA-Z\d\-_.]+((\?|\!)[\d\w\-_.]*)?$", re.ASCII)
+GROUP_NAME_RE = re.compile(r"^[a-zA-Z\d\-_.]+$", re.ASCII)
+MAX_NAME_LENGTH = 100  # names must be shorter than this
+
+MAX_MESSAGE_SIZE = 1024 * 1024  # 1 MiB of serialized message
+
+DEFAULT_CAPACITY = 100
+DEFAULT_EXPIRY = 60
+DEFAULT_GROUP_EXPIRY = 86400
+DEFAULT_PREFIX = "crossroads"
+
+# A stored entry is HEADER (expiry as a float of Unix seconds, length of the
+# channel name that follows) + channel name + msgpack body. The name is only
+# written for process-local channels, which share one queue per process prefix
+# and must say which local channel they were sent to; elsewhere it is empty.
+HEADER = struct.Struct(">dH")
+
+_NEW_CHANNEL_ALPHABET = string.ascii_letters + string.digits
+
+
+class LayerError(Exception):
+    """Base class of every error a channel layer raises."""
+
+
+class ChannelFull(LayerError):
+    """The channel holds ``capacity`` messages already; the peer should retry later."""
+
+
+class MessageTooLarge(LayerError):
+    """The serialized message is over the 1 MiB limit."""
+
+
+class InvalidChannelName(LayerError, ValueError):
+    """A channel or group name breaks the naming rules, or is used where it may not be."""
+
+
+class LayerUnavailable(LayerError):
+    """The layer's backing store cannot be reached right now."""
+
+
+def refused_error(channels: list[str], total: int) -> ChannelFull:
+    """The ``ChannelFull`` a ``send_many`` raises when some of its messages were refused.
+
+    Every other message was stored; ``refused_channels`` names the full ones.
+    """
+    error = ChannelFull(
+        f"send_many: messages to {len(channels)} full channel(s) of {total} messages refused: "
+        + ", ".join(channels[:5]) + (" ..." if len(channels) > 5 else "")
+    )
+    error.refused_channels = channels
+    return error
+
+
+@dataclass
+class GroupSendResult:
+    """What ``group_send`` did: ``delivered`` members got the message, ``dropped`` were full."""
+
+    delivered: int = 0
+    dropped: int = 0
+
+
+@dataclass
+class Counters:
+    """Per-layer-object counters, reported by ``stats()``.
+
+    ``dropped`` counts messages the layer accepted for a member of a group but
+    could not deliver (the member was full); ``expired`` counts messages
+    discarded because nobody received them in time; ``refused`` counts sends
+    that raised ``ChannelFull`` (the caller knows about those).
+    """
+
+    sent: int = 0
+    received: int = 0
+    refused: int = 0
+    dropped: int = 0
+    expired: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def is_process_local(name: str) -> bool:
+    return "!" in name
+
+
+def queue_name(channel: str) -> str:
+    """The queue a channel's messages live in: ``prefix!`` for process-local ones."""
+    bang = channel.find("!")
+    return channel if bang < 0 else channel[: bang + 1]
+
+
+def check_channel_name(name: Any, *, receive: bool = False) -> str:
+    """Raise ``InvalidChannelName`` unless ``name`` may be sent to (or received from)."""
+    if not isinstance(name, str):
+        raise InvalidChannelName(f"channel name must be str, not {type(name).__name__}: {name!r}")
+    if len(name) >= MAX_NAME_LENGTH:
+        raise InvalidChannelName(f"channel name is {len(name)} characters; the limit is 99: {name[:40]!r}...")
+    if not CHANNEL_NAME_RE.match(name):
+        raise InvalidChannelName(
+            f"invalid channel name {name!r}: use letters, digits, '-', '_' and '.', "
+            "optionally followed by '?' or '!' and a local part"
+        )
+    if is_process_local(name):
+        if receive and not name.endswith("!"):
+            raise InvalidChannelName(
+                f"cannot receive on {name!r}: receive on its process queue {queue_name(name)!r}, "
+                "which returns messages with their full channel name"
+            )
+        if not receive and name.endswith("!"):
+            raise InvalidChannelName(f"cannot send to {name!r}: a process-local channel needs a local part after '!'")
+    return name
+
+
+def check_group_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise InvalidChannelName(f"group name must be str, not {type(name).__name__}: {name!r}")
+    if len(name) >= MAX_NAME_LENGTH or not GROUP_NAME_RE.match(name):
+        raise InvalidChannelName(
+            f"invalid group name {name!r}: use up to 99 letters, digits, '-', '_' and '.'"
+        )
+    return name
+
+
+def check_receive_channels(channels: Any) -> list[str]:
+    if isinstance(channels, str):
+        channels = [channels]
+    channels = list(channels)
+    if not channels:
+        raise InvalidChannelName("receive needs at least one channel name")
+    for name in channels:
+        check_channel_name(name, receive=True)
+    return channels
+
+
+def new_channel_name(pattern: Any) -> str:
+    """A fresh name for ``pattern``, which ends in ``?`` (single reader) or ``!`` (process-local).
+
+    The random part has 16 characters from 62 (about 95 bits), so a name is
+    never reused by accident and no existence check is needed.
+    """
+    if not isinstance(pattern, str) or not pattern or pattern[-1] not in "?!":
+        raise InvalidChannelName(f"new_channel pattern must end with '?' or '!', got {pattern!r}")
+    if pattern.count("?") + pattern.count("!") != 1:
+        raise InvalidChannelName(f"new_channel pattern must contain exactly one '?' or '!', got {pattern!r}")
+    name = pattern + "".join(secrets.choice(_NEW_CHANNEL_ALPHABET) for _ in range(16))
+    return check_channel_name(name)
+
+
+def pack(message: Any) -> bytes:
+    """Serialize a message; raise ``MessageTooLarge`` over 1 MiB and ``TypeError`` for non-dicts."""
+    if not isinstance(message, dict):
+        raise TypeError(f"a message must be a dict, not {type(message).__name__}")
+    try:
+        body = msgpack.packb(message, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"message cannot be serialized ({exc}); use dicts, lists, str, bytes, numbers, bools and None"
+        ) from exc
+    if len(body) > MAX_MESSAGE_SIZE:
+        raise MessageTooLarge(f"message is {len(body)} bytes serialized; the limit is {MAX_MESSAGE_SIZE}")
+    return body
+
+
+def unpack(body: bytes) -> dict:
+    return msgpack.unpackb(body, raw=False, strict_map_key=False)
+
+
+def make_entry(channel: str, body: bytes, expires_at: float) -> bytes:
+    """The stored form of a message: header, channel name if process-local, body."""
+    if is_process_local(channel):
+        name = channel.encode()
+        return HEADER.pack(expires_at, len(name)) + name + body
+    return HEADER.pack(expires_at, 0) + body
+
+
+def read_entry(entry: bytes, queue: str) -> tuple[float, str, bytes]:
+    """Split a stored entry into (expires_at, channel, body); ``queue`` names plain channels."""
+    expires_at, name_len = HEADER.unpack_from(entry)
+    start = HEADER.size
+    if name_len:
+        return expires_at, entry[start : start + name_len].decode(), entry[start + name_len :]
+    return expires_at, queue, entry[start:]
+
+
+def glob_to_regex(pattern: str) -> str:
+    """Capacity patterns use ``*`` as the only wildcard: '?' and '!' are literal name characters."""
+    return "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
+
+
+@dataclass
+class LayerOptions:
+    """The options every backend accepts (see docs/spec/layer.md)."""
+
+    capacity: int = DEFAULT_CAPACITY
+    channel_capacity: dict[str, int] = field(default_factory=dict)
+    expiry: float = DEFAULT_EXPIRY
+    group_expiry: float = DEFAULT_GROUP_EXPIRY
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.capacity, int) or self.capacity < 1:
+            raise ValueError(f"capacity must be a positive integer, got {self.capacity!r}")
+        if self.expiry <= 0 or self.group_expiry <= 0:
+            raise ValueError("expiry and group_expiry must be positive numbers of seconds")
+        if not GROUP_NAME_RE.match(self.prefix):
+            raise ValueError(f"prefix {self.prefix!r} may hold only letters, digits, '-', '_' and '.'")
+        self._capacity_rules: list[tuple[re.Pattern, int]] = []
+        for pattern, capacity in dict(self.channel_capacity).items():
+            if not isinstance(capacity, int) or capacity < 1:
+                raise ValueError(f"channel_capacity[{pattern!r}] must be a positive integer, got {capacity!r}")
+            self._capacity_rules.append((re.compile(glob_to_regex(pattern)), capacity))
+        self._capacity_cache: dict[str, int] = {}
+
+    def capacity_for(self, channel: str) -> int:
+        """The first matching ``channel_capacity`` pattern wins; else ``capacity``."""
+        try:
+            return self._capacity_cache[channel]
+        except KeyError:
+            pass
+        capacity = self.capacity
+        for regex, value in self._capacity_rules:
+            if regex.match(channel):
+                capacity = value
+                break
+        if len(self._capacity_cache) < 10000:  # bounded: '?' names are endless
+            self._capacity_cache[channel] = capacity
+        return capacity
+
+
+def backoff_delays(initial: float = 0.05, cap: float = 5.0) -> Iterator[float]:
+    """Reconnect delays: exponential, capped, with jitter so many clients do not retry in step."""
+    delay = initial
+    while True:
+        yield random.uniform(delay / 2, delay)
+        delay = min(cap, delay * 2)

@@ -1,0 +1,391 @@
+"""The in-process channel layer (``memory://``).
+
+Owns queues, groups and waiting for one process. It is shared at once by
+worker threads (blocking face, ``layer.sync``) and by bridges on an event loop
+(async face), so every piece of state sits behind one ``threading.Lock`` and
+no method ever holds that lock while it waits.
+
+Waiting never polls. A receiver that finds nothing registers a waiter on each
+queue it listens to. ``send`` hands the entry straight to the oldest waiter of
+that queue, under the lock, and wakes it after releasing the lock (a
+``threading.Event`` for a thread, ``call_soon_threadsafe`` for a coroutine).
+Because the hand-off is decided under the lock, a message can neither be
+delivered twice nor vanish between a timeout and a wake-up: a receiver that
+times out or is cancelled checks, under the lock, whether it was handed
+something, and returns it or puts it back at the head of its queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import base
+from .base import ChannelFull, Counters, GroupSendResult, LayerOptions
+
+log = logging.getLogger("crossroads.layer.memory")
+
+Entry = tuple[float, str, bytes]  # (expires_at, channel, body)
+
+
+class _Waiter:
+    __slots__ = ("queues", "entry", "wake")
+
+    def __init__(self, queues: list[str], wake: Callable[[], None]) -> None:
+        self.queues = queues
+        self.entry: Entry | None = None
+        self.wake = wake
+
+
+class MemoryLayer:
+    """An in-process layer; ``MemoryLayer.sync`` is the blocking face with the same methods."""
+
+    ChannelFull = base.ChannelFull
+    MessageTooLarge = base.MessageTooLarge
+    InvalidChannelName = base.InvalidChannelName
+    LayerUnavailable = base.LayerUnavailable
+    extensions = ("groups", "flush", "stats", "receive_many", "send_many")
+
+    def __init__(self, **options: Any) -> None:
+        self.options = LayerOptions(**options)
+        self.counters = Counters()
+        self._lock = threading.Lock()
+        self._queues: dict[str, deque[Entry]] = {}
+        self._waiters: dict[str, deque[_Waiter]] = {}
+        self._groups: dict[str, dict[str, float]] = {}
+        self.sync = _SyncFace(self)
+
+    def __repr__(self) -> str:
+        return "MemoryLayer()"
+
+    # -- the core, shared by both faces; *_locked methods need self._lock --
+
+    def _prepare(self, channel: str, message: dict) -> Entry:
+        base.check_channel_name(channel)
+        return (time.time() + self.options.expiry, channel, base.pack(message))
+
+    def _put_locked(self, entry: Entry, woken: list[_Waiter], *, front: bool = False) -> bool:
+        """Hand ``entry`` to a waiter or queue it; False if its queue is full."""
+        queue = base.queue_name(entry[1])
+        waiters = self._waiters.get(queue)
+        if waiters:
+            waiter = waiters.popleft()
+            self._unregister_locked(waiter)
+            waiter.entry = entry
+            woken.append(waiter)
+            return True
+        items = self._queues.get(queue)
+        if items is None:
+            items = self._queues[queue] = deque()
+        if not front and len(items) >= self.options.capacity_for(entry[1]):
+            self._expire_locked(queue, items)
+            if len(items) >= self.options.capacity_for(entry[1]):
+                return False
+        if front:
+            items.appendleft(entry)
+        else:
+            items.append(entry)
+        return True
+
+    def _expire_locked(self, queue: str, items: deque[Entry]) -> None:
+        now = time.time()
+        while items and items[0][0] < now:
+            items.popleft()
+            self.counters.expired += 1
+        if not items:
+            del self._queues[queue]
+
+    def _take_locked(self, queues: list[str], limit: int) -> list[Entry]:
+        """Pop up to ``limit`` unexpired entries; the starting queue is random for fairness."""
+        taken: list[Entry] = []
+        start = random.randrange(len(queues)) if len(queues) > 1 else 0
+        now = time.time()
+        for i in range(len(queues)):
+            queue = queues[(start + i) % len(queues)]
+            items = self._queues.get(queue)
+            while items and len(taken) < limit:
+                entry = items.popleft()
+                if entry[0] < now:
+                    self.counters.expired += 1
+                else:
+                    taken.append(entry)
+            if items is not None and not items:
+                del self._queues[queue]
+            if len(taken) >= limit:
+                break
+        self.counters.received += len(taken)
+        return taken
+
+    def _register_locked(self, waiter: _Waiter) -> None:
+        for queue in waiter.queues:
+            self._waiters.setdefault(queue, deque()).append(waiter)
+
+    def _unregister_locked(self, waiter: _Waiter) -> None:
+        for queue in waiter.queues:
+            waiters = self._waiters.get(queue)
+            if waiters is None:
+                continue
+            try:
+                waiters.remove(waiter)
+            except ValueError:
+                pass
+            if not waiters:
+                del self._waiters[queue]
+
+    @staticmethod
+    def _wake(woken: list[_Waiter]) -> None:
+        for waiter in woken:
+            waiter.wake()
+
+    def _send_entries(self, entries: list[Entry]) -> list[Entry]:
+        """Store entries; return the ones refused because their queue was full."""
+        woken: list[_Waiter] = []
+        refused: list[Entry] = []
+        with self._lock:
+            for entry in entries:
+                if not self._put_locked(entry, woken):
+                    refused.append(entry)
+            self.counters.sent += len(entries) - len(refused)
+            self.counters.refused += len(refused)
+        self._wake(woken)
+        return refused
+
+    def _send(self, channel: str, message: dict) -> None:
+        if self._send_entries([self._prepare(channel, message)]):
+            raise ChannelFull(f"channel {channel!r} is full (capacity {self.options.capacity_for(channel)})")
+
+    def _send_many(self, items: Iterable[tuple[str, dict]]) -> None:
+        entries = [self._prepare(channel, message) for channel, message in items]
+        refused = self._send_entries(entries)
+        if refused:
+            raise base.refused_error(sorted({entry[1] for entry in refused}), len(entries))
+
+    def _try_take(self, channels: Any, limit: int) -> tuple[list[str], list[Entry]]:
+        queues = [base.queue_name(c) for c in base.check_receive_channels(channels)]
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_messages must be a positive integer, got {limit!r}")
+        with self._lock:
+            return queues, self._take_locked(queues, limit)
+
+    def _finish_wait(self, waiter: _Waiter, limit: int) -> list[Entry]:
+        """After a wait ends for any reason: what the waiter was handed, plus more up to ``limit``."""
+        with self._lock:
+            if waiter.entry is None:
+                self._unregister_locked(waiter)
+                return []
+            self.counters.received += 1
+            return [waiter.entry] + (self._take_locked(waiter.queues, limit - 1) if limit > 1 else [])
+
+    def _requeue(self, entries: list[Entry]) -> None:
+        """Put entries taken by a cancelled receiver back at the head of their queues."""
+        woken: list[_Waiter] = []
+        with self._lock:
+            self.counters.received -= len(entries)
+            for entry in reversed(entries):
+                self._put_locked(entry, woken, front=True)
+        self._wake(woken)
+
+    def _receive_blocking(self, channels: Any, limit: int, timeout: float | None) -> list[Entry]:
+        queues, taken = self._try_take(channels, limit)
+        if taken or (timeout is not None and timeout <= 0):
+            return taken
+        event = threading.Event()
+        waiter = _Waiter(queues, event.set)
+        with self._lock:
+            taken = self._take_locked(queues, limit)
+            if taken:
+                return taken
+            self._register_locked(waiter)
+        event.wait(timeout)
+        return self._finish_wait(waiter, limit)
+
+    async def _receive_async(self, channels: Any, limit: int, timeout: float | None) -> list[Entry]:
+        queues, taken = self._try_take(channels, limit)
+        if taken or (timeout is not None and timeout <= 0):
+            return taken
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(_resolve, future)
+
+        waiter = _Waiter(queues, wake)
+        with self._lock:
+            taken = self._take_locked(queues, limit)
+            if taken:
+                return taken
+            self._register_locked(waiter)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            self._requeue(self._finish_wait(waiter, 1))
+            raise
+        return self._finish_wait(waiter, limit)
+
+    def _decode(self, entry: Entry) -> tuple[str, dict]:
+        return entry[1], base.unpack(entry[2])
+
+    def _group_add(self, group: str, channel: str) -> None:
+        base.check_group_name(group)
+        base.check_channel_name(channel)
+        with self._lock:
+            self._groups.setdefault(group, {})[channel] = time.time() + self.options.group_expiry
+
+    def _group_discard(self, group: str, channel: str) -> None:
+        base.check_group_name(group)
+        base.check_channel_name(channel)
+        with self._lock:
+            members = self._groups.get(group)
+            if members is not None:
+                members.pop(channel, None)
+                if not members:
+                    del self._groups[group]
+
+    def _members_locked(self, group: str) -> list[str]:
+        members = self._groups.get(group)
+        if not members:
+            return []
+        now = time.time()
+        for channel in [c for c, expires_at in members.items() if expires_at < now]:
+            del members[channel]
+        return list(members)
+
+    def _group_channels(self, group: str) -> list[str]:
+        base.check_group_name(group)
+        with self._lock:
+            return self._members_locked(group)
+
+    def _group_send(self, group: str, message: dict) -> GroupSendResult:
+        base.check_group_name(group)
+        body = base.pack(message)
+        expires_at = time.time() + self.options.expiry
+        result = GroupSendResult()
+        woken: list[_Waiter] = []
+        with self._lock:
+            for channel in self._members_locked(group):
+                if self._put_locked((expires_at, channel, body), woken):
+                    result.delivered += 1
+                else:
+                    result.dropped += 1
+            self.counters.sent += result.delivered
+            self.counters.dropped += result.dropped
+        self._wake(woken)
+        if result.dropped:
+            log.warning("group_send to %r dropped %d of %d deliveries: members full", group,
+                        result.dropped, result.dropped + result.delivered)
+        return result
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._queues.clear()
+            self._groups.clear()
+
+    def _stats(self) -> dict[str, Any]:
+        with self._lock:
+            pending = {queue: len(items) for queue, items in self._queues.items() if items}
+            return {"backend": "memory", "pending": pending, **self.counters.as_dict()}
+
+    # -- the async face --
+
+    async def send(self, channel: str, message: dict) -> None:
+        self._send(channel, message)
+
+    async def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
+        self._send_many(items)
+
+    async def receive(self, channels: Any, timeout: float | None = None) -> tuple[str | None, dict | None]:
+        taken = await self._receive_async(channels, 1, timeout)
+        return self._decode(taken[0]) if taken else (None, None)
+
+    async def receive_many(
+        self, channels: Any, max_messages: int, timeout: float | None = None
+    ) -> list[tuple[str, dict]]:
+        return [self._decode(entry) for entry in await self._receive_async(channels, max_messages, timeout)]
+
+    async def new_channel(self, pattern: str) -> str:
+        return base.new_channel_name(pattern)
+
+    async def group_add(self, group: str, channel: str) -> None:
+        self._group_add(group, channel)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        self._group_discard(group, channel)
+
+    async def group_channels(self, group: str) -> list[str]:
+        return self._group_channels(group)
+
+    async def group_send(self, group: str, message: dict) -> GroupSendResult:
+        return self._group_send(group, message)
+
+    async def flush(self) -> None:
+        self._flush()
+
+    async def stats(self) -> dict[str, Any]:
+        return self._stats()
+
+    async def close(self) -> None:
+        pass
+
+
+class _SyncFace:
+    """The blocking face of a ``MemoryLayer``: the same methods, called from threads."""
+
+    def __init__(self, layer: MemoryLayer) -> None:
+        self.layer = layer
+        self.ChannelFull = layer.ChannelFull
+        self.MessageTooLarge = layer.MessageTooLarge
+        self.InvalidChannelName = layer.InvalidChannelName
+        self.LayerUnavailable = layer.LayerUnavailable
+        self.extensions = layer.extensions
+
+    def send(self, channel: str, message: dict) -> None:
+        self.layer._send(channel, message)
+
+    def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
+        self.layer._send_many(items)
+
+    def receive(self, channels: Any, timeout: float | None = None) -> tuple[str | None, dict | None]:
+        taken = self.layer._receive_blocking(channels, 1, timeout)
+        return self.layer._decode(taken[0]) if taken else (None, None)
+
+    def receive_many(self, channels: Any, max_messages: int, timeout: float | None = None) -> list[tuple[str, dict]]:
+        taken = self.layer._receive_blocking(channels, max_messages, timeout)
+        return [self.layer._decode(entry) for entry in taken]
+
+    def new_channel(self, pattern: str) -> str:
+        return base.new_channel_name(pattern)
+
+    def group_add(self, group: str, channel: str) -> None:
+        self.layer._group_add(group, channel)
+
+    def group_discard(self, group: str, channel: str) -> None:
+        self.layer._group_discard(group, channel)
+
+    def group_channels(self, group: str) -> list[str]:
+        return self.layer._group_channels(group)
+
+    def group_send(self, group: str, message: dict) -> GroupSendResult:
+        return self.layer._group_send(group, message)
+
+    def flush(self) -> None:
+        self.layer._flush()
+
+    def stats(self) -> dict[str, Any]:
+        return self.layer._stats()
+
+    def close(self) -> None:
+        pass
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+

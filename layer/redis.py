@@ -1,0 +1,756 @@
+"""The Redis channel layer (``redis://``, ``rediss://``, sharded with ``hosts=[...]``).
+
+Owns how channels, groups and waiting map onto Redis. What a message is and
+which names are valid belongs to ``base.py``; this module must not re-decide it.
+
+Storage, per shard:
+
+- ``{prefix}:q:{queue}``: a list of entries (``base.make_entry``): expiry time,
+  channel name for process-local channels, msgpack body. One list per channel,
+  and one per process prefix (``name!``) for process-local channels, so a
+  process blocks on a single key for all of its replies.
+- ``{prefix}:g:{group}``: a sorted set of member channels scored by expiry, on
+  the shard of each member's queue, so one Lua call per shard can deliver to
+  every member of a group without crossing shards.
+
+Cost: a send is one ``EVALSHA`` (capacity check, expired-head trim and push in
+one atomic script, no separate body key); a receive is one ``BLMPOP`` (atomic
+pop, no second fetch that could lose the message); ``send_many`` and
+``receive_many`` are one round trip per shard; ``group_send`` is one script
+call per shard.
+
+Sharding: a queue lives on the shard its name hashes to on a consistent-hash
+ring (160 points per shard, named by the shard's URL without credentials), so
+adding a shard moves about 1/n of the queues. A receive that spans shards
+blocks on every shard at once and, when one answers, wakes the others by
+pushing to a private wake key each is also blocked on; anything they popped
+meanwhile is kept in this process's buffer and returned by the next receive.
+No sleep, no polling.
+
+Faults: connection errors become ``LayerUnavailable`` at once (redis-py's own
+retries are off, because retrying a send that may have run would deliver it
+twice). A blocking receive instead waits out the outage with exponential
+backoff and jitter and resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import hashlib
+import logging
+import math
+import random
+import select
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from . import base
+from .base import ChannelFull, Counters, GroupSendResult, LayerOptions, LayerUnavailable
+
+log = logging.getLogger("crossroads.layer.redis")
+
+CONNECT_TIMEOUT = 2.0  # seconds to open a connection before LayerUnavailable
+COMMAND_TIMEOUT = 5.0  # seconds to wait for a non-blocking command's reply
+RING_POINTS = 160
+_IO_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+_DEFAULT = object()  # read with the connection's own socket timeout
+
+# Push each entry unless its queue is full; when full, first drop expired
+# entries from the head (their expiry is the first 8 bytes). KEYS: one queue
+# key per message. ARGV: now, ttl, then capacity and entry per message.
+# Returns {expired count, {1-based indexes of refused messages}}.
+SEND_LUA = """
+local now = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local lengths = {}
+local refused = {}
+local expired = 0
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local capacity = tonumber(ARGV[2 * i + 1])
+  local n = lengths[key] or redis.call('LLEN', key)
+  while n >= capacity and n > 0 do
+    local head = redis.call('LINDEX', key, 0)
+    if struct.unpack('>d', head) >= now then break end
+    redis.call('LPOP', key)
+    n = n - 1
+    expired = expired + 1
+  end
+  if n >= capacity then
+    refused[#refused + 1] = i
+  else
+    redis.call('RPUSH', key, ARGV[2 * i + 2])
+    n = n + 1
+  end
+  lengths[key] = n
+end
+for key, _ in pairs(lengths) do
+  redis.call('EXPIRE', key, ttl)
+end
+return {expired, refused}
+"""
+
+# Deliver one body to every unexpired member of a group on this shard.
+# KEYS[1]: the group key. ARGV: now, ttl, expires_at, body, default capacity,
+# queue key prefix, then (Lua pattern, capacity) pairs for channel_capacity.
+# Returns {delivered, dropped, expired}.
+GROUP_SEND_LUA = """
+local now = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local expires_at = tonumber(ARGV[3])
+local body = ARGV[4]
+local default_capacity = tonumber(ARGV[5])
+local queue_prefix = ARGV[6]
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+local plain_entry = struct.pack('>dH', expires_at, 0) .. body
+local delivered, dropped, expired = 0, 0, 0
+for _, channel in ipairs(members) do
+  local queue, entry = channel, plain_entry
+  local bang = string.find(channel, '!', 1, true)
+  if bang then
+    queue = string.sub(channel, 1, bang)
+    entry = struct.pack('>dH', expires_at, #channel) .. channel .. body
+  end
+  local capacity = default_capacity
+  for j = 7, #ARGV, 2 do
+    if string.find(channel, ARGV[j]) then
+      capacity = tonumber(ARGV[j + 1])
+      break
+    end
+  end
+  local key = queue_prefix .. queue
+  local n = redis.call('LLEN', key)
+  while n >= capacity and n > 0 do
+    local head = redis.call('LINDEX', key, 0)
+    if struct.unpack('>d', head) >= now then break end
+    redis.call('LPOP', key)
+    n = n - 1
+    expired = expired + 1
+  end
+  if n >= capacity then
+    dropped = dropped + 1
+  else
+    redis.call('RPUSH', key, entry)
+    redis.call('EXPIRE', key, ttl)
+    delivered = delivered + 1
+  end
+end
+return {delivered, dropped, expired}
+"""
+
+
+class _Script:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+_SEND = _Script(SEND_LUA)
+_GROUP_SEND = _Script(GROUP_SEND_LUA)
+
+
+def glob_to_lua(pattern: str) -> str:
+    """A ``channel_capacity`` glob (``*`` only) as an anchored Lua pattern."""
+    magic = "^$()%.[]*+-?"
+    parts = ["".join("%" + ch if ch in magic else ch for ch in part) for part in pattern.split("*")]
+    return "^" + ".*".join(parts) + "$"
+
+
+def public_url(url: str) -> str:
+    """The URL without its password, for logs and for naming ring points."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class HashRing:
+    """Consistent hashing of queue names onto shards."""
+
+    def __init__(self, names: list[str]) -> None:
+        points = sorted(
+            (self._hash(f"{name}#{i}"), index) for index, name in enumerate(names) for i in range(RING_POINTS)
+        )
+        self._hashes = [h for h, _ in points]
+        self._shards = [s for _, s in points]
+        self._single = len(names) == 1
+        self._cache: dict[str, int] = {}
+
+    @staticmethod
+    def _hash(key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+    def shard(self, queue: str) -> int:
+        if self._single:
+            return 0
+        try:
+            return self._cache[queue]
+        except KeyError:
+            pass
+        i = bisect.bisect(self._hashes, self._hash(queue)) % len(self._hashes)
+        if len(self._cache) < 100000:
+            self._cache[queue] = self._shards[i]
+        return self._shards[i]
+
+
+class RedisLayer:
+    """The Redis layer's async face; ``RedisLayer.sync`` is the blocking face."""
+
+    ChannelFull = base.ChannelFull
+    MessageTooLarge = base.MessageTooLarge
+    InvalidChannelName = base.InvalidChannelName
+    LayerUnavailable = base.LayerUnavailable
+    extensions = ("groups", "flush", "stats", "receive_many", "send_many")
+
+    def __init__(self, hosts: list[str] | str, **options: Any) -> None:
+        if isinstance(hosts, str):
+            hosts = [hosts]
+        if not hosts:
+            raise ValueError("a Redis layer needs at least one URL in hosts")
+        self.hosts = list(hosts)
+        self.names = [public_url(url) for url in self.hosts]
+        self.options = LayerOptions(**options)
+        self.counters = Counters()
+        self.ring = HashRing(self.names)
+        self._key_prefix = f"{self.options.prefix}:q:"
+        self._ttl = math.ceil(self.options.expiry) + 1
+        self._lua_capacity: list[str] = []
+        for pattern, capacity in self.options.channel_capacity.items():
+            self._lua_capacity += [glob_to_lua(pattern), str(capacity)]
+        self._buffer: dict[str, deque[bytes]] = {}  # queue -> entries popped but not yet returned
+        self._buffer_lock = threading.Lock()
+        self._outage_logged = False
+        self.sync = _SyncRedis(self)
+        self._async_pools: list[redis.asyncio.ConnectionPool] = []
+        self._async_loop: asyncio.AbstractEventLoop | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisLayer({', '.join(self.names)})"
+
+    # -- pure helpers shared by both faces --
+
+    def _pool_options(self) -> dict[str, Any]:
+        return {
+            "socket_connect_timeout": CONNECT_TIMEOUT,
+            "socket_timeout": COMMAND_TIMEOUT,
+            "socket_keepalive": True,
+            "retry": Retry(NoBackoff(), 0),
+        }
+
+    def key(self, queue: str) -> str:
+        return self._key_prefix + queue
+
+    def group_key(self, group: str) -> str:
+        return f"{self.options.prefix}:g:{group}"
+
+    def _send_plan(self, items: Iterable[tuple[str, dict]]) -> tuple[dict[int, tuple[list, list, list]], int]:
+        """Validate and serialize; per shard: (keys, script args, channels)."""
+        now = time.time()
+        expires_at = now + self.options.expiry
+        plan: dict[int, tuple[list, list, list]] = {}
+        count = 0
+        for channel, message in items:
+            base.check_channel_name(channel)
+            entry = base.make_entry(channel, base.pack(message), expires_at)
+            queue = base.queue_name(channel)
+            shard = self.ring.shard(queue)
+            if shard not in plan:
+                plan[shard] = ([], [repr(now), self._ttl], [])
+            keys, args, channels = plan[shard]
+            keys.append(self._key_prefix + queue)
+            args.append(self.options.capacity_for(channel))
+            args.append(entry)
+            channels.append(channel)
+            count += 1
+        return plan, count
+
+    def _send_done(self, plan: dict, replies: dict[int, Any], count: int) -> None:
+        refused: list[str] = []
+        for shard, (expired, refused_indexes) in replies.items():
+            self.counters.expired += expired
+            channels = plan[shard][2]
+            refused += [channels[i - 1] for i in refused_indexes]
+        self.counters.sent += count - len(refused)
+        self.counters.refused += len(refused)
+        if refused:
+            if count == 1:
+                raise ChannelFull(f"channel {refused[0]!r} is full (capacity {self.options.capacity_for(refused[0])})")
+            raise base.refused_error(sorted(set(refused)), count)
+
+    def _receive_plan(self, channels: Any) -> list[str]:
+        queues = []
+        for channel in base.check_receive_channels(channels):
+            queue = base.queue_name(channel)
+            if queue not in queues:
+                queues.append(queue)
+        return queues
+
+    def _by_shard(self, queues: list[str]) -> dict[int, list[str]]:
+        plan: dict[int, list[str]] = {}
+        for queue in queues:
+            plan.setdefault(self.ring.shard(queue), []).append(self._key_prefix + queue)
+        for shard, keys in plan.items():
+            if len(keys) > 1:  # BLMPOP serves the first non-empty key: rotate so none starves
+                turn = random.randrange(len(keys))
+                plan[shard] = keys[turn:] + keys[:turn]
+        return plan
+
+    def _pop_command(self, keys: list[str], limit: int, timeout: float | None) -> tuple:
+        if timeout is not None and timeout <= 0:
+            return ("LMPOP", len(keys), *keys, "LEFT", "COUNT", limit)
+        # BLMPOP's 0 means forever; never round a short positive wait down to it.
+        wait = 0 if timeout is None else f"{max(timeout, 0.001):.3f}"
+        return ("BLMPOP", wait, len(keys), *keys, "LEFT", "COUNT", limit)
+
+    def _buffer_popped(self, reply: Any, wake_key: str | None = None) -> None:
+        """Keep the entries of a BLMPOP reply for a later receive."""
+        if not reply:
+            return
+        key = reply[0].decode()
+        if key == wake_key:
+            return
+        queue = key[len(self._key_prefix) :]
+        with self._buffer_lock:
+            self._buffer.setdefault(queue, deque()).extend(reply[1])
+
+    def _take_buffered(self, queues: list[str], limit: int) -> list[tuple[str, dict]]:
+        """Return fresh messages from the buffer, dropping (and counting) expired ones."""
+        if not self._buffer:
+            return []
+        taken: list[tuple[str, dict]] = []
+        now = time.time()
+        with self._buffer_lock:
+            for queue in queues:
+                entries = self._buffer.get(queue)
+                while entries and len(taken) < limit:
+                    expires_at, channel, body = base.read_entry(entries.popleft(), queue)
+                    if expires_at < now:
+                        self.counters.expired += 1
+                    else:
+                        taken.append((channel, base.unpack(body)))
+                if entries is not None and not entries:
+                    del self._buffer[queue]
+        self.counters.received += len(taken)
+        return taken
+
+    def _group_args(self, message: dict) -> list:
+        now = time.time()
+        return [repr(now), self._ttl, repr(now + self.options.expiry), base.pack(message),
+                self.options.capacity, self._key_prefix, *self._lua_capacity]
+
+    def _group_done(self, group: str, replies: list) -> GroupSendResult:
+        result = GroupSendResult()
+        for delivered, dropped, expired in replies:
+            result.delivered += delivered
+            result.dropped += dropped
+            self.counters.expired += expired
+        self.counters.sent += result.delivered
+        self.counters.dropped += result.dropped
+        if result.dropped:
+            log.warning("group_send to %r dropped %d of %d deliveries: members full", group,
+                        result.dropped, result.dropped + result.delivered)
+        return result
+
+    def _member_commands(self, group: str, channel: str, add: bool) -> tuple[int, list[tuple]]:
+        base.check_group_name(group)
+        base.check_channel_name(channel)
+        shard = self.ring.shard(base.queue_name(channel))
+        key = self.group_key(group)
+        if add:
+            expires_at = time.time() + self.options.group_expiry
+            commands = [("ZADD", key, repr(expires_at), channel),
+                        ("EXPIRE", key, math.ceil(self.options.group_expiry) + 1)]
+        else:
+            commands = [("ZREM", key, channel)]
+        return shard, commands
+
+    def _unavailable(self, shard: int, exc: BaseException) -> LayerUnavailable:
+        return LayerUnavailable(f"Redis at {self.names[shard]} is unreachable ({exc}); is redis-server running?")
+
+    def _outage(self, exc: BaseException, delay: float) -> None:
+        if not self._outage_logged:
+            log.warning("%s; receive retrying with backoff (next in %.2fs)", exc, delay)
+            self._outage_logged = True
+
+    def _recovered(self) -> None:
+        if self._outage_logged:
+            log.warning("Redis reachable again; receive resumed")
+            self._outage_logged = False
+
+    # -- the async face: I/O --
+
+    def _pools(self) -> list[redis.asyncio.ConnectionPool]:
+        loop = asyncio.get_running_loop()
+        if self._async_loop is not loop:  # a pool's connections belong to one loop
+            self._async_loop = loop
+            self._async_pools = [redis.asyncio.ConnectionPool.from_url(url, **self._pool_options())
+                                 for url in self.hosts]
+        return self._async_pools
+
+    async def _commands(self, shard: int, commands: list[tuple], read_timeout: float | None = None) -> list:
+        pool = self._pools()[shard]
+        try:
+            conn = await pool.get_connection()
+        except _IO_ERRORS as exc:
+            raise self._unavailable(shard, exc) from exc
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            return [await conn.read_response(timeout=read_timeout) for _ in commands]
+        except _IO_ERRORS as exc:
+            await conn.disconnect()
+            raise self._unavailable(shard, exc) from exc
+        finally:
+            await pool.release(conn)
+
+    async def _call(self, shard: int, *args: Any, read_timeout: float | None = None) -> Any:
+        return (await self._commands(shard, [args], read_timeout))[0]
+
+    async def _script(self, shard: int, script: _Script, keys: list, args: list) -> Any:
+        try:
+            return await self._call(shard, "EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._call(shard, "SCRIPT", "LOAD", script.source)
+            return await self._call(shard, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def send(self, channel: str, message: dict) -> None:
+        await self.send_many([(channel, message)])
+
+    async def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
+        plan, count = self._send_plan(items)
+        shards = list(plan)
+        replies = await asyncio.gather(*(self._script(s, _SEND, plan[s][0], plan[s][1]) for s in shards))
+        self._send_done(plan, dict(zip(shards, replies, strict=True)), count)
+
+    async def receive(self, channels: Any, timeout: float | None = None) -> tuple[str | None, dict | None]:
+        got = await self.receive_many(channels, 1, timeout)
+        return got[0] if got else (None, None)
+
+    async def receive_many(
+        self, channels: Any, max_messages: int, timeout: float | None = None
+    ) -> list[tuple[str, dict]]:
+        queues = self._receive_plan(channels)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = base.backoff_delays()
+        while True:
+            taken = self._take_buffered(queues, max_messages)
+            if taken:
+                return taken
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await self._pop(queues, max_messages, remaining)
+            except LayerUnavailable as exc:
+                delay = next(delays)
+                self._outage(exc, delay)
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    return []
+                await asyncio.sleep(delay)
+                continue
+            self._recovered()
+            delays = base.backoff_delays()
+            if deadline is not None and time.monotonic() >= deadline:
+                return self._take_buffered(queues, max_messages)
+
+    async def _pop(self, queues: list[str], limit: int, timeout: float | None) -> None:
+        plan = self._by_shard(queues)
+        read_timeout = math.inf if timeout is None else timeout + COMMAND_TIMEOUT
+        if len(plan) == 1:
+            (shard, keys), = plan.items()
+            self._buffer_popped(await self._call(shard, *self._pop_command(keys, limit, timeout),
+                                                 read_timeout=read_timeout))
+            return
+        wake_key = f"{self.options.prefix}:w:{uuid.uuid4().hex}"
+        shards = list(plan)
+        tasks = {}
+        for shard in shards:
+            command = self._pop_command(plan[shard] + [wake_key], limit, timeout)
+            tasks[asyncio.ensure_future(self._call(shard, *command, read_timeout=read_timeout))] = shard
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        woken = [tasks[t] for t in pending]
+        for shard in woken:
+            try:
+                await self._commands(shard, [("RPUSH", wake_key, b""), ("EXPIRE", wake_key, 60)])
+            except LayerUnavailable:
+                pass
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        failure = None
+        for task, result in zip(tasks, results, strict=True):
+            if isinstance(result, BaseException):
+                failure = result
+                continue
+            self._buffer_popped(result, wake_key)
+            if tasks[task] in woken and (not result or result[0].decode() != wake_key):
+                await self._call(tasks[task], "DEL", wake_key)
+        if failure is not None:
+            raise failure
+
+    async def new_channel(self, pattern: str) -> str:
+        return base.new_channel_name(pattern)
+
+    async def group_add(self, group: str, channel: str) -> None:
+        shard, commands = self._member_commands(group, channel, add=True)
+        await self._commands(shard, commands)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        shard, commands = self._member_commands(group, channel, add=False)
+        await self._commands(shard, commands)
+
+    async def group_channels(self, group: str) -> list[str]:
+        key = self.group_key(base.check_group_name(group))
+        now = repr(time.time())
+        replies = await asyncio.gather(*(self._call(s, "ZRANGEBYSCORE", key, now, "+inf")
+                                         for s in range(len(self.hosts))))
+        return [member.decode() for reply in replies for member in reply]
+
+    async def group_send(self, group: str, message: dict) -> GroupSendResult:
+        key = self.group_key(base.check_group_name(group))
+        args = self._group_args(message)
+        replies = await asyncio.gather(*(self._script(s, _GROUP_SEND, [key], args) for s in range(len(self.hosts))))
+        return self._group_done(group, replies)
+
+    async def flush(self) -> None:
+        for shard in range(len(self.hosts)):
+            async for keys in self._scan(shard, f"{self.options.prefix}:*"):
+                await self._call(shard, "UNLINK", *keys)
+        with self._buffer_lock:
+            self._buffer.clear()
+
+    async def _scan(self, shard: int, match: str):
+        cursor = 0
+        while True:
+            cursor, keys = await self._call(shard, "SCAN", cursor, "MATCH", match, "COUNT", 1000)
+            if keys:
+                yield keys
+            if int(cursor) == 0:
+                return
+
+    async def stats(self) -> dict[str, Any]:
+        pending: dict[str, int] = {}
+        for shard in range(len(self.hosts)):
+            async for keys in self._scan(shard, self._key_prefix + "*"):
+                self._count_pending(pending, keys, await self._commands(shard, [("LLEN", k) for k in keys]))
+        return self._stats(pending)
+
+    def _count_pending(self, pending: dict[str, int], keys: list[bytes], lengths: list[int]) -> None:
+        start = len(self._key_prefix)
+        pending.update((key.decode()[start:], n) for key, n in zip(keys, lengths, strict=True) if n)
+
+    def _stats(self, pending: dict[str, int]) -> dict[str, Any]:
+        return {"backend": "redis", "shards": self.names, "pending": pending, **self.counters.as_dict()}
+
+    async def close(self) -> None:
+        pools, self._async_pools, self._async_loop = self._async_pools, [], None
+        for pool in pools:
+            await pool.disconnect()
+        self.sync.close()
+
+
+class _SyncRedis:
+    """The blocking face: the same methods on redis-py's blocking client, no event loop."""
+
+    def __init__(self, layer: RedisLayer) -> None:
+        self.layer = layer
+        self.ChannelFull = layer.ChannelFull
+        self.MessageTooLarge = layer.MessageTooLarge
+        self.InvalidChannelName = layer.InvalidChannelName
+        self.LayerUnavailable = layer.LayerUnavailable
+        self.extensions = layer.extensions
+        self._pools = [redis.ConnectionPool.from_url(url, **layer._pool_options()) for url in layer.hosts]
+
+    def _commands(self, shard: int, commands: list[tuple], read_timeout: Any = _DEFAULT) -> list:
+        """Send commands in one write, read their replies; ``read_timeout=None`` waits forever."""
+        pool = self._pools[shard]
+        try:
+            conn = pool.get_connection()
+        except _IO_ERRORS as exc:
+            raise self.layer._unavailable(shard, exc) from exc
+        try:
+            if len(commands) == 1:
+                conn.send_command(*commands[0], check_health=False)
+            else:
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            if read_timeout is _DEFAULT:
+                return [conn.read_response() for _ in commands]
+            return [conn.read_response(timeout=read_timeout) for _ in commands]
+        except _IO_ERRORS as exc:
+            conn.disconnect()
+            raise self.layer._unavailable(shard, exc) from exc
+        finally:
+            pool.release(conn)
+
+    def _call(self, shard: int, *args: Any, read_timeout: Any = _DEFAULT) -> Any:
+        return self._commands(shard, [args], read_timeout)[0]
+
+    def _script(self, shard: int, script: _Script, keys: list, args: list) -> Any:
+        try:
+            return self._call(shard, "EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            self._call(shard, "SCRIPT", "LOAD", script.source)
+            return self._call(shard, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def send(self, channel: str, message: dict) -> None:
+        self.send_many([(channel, message)])
+
+    def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
+        plan, count = self.layer._send_plan(items)
+        replies = {shard: self._script(shard, _SEND, keys, args) for shard, (keys, args, _) in plan.items()}
+        self.layer._send_done(plan, replies, count)
+
+    def receive(self, channels: Any, timeout: float | None = None) -> tuple[str | None, dict | None]:
+        got = self.receive_many(channels, 1, timeout)
+        return got[0] if got else (None, None)
+
+    def receive_many(self, channels: Any, max_messages: int, timeout: float | None = None) -> list[tuple[str, dict]]:
+        layer = self.layer
+        queues = layer._receive_plan(channels)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delays = base.backoff_delays()
+        while True:
+            taken = layer._take_buffered(queues, max_messages)
+            if taken:
+                return taken
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self._pop(queues, max_messages, remaining)
+            except LayerUnavailable as exc:
+                delay = next(delays)
+                layer._outage(exc, delay)
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    return []
+                time.sleep(delay)  # reconnect backoff, not a poll: messages wake BLMPOP
+                continue
+            layer._recovered()
+            delays = base.backoff_delays()
+            if deadline is not None and time.monotonic() >= deadline:
+                return layer._take_buffered(queues, max_messages)
+
+    def _pop(self, queues: list[str], limit: int, timeout: float | None) -> None:
+        layer = self.layer
+        plan = layer._by_shard(queues)
+        # None: block until Redis answers (a dead link still raises at once).
+        read_timeout = None if timeout is None else timeout + COMMAND_TIMEOUT
+        if len(plan) == 1:
+            (shard, keys), = plan.items()
+            command = layer._pop_command(keys, limit, timeout)
+            layer._buffer_popped(self._commands(shard, [command], read_timeout=read_timeout)[0])
+            return
+        self._pop_shards(plan, limit, timeout, read_timeout)
+
+    def _pop_shards(self, plan: dict[int, list[str]], limit: int, timeout: float | None, read_timeout: Any) -> None:
+        """Block on several shards at once; wake the rest when one answers."""
+        layer = self.layer
+        wake_key = f"{layer.options.prefix}:w:{uuid.uuid4().hex}"
+        held: dict[int, Any] = {}
+        waiting: set[int] = set()
+        failure: BaseException | None = None
+        try:
+            for shard, keys in plan.items():
+                try:
+                    conn = self._pools[shard].get_connection()
+                except _IO_ERRORS as exc:
+                    raise layer._unavailable(shard, exc) from exc
+                held[shard] = conn
+                waiting.add(shard)
+                conn.send_command(*layer._pop_command(keys + [wake_key], limit, timeout), check_health=False)
+            woken: set[int] = set()
+            while waiting:
+                ready = [s for s in waiting if _has_buffered(held[s])]
+                if not ready:
+                    socks = {held[s]._sock: s for s in waiting}
+                    wait = COMMAND_TIMEOUT if woken else read_timeout
+                    readable, _, _ = select.select(list(socks), [], [], wait)
+                    if not readable:
+                        raise layer._unavailable(next(iter(waiting)), TimeoutError("no reply to a blocking pop"))
+                    ready = [socks[sock] for sock in readable]
+                for shard in ready:
+                    waiting.discard(shard)
+                    try:
+                        reply = held[shard].read_response(timeout=COMMAND_TIMEOUT)
+                    except _IO_ERRORS as exc:
+                        failure = layer._unavailable(shard, exc)
+                        continue
+                    layer._buffer_popped(reply, wake_key)
+                    if shard in woken and (not reply or reply[0].decode() != wake_key):
+                        self._call(shard, "DEL", wake_key)
+                if waiting and not woken:
+                    for shard in waiting:
+                        self._commands(shard, [("RPUSH", wake_key, b""), ("EXPIRE", wake_key, 60)])
+                    woken = set(waiting)
+        finally:
+            for shard, conn in held.items():
+                if shard in waiting:  # a reply is still owed: never hand this connection on
+                    conn.disconnect()
+                self._pools[shard].release(conn)
+        if failure is not None:
+            raise failure
+
+    def new_channel(self, pattern: str) -> str:
+        return base.new_channel_name(pattern)
+
+    def group_add(self, group: str, channel: str) -> None:
+        shard, commands = self.layer._member_commands(group, channel, add=True)
+        self._commands(shard, commands)
+
+    def group_discard(self, group: str, channel: str) -> None:
+        shard, commands = self.layer._member_commands(group, channel, add=False)
+        self._commands(shard, commands)
+
+    def group_channels(self, group: str) -> list[str]:
+        key = self.layer.group_key(base.check_group_name(group))
+        now = repr(time.time())
+        return [m.decode() for s in range(len(self._pools)) for m in self._call(s, "ZRANGEBYSCORE", key, now, "+inf")]
+
+    def group_send(self, group: str, message: dict) -> GroupSendResult:
+        key = self.layer.group_key(base.check_group_name(group))
+        args = self.layer._group_args(message)
+        replies = [self._script(shard, _GROUP_SEND, [key], args) for shard in range(len(self._pools))]
+        return self.layer._group_done(group, replies)
+
+    def flush(self) -> None:
+        for shard in range(len(self._pools)):
+            for keys in self._scan(shard, f"{self.layer.options.prefix}:*"):
+                self._call(shard, "UNLINK", *keys)
+        with self.layer._buffer_lock:
+            self.layer._buffer.clear()
+
+    def _scan(self, shard: int, match: str):
+        cursor = 0
+        while True:
+            cursor, keys = self._call(shard, "SCAN", cursor, "MATCH", match, "COUNT", 1000)
+            if keys:
+                yield keys
+            if int(cursor) == 0:
+                return
+
+    def stats(self) -> dict[str, Any]:
+        pending: dict[str, int] = {}
+        for shard in range(len(self._pools)):
+            for keys in self._scan(shard, self.layer._key_prefix + "*"):
+                self.layer._count_pending(pending, keys, self._commands(shard, [("LLEN", k) for k in keys]))
+        return self.layer._stats(pending)
+
+    def close(self) -> None:
+        for pool in self._pools:
+            pool.disconnect()
+
+
+def _has_buffered(conn: Any) -> bool:
+    """True if a TLS socket already holds decrypted bytes that select() cannot see."""
+    sock = getattr(conn, "_sock", None)
+    pending = getattr(sock, "pending", None)
+    return bool(pending and pending())

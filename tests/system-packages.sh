@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Make sure the system programs the tests talk to are installed.
+# As root, install what is missing with apt-get; otherwise print the exact
+# command to run and stop, so `make test` never fails halfway for a missing server.
+set -euo pipefail
+
+# binary -> Debian package
+declare -A NEEDED=(
+  [redis-server]=redis-server
+)
+
+missing=()
+for binary in "${!NEEDED[@]}"; do
+  command -v "$binary" >/dev/null 2>&1 || missing+=("${NEEDED[$binary]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing missing system packages: ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+else
+  echo "The tests need these system packages, which are not installed: ${missing[*]}" >&2
+  echo "Install them, then run 'make test' again:" >&2
+  echo "    sudo apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
