@@ -116,8 +116,13 @@ def queue_name(channel: str) -> str:
     return channel if bang < 0 else channel[: bang + 1]
 
 
+_valid_send_names: set[str] = set()  # names already checked, so hot channels skip the regex
+
+
 def check_channel_name(name: Any, *, receive: bool = False) -> str:
     """Raise ``InvalidChannelName`` unless ``name`` may be sent to (or received from)."""
+    if not receive and name in _valid_send_names and type(name) is str:
+        return name
     if not isinstance(name, str):
         raise InvalidChannelName(f"channel name must be str, not {type(name).__name__}: {name!r}")
     if len(name) >= MAX_NAME_LENGTH:
@@ -135,6 +140,8 @@ def check_channel_name(name: Any, *, receive: bool = False) -> str:
             )
         if not receive and name.endswith("!"):
             raise InvalidChannelName(f"cannot send to {name!r}: a process-local channel needs a local part after '!'")
+    if not receive and len(_valid_send_names) < 10000:  # bounded: '?' and '!' names are endless
+        _valid_send_names.add(name)
     return name
 
 
@@ -157,6 +164,12 @@ def check_receive_channels(channels: Any) -> list[str]:
     for name in channels:
         check_channel_name(name, receive=True)
     return channels
+
+
+def check_max_messages(limit: Any) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"max_messages must be a positive integer, got {limit!r}")
+    return limit
 
 
 def new_channel_name(pattern: Any) -> str:

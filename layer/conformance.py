@@ -294,6 +294,8 @@ class LayerConformance:
                 layer.send(name, {})
         with pytest.raises(base.InvalidChannelName):
             layer.receive([], timeout=0)
+        with pytest.raises(ValueError):
+            layer.receive_many(["ok"], 0, timeout=0)
         with pytest.raises(base.InvalidChannelName):
             layer.group_add("bad group", "ok")
         with pytest.raises(TypeError):

@@ -168,8 +168,7 @@ class MemoryLayer:
 
     def _try_take(self, channels: Any, limit: int) -> tuple[list[str], list[Entry]]:
         queues = [base.queue_name(c) for c in base.check_receive_channels(channels)]
-        if not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"max_messages must be a positive integer, got {limit!r}")
+        base.check_max_messages(limit)
         with self._lock:
             return queues, self._take_locked(queues, limit)
 

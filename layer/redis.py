@@ -69,37 +69,42 @@ RING_POINTS = 160
 _IO_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _DEFAULT = object()  # read with the connection's own socket timeout
 
-# Push each entry unless its queue is full; when full, first drop expired
-# entries from the head (their expiry is the first 8 bytes). KEYS: one queue
-# key per message. ARGV: now, ttl, then capacity and entry per message.
-# Returns {expired count, {1-based indexes of refused messages}}.
+# Push a batch of entries per queue, as many as fit under its capacity. When a
+# queue is too full, first drop expired entries from its head (an entry's
+# expiry is its first 8 bytes). KEYS: the queue keys. ARGV: now, ttl, then per
+# key: capacity, count, and that many entries in send order.
+# Returns {expired count, {per key: how many of its last entries were refused}}.
 SEND_LUA = """
 local now = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local lengths = {}
 local refused = {}
 local expired = 0
+local p = 3
 for i = 1, #KEYS do
   local key = KEYS[i]
-  local capacity = tonumber(ARGV[2 * i + 1])
-  local n = lengths[key] or redis.call('LLEN', key)
-  while n >= capacity and n > 0 do
+  local capacity = tonumber(ARGV[p])
+  local count = tonumber(ARGV[p + 1])
+  p = p + 2
+  local n = redis.call('LLEN', key)
+  while n > 0 and n + count > capacity do
     local head = redis.call('LINDEX', key, 0)
     if struct.unpack('>d', head) >= now then break end
     redis.call('LPOP', key)
     n = n - 1
     expired = expired + 1
   end
-  if n >= capacity then
-    refused[#refused + 1] = i
-  else
-    redis.call('RPUSH', key, ARGV[2 * i + 2])
-    n = n + 1
+  local room = math.max(0, math.min(count, capacity - n))
+  local pushed = 0
+  while pushed < room do
+    local last = math.min(room, pushed + 1000)  -- unpack() is bounded by the Lua stack
+    redis.call('RPUSH', key, unpack(ARGV, p + pushed, p + last - 1))
+    pushed = last
   end
-  lengths[key] = n
-end
-for key, _ in pairs(lengths) do
-  redis.call('EXPIRE', key, ttl)
+  if room > 0 then
+    redis.call('EXPIRE', key, ttl)
+  end
+  refused[i] = count - room
+  p = p + count
 end
 return {expired, refused}
 """
@@ -245,10 +250,10 @@ class RedisLayer:
 
     # -- pure helpers shared by both faces --
 
-    def _pool_options(self) -> dict[str, Any]:
+    def _pool_options(self, socket_timeout: float | None = COMMAND_TIMEOUT) -> dict[str, Any]:
         return {
             "socket_connect_timeout": CONNECT_TIMEOUT,
-            "socket_timeout": COMMAND_TIMEOUT,
+            "socket_timeout": socket_timeout,
             "socket_keepalive": True,
             "retry": Retry(NoBackoff(), 0),
         }
@@ -259,33 +264,40 @@ class RedisLayer:
     def group_key(self, group: str) -> str:
         return f"{self.options.prefix}:g:{group}"
 
-    def _send_plan(self, items: Iterable[tuple[str, dict]]) -> tuple[dict[int, tuple[list, list, list]], int]:
-        """Validate and serialize; per shard: (keys, script args, channels)."""
+    def _send_plan(self, items: Iterable[tuple[str, dict]]) -> tuple[dict[int, dict[str, list]], int]:
+        """Validate and serialize; per shard, per queue key: [capacity, channels, entries]."""
         now = time.time()
         expires_at = now + self.options.expiry
-        plan: dict[int, tuple[list, list, list]] = {}
+        plan: dict[int, dict[str, list]] = {}
         count = 0
         for channel, message in items:
             base.check_channel_name(channel)
             entry = base.make_entry(channel, base.pack(message), expires_at)
             queue = base.queue_name(channel)
-            shard = self.ring.shard(queue)
-            if shard not in plan:
-                plan[shard] = ([], [repr(now), self._ttl], [])
-            keys, args, channels = plan[shard]
-            keys.append(self._key_prefix + queue)
-            args.append(self.options.capacity_for(channel))
-            args.append(entry)
-            channels.append(channel)
+            queues = plan.setdefault(self.ring.shard(queue), {})
+            batch = queues.get(queue)
+            if batch is None:
+                batch = queues[queue] = [self.options.capacity_for(channel), [], []]
+            batch[1].append(channel)
+            batch[2].append(entry)
             count += 1
         return plan, count
 
-    def _send_done(self, plan: dict, replies: dict[int, Any], count: int) -> None:
+    def _send_args(self, queues: dict[str, list]) -> tuple[list[str], list]:
+        """KEYS and ARGV of SEND_LUA for one shard's part of a plan."""
+        keys = [self._key_prefix + queue for queue in queues]
+        args: list = [repr(time.time()), self._ttl]
+        for capacity, _channels, entries in queues.values():
+            args += [capacity, len(entries), *entries]
+        return keys, args
+
+    def _send_done(self, plan: dict[int, dict[str, list]], replies: dict[int, Any], count: int) -> None:
         refused: list[str] = []
-        for shard, (expired, refused_indexes) in replies.items():
+        for shard, (expired, refused_counts) in replies.items():
             self.counters.expired += expired
-            channels = plan[shard][2]
-            refused += [channels[i - 1] for i in refused_indexes]
+            for (_, channels, _), n in zip(plan[shard].values(), refused_counts, strict=True):
+                if n:
+                    refused += channels[-n:]  # FIFO: the last ones found no room
         self.counters.sent += count - len(refused)
         self.counters.refused += len(refused)
         if refused:
@@ -293,7 +305,8 @@ class RedisLayer:
                 raise ChannelFull(f"channel {refused[0]!r} is full (capacity {self.options.capacity_for(refused[0])})")
             raise base.refused_error(sorted(set(refused)), count)
 
-    def _receive_plan(self, channels: Any) -> list[str]:
+    def _receive_plan(self, channels: Any, limit: int) -> list[str]:
+        base.check_max_messages(limit)
         queues = []
         for channel in base.check_receive_channels(channels):
             queue = base.queue_name(channel)
@@ -399,7 +412,9 @@ class RedisLayer:
         loop = asyncio.get_running_loop()
         if self._async_loop is not loop:  # a pool's connections belong to one loop
             self._async_loop = loop
-            self._async_pools = [redis.asyncio.ConnectionPool.from_url(url, **self._pool_options())
+            # No socket timeout here: redis-py would wrap every write in a wait_for Task.
+            # _commands bounds each command with one asyncio.timeout instead.
+            self._async_pools = [redis.asyncio.ConnectionPool.from_url(url, **self._pool_options(None))
                                  for url in self.hosts]
         return self._async_pools
 
@@ -410,8 +425,9 @@ class RedisLayer:
         except _IO_ERRORS as exc:
             raise self._unavailable(shard, exc) from exc
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            return [await conn.read_response(timeout=read_timeout) for _ in commands]
+            async with asyncio.timeout(COMMAND_TIMEOUT if read_timeout is None else None):
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                return [await conn.read_response(timeout=read_timeout) for _ in commands]
         except _IO_ERRORS as exc:
             await conn.disconnect()
             raise self._unavailable(shard, exc) from exc
@@ -434,7 +450,10 @@ class RedisLayer:
     async def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
         plan, count = self._send_plan(items)
         shards = list(plan)
-        replies = await asyncio.gather(*(self._script(s, _SEND, plan[s][0], plan[s][1]) for s in shards))
+        if len(shards) == 1:  # the common case: no Task per send
+            replies = [await self._script(shards[0], _SEND, *self._send_args(plan[shards[0]]))]
+        else:
+            replies = await asyncio.gather(*(self._script(s, _SEND, *self._send_args(plan[s])) for s in shards))
         self._send_done(plan, dict(zip(shards, replies, strict=True)), count)
 
     async def receive(self, channels: Any, timeout: float | None = None) -> tuple[str | None, dict | None]:
@@ -444,7 +463,7 @@ class RedisLayer:
     async def receive_many(
         self, channels: Any, max_messages: int, timeout: float | None = None
     ) -> list[tuple[str, dict]]:
-        queues = self._receive_plan(channels)
+        queues = self._receive_plan(channels, max_messages)
         deadline = None if timeout is None else time.monotonic() + timeout
         delays = base.backoff_delays()
         while True:
@@ -608,7 +627,7 @@ class _SyncRedis:
 
     def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
         plan, count = self.layer._send_plan(items)
-        replies = {shard: self._script(shard, _SEND, keys, args) for shard, (keys, args, _) in plan.items()}
+        replies = {shard: self._script(shard, _SEND, *self.layer._send_args(queues)) for shard, queues in plan.items()}
         self.layer._send_done(plan, replies, count)
 
     def receive(self, channels: Any, timeout: float | None = None) -> tuple[str | None, dict | None]:
@@ -617,7 +636,7 @@ class _SyncRedis:
 
     def receive_many(self, channels: Any, max_messages: int, timeout: float | None = None) -> list[tuple[str, dict]]:
         layer = self.layer
-        queues = layer._receive_plan(channels)
+        queues = layer._receive_plan(channels, max_messages)
         deadline = None if timeout is None else time.monotonic() + timeout
         delays = base.backoff_delays()
         while True:

@@ -50,20 +50,28 @@ def wait_for_port(port: int, process: subprocess.Popen, deadline: float = 10.0) 
 class RedisServer:
     """One ``redis-server`` process on a free port, in its own directory, persisting nothing."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, tls: dict[str, str] | None = None) -> None:
         self.binary = require_binary("redis-server")
         self.workdir = workdir
         self.port = port or free_port()
+        self.tls = tls  # {"cert": path, "key": path, "ca": path}: serve TLS only
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
+        if self.tls:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls['ca']}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        listen = ["--port", str(self.port)]
+        if self.tls:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"],
+                      "--tls-key-file", self.tls["key"], "--tls-ca-cert-file", self.tls["ca"],
+                      "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [self.binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -76,11 +84,11 @@ class RedisServer:
             self.process.wait(10)
         self.process = None
 
-    def command(self, *args: str) -> str:
-        """Run one command with redis-cli-free plain RESP, for checks that must bypass the layer."""
+    def command(self, *args: str | int) -> object:
+        """Run one command on a plain redis-py client, for checks that must bypass the layer."""
         import redis
 
-        client = redis.Redis(port=self.port, socket_timeout=5)
+        client = redis.Redis.from_url(self.url, socket_timeout=5)
         try:
             return client.execute_command(*args)
         finally:

@@ -1,0 +1,109 @@
+"""The pure parts of the layer contract: names, limits, the stored entry format, options."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+import layer
+from layer import base
+from layer.redis import glob_to_lua, public_url
+
+
+@pytest.mark.parametrize("name", ["a", "http.request", "A-b_c.9", "x?", "x?abc", "x!y", "x!", "x!y.z-1_2", "a" * 99])
+def test_valid_channel_names(name):
+    assert base.check_channel_name(name, receive=name.endswith("!")) == name
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a" * 100, "a!b!c", "a?b!c", "é", "a\nb", "a/b", "?x", "!x"])
+def test_invalid_channel_names(name):
+    with pytest.raises(layer.InvalidChannelName):
+        base.check_channel_name(name)
+
+
+def test_process_local_names_send_and_receive_rules():
+    base.check_channel_name("bridge!conn1")
+    base.check_channel_name("bridge!", receive=True)
+    with pytest.raises(layer.InvalidChannelName, match="receive on its process queue 'bridge!'"):
+        base.check_channel_name("bridge!conn1", receive=True)
+    with pytest.raises(layer.InvalidChannelName, match="needs a local part"):
+        base.check_channel_name("bridge!")
+    assert base.queue_name("bridge!conn1") == "bridge!"
+    assert base.queue_name("plain") == "plain"
+
+
+def test_group_names():
+    assert base.check_group_name("chat.room-1") == "chat.room-1"
+    for bad in ("chat!x", "chat?x", "", "a" * 100, 5):
+        with pytest.raises(layer.InvalidChannelName):
+            base.check_group_name(bad)
+
+
+def test_new_channel_names_are_fresh():
+    names = {base.new_channel_name("http.response?") for _ in range(1000)}
+    assert len(names) == 1000
+    assert all(n.startswith("http.response?") and len(n) == len("http.response?") + 16 for n in names)
+
+
+def test_size_limit_is_on_the_serialized_bytes():
+    # 1 MiB of bytes is over the limit once msgpack adds its header
+    with pytest.raises(layer.MessageTooLarge, match="1048576"):
+        base.pack({"b": b"x" * base.MAX_MESSAGE_SIZE})
+    body = base.pack({"b": b"x" * (base.MAX_MESSAGE_SIZE - 10)})
+    assert len(body) <= base.MAX_MESSAGE_SIZE
+
+
+def test_entries_round_trip():
+    body = base.pack({"text": "hi"})
+    entry = base.make_entry("bridge!conn1", body, 123.5)
+    assert base.read_entry(entry, "bridge!") == (123.5, "bridge!conn1", body)
+    entry = base.make_entry("chat", body, 99.0)
+    assert base.read_entry(entry, "chat") == (99.0, "chat", body)
+    assert base.unpack(body) == {"text": "hi"}
+
+
+def test_capacity_patterns():
+    options = base.LayerOptions(capacity=10, channel_capacity={"http.response!*": 2, "chat.*": 5, "chat.x": 7})
+    assert options.capacity_for("http.response!abc") == 2
+    assert options.capacity_for("chat.x") == 5  # the first matching pattern wins
+    assert options.capacity_for("chatXx") == 10  # '.' is literal
+    assert options.capacity_for("other") == 10
+    with pytest.raises(ValueError, match="channel_capacity"):
+        base.LayerOptions(channel_capacity={"a": 0})
+    with pytest.raises(ValueError, match="capacity"):
+        base.LayerOptions(capacity=0)
+    with pytest.raises(ValueError, match="prefix"):
+        base.LayerOptions(prefix="has space")
+
+
+def test_lua_patterns_match_like_the_python_ones():
+    import re
+
+    cases = ["http.response!*", "chat.*", "a?b*", "x%y*", "*"]
+    names = ["http.response!abc", "http.responseXabc", "chat.room", "a?b!c", "a?bc", "x%y1", ""]
+    for pattern in cases:
+        python = re.compile(base.glob_to_regex(pattern))
+        lua = glob_to_lua(pattern)
+        for name in names:
+            # translate the Lua pattern's escapes back to a regex to compare semantics
+            as_regex = re.sub(r"%(.)", lambda m: re.escape(m.group(1)), lua)
+            assert bool(python.match(name)) == bool(re.match(as_regex, name)), (pattern, name)
+
+
+def test_backoff_grows_with_jitter_and_is_capped():
+    delays = list(itertools.islice(base.backoff_delays(initial=0.1, cap=2.0), 12))
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(d <= 2.0 for d in delays)
+    assert max(delays[-4:]) > 1.0
+    assert len(set(delays)) > 1
+
+
+def test_from_url_rejects_unknown_schemes_helpfully():
+    with pytest.raises(ValueError, match="memory://"):
+        layer.from_url("amqp://localhost")
+
+
+def test_public_url_hides_the_password():
+    assert public_url("redis://:s3cret@example.com:6380/2") == "redis://example.com:6380/2"
+    assert "s3cret" not in repr(layer.from_url("redis://:s3cret@127.0.0.1:6380/0"))
