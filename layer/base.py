@@ -65,6 +65,16 @@ class LayerUnavailable(LayerError):
     """The layer's backing store cannot be reached right now."""
 
 
+class LayerErrors:
+    """Every layer and face carries its exception classes as attributes, as ASGI 1.0 asked."""
+
+    ChannelFull = ChannelFull
+    MessageTooLarge = MessageTooLarge
+    InvalidChannelName = InvalidChannelName
+    LayerUnavailable = LayerUnavailable
+    extensions = ("groups", "flush", "stats", "receive_many", "send_many")
+
+
 def refused_error(channels: list[str], total: int) -> ChannelFull:
     """The ``ChannelFull`` a ``send_many`` raises when some of its messages were refused.
 

@@ -208,6 +208,18 @@ class LayerConformance:
             layer.send("tcc_special.a", {})
         assert layer.stats()["refused"] == 2
 
+    def test_full_channel_makes_room_by_expiry(self, layer: Any) -> None:
+        for _ in range(CAPACITY):
+            layer.send("tce_test", {"old": True})
+            layer.send("tce_test2", {"old": True})
+        time.sleep(EXPIRY + 0.2)
+        layer.group_add("tce_group", "tce_test2")
+        layer.send("tce_test", {"old": False})  # the expired messages no longer count
+        assert layer.group_send("tce_group", {"old": False}).delivered == 1
+        assert layer.receive_many(["tce_test"], 10) == [("tce_test", {"old": False})]
+        assert layer.receive_many(["tce_test2"], 10) == [("tce_test2", {"old": False})]
+        assert layer.stats()["expired"] == 2 * CAPACITY  # each counted once, at send or at receive
+
     def test_capacity_process_local(self, layer: Any) -> None:
         # local channels share their process queue, so capacity counts the whole prefix
         for i in range(CAPACITY):

@@ -43,14 +43,8 @@ class _Waiter:
         self.wake = wake
 
 
-class MemoryLayer:
+class MemoryLayer(base.LayerErrors):
     """An in-process layer; ``MemoryLayer.sync`` is the blocking face with the same methods."""
-
-    ChannelFull = base.ChannelFull
-    MessageTooLarge = base.MessageTooLarge
-    InvalidChannelName = base.InvalidChannelName
-    LayerUnavailable = base.LayerUnavailable
-    extensions = ("groups", "flush", "stats", "receive_many", "send_many")
 
     def __init__(self, **options: Any) -> None:
         self.options = LayerOptions(**options)
@@ -84,7 +78,7 @@ class MemoryLayer:
         if items is None:
             items = self._queues[queue] = deque()
         if not front and len(items) >= self.options.capacity_for(entry[1]):
-            self._expire_locked(queue, items)
+            self._expire_locked(items)
             if len(items) >= self.options.capacity_for(entry[1]):
                 return False
         if front:
@@ -93,13 +87,11 @@ class MemoryLayer:
             items.append(entry)
         return True
 
-    def _expire_locked(self, queue: str, items: deque[Entry]) -> None:
+    def _expire_locked(self, items: deque[Entry]) -> None:
         now = time.time()
         while items and items[0][0] < now:
             items.popleft()
             self.counters.expired += 1
-        if not items:
-            del self._queues[queue]
 
     def _take_locked(self, queues: list[str], limit: int) -> list[Entry]:
         """Pop up to ``limit`` unexpired entries; the starting queue is random for fairness."""
@@ -334,16 +326,11 @@ class MemoryLayer:
         pass
 
 
-class _SyncFace:
+class _SyncFace(base.LayerErrors):
     """The blocking face of a ``MemoryLayer``: the same methods, called from threads."""
 
     def __init__(self, layer: MemoryLayer) -> None:
         self.layer = layer
-        self.ChannelFull = layer.ChannelFull
-        self.MessageTooLarge = layer.MessageTooLarge
-        self.InvalidChannelName = layer.InvalidChannelName
-        self.LayerUnavailable = layer.LayerUnavailable
-        self.extensions = layer.extensions
 
     def send(self, channel: str, message: dict) -> None:
         self.layer._send(channel, message)

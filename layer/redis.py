@@ -69,12 +69,29 @@ RING_POINTS = 160
 _IO_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _DEFAULT = object()  # read with the connection's own socket timeout
 
-# Push a batch of entries per queue, as many as fit under its capacity. When a
-# queue is too full, first drop expired entries from its head (an entry's
-# expiry is its first 8 bytes). KEYS: the queue keys. ARGV: now, ttl, then per
+# Shared by the scripts below: when ``needed`` more entries would not fit, drop
+# expired entries from the queue's head first (an entry's expiry is its first
+# 8 bytes). Returns the queue's length and how many entries were dropped.
+TRIM_EXPIRED_LUA = """
+local function trim_expired(key, needed, capacity, now)
+  local n = redis.call('LLEN', key)
+  local dropped = 0
+  while n > 0 and n + needed > capacity do
+    local head = redis.call('LINDEX', key, 0)
+    if struct.unpack('>d', head) >= now then break end
+    redis.call('LPOP', key)
+    n = n - 1
+    dropped = dropped + 1
+  end
+  return n, dropped
+end
+"""
+
+# Push a batch of entries per queue, as many as fit under its capacity, after
+# dropping expired ones if it is too full. KEYS: the queue keys. ARGV: now, ttl, then per
 # key: capacity, count, and that many entries in send order.
 # Returns {expired count, {per key: how many of its last entries were refused}}.
-SEND_LUA = """
+SEND_LUA = TRIM_EXPIRED_LUA + """
 local now = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local refused = {}
@@ -85,14 +102,8 @@ for i = 1, #KEYS do
   local capacity = tonumber(ARGV[p])
   local count = tonumber(ARGV[p + 1])
   p = p + 2
-  local n = redis.call('LLEN', key)
-  while n > 0 and n + count > capacity do
-    local head = redis.call('LINDEX', key, 0)
-    if struct.unpack('>d', head) >= now then break end
-    redis.call('LPOP', key)
-    n = n - 1
-    expired = expired + 1
-  end
+  local n, dropped = trim_expired(key, count, capacity, now)
+  expired = expired + dropped
   local room = math.max(0, math.min(count, capacity - n))
   local pushed = 0
   while pushed < room do
@@ -113,7 +124,7 @@ return {expired, refused}
 # KEYS[1]: the group key. ARGV: now, ttl, expires_at, body, default capacity,
 # queue key prefix, then (Lua pattern, capacity) pairs for channel_capacity.
 # Returns {delivered, dropped, expired}.
-GROUP_SEND_LUA = """
+GROUP_SEND_LUA = TRIM_EXPIRED_LUA + """
 local now = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local expires_at = tonumber(ARGV[3])
@@ -139,14 +150,8 @@ for _, channel in ipairs(members) do
     end
   end
   local key = queue_prefix .. queue
-  local n = redis.call('LLEN', key)
-  while n >= capacity and n > 0 do
-    local head = redis.call('LINDEX', key, 0)
-    if struct.unpack('>d', head) >= now then break end
-    redis.call('LPOP', key)
-    n = n - 1
-    expired = expired + 1
-  end
+  local n, trimmed = trim_expired(key, 1, capacity, now)
+  expired = expired + trimmed
   if n >= capacity then
     dropped = dropped + 1
   else
@@ -214,14 +219,46 @@ class HashRing:
         return self._shards[i]
 
 
-class RedisLayer:
-    """The Redis layer's async face; ``RedisLayer.sync`` is the blocking face."""
+class _Wait:
+    """One receive's bookkeeping, shared by both faces: its deadline, and its backoff while Redis is down."""
 
-    ChannelFull = base.ChannelFull
-    MessageTooLarge = base.MessageTooLarge
-    InvalidChannelName = base.InvalidChannelName
-    LayerUnavailable = base.LayerUnavailable
-    extensions = ("groups", "flush", "stats", "receive_many", "send_many")
+    def __init__(self, layer: RedisLayer, channels: Any, limit: int, timeout: float | None) -> None:
+        self.layer = layer
+        self.queues = layer._receive_plan(channels, limit)
+        self.limit = limit
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.delays = base.backoff_delays()
+        self.popped = False  # a receive with timeout=0 still makes one attempt
+
+    def ready(self) -> list[tuple[str, dict]]:
+        return self.layer._take_buffered(self.queues, self.limit)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def over(self) -> bool:
+        return self.popped and self.deadline is not None and time.monotonic() >= self.deadline
+
+    def backoff(self, exc: BaseException) -> float | None:
+        """The delay before reconnecting, or None if the deadline comes first."""
+        delay = next(self.delays)
+        if not self.layer._outage_logged:
+            log.warning("%s; receive retrying with backoff (next in %.2fs)", exc, delay)
+            self.layer._outage_logged = True
+        if self.deadline is not None and time.monotonic() + delay > self.deadline:
+            return None
+        return delay
+
+    def resumed(self) -> None:
+        self.popped = True
+        if self.layer._outage_logged:
+            log.warning("Redis reachable again; receive resumed")
+            self.layer._outage_logged = False
+        self.delays = base.backoff_delays()
+
+
+class RedisLayer(base.LayerErrors):
+    """The Redis layer's async face; ``RedisLayer.sync`` is the blocking face."""
 
     def __init__(self, hosts: list[str] | str, **options: Any) -> None:
         if isinstance(hosts, str):
@@ -396,16 +433,6 @@ class RedisLayer:
     def _unavailable(self, shard: int, exc: BaseException) -> LayerUnavailable:
         return LayerUnavailable(f"Redis at {self.names[shard]} is unreachable ({exc}); is redis-server running?")
 
-    def _outage(self, exc: BaseException, delay: float) -> None:
-        if not self._outage_logged:
-            log.warning("%s; receive retrying with backoff (next in %.2fs)", exc, delay)
-            self._outage_logged = True
-
-    def _recovered(self) -> None:
-        if self._outage_logged:
-            log.warning("Redis reachable again; receive resumed")
-            self._outage_logged = False
-
     # -- the async face: I/O --
 
     def _pools(self) -> list[redis.asyncio.ConnectionPool]:
@@ -463,27 +490,20 @@ class RedisLayer:
     async def receive_many(
         self, channels: Any, max_messages: int, timeout: float | None = None
     ) -> list[tuple[str, dict]]:
-        queues = self._receive_plan(channels, max_messages)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delays = base.backoff_delays()
+        wait = _Wait(self, channels, max_messages, timeout)
         while True:
-            taken = self._take_buffered(queues, max_messages)
-            if taken:
+            taken = wait.ready()
+            if taken or wait.over():
                 return taken
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                await self._pop(queues, max_messages, remaining)
+                await self._pop(wait.queues, max_messages, wait.remaining())
             except LayerUnavailable as exc:
-                delay = next(delays)
-                self._outage(exc, delay)
-                if deadline is not None and time.monotonic() + delay > deadline:
+                delay = wait.backoff(exc)
+                if delay is None:
                     return []
                 await asyncio.sleep(delay)
                 continue
-            self._recovered()
-            delays = base.backoff_delays()
-            if deadline is not None and time.monotonic() >= deadline:
-                return self._take_buffered(queues, max_messages)
+            wait.resumed()
 
     async def _pop(self, queues: list[str], limit: int, timeout: float | None) -> None:
         plan = self._by_shard(queues)
@@ -579,16 +599,11 @@ class RedisLayer:
         self.sync.close()
 
 
-class _SyncRedis:
+class _SyncRedis(base.LayerErrors):
     """The blocking face: the same methods on redis-py's blocking client, no event loop."""
 
     def __init__(self, layer: RedisLayer) -> None:
         self.layer = layer
-        self.ChannelFull = layer.ChannelFull
-        self.MessageTooLarge = layer.MessageTooLarge
-        self.InvalidChannelName = layer.InvalidChannelName
-        self.LayerUnavailable = layer.LayerUnavailable
-        self.extensions = layer.extensions
         self._pools = [redis.ConnectionPool.from_url(url, **layer._pool_options()) for url in layer.hosts]
 
     def _commands(self, shard: int, commands: list[tuple], read_timeout: Any = _DEFAULT) -> list:
@@ -635,28 +650,20 @@ class _SyncRedis:
         return got[0] if got else (None, None)
 
     def receive_many(self, channels: Any, max_messages: int, timeout: float | None = None) -> list[tuple[str, dict]]:
-        layer = self.layer
-        queues = layer._receive_plan(channels, max_messages)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delays = base.backoff_delays()
+        wait = _Wait(self.layer, channels, max_messages, timeout)
         while True:
-            taken = layer._take_buffered(queues, max_messages)
-            if taken:
+            taken = wait.ready()
+            if taken or wait.over():
                 return taken
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                self._pop(queues, max_messages, remaining)
+                self._pop(wait.queues, max_messages, wait.remaining())
             except LayerUnavailable as exc:
-                delay = next(delays)
-                layer._outage(exc, delay)
-                if deadline is not None and time.monotonic() + delay > deadline:
+                delay = wait.backoff(exc)
+                if delay is None:
                     return []
                 time.sleep(delay)  # reconnect backoff, not a poll: messages wake BLMPOP
                 continue
-            layer._recovered()
-            delays = base.backoff_delays()
-            if deadline is not None and time.monotonic() >= deadline:
-                return layer._take_buffered(queues, max_messages)
+            wait.resumed()
 
     def _pop(self, queues: list[str], limit: int, timeout: float | None) -> None:
         layer = self.layer
