@@ -185,9 +185,13 @@ class PlainRedis(Contender):
         self.redis.rpush(channel, msgpack.packb(message, use_bin_type=True))
 
     async def send_batch(self, items: list[tuple[str, dict]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
+        # The fastest a hand-written client gets: one multi-value RPUSH per channel, pipelined.
+        bodies: dict[str, list[bytes]] = {}
         for channel, message in items:
-            pipe.rpush(channel, msgpack.packb(message, use_bin_type=True))
+            bodies.setdefault(channel, []).append(msgpack.packb(message, use_bin_type=True))
+        pipe = self.redis.pipeline(transaction=False)
+        for channel, values in bodies.items():
+            pipe.rpush(channel, *values)
         pipe.execute()
 
     async def receive(self, channels: list[str]) -> list[dict]:

@@ -11,7 +11,7 @@ to different cores, with FLUSHALL in between. Scenarios, 256-byte msgpack messag
 
 - (a) one message per call, to a normal channel: saturated msg/s and latency at a fixed rate;
 - (b) the same through a process-local channel;
-- (c) batched: send_many / receive_many (pipelined RPUSH + BLMPOP COUNT for the floor);
+- (c) batched: send_many / receive_many (for the floor: one multi-value RPUSH per channel, pipelined, + BLMPOP COUNT);
 - (d) group_send to 1,000 members: call time, and drops reported against drops that happened.
 
 Usage: ``.venv/bin/python bench/layer.py [--quick] [--out docs/benchmarks.md]``.
@@ -83,7 +83,7 @@ class Config:
         if quick:
             return cls(count=3000, batch_count=50_000, warmup=200, repeats=1, rate=1000, latency_seconds=0.5,
                        members=1000, group_sends=150)
-        return cls(count=15_000, batch_count=200_000, warmup=500, repeats=3, rate=1000, latency_seconds=3.0,
+        return cls(count=15_000, batch_count=200_000, warmup=500, repeats=5, rate=1000, latency_seconds=3.0,
                    members=1000, group_sends=150)
 
 
@@ -478,8 +478,8 @@ def document(results: dict[str, Any], chart_path: Path, out: Path, json_path: Pa
 
 crossroads' Redis layer (`layer.redis`) against [channels_redis](https://pypi.org/project/channels-redis/)
 {m['channels_redis_venv']['channels_redis']} and against the floor, plain redis-py `RPUSH`/`BLPOP` of msgpack bytes
-(pipelined `RPUSH` with `BLMPOP … COUNT 100` when batched). All three talk to the same private `redis-server`,
-emptied with `FLUSHALL` before every run.
+(when batched: one multi-value `RPUSH` per channel, pipelined, with `BLMPOP … COUNT 100`).
+All three talk to the same private `redis-server`, emptied with `FLUSHALL` before every run.
 
 Reproduce with `make bench`, or `.venv/bin/python bench/layer.py` (add `--quick` for a smoke run that writes no
 doc). The script starts its own redis-server on a free port and installs channels_redis into
