@@ -103,7 +103,9 @@ class Counters:
     ``dropped`` counts messages the layer accepted for a member of a group but
     could not deliver (the member was full); ``expired`` counts messages
     discarded because nobody received them in time; ``refused`` counts sends
-    that raised ``ChannelFull`` (the caller knows about those).
+    that raised ``ChannelFull`` (the caller knows about those);
+    ``undecryptable`` counts received messages sealed with a key this layer
+    does not have (see ``sealing.py``).
     """
 
     sent: int = 0
@@ -111,6 +113,7 @@ class Counters:
     refused: int = 0
     dropped: int = 0
     expired: int = 0
+    undecryptable: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -60,6 +60,7 @@ from redis.retry import Retry
 
 from . import base
 from .base import ChannelFull, Counters, GroupSendResult, LayerOptions, LayerUnavailable
+from .sealing import Sealer, Undecryptable
 
 log = logging.getLogger("crossroads.layer.redis")
 
@@ -267,6 +268,8 @@ class RedisLayer(base.LayerErrors):
             raise ValueError("a Redis layer needs at least one URL in hosts")
         self.hosts = list(hosts)
         self.names = [public_url(url) for url in self.hosts]
+        keys = options.pop("symmetric_encryption_keys", None)
+        self._sealer = Sealer(keys) if keys else None
         self.options = LayerOptions(**options)
         self.counters = Counters()
         self.ring = HashRing(self.names)
@@ -309,7 +312,7 @@ class RedisLayer(base.LayerErrors):
         count = 0
         for channel, message in items:
             base.check_channel_name(channel)
-            entry = base.make_entry(channel, base.pack(message), expires_at)
+            entry = base.make_entry(channel, self._body(message), expires_at)
             queue = base.queue_name(channel)
             queues = plan.setdefault(self.ring.shard(queue), {})
             batch = queues.get(queue)
@@ -379,6 +382,11 @@ class RedisLayer(base.LayerErrors):
         with self._buffer_lock:
             self._buffer.setdefault(queue, deque()).extend(reply[1])
 
+    def _body(self, message: dict) -> bytes:
+        """The stored body: msgpack, sealed when encryption keys are set (the size limit is on the message)."""
+        body = base.pack(message)
+        return body if self._sealer is None else self._sealer.seal(body)
+
     def _take_buffered(self, queues: list[str], limit: int) -> list[tuple[str, dict]]:
         """Return fresh messages from the buffer, dropping (and counting) expired ones."""
         if not self._buffer:
@@ -392,8 +400,14 @@ class RedisLayer(base.LayerErrors):
                     expires_at, channel, body = base.read_entry(entries.popleft(), queue)
                     if expires_at < now:
                         self.counters.expired += 1
-                    else:
+                    elif self._sealer is None:
                         taken.append((channel, base.unpack(body)))
+                    else:
+                        try:
+                            taken.append((channel, base.unpack(self._sealer.open(body))))
+                        except Undecryptable as exc:
+                            self.counters.undecryptable += 1
+                            log.error("dropped a message on %r: %s; do all processes share the keys?", channel, exc)
                 if entries is not None and not entries:
                     del self._buffer[queue]
         self.counters.received += len(taken)
@@ -401,7 +415,7 @@ class RedisLayer(base.LayerErrors):
 
     def _group_args(self, message: dict) -> list:
         now = time.time()
-        return [repr(now), self._ttl, repr(now + self.options.expiry), base.pack(message),
+        return [repr(now), self._ttl, repr(now + self.options.expiry), self._body(message),
                 self.options.capacity, self._key_prefix, *self._lua_capacity]
 
     def _group_done(self, group: str, replies: list) -> GroupSendResult:

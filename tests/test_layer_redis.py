@@ -227,3 +227,26 @@ def test_tls(tmp_path):
         L.sync.close()
     finally:
         server.stop()
+
+
+def test_encrypted_bodies_round_trip_and_rotate(redis_server):
+    old = layer.from_url(redis_server.url, prefix="seal", symmetric_encryption_keys=["old-secret"])
+    rotated = layer.from_url(redis_server.url, prefix="seal", symmetric_encryption_keys=["new-secret", "old-secret"])
+    old.sync.flush()
+    old.sync.send("seal.a", {"text": "plaintext-marker", "raw": b"\x00"})
+    stored = redis_server.command("LRANGE", "seal:q:seal.a", 0, -1)
+    assert len(stored) == 1 and b"plaintext-marker" not in stored[0]
+    # a process that already has the new key first still opens messages sealed with the old one
+    assert rotated.sync.receive(["seal.a"], timeout=5) == ("seal.a", {"text": "plaintext-marker", "raw": b"\x00"})
+    rotated.sync.group_add("seal.g", "seal.b")
+    assert rotated.sync.group_send("seal.g", {"text": "to the group"}).delivered == 1
+    assert rotated.sync.receive(["seal.b"], timeout=5) == ("seal.b", {"text": "to the group"})
+    # one that lacks the key drops the message, says so and counts it, and keeps receiving
+    rotated.sync.send("seal.c", {"text": "new key only"})
+    old.sync.send("seal.c", {"text": "old key"})
+    assert old.sync.receive(["seal.c"], timeout=5) == ("seal.c", {"text": "old key"})
+    assert old.sync.stats()["undecryptable"] == 1
+    with pytest.raises(ValueError, match="symmetric_encryption_keys"):
+        layer.from_url(redis_server.url, symmetric_encryption_keys="not-a-list")
+    old.sync.close()
+    rotated.sync.close()
