@@ -644,6 +644,14 @@ class _SyncRedis(base.LayerErrors):
     def _call(self, shard: int, *args: Any, read_timeout: Any = _DEFAULT) -> Any:
         return self._commands(shard, [args], read_timeout)[0]
 
+    def execute_beside(self, channel: str, commands: list[tuple]) -> list:
+        """Run raw commands on the shard that holds ``channel``'s queue, in one round trip.
+
+        For stores that live beside the layer (channel sessions); keys should
+        start with ``self.layer.options.prefix`` so ``flush`` clears them too.
+        """
+        return self._commands(self.layer.ring.shard(base.queue_name(channel)), commands)
+
     def _script(self, shard: int, script: _Script, keys: list, args: list) -> Any:
         try:
             return self._call(shard, "EVALSHA", script.sha, len(keys), *keys, *args)

@@ -1,0 +1,150 @@
+"""``Channel`` and ``Group``: the handles a consumer sends with, and the send buffer behind them.
+
+Inside a consumer, sends are buffered and flushed in one batch when it returns,
+even when it raised (Channels 1.x consumer atomicity): a consumer that fails
+half-way still sends what it decided to send, and the batch costs one layer
+round trip. ``dispatch.py`` opens and flushes the buffer; this module only
+appends to it. Outside a consumer (no buffer open), and with
+``immediately=True``, sends go straight to the layer.
+
+Which layer: the one passed in, else the one the running consumer's message
+came from, else the process default set with ``set_default_layer``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from typing import Any
+
+from layer import base
+
+log = logging.getLogger("crossroads.consumers")
+
+# The layer (its blocking face, or the layer for async consumers) of the message being consumed.
+current_layer: contextvars.ContextVar[Any] = contextvars.ContextVar("crossroads_current_layer", default=None)
+# The open send buffer: a list of ("send" | "group", name, content), or None outside a consumer.
+send_buffer: contextvars.ContextVar[list | None] = contextvars.ContextVar("crossroads_send_buffer", default=None)
+_default_layer: Any = None
+
+
+def set_default_layer(channel_layer: Any) -> None:
+    """The layer ``Channel`` and ``Group`` use outside consumers (scripts, management code)."""
+    global _default_layer
+    _default_layer = channel_layer
+
+
+def get_layer(explicit: Any = None) -> Any:
+    """The blocking face of the layer to use now."""
+    chosen = explicit or current_layer.get() or _default_layer
+    if chosen is None:
+        raise RuntimeError(
+            "no channel layer: send from inside a consumer, pass channel_layer=..., "
+            "or call crossroads.set_default_layer(layer.from_url(...)) first"
+        )
+    return getattr(chosen, "sync", chosen)
+
+
+def _copy(content: Any) -> dict:
+    """Validate and copy now, so errors surface at the call and later mutation is invisible."""
+    return base.unpack(base.pack(content))
+
+
+class Channel:
+    """A named channel to send to, e.g. ``message.reply_channel.send({"text": "hi"})``."""
+
+    __slots__ = ("name", "channel_layer")
+
+    def __init__(self, name: str, channel_layer: Any = None) -> None:
+        self.name = base.check_channel_name(name)
+        self.channel_layer = channel_layer
+
+    def send(self, content: dict, immediately: bool = False) -> None:
+        buffer = send_buffer.get()
+        if buffer is None or immediately:
+            get_layer(self.channel_layer).send(self.name, content)
+        else:
+            buffer.append(("send", self.name, _copy(content)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Channel) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Channel({self.name!r})"
+
+
+def _channel_name(channel: Channel | str) -> str:
+    return channel.name if isinstance(channel, Channel) else channel
+
+
+class Group:
+    """A named set of channels; ``send`` reaches every member (full members are counted, not raised)."""
+
+    __slots__ = ("name", "channel_layer")
+
+    def __init__(self, name: str, channel_layer: Any = None) -> None:
+        self.name = base.check_group_name(name)
+        self.channel_layer = channel_layer
+
+    def add(self, channel: Channel | str) -> None:
+        get_layer(self.channel_layer).group_add(self.name, _channel_name(channel))
+
+    def discard(self, channel: Channel | str) -> None:
+        get_layer(self.channel_layer).group_discard(self.name, _channel_name(channel))
+
+    def channels(self) -> list[str]:
+        return get_layer(self.channel_layer).group_channels(self.name)
+
+    def send(self, content: dict, immediately: bool = False) -> None:
+        buffer = send_buffer.get()
+        if buffer is None or immediately:
+            get_layer(self.channel_layer).group_send(self.name, content)
+        else:
+            buffer.append(("group", self.name, _copy(content)))
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r})"
+
+
+def flush(buffer: list, sync_layer: Any, source: str) -> int:
+    """Send what a consumer buffered, in order: runs of channel sends as one ``send_many``.
+
+    A full channel or an unreachable layer is logged with ``source`` (the consumer)
+    and counted in the return value (messages not delivered); it never raises.
+    """
+    lost = 0
+    batch: list[tuple[str, dict]] = []
+
+    def send_batch() -> int:
+        if not batch:
+            return 0
+        try:
+            sync_layer.send_many(batch)
+            return 0
+        except base.ChannelFull as exc:
+            log.warning("%s: %s", source, exc)
+            return len(getattr(exc, "refused_channels", [])) or 1
+        except base.LayerUnavailable as exc:
+            log.error("%s: %d buffered message(s) not sent: %s", source, len(batch), exc)
+            return len(batch)
+        finally:
+            batch.clear()
+
+    for kind, name, content in buffer:
+        if kind == "send":
+            batch.append((name, content))
+            continue
+        lost += send_batch()
+        try:
+            lost += sync_layer.group_send(name, content).dropped
+        except base.LayerUnavailable as exc:
+            log.error("%s: group_send to %r not sent: %s", source, name, exc)
+            lost += 1
+    lost += send_batch()
+    return lost

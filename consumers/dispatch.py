@@ -1,0 +1,136 @@
+"""Deliver one message to its consumer: route it, run it, flush what it sent, handle what it raised.
+
+The worker and the test ``Client`` both run messages through a ``Dispatcher``,
+so what a user tests is what production runs. It must not receive from the
+layer or own threads: that is the worker's job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from layer import base
+
+from . import channel as channel_module
+from .channel import flush
+from .exceptions import ConsumeLater, DenyConnection
+from .message import Message
+from .routing import Router
+from .signals import consumer_finished, consumer_started
+
+log = logging.getLogger("crossroads.worker")
+
+MAX_CONSUME_LATER = 10  # requeues of one message before it is dropped
+RETRIES_KEY = "__consume_later"  # how many times ConsumeLater requeued this message
+
+
+@dataclass
+class DispatchCounters:
+    consumed: int = 0
+    errors: int = 0
+    unrouted: int = 0
+    requeued: int = 0
+    gave_up: int = 0  # messages dropped after MAX_CONSUME_LATER requeues
+    undelivered: int = 0  # buffered sends lost to a full channel or an unreachable layer
+    unrouted_channels: set[str] = field(default_factory=set)
+
+
+def consumer_name(consumer: Any) -> str:
+    return f"{getattr(consumer, '__module__', '?')}.{getattr(consumer, '__qualname__', repr(consumer))}"
+
+
+class Dispatcher:
+    """Runs messages through ``router`` on ``channel_layer`` (a layer from ``layer.from_url``)."""
+
+    def __init__(self, router: Any, channel_layer: Any) -> None:
+        self.router = router if isinstance(router, Router) else Router(router)
+        self.layer = channel_layer
+        self.sync = getattr(channel_layer, "sync", channel_layer)
+        self.counters = DispatchCounters()
+
+    def prepare(self, channel: str, content: dict) -> tuple[Any, dict, Message, int] | None:
+        """Route a message: (consumer, kwargs, message, retries), or None when no route matches."""
+        retries = content.pop(RETRIES_KEY, 0)
+        matched = self.router.match(channel, content)
+        if matched is None:
+            self.counters.unrouted += 1
+            if channel not in self.counters.unrouted_channels:  # once per channel, not per message
+                self.counters.unrouted_channels.add(channel)
+                log.warning("no route matches a message on %s (keys: %s); unrouted messages on it are counted, "
+                            "not logged again", channel, ", ".join(sorted(content)) or "none")
+            return None
+        consumer, kwargs = matched
+        return consumer, kwargs, Message(content, channel, self.layer), retries
+
+    def is_async(self, consumer: Any) -> bool:
+        return inspect.iscoroutinefunction(consumer)
+
+    def handle(self, channel: str, content: dict) -> None:
+        """Route and run a message here, in this thread."""
+        prepared = self.prepare(channel, content)
+        if prepared is not None:
+            self.run(*prepared)
+
+    def run(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> None:
+        """Run a prepared consumer in this thread; an ``async def`` one on a loop of its own."""
+        with self.consuming(consumer, message, retries):
+            result = consumer(message, **kwargs)
+            if inspect.isawaitable(result):
+                asyncio.run(_await(result))
+
+    async def handle_async(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> None:
+        """Run a prepared ``async def`` consumer on the running loop."""
+        with self.consuming(consumer, message, retries):
+            await consumer(message, **kwargs)
+
+    @contextlib.contextmanager
+    def consuming(self, consumer: Any, message: Message, retries: int) -> Iterator[None]:
+        """Around one consumer run: the send buffer, the signals, and every exception it may raise."""
+        name = consumer_name(consumer)
+        buffer: list = []
+        layer_token = channel_module.current_layer.set(self.layer)
+        buffer_token = channel_module.send_buffer.set(buffer)
+        consumer_started.send(message=message, consumer=consumer)
+        error: BaseException | None = None
+        try:
+            yield
+            self.counters.consumed += 1
+        except ConsumeLater:
+            self._consume_later(message, name, retries)
+        except DenyConnection:
+            self.counters.consumed += 1
+            if message.reply_channel is not None:
+                buffer.append(("send", message.reply_channel.name, {"close": True}))
+        except Exception as exc:
+            error = exc
+            self.counters.errors += 1
+            log.exception("consumer %s raised on a message on %s; the worker carries on", name, message.channel.name)
+        finally:
+            channel_module.send_buffer.reset(buffer_token)
+            channel_module.current_layer.reset(layer_token)
+            self.counters.undelivered += flush(buffer, self.sync, f"consumer {name} on {message.channel.name}")
+            consumer_finished.send(message=message, consumer=consumer, error=error)
+
+    def _consume_later(self, message: Message, name: str, retries: int) -> None:
+        if retries >= MAX_CONSUME_LATER:
+            self.counters.gave_up += 1
+            log.error("consumer %s raised ConsumeLater %d times on %s; message dropped", name, retries + 1,
+                      message.channel.name)
+            return
+        try:
+            self.sync.send(message.channel.name, {**message.content, RETRIES_KEY: retries + 1})
+            self.counters.requeued += 1
+        except (base.ChannelFull, base.LayerUnavailable) as exc:
+            self.counters.gave_up += 1
+            log.error("consumer %s raised ConsumeLater on %s but the message could not be requeued: %s",
+                      name, message.channel.name, exc)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable

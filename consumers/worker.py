@@ -1,0 +1,121 @@
+"""The worker: receives from the layer and runs consumers, in N threads, until told to stop.
+
+Owns threads, the event loop for ``async def`` consumers, channel selection and
+shutdown. Running one message (routing, buffering, exceptions) belongs to
+``dispatch.py``; the worker must not re-implement it.
+
+Threads block in the layer's receive (no polling). To stop them promptly, each
+worker has a private process queue on the layer, which every thread also
+listens on; ``stop()`` sends one wake-up per thread there. Each thread finishes
+the message in hand, then exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+import secrets
+import signal
+import string
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from .dispatch import Dispatcher
+
+log = logging.getLogger("crossroads.worker")
+
+FALLBACK_TIMEOUT = 5.0  # a receive returns at least this often, in case a wake-up cannot be sent
+
+
+def select_channels(channels: Iterable[str], only: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[str]:
+    """The channels to listen on: ``only`` globs keep, ``exclude`` globs drop."""
+    only, exclude = list(only), list(exclude)
+    chosen = [c for c in sorted(channels) if not only or any(fnmatch.fnmatchcase(c, g) for g in only)]
+    return [c for c in chosen if not any(fnmatch.fnmatchcase(c, g) for g in exclude)]
+
+
+class Worker:
+    """Runs the consumers of ``router`` for messages on ``channel_layer``."""
+
+    def __init__(self, router: Any, channel_layer: Any, threads: int = 4,
+                 only_channels: Iterable[str] = (), exclude_channels: Iterable[str] = ()) -> None:
+        if threads < 1:
+            raise ValueError(f"a worker needs at least one thread, got {threads}")
+        self.dispatcher = Dispatcher(router, channel_layer)
+        self.sync = self.dispatcher.sync
+        self.threads = threads
+        self.channels = select_channels(self.dispatcher.router.channels, only_channels, exclude_channels)
+        if not self.channels:
+            raise ValueError("no channels to listen on: the routing table is empty, or --only-channels/"
+                             "--exclude-channels left nothing (routed: "
+                             f"{', '.join(sorted(self.dispatcher.router.channels)) or 'none'})")
+        token = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
+        self.control = f"crossroads.worker.{token}!"
+        self._stopping = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._workers: list[threading.Thread] = []
+        self.ready = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop.run_forever, name="worker-async", daemon=True).start()
+        for i in range(self.threads):
+            thread = threading.Thread(target=self._serve, name=f"worker-{i}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
+        log.info("worker listening on %s with %d thread(s)", ", ".join(self.channels), self.threads)
+        self.ready.set()
+
+    def stop(self) -> None:
+        """Ask every thread to finish the message in hand and exit (safe from signal handlers)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        try:
+            self.sync.send_many([(self.control + f"stop{i}", {}) for i in range(self.threads)])
+        except Exception as exc:  # the fallback timeout still ends each thread
+            log.warning("could not wake worker threads (%s); they stop within %.0fs", exc, FALLBACK_TIMEOUT)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the threads; True when all have finished."""
+        for thread in self._workers:
+            thread.join(timeout)
+        finished = not any(thread.is_alive() for thread in self._workers)
+        if finished:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        return finished
+
+    def run(self) -> None:
+        """Start, stop on SIGTERM or SIGINT, and return once every thread has finished."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: self._on_signal(signum))
+        self.start()
+        while not self._stopping.wait(1.0):
+            pass
+        self.join()
+        log.info("worker stopped: %s", self.summary())
+
+    def _on_signal(self, signum: int) -> None:
+        log.info("worker received %s: finishing the messages in hand", signal.Signals(signum).name)
+        threading.Thread(target=self.stop, daemon=True).start()  # stop() does I/O: not in the handler
+
+    def summary(self) -> str:
+        c = self.dispatcher.counters
+        return (f"{c.consumed} consumed, {c.errors} consumer errors, {c.unrouted} unrouted, "
+                f"{c.requeued} requeued, {c.gave_up} given up, {c.undelivered} sends undelivered")
+
+    def _serve(self) -> None:
+        listen = [*self.channels, self.control]
+        while not self._stopping.is_set():
+            channel, content = self.sync.receive(listen, timeout=FALLBACK_TIMEOUT)
+            if channel is None or channel.startswith(self.control):
+                continue
+            prepared = self.dispatcher.prepare(channel, content)
+            if prepared is None:
+                continue
+            if self.dispatcher.is_async(prepared[0]):
+                asyncio.run_coroutine_threadsafe(self.dispatcher.handle_async(*prepared), self._loop).result()
+            else:
+                self.dispatcher.run(*prepared)

@@ -1,0 +1,302 @@
+"""The consumer programming model through the test Client: routing, sends, sessions, ordering, errors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import layer
+from consumers.dispatch import MAX_CONSUME_LATER
+from consumers.testing import Client
+from crossroads import (
+    Channel,
+    ConsumeLater,
+    DenyConnection,
+    Group,
+    JsonWebsocketConsumer,
+    RouteError,
+    Router,
+    WebsocketConsumer,
+    consumer_finished,
+    consumer_started,
+    enforce_ordering,
+    include,
+    route,
+    route_class,
+)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def channel_layer(request):
+    """Each test runs on the in-memory layer and on a real Redis."""
+    if request.param == "memory":
+        yield layer.from_url("memory://")
+        return
+    server = request.getfixturevalue("redis_server")
+    redis_layer = layer.from_url(server.url, prefix="consumers")
+    redis_layer.sync.flush()
+    yield redis_layer
+    redis_layer.sync.flush()
+    redis_layer.sync.close()
+
+
+def test_message_reads_like_its_content():
+    seen = []
+    client = Client([route("mqtt.receive", seen.append)])
+    client.send_and_consume("mqtt.receive", {"text": "hi", "sender": "ann", "room": "a/b", "protocol": "mqtt"})
+    message = seen[0]
+    assert message["text"] == "hi" and dict(message)["sender"] == "ann" and "room" in message
+    assert (message.text, message.sender, message.room, message.protocol) == ("hi", "ann", "a/b", "mqtt")
+    assert message.channel == Channel("mqtt.receive")
+    assert message.reply_channel.name == client.reply_channel
+
+
+def test_sends_are_buffered_until_the_consumer_returns(channel_layer):
+    observed = {}
+
+    def consumer(message):
+        message.reply_channel.send({"text": "buffered"})
+        Channel("side").send({"text": "now"}, immediately=True)
+        observed["reply_waiting"] = channel_layer.sync.receive([message.reply_channel.name], timeout=0)
+        observed["side_waiting"] = channel_layer.sync.receive(["side"], timeout=0)
+
+    client = Client([route("a", consumer)], channel_layer)
+    client.send_and_consume("a", {})
+    assert observed["reply_waiting"] == (None, None), "a buffered send left before the consumer returned"
+    assert observed["side_waiting"] == ("side", {"text": "now"})
+    assert client.receive() == {"text": "buffered"}
+
+
+def test_buffered_sends_leave_even_when_the_consumer_raises(channel_layer, caplog):
+    def consumer(message):
+        message.reply_channel.send({"text": "before the error"})
+        Group("g").send({"text": "to the group"})
+        raise RuntimeError("boom")
+
+    client = Client([route("a", consumer)], channel_layer)
+    client.join_group("g")
+    client.send_and_consume("a", {})
+    assert client.receive_all() == [{"text": "before the error"}, {"text": "to the group"}]
+    assert client.counters.errors == 1
+    assert "consumer test_consumers.test_buffered_sends_leave_even_when_the_consumer_raises.<locals>" \
+           ".consumer raised on a message on a" in caplog.text
+
+
+def test_a_send_copies_the_message():
+    def consumer(message):
+        content = {"items": [1]}
+        message.reply_channel.send(content)
+        content["items"].append(2)
+
+    client = Client([route("a", consumer)])
+    client.send_and_consume("a", {})
+    assert client.receive() == {"items": [1]}
+
+
+def test_routing_filters_kwargs_and_first_match(channel_layer):
+    client = Client("apps.chat:routes", channel_layer)
+    client.send_and_consume("websocket.connect", {"path": "/chat/lobby/", "sender": "ann"})
+    assert client.receive() == {"accept": True}
+    client.send_and_consume("websocket.receive", {"path": "/chat/lobby/", "text": "hello"})
+    assert client.receive() == {"text": "ann: hello"}
+
+
+def test_include_strips_its_prefix():
+    client = Client("apps.chat:routes")
+    client.send_and_consume("http.request", {"path": "/stats/detail/disk/"})
+    assert client.receive() == {"text": "detail disk"}
+    client.send_and_consume("http.request", {"path": "/stats/"})
+    assert client.receive() == {"text": "stats for /stats/ rest={}"}
+    router = Router("apps.chat:routes")
+    assert router.channels >= {"websocket.connect", "websocket.receive", "http.request", "mqtt.receive"}
+
+
+def test_routes_on_bytes_values_and_missing_keys():
+    seen = []
+    router = Router([route("a", lambda m, **kw: seen.append(kw), topic=r"^rooms/(?P<room>\w+)$")])
+    assert router.match("a", {"topic": b"rooms/x"})[1] == {"room": "x"}
+    assert router.match("a", {"topic": b"\xff"}) is None
+    assert router.match("a", {}) is None
+    assert router.match("b", {"topic": "rooms/x"}) is None
+
+
+def test_bad_routing_tables_say_what_is_wrong():
+    with pytest.raises(RouteError, match="not a valid regex"):
+        route("a", print, path="(")
+    with pytest.raises(RouteError, match="not callable"):
+        route("a", "not a function")
+    with pytest.raises(RouteError, match="cannot import module 'no_such_module'"):
+        Router("no_such_module:routes")
+    with pytest.raises(RouteError, match="has no attribute 'nope'"):
+        Router("apps.chat:nope")
+    with pytest.raises(RouteError, match="route_class needs"):
+        route_class(object)
+    with pytest.raises(RouteError, match="route\\(\\), route_class\\(\\) or include\\(\\)"):
+        Router([print])
+    with pytest.raises(RouteError, match="not a valid regex"):
+        include([], path="[")
+
+
+def test_channel_session_is_per_reply_channel_and_survives_errors(channel_layer):
+    from crossroads import channel_session
+
+    @channel_session
+    def count(message):
+        message.channel_session["n"] = message.channel_session.get("n", 0) + 1
+        message.reply_channel.send({"n": message.channel_session["n"]})
+        if message.get("fail"):
+            raise ValueError("after the change")
+
+    client = Client([route("a", count)], channel_layer)
+    other = client.sync.new_channel("other?")
+    for _ in range(2):
+        client.send_and_consume("a", {})
+    client.send_and_consume("a", {}, reply_channel=other)
+    client.send_and_consume("a", {"fail": True})
+    client.send_and_consume("a", {})
+    assert [m["n"] for m in client.receive_all()] == [1, 2, 3, 4]
+    assert client.receive(other) == {"n": 1}
+
+
+def test_enforce_ordering_runs_frames_in_order(channel_layer, caplog):
+    seen = []
+
+    @enforce_ordering
+    def receive(message):
+        seen.append(message["order"])
+
+    client = Client([route("websocket.receive", receive)], channel_layer)
+    for order in (2, 0, 3, 1, 1):  # out of order, and 1 twice
+        client.send("websocket.receive", {"order": order, "text": str(order)})
+    while client.consume("websocket.receive", fail_on_none=False):
+        pass
+    assert seen == [0, 1, 2, 3]
+    assert "order 1" in caplog.text and "already past it" in caplog.text
+
+
+def test_consume_later_requeues_then_gives_up(channel_layer, caplog):
+    attempts = []
+
+    def not_yet(message):
+        attempts.append(message.get("__consume_later"))
+        if len(attempts) < 3 or message.get("forever"):
+            raise ConsumeLater()
+        message.reply_channel.send({"done": len(attempts)})
+
+    client = Client([route("a", not_yet)], channel_layer)
+    client.send("a", {})
+    while client.consume("a", fail_on_none=False):
+        pass
+    assert client.receive() == {"done": 3}
+    assert attempts == [None, None, None], "the retry count is the worker's business, not the consumer's"
+    attempts.clear()
+    client.send("a", {"forever": True})
+    while client.consume("a", fail_on_none=False):
+        pass
+    assert len(attempts) == MAX_CONSUME_LATER + 1
+    assert client.counters.gave_up == 1
+    assert "raised ConsumeLater 11 times" in caplog.text
+
+
+def test_deny_connection_closes():
+    def connect(message):
+        raise DenyConnection()
+
+    client = Client([route("websocket.connect", connect)])
+    client.send_and_consume("websocket.connect", {"path": "/"})
+    assert client.receive() == {"close": True}
+
+
+def test_unrouted_messages_are_counted_and_logged_once_per_channel(caplog):
+    client = Client([route("a", print)])
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            client.send_and_consume("b", {"x": 1})
+    assert client.counters.unrouted == 3
+    assert caplog.text.count("no route matches a message on b") == 1
+
+
+def test_signals_surround_every_consumer():
+    events = []
+
+    def started(message, consumer):
+        events.append(("started", message.channel.name))
+
+    def finished(message, consumer, error):
+        events.append(("finished", type(error).__name__ if error else None))
+
+    consumer_started.connect(started)
+    consumer_finished.connect(finished)
+    try:
+        client = Client([route("ok", lambda m: None), route("bad", lambda m: 1 / 0)])
+        client.send_and_consume("ok", {})
+        client.send_and_consume("bad", {})
+    finally:
+        consumer_started.disconnect(started)
+        consumer_finished.disconnect(finished)
+    assert events == [("started", "ok"), ("finished", None), ("started", "bad"), ("finished", "ZeroDivisionError")]
+
+
+def test_async_consumers_run_too(channel_layer):
+    async def consumer(message):
+        message.reply_channel.send({"text": message.text.upper()})
+
+    client = Client([route("a", consumer)], channel_layer)
+    client.send_and_consume("a", {"text": "quiet"})
+    assert client.receive() == {"text": "QUIET"}
+
+
+class Echo(WebsocketConsumer):
+    groups = ["everyone"]
+
+    def receive(self, text=None, bytes=None, **kwargs):
+        self.send(text=text, bytes=bytes)
+        self.group_send("everyone", text=f"{kwargs.get('room')} said {text}")
+
+
+class JsonEcho(JsonWebsocketConsumer):
+    def receive(self, content, **kwargs):
+        self.send({"got": content})
+
+
+def test_websocket_consumer_accepts_echoes_and_manages_groups(channel_layer):
+    client = Client([route_class(Echo, path=r"^/echo/(?P<room>\w+)$")], channel_layer)
+    listener = client.sync.new_channel("listener?")
+    Group("everyone", channel_layer).add(listener)
+    client.send_and_consume("websocket.connect", {"path": "/echo/r1"})
+    assert client.receive() == {"accept": True}
+    assert sorted(Group("everyone", channel_layer).channels()) == sorted([listener, client.reply_channel])
+    client.send_and_consume("websocket.receive", {"path": "/echo/r1", "text": "hey"})
+    assert client.receive_all() == [{"text": "hey"}, {"text": "r1 said hey"}]
+    assert client.receive(listener) == {"text": "r1 said hey"}
+    client.send_and_consume("websocket.receive", {"path": "/echo/r1", "bytes": b"\x00"})
+    assert client.receive() == {"bytes": b"\x00"}
+    client.send_and_consume("websocket.disconnect", {"path": "/echo/r1", "code": 1000})
+    assert Group("everyone", channel_layer).channels() == [listener]
+
+
+def test_json_websocket_consumer(channel_layer):
+    client = Client([route_class(JsonEcho)], channel_layer)
+    client.send_and_consume("websocket.receive", {"text": '{"a": [1, 2]}'})
+    assert client.receive() == {"text": '{"got": {"a": [1, 2]}}'}
+    client.send_and_consume("websocket.receive", {"text": "{not json"})
+    assert client.receive() == {"close": 1007}
+    client.send_and_consume("websocket.receive", {"bytes": b"{}"})
+    assert client.receive() == {"close": 1003}
+
+
+def test_chat_consumer_joins_rooms_across_protocols(channel_layer):
+    client = Client("apps.chat:routes", channel_layer)
+    web = client.reply_channel
+    mqtt = "mqtt.replies!rooms.lobby"  # a bridge's stable reply channel for one topic
+    client.send_and_consume("websocket.connect", {"path": "/rooms/lobby", "room": "lobby", "sender": "web"})
+    assert client.receive(web) == {"accept": True}
+    client.send_and_consume("mqtt.receive", {"path": "/rooms/x", "room": "lobby", "sender": "sensor", "text": "hi"},
+                            reply_channel=mqtt)
+    assert client.receive(web) == {"text": "sensor: hi"}
+    assert client.sync.receive(["mqtt.replies!"], timeout=0) == (mqtt, {"text": "sensor: hi"})
+    client.send_and_consume("websocket.disconnect", {"path": "/rooms/lobby", "room": "lobby"})
+    client.send_and_consume("mqtt.receive", {"path": "/rooms/x", "room": "lobby", "sender": "sensor", "text": "again"},
+                            reply_channel=mqtt)
+    assert client.receive(web) is None, "a socket that left still got the room's messages"
