@@ -1,0 +1,797 @@
+"""The bridge base: what every protocol bridge shares, so each protocol package only translates.
+
+This module owns a bridge's life on the reactor: installing Twisted's asyncio
+reactor, start and graceful stop, the one reply queue of a bridge and its
+demultiplexing to connections, sending into the layer without losing anything
+at the edge, reconnecting to remote servers with backoff, the health state,
+the counters, option declarations, and finding a bridge class by type name.
+It must not know any protocol (``bridges/<protocol>/``), how a layer stores
+messages (``layer/``), or how the application is configured and run
+(``crossroads/``); it never closes the layer, which its caller owns.
+
+Two rules for bridge code: never import ``twisted.internet.reactor`` at module
+level (that installs Twisted's default reactor: call ``get_reactor()`` at run
+time), and never block, because the layer, Twisted and every connection share
+one asyncio loop. Everything async here is a coroutine on that loop;
+``as_deferred`` and ``as_future`` cross between coroutines and Deferreds.
+
+Theory of operation: ``start()`` makes the bridge's process queue
+``{type}.{name}.{random}!`` and runs ONE receive loop on it; each reply's local
+part names the connection or target it goes to. Replies for one local id are
+handed over in the order received, even when a handler is async. ``stop()``
+stops taking input, sends a wake-up message to the bridge's own queue (so every
+reply queued before it is still delivered, and a Redis receive is never
+cancelled mid-pop), waits for the handlers, then closes connections.
+docs/bridges.md is the guide to writing a bridge on this base.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import difflib
+import importlib
+import inspect
+import logging
+import re
+import secrets
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from layer import ChannelFull, LayerError, LayerUnavailable
+from layer.base import backoff_delays
+
+ENTRY_POINT_GROUP = "crossroads.bridges"
+HEALTH_STATES = ("starting", "connected", "degraded", "stopping", "stopped")
+COUNTERS = ("received", "sent", "refused", "replies", "unknown_replies", "dropped", "bad_input", "errors",
+            "connects", "connect_failures")
+
+_BRIDGE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$", re.ASCII)  # part of the reply queue's name
+_LOCAL_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$", re.ASCII)  # the layer's rule for the part after '!'
+_UNKNOWN_IDS_REMEMBERED = 1000  # bounds the "log each unknown local id once" memory
+
+
+# -- the reactor ---------------------------------------------------------------------------------------------
+
+
+class ReactorError(RuntimeError):
+    """No Twisted reactor is installed, or one other than the asyncio reactor is."""
+
+
+def install_reactor(loop: asyncio.AbstractEventLoop | None = None, *, route_logs: bool = True) -> Any:
+    """Install Twisted's asyncio reactor on ``loop`` (a new loop if None) and return it.
+
+    Idempotent: when the asyncio reactor is already installed it is returned
+    (``loop``, if given, must be the one it runs on). Raises ``ReactorError``
+    when another reactor got there first. ``route_logs`` sends Twisted's own
+    log events (unhandled errors in Deferreds, exceptions in protocols) to the
+    ``twisted`` logger of the logging module, where the bridges log too.
+    """
+    if "twisted.internet.reactor" not in sys.modules:
+        from twisted.internet import asyncioreactor
+
+        loop = loop or asyncio.new_event_loop()
+        asyncioreactor.install(loop)
+        asyncio.set_event_loop(loop)  # for code that asks asyncio for "the" loop before the reactor runs
+    reactor = get_reactor()
+    if loop is not None and reactor._asyncioEventloop is not loop:
+        raise ReactorError("the asyncio reactor is already installed on another event loop; pass that loop or none")
+    if route_logs:
+        _route_twisted_logs()
+    return reactor
+
+
+def get_reactor() -> Any:
+    """The installed asyncio reactor; ``ReactorError`` if none is, or another kind is."""
+    if "twisted.internet.reactor" not in sys.modules:
+        raise ReactorError("no Twisted reactor is installed: call bridges.base.install_reactor() first")
+    from twisted.internet import reactor
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+    if not isinstance(reactor, AsyncioSelectorReactor):
+        kind = f"{type(reactor).__module__}.{type(reactor).__name__}"
+        raise ReactorError(
+            f"Twisted's {kind} is installed, but bridges need its asyncio reactor (the layer's client runs on "
+            "asyncio): something imported twisted.internet.reactor before bridges.base.install_reactor() ran. "
+            "Call install_reactor() first thing in the process."
+        )
+    return reactor
+
+
+_twisted_logs_routed = False
+
+
+def _route_twisted_logs() -> None:
+    global _twisted_logs_routed
+    if not _twisted_logs_routed:
+        from twisted.logger import STDLibLogObserver, globalLogPublisher
+
+        globalLogPublisher.addObserver(STDLibLogObserver(name="twisted"))
+        _twisted_logs_routed = True
+
+
+def as_future(awaitable: Awaitable[Any] | Deferred | None) -> asyncio.Future:
+    """An asyncio future for a coroutine, a future, a Deferred (which asyncio cannot await itself) or None."""
+    if isinstance(awaitable, Deferred):
+        return awaitable.asFuture(asyncio.get_running_loop())
+    if awaitable is None:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+    return asyncio.ensure_future(awaitable)
+
+
+def as_deferred(awaitable: Awaitable[Any] | Deferred) -> Deferred:
+    """A Deferred for a coroutine, run as an asyncio task: how Twisted code calls ``start()`` or ``stop()``.
+
+    (``Deferred.fromCoroutine`` would not do: it cannot await asyncio futures, which the layer's client uses.)
+    """
+    if isinstance(awaitable, Deferred):
+        return awaitable
+    return Deferred.fromFuture(asyncio.ensure_future(awaitable))
+
+
+# -- options -------------------------------------------------------------------------------------------------
+
+
+class OptionError(ValueError):
+    """A bridge option is missing, unknown or wrong; ``key`` names it, the message says what to do."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()  # the default of an option that has none
+
+# Words from the TOML config's point of view, since that is where users write options.
+_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list",
+               dict: "a table"}
+
+
+# Booleans in text, spelled as systemd (and crossroads/config.py for its own keys) accept them.
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One declared option: its type(s), default (``REQUIRED`` if none), help, and an optional ``check``.
+
+    ``check(value)`` returns a problem ("must be between 1 and 65535") or None.
+    ``from_string`` also accepts a number or boolean as text, which is what
+    ``${...}`` interpolation in the config file produces (``port = "${PORT}"``).
+    """
+
+    type: type | tuple[type, ...]
+    default: Any = REQUIRED
+    help: str = ""
+    check: Callable[[Any], str | None] | None = None
+    from_string: bool = False
+
+    def normalize(self, key: str, value: Any) -> Any:
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        if value is None and self.default is None:
+            return None
+        if self.from_string and isinstance(value, str) and str not in types:
+            value = _from_text(value.strip(), types)
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            wanted = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in types)
+            got = _TYPE_WORDS.get(type(value), type(value).__name__)
+            quoted = isinstance(value, str) and not self.from_string and {int, float, bool} & set(types)
+            hint = ": write it without quotes" if quoted else ""
+            raise OptionError(key, f"must be {wanted}, not {value!r} ({got}){hint}")
+        problem = self.check(value) if self.check is not None else None
+        if problem:
+            raise OptionError(key, f"{problem} (got {value!r})")
+        return value
+
+
+def _from_text(text: str, types: tuple[type, ...]) -> Any:
+    """The value a text holds for one of ``types``, or the text itself when it holds none."""
+    for kind in types:
+        if kind is bool and text.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[text.lower()]
+        if kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
+
+
+def _as_option(spec: Option | tuple) -> Option:
+    return spec if isinstance(spec, Option) else Option(*spec)
+
+
+# -- health --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Health:
+    """One of ``HEALTH_STATES``, why, and since when (Unix time; it changes only with the state)."""
+
+    state: str = "stopped"
+    reason: str = "not started"
+    since: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "reason": self.reason, "since": self.since}
+
+
+def _describe(error: Any) -> str:
+    if isinstance(error, Failure):
+        error = error.value
+    return str(error) or type(error).__name__
+
+
+# -- reconnecting --------------------------------------------------------------------------------------------
+
+
+class Reconnector:
+    """Keeps a client bridge connected to a remote server (an MQTT broker, an IRC server, Slack).
+
+    ``connect()`` makes one attempt: it returns (a coroutine or a Deferred)
+    once connected, or raises. Failures wait ``layer.base.backoff_delays``
+    (exponential, jittered, capped), each logged once with its delay, and mark
+    the bridge degraded until an attempt succeeds. The bridge calls
+    ``connection_lost(reason)`` when an established connection ends, and the
+    attempts resume; a connection that lasted ``stable_after`` seconds (default:
+    ``cap``) starts the delays afresh, one that dropped at once does not, so a
+    flapping server is not hammered. ``sleep`` is replaceable for tests.
+    Make one with ``Bridge.reconnector(...)``: ``Bridge.stop()`` then stops it.
+    """
+
+    def __init__(self, bridge: Bridge, connect: Callable[[], Awaitable[Any] | Deferred], describe: str, *,
+                 initial: float = 0.5, cap: float = 30.0, stable_after: float | None = None,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        self.bridge = bridge
+        self.connect = connect
+        self.describe = describe  # names the server in logs and health, e.g. "broker 10.0.0.5:1883"
+        self.initial, self.cap = initial, cap
+        self.stable_after = cap if stable_after is None else stable_after
+        self.connection: Any = None  # what the last successful connect() returned, while connected
+        self.failures = 0  # consecutive failed attempts
+        self._sleep = sleep
+        self._lost = asyncio.Event()
+        self._lost_reason: Any = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.connection is not None
+
+    def start(self) -> None:
+        if self._task is None:
+            self.bridge._connecting.add(self.describe)
+            self.bridge._refresh_health()
+            self._task = asyncio.ensure_future(self._run())
+
+    def connection_lost(self, reason: Any = None) -> None:
+        """Call when the connection ends (from a protocol's ``connectionLost``): reconnecting starts."""
+        self.connection = None
+        self._lost_reason = reason
+        self._lost.set()
+
+    async def stop(self) -> None:
+        """Stop attempting (an attempt in progress is cancelled); closing ``connection`` is the bridge's job."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.bridge._connecting.discard(self.describe)
+        self.bridge.clear_problem(self.describe)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        delays = backoff_delays(self.initial, self.cap)
+        while True:
+            self._lost.clear()  # before the attempt: a connection may be lost before connect() returns
+            try:
+                connection = await as_future(self.connect())
+            except Exception as exc:
+                self.failures += 1
+                self.bridge.count("connect_failures")
+                delay = next(delays)
+                self.bridge.set_problem(self.describe, f"cannot connect ({_describe(exc)}); attempt {self.failures} "
+                                                       f"failed, retrying in {delay:.2f} s")
+                await self._sleep(delay)
+                continue
+            self.connection, connected_at = connection, loop.time()
+            self.bridge.count("connects")
+            self.bridge.log.info("%s: connected to %s after %d failed attempt(s)", self.bridge.label, self.describe,
+                                 self.failures)
+            self.failures = 0
+            self.bridge._connecting.discard(self.describe)
+            self.bridge.clear_problem(self.describe)
+            await self._lost.wait()
+            self.connection = None
+            if loop.time() - connected_at >= self.stable_after:
+                delays = backoff_delays(self.initial, self.cap)
+            delay = next(delays)
+            self.bridge.set_problem(self.describe, f"connection lost ({_describe(self._lost_reason)}); "
+                                                   f"reconnecting in {delay:.2f} s")
+            await self._sleep(delay)
+
+
+# -- the bridge ----------------------------------------------------------------------------------------------
+
+
+class Bridge:
+    """Base class of every bridge. Subclasses set ``type_name`` and ``OPTIONS`` and implement the hooks.
+
+    Hooks, all called on the loop: ``open_protocol()`` (listen or connect),
+    ``stop_accepting()`` (take no new input), ``close_protocol()`` (close what
+    is left), and ``handle_reply(local_id, message)``, which may return an
+    awaitable or Deferred: later replies for that local id wait for it.
+    """
+
+    type_name: ClassVar[str] = "bridge"
+    OPTIONS: ClassVar[dict[str, Option | tuple]] = {}  # name -> Option(type, default, help, check)
+    reply_batch: ClassVar[int] = 100  # replies taken from the queue per receive
+
+    def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
+        if not isinstance(name, str) or not _BRIDGE_NAME_RE.match(name):
+            raise ValueError(f"bridge name {name!r}: use 1 to 40 letters, digits, '-' and '_'")
+        self.name = name
+        self.options = self.validate_options(options)
+        self.layer = layer
+        self.log = logging.getLogger(f"crossroads.bridges.{self.type_name}")
+        self.label = f"{self.type_name} bridge {name!r}"  # starts every log line, so operators can grep one bridge
+        self.targets: dict[str, Any] = {}  # local id -> connection or target; use register()/unregister()
+        self.health_listeners: list[Callable[[dict[str, Any]], None]] = []  # called on every health change
+        self._counters = dict.fromkeys(COUNTERS, 0)
+        self._health = Health()
+        self._lifecycle = "new"  # new, starting, running, stopping, stopped
+        self._problems: dict[str, str] = {}  # source -> reason, while the bridge is degraded
+        self._connecting: set[str] = set()  # Reconnectors that have not connected yet
+        self._prefix: str | None = None
+        self._last_id = 0
+        self._stop_id = "stop." + secrets.token_hex(8)  # the local id of stop()'s wake-up message
+        self._reply_task: asyncio.Task | None = None
+        self._pending: dict[str, deque[dict]] = {}  # local id -> replies queued behind an async handler
+        self._reply_tasks: set[asyncio.Task] = set()
+        self._spawned: set[asyncio.Task] = set()
+        self._unknown_logged: OrderedDict[str, None] = OrderedDict()
+        self._reconnectors: list[Reconnector] = []
+        self._refused_since_ok = 0
+        self._stopping: asyncio.Future | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} {self._health.state}>"
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options with defaults filled in and types checked; ``OptionError`` names the first bad key.
+
+        The config's generic keys, ``type`` and ``enabled``, are accepted and left out.
+        """
+        if not isinstance(options, dict):
+            raise TypeError(f"{cls.type_name} bridge options must be a dict, not {type(options).__name__}")
+        declared = {key: _as_option(spec) for key, spec in cls.OPTIONS.items()}
+        for key in options:
+            if key not in ("type", "enabled") and key not in declared:
+                close = difflib.get_close_matches(str(key), declared, 1)
+                raise OptionError(key, f"unknown option for {cls.type_name} bridges"
+                                       + (f"; did you mean {close[0]!r}?" if close else "")
+                                       + f" Known options: {', '.join(sorted(declared)) or 'none'}")
+        result = {}
+        for key, option in declared.items():
+            if key in options:
+                result[key] = option.normalize(key, options[key])
+            elif option.default is REQUIRED:
+                raise OptionError(key, f"is required by {cls.type_name} bridges: add `{key} = ...` to the "
+                                       f"bridge's table ({option.help or 'no help given'})")
+            else:
+                result[key] = copy.deepcopy(option.default)  # a list default must not be shared between bridges
+        return result
+
+    # -- hooks for subclasses --
+
+    async def open_protocol(self) -> None:
+        """Listen or connect; called by ``start()`` once replies can be received."""
+
+    async def stop_accepting(self) -> None:
+        """Take no new input (close listening ports, unsubscribe); may wait for requests in flight."""
+
+    async def close_protocol(self) -> None:
+        """Close every connection left; called after the replies in hand were delivered."""
+
+    def handle_reply(self, local_id: str, message: dict) -> Awaitable[Any] | Deferred | None:
+        """Deliver one reply to ``self.targets[local_id]``, in the peer's protocol."""
+        raise NotImplementedError(f"{type(self).__name__} must implement handle_reply(local_id, message)")
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Make the reply queue, start receiving from it, then ``open_protocol()``. Once per Bridge object."""
+        if self._lifecycle != "new":
+            raise RuntimeError(f"{self.label} was started before; make a new bridge object to start again")
+        self._lifecycle = "starting"
+        self._refresh_health()
+        try:
+            local = await self.layer.new_channel(f"{self.type_name}.{self.name}!")
+            self._prefix = local.replace("!", ".") + "!"  # the layer's random part, moved in front of the '!'
+            self._reply_task = asyncio.ensure_future(self._receive_replies())
+            await self.open_protocol()
+        except BaseException as exc:
+            await self._halt_replies()
+            self._lifecycle = "stopped"
+            self._refresh_health(f"start failed: {_describe(exc)}")
+            raise
+        if self._lifecycle == "starting":  # not if stop() was called meanwhile
+            self._lifecycle = "running"
+            self._refresh_health()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully within about ``timeout`` seconds; calling it again waits for the same stop.
+
+        Order: reconnectors stop, ``stop_accepting()``, messages in flight to
+        the layer finish, replies already queued are delivered and their
+        handlers finish, ``close_protocol()``. A step that overruns is cut short
+        and logged. The layer stays open: its owner closes it.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(timeout))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        def left() -> float:
+            return max(0.0, deadline - loop.time())
+
+        if self._lifecycle in ("new", "stopped"):  # never started, or its start failed: nothing to stop
+            self._lifecycle = "stopped"
+            return
+        self._lifecycle = "stopping"
+        self._refresh_health()
+        for reconnector in self._reconnectors:
+            await reconnector.stop()
+        await self._within(self.stop_accepting(), left(), "stop_accepting()")
+        if self._spawned:  # peer messages on their way into the layer: let them be stored or refused
+            await asyncio.wait(set(self._spawned), timeout=left())
+            for task in self._spawned:
+                task.cancel()
+        await self._drain_replies(left())
+        await self._within(self.close_protocol(), max(left(), 1.0), "close_protocol()")
+        self._problems.clear()
+        self._connecting.clear()
+        self._lifecycle = "stopped"
+        self._refresh_health("stopped on request")
+
+    async def _within(self, awaitable: Awaitable[Any], timeout: float, what: str) -> None:
+        try:
+            await asyncio.wait_for(as_future(awaitable), timeout)
+        except TimeoutError:
+            self.log.warning("%s: %s did not finish within the stop timeout; carrying on without it", self.label, what)
+        except Exception:
+            self.count("errors")
+            self.log.exception("%s: %s failed while stopping", self.label, what)
+
+    async def _drain_replies(self, timeout: float) -> None:
+        task = self._reply_task
+        if task is None or task.done():
+            return
+        try:
+            # Queued behind every reply already sent to us, so FIFO delivers those first.
+            await self.layer.send(self.reply_channel(self._stop_id), {})
+        except LayerError as exc:
+            self.log.warning("%s: cannot wake the reply loop through the layer (%s); replies still queued are "
+                             "dropped", self.label, _describe(exc))
+            await self._halt_replies()
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            self.log.warning("%s: replies were still being delivered at the stop timeout; the rest are dropped",
+                             self.label)
+            await self._halt_replies()
+
+    async def _halt_replies(self) -> None:
+        tasks = [t for t in (self._reply_task, *self._reply_tasks) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- health and counters --
+
+    @property
+    def health(self) -> dict[str, Any]:
+        """``{"state": ..., "reason": ..., "since": unix_time}``; state is one of ``HEALTH_STATES``."""
+        return self._health.as_dict()
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """A copy of the counters; see docs/bridges.md for what each counts."""
+        return dict(self._counters)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._counters[name] = self._counters.get(name, 0) + n
+
+    def status(self) -> dict[str, Any]:
+        """Everything ``crossroads status`` shows for this bridge."""
+        return {"name": self.name, "type": self.type_name, "health": self.health, "counters": self.counters,
+                "reply_queue": self._prefix, "targets": len(self.targets)}
+
+    def set_problem(self, source: str, reason: str) -> None:
+        """Mark the bridge degraded because of ``source`` (``"layer"``, a server...) until ``clear_problem``."""
+        if self._problems.get(source) != reason:
+            self._problems[source] = reason
+            self.log.warning("%s: %s: %s", self.label, source, reason)
+            self._refresh_health()
+
+    def clear_problem(self, source: str, note: str = "") -> None:
+        if self._problems.pop(source, None) is not None:
+            self.log.info("%s: %s recovered%s", self.label, source, note)
+            self._refresh_health()
+
+    def bad_input(self, peer: str, problem: str) -> None:
+        """Count and log input a peer got wrong; the bridge answers the peer in its protocol itself."""
+        self.count("bad_input")
+        self.log.warning("%s: bad input from %s: %s", self.label, peer, problem)
+
+    def _refresh_health(self, reason: str | None = None) -> None:
+        lifecycle = self._lifecycle
+        if lifecycle in ("new", "stopped"):  # keeps its reason ("start failed: ...") unless given a new one
+            state, reason = "stopped", reason or (self._health.reason if self._health.state == "stopped" else "")
+        elif lifecycle == "stopping":
+            state, reason = "stopping", "stop requested"
+        elif self._problems:
+            state, reason = "degraded", "; ".join(f"{source}: {why}" for source, why in self._problems.items())
+        elif self._connecting:
+            state, reason = "starting", "connecting to " + ", ".join(sorted(self._connecting))
+        elif lifecycle == "starting":
+            state, reason = "starting", "starting"
+        else:
+            state, reason = "connected", "running"
+        if (state, reason) == (self._health.state, self._health.reason):
+            return
+        changed = state != self._health.state
+        self._health = Health(state, reason, time.time() if changed else self._health.since)
+        if changed and state != "degraded":  # set_problem() logged the degradation already
+            self.log.info("%s is %s: %s", self.label, state, reason)
+        for listener in list(self.health_listeners):
+            try:
+                listener(self.health)
+            except Exception:
+                self.log.exception("%s: a health listener failed", self.label)
+
+    # -- into the layer --
+
+    async def send_to_layer(self, channel: str, message: dict) -> bool:
+        """Send a peer's message; False if the layer is full or down, and the bridge must refuse in its protocol.
+
+        ``MessageTooLarge``, ``TypeError`` and ``InvalidChannelName`` propagate:
+        retrying would not help, so the bridge tells the peer (or fixes itself).
+        """
+        try:
+            await self.layer.send(channel, message)
+        except (ChannelFull, LayerUnavailable) as exc:
+            self.count("refused")
+            self._refused_since_ok += 1
+            if isinstance(exc, ChannelFull):
+                why = f"channel {channel!r} is full (are the workers keeping up?)"
+            else:
+                why = f"unavailable ({_describe(exc)})"
+            self.set_problem("layer", why + "; refusing peers' messages until it accepts them again")
+            return False
+        self.count("sent")
+        if "layer" in self._problems:
+            self.clear_problem("layer", f" after refusing {self._refused_since_ok} message(s)")
+            self._refused_since_ok = 0
+        return True
+
+    def spawn(self, coroutine: Awaitable[Any], what: str = "a task") -> asyncio.Task:
+        """Run a coroutine from a synchronous (Twisted) callback; its failure is logged and counted, and
+        ``stop()`` lets it finish before draining replies."""
+        task = asyncio.ensure_future(coroutine)
+        self._spawned.add(task)
+        task.add_done_callback(partial(self._spawned_done, what))
+        return task
+
+    def _spawned_done(self, what: str, task: asyncio.Task) -> None:
+        self._spawned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.count("errors")
+            self.log.error("%s: %s failed", self.label, what, exc_info=task.exception())
+
+    def reconnector(self, connect: Callable[[], Awaitable[Any] | Deferred], describe: str,
+                    **options: Any) -> Reconnector:
+        """A ``Reconnector`` this bridge stops when it stops; call its ``start()`` from ``open_protocol()``."""
+        reconnector = Reconnector(self, connect, describe, **options)
+        self._reconnectors.append(reconnector)
+        return reconnector
+
+    # -- replies --
+
+    @property
+    def prefix(self) -> str:
+        """The bridge's process queue, ``{type}.{name}.{random}!``; every reply channel starts with it."""
+        if self._prefix is None:
+            raise RuntimeError(f"{self.label} has no reply queue before start()")
+        return self._prefix
+
+    def reply_channel(self, local_id: str) -> str:
+        """The reply channel that reaches ``handle_reply(local_id, ...)``."""
+        if not isinstance(local_id, str) or not _LOCAL_ID_RE.match(local_id):
+            raise ValueError(f"local id {local_id!r}: use letters, digits, '-', '_' and '.'")
+        channel = self.prefix + local_id
+        if len(channel) >= 100:
+            raise ValueError(f"reply channel {channel!r} is over the layer's 99 characters: shorten the local id")
+        return channel
+
+    def register(self, target: Any, local_id: str | None = None) -> str:
+        """Route replies for ``local_id`` (a fresh one if None) to ``target``; returns the local id.
+
+        Fresh ids are never reused, so a late reply to a closed connection
+        cannot reach a newer one. Give a stable id for stable targets (an IRC
+        channel, an MQTT topic) so their reply channel can sit in a Group.
+        """
+        if local_id is None:
+            self._last_id += 1
+            local_id = str(self._last_id)
+        elif not _LOCAL_ID_RE.match(local_id) or local_id.startswith("stop."):
+            raise ValueError(f"local id {local_id!r}: use letters, digits, '-', '_' and '.', not starting 'stop.'")
+        self.targets[local_id] = target
+        return local_id
+
+    def unregister(self, local_id: str) -> Any:
+        """Stop routing replies for ``local_id``; later ones count as ``unknown_replies``. Returns the target."""
+        return self.targets.pop(local_id, None)
+
+    async def _receive_replies(self) -> None:
+        prefix = self.prefix
+        retry = None
+        stopping = False
+        while not stopping:
+            try:
+                batch = await self.layer.receive_many([prefix], self.reply_batch)
+            except Exception as exc:  # the layer retries outages itself: this is unexpected, but must not kill us
+                self.count("errors")
+                retry = retry or backoff_delays(0.1, 5.0)
+                delay = next(retry)
+                self.set_problem("replies", f"receiving from {prefix!r} failed ({exc!r}); retrying in {delay:.2f} s")
+                await asyncio.sleep(delay)
+                continue
+            if retry is not None:
+                retry = None
+                self.clear_problem("replies")
+            for channel, message in batch:
+                local_id = channel[len(prefix):]
+                if local_id == self._stop_id:
+                    stopping = True  # the rest of this batch is in hand too: deliver it
+                else:
+                    self._dispatch(local_id, message)
+        if self._reply_tasks:
+            await asyncio.gather(*self._reply_tasks, return_exceptions=True)
+
+    def _dispatch(self, local_id: str, message: dict) -> None:
+        pending = self._pending.get(local_id)
+        if pending is not None:  # an async handler for this id is still running: keep the order
+            pending.append(message)
+            return
+        awaitable = self._call_handler(local_id, message)
+        if awaitable is not None:
+            self._pending[local_id] = deque()
+            task = asyncio.ensure_future(self._finish_in_order(local_id, awaitable))
+            self._reply_tasks.add(task)
+            task.add_done_callback(self._reply_tasks.discard)
+
+    def _call_handler(self, local_id: str, message: dict) -> Awaitable[Any] | None:
+        """Hand one reply to ``handle_reply``; return what is left to await, if anything."""
+        if local_id not in self.targets:
+            self._unknown_reply(local_id)
+            return None
+        try:
+            result = self.handle_reply(local_id, message)
+        except Exception:
+            self._reply_failed(local_id)
+            return None
+        if result is not None and (isinstance(result, Deferred) or inspect.isawaitable(result)):
+            return result
+        self.count("replies")
+        return None
+
+    async def _finish_in_order(self, local_id: str, awaitable: Awaitable[Any] | None) -> None:
+        pending = self._pending[local_id]
+        try:
+            while awaitable is not None or pending:
+                if awaitable is not None:
+                    try:
+                        await as_future(awaitable)
+                    except asyncio.CancelledError:
+                        self.count("dropped")  # cut short by stop(), like the replies still pending
+                        raise
+                    except Exception:
+                        self._reply_failed(local_id)
+                    else:
+                        self.count("replies")
+                awaitable = self._call_handler(local_id, pending.popleft()) if pending else None
+        finally:
+            del self._pending[local_id]
+            if pending:  # cut short by stop()
+                self.count("dropped", len(pending))
+
+    def _unknown_reply(self, local_id: str) -> None:
+        self.count("unknown_replies")
+        self.count("dropped")
+        if local_id in self._unknown_logged:
+            return
+        self._unknown_logged[local_id] = None
+        if len(self._unknown_logged) > _UNKNOWN_IDS_REMEMBERED:
+            self._unknown_logged.popitem(last=False)
+        self.log.warning("%s: dropped a reply to %s%s: nothing is registered for it (its connection closed?); "
+                         "further replies to it are counted, not logged", self.label, self.prefix, local_id)
+
+    def _reply_failed(self, local_id: str) -> None:
+        self.count("errors")
+        self.count("dropped")
+        self.log.exception("%s: handling a reply for local id %r failed", self.label, local_id)
+
+
+# -- finding bridge classes ----------------------------------------------------------------------------------
+
+
+class BridgeTypeError(ValueError):
+    """A bridge type names nothing loadable, or something that is not a Bridge."""
+
+
+def available_bridge_types() -> dict[str, str]:
+    """Registered bridge types: name -> ``module:Class``, from the ``crossroads.bridges`` entry points."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_bridge_class(type_name: str) -> type[Bridge]:
+    """The Bridge class for a registered type name, or for a ``package.module:ClassName`` path."""
+    if ":" in type_name:
+        module_name, _, attribute = type_name.partition(":")
+        try:
+            found: Any = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise BridgeTypeError(f"bridge type {type_name!r}: cannot import {module_name!r} ({exc})") from exc
+        for part in attribute.split("."):
+            found = getattr(found, part, None)
+        if found is None:
+            raise BridgeTypeError(f"bridge type {type_name!r}: module {module_name!r} has no {attribute!r}")
+    else:
+        registered = list(entry_points(group=ENTRY_POINT_GROUP))
+        values = sorted({ep.value for ep in registered if ep.name == type_name})
+        if not values:
+            names = sorted({ep.name for ep in registered})
+            close = difflib.get_close_matches(type_name, names, 1)
+            raise BridgeTypeError(
+                f"unknown bridge type {type_name!r}" + (f"; did you mean {close[0]!r}?" if close else ".")
+                + (f" Available types: {', '.join(names)}." if names else
+                   f" No bridge types are registered in the {ENTRY_POINT_GROUP!r} entry point group: is crossroads "
+                   "installed (pip install -e .)?")
+                + " A bridge class that is not registered can be named as 'package.module:ClassName'."
+            )
+        if len(values) > 1:
+            raise BridgeTypeError(f"bridge type {type_name!r} is registered by several packages ({', '.join(values)});"
+                                  " name the one you want as 'package.module:ClassName'")
+        try:
+            found = next(ep for ep in registered if ep.name == type_name).load()
+        except ImportError as exc:
+            raise BridgeTypeError(f"bridge type {type_name!r} ({values[0]}) cannot be loaded: {exc}; "
+                                  "is the package it needs installed?") from exc
+    if not (isinstance(found, type) and issubclass(found, Bridge)):
+        raise BridgeTypeError(f"bridge type {type_name!r} is {found!r}, not a subclass of bridges.base.Bridge")
+    return found
