@@ -13,14 +13,16 @@ the message in hand, then exits.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import logging
+import re
 import secrets
 import signal
 import string
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+from layer import base
 
 from .dispatch import Dispatcher
 
@@ -29,18 +31,22 @@ log = logging.getLogger("crossroads.worker")
 FALLBACK_TIMEOUT = 5.0  # a receive returns at least this often, in case a wake-up cannot be sent
 
 
-def select_channels(channels: Iterable[str], only: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[str]:
-    """The channels to listen on: ``only`` globs keep, ``exclude`` globs drop."""
-    only, exclude = list(only), list(exclude)
-    chosen = [c for c in sorted(channels) if not only or any(fnmatch.fnmatchcase(c, g) for g in only)]
-    return [c for c in chosen if not any(fnmatch.fnmatchcase(c, g) for g in exclude)]
+def select_channels(channels: Iterable[str], only: Iterable[str] | None = (), exclude: Iterable[str] = ()) -> list[str]:
+    """The channels to listen on: ``only`` patterns keep, ``exclude`` patterns drop.
+
+    Patterns are the layer's: ``*`` is the only wildcard (``?`` and ``!`` are name characters).
+    """
+    keep = [re.compile(base.glob_to_regex(p)) for p in only or ()]
+    drop = [re.compile(base.glob_to_regex(p)) for p in exclude]
+    chosen = [c for c in sorted(channels) if not keep or any(r.match(c) for r in keep)]
+    return [c for c in chosen if not any(r.match(c) for r in drop)]
 
 
 class Worker:
     """Runs the consumers of ``router`` for messages on ``channel_layer``."""
 
     def __init__(self, router: Any, channel_layer: Any, threads: int = 4,
-                 only_channels: Iterable[str] = (), exclude_channels: Iterable[str] = ()) -> None:
+                 only_channels: Iterable[str] | None = (), exclude_channels: Iterable[str] = ()) -> None:
         if threads < 1:
             raise ValueError(f"a worker needs at least one thread, got {threads}")
         self.dispatcher = Dispatcher(router, channel_layer)
@@ -86,14 +92,22 @@ class Worker:
             self._loop.call_soon_threadsafe(self._loop.stop)
         return finished
 
-    def run(self) -> None:
-        """Start, stop on SIGTERM or SIGINT, and return once every thread has finished."""
+    def run(self, on_ready: Callable[[], Any] | None = None, on_stopping: Callable[[], Any] | None = None) -> None:
+        """Start, stop on SIGTERM or SIGINT, and return once every thread has finished.
+
+        ``on_ready`` is called once serving and ``on_stopping`` once a stop begins
+        (the daemon tells systemd through them).
+        """
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: self._on_signal(signum))
         self.start()
-        while not self._stopping.wait(1.0):
+        if on_ready:
+            on_ready()
+        while not self._stopping.wait(1.0):  # a timed wait keeps the main thread responsive to signals
             pass
+        if on_stopping:
+            on_stopping()
         self.join()
         log.info("worker stopped: %s", self.summary())
 

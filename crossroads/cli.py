@@ -1,8 +1,10 @@
 """The ``crossroads`` command line.
 
-Owns argument parsing and what each command prints; the work itself belongs to
-the packages it calls (``layer`` for now). Every failure ends with one line that
-says what went wrong and what to do next, and a non-zero exit status.
+Owns argument parsing and what each command prints; the work belongs to the
+packages it calls (``crossroads.config``, ``consumers``, ``layer``). Every
+failure ends with lines that say what went wrong and what to do next, and a
+non-zero exit status: 1 when something is wrong or down, 2 for a bad config
+or command line.
 """
 
 from __future__ import annotations
@@ -10,29 +12,79 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
-import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import layer
 
 from . import __version__
+from .config import DEFAULT_PATH, Config, ConfigError, load_config
+from .daemon import notify, setup_logging
 
-DEFAULT_LAYER = "memory://"
-
-
-def _layer_url(args: argparse.Namespace) -> str:
-    return args.layer or os.environ.get("CROSSROADS_LAYER") or DEFAULT_LAYER
+log = logging.getLogger("crossroads")
 
 
-def _open(url: str) -> Any:
+class CommandError(Exception):
+    """A failure the user can act on: printed as is, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def bridge_validator(type_name: str, options: dict) -> dict:
+    """Check one bridge table's own keys with its bridge class (see bridges/base.py)."""
+    from bridges.base import load_bridge_class
+
+    return load_bridge_class(type_name).validate_options(options)
+
+
+def load(args: argparse.Namespace) -> Config:
     try:
-        return layer.from_url(url)
-    except ValueError as exc:
-        raise SystemExit(f"crossroads: {exc}") from None
+        config = load_config(args.config, bridge_validator=bridge_validator)
+    except ConfigError as exc:
+        for warning in exc.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        raise CommandError(f"{exc}\nFix the lines above and run `crossroads check` again.", code=2) from None
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return config
+
+
+def where(config: Config) -> str:
+    return str(config.path) if config.path else "(no config file: defaults)"
+
+
+def router_of(config: Config, required: bool = True) -> Any:
+    from consumers.routing import RouteError, Router
+
+    if not config.routing_app:
+        if not required:
+            return None
+        raise CommandError(f"{where(config)}: [routing] app is not set; add\n\n    [routing]\n    "
+                           'app = "yourpackage.routing:routes"\n\nnaming your routing table (docs/consumers.md)',
+                           code=2)
+    try:
+        return Router(config.routing_app)
+    except RouteError as exc:
+        raise CommandError(f"{where(config)}: [routing] app: {exc}", code=2) from None
+    except Exception as exc:  # the user's module raised while importing
+        raise CommandError(f"{where(config)}: [routing] app: importing {config.routing_app!r} raised "
+                           f"{type(exc).__name__}: {exc}", code=2) from None
+
+
+def open_layer(config: Config, shared: bool) -> Any:
+    """The configured layer; ``shared`` commands talk to other processes, which memory:// cannot."""
+    if shared and config.layer.url.startswith("memory://"):
+        raise CommandError(f"{where(config)}: [layer] url is memory://, which lives inside one process; this command "
+                           "talks to other processes: set [layer] url = \"redis://...\" (or use `crossroads run`, "
+                           "which runs everything in one process)", code=2)
+    try:
+        return layer.from_url(config.layer.url, **config.layer.options)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise CommandError(f"{where(config)}: [layer]: {exc}", code=2) from None
 
 
 def round_trip(sync_layer: Any) -> float:
@@ -41,66 +93,126 @@ def round_trip(sync_layer: Any) -> float:
     started = time.perf_counter()
     sync_layer.send(channel, {"text": "ping"})
     got, message = sync_layer.receive([channel], timeout=5)
-    elapsed = time.perf_counter() - started
     if got != channel or message != {"text": "ping"}:
         raise layer.LayerUnavailable("the message sent did not come back within 5 s")
-    return elapsed
+    return time.perf_counter() - started
+
+
+# -- commands --
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load(args)
+    router = router_of(config, required=False)
+    print(f"{where(config)}: ok")
+    print(f"  layer: {layer.from_url(config.layer.url, **config.layer.options)!r}")
+    if router is None:
+        print("  routing: none set ([routing] app); `crossroads run` serves its bundled example")
+    else:
+        print(f"  routing: {config.routing_app} consumes {', '.join(sorted(router.channels)) or 'nothing'}")
+    enabled = config.enabled_bridges()
+    print(f"  bridges: {', '.join(f'{b.name} ({b.type})' for b in enabled) or 'none enabled'}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from consumers.worker import Worker
+
+    config = load(args)
+    router = router_of(config)
+    channel_layer = open_layer(config, shared=True)
+    try:
+        worker = Worker(router, channel_layer, threads=args.threads or config.worker.threads,
+                        only_channels=args.only_channels or config.worker.only_channels,
+                        exclude_channels=args.exclude_channels or config.worker.exclude_channels)
+    except ValueError as exc:
+        raise CommandError(str(exc), code=2) from None
+    worker.run(on_ready=lambda: notify("READY=1"), on_stopping=lambda: notify("STOPPING=1"))
+    channel_layer.sync.close()
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    try:
+        content = json.loads(args.json)
+    except ValueError as exc:
+        raise CommandError(f"the message is not valid JSON ({exc}); quote it for the shell, e.g. "
+                           "'{\"text\": \"hello\"}'", code=2) from None
+    if not isinstance(content, dict):
+        raise CommandError("the message must be a JSON object, e.g. '{\"text\": \"hello\"}'", code=2)
+    config = load(args)
+    channel_layer = open_layer(config, shared=True)
+    try:
+        channel_layer.sync.send(args.channel, content)
+    except layer.InvalidChannelName as exc:
+        raise CommandError(str(exc), code=2) from None
+    except (layer.ChannelFull, layer.LayerUnavailable) as exc:
+        raise CommandError(f"not sent: {exc}") from None
+    finally:
+        channel_layer.sync.close()
+    print(f"sent to {args.channel}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load(args)
+    channel_layer = open_layer(config, shared=True)
+    try:
+        stats = channel_layer.sync.stats()
+    except layer.LayerUnavailable as exc:
+        raise CommandError(f"cannot read the layer: {exc}") from None
+    finally:
+        channel_layer.sync.close()
+    if args.json:
+        print(json.dumps({"layer": stats}, indent=2, sort_keys=True))
+        return 0
+    print(f"layer {config.layer.url.split('@')[-1]}")
+    pending = stats["pending"]
+    if not pending:
+        print("  no messages waiting")
+    for queue, count in sorted(pending.items(), key=lambda item: -item[1]):
+        print(f"  {count:>8}  {queue}")
+    return 0
 
 
 def cmd_layer_check(args: argparse.Namespace) -> int:
-    url = _layer_url(args)
-    channel_layer = _open(url)
+    url = args.layer or "memory://"
+    try:
+        channel_layer = layer.from_url(url)
+    except ValueError as exc:
+        raise CommandError(str(exc), code=2) from None
     try:
         elapsed = round_trip(channel_layer.sync)
     except layer.LayerUnavailable as exc:
-        print(f"crossroads: layer {url} is not working: {exc}", file=sys.stderr)
-        print("Start the server it names (or fix --layer / CROSSROADS_LAYER) and run the check again.",
-              file=sys.stderr)
-        return 1
+        raise CommandError(f"layer {url} is not working: {exc}\nStart the server it names (or fix --layer) "
+                           "and run the check again.") from None
     finally:
         channel_layer.sync.close()
     print(f"layer {url}: ok, a message went there and back in {elapsed * 1000:.2f} ms")
     return 0
 
 
-def cmd_layer_stats(args: argparse.Namespace) -> int:
-    url = _layer_url(args)
-    channel_layer = _open(url)
-    try:
-        stats = channel_layer.sync.stats()
-    except layer.LayerUnavailable as exc:
-        print(f"crossroads: cannot read stats of {url}: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        channel_layer.sync.close()
-    print(json.dumps(stats, indent=2, sort_keys=True))
-    return 0
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    """Start the gateway. Bridges and workers arrive with later releases; today: the layer, checked and watched."""
-    url = _layer_url(args)
-    channel_layer = _open(url)
+    """Today: the layer, checked and watched. The all-in-one gateway (bridges + worker) replaces this."""
+    config = load(args)
+    channel_layer = open_layer(config, shared=False)
     try:
         elapsed = round_trip(channel_layer.sync)
     except layer.LayerUnavailable as exc:
-        print(f"crossroads: cannot start, layer {url} is not working: {exc}", file=sys.stderr)
-        return 1
-    print(f"crossroads {__version__}: layer {url} up (round trip {elapsed * 1000:.2f} ms); "
-          "no bridges are configured yet. Ctrl-C to stop.", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        raise CommandError(f"cannot start, the layer is not working: {exc}") from None
+    print(f"crossroads {__version__}: layer {config.layer.url.split('@')[-1]} up (round trip {elapsed * 1000:.2f} ms); "
+          "no bridges run in this release yet. Ctrl-C to stop.", flush=True)
+    notify("READY=1")
     try:
-        while not stop.wait(args.interval):
+        while True:
+            time.sleep(args.interval)
             stats = channel_layer.sync.stats()
-            pending = sum(stats["pending"].values())
-            print(f"layer: {pending} pending, {stats['sent']} sent, {stats['received']} received, "
-                  f"{stats['dropped']} dropped, {stats['expired']} expired", flush=True)
+            print(f"layer: {sum(stats['pending'].values())} pending, {stats['sent']} sent, "
+                  f"{stats['received']} received, {stats['dropped']} dropped, {stats['expired']} expired", flush=True)
     except KeyboardInterrupt:
         pass
     finally:
         channel_layer.sync.close()
-    print("crossroads: stopped")
     return 0
 
 
@@ -109,43 +221,55 @@ def build_parser() -> argparse.ArgumentParser:
         prog="crossroads",
         description="A protocol-bridge gateway: bridges turn protocols into messages on a channel layer, "
                     "consumers answer them.",
-        epilog="The layer URL comes from --layer, else $CROSSROADS_LAYER, else memory://. "
-               "Docs: docs/spec/layer.md.",
+        epilog="Start with `crossroads check`. Docs: docs/configuration.md, docs/consumers.md, docs/spec/layer.md.",
     )
     parser.add_argument("--version", action="version", version=f"crossroads {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add_layer_option(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--layer", metavar="URL",
-                         help="channel layer: memory://, redis://[:password@]host:port/db or rediss://...")
+    def command(name: str, handler: Any, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", type=Path, default=None, metavar="PATH",
+                         help=f"the config file (default ./{DEFAULT_PATH})")
+        sub.set_defaults(handler=handler)
+        return sub
 
-    run = commands.add_parser("run", help="start the gateway in the foreground")
-    add_layer_option(run)
+    run = command("run", cmd_run, "run the gateway in the foreground, all in one process")
     run.add_argument("--interval", type=float, default=10.0, metavar="SECONDS",
                      help="how often to print the layer's counters (default 10)")
-    run.set_defaults(handler=cmd_run)
+    command("check", cmd_check, "validate the config and the routing import; name every mistake")
+    worker = command("worker", cmd_worker, "run consumers for messages on the layer (a daemon)")
+    worker.add_argument("--threads", type=int, metavar="N", help="consumer threads (default: [worker] threads)")
+    worker.add_argument("--only-channels", nargs="+", metavar="PATTERN",
+                        help="serve only channels matching these patterns ('*' is the wildcard)")
+    worker.add_argument("--exclude-channels", nargs="+", metavar="PATTERN",
+                        help="never serve channels matching these patterns")
+    send = command("send", cmd_send, "put one message on a channel of the configured layer")
+    send.add_argument("channel", metavar="CHANNEL")
+    send.add_argument("json", metavar="JSON", help="the message, a JSON object")
+    status = command("status", cmd_status, "show the layer's waiting messages per channel")
+    status.add_argument("--json", action="store_true", help="print JSON")
 
-    layer_cmd = commands.add_parser("layer", help="check or inspect a channel layer")
+    layer_cmd = commands.add_parser("layer", help="check a channel layer by URL, without a config file")
     layer_commands = layer_cmd.add_subparsers(dest="layer_command", metavar="ACTION", required=True)
     check = layer_commands.add_parser("check", help="send a message through the layer and back")
-    add_layer_option(check)
+    check.add_argument("--layer", metavar="URL", help="memory://, redis://[:password@]host:port/db or rediss://...")
     check.set_defaults(handler=cmd_layer_check)
-    stats = layer_commands.add_parser("stats", help="print pending messages per channel and the counters")
-    add_layer_option(stats)
-    stats.set_defaults(handler=cmd_layer_stats)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except CommandError as exc:
+        print(f"crossroads {args.command}: {exc}", file=sys.stderr)
+        return exc.code
 
 
 if __name__ == "__main__":

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from servers import free_port
 
+import layer
+
 CROSSROADS = shutil.which("crossroads", path=str(Path(sys.executable).parent)) or "crossroads"
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CROSSROADS, *args], capture_output=True, text=True, timeout=60)
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CROSSROADS, *args], capture_output=True, text=True, timeout=60, env=ENV, cwd=cwd)
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "crossroads.toml"
+    path.write_text(text)
+    return path
 
 
 def test_help_names_the_commands():
     result = run("--help")
     assert result.returncode == 0
-    for word in ("run", "layer", "--layer"[2:], "CROSSROADS_LAYER"):
+    for word in ("run", "check", "worker", "send", "status", "layer"):
         assert word in result.stdout
 
 
@@ -31,8 +46,7 @@ def test_layer_check_against_memory_and_redis(redis_server):
 
 
 def test_layer_check_says_what_to_do_when_redis_is_down():
-    url = f"redis://127.0.0.1:{free_port()}/0"
-    result = run("layer", "check", "--layer", url)
+    result = run("layer", "check", "--layer", f"redis://127.0.0.1:{free_port()}/0")
     assert result.returncode == 1
     assert "unreachable" in result.stderr and "is redis-server running?" in result.stderr
     assert "Traceback" not in result.stderr
@@ -40,13 +54,96 @@ def test_layer_check_says_what_to_do_when_redis_is_down():
 
 def test_unknown_scheme_is_a_one_line_error():
     result = run("layer", "check", "--layer", "amqp://x")
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "unknown layer URL" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_layer_stats_is_json(redis_server):
-    import json
+def test_check_reports_what_it_found(tmp_path, redis_server):
+    config = write_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"\n[routing]\napp = "apps.chat:routes"\n')
+    result = run("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert f"{config}: ok" in result.stdout
+    assert "websocket.connect" in result.stdout and "bridges: none enabled" in result.stdout
 
-    result = run("layer", "stats", "--layer", redis_server.url)
-    assert result.returncode == 0
-    assert {"pending", "sent", "received", "dropped"} <= set(json.loads(result.stdout))
+
+def test_check_names_file_table_and_key_of_every_mistake(tmp_path):
+    config = write_config(tmp_path, '[layer]\ncapacity = 0\n[worker]\nthreads = "many"\n[routing]\napp = "x"\n')
+    result = run("check", "--config", str(config))
+    assert result.returncode == 2
+    assert "crossroads.toml: [layer] capacity:" in result.stderr
+    assert "crossroads.toml: [worker] threads:" in result.stderr
+    assert "crossroads.toml: [routing] app:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_reports_a_routing_module_that_fails_to_import(tmp_path):
+    (tmp_path / "broken_routes.py").write_text("import no_such_dependency\nroutes = []\n")
+    config = write_config(tmp_path, '[routing]\napp = "broken_routes:routes"\n')
+    result = subprocess.run([CROSSROADS, "check", "--config", str(config)], capture_output=True, text=True,
+                            timeout=60, env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV['PYTHONPATH']}"})
+    assert result.returncode == 2
+    assert "[routing] app: cannot import module 'broken_routes'" in result.stderr
+    assert "no_such_dependency" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_commands_that_need_other_processes_refuse_memory(tmp_path):
+    config = write_config(tmp_path, '[routing]\napp = "apps.slow:routes"\n')
+    result = run("worker", "--config", str(config))
+    assert result.returncode == 2 and "memory://" in result.stderr and "redis://" in result.stderr
+
+
+def test_send_and_status(tmp_path, redis_server):
+    config = write_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"\nprefix = "clisend"\n')
+    result = run("send", "--config", str(config), "cli.test", '{"text": "hello", "raw": [1, 2]}')
+    assert result.returncode == 0, result.stderr
+    result = run("status", "--config", str(config))
+    assert result.returncode == 0 and "cli.test" in result.stdout
+    sync = layer.from_url(redis_server.url, prefix="clisend").sync
+    assert sync.receive(["cli.test"], timeout=5) == ("cli.test", {"text": "hello", "raw": [1, 2]})
+    result = run("send", "--config", str(config), "cli.test", "{not json")
+    assert result.returncode == 2 and "not valid JSON" in result.stderr
+    result = run("send", "--config", str(config), "bad name", "{}")
+    assert result.returncode == 2 and "invalid channel name" in result.stderr
+    sync.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    yield path, sock
+    sock.close()
+
+
+def test_worker_daemon_serves_notifies_and_drains_on_sigterm(tmp_path, redis_server, notify_socket):
+    """The real `crossroads worker`: READY=1 once serving, SIGTERM mid-message finishes that message."""
+    path, sock = notify_socket
+    config = write_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"\nprefix = "cliworker"\n'
+                                    '[routing]\napp = "apps.slow:routes"\n[worker]\nthreads = 2\n')
+    sync = layer.from_url(redis_server.url, prefix="cliworker").sync
+    sync.flush()
+    process = subprocess.Popen([CROSSROADS, "worker", "--config", str(config)], env={**ENV, "NOTIFY_SOCKET": path},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sock.recv(100) == b"READY=1"
+        reply = sync.new_channel("cli?")
+        sync.send("test.echo", {"text": "ping", "n": 1, "reply_channel": reply})
+        assert sync.receive([reply], timeout=30) == (reply, {"text": "ping", "n": 1})
+        sync.send("test.hold", {"n": 2, "reply_channel": reply})
+        assert sync.receive(["test.started"], timeout=30) == ("test.started", {"n": 2})
+        process.send_signal(signal.SIGTERM)
+        assert sock.recv(100) == b"STOPPING=1"
+        sync.send("test.release", {})
+        # the answer only comes if the worker finished the message it held when SIGTERM came
+        assert sync.receive([reply], timeout=30) == (reply, {"finished": 2, "released": True})
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        stderr = process.communicate()[1]
+        sync.close()
+    assert "worker received SIGTERM: finishing the messages in hand" in stderr
+    assert "worker stopped: 2 consumed" in stderr
+    json.dumps(stderr)  # the log is plain text lines

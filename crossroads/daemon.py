@@ -1,0 +1,55 @@
+"""What a crossroads daemon does for its supervisor: log lines journald understands, and sd_notify.
+
+Owns the process-level plumbing shared by ``crossroads run``, ``worker`` and
+``bridge``; it knows nothing about bridges or consumers.
+
+- Logs go to stderr, one line per event. Under systemd (``$JOURNAL_STREAM`` is
+  set) each line starts with a ``<N>`` syslog priority, which journald turns
+  into the entry's level; elsewhere lines carry a timestamp and the level name.
+- ``notify("READY=1")`` tells systemd (``Type=notify``) the daemon is serving;
+  ``STOPPING=1`` that it is draining. Without ``$NOTIFY_SOCKET`` it does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>name: message``, with any traceback folded onto the same entry."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\n", "\n  ")
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{text}"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``"READY=1"``) to systemd's notify socket; False when not under systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError as exc:
+            logging.getLogger("crossroads").warning("could not notify systemd at %s: %s", address, exc)
+            return False
+    return True
