@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -157,14 +160,17 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     config = load(args)
     channel_layer = open_layer(config, shared=True)
+    from .runner import read_health
+
     try:
         stats = channel_layer.sync.stats()
+        health = read_health(channel_layer)
     except layer.LayerUnavailable as exc:
         raise CommandError(f"cannot read the layer: {exc}") from None
     finally:
         channel_layer.sync.close()
     if args.json:
-        print(json.dumps({"layer": stats}, indent=2, sort_keys=True))
+        print(json.dumps({"layer": stats, "bridges": health}, indent=2, sort_keys=True))
         return 0
     print(f"layer {config.layer.url.split('@')[-1]}")
     pending = stats["pending"]
@@ -172,6 +178,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  no messages waiting")
     for queue, count in sorted(pending.items(), key=lambda item: -item[1]):
         print(f"  {count:>8}  {queue}")
+    print("bridges")
+    for name in sorted(set(config.bridges) | set(health)):
+        status = health.get(name)
+        if status is None:
+            state = "never reported (not started?)"
+        elif status["stale"]:
+            state = f"not running (last report {time.ctime(status['updated'])}: {status['health']['state']})"
+        else:
+            reason = status["health"].get("reason")
+            state = status["health"]["state"] + (f": {reason}" if reason else "")
+        print(f"  {name}: {state}")
     return 0
 
 
@@ -193,26 +210,72 @@ def cmd_layer_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Today: the layer, checked and watched. The all-in-one gateway (bridges + worker) replaces this."""
+    from .runner import serve
+
     config = load(args)
+    router = router_of(config, required=False)
     channel_layer = open_layer(config, shared=False)
-    try:
-        elapsed = round_trip(channel_layer.sync)
-    except layer.LayerUnavailable as exc:
-        raise CommandError(f"cannot start, the layer is not working: {exc}") from None
-    print(f"crossroads {__version__}: layer {config.layer.url.split('@')[-1]} up (round trip {elapsed * 1000:.2f} ms); "
-          "no bridges run in this release yet. Ctrl-C to stop.", flush=True)
-    notify("READY=1")
-    try:
-        while True:
-            time.sleep(args.interval)
-            stats = channel_layer.sync.stats()
-            print(f"layer: {sum(stats['pending'].values())} pending, {stats['sent']} sent, "
-                  f"{stats['received']} received, {stats['dropped']} dropped, {stats['expired']} expired", flush=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        channel_layer.sync.close()
+    if router is None and not config.enabled_bridges():
+        log.warning("nothing to serve yet: no bridges enabled and no [routing] app in %s; the layer's counters "
+                    "are logged every %.0fs (see docs/configuration.md)", where(config), args.interval)
+    return serve(config, channel_layer, config.enabled_bridges(), router=router,
+                 threads=config.worker.threads, stats_interval=args.interval)
+
+
+def cmd_bridge(args: argparse.Namespace) -> int:
+    from .runner import serve
+
+    config = load(args)
+    chosen = config.bridges.get(args.name)
+    if chosen is None:
+        names = ", ".join(sorted(config.bridges)) or "none"
+        raise CommandError(f"{where(config)} has no [bridges.{args.name}] table (configured bridges: {names})", code=2)
+    if not chosen.enabled:
+        raise CommandError(f"{where(config)}: [bridges.{args.name}] has enabled = false; set it to true to run it",
+                           code=2)
+    channel_layer = open_layer(config, shared=True)
+    return serve(config, channel_layer, [chosen])
+
+
+def cmd_systemd(args: argparse.Namespace) -> int:
+    from .systemd import credentials_used, render_units, write_units
+
+    config_path = args.config or Path(DEFAULT_PATH)
+    used = credentials_used(config_path.read_text()) if config_path.exists() else []
+    with tempfile.TemporaryDirectory() as stand_ins:
+        # Credentials are read by systemd when a unit starts, not here: stand-ins let the rest be checked.
+        for name in used:
+            (Path(stand_ins) / name).write_text("stand-in")
+        previous = os.environ.get("CREDENTIALS_DIRECTORY")
+        os.environ["CREDENTIALS_DIRECTORY"] = stand_ins
+        try:
+            config = load(args)
+        finally:
+            if previous is None:
+                del os.environ["CREDENTIALS_DIRECTORY"]
+            else:
+                os.environ["CREDENTIALS_DIRECTORY"] = previous
+    if config.path is None:
+        raise CommandError(f"no config file: write one (docs/configuration.md) and pass --config, or run this "
+                           f"where ./{DEFAULT_PATH} is", code=2)
+    executable = shutil.which("crossroads") or str(Path(sys.argv[0]).resolve())
+    if config.layer.url.startswith("memory://"):
+        instances = ["crossroads.service"]  # one process: memory:// cannot be shared
+    else:
+        instances = [f"crossroads-bridge@{b.name}.service" for b in config.enabled_bridges()]
+        if config.routing_app:
+            instances += [f"crossroads-worker@{i}.service" for i in range(1, args.workers + 1)]
+    units = render_units(executable=executable, config=str(config.path.resolve()), credentials=used,
+                         wants=instances)
+    for path in write_units(args.output, units):
+        print(f"wrote {path}")
+    print("\nInstall and start them (as root):\n")
+    print(f"    cp {args.output}/crossroads* /etc/systemd/system/")
+    print("    systemctl daemon-reload")
+    print(f"    systemctl enable --now crossroads.target {' '.join(instances)}")
+    for name in used:
+        print(f"\nThe config reads ${{credential:{name}}}: put the secret in /etc/crossroads/credentials/{name} "
+              "(mode 0600, owned by root).")
     return 0
 
 
@@ -234,9 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    run = command("run", cmd_run, "run the gateway in the foreground, all in one process")
-    run.add_argument("--interval", type=float, default=10.0, metavar="SECONDS",
-                     help="how often to print the layer's counters (default 10)")
+    run = command("run", cmd_run, "run every enabled bridge and the worker in one process (the all-in-one gateway)")
+    run.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
+                     help="how often to log the layer's counters (default 60)")
+    bridge = command("bridge", cmd_bridge, "run one bridge instance as its own daemon")
+    bridge.add_argument("name", metavar="NAME", help="the bridge's table name: [bridges.NAME]")
     command("check", cmd_check, "validate the config and the routing import; name every mistake")
     worker = command("worker", cmd_worker, "run consumers for messages on the layer (a daemon)")
     worker.add_argument("--threads", type=int, metavar="N", help="consumer threads (default: [worker] threads)")
@@ -247,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     send = command("send", cmd_send, "put one message on a channel of the configured layer")
     send.add_argument("channel", metavar="CHANNEL")
     send.add_argument("json", metavar="JSON", help="the message, a JSON object")
-    status = command("status", cmd_status, "show the layer's waiting messages per channel")
+    systemd = command("systemd", cmd_systemd, "write systemd unit files for this config")
+    systemd.add_argument("--output", type=Path, default=Path("systemd-units"), metavar="DIR",
+                         help="where to write them (default ./systemd-units)")
+    systemd.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes to start (default 1)")
+    status = command("status", cmd_status, "show the layer's waiting messages per channel and each bridge's health")
     status.add_argument("--json", action="store_true", help="print JSON")
 
     layer_cmd = commands.add_parser("layer", help="check a channel layer by URL, without a config file")

@@ -7,6 +7,7 @@ set -euo pipefail
 # binary -> Debian package
 declare -A NEEDED=(
   [redis-server]=redis-server
+  [systemd-analyze]=systemd
 )
 
 missing=()

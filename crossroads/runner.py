@@ -1,0 +1,140 @@
+"""Running bridges, and for ``crossroads run`` the worker too, as one daemon process.
+
+Owns a process's life: the reactor, starting the bridges and the worker,
+telling systemd, publishing each bridge's health for ``crossroads status``, and
+a graceful stop on SIGTERM (bridges drain their replies, the worker finishes
+the messages in hand). What a bridge does belongs to ``bridges/``; running a
+message to ``consumers/``.
+
+Health is published beside the layer on Redis: one hash ``{prefix}:health``
+(field = bridge name, value = JSON of ``Bridge.status()`` plus the time and
+pid), refreshed every ``HEALTH_INTERVAL`` seconds, so ``crossroads status``
+run anywhere sees every bridge process. A memory:// layer lives in one
+process, so there the health goes to the log instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from .config import BridgeConfig, Config
+from .daemon import notify
+
+log = logging.getLogger("crossroads")
+
+HEALTH_INTERVAL = 5.0
+HEALTH_KEY_ROUTE = "crossroads.health"  # the shard of this channel name holds the health hash
+
+
+def health_key(channel_layer: Any) -> str:
+    return f"{channel_layer.options.prefix}:health"
+
+
+def publishes_health(channel_layer: Any) -> bool:
+    return hasattr(channel_layer.sync, "execute_beside")
+
+
+def publish_health(channel_layer: Any, bridges: list[Any]) -> None:
+    """Write every bridge's status into the health hash (blocking: call it off the loop)."""
+    now = time.time()
+    fields = [part for bridge in bridges for part in
+              (bridge.name, json.dumps({**bridge.status(), "updated": now, "pid": os.getpid()}))]
+    if fields:
+        channel_layer.sync.execute_beside(HEALTH_KEY_ROUTE, [("HSET", health_key(channel_layer), *fields)])
+
+
+def read_health(channel_layer: Any) -> dict[str, dict]:
+    """Every bridge's last published status, with ``stale`` set when its process stopped reporting."""
+    (fields,) = channel_layer.sync.execute_beside(HEALTH_KEY_ROUTE, [("HGETALL", health_key(channel_layer))])
+    pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
+    now = time.time()
+    found = {}
+    for name, value in pairs:
+        status = json.loads(value)
+        status["stale"] = now - status["updated"] > 3 * HEALTH_INTERVAL
+        found[name.decode()] = status
+    return found
+
+
+def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig], router: Any = None,
+          threads: int = 4, stats_interval: float | None = None) -> int:
+    """Run the bridges (and a worker for ``router``) until SIGTERM/SIGINT; the exit status."""
+    from bridges.base import as_deferred, install_reactor, load_bridge_class
+
+    reactor = install_reactor()
+    bridges = [load_bridge_class(b.type)(b.name, b.options, channel_layer) for b in bridge_configs]
+    worker = None
+    if router is not None:
+        from consumers.worker import Worker
+
+        worker = Worker(router, channel_layer, threads=threads, only_channels=config.worker.only_channels,
+                        exclude_channels=config.worker.exclude_channels)
+    failures: list[BaseException] = []
+    tasks: list[asyncio.Task] = []
+
+    async def start() -> None:
+        for bridge in bridges:
+            await bridge.start()
+        if worker is not None:
+            worker.start()
+        parts = [f"{b.name} ({b.type_name})" for b in bridges] + (["a worker"] if worker else [])
+        log.info("serving: %s", ", ".join(parts) or "nothing yet (no bridges enabled, no [routing] app)")
+        notify("READY=1")
+        if bridges and publishes_health(channel_layer):
+            tasks.append(asyncio.ensure_future(keep_publishing()))
+        if stats_interval:
+            tasks.append(asyncio.ensure_future(log_stats()))
+
+    async def keep_publishing() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(publish_health, channel_layer, bridges)
+            except Exception as exc:  # the layer being down is the bridges' problem to report, not ours
+                log.debug("could not publish health: %s", exc)
+            await asyncio.sleep(HEALTH_INTERVAL)
+
+    async def log_stats() -> None:
+        while True:
+            await asyncio.sleep(stats_interval)
+            stats = await channel_layer.stats()
+            log.info("layer: %d pending, %d sent, %d received, %d dropped, %d expired",
+                     sum(stats["pending"].values()), stats["sent"], stats["received"], stats["dropped"],
+                     stats["expired"])
+
+    async def shutdown() -> None:
+        notify("STOPPING=1")
+        log.info("stopping: draining bridges and finishing the messages in hand")
+        for task in tasks:
+            task.cancel()
+        for bridge in bridges:
+            await bridge.stop()
+        if worker is not None:
+            worker.stop()
+            await asyncio.to_thread(worker.join, 60)
+        if bridges and publishes_health(channel_layer):
+            try:
+                await asyncio.to_thread(publish_health, channel_layer, bridges)  # record "stopped"
+            except Exception as exc:
+                log.debug("could not publish the final health: %s", exc)
+        await channel_layer.close()
+
+    def begin() -> None:
+        task = asyncio.ensure_future(start())
+
+        def started(done: asyncio.Task) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                failures.append(done.exception())
+                log.error("could not start: %s", done.exception())
+                reactor.stop()
+
+        task.add_done_callback(started)
+
+    reactor.callWhenRunning(begin)
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: as_deferred(shutdown()))
+    reactor.run()
+    return 1 if failures else 0

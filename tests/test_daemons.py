@@ -1,0 +1,108 @@
+"""The daemons as a user runs them: `crossroads run` all in one, and `crossroads bridge` + `crossroads worker`
+as separate processes over Redis, each a real subprocess with a real peer on a TCP socket."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+
+import pytest
+from servers import free_port, wait_for_port
+from test_cli import CROSSROADS, ENV, run, write_config
+
+
+class Daemon:
+    """One `crossroads` process that reports readiness on its own NOTIFY_SOCKET."""
+
+    def __init__(self, tmp_path, name: str, *args: str) -> None:
+        path = str(tmp_path / f"{name}.notify")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(path)
+        self.notify.settimeout(30)
+        self.process = subprocess.Popen([CROSSROADS, *args], env={**ENV, "NOTIFY_SOCKET": path},
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self) -> None:
+        try:
+            assert self.notify.recv(100) == b"READY=1"
+        except TimeoutError:
+            self.process.kill()
+            raise AssertionError(f"no READY=1; stderr: {self.process.communicate()[1]}") from None
+
+    def terminate(self) -> str:
+        """SIGTERM, expect STOPPING=1 and a clean exit; return the log."""
+        self.process.send_signal(signal.SIGTERM)
+        assert self.notify.recv(100) == b"STOPPING=1"
+        code = self.process.wait(30)
+        stderr = self.process.communicate()[1]
+        assert code == 0, stderr
+        return stderr
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+        self.notify.close()
+
+
+@pytest.fixture
+def daemons():
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.close()
+
+
+def talk(port: int, line: str) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(line.encode() + b"\n")
+        reader = sock.makefile("rb")
+        return reader.readline().decode().rstrip("\n")
+
+
+def toy_config(tmp_path, layer_table: str, port: int) -> str:
+    return str(write_config(tmp_path, f"""{layer_table}
+[routing]
+app = "apps.toy_echo:routes"
+
+[bridges.toy]
+type = "toy_bridge:ToyBridge"
+port = {port}
+"""))
+
+
+def test_run_all_in_one_on_memory(tmp_path, daemons):
+    port = free_port()
+    config = toy_config(tmp_path, "", port)
+    daemon = Daemon(tmp_path, "run", "run", "--config", config)
+    daemons.append(daemon)
+    daemon.wait_ready()
+    assert talk(port, "hello, gateway") == "HELLO, GATEWAY"
+    log = daemon.terminate()
+    assert "serving: toy (toy), a worker" in log
+
+
+def test_bridge_and_worker_as_separate_daemons_over_redis(tmp_path, redis_server, daemons):
+    port = free_port()
+    config = toy_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"\nprefix = "daemons"', port)
+    bridge = Daemon(tmp_path, "bridge", "bridge", "toy", "--config", config)
+    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    daemons += [bridge, worker]
+    bridge.wait_ready()
+    worker.wait_ready()
+    wait_for_port(port, bridge.process)
+    assert talk(port, "over redis") == "OVER REDIS"
+    status = run("status", "--config", config)
+    assert status.returncode == 0, status.stderr
+    assert "toy: connected" in status.stdout
+    bridge.terminate()
+    worker.terminate()
+    status = run("status", "--config", config)
+    assert "toy: stopped" in status.stdout or "toy: not running" in status.stdout
+
+
+def test_bridge_command_names_what_is_configured(tmp_path, redis_server):
+    config = toy_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"', free_port())
+    result = run("bridge", "irc", "--config", config)
+    assert result.returncode == 2 and "no [bridges.irc] table (configured bridges: toy)" in result.stderr
