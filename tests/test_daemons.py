@@ -72,9 +72,13 @@ port = {port}
 """))
 
 
-def test_run_all_in_one_on_memory(tmp_path, daemons):
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_run_all_in_one(tmp_path, daemons, backend, request):
     port = free_port()
-    config = toy_config(tmp_path, "", port)
+    layer_table = ""
+    if backend == "redis":
+        layer_table = f'[layer]\nurl = "{request.getfixturevalue("redis_server").url}"\nprefix = "allinone"'
+    config = toy_config(tmp_path, layer_table, port)
     daemon = Daemon(tmp_path, "run", "run", "--config", config)
     daemons.append(daemon)
     daemon.wait_ready()
