@@ -7,48 +7,9 @@ the command line, config, the all-in-one runner and systemd integration, and
 the public names a consumer module imports (re-exported from ``consumers``).
 """
 
-from consumers import (
-    BaseConsumer,
-    Channel,
-    ChatConsumer,
-    ConsumeLater,
-    DenyConnection,
-    Group,
-    JsonWebsocketConsumer,
-    Message,
-    RouteError,
-    Router,
-    WebsocketConsumer,
-    channel_session,
-    consumer_finished,
-    consumer_started,
-    enforce_ordering,
-    include,
-    route,
-    route_class,
-    set_default_layer,
-)
+import consumers
+from consumers import *  # noqa: F403  (the public API lives in consumers/; users import it from here)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BaseConsumer",
-    "Channel",
-    "ChatConsumer",
-    "ConsumeLater",
-    "DenyConnection",
-    "Group",
-    "JsonWebsocketConsumer",
-    "Message",
-    "RouteError",
-    "Router",
-    "WebsocketConsumer",
-    "channel_session",
-    "consumer_finished",
-    "consumer_started",
-    "enforce_ordering",
-    "include",
-    "route",
-    "route_class",
-    "set_default_layer",
-]
+__all__ = list(consumers.__all__)

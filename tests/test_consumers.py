@@ -6,7 +6,6 @@ import logging
 
 import pytest
 
-import layer
 from consumers.dispatch import MAX_CONSUME_LATER
 from consumers.testing import Client
 from crossroads import (
@@ -25,20 +24,6 @@ from crossroads import (
     route,
     route_class,
 )
-
-
-@pytest.fixture(params=["memory", "redis"])
-def channel_layer(request):
-    """Each test runs on the in-memory layer and on a real Redis."""
-    if request.param == "memory":
-        yield layer.from_url("memory://")
-        return
-    server = request.getfixturevalue("redis_server")
-    redis_layer = layer.from_url(server.url, prefix="consumers")
-    redis_layer.sync.flush()
-    yield redis_layer
-    redis_layer.sync.flush()
-    redis_layer.sync.close()
 
 
 def test_message_reads_like_its_content():

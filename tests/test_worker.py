@@ -10,19 +10,6 @@ import layer
 from consumers.worker import Worker, select_channels
 
 
-@pytest.fixture(params=["memory", "redis"])
-def channel_layer(request):
-    if request.param == "memory":
-        yield layer.from_url("memory://")
-        return
-    server = request.getfixturevalue("redis_server")
-    redis_layer = layer.from_url(server.url, prefix="worker")
-    redis_layer.sync.flush()
-    yield redis_layer
-    redis_layer.sync.flush()
-    redis_layer.sync.close()
-
-
 def collect(sync, channel: str, count: int, timeout: float = 30) -> list[dict]:
     got = []
     while len(got) < count:
