@@ -1,7 +1,7 @@
 # The two set-up commands of the README, and the benchmark.
 #   make run    create .venv, install crossroads, start the main job
 #   make test   create .venv, install the test extras and system servers, run every test
-#   make bench  the channel-layer benchmark (docs/benchmarks.md)
+#   make bench  the channel-layer and worker benchmarks (docs/benchmarks.md)
 
 PYTHON ?= python3
 VENV := .venv
@@ -42,6 +42,7 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	bash tests/system-packages.sh
 	$(BIN)/python bench/layer.py
+	$(BIN)/python bench/worker.py
 
 clean:
 	rm -rf $(VENV) .bench-venvs .pytest_cache .ruff_cache *.egg-info

@@ -1,8 +1,9 @@
 """Channel-layer benchmark: crossroads' Redis layer against channels_redis 4.x and plain redis-py.
 
 Owns this file, ``bench/_layer_worker.py`` (the per-process client code), and what they write:
-``docs/benchmarks.md`` (section "Channel layer"), ``docs/img/layer-ratios.png`` and the raw figures
-in ``bench/results/layer.json`` (``layer-quick.json`` for ``--quick``).
+its own section "Channel layer" of ``docs/benchmarks.md`` (through ``bench/_sections.py``, which leaves the
+other sections alone), ``docs/img/layer-ratios.png`` and the raw figures in ``bench/results/layer.json``
+(``layer-quick.json`` for ``--quick``).
 
 One run starts its own ``redis-server`` on a free port, installs channels_redis into its own
 virtualenv (``.bench-venvs/channels_redis``, with the same redis-py and hiredis as ``.venv`` so
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from _sections import write_section  # bench/ is on sys.path: this file runs as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "bench" / "_layer_worker.py"
@@ -472,9 +474,7 @@ def document(results: dict[str, Any], chart_path: Path, out: Path, json_path: Pa
     theirs = ", ".join(f"{k} {v}" for k, v in m["channels_redis_venv"].items())
     pinning = ("Producer pinned to core 0 and consumer to core 1 with `taskset -c`; redis-server is not pinned and "
                "shares the two cores." if m["pinned"] else "Processes are not pinned (no taskset or a single core).")
-    return f"""# Benchmarks
-
-## Channel layer
+    return f"""## Channel layer
 
 crossroads' Redis layer (`layer.redis`) against [channels_redis](https://pypi.org/project/channels-redis/)
 {m['channels_redis_venv']['channels_redis']} and against the floor, plain redis-py `RPUSH`/`BLPOP` of msgpack bytes
@@ -551,8 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         out = out.resolve()
         chart_path = out.parent / "img" / "layer-ratios.png"
         chart(results, chart_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(document(results, chart_path, out, json_path))
+        write_section(out, "layer", document(results, chart_path, out, json_path), heading="Channel layer")
         print(f"wrote {os.path.relpath(out)} and {os.path.relpath(chart_path)}")
     return 0
 

@@ -1,0 +1,53 @@
+"""Rewrite one benchmark's section of ``docs/benchmarks.md`` and leave the others alone.
+
+Owns the section markers. Each benchmark script owns one section, delimited by
+``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->``, so several scripts can share the
+file without one run erasing another's figures. The file keeps its ``# Benchmarks`` title; a
+section not in the file yet is appended.
+
+A section written before markers existed (a ``## Heading`` with no markers around it) is
+replaced in place when ``heading`` names it: from that heading to the next ``## `` heading, the
+next section marker, or the end of the file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+TITLE = "# Benchmarks"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+
+
+def replace_section(text: str, name: str, body: str, heading: str | None = None) -> str:
+    """``text`` with section ``name`` set to ``body`` (markdown starting with its ``## `` heading)."""
+    start, end = markers(name)
+    block = f"{start}\n{body.strip()}\n{end}"
+    if not text.strip():
+        return f"{TITLE}\n\n{block}\n"
+    if not text.lstrip().startswith(TITLE + "\n"):
+        text = f"{TITLE}\n\n{text.lstrip()}"
+    begin = text.find(start)
+    if begin >= 0:
+        finish = text.find(end, begin)
+        if finish < 0:
+            raise ValueError(f"{start} has no matching {end}")
+        return text[:begin] + block + text[finish + len(end):]
+    if heading is not None:  # an unmarked section from before markers existed
+        found = re.search(rf"^## {re.escape(heading)}[ \t]*$", text, re.MULTILINE)
+        if found:
+            after = re.compile(r"^(## |<!-- bench:[\w.-]+:start -->)", re.MULTILINE).search(text, found.end())
+            stop = after.start() if after else len(text)
+            tail = text[stop:]
+            return text[: found.start()] + block + ("\n\n" + tail if tail else "\n")
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def write_section(path: Path, name: str, body: str, heading: str | None = None) -> None:
+    """Replace (or append) section ``name`` of the markdown file at ``path``, creating the file if needed."""
+    text = path.read_text() if path.exists() else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(replace_section(text, name, body, heading))
