@@ -1,6 +1,7 @@
 """Rewrite one benchmark's section of ``docs/benchmarks.md`` and leave the others alone.
 
-Owns the section markers. Each benchmark script owns one section, delimited by
+Owns the section markers, and the pieces of a section every benchmark shares
+(the targets table, the plotting import). Each benchmark script owns one section, delimited by
 ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->``, so several scripts can share the
 file without one run erasing another's figures. The file keeps its ``# Benchmarks`` title; a
 section not in the file yet is appended.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 TITLE = "# Benchmarks"
 
@@ -51,3 +53,23 @@ def write_section(path: Path, name: str, body: str, heading: str | None = None) 
     text = path.read_text() if path.exists() else ""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(replace_section(text, name, body, heading))
+
+
+def targets_markdown(found: list[tuple[str, str, bool]], heading: str = "target") -> str:
+    """A table of (target, measured, met) rows; a missed target stands out in bold."""
+    lines = [f"| {heading} | measured | |", "|---|---|---|"]
+    lines += [f"| {name} | {measured} | {'met' if met else '**missed**'} |" for name, measured, met in found]
+    return "\n".join(lines)
+
+
+def pyplot() -> tuple[Any, Any]:
+    """matplotlib's pyplot and ticker on the file-only Agg backend, or a clear error naming the fix."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("matplotlib is missing: .venv/bin/pip install -e '.[bench]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker as ticker
+
+    return plt, ticker

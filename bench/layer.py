@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from _sections import write_section  # bench/ is on sys.path: this file runs as a script
+from _sections import pyplot, targets_markdown, write_section  # bench/ is on sys.path: this file runs as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "bench" / "_layer_worker.py"
@@ -419,20 +419,12 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def targets_table(results: dict[str, Any]) -> str:
-    lines = ["| target (crossroads, sync face) | measured | |", "|---|---|---|"]
-    lines += [f"| {name} | {measured} | {'met' if met else '**missed**'} |" for name, measured, met in targets(results)]
-    return "\n".join(lines)
+    return targets_markdown(targets(results), "target (crossroads, sync face)")
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
     """Bars of crossroads' throughput ratios against both contenders, on a log scale (1× marked)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise BenchError("matplotlib is missing: .venv/bin/pip install -e '.[bench]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    plt, ticker = pyplot()
 
     labels: list[str] = []
     series: dict[str, list[tuple[float | None, str]]] = {CR: [], PLAIN: []}  # (ratio, footnote mark)
@@ -455,7 +447,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.bar_label(bars, labels=[f"{v:.2f}×{mark}" if v else "" for v, mark in series[other]], fontsize=8, padding=2)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}×"))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}×"))
     ax.set_xticks(list(xs), labels, fontsize=9)
     ax.set_ylim(top=ax.get_ylim()[1] * 2)  # room for the labels of the tallest bars
     ax.set_ylabel("crossroads throughput ÷ contender's (log)")

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import _worker_crossroads as ours  # noqa: E402  (after the sys.path fix, on purpose)
-from _sections import write_section  # noqa: E402
+from _sections import pyplot, targets_markdown, write_section  # noqa: E402
 
 from bench.layer import (  # noqa: E402
     CR_PYTHON,
@@ -370,20 +370,12 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
 
 
 def targets_table(results: dict[str, Any]) -> str:
-    lines = ["| target | measured | |", "|---|--:|---|"]
-    lines += [f"| {name} | {measured} | {'met' if met else '**missed**'} |" for name, measured, met in targets(results)]
-    return "\n".join(lines)
+    return targets_markdown(targets(results), "target")
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
     """Round trips/s per worker, 1 and N in flight, memory:// and redis:// side by side (log scale)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise BenchError("matplotlib is missing: .venv/bin/pip install -e '.[bench]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    plt, ticker = pyplot()
 
     windows = results["config"]["in_flight"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
@@ -406,7 +398,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(labels)), [label.replace(", ", ",\n") for label in labels], fontsize=9)
         ax.set_title(f"{layer}://" + (" (one process)" if layer == "memory" else " (worker in its own process)"))
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:,.0f}"))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:,.0f}"))
     axes[0].set_ylabel("request/reply round trips per second (log)")
     axes[0].set_ylim(top=axes[0].get_ylim()[1] * 2)
     axes[1].legend(fontsize=9, loc="upper right")
