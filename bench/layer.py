@@ -519,6 +519,18 @@ def print_report(results: dict[str, Any]) -> None:
     print(targets_table(results))
 
 
+def timed_run(run: Any, config: Any) -> dict[str, Any] | None:
+    """``run(config)`` with its duration in ``results["seconds"]``; None (and the reason printed) if it failed."""
+    started = time.monotonic()
+    try:
+        results = run(config)
+    except BenchError as exc:
+        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
+        return None
+    results["seconds"] = round(time.monotonic() - started, 1)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run (writes no doc unless --out is given)")
@@ -526,14 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the markdown to write (default: docs/benchmarks.md, none with --quick)")
     args = parser.parse_args(argv)
     out = args.out if args.out or args.quick else ROOT / "docs" / "benchmarks.md"
-    config = Config.make(args.quick)
-    started = time.monotonic()
-    try:
-        results = run_all(config)
-    except BenchError as exc:
-        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
+    results = timed_run(run_all, Config.make(args.quick))
+    if results is None:
         return 1
-    results["seconds"] = round(time.monotonic() - started, 1)
     print_report(results)
     json_path = RESULTS_DIR / ("layer-quick.json" if args.quick else "layer.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)

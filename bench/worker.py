@@ -58,6 +58,7 @@ from bench.layer import (  # noqa: E402
     ensure_channels_redis,
     installed_versions,
     latency_summary,
+    timed_run,
 )
 
 CHANNELS_SIDE = ROOT / "bench" / "_worker_channels.py"
@@ -518,14 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run that writes no file")
     args = parser.parse_args(argv)
-    config = Config.make(args.quick)
-    started = time.monotonic()
-    try:
-        results = run_all(config)
-    except BenchError as exc:
-        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
+    results = timed_run(run_all, Config.make(args.quick))
+    if results is None:
         return 1
-    results["seconds"] = round(time.monotonic() - started, 1)
     print()
     print(roundtrip_table(results))
     print()
