@@ -69,6 +69,9 @@ def router_of(config: Config, required: bool = True) -> Any:
         raise CommandError(f"{where(config)}: [routing] app is not set; add\n\n    [routing]\n    "
                            'app = "yourpackage.routing:routes"\n\nnaming your routing table (docs/consumers.md)',
                            code=2)
+    if config.path is not None and str(config.path.parent.resolve()) not in sys.path:
+        # Like a Django project's manage.py: modules next to the config import without installing them.
+        sys.path.insert(0, str(config.path.parent.resolve()))
     try:
         return Router(config.routing_app)
     except RouteError as exc:

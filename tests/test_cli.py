@@ -76,11 +76,18 @@ def test_check_names_file_table_and_key_of_every_mistake(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_check_imports_modules_next_to_the_config(tmp_path):
+    (tmp_path / "my_routes.py").write_text("from crossroads import route\nroutes = [route('my.channel', print)]\n")
+    config = write_config(tmp_path, '[routing]\napp = "my_routes:routes"\n')
+    result = run("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "my_routes:routes consumes my.channel" in result.stdout
+
+
 def test_check_reports_a_routing_module_that_fails_to_import(tmp_path):
     (tmp_path / "broken_routes.py").write_text("import no_such_dependency\nroutes = []\n")
     config = write_config(tmp_path, '[routing]\napp = "broken_routes:routes"\n')
-    result = subprocess.run([CROSSROADS, "check", "--config", str(config)], capture_output=True, text=True,
-                            timeout=60, env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ENV['PYTHONPATH']}"})
+    result = run("check", "--config", str(config))
     assert result.returncode == 2
     assert "[routing] app: cannot import module 'broken_routes'" in result.stderr
     assert "no_such_dependency" in result.stderr and "Traceback" not in result.stderr
