@@ -147,10 +147,12 @@ class ChatConsumer(BaseConsumer):
     def get_handler(self, message: Message) -> Any:
         name = message.channel.name
         if name in self.join_channels:
-            return self.raw_join
-        if name in self.leave_channels:
-            return self.raw_leave
-        return self.raw_message
+            handler = self.raw_join
+        elif name in self.leave_channels:
+            handler = self.raw_leave
+        else:
+            handler = self.raw_message
+        return channel_session(handler) if self.channel_session else handler
 
     def room_of(self, message: Message, **kwargs: Any) -> str:
         return kwargs.get("room") or message.room or message.get("path") or "default"

@@ -1,0 +1,33 @@
+"""The echo example: whatever arrives on any protocol goes back to where it came from.
+
+HTTP requests get their body (or path) back as text; every ``*.receive`` message, on any bridge,
+gets ``{"text": ...}`` on its reply channel, which each bridge renders in its own protocol.
+"""
+
+from __future__ import annotations
+
+from crossroads import route
+
+
+def echo_http(message):
+    body = message.get("body") or message["path"].encode()
+    message.reply_channel.send({"status": 200, "headers": [[b"content-type", b"text/plain; charset=utf-8"]],
+                                "content": body})
+
+
+def accept(message):
+    message.reply_channel.send({"accept": True})
+
+
+def echo(message):
+    if message.text is not None:
+        message.reply_channel.send({"text": message.text})
+    elif message.get("bytes") is not None:
+        message.reply_channel.send({"bytes": message["bytes"]})
+
+
+routes = [
+    route("http.request", echo_http),
+    route("websocket.connect", accept),
+    route(["websocket.receive", "mqtt.receive", "irc.receive", "email.receive", "slack.receive"], echo),
+]
