@@ -324,11 +324,11 @@ class RedisLayer(base.LayerErrors):
         return plan, count
 
     def _send_args(self, queues: dict[str, list]) -> tuple[list[str], list]:
-        """KEYS and ARGV of SEND_LUA for one shard's part of a plan."""
+        """KEYS and ARGV of SEND_LUA for one shard's part of a plan ([capacity, channels, entries, ...] per queue)."""
         keys = [self._key_prefix + queue for queue in queues]
         args: list = [repr(time.time()), self._ttl]
-        for capacity, _channels, entries in queues.values():
-            args += [capacity, len(entries), *entries]
+        for batch in queues.values():
+            args += [batch[0], len(batch[2]), *batch[2]]
         return keys, args
 
     def _send_done(self, plan: dict[int, dict[str, list]], replies: dict[int, Any], count: int) -> None:
@@ -457,6 +457,7 @@ class RedisLayer(base.LayerErrors):
             # _commands bounds each command with one asyncio.timeout instead.
             self._async_pools = [redis.asyncio.ConnectionPool.from_url(url, **self._pool_options(None))
                                  for url in self.hosts]
+            self._send_batch = _SendBatch(self, loop)
         return self._async_pools
 
     async def _commands(self, shard: int, commands: list[tuple], read_timeout: float | None = None) -> list:
@@ -486,7 +487,9 @@ class RedisLayer(base.LayerErrors):
             return await self._call(shard, "EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def send(self, channel: str, message: dict) -> None:
-        await self.send_many([(channel, message)])
+        """Send one message; sends made in the same loop tick share one script call per shard."""
+        self._pools()
+        await self._send_batch.add(channel, message)
 
     async def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
         plan, count = self._send_plan(items)
@@ -611,6 +614,73 @@ class RedisLayer(base.LayerErrors):
         for pool in pools:
             await pool.disconnect()
         self.sync.close()
+
+
+class _SendBatch:
+    """Coalesces the async sends of one event-loop tick into one script call per shard.
+
+    A bridge with many connections sends concurrently, and each send alone
+    would pay a round trip and the client's per-command cost. Validation and
+    serialization happen in ``add``, so bad input still raises in its sender;
+    messages enter each queue in ``add`` order; a message refused by a full
+    queue raises ``ChannelFull`` in its own sender only (the queue keeps the
+    earliest messages, as ``send_many`` does).
+    """
+
+    def __init__(self, layer: RedisLayer, loop: asyncio.AbstractEventLoop) -> None:
+        self.layer = layer
+        self.loop = loop
+        self.items: list[tuple[str, bytes, asyncio.Future]] = []
+        self.tasks: set[asyncio.Task] = set()
+
+    def add(self, channel: str, message: dict) -> asyncio.Future:
+        base.check_channel_name(channel)
+        entry = base.make_entry(channel, self.layer._body(message), time.time() + self.layer.options.expiry)
+        future = self.loop.create_future()
+        if not self.items:
+            self.loop.call_soon(self._flush)
+        self.items.append((channel, entry, future))
+        return future
+
+    def _flush(self) -> None:
+        items, self.items = self.items, []
+        plan: dict[int, dict[str, list]] = {}
+        for channel, entry, future in items:
+            queue = base.queue_name(channel)
+            queues = plan.setdefault(self.layer.ring.shard(queue), {})
+            if queue not in queues:
+                queues[queue] = [self.layer.options.capacity_for(channel), [], [], []]
+            batch = queues[queue]
+            batch[1].append(channel)
+            batch[2].append(entry)
+            batch[3].append(future)
+        for shard, queues in plan.items():
+            task = self.loop.create_task(self._send(shard, queues))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _send(self, shard: int, queues: dict[str, list]) -> None:
+        layer = self.layer
+        try:
+            expired, refused_counts = await layer._script(shard, _SEND, *layer._send_args(queues))
+        except Exception as exc:
+            for batch in queues.values():
+                for future in batch[3]:
+                    if not future.done():
+                        future.set_exception(LayerUnavailable(str(exc)) if isinstance(exc, LayerUnavailable) else exc)
+            return
+        layer.counters.expired += expired
+        for (capacity, channels, _, futures), refused in zip(queues.values(), refused_counts, strict=True):
+            kept = len(futures) - refused
+            layer.counters.sent += kept
+            layer.counters.refused += refused
+            for i, future in enumerate(futures):
+                if future.done():  # its sender was cancelled
+                    continue
+                if i < kept:
+                    future.set_result(None)
+                else:
+                    future.set_exception(ChannelFull(f"channel {channels[i]!r} is full (capacity {capacity})"))
 
 
 class _SyncRedis(base.LayerErrors):

@@ -250,3 +250,26 @@ def test_encrypted_bodies_round_trip_and_rotate(redis_server):
         layer.from_url(redis_server.url, symmetric_encryption_keys="not-a-list")
     old.sync.close()
     rotated.sync.close()
+
+
+def test_concurrent_async_sends_share_round_trips(redis_server):
+    """Sends made in one loop tick go as one script call; a full queue refuses only the late senders."""
+    L = layer.from_url(redis_server.url, prefix="batch", capacity=150)
+    L.sync.flush()
+
+    async def scenario():
+        redis_server.command("CONFIG", "RESETSTAT")
+        results = await asyncio.gather(*(L.send("batch.a", {"i": i}) for i in range(200)), return_exceptions=True)
+        calls = command_calls(redis_server).get("evalsha", 0)
+        got = await L.receive_many(["batch.a"], 200, timeout=1)
+        await L.close()
+        return results, calls, got
+
+    results, calls, got = asyncio.run(scenario())
+    assert calls < 10, f"{calls} script calls for 200 concurrent sends"
+    assert results[:150] == [None] * 150
+    assert all(isinstance(r, layer.ChannelFull) for r in results[150:])
+    assert [m["i"] for _, m in got] == list(range(150)), "the queue keeps the earliest sends, in order"
+    stats = L.sync.stats()
+    assert (stats["sent"], stats["refused"]) == (150, 50)
+    L.sync.close()
