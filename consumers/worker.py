@@ -65,7 +65,8 @@ class Worker:
         self.ready = threading.Event()
 
     def start(self) -> None:
-        threading.Thread(target=self._loop.run_forever, name="worker-async", daemon=True).start()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="worker-async", daemon=True)
+        self._loop_thread.start()
         for i in range(self.threads):
             thread = threading.Thread(target=self._serve, name=f"worker-{i}", daemon=True)
             thread.start()
@@ -88,8 +89,11 @@ class Worker:
         for thread in self._workers:
             thread.join(timeout)
         finished = not any(thread.is_alive() for thread in self._workers)
-        if finished:
+        if finished and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(timeout)
+            if not self._loop.is_running():
+                self._loop.close()
         return finished
 
     def run(self, on_ready: Callable[[], Any] | None = None, on_stopping: Callable[[], Any] | None = None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 from servers import free_port, wait_for_port
@@ -23,12 +24,21 @@ class Daemon:
         self.process = subprocess.Popen([CROSSROADS, *args], env={**ENV, "NOTIFY_SOCKET": path},
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, deadline: float = 30.0) -> None:
+        """Wait for READY=1; fail at once, with the log, if the process exits first."""
+        self.notify.settimeout(0.2)
+        end = time.monotonic() + deadline
         try:
-            assert self.notify.recv(100) == b"READY=1"
-        except TimeoutError:
-            self.process.kill()
-            raise AssertionError(f"no READY=1; stderr: {self.process.communicate()[1]}") from None
+            while time.monotonic() < end and self.process.poll() is None:
+                try:
+                    assert self.notify.recv(100) == b"READY=1"
+                    return
+                except TimeoutError:
+                    continue
+        finally:
+            self.notify.settimeout(30)
+        self.process.kill()
+        raise AssertionError(f"no READY=1 (exit {self.process.poll()}); stderr: {self.process.communicate()[1]}")
 
     def terminate(self) -> str:
         """SIGTERM, expect STOPPING=1 and a clean exit; return the log."""

@@ -1,0 +1,460 @@
+"""The HTTP bridge: twisted.web's HTTP/1.x parser in front, the channel layer behind.
+
+This module owns the I/O of HTTP: listening (TCP or a Unix socket), the limits
+twisted.web does not enforce the way users expect (413, 431, 504, 503), the
+reply channel of each request, writing responses (streamed ones too), and the
+access log (logger ``crossroads.http.access``). What a request or a reply
+means belongs to ``messages.py``; replies, counters and stopping belong to
+``bridges.base``. docs/spec/http.md is the contract.
+
+Theory of operation: twisted.web's ``HTTPChannel`` parses each connection and
+hands one complete request at a time (it buffers pipelined ones) to
+``HttpRequest.process``. The bridge registers the request as a reply target,
+sends ``http.request`` from a spawned task, and arms the ``http_timeout``. The
+first reply starts the response; with ``more_content`` the request stays
+registered for the chunks. A request leaves the targets when its response is
+complete, when the bridge answered it itself, or when its client left (then
+``http.disconnect`` follows its ``http.request`` into the layer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import stat
+import time
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.web import http
+from zope.interface import implementer
+
+from bridges.base import Bridge, Option, as_future, get_reactor
+from layer import MessageTooLarge
+
+from . import messages
+
+access_log = logging.getLogger("crossroads.http.access")
+
+
+def _port_number(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a TCP port number from 0 to 65535 (0 picks a free port)"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be positive"
+
+
+def _header_limit(value: int) -> str | None:
+    return None if value >= 1024 else "must be at least 1024 bytes (browsers send cookies)"
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class TlsContext:
+    """The server's TLS context, from PEM files: the certificate (its chain may follow it) and its key.
+
+    Built when the bridge starts, so a bad file fails the start with a reason
+    (``ValueError`` naming the files) instead of failing every handshake later.
+    TLS 1.2 is the oldest version offered.
+    """
+
+    def __init__(self, cert_path: str, key_path: str) -> None:
+        from OpenSSL import SSL
+
+        for path in (cert_path, key_path):
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"cannot read {path!r} (tls_cert/tls_key): no such file, or not readable")
+        try:
+            context = SSL.Context(SSL.TLS_SERVER_METHOD)
+            context.set_min_proto_version(SSL.TLS1_2_VERSION)
+            context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+            context.use_certificate_chain_file(cert_path)
+            context.use_privatekey_file(key_path)
+            context.check_privatekey()
+        except SSL.Error as exc:
+            raise ValueError(f"tls_cert {cert_path!r} and tls_key {key_path!r} are not a PEM certificate and its "
+                             f"private key ({exc})") from None
+        self.context = context
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:
+        from OpenSSL import SSL
+
+        return SSL.Connection(self.context, None)
+
+
+class HttpRequest(http.Request):
+    """One request of a connection, and the reply target of its reply channel."""
+
+    _parsePOSTFormSubmission = False  # the body goes to the consumer as it came
+    defaultContentType = None  # the consumer decides the content type; twisted.web would say text/html
+
+    def __init__(self, channel: HttpChannel, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        self.bridge: HttpBridge = channel.bridge
+        self.raw_headers: list[tuple[bytes, bytes]] = []  # as received: twisted.web's Headers merge duplicates
+        self.body_size = 0
+        self.local_id: str | None = None  # set while replies for it are expected
+        self.response_started = False
+        self.timeout_call: Any = None
+        self.sending: asyncio.Task | None = None  # the task storing http.request, awaited before http.disconnect
+        self.path_text = ""
+        self.client_host: str | None = None  # for the access log; the proxy's client when proxy_headers is on
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = io.BytesIO()  # max_body bounds it, so never a temporary file
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.body_size += len(data)
+        if self.body_size > self.bridge.options["max_body"]:  # a chunked body, whose size was not announced
+            self.channel.refuse(413, f"body over max_body ({self.bridge.options['max_body']} bytes)")
+            return
+        self.content.write(data)
+
+    def process(self) -> None:
+        if not self.channel.refused:  # a chunked body's end may be parsed in the same read as its refusal
+            self.bridge.request_received(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.bridge.request_lost(self)
+
+
+class HttpChannel(http.HTTPChannel):
+    """twisted.web's parser, with our answers to what it refuses and to the limits it lacks."""
+
+    requestFactory = HttpRequest
+
+    def connectionMade(self) -> None:
+        self.bridge: HttpBridge = self.factory.bridge
+        self.totalHeadersSize = self.MAX_LENGTH = self.bridge.options["max_header_bytes"]
+        self.timeOut = self.bridge.options["idle_timeout"]
+        self.refused = False
+        self.peer = messages.describe_peer(self.bridge.address_of(self.transport.getPeer()))
+        self.closed = asyncio.get_running_loop().create_future()  # close_protocol() waits for it
+        self.bridge.channels.add(self)
+        super().connectionMade()
+
+    # Once refused, nothing more of this connection is parsed: what it still sends is dropped until it closes.
+    def dataReceived(self, data: bytes) -> None:
+        if not self.refused:
+            super().dataReceived(data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self.refused:
+            super().rawDataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.refused:
+            return
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self.refuse(431, f"request line and headers over max_header_bytes ({self.totalHeadersSize} bytes)")
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(431, f"a request or header line over max_header_bytes ({self.MAX_LENGTH} bytes)")
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self.refused:
+            return False
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self.refuse(431, f"more than {self.maxHeaders} header lines")
+            return False
+        if not super().headerReceived(line):
+            return False
+        name, value = line.split(b":", 1)
+        self.requests[-1].raw_headers.append((name, value.strip(b" \t")))
+        return True
+
+    def allHeadersReceived(self) -> None:
+        limit = self.bridge.options["max_body"]
+        if self.length is not None and self.length > limit:
+            # Before twisted.web answers "Expect: 100-continue", and before reading any of the body.
+            self.refuse(413, f"content-length {self.length} is over max_body ({limit} bytes)")
+            return
+        super().allHeadersReceived()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web's one answer to everything it cannot parse; ours says so in words and is counted.
+        self.refuse(400, "malformed HTTP request")
+
+    def refuse(self, status: int, problem: str) -> None:
+        """Answer with an error before (or instead of) a request reaching the layer, and close."""
+        if self.refused:
+            return
+        self.refused = True
+        self.bridge.bad_input(self.peer, problem)
+        data = messages.error_bytes(status, problem)
+        self.transport.write(data)
+        request = self.requests[-1] if self.requests else None
+        command = getattr(self, "_command", None)
+        self.bridge.log_access(request, status, len(data), client_host=self.peer.rsplit(":", 1)[0].strip("[]"),
+                               method=command, target=getattr(self, "_path", None),
+                               version=getattr(self, "_version", None))
+        self.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.bridge.channels.discard(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class HttpFactory(protocol.ServerFactory):
+    protocol = HttpChannel
+
+    def __init__(self, bridge: HttpBridge) -> None:
+        self.bridge = bridge
+
+    def log(self, request: HttpRequest) -> None:
+        """Called by twisted.web when a response is finished: one access log line."""
+        self.bridge.log_access(request, request.code, request.sentLength)
+
+
+class HttpBridge(Bridge):
+    """Serves HTTP/1.0 and 1.1; each request is an ``http.request`` message, each reply part of its response."""
+
+    type_name = "http"
+    OPTIONS = {
+        "host": Option(str, "127.0.0.1", "the address to listen on (0.0.0.0 or :: for every interface)"),
+        "port": Option(int, 8000, "the TCP port to listen on; 0 picks a free one", _port_number, from_string=True),
+        "unix_socket": Option(str, "", "listen on this Unix socket path instead of host and port"),
+        "root_path": Option(str, "", "the prefix the site is mounted at behind a proxy (ASGI root_path)"),
+        "http_timeout": Option(float, 60.0, "seconds to wait for a response to start before answering 504",
+                               _positive, from_string=True),
+        "max_body": Option(int, 500_000, "the largest request body accepted, in bytes (413 above it)",
+                           lambda v: None if v >= 0 else "must be 0 or more", from_string=True),
+        "max_header_bytes": Option(int, 16384, "the largest request line plus headers, in bytes (431 above it)",
+                                   _header_limit, from_string=True),
+        "idle_timeout": Option(float, 60.0, "seconds an idle keep-alive connection, or a slow request, is kept",
+                               _positive, from_string=True),
+        "tls_cert": Option(str, "", "PEM certificate (chain after it) to serve HTTPS with; needs tls_key"),
+        "tls_key": Option(str, "", "PEM private key of tls_cert"),
+        "proxy_headers": Option(bool, False, "trust X-Forwarded-For/-Port/-Proto for the client and scheme",
+                                from_string=True),
+    }
+
+    def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
+        super().__init__(name, options, layer)
+        self.channels: set[HttpChannel] = set()
+        self.accepting = False
+        self.listening: Any = None
+        self.port: int | None = None  # the TCP port listened on, once open (useful with port = 0)
+        self.scheme = "http"
+        self._idle: asyncio.Event | None = None
+        self._disconnects: set[asyncio.Task] = set()  # close_protocol() lets them reach the layer
+
+    # -- listening --
+
+    async def open_protocol(self) -> None:
+        self._idle = asyncio.Event()
+        self._idle.set()
+        reactor = get_reactor()
+        factory: Any = HttpFactory(self)
+        cert, key = self.options["tls_cert"], self.options["tls_key"]
+        if bool(cert) != bool(key):
+            raise ValueError("tls_cert and tls_key go together: set both to serve HTTPS, or neither")
+        self.scheme = "http"
+        if cert:
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            factory = TLSMemoryBIOFactory(TlsContext(cert, key), False, factory)  # on TCP and Unix sockets alike
+            self.scheme = "https"
+        path = self.options["unix_socket"]
+        if path:
+            if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+                os.unlink(path)  # left by a previous run; binding would fail with "address in use"
+            self.listening = reactor.listenUNIX(path, factory)
+        else:
+            self.listening = reactor.listenTCP(self.options["port"], factory, interface=self.options["host"])
+            self.port = self.listening.getHost().port
+        self.accepting = True
+
+    async def stop_accepting(self) -> None:
+        self.accepting = False
+        if self.listening is not None:
+            await as_future(self.listening.stopListening())
+        # Requests in flight get their response (or their 504 at http_timeout) before replies are drained.
+        await self._idle.wait()
+
+    async def close_protocol(self) -> None:
+        channels = list(self.channels)
+        for channel in channels:
+            channel.loseConnection()  # after what is buffered has been written
+        await asyncio.gather(*(channel.closed for channel in channels))
+        # Connections cut here may have had responses in flight: their consumers still hear of it.
+        await asyncio.gather(*self._disconnects, return_exceptions=True)
+
+    @staticmethod
+    def address_of(address: Any) -> list | None:
+        """``[host, port]`` of a Twisted address; None for a Unix socket's peer, which has none."""
+        host = getattr(address, "host", None)
+        return None if host is None else [host, address.port]
+
+    # -- requests --
+
+    def request_received(self, request: HttpRequest) -> None:
+        self.count("received")
+        request.content.seek(0)
+        body = request.content.read()
+        transport = request.channel.transport
+        client = self.address_of(transport.getPeer())
+        request.client_host = client[0] if client else None
+        if not self.accepting:
+            self.respond_error(request, 503, "shutting down, try again", retry_after=messages.RETRY_AFTER, close=True)
+            return
+        request.local_id = self.register(request)
+        self._idle.clear()
+        try:
+            message = messages.request_message(
+                reply_channel=self.reply_channel(request.local_id), method=request.method, target=request.uri,
+                version=request.clientproto, headers=request.raw_headers, body=body, client=client,
+                server=self.address_of(transport.getHost()) or ([self.options["unix_socket"], None]),
+                scheme=self.scheme, root_path=self.options["root_path"], proxy_headers=self.options["proxy_headers"])
+        except messages.HttpError as exc:
+            self.bad_input(request.channel.peer, exc.detail)
+            # What follows a request we could not read is not trusted either.
+            self.respond_error(request, exc.status, exc.detail, close=True)
+            return
+        request.path_text = message["path"]
+        if message["client"]:
+            request.client_host = message["client"][0]
+        request.timeout_call = get_reactor().callLater(self.options["http_timeout"], self._timed_out, request)
+        request.sending = self.spawn(self._forward(request, message), f"forwarding a request from {message['sender']}")
+
+    async def _forward(self, request: HttpRequest, message: dict) -> bool:
+        try:
+            accepted = await self.send_to_layer(messages.REQUEST_CHANNEL, message)
+        except MessageTooLarge:
+            self.bad_input(request.channel.peer if request.channel else message["sender"],
+                           "request too large for the layer")
+            self.respond_error(request, 413, "request too large for the channel layer", close=True)
+            return False
+        if not accepted:
+            self.respond_error(request, 503, "busy, try again", retry_after=messages.RETRY_AFTER)
+        return accepted
+
+    def _timed_out(self, request: HttpRequest) -> None:
+        request.timeout_call = None
+        if not request.response_started:
+            self.log.warning("%s: no response to %s %s within http_timeout (%s s): answered 504", self.label,
+                             request.method.decode("latin-1"), request.path_text, self.options["http_timeout"])
+            self.count("timeouts")
+            self.respond_error(request, 504, "the application did not respond in time")
+
+    def request_lost(self, request: HttpRequest) -> None:
+        """The client left; if its response was not complete, the consumer hears of it after the request."""
+        if request.timeout_call is not None and request.timeout_call.active():
+            request.timeout_call.cancel()
+        request.timeout_call = None
+        local_id = request.local_id
+        if local_id is None:
+            return
+        self._release(request)
+        task = self.spawn(self._disconnect(request, self.reply_channel(local_id)), "sending http.disconnect")
+        self._disconnects.add(task)
+        task.add_done_callback(self._disconnects.discard)
+
+    async def _disconnect(self, request: HttpRequest, reply_channel: str) -> None:
+        if request.sending is None or not await request.sending:  # its request never reached the layer
+            return
+        await self.send_to_layer(messages.DISCONNECT_CHANNEL,
+                                 messages.disconnect_message(reply_channel, request.path_text))
+
+    def _release(self, request: HttpRequest) -> None:
+        """Stop expecting replies for a request."""
+        if request.timeout_call is not None and request.timeout_call.active():
+            request.timeout_call.cancel()
+        request.timeout_call = None
+        if request.local_id is not None:
+            self.unregister(request.local_id)
+            request.local_id = None
+        if not self.targets and self._idle is not None:
+            self._idle.set()
+
+    # -- responses --
+
+    def respond_error(self, request: HttpRequest, status: int, detail: str, *, retry_after: int | None = None,
+                      close: bool = False) -> None:
+        """Answer a request with one of the bridge's own error pages, unless its response already started."""
+        self._release(request)
+        if request.response_started or request.finished or request._disconnected:
+            return
+        response = messages.error_response(status, detail, retry_after=retry_after)
+        if close:
+            request.channel.persistent = False  # twisted.web closes after the response
+            response.headers.append((b"connection", b"close"))
+        self._write(request, response)
+
+    def _write(self, request: HttpRequest, response: messages.Response) -> None:
+        request.response_started = True
+        request.setResponseCode(response.status)
+        for name, value in response.headers:
+            request.responseHeaders.addRawHeader(name, value)
+        if not response.more_content and response.header(b"content-length") is None:
+            request.responseHeaders.setRawHeaders(b"content-length", [str(len(response.content)).encode()])
+        request.write(response.content)
+        if not response.more_content:
+            self._finish(request)
+
+    def _finish(self, request: HttpRequest) -> None:
+        self._release(request)
+        if not request._disconnected:
+            request.finish()
+
+    def handle_reply(self, local_id: str, message: dict) -> None:
+        request: HttpRequest = self.targets[local_id]
+        if request.finished or request._disconnected:
+            self._release(request)
+            return
+        if not request.response_started:
+            try:
+                response = messages.response_from_message(message)
+            except messages.BadReply as exc:
+                self._bad_reply(request, exc)
+                self.respond_error(request, 500, "the application sent an invalid response")
+                return
+            self._write(request, response)
+            return
+        try:
+            chunk = messages.chunk_from_message(message)
+        except messages.BadReply as exc:
+            # The status is out already: all that is left is to cut the response short, so it is not taken as
+            # whole. A chunked body without its last chunk shows that; a body ended by closing needs a reset.
+            self._bad_reply(request, exc)
+            self._release(request)
+            if request.chunked:
+                request.channel.loseConnection()
+            else:
+                request.channel.transport.abortConnection()
+            return
+        request.write(chunk.content)
+        if not chunk.more_content:
+            self._finish(request)
+
+    def _bad_reply(self, request: HttpRequest, problem: Exception) -> None:
+        self.count("bad_replies")
+        self.log.error("%s: invalid reply to %s %s: %s", self.label, request.method.decode("latin-1"),
+                       request.path_text, problem)
+
+    # -- the access log --
+
+    def log_access(self, request: HttpRequest | None, status: int, length: int, *, client_host: str | None = None,
+                   method: bytes | None = None, target: bytes | None = None, version: bytes | None = None) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        headers = request.requestHeaders if request is not None else None
+
+        def header(name: bytes) -> bytes | None:
+            values = headers.getRawHeaders(name) if headers is not None else None
+            return values[0] if values else None
+
+        if request is not None and request.method is not http.Request.method:  # twisted.web has parsed it
+            method, target, version = request.method, request.uri, request.clientproto
+            client_host = request.client_host or client_host
+        access_log.info("%s", messages.access_log_line(
+            client_host=client_host, when=time.time(), method=method, target=target, version=version, status=status,
+            length=length, referer=header(b"referer"), user_agent=header(b"user-agent")))

@@ -1,0 +1,583 @@
+"""The HTTP bridge with real clients over loopback, and a real worker running tests/apps/http_app.py.
+
+In-process tests run the bridge on the asyncio reactor of a loop of this
+module (installed and removed as in tests/test_bridge_base.py, so no reactor
+leaks), and the consumers in a ``consumers.worker.Worker`` on threads, against
+``memory://``. Normal requests go through the stdlib's ``http.client`` (in a
+thread, since it blocks); malformed ones through raw asyncio sockets. The last
+tests run ``crossroads bridge`` and ``crossroads worker`` as processes over a
+real redis-server. Waits have deadlines; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import logging
+import re
+import socket
+import sys
+from contextlib import asynccontextmanager
+
+import pytest
+from servers import free_port, wait_for_port
+from test_cli import run as run_cli
+from test_cli import write_config
+from test_daemons import Daemon
+
+import layer
+from bridges.base import ReactorError, install_reactor
+from bridges.http.bridge import HttpBridge
+from consumers.worker import Worker
+
+# -- the reactor, the loop, the layer and the worker ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reactor():
+    installed_here = "twisted.internet.reactor" not in sys.modules
+    try:
+        reactor = install_reactor(asyncio.new_event_loop() if installed_here else None)
+    except ReactorError as exc:
+        pytest.fail(f"{exc} (did a test module import twisted.internet.reactor at import time?)")
+    yield reactor
+    if installed_here:  # leave the process as we found it: no reactor installed
+        import twisted.internet
+
+        for reader in list(reactor._internalReaders):
+            reactor._removeInternalReader(reader)
+            reader.connectionLost(None)
+        del sys.modules["twisted.internet.reactor"]
+        del twisted.internet.reactor
+        reactor._asyncioEventloop.close()
+        asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def run(reactor):
+    """``run(coroutine)`` runs it on the reactor's loop with a deadline; afterwards nothing may be left running."""
+    loop = reactor._asyncioEventloop
+
+    def run(coroutine, timeout: float = 30.0):
+        return loop.run_until_complete(asyncio.wait_for(coroutine, timeout))
+
+    yield run
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    calls = reactor.getDelayedCalls()
+    for call in calls:
+        call.cancel()
+    selectables = [s for s in reactor.removeAll() if s not in reactor._internalReaders]
+    assert not (tasks or calls or selectables), f"left on the loop: {tasks=} {calls=} {selectables=}"
+
+
+@pytest.fixture
+def channel_layer(run):
+    made = layer.from_url("memory://")
+    yield made
+    run(made.close())
+
+
+@pytest.fixture
+def worker(channel_layer):
+    started = Worker("apps.http_app:routes", channel_layer, threads=4)
+    started.start()
+    yield started
+    started.stop()
+    assert started.join(10), "the worker did not stop"
+
+
+@asynccontextmanager
+async def serving(channel_layer, **options):
+    bridge = HttpBridge("web", {"port": 0, **options}, channel_layer)
+    await bridge.start()
+    try:
+        yield bridge
+    finally:
+        await bridge.stop(timeout=5)
+
+
+# -- clients -------------------------------------------------------------------------------------------------
+
+
+def _fetch(port: int, method: str, path: str, body: bytes | None, headers: list[tuple[str, str]]):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        names = {name.lower() for name, _ in headers}
+        conn.putrequest(method, path, skip_host="host" in names, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, response.getheaders(), response.read()
+    finally:
+        conn.close()
+
+
+async def fetch(port: int, path: str, method: str = "GET", body: bytes | None = None,
+                headers: list[tuple[str, str]] = ()) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One request with the stdlib client, in a thread, while the loop serves it."""
+    return await asyncio.to_thread(_fetch, port, method, path, body, list(headers))
+
+
+def header_values(headers: list[tuple[str, str]], name: str) -> list[str]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+async def raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send bytes as they are, and read until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def status_of(response: bytes) -> int:
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", response)
+    assert match, f"not an HTTP response: {response[:200]!r}"
+    return int(match.group(1))
+
+
+def decode(value):
+    """Undo tests/apps/http_app.py's marking of bytes."""
+    if isinstance(value, dict) and set(value) == {"bytes"}:
+        return value["bytes"].encode("latin-1")
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: decode(v) for k, v in value.items()}
+    return value
+
+
+# -- requests in, responses out ------------------------------------------------------------------------------
+
+
+def test_a_request_carries_every_key(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer, root_path="/app") as bridge:
+            status, headers, body = await fetch(
+                bridge.port, "/inspect/caf%C3%A9%20au%2Flait?a=1&b=%20x", "POST", body="héllo".encode(),
+                headers=[("X-Dup", "one"), ("X-Other", "2"), ("X-Dup", "two"), ("X_Forwarded_For", "6.6.6.6"),
+                         ("Host", "example.test")])
+            assert status == 200 and header_values(headers, "content-type") == ["application/json"]
+            return bridge, decode(json.loads(body))
+
+    bridge, message = run(scenario())
+    assert message["reply_channel"].startswith(bridge.prefix)
+    assert message["http_version"] == "1.1" and message["method"] == "POST" and message["scheme"] == "http"
+    assert message["path"] == "/inspect/café au/lait"
+    assert message["query_string"] == b"a=1&b=%20x"
+    assert message["root_path"] == "/app"
+    assert message["headers"] == [[b"x-dup", b"one"], [b"x-other", b"2"], [b"x-dup", b"two"],
+                                  [b"host", b"example.test"], [b"content-length", b"6"]]
+    assert message["body"] == "héllo".encode() and message["text"] == "héllo"
+    assert message["client"][0] == "127.0.0.1" and isinstance(message["client"][1], int)
+    assert message["server"] == ["127.0.0.1", bridge.port]
+    assert message["protocol"] == "http" and message["room"] == "/inspect/café au/lait"
+    assert message["sender"] == f"127.0.0.1:{message['client'][1]}"
+    assert bridge.counters["received"] == 1 and bridge.counters["sent"] == 1 and bridge.counters["replies"] == 1
+
+
+def test_binary_body_has_no_text_and_keep_alive_serves_several_requests(run, channel_layer, worker):
+    def two_requests(port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            answers = []
+            for body in (b"\xff\xfe binary", b""):
+                conn.request("PUT", "/inspect", body=body)
+                response = conn.getresponse()
+                answers.append(decode(json.loads(response.read())))
+            return answers
+        finally:
+            conn.close()
+
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            return await asyncio.to_thread(two_requests, bridge.port)
+
+    first, second = run(scenario())
+    assert first["body"] == b"\xff\xfe binary" and first["text"] is None
+    assert second["body"] == b"" and second["text"] == ""
+    assert first["client"] == second["client"], "the second request did not reuse the connection"
+
+
+def test_text_replies_are_plain_utf8(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            return await fetch(bridge.port, "/text"), await fetch(bridge.port, "/missing")
+
+    (status, headers, body), (missing_status, missing_headers, missing_body) = run(scenario())
+    assert status == 200 and body == "héllo from text".encode()
+    assert header_values(headers, "content-type") == ["text/plain; charset=utf-8"]
+    assert header_values(headers, "content-length") == [str(len(body))]
+    assert missing_status == 404 and missing_body == b"no such page"
+
+
+def test_streamed_response(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            return await fetch(bridge.port, "/stream")
+
+    status, headers, body = run(scenario())
+    assert status == 201 and body == b"first,second,third"
+    assert header_values(headers, "transfer-encoding") == ["chunked"]
+    assert header_values(headers, "x-stream") == ["yes"]
+
+
+def test_duplicate_response_headers_are_kept(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            return await fetch(bridge.port, "/duplicate-headers")
+
+    status, headers, body = run(scenario())
+    assert status == 200 and body == b"ok"
+    assert header_values(headers, "set-cookie") == ["a=1", "b=2"] and header_values(headers, "x-one") == ["1"]
+
+
+@pytest.mark.parametrize("kind", ["crlf", "lf", "nul", "name"])
+def test_response_header_injection_is_refused(run, channel_layer, worker, caplog, kind):
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            return bridge, await fetch(bridge.port, f"/bad-header?{kind}")
+
+    with caplog.at_level(logging.ERROR, logger="crossroads.bridges.http"):
+        bridge, (status, headers, body) = run(scenario())
+    assert status == 500 and b"invalid response" in body
+    assert not header_values(headers, "set-cookie") and not header_values(headers, "x-bad")
+    assert bridge.counters["bad_replies"] == 1
+    assert any("invalid reply to GET /bad-header" in r.getMessage() for r in caplog.records)
+
+
+def test_an_invalid_part_of_a_streamed_response_cuts_the_connection(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            return bridge, await raw(bridge.port, b"GET /bad-stream HTTP/1.1\r\nHost: h\r\n\r\n")
+
+    bridge, response = run(scenario())
+    assert status_of(response) == 200 and b"part one" in response
+    assert not response.endswith(b"0\r\n\r\n"), "the cut response looks complete"
+    assert bridge.counters["bad_replies"] == 1
+
+
+def test_proxy_headers_only_when_enabled(run, channel_layer, worker):
+    forwarded = [("X-Forwarded-For", "203.0.113.9, 10.0.0.1"), ("X-Forwarded-Port", "4443"),
+                 ("X-Forwarded-Proto", "https")]
+
+    async def scenario():
+        answers = []
+        for trusted in (False, True):
+            async with serving(channel_layer, proxy_headers=trusted) as bridge:
+                _, _, body = await fetch(bridge.port, "/inspect", headers=forwarded)
+                answers.append(decode(json.loads(body)))
+        return answers
+
+    ignored, honoured = run(scenario())
+    assert ignored["client"][0] == "127.0.0.1" and ignored["scheme"] == "http"
+    assert honoured["client"] == ["203.0.113.9", 4443] and honoured["scheme"] == "https"
+    assert honoured["sender"] == "203.0.113.9:4443"
+
+
+def test_access_log_in_combined_format(run, channel_layer, worker, caplog):
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            await fetch(bridge.port, "/text?x=1", headers=[("Referer", "http://ref.test/"),
+                                                           ("User-Agent", 'agent "quoted"')])
+
+    with caplog.at_level(logging.INFO, logger="crossroads.http.access"):
+        run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.name == "crossroads.http.access"]
+    assert len(lines) == 1
+    assert re.fullmatch(r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] "GET /text\?x=1 HTTP/1\.1" 200 '
+                        r'16 "http://ref\.test/" "agent \\"quoted\\""', lines[0]), lines[0]
+
+
+# -- limits and errors ---------------------------------------------------------------------------------------
+
+
+def test_layer_full_is_503_with_retry_after(run):
+    full_layer = layer.from_url("memory://", capacity=1)
+
+    async def scenario():
+        await full_layer.send("http.request", {"filler": True})
+        async with serving(full_layer) as bridge:
+            status, headers, body = await fetch(bridge.port, "/anything")
+            return bridge, status, headers
+
+    try:
+        bridge, status, headers = run(scenario())
+    finally:
+        run(full_layer.close())
+    assert status == 503 and header_values(headers, "retry-after") == ["1"]
+    assert bridge.counters["refused"] == 1
+
+
+def test_no_response_in_time_is_504(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer, http_timeout=0.3) as bridge:
+            return bridge, await fetch(bridge.port, "/silent")
+
+    bridge, (status, _, body) = run(scenario())
+    assert status == 504 and b"did not respond in time" in body
+    assert bridge.counters["timeouts"] == 1
+
+
+def test_body_over_max_body_is_413_without_reading_it(run, channel_layer):
+    async def scenario():
+        async with serving(channel_layer, max_body=100) as bridge:
+            # Only the headers are sent: the answer must not wait for the body.
+            announced = await raw(bridge.port, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5000000\r\n"
+                                               b"Expect: 100-continue\r\n\r\n")
+            # The whole chunked body, end included, in one read: it must not reach the layer cut short.
+            chunked = await raw(bridge.port, b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                             b"50\r\n" + b"a" * 80 + b"\r\n50\r\n" + b"b" * 80 + b"\r\n0\r\n\r\n")
+            return bridge, announced, chunked
+
+    bridge, announced, chunked = run(scenario())
+    assert status_of(announced) == 413 and b"100 Continue" not in announced
+    assert status_of(chunked) == 413
+    assert bridge.counters["bad_input"] == 2 and bridge.counters["sent"] == 0
+
+
+def test_request_too_large_for_the_layer_is_413(run, channel_layer):
+    async def scenario():
+        async with serving(channel_layer, max_body=3_000_000) as bridge:
+            return bridge, await fetch(bridge.port, "/upload", "POST", body=b"x" * 1_500_000)
+
+    bridge, (status, headers, body) = run(scenario())
+    assert status == 413 and b"too large for the channel layer" in body
+    assert header_values(headers, "connection") == ["close"]
+    assert bridge.counters["bad_input"] == 1 and bridge.counters["sent"] == 0
+
+
+def test_headers_over_the_limit_are_431(run, channel_layer):
+    async def scenario():
+        async with serving(channel_layer, max_header_bytes=2048) as bridge:
+            many = await raw(bridge.port, b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 50)
+                                                                        for i in range(60)) + b"\r\n")
+            one_long = await raw(bridge.port, b"GET / HTTP/1.1\r\nCookie: " + b"c" * 5000 + b"\r\n\r\n")
+            return many, one_long
+
+    many, one_long = run(scenario())
+    assert status_of(many) == 431 and status_of(one_long) == 431
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: twelve\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    b"GET / HTTP/3.0\r\n\r\n",
+    b"GET noslash HTTP/1.1\r\n\r\n",
+    b"GET /%FF%FE HTTP/1.1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+], ids=["request-line", "header-line", "content-length", "two-lengths", "version", "target", "not-utf8", "chunk"])
+def test_malformed_requests_are_400(run, channel_layer, request_bytes, caplog):
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            return bridge, await raw(bridge.port, request_bytes)
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges.http"):
+        bridge, response = run(scenario())
+    assert status_of(response) == 400
+    assert bridge.counters["bad_input"] == 1 and bridge.counters["sent"] == 0
+    assert any("bad input from 127.0.0.1:" in r.getMessage() for r in caplog.records)
+
+
+def test_client_leaving_early_sends_http_disconnect(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(b"GET /hold HTTP/1.1\r\nHost: h\r\n\r\n")
+            assert await channel_layer.receive(["test.held"], timeout=10) == ("test.held", {"path": "/hold"})
+            writer.close()
+            await writer.wait_closed()
+            channel, message = await channel_layer.receive(["test.disconnects"], timeout=10)
+            return bridge, message
+
+    bridge, message = run(scenario())
+    assert message["path"] == "/hold" and message["reply_channel"].startswith(bridge.prefix)
+    assert message["protocol"] == "http"
+    assert not bridge.targets
+
+
+def test_unix_socket(run, channel_layer, worker, tmp_path):
+    path = str(tmp_path / "http.sock")
+
+    async def scenario():
+        async with serving(channel_layer, unix_socket=path):
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(b"GET /inspect HTTP/1.0\r\n\r\n")
+            response = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            await writer.wait_closed()
+            return response
+
+    response = run(scenario())
+    assert status_of(response) == 200
+    message = decode(json.loads(response.split(b"\r\n\r\n", 1)[1]))
+    assert message["client"] is None and message["sender"] == "unix" and message["http_version"] == "1.0"
+    assert message["server"] == [path, None]
+
+
+def test_https(run, channel_layer, worker, tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    def get(port):
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        try:
+            conn.request("GET", "/inspect")
+            return decode(json.loads(conn.getresponse().read()))
+        finally:
+            conn.close()
+
+    async def scenario():
+        async with serving(channel_layer, tls_cert=str(cert), tls_key=str(key)) as bridge:
+            return await asyncio.to_thread(get, bridge.port)
+
+    assert run(scenario())["scheme"] == "https"
+
+
+@pytest.mark.parametrize("problem", ["only-cert", "missing-file", "not-pem", "wrong-key"])
+def test_tls_misconfiguration_fails_the_start(run, channel_layer, tmp_path, problem):
+    import trustme
+
+    ca = trustme.CA()
+    cert, key, other = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "other.pem"
+    ca.issue_cert("localhost").cert_chain_pems[0].write_to_path(str(cert))
+    ca.issue_cert("localhost").private_key_pem.write_to_path(str(other))
+    ca.issue_cert("localhost").private_key_pem.write_to_path(str(key))
+    options = {"only-cert": {"tls_cert": str(cert)},
+               "missing-file": {"tls_cert": str(tmp_path / "nope.pem"), "tls_key": str(key)},
+               "not-pem": {"tls_cert": str(key), "tls_key": str(key)},
+               "wrong-key": {"tls_cert": str(cert), "tls_key": str(other)}}[problem]
+    bridge = HttpBridge("web", {"port": 0, **options}, channel_layer)
+    with pytest.raises(ValueError, match="tls_"):
+        run(bridge.start())
+    assert bridge.health["state"] == "stopped" and "start failed" in bridge.health["reason"]
+
+
+def test_stop_lets_requests_in_flight_finish(run, channel_layer, worker):
+    async def scenario():
+        bridge = HttpBridge("web", {"port": 0}, channel_layer)
+        await bridge.start()
+        pending = asyncio.ensure_future(fetch(bridge.port, "/held-then-answered"))
+        assert await channel_layer.receive(["test.held"], timeout=10) == ("test.held", {"path": "/held-then-answered"})
+        seen_stopping = asyncio.Event()
+        bridge.health_listeners.append(lambda health: health["state"] == "stopping" and seen_stopping.set())
+        stopping = asyncio.ensure_future(bridge.stop(timeout=10))
+        await asyncio.wait_for(seen_stopping.wait(), 5)
+        assert not stopping.done(), "stop() did not wait for the response in flight"
+        await channel_layer.send("test.release", {})
+        answer = await pending
+        await stopping
+        return bridge, answer
+
+    bridge, (status, _, body) = run(scenario())
+    assert status == 200 and body == b"released"
+    assert bridge.health["state"] == "stopped"
+
+
+def test_requests_arriving_while_stopping_are_503(run, channel_layer, worker):
+    async def scenario():
+        bridge = HttpBridge("web", {"port": 0}, channel_layer)
+        await bridge.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)  # open before the stop
+        pending = asyncio.ensure_future(fetch(bridge.port, "/held-then-answered"))
+        await channel_layer.receive(["test.held"], timeout=10)
+        seen_stopping = asyncio.Event()
+        bridge.health_listeners.append(lambda health: health["state"] == "stopping" and seen_stopping.set())
+        stopping = asyncio.ensure_future(bridge.stop(timeout=10))
+        await asyncio.wait_for(seen_stopping.wait(), 5)
+        writer.write(b"GET /text HTTP/1.1\r\nHost: h\r\n\r\n")
+        late = await asyncio.wait_for(reader.read(), 10)  # read() ends: the bridge closes after answering
+        writer.close()
+        await writer.wait_closed()
+        await channel_layer.send("test.release", {})
+        await pending
+        await stopping
+        return late
+
+    late = run(scenario())
+    assert status_of(late) == 503
+    head = late.split(b"\r\n\r\n")[0].lower()
+    assert b"\r\nretry-after: 1" in head and b"\r\nconnection: close" in head
+
+
+# -- the daemons over Redis ----------------------------------------------------------------------------------
+
+
+HTTP_CONFIG = """[layer]
+url = "{url}"
+prefix = "{prefix}"
+
+[routing]
+app = "apps.http_app:routes"
+
+[bridges.web]
+type = "bridges.http.bridge:HttpBridge"
+host = "127.0.0.1"
+port = {port}
+http_timeout = 5
+max_body = 1000
+proxy_headers = "${{HTTP_PROXY_HEADERS}}"
+"""
+
+
+def test_crossroads_check_accepts_the_options(tmp_path, monkeypatch):
+    config = write_config(tmp_path, HTTP_CONFIG.format(url="memory://", prefix="x", port=8080))
+    import test_cli
+
+    monkeypatch.setitem(test_cli.ENV, "HTTP_PROXY_HEADERS", "true")
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    bad = write_config(tmp_path, HTTP_CONFIG.format(url="memory://", prefix="x", port=8080)
+                       .replace("max_body = 1000", "max_body = -1"))
+    result = run_cli("check", "--config", str(bad))
+    assert result.returncode != 0 and "max_body" in result.stderr and "bridges.web" in result.stderr
+
+
+def test_bridge_and_worker_as_separate_daemons_over_redis(tmp_path, redis_server, monkeypatch):
+    import test_cli
+
+    monkeypatch.setitem(test_cli.ENV, "HTTP_PROXY_HEADERS", "false")
+    port = free_port()
+    config = str(write_config(tmp_path, HTTP_CONFIG.format(url=redis_server.url, prefix="httpd", port=port)))
+    bridge = Daemon(tmp_path, "bridge", "bridge", "web", "--config", config)
+    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    try:
+        bridge.wait_ready()
+        worker.wait_ready()
+        wait_for_port(port, bridge.process)
+        status, headers, body = _fetch(port, "GET", "/text", None, [])
+        assert status == 200 and body == "héllo from text".encode()
+        status, _, body = _fetch(port, "GET", "/stream", None, [])
+        assert status == 201 and body == b"first,second,third"
+        status, _, _ = _fetch(port, "POST", "/inspect", b"x" * 2000, [])
+        assert status == 413
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"NOT HTTP\r\n\r\n")
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 400 ")
+        log = bridge.terminate()
+        assert '"GET /text HTTP/1.1" 200' in log, log
+        worker.terminate()
+    finally:
+        bridge.close()
+        worker.close()
