@@ -1,0 +1,431 @@
+"""The WebSocket bridge: Autobahn (on Twisted's asyncio reactor) feeding ``messages.py``.
+
+This module owns the I/O of WebSocket connections: listening (TCP or TLS),
+holding each upgrade until a consumer answers ``websocket.connect``, passing
+frames into the layer one at a time per connection, performing the actions
+``messages.ConnectionState`` derives from replies, and the timers (handshake,
+idle, ping). It must not decide what a message or a reply means (that is
+``messages.py``) nor how replies reach it (``bridges/base.py``).
+docs/spec/websocket.md is the contract with consumers.
+
+Why the handshake is held: Autobahn's ``onConnect`` may return a Deferred, and
+the HTTP 101 (or the 403/503/504) is written only when it fires. So the
+consumer decides, as ASGI 1.0 says, and a full layer refuses the upgrade itself
+(503) instead of accepting a socket nobody will serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import deque
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
+
+from bridges.base import Bridge, Option, OptionError, as_future, get_reactor
+from layer import MessageTooLarge
+
+from . import messages as m
+
+LAYER_MESSAGE_LIMIT = 1024 * 1024  # the layer's limit on a serialized message (docs/spec/layer.md)
+_CLOSE_WAIT = 5.0  # close_protocol() waits this long for peers to answer our close frames
+RETRY_AFTER = "5"  # seconds, on a 503: when a client (or a proxy) should try the upgrade again
+
+
+def _port_number(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a TCP port number from 0 to 65535 (0 picks a free one)"
+
+
+def _not_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 (off) or a number of seconds"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be a positive number of seconds"
+
+
+def _message_size(value: int) -> str | None:
+    if 0 < value <= LAYER_MESSAGE_LIMIT - 4096:  # leave room for the message's other keys
+        return None
+    return f"must be from 1 to {LAYER_MESSAGE_LIMIT - 4096} bytes (the layer holds at most 1 MiB per message)"
+
+
+def _origins(value: list) -> str | None:
+    for entry in value:
+        if not isinstance(entry, str):
+            return f"entries must be strings, not {entry!r}"
+        problem = m.check_allowed_origin(entry)
+        if problem:
+            return problem
+    return None
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _TlsContext:
+    """The server's TLS context from PEM files: the certificate with its chain after it, and its key.
+
+    Built in ``open_protocol()``, so a bad file fails the start naming the
+    option, not every handshake later. The whole chain is served (clients fail
+    on certificates from an intermediate otherwise); TLS 1.2 is the oldest offered.
+    """
+
+    def __init__(self, cert_path: str, key_path: str) -> None:
+        from OpenSSL import SSL  # pyOpenSSL: imported only when TLS is asked for
+
+        for key, path in (("tls_cert", cert_path), ("tls_key", key_path)):
+            if not os.access(path, os.R_OK):
+                raise OptionError(key, f"cannot read {path!r}: no such file, or not readable")
+        try:
+            context = SSL.Context(SSL.TLS_SERVER_METHOD)
+            context.set_min_proto_version(SSL.TLS1_2_VERSION)
+            context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+            context.use_certificate_chain_file(cert_path)
+            context.use_privatekey_file(key_path)
+            context.check_privatekey()
+        except SSL.Error as exc:
+            raise OptionError("tls_key", f"{cert_path!r} and {key_path!r} are not a PEM certificate (chain) and its "
+                                         f"private key ({exc})") from None
+        self.context = context
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:  # noqa: N802 (Twisted's name)
+        from OpenSSL import SSL
+
+        return SSL.Connection(self.context, None)
+
+
+class _Timer:
+    """A reactor call Autobahn may cancel after it ran (its batched timers tolerate that; DelayedCall does not)."""
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def cancel(self) -> None:
+        if self.call.active():
+            self.call.cancel()
+
+
+class _ExactTimers:
+    """Stands in for Autobahn's batched timer (``factory._batched_timer``): one reactor call per timer.
+
+    Autobahn's batches share one reactor call per time bucket, and cancelling a
+    timer leaves that call scheduled until the bucket is due. Plain calls are
+    cancelled for real, so a closed connection leaves nothing on the reactor.
+    """
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Timer:
+        return _Timer(get_reactor().callLater(delay, func, *args, **kwargs))
+
+
+class WebsocketConnection(WebSocketServerProtocol):
+    """One WebSocket peer: its held handshake, its queue into the layer, its timers."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.bridge: WebsocketBridge = self.factory.bridge
+        address = self.transport.getPeer()
+        self.peer_address = (getattr(address, "host", "?"), getattr(address, "port", 0))
+        self.peer_name = f"{self.peer_address[0]}:{self.peer_address[1]}"
+        self.handshake: m.Handshake | None = None
+        self.asgi: m.ConnectionState | None = None  # (Autobahn owns self.state)
+        self.local_id: str | None = None
+        self.reply_to = ""
+        self.held: Deferred | None = None  # fires with the subprotocol (accept) or fails (reject)
+        self.unsent: deque[tuple[str, Any]] = deque()  # (channel, payload or close code), sent in turn
+        self.forwarding = False
+        self.connect_stored = False
+        self.refusing = False  # the layer refused a frame: later frames are not sent (no gap in their order)
+        self.last_order = 0  # order of the last message the layer stored: connect is 0
+        self.last_activity = time.monotonic()
+        self.closed = asyncio.get_running_loop().create_future()  # close_protocol() waits for it
+        self.bridge.connections.add(self)
+        reactor = get_reactor()
+        self.handshake_timer = reactor.callLater(self.bridge.options["handshake_timeout"], self._handshake_timed_out)
+        self.idle_timer = None
+
+    # -- the handshake --
+
+    def onConnect(self, request: Any) -> Deferred:
+        bridge = self.bridge
+        if not bridge.accepting:
+            raise ConnectionDeny(m.UNAVAILABLE, "shutting down, try again")
+        host = self.transport.getHost()
+        try:
+            handshake = m.parse_handshake(self.http_request_data, secure=bridge.secure, client=self.peer_address,
+                                          server=(host.host, host.port), root_path=bridge.options["root_path"])
+        except m.BadHandshake as exc:
+            bridge.bad_input(self.peer_name, exc.reason)
+            raise ConnectionDeny(exc.status, exc.reason) from None
+        origin = handshake.header(b"origin")
+        if not m.origin_allowed(origin, handshake.header(b"host"), bridge.options["allowed_origins"]):
+            bridge.bad_input(self.peer_name, f"origin {origin.decode('latin-1')!r} is not allowed "
+                                             f"(same-origin or allowed_origins only)")
+            raise ConnectionDeny(m.FORBIDDEN, "origin not allowed")
+        self.handshake = handshake
+        self.asgi = m.ConnectionState(handshake.subprotocols)
+        self.local_id = bridge.register(self)
+        self.reply_to = bridge.reply_channel(self.local_id)
+        self.held = Deferred()
+        bridge.count("received")
+        self._queue(m.CONNECT, None)
+        return self.held
+
+    def refuse(self, status: int, reason: str) -> None:
+        """Answer the held handshake with an HTTP error (once)."""
+        if self.held is not None and not self.held.called:
+            self.asgi.closed()
+            self._cancel_handshake_timer()
+            self.held.errback(ConnectionDeny(status, reason))
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:  # noqa: N803
+        if code == m.UNAVAILABLE and not responseHeaders:  # busy or stopping: say when to come back
+            responseHeaders = [("Retry-After", RETRY_AFTER)]
+        super().failHandshake(reason, code, responseHeaders)
+
+    def _handshake_timed_out(self) -> None:
+        self.handshake_timer = None
+        if self.held is not None and not self.held.called:
+            self.bridge.count("handshake_timeouts")
+            self.bridge.log.warning("%s: no answer to websocket.connect from %s within %.3g s: 504",
+                                    self.bridge.label, self.peer_name, self.bridge.options["handshake_timeout"])
+            self.refuse(m.GATEWAY_TIMEOUT, "no answer from the application")
+        elif self.held is None and self.asgi is None:  # the request itself never came in time
+            self.bridge.bad_input(self.peer_name, "no complete upgrade request within the handshake timeout")
+            self.dropConnection(abort=True)
+
+    def _cancel_handshake_timer(self) -> None:
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
+
+    def onOpen(self) -> None:
+        self._cancel_handshake_timer()
+        self.last_activity = time.monotonic()
+        if self.bridge.options["idle_timeout"] > 0:
+            self.idle_timer = get_reactor().callLater(self.bridge.options["idle_timeout"], self._check_idle)
+
+    # -- frames in --
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N803 (Autobahn's name)
+        self.bridge.count("received")
+        self.last_activity = time.monotonic()
+        if self.asgi is None or self.asgi.phase != m.OPEN:
+            return  # we are closing it: the consumer gets websocket.disconnect, not what came after
+        # Autobahn validated UTF-8 already (invalid text closes with 1007 before we see it).
+        self._queue(m.RECEIVE, payload if isBinary else payload.decode("utf-8"))
+
+    def _queue(self, channel: str, item: Any) -> None:
+        # One send at a time per connection, so its messages reach the layer in the order they happened.
+        self.unsent.append((channel, item))
+        if not self.forwarding:
+            self.forwarding = True
+            self.bridge.spawn(self._forward(), f"forwarding messages from {self.peer_name}")
+
+    async def _forward(self) -> None:
+        bridge = self.bridge
+        try:
+            while self.unsent:
+                channel, item = self.unsent.popleft()
+                order = self.last_order + 1  # orders stay contiguous: a refused frame does not use one up
+                if channel == m.CONNECT:
+                    order, message = 0, m.connect_message(self.reply_to, self.handshake)
+                elif channel == m.RECEIVE:
+                    if self.refusing:  # the layer refused an earlier frame: the peer got 1013 and retries them all
+                        bridge.count("refused")
+                        continue
+                    message = m.receive_message(self.reply_to, self.handshake, item, order)
+                else:
+                    if not self.connect_stored:  # the consumer never heard of this connection
+                        continue
+                    message = m.disconnect_message(self.reply_to, self.handshake, item, order)
+                try:
+                    stored = await bridge.send_to_layer(channel, message)
+                except MessageTooLarge:
+                    bridge.bad_input(self.peer_name, f"{channel} too large for the layer")
+                    if channel == m.CONNECT:
+                        self.refuse(431, "request headers too large")
+                    else:
+                        self.close_with(m.MESSAGE_TOO_BIG, "message too large")
+                    continue
+                if stored:
+                    self.last_order = order
+                    self.connect_stored = self.connect_stored or channel == m.CONNECT
+                elif channel == m.CONNECT:
+                    self.refuse(m.UNAVAILABLE, "server busy, try again later")
+                elif channel == m.RECEIVE:
+                    self.refusing = True
+                    self.close_with(m.TRY_AGAIN_LATER, "server busy, try again later")
+                else:
+                    bridge.log.warning("%s: the layer refused websocket.disconnect for %s; its consumer will not "
+                                       "hear that it closed", bridge.label, self.peer_name)
+        finally:
+            self.forwarding = False
+
+    # -- replies out (called by WebsocketBridge.handle_reply, in order) --
+
+    def perform(self, action: m.Action) -> None:
+        if isinstance(action, m.Accept):
+            self._cancel_handshake_timer()
+            self.held.callback(action.subprotocol)  # writes the 101 and opens the connection, synchronously
+        elif isinstance(action, m.Reject):
+            self.refuse(action.status, "rejected by the application")
+        elif isinstance(action, m.Send):
+            if self.transport is not None:
+                self.last_activity = time.monotonic()
+                is_binary = isinstance(action.payload, bytes)
+                self.sendMessage(action.payload if is_binary else action.payload.encode("utf-8"), isBinary=is_binary)
+        elif isinstance(action, m.Close):
+            self.close_with(action.code, "")
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Start the closing handshake with any code a server may send (Autobahn's sendClose allows fewer)."""
+        if self.asgi is not None:
+            self.asgi.closed()
+        if self.state == self.STATE_OPEN:  # Autobahn's own state: not closing yet
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123] or None, isReply=False)
+
+    # -- timers --
+
+    def _check_idle(self) -> None:
+        idle = self.bridge.options["idle_timeout"]
+        quiet = time.monotonic() - self.last_activity
+        if quiet >= idle:
+            self.idle_timer = None
+            self.bridge.count("idle_closed")
+            self.close_with(m.GOING_AWAY, "idle timeout")
+        else:
+            self.idle_timer = get_reactor().callLater(idle - quiet, self._check_idle)
+
+    # -- the end --
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N803
+        if self.asgi is not None:
+            self.asgi.closed()
+        local = getattr(self, "localCloseCode", None)
+        if local in (m.INVALID_PAYLOAD, m.MESSAGE_TOO_BIG) and getattr(self, "failedByMe", False):
+            why = (getattr(self, "localCloseReason", None) or b"").decode("utf-8", "replace")
+            self.bridge.bad_input(self.peer_name, f"closed with {local} ({why})")  # Autobahn found it: we count it
+        if self.held is not None and self.local_id is not None:
+            if not wasClean:
+                code = 1006  # RFC 6455: closed abnormally, without a close frame
+            self._queue(m.DISCONNECT, code if code is not None else 1005)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self._cancel_handshake_timer()
+        for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):  # Autobahn may leave these
+            call = getattr(self, name, None)
+            if call is not None:
+                call.cancel()
+                setattr(self, name, None)
+        if self.idle_timer is not None and self.idle_timer.active():
+            self.idle_timer.cancel()
+        self.idle_timer = None
+        if self.local_id is not None:
+            self.bridge.unregister(self.local_id)
+        self.bridge.connections.discard(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class WebsocketBridge(Bridge):
+    """Serves WebSocket clients on ``host``:``port`` (TLS with ``tls_cert``/``tls_key``) for ASGI 1.0 consumers."""
+
+    type_name = "websocket"
+    OPTIONS = {
+        "host": Option(str, "127.0.0.1", "the address to listen on"),
+        "port": Option(int, 8001, "the TCP port to listen on; 0 picks a free one", _port_number, from_string=True),
+        "tls_cert": Option(str, "", "PEM certificate (chain) file: serve wss:// (needs tls_key)"),
+        "tls_key": Option(str, "", "PEM private key file for tls_cert"),
+        "root_path": Option(str, "", "the path prefix the app is mounted at behind a proxy, passed as root_path"),
+        "allowed_origins": Option(list, [], "origins allowed besides the same origin: '*', 'null', "
+                                            "'https://host[:port]', 'host', '*.host'", _origins),
+        "max_message_size": Option(int, 1_000_000, "the largest message (bytes) a client may send; "
+                                                   "larger closes with 1009", _message_size, from_string=True),
+        "handshake_timeout": Option(float, 10.0, "seconds to receive the upgrade and the app's answer (else 504)",
+                                    _positive, from_string=True),
+        "idle_timeout": Option(float, 0.0, "close (1001) a connection with no message either way for this "
+                                           "many seconds; 0 never", _not_negative, from_string=True),
+        "ping_interval": Option(float, 20.0, "send a ping after this many seconds of silence; 0 never",
+                                _not_negative, from_string=True),
+        "ping_timeout": Option(float, 20.0, "drop a connection whose pong does not come within this many seconds",
+                               _not_negative, from_string=True),
+    }
+
+    def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
+        super().__init__(name, options, layer)
+        if bool(self.options["tls_cert"]) != bool(self.options["tls_key"]):
+            raise OptionError("tls_key" if self.options["tls_cert"] else "tls_cert",
+                              "TLS needs both tls_cert and tls_key")
+        self.secure = bool(self.options["tls_cert"])
+        self.accepting = False
+        self.connections: set[WebsocketConnection] = set()
+        self.listening: Any = None
+        self.port = 0
+
+    def make_factory(self) -> WebSocketServerFactory:
+        factory = WebSocketServerFactory(server="crossroads")
+        factory.protocol = WebsocketConnection
+        factory.bridge = self
+        size = self.options["max_message_size"]
+        factory.setProtocolOptions(
+            maxMessagePayloadSize=size, maxFramePayloadSize=size,
+            openHandshakeTimeout=0,  # ours covers the held handshake too (504), see WebsocketConnection
+            failByDrop=False,  # send 1007/1009 close frames so clients learn why, instead of a bare TCP drop
+            autoPingInterval=self.options["ping_interval"], autoPingTimeout=self.options["ping_timeout"],
+            allowedOrigins=["*"], allowNullOrigin=True,  # origins are checked by messages.origin_allowed
+        )
+        factory._batched_timer = _ExactTimers()
+        factory.isSecure = self.secure
+        return factory
+
+    async def open_protocol(self) -> None:
+        reactor = get_reactor()
+        factory = self.make_factory()
+        self.accepting = True
+        if self.secure:
+            context = _TlsContext(self.options["tls_cert"], self.options["tls_key"])
+            self.listening = reactor.listenSSL(self.options["port"], factory, context, interface=self.options["host"])
+        else:
+            self.listening = reactor.listenTCP(self.options["port"], factory, interface=self.options["host"])
+        self.port = self.listening.getHost().port
+        factory.port = self.port
+
+    async def stop_accepting(self) -> None:
+        self.accepting = False
+        if self.listening is not None:
+            await as_future(self.listening.stopListening())
+
+    async def close_protocol(self) -> None:
+        connections = list(self.connections)
+        for connection in connections:
+            if connection.held is not None and not connection.held.called:
+                connection.refuse(m.UNAVAILABLE, "shutting down, try again")
+            elif connection.asgi is not None and connection.asgi.phase == m.OPEN:
+                connection.close_with(m.GOING_AWAY, "server shutting down")
+            else:
+                connection.dropConnection(abort=False)
+        if connections:
+            await asyncio.wait([c.closed for c in connections], timeout=_CLOSE_WAIT)
+        for connection in connections:
+            if not connection.closed.done():
+                connection.dropConnection(abort=True)
+        if connections:
+            await asyncio.wait([c.closed for c in connections], timeout=1.0)
+
+    def handle_reply(self, local_id: str, message: dict) -> None:
+        connection: WebsocketConnection = self.targets[local_id]
+        try:
+            actions = connection.asgi.interpret(message)
+        except m.InvalidReply as exc:
+            self.count("invalid_replies")
+            self.log.warning("%s: ignored an invalid reply for %s (%s): %s", self.label, connection.peer_name,
+                             connection.handshake.path if connection.handshake else "?", exc)
+            return
+        for action in actions:
+            connection.perform(action)

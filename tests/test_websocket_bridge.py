@@ -1,0 +1,562 @@
+"""The WebSocket bridge with real clients (the ``websockets`` library) over loopback.
+
+As in tests/test_bridge_base.py, this module installs Twisted's asyncio reactor
+on a loop of its own, runs each test's coroutine on it, checks that nothing is
+left on it afterwards and uninstalls the reactor at the end. Consumers are the
+modules in tests/apps/ws_*.py, run by an in-process ``consumers.worker.Worker``
+(its own threads, the layer's blocking face) against ``memory://``; one test
+runs ``crossroads bridge`` and ``crossroads worker`` as separate processes over
+a real redis-server. Waits have deadlines; none is a bare sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import sys
+from contextlib import asynccontextmanager
+
+import pytest
+import websockets
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+import layer
+from bridges.base import OptionError, ReactorError, install_reactor
+from bridges.websocket.bridge import WebsocketBridge
+from consumers.worker import Worker
+
+# -- the reactor and the loop (as in test_bridge_base.py) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reactor():
+    installed_here = "twisted.internet.reactor" not in sys.modules
+    try:
+        reactor = install_reactor(asyncio.new_event_loop() if installed_here else None)
+    except ReactorError as exc:
+        pytest.fail(f"{exc} (did a test module import twisted.internet.reactor at import time?)")
+    yield reactor
+    if installed_here:  # leave the process as we found it: no reactor installed
+        import twisted.internet
+
+        for reader in list(reactor._internalReaders):
+            reactor._removeInternalReader(reader)
+            reader.connectionLost(None)
+        del sys.modules["twisted.internet.reactor"]
+        del twisted.internet.reactor
+        reactor._asyncioEventloop.close()
+        asyncio.set_event_loop(None)
+
+
+@pytest.fixture
+def run(reactor):
+    """``run(coroutine)`` runs it on the reactor's loop with a deadline; afterwards nothing may be left running."""
+    loop = reactor._asyncioEventloop
+
+    def run(coroutine, timeout: float = 30.0):
+        return loop.run_until_complete(asyncio.wait_for(coroutine, timeout))
+
+    yield run
+    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    calls = reactor.getDelayedCalls()
+    for call in calls:
+        call.cancel()
+    selectables = [s for s in reactor.removeAll() if s not in reactor._internalReaders]
+    assert not (tasks or calls or selectables), f"left on the loop: {tasks=} {calls=} {selectables=}"
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def serving(options: dict | None = None, *, channel_layer=None, threads: int = 1, worker: bool = True,
+                  app: str = "apps.ws_echo:routes"):
+    """A started WebsocketBridge on a free port, and a Worker running ``app`` on the same layer."""
+    channel_layer = channel_layer or layer.from_url("memory://", capacity=1000)
+    bridge = WebsocketBridge("ws", {"port": 0, **(options or {})}, channel_layer)
+    await bridge.start()
+    running = Worker(app, channel_layer, threads=threads) if worker else None
+    if running is not None:
+        running.start()
+    try:
+        yield bridge
+    finally:
+        await bridge.stop(timeout=5)
+        if running is not None:
+            running.stop()
+            await asyncio.to_thread(running.join, 10)
+        await channel_layer.close()
+
+
+def url(bridge: WebsocketBridge, path: str = "/echo/") -> str:
+    return f"ws://127.0.0.1:{bridge.port}{path}"
+
+
+async def refused_status(bridge: WebsocketBridge, path: str, **client_options) -> int:
+    """The HTTP status of a handshake that must fail."""
+    with pytest.raises(InvalidStatus) as failed:
+        async with connect(url(bridge, path), open_timeout=10, **client_options):
+            pass
+    return failed.value.response.status_code
+
+
+async def closed_code(ws) -> int:
+    """Wait for the server to close ``ws``; the code it closed with."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(ws.recv(), 10)
+    return closed.value.rcvd.code if closed.value.rcvd is not None else 1006
+
+
+async def take(channel_layer, channel: str, timeout: float = 10) -> dict:
+    got, message = await channel_layer.receive([channel], timeout=timeout)
+    assert got == channel, f"nothing on {channel} within {timeout} s"
+    return message
+
+
+# -- the handshake -------------------------------------------------------------------------------------------
+
+
+def test_accept_and_the_connect_message(run):
+    async def scenario():
+        async with serving({"root_path": "/app"}) as bridge:
+            async with connect(url(bridge, "/echo/caf%C3%A9/?a=1&b=%20"), open_timeout=10,
+                               additional_headers=[("X-Twice", "one"), ("X-Twice", "two")]) as ws:
+                await ws.send("hi")
+                assert await asyncio.wait_for(ws.recv(), 10) == "hi"
+                local_port = ws.local_address[1]
+            connected = await take(bridge.layer, "test.connects")
+            disconnected = await take(bridge.layer, "test.disconnects")
+            return bridge, connected, disconnected, local_port
+
+    bridge, connected, disconnected, local_port = run(scenario())
+    assert connected["reply_channel"].startswith("websocket.ws.")
+    assert connected["scheme"] == "ws" and connected["path"] == "/echo/café/"
+    assert connected["query_string"] == b"a=1&b=%20" and connected["root_path"] == "/app"
+    assert connected["order"] == 0 and connected["subprotocols"] == []
+    assert connected["client"] == ["127.0.0.1", local_port] and connected["server"] == ["127.0.0.1", bridge.port]
+    headers = connected["headers"]
+    assert all(isinstance(n, bytes) and n == n.lower() and isinstance(v, bytes) for n, v in headers)
+    assert [v for n, v in headers if n == b"x-twice"] == [b"one", b"two"]
+    assert connected["protocol"] == "websocket" and connected["room"] == "/echo/café/"
+    assert connected["sender"] == f"127.0.0.1:{local_port}"
+    assert disconnected["code"] == 1000 and disconnected["order"] == 2  # after the one frame
+    assert disconnected["reply_channel"] == connected["reply_channel"]
+    assert bridge.counters["errors"] == 0
+
+
+@pytest.mark.parametrize("path", ["/reject/", "/accept-false/", "/close-first/"])
+def test_rejected_handshakes_get_403(run, path):
+    async def scenario():
+        async with serving() as bridge:
+            status = await refused_status(bridge, path)
+            disconnected = await take(bridge.layer, "test.disconnects")  # the consumer can clean up after it
+            return status, disconnected
+
+    status, disconnected = run(scenario())
+    assert status == 403
+    assert disconnected["path"] == path and disconnected["code"] == 1006 and disconnected["order"] == 1
+
+
+def test_handshake_is_held_until_the_consumer_answers(run):
+    async def scenario():
+        async with serving() as bridge:
+            opening = asyncio.ensure_future(connect(url(bridge, "/hold/"), open_timeout=10))
+            await take(bridge.layer, "test.held")  # the consumer has the connect in hand...
+            done, _ = await asyncio.wait([opening], timeout=0.3)
+            assert not done, "the handshake finished before the consumer answered"  # ...and no 101 yet
+            await bridge.layer.send("test.release", {})
+            ws = await opening
+            assert ws.protocol.state.name == "OPEN"
+            await ws.close()
+
+    run(scenario())
+
+
+def test_text_before_accept_accepts(run):
+    async def scenario():
+        async with serving() as bridge:
+            async with connect(url(bridge, "/text-first/"), open_timeout=10) as ws:
+                assert await asyncio.wait_for(ws.recv(), 10) == "welcome"
+
+    run(scenario())
+
+
+def test_invalid_replies_are_ignored_counted_and_logged(run, caplog):
+    async def scenario():
+        async with serving() as bridge:
+            async with connect(url(bridge, "/invalid/"), open_timeout=10) as ws:
+                await ws.send("still works")
+                assert await asyncio.wait_for(ws.recv(), 10) == "still works"
+            return bridge
+
+    with caplog.at_level(logging.WARNING):
+        bridge = run(scenario())
+    assert bridge.counters["invalid_replies"] == 2 and bridge.counters["errors"] == 0
+    assert "ignored an invalid reply" in caplog.text and "not both" in caplog.text
+
+
+def test_handshake_timeout_answers_504(run):
+    async def scenario():
+        async with serving({"handshake_timeout": 0.3}) as bridge:
+            status = await refused_status(bridge, "/silent/")
+            return bridge, status
+
+    bridge, status = run(scenario())
+    assert status == 504 and bridge.counters["handshake_timeouts"] == 1
+
+
+def test_an_upgrade_request_that_never_completes_is_dropped(run):
+    async def scenario():
+        async with serving({"handshake_timeout": 0.3}) as bridge:
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(b"GET /echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and nothing more
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return bridge
+
+    bridge = run(scenario())
+    assert bridge.counters["bad_input"] == 1 and bridge.counters["received"] == 0
+
+
+def test_a_client_leaving_a_held_handshake_still_gets_its_disconnect_sent(run):
+    async def scenario():
+        async with serving(threads=2) as bridge:  # one thread holds the handshake, one consumes the disconnect
+            opening = asyncio.ensure_future(connect(url(bridge, "/hold/"), open_timeout=10))
+            await take(bridge.layer, "test.held")
+            opening.cancel()  # the client gives up while the consumer holds the handshake
+            await asyncio.gather(opening, return_exceptions=True)
+            disconnected = await take(bridge.layer, "test.disconnects")
+            await bridge.layer.send("test.release", {})  # the late accept goes nowhere
+            return disconnected
+
+    disconnected = run(scenario())
+    assert disconnected["code"] == 1006 and disconnected["order"] == 1
+
+
+def test_subprotocols_are_offered_to_the_consumer_and_its_choice_is_spoken(run):
+    async def scenario():
+        async with serving() as bridge:
+            async with connect(url(bridge), subprotocols=["chat.v1", "chat.v2"], open_timeout=10) as ws:
+                assert ws.subprotocol == "chat.v2"
+            connected = await take(bridge.layer, "test.connects")
+            assert connected["subprotocols"] == ["chat.v1", "chat.v2"]
+
+    run(scenario())
+
+
+# -- origins -------------------------------------------------------------------------------------------------
+
+
+def test_origins(run):
+    async def scenario():
+        async with serving({"allowed_origins": ["https://app.example.com", "*.trusted.example"]}) as bridge:
+            port = bridge.port
+            assert await refused_status(bridge, "/echo/", origin="http://evil.example") == 403
+            assert await refused_status(bridge, "/echo/", origin=f"http://127.0.0.1:{port + 1}") == 403
+            assert await refused_status(bridge, "/echo/", origin="null") == 403
+            for origin in [None, f"http://127.0.0.1:{port}", "https://app.example.com", "http://a.trusted.example"]:
+                async with connect(url(bridge), origin=origin, open_timeout=10) as ws:
+                    await ws.send("ok")
+                    assert await asyncio.wait_for(ws.recv(), 10) == "ok"
+            return bridge
+
+    bridge = run(scenario())
+    assert bridge.counters["bad_input"] == 3
+
+
+def test_options_are_checked():
+    memory = layer.from_url("memory://")
+    with pytest.raises(OptionError, match="allowed_origins"):
+        WebsocketBridge("ws", {"allowed_origins": ["ftp://x"]}, memory)
+    with pytest.raises(OptionError, match="max_message_size"):
+        WebsocketBridge("ws", {"max_message_size": 2_000_000}, memory)
+    with pytest.raises(OptionError, match="tls_key"):
+        WebsocketBridge("ws", {"tls_cert": "/etc/cert.pem"}, memory)
+    with pytest.raises(OptionError, match="handshake_timeout"):
+        WebsocketBridge("ws", {"handshake_timeout": 0}, memory)
+
+
+# -- frames --------------------------------------------------------------------------------------------------
+
+
+def test_echo_text_and_bytes(run):
+    async def scenario():
+        async with serving() as bridge:
+            async with connect(url(bridge), open_timeout=10) as ws:
+                await ws.send("héllo")
+                assert await asyncio.wait_for(ws.recv(), 10) == "héllo"
+                await ws.send(b"\x00\xffbin")
+                assert await asyncio.wait_for(ws.recv(), 10) == b"\x00\xffbin"
+                await ws.send("")
+                assert await asyncio.wait_for(ws.recv(), 10) == ""
+
+    run(scenario())
+
+
+def test_order_is_kept_for_many_messages(run):
+    count = 500
+
+    async def scenario():
+        async with serving(channel_layer=layer.from_url("memory://", capacity=5000)) as bridge:
+            async with connect(url(bridge), open_timeout=10) as ws:
+                for i in range(count):
+                    await ws.send(f"order {i}")
+                got = [await asyncio.wait_for(ws.recv(), 10) for _ in range(count)]
+            assert got == [f"{i + 1} order {i}" for i in range(count)]  # order keys 1, 2, ... in frame order
+            disconnected = await take(bridge.layer, "test.disconnects")
+            assert disconnected["order"] == count + 1
+
+    run(scenario(), timeout=60)
+
+
+@pytest.mark.parametrize(("command", "code"), [("close", 1000), ("close 4321", 4321), ("close 1011", 1011)])
+def test_consumer_closes_with_its_code(run, command, code):
+    async def scenario():
+        async with serving() as bridge:
+            async with connect(url(bridge), open_timeout=10) as ws:
+                await ws.send(command)
+                return await closed_code(ws)
+
+    assert run(scenario()) == code
+
+
+def test_message_over_max_message_size_closes_1009(run):
+    async def scenario():
+        async with serving({"max_message_size": 1000}) as bridge:
+            async with connect(url(bridge), open_timeout=10) as ws:
+                await ws.send("x" * 1000)
+                assert len(await asyncio.wait_for(ws.recv(), 10)) == 1000  # the limit itself is fine
+                await ws.send("x" * 1001)
+                code = await closed_code(ws)
+            return bridge, code
+
+    bridge, code = run(scenario())
+    assert code == 1009 and bridge.counters["bad_input"] == 1
+
+
+def test_invalid_utf8_text_closes_1007(run):
+    async def scenario():
+        async with serving() as bridge:
+            async with connect(url(bridge), open_timeout=10) as ws:
+                await ws.send(b"ok \xff\xfe", text=True)  # websockets sends these bytes as a text frame unchecked
+                code = await closed_code(ws)
+            disconnected = await take(bridge.layer, "test.disconnects")
+            return bridge, code, disconnected
+
+    bridge, code, disconnected = run(scenario())
+    assert code == 1007 and bridge.counters["bad_input"] == 1
+    assert disconnected["order"] == 1  # the bad frame never reached the layer
+
+
+def test_idle_timeout_closes_1001(run):
+    async def scenario():
+        async with serving({"idle_timeout": 0.3}) as bridge:
+            async with connect(url(bridge), open_timeout=10, ping_interval=None) as ws:
+                return await closed_code(ws)
+
+    assert run(scenario()) == 1001
+
+
+# -- a full layer --------------------------------------------------------------------------------------------
+
+
+def test_full_layer_refuses_the_handshake_with_503(run):
+    async def scenario():
+        channel_layer = layer.from_url("memory://", channel_capacity={"websocket.connect": 1})
+        async with serving(channel_layer=channel_layer, worker=False) as bridge:
+            await channel_layer.send("websocket.connect", {"filler": True})  # the channel is full now
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(url(bridge), open_timeout=10):
+                    pass
+            assert bridge.health["state"] == "degraded" and "websocket.connect" in bridge.health["reason"]
+            return bridge, refused.value.response
+
+    bridge, response = run(scenario())
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert bridge.counters["refused"] == 1
+
+
+def test_full_layer_after_accept_closes_1013_and_keeps_order_contiguous(run):
+    async def scenario():
+        channel_layer = layer.from_url("memory://", channel_capacity={"websocket.receive": 2})
+        async with serving(channel_layer=channel_layer, worker=False) as bridge:
+            opening = asyncio.ensure_future(connect(url(bridge), open_timeout=10))
+            connected = await take(channel_layer, "websocket.connect")  # the test plays the consumer
+            await channel_layer.send(connected["reply_channel"], {"accept": True})
+            ws = await opening
+            for i in range(5):
+                await ws.send(f"m{i}")
+            code = await closed_code(ws)
+            stored = [await take(channel_layer, "websocket.receive") for _ in range(2)]
+            disconnected = await take(channel_layer, "websocket.disconnect")
+            return bridge, code, stored, disconnected
+
+    bridge, code, stored, disconnected = run(scenario())
+    assert code == 1013
+    assert [(m["order"], m["text"]) for m in stored] == [(1, "m0"), (2, "m1")]
+    assert disconnected["order"] == 3  # no gap for the consumer's @enforce_ordering to wait on
+    assert bridge.counters["refused"] >= 1
+
+
+# -- broadcast to many -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("threads", "app"), [(1, "apps.ws_echo:routes"), (4, "apps.ws_strict:routes")],
+                         ids=["one-thread", "four-threads-enforce-ordering"])
+def test_a_thousand_clients_in_one_room_get_every_broadcast_in_order(run, threads, app):
+    clients, senders, each = 1000, 4, 5
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert soft >= 2 * clients + 200, f"ulimit -n is {soft}: this test needs about {2 * clients + 200} descriptors"
+
+    async def scenario():
+        channel_layer = layer.from_url("memory://", capacity=50_000)
+        async with serving({"ping_interval": 0}, channel_layer=channel_layer, threads=threads, app=app) as bridge:
+            gate = asyncio.Semaphore(100)
+
+            async def open_one():
+                async with gate:
+                    return await connect(url(bridge, "/room/lobby/"), open_timeout=30, ping_interval=None,
+                                         max_queue=None)
+
+            sockets = await asyncio.gather(*(open_one() for _ in range(clients)))
+            for n in range(each):  # senders interleave; each one's own messages must stay in order
+                for s in range(senders):
+                    await sockets[s].send(f"s{s} m{n}")
+
+            async def collect(ws):
+                return [await asyncio.wait_for(ws.recv(), 60) for _ in range(senders * each)]
+
+            received = await asyncio.gather(*(collect(ws) for ws in sockets))
+            await asyncio.gather(*(ws.close() for ws in sockets))
+            return bridge, received, await channel_layer.stats()
+
+    bridge, received, stats = run(scenario(), timeout=110)
+    expected = {f"s{s}": [f"s{s} m{n}" for n in range(each)] for s in range(senders)}
+    for got in received:
+        assert sorted(got) == sorted(sum(expected.values(), [])), "a broadcast was lost or duplicated"
+        for sender, mine in expected.items():
+            assert [m for m in got if m.split()[0] == sender] == mine, "a sender's broadcasts were reordered"
+    assert stats["dropped"] == 0 and bridge.counters["dropped"] == 0
+
+
+# -- keepalive, TLS and stopping -----------------------------------------------------------------------------
+
+
+def test_a_peer_that_never_answers_pings_is_dropped(run):
+    """A raw TCP peer completes the upgrade, then never reads: pings go unanswered and it is dropped."""
+
+    async def scenario():
+        async with serving({"ping_interval": 0.2, "ping_timeout": 0.2}) as bridge:
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(b"GET /echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 101")
+            first = await asyncio.wait_for(reader.readexactly(2), 10)
+            assert first[0] == 0x89, "the server's first frame should be a ping"
+            with pytest.raises(ConnectionResetError):  # aborted (RST) for not answering
+                await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            disconnected = await take(bridge.layer, "test.disconnects")
+            return disconnected
+
+    disconnected = run(scenario())
+    assert disconnected["code"] == 1006  # dropped without a closing handshake
+
+
+def test_tls(run, tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.create_child_ca().issue_cert("127.0.0.1", "localhost")  # as public CAs do: via an intermediate
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    issued.private_key_pem.write_to_path(str(key))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    async def scenario():
+        async with serving({"tls_cert": str(cert), "tls_key": str(key)}) as bridge:
+            async with connect(f"wss://127.0.0.1:{bridge.port}/echo/", ssl=context, open_timeout=10) as ws:
+                await ws.send("secret")
+                assert await asyncio.wait_for(ws.recv(), 10) == "secret"
+            connected = await take(bridge.layer, "test.connects")
+            assert connected["scheme"] == "wss"
+
+    run(scenario())
+    with pytest.raises(OptionError, match="tls_key: cannot read"):
+        run(WebsocketBridge("ws", {"port": 0, "tls_cert": str(cert), "tls_key": str(tmp_path / "nope.pem")},
+                            layer.from_url("memory://")).start())
+
+
+def test_stop_closes_open_sockets_1001_and_refuses_held_handshakes_503(run):
+    async def scenario():
+        async with serving() as bridge:
+            ws = await connect(url(bridge), open_timeout=10)
+            holding = asyncio.ensure_future(connect(url(bridge, "/hold/"), open_timeout=10))
+            await take(bridge.layer, "test.held")
+            await bridge.stop(timeout=5)
+            code = await closed_code(ws)
+            with pytest.raises(InvalidStatus) as refused:
+                await holding
+            await bridge.layer.send("test.release", {})  # let the worker's held consumer finish
+            return code, refused.value.response.status_code
+
+    assert run(scenario()) == (1001, 503)
+
+
+# -- as deployed: bridge and worker as separate processes over Redis --------------------------------------------
+
+
+def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server):
+    from servers import free_port, wait_for_port
+    from test_cli import write_config
+    from test_daemons import Daemon
+    from websockets.sync.client import connect as connect_sync
+
+    port = free_port()
+    config = str(write_config(tmp_path, f"""[layer]
+url = "{redis_server.url}"
+prefix = "wsdaemons"
+
+[routing]
+app = "apps.ws_echo:routes"
+
+[worker]
+threads = 1  # one socket's frames are consumed in order (several threads may run them out of order)
+
+[bridges.ws]
+type = "bridges.websocket.bridge:WebsocketBridge"
+port = {port}
+"""))
+    bridge = Daemon(tmp_path, "bridge", "bridge", "ws", "--config", config)
+    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    try:
+        bridge.wait_ready()
+        worker.wait_ready()
+        wait_for_port(port, bridge.process)
+        with connect_sync(f"ws://127.0.0.1:{port}/echo/", subprotocols=["a", "b"], open_timeout=20) as ws:
+            assert ws.subprotocol == "b"
+            for i in range(50):
+                ws.send(f"order {i}")
+            assert [ws.recv(timeout=20) for _ in range(50)] == [f"{i + 1} order {i}" for i in range(50)]
+            ws.send(b"\x01\x02")
+            assert ws.recv(timeout=20) == b"\x01\x02"
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            with connect_sync(f"ws://127.0.0.1:{port}/reject/", open_timeout=20):
+                pass
+        assert refused.value.response.status_code == 403
+        bridge.terminate()
+        worker.terminate()
+    finally:
+        bridge.close()
+        worker.close()
