@@ -25,7 +25,7 @@ from typing import Any
 
 from layer import base
 
-from .channel import Channel
+from .channel import Channel, flush, send_buffer
 
 log = logging.getLogger("crossroads.consumers")
 
@@ -154,8 +154,10 @@ def enforce_ordering(func: Callable) -> Callable:
     """Run messages of one reply channel strictly in their ``order`` (0, 1, 2, ...).
 
     An early message is parked on a wait channel; an old or repeated one is
-    dropped with a log line. After each in-order message the session is saved
-    and the parked messages are sent back to their channels to try again.
+    dropped with a log line. After each in-order message its buffered sends are
+    flushed, the session is saved, and the parked messages are sent back to
+    their channels to try again. Decorate the ``*.connect`` consumer too: it is
+    order 0, and every later message waits for it.
     """
     @functools.wraps(func)
     def inner(message: Any, *args: Any, **kwargs: Any) -> Any:
@@ -180,6 +182,12 @@ def enforce_ordering(func: Callable) -> Callable:
         try:
             return func(message, *args, **kwargs)
         finally:
+            # What this message sent must leave before the next one may run (on another thread, maybe),
+            # or the next one's sends could overtake it.
+            buffer = send_buffer.get()
+            if buffer:
+                flush(buffer, sync_layer, f"{message.channel.name} order {order}")
+                buffer.clear()
             session[NEXT_ORDER_KEY] = order + 1
             store.save(session)
             _replay(sync_layer, reply)
