@@ -1,5 +1,5 @@
 # The two set-up commands of the README, and the benchmark.
-#   make run    create .venv, install crossroads, start the main job
+#   make run    create .venv, install crossroads, serve the chat example on http://127.0.0.1:8000/
 #   make test   create .venv, install the test extras and system servers, run every test
 #   make bench  the channel-layer and worker benchmarks (docs/benchmarks.md)
 
@@ -32,7 +32,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/crossroads run $(RUN_ARGS)
+	$(BIN)/crossroads run --config examples/chat/crossroads.toml $(RUN_ARGS)
 
 test: $(VENV)/.installed-test
 	bash tests/system-packages.sh

@@ -212,9 +212,17 @@ def cmd_layer_check(args: argparse.Namespace) -> int:
     return 0
 
 
+BUNDLED_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chat" / "crossroads.toml"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import serve
 
+    if args.config is None and not Path(DEFAULT_PATH).exists() and BUNDLED_EXAMPLE.exists():
+        print(f"No ./{DEFAULT_PATH} here: serving the bundled chat example ({BUNDLED_EXAMPLE}); open "
+              "http://127.0.0.1:8000/ in two windows. Write a crossroads.toml (docs/configuration.md) to serve "
+              "your own consumers.", file=sys.stderr, flush=True)
+        args.config = BUNDLED_EXAMPLE
     config = load(args)
     router = router_of(config, required=False)
     channel_layer = open_layer(config, shared=False)

@@ -17,6 +17,7 @@ import pytest
 INSTALL_HINT = {
     "redis-server": "apt-get install -y redis-server",
     "systemd-analyze": "apt-get install -y systemd",
+    "chromium": "apt-get install -y chromium",
 }
 
 

@@ -8,6 +8,7 @@ set -euo pipefail
 declare -A NEEDED=(
   [redis-server]=redis-server
   [systemd-analyze]=systemd
+  [chromium]=chromium
 )
 
 missing=()

@@ -15,9 +15,9 @@ from urllib.parse import parse_qs
 from crossroads import ChatConsumer, Group, room_group, route, route_class
 
 PAGE = (Path(__file__).parent / "page.html").read_text()
-# Where the page's WebSocket connects: the same host and port as the page by default; set
-# CHAT_WEBSOCKET_PORT when the WebSocket bridge listens on a port of its own.
-WEBSOCKET_PORT = os.environ.get("CHAT_WEBSOCKET_PORT", "")
+# The port of the WebSocket bridge the page connects to (crossroads.toml: [bridges.sockets] port);
+# empty means the page's own host and port.
+WEBSOCKET_PORT = os.environ.get("CHAT_WEBSOCKET_PORT", "8001")
 
 
 def page(message, room):
