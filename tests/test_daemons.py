@@ -21,7 +21,7 @@ class Daemon:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(path)
         self.notify.settimeout(30)
-        self.process = subprocess.Popen([CROSSROADS, *args], env={**ENV, "NOTIFY_SOCKET": path},
+        self.process = subprocess.Popen([CROSSROADS, *args], env={**ENV, "NOTIFY_SOCKET": path}, cwd=tmp_path,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, deadline: float = 30.0) -> None:
@@ -120,3 +120,16 @@ def test_bridge_command_names_what_is_configured(tmp_path, redis_server):
     config = toy_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"', free_port())
     result = run("bridge", "irc", "--config", config)
     assert result.returncode == 2 and "no [bridges.irc] table (configured bridges: toy)" in result.stderr
+
+
+def test_run_with_no_config_serves_the_bundled_chat(tmp_path, daemons):
+    """`make run`'s promise: with no crossroads.toml, the chat example on 127.0.0.1:8000 (port 8001 for its sockets)."""
+    daemon = Daemon(tmp_path, "bundled", "run")  # cwd: the test's, which has no crossroads.toml
+    daemons.append(daemon)
+    daemon.wait_ready()
+    with socket.create_connection(("127.0.0.1", 8000), timeout=30) as sock:
+        sock.sendall(b"GET /chat/lobby/ HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nConnection: close\r\n\r\n")
+        response = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert response.startswith(b"HTTP/1.1 200") and b"Room <span id=\"room\">lobby</span>" in response
+    log = daemon.terminate()
+    assert "serving the bundled chat example" in log
