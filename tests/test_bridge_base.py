@@ -35,8 +35,6 @@ from bridges.base import (
     BridgeTypeError,
     Option,
     OptionError,
-    ReactorError,
-    install_reactor,
     load_bridge_class,
 )
 
@@ -46,44 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 # -- the reactor and the loop --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reactor():
-    installed_here = "twisted.internet.reactor" not in sys.modules
-    try:
-        reactor = install_reactor(asyncio.new_event_loop() if installed_here else None)
-    except ReactorError as exc:
-        pytest.fail(f"{exc} (did a test module import twisted.internet.reactor at import time?)")
-    yield reactor
-    if installed_here:  # leave the process as we found it: no reactor installed
-        import twisted.internet
-
-        for reader in list(reactor._internalReaders):
-            reactor._removeInternalReader(reader)
-            reader.connectionLost(None)
-        del sys.modules["twisted.internet.reactor"]
-        del twisted.internet.reactor
-        reactor._asyncioEventloop.close()
-        asyncio.set_event_loop(None)
-
-
-@pytest.fixture
-def run(reactor):
-    """``run(coroutine)`` runs it on the reactor's loop with a deadline; afterwards nothing may be left running."""
-    loop = reactor._asyncioEventloop
-
-    def run(coroutine, timeout: float = 30.0):
-        return loop.run_until_complete(asyncio.wait_for(coroutine, timeout))
-
-    yield run
-    tasks = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    for task in tasks:
-        task.cancel()
-    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-    calls = reactor.getDelayedCalls()
-    for call in calls:
-        call.cancel()
-    selectables = [s for s in reactor.removeAll() if s not in reactor._internalReaders]
-    assert not (tasks or calls or selectables), f"left on the loop: {tasks=} {calls=} {selectables=}"
+# the reactor and run fixtures live in conftest.py
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -28,11 +28,10 @@ import time
 from typing import Any
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.web import http
-from zope.interface import implementer
 
 from bridges.base import Bridge, Option, as_future, get_reactor
+from bridges.listening import TlsContext, port_number, positive_seconds
 from layer import MessageTooLarge
 
 from . import messages
@@ -40,49 +39,10 @@ from . import messages
 access_log = logging.getLogger("crossroads.http.access")
 
 
-def _port_number(value: int) -> str | None:
-    return None if 0 <= value <= 65535 else "must be a TCP port number from 0 to 65535 (0 picks a free port)"
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be positive"
 
 
 def _header_limit(value: int) -> str | None:
     return None if value >= 1024 else "must be at least 1024 bytes (browsers send cookies)"
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class TlsContext:
-    """The server's TLS context, from PEM files: the certificate (its chain may follow it) and its key.
-
-    Built when the bridge starts, so a bad file fails the start with a reason
-    (``ValueError`` naming the files) instead of failing every handshake later.
-    TLS 1.2 is the oldest version offered.
-    """
-
-    def __init__(self, cert_path: str, key_path: str) -> None:
-        from OpenSSL import SSL
-
-        for path in (cert_path, key_path):
-            if not os.access(path, os.R_OK):
-                raise ValueError(f"cannot read {path!r} (tls_cert/tls_key): no such file, or not readable")
-        try:
-            context = SSL.Context(SSL.TLS_SERVER_METHOD)
-            context.set_min_proto_version(SSL.TLS1_2_VERSION)
-            context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
-            context.use_certificate_chain_file(cert_path)
-            context.use_privatekey_file(key_path)
-            context.check_privatekey()
-        except SSL.Error as exc:
-            raise ValueError(f"tls_cert {cert_path!r} and tls_key {key_path!r} are not a PEM certificate and its "
-                             f"private key ({exc})") from None
-        self.context = context
-
-    def serverConnectionForTLS(self, protocol: Any) -> Any:
-        from OpenSSL import SSL
-
-        return SSL.Connection(self.context, None)
 
 
 class HttpRequest(http.Request):
@@ -220,17 +180,17 @@ class HttpBridge(Bridge):
     type_name = "http"
     OPTIONS = {
         "host": Option(str, "127.0.0.1", "the address to listen on (0.0.0.0 or :: for every interface)"),
-        "port": Option(int, 8000, "the TCP port to listen on; 0 picks a free one", _port_number, from_string=True),
+        "port": Option(int, 8000, "the TCP port to listen on; 0 picks a free one", port_number, from_string=True),
         "unix_socket": Option(str, "", "listen on this Unix socket path instead of host and port"),
         "root_path": Option(str, "", "the prefix the site is mounted at behind a proxy (ASGI root_path)"),
         "http_timeout": Option(float, 60.0, "seconds to wait for a response to start before answering 504",
-                               _positive, from_string=True),
+                               positive_seconds, from_string=True),
         "max_body": Option(int, 500_000, "the largest request body accepted, in bytes (413 above it)",
                            lambda v: None if v >= 0 else "must be 0 or more", from_string=True),
         "max_header_bytes": Option(int, 16384, "the largest request line plus headers, in bytes (431 above it)",
                                    _header_limit, from_string=True),
         "idle_timeout": Option(float, 60.0, "seconds an idle keep-alive connection, or a slow request, is kept",
-                               _positive, from_string=True),
+                               positive_seconds, from_string=True),
         "tls_cert": Option(str, "", "PEM certificate (chain after it) to serve HTTPS with; needs tls_key"),
         "tls_key": Option(str, "", "PEM private key of tls_cert"),
         "proxy_headers": Option(bool, False, "trust X-Forwarded-For/-Port/-Proto for the client and scheme",

@@ -17,7 +17,6 @@ consumer decides, as ASGI 1.0 says, and a full layer refuses the upgrade itself
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import deque
 from typing import Any
@@ -25,10 +24,9 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from zope.interface import implementer
 
 from bridges.base import Bridge, Option, OptionError, as_future, get_reactor
+from bridges.listening import TlsContext, port_number, positive_seconds
 from layer import MessageTooLarge
 
 from . import messages as m
@@ -38,16 +36,10 @@ _CLOSE_WAIT = 5.0  # close_protocol() waits this long for peers to answer our cl
 RETRY_AFTER = "5"  # seconds, on a 503: when a client (or a proxy) should try the upgrade again
 
 
-def _port_number(value: int) -> str | None:
-    return None if 0 <= value <= 65535 else "must be a TCP port number from 0 to 65535 (0 picks a free one)"
-
 
 def _not_negative(value: float) -> str | None:
     return None if value >= 0 else "must be 0 (off) or a number of seconds"
 
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be a positive number of seconds"
 
 
 def _message_size(value: int) -> str | None:
@@ -64,39 +56,6 @@ def _origins(value: list) -> str | None:
         if problem:
             return problem
     return None
-
-
-@implementer(IOpenSSLServerConnectionCreator)
-class _TlsContext:
-    """The server's TLS context from PEM files: the certificate with its chain after it, and its key.
-
-    Built in ``open_protocol()``, so a bad file fails the start naming the
-    option, not every handshake later. The whole chain is served (clients fail
-    on certificates from an intermediate otherwise); TLS 1.2 is the oldest offered.
-    """
-
-    def __init__(self, cert_path: str, key_path: str) -> None:
-        from OpenSSL import SSL  # pyOpenSSL: imported only when TLS is asked for
-
-        for key, path in (("tls_cert", cert_path), ("tls_key", key_path)):
-            if not os.access(path, os.R_OK):
-                raise OptionError(key, f"cannot read {path!r}: no such file, or not readable")
-        try:
-            context = SSL.Context(SSL.TLS_SERVER_METHOD)
-            context.set_min_proto_version(SSL.TLS1_2_VERSION)
-            context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
-            context.use_certificate_chain_file(cert_path)
-            context.use_privatekey_file(key_path)
-            context.check_privatekey()
-        except SSL.Error as exc:
-            raise OptionError("tls_key", f"{cert_path!r} and {key_path!r} are not a PEM certificate (chain) and its "
-                                         f"private key ({exc})") from None
-        self.context = context
-
-    def serverConnectionForTLS(self, protocol: Any) -> Any:  # noqa: N802 (Twisted's name)
-        from OpenSSL import SSL
-
-        return SSL.Connection(self.context, None)
 
 
 class _Timer:
@@ -339,7 +298,7 @@ class WebsocketBridge(Bridge):
     type_name = "websocket"
     OPTIONS = {
         "host": Option(str, "127.0.0.1", "the address to listen on"),
-        "port": Option(int, 8001, "the TCP port to listen on; 0 picks a free one", _port_number, from_string=True),
+        "port": Option(int, 8001, "the TCP port to listen on; 0 picks a free one", port_number, from_string=True),
         "tls_cert": Option(str, "", "PEM certificate (chain) file: serve wss:// (needs tls_key)"),
         "tls_key": Option(str, "", "PEM private key file for tls_cert"),
         "root_path": Option(str, "", "the path prefix the app is mounted at behind a proxy, passed as root_path"),
@@ -348,7 +307,7 @@ class WebsocketBridge(Bridge):
         "max_message_size": Option(int, 1_000_000, "the largest message (bytes) a client may send; "
                                                    "larger closes with 1009", _message_size, from_string=True),
         "handshake_timeout": Option(float, 10.0, "seconds to receive the upgrade and the app's answer (else 504)",
-                                    _positive, from_string=True),
+                                    positive_seconds, from_string=True),
         "idle_timeout": Option(float, 0.0, "close (1001) a connection with no message either way for this "
                                            "many seconds; 0 never", _not_negative, from_string=True),
         "ping_interval": Option(float, 20.0, "send a ping after this many seconds of silence; 0 never",
@@ -389,7 +348,7 @@ class WebsocketBridge(Bridge):
         factory = self.make_factory()
         self.accepting = True
         if self.secure:
-            context = _TlsContext(self.options["tls_cert"], self.options["tls_key"])
+            context = TlsContext(self.options["tls_cert"], self.options["tls_key"])
             self.listening = reactor.listenSSL(self.options["port"], factory, context, interface=self.options["host"])
         else:
             self.listening = reactor.listenTCP(self.options["port"], factory, interface=self.options["host"])
