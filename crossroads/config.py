@@ -33,8 +33,8 @@ DEFAULT_THREADS = 4
 BUILTIN_BRIDGE_TYPES = ("http", "websocket", "mqtt", "irc", "email", "slack")
 DOCS = "docs/configuration.md"
 
-LAYER_KEYS = ("url", "capacity", "channel_capacity", "expiry", "group_expiry", "prefix", "hosts",
-              "symmetric_encryption_keys")
+LAYER_KEYS = ("url", "capacity", "process_capacity", "channel_capacity", "expiry", "group_expiry", "prefix",
+              "hosts", "symmetric_encryption_keys")
 ROUTING_KEYS = ("app",)
 WORKER_KEYS = ("threads", "only_channels", "exclude_channels")
 BRIDGE_KEYS = ("type", "enabled")
@@ -568,6 +568,7 @@ class _Loader:
 
         checks = {
             "capacity": lambda path, value: self.integer(path, value, 1),
+            "process_capacity": lambda path, value: self.integer(path, value, 1),
             "expiry": self.seconds,
             "group_expiry": self.seconds,
             "prefix": self.prefix,

@@ -246,6 +246,9 @@ class LayerOptions:
 
     capacity: int = DEFAULT_CAPACITY
     channel_capacity: dict[str, int] = field(default_factory=dict)
+    # A process queue (``name!``) holds the replies of every connection of one process, so a broadcast
+    # to a thousand sockets of one bridge lands a thousand messages on it at once: its default is larger.
+    process_capacity: int | None = None  # None: 100 x capacity
     expiry: float = DEFAULT_EXPIRY
     group_expiry: float = DEFAULT_GROUP_EXPIRY
     prefix: str = DEFAULT_PREFIX
@@ -253,6 +256,10 @@ class LayerOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.capacity, int) or self.capacity < 1:
             raise ValueError(f"capacity must be a positive integer, got {self.capacity!r}")
+        if self.process_capacity is None:
+            self.process_capacity = 100 * self.capacity
+        if not isinstance(self.process_capacity, int) or self.process_capacity < 1:
+            raise ValueError(f"process_capacity must be a positive integer, got {self.process_capacity!r}")
         if self.expiry <= 0 or self.group_expiry <= 0:
             raise ValueError("expiry and group_expiry must be positive numbers of seconds")
         if not GROUP_NAME_RE.match(self.prefix):
@@ -265,12 +272,12 @@ class LayerOptions:
         self._capacity_cache: dict[str, int] = {}
 
     def capacity_for(self, channel: str) -> int:
-        """The first matching ``channel_capacity`` pattern wins; else ``capacity``."""
+        """The first matching ``channel_capacity`` pattern wins; else ``process_capacity`` or ``capacity``."""
         try:
             return self._capacity_cache[channel]
         except KeyError:
             pass
-        capacity = self.capacity
+        capacity = self.process_capacity if "!" in channel else self.capacity
         for regex, value in self._capacity_rules:
             if regex.match(channel):
                 capacity = value

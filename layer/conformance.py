@@ -62,7 +62,7 @@ class LayerConformance:
 
     def build(self, **options: Any) -> Any:
         settings = {"expiry": EXPIRY, "group_expiry": GROUP_EXPIRY, "capacity": CAPACITY,
-                    "channel_capacity": {"tcc_special*": 2}}
+                    "process_capacity": CAPACITY, "channel_capacity": {"tcc_special*": 2}}
         settings.update(options)
         return self.make_layer(**settings)
 
@@ -227,6 +227,20 @@ class LayerConformance:
         with pytest.raises(base.ChannelFull):
             layer.send("tcp_test!foo", {})
         assert len(layer.receive_many(["tcp_test!"], 10)) == CAPACITY
+
+    def test_process_queues_hold_a_broadcast(self, layer: Any) -> None:
+        """By default a process queue holds 100x capacity: one bridge's sockets all get a group message."""
+        channel_layer = self.build(process_capacity=None, capacity=3)
+        face = channel_layer.sync
+        face.flush()
+        try:
+            for i in range(250):
+                face.group_add("tpb_group", f"tpb!{i}")
+            assert face.group_send("tpb_group", {"value": "all"}).dropped == 0
+            assert len(drain(face, ["tpb!"])) == 250
+        finally:
+            face.flush()
+            face.close()
 
     def test_capacity_group(self, layer: Any) -> None:
         layer.group_add("tcg_group", "tcg_test")

@@ -123,7 +123,7 @@ return {expired, refused}
 
 # Deliver one body to every unexpired member of a group on this shard.
 # KEYS[1]: the group key. ARGV: now, ttl, expires_at, body, default capacity,
-# queue key prefix, then (Lua pattern, capacity) pairs for channel_capacity.
+# queue key prefix, process queue capacity, then (Lua pattern, capacity) pairs for channel_capacity.
 # Returns {delivered, dropped, expired}.
 GROUP_SEND_LUA = TRIM_EXPIRED_LUA + """
 local now = tonumber(ARGV[1])
@@ -132,6 +132,7 @@ local expires_at = tonumber(ARGV[3])
 local body = ARGV[4]
 local default_capacity = tonumber(ARGV[5])
 local queue_prefix = ARGV[6]
+local process_capacity = tonumber(ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 local plain_entry = struct.pack('>dH', expires_at, 0) .. body
@@ -144,7 +145,8 @@ for _, channel in ipairs(members) do
     entry = struct.pack('>dH', expires_at, #channel) .. channel .. body
   end
   local capacity = default_capacity
-  for j = 7, #ARGV, 2 do
+  if bang then capacity = process_capacity end
+  for j = 8, #ARGV, 2 do
     if string.find(channel, ARGV[j]) then
       capacity = tonumber(ARGV[j + 1])
       break
@@ -416,7 +418,7 @@ class RedisLayer(base.LayerErrors):
     def _group_args(self, message: dict) -> list:
         now = time.time()
         return [repr(now), self._ttl, repr(now + self.options.expiry), self._body(message),
-                self.options.capacity, self._key_prefix, *self._lua_capacity]
+                self.options.capacity, self._key_prefix, self.options.process_capacity, *self._lua_capacity]
 
     def _group_done(self, group: str, replies: list) -> GroupSendResult:
         result = GroupSendResult()
