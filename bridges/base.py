@@ -599,6 +599,26 @@ class Bridge:
             self._refused_since_ok = 0
         return True
 
+    async def send_to_layer_persistently(self, channel: str, message: dict, within: float = 10.0) -> bool:
+        """Send an event no peer can be asked to repeat (a disconnect), retrying with backoff for ``within`` s.
+
+        When many connections close at once, their disconnects can find the channel
+        full for a moment; giving up at once would leave consumers never hearing of
+        them (and group memberships standing until they expire). False, counted
+        as ``dropped`` and logged, only when the layer refused it the whole time.
+        """
+        deadline = time.monotonic() + within
+        delays = backoff_delays(0.05, 1.0)
+        while not await self.send_to_layer(channel, message):
+            delay = next(delays)
+            if time.monotonic() + delay > deadline:
+                self.count("dropped")
+                self.log.warning("%s: the layer refused %s for %.0f s; its consumer will not hear of it",
+                                 self.label, channel, within)
+                return False
+            await asyncio.sleep(delay)
+        return True
+
     def spawn(self, coroutine: Awaitable[Any], what: str = "a task") -> asyncio.Task:
         """Run a coroutine from a synchronous (Twisted) callback; its failure is logged and counted, and
         ``stop()`` lets it finish before draining replies."""

@@ -725,3 +725,25 @@ def test_a_bridge_under_reactor_run():
     """)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "outcome: [b'HELLO\\n', b'', 'stopped']" in result.stdout
+
+
+def test_events_without_a_peer_to_refuse_are_retried_until_the_layer_takes_them(run, layers, caplog):
+    """A disconnect that finds its channel full waits for room (briefly) instead of being lost."""
+    bridge_layer, consumer_layer = layers(channel_capacity={"toy.disconnect": 1})
+
+    async def scenario():
+        bridge = ToyBridge("persist", {}, bridge_layer)
+        async with running(bridge):
+            assert await bridge.send_to_layer_persistently("toy.disconnect", {"n": 1})
+            waiting = asyncio.ensure_future(bridge.send_to_layer_persistently("toy.disconnect", {"n": 2}))
+            assert (await consumer_layer.receive(["toy.disconnect"], timeout=5))[1] == {"n": 1}  # room again
+            assert await asyncio.wait_for(waiting, 10)
+            assert (await consumer_layer.receive(["toy.disconnect"], timeout=5))[1] == {"n": 2}
+            assert await bridge.send_to_layer_persistently("toy.disconnect", {"n": 3})
+            gave_up = await bridge.send_to_layer_persistently("toy.disconnect", {"n": 4}, within=0.3)
+            await consumer_layer.receive(["toy.disconnect"], timeout=5)
+        return bridge, gave_up
+
+    bridge, gave_up = run(scenario())
+    assert gave_up is False and bridge.counters["dropped"] == 1
+    assert "refused toy.disconnect for 0 s; its consumer will not hear of it" in caplog.text

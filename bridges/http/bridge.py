@@ -321,8 +321,8 @@ class HttpBridge(Bridge):
     async def _disconnect(self, request: HttpRequest, reply_channel: str) -> None:
         if request.sending is None or not await request.sending:  # its request never reached the layer
             return
-        await self.send_to_layer(messages.DISCONNECT_CHANNEL,
-                                 messages.disconnect_message(reply_channel, request.path_text))
+        await self.send_to_layer_persistently(messages.DISCONNECT_CHANNEL,
+                                              messages.disconnect_message(reply_channel, request.path_text))
 
     def _release(self, request: HttpRequest) -> None:
         """Stop expecting replies for a request."""

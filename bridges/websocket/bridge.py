@@ -203,7 +203,10 @@ class WebsocketConnection(WebSocketServerProtocol):
                         continue
                     message = m.disconnect_message(self.reply_to, self.handshake, item, order)
                 try:
-                    stored = await bridge.send_to_layer(channel, message)
+                    if channel == m.DISCONNECT:  # nobody to refuse to: keep trying for a while
+                        stored = await bridge.send_to_layer_persistently(channel, message)
+                    else:
+                        stored = await bridge.send_to_layer(channel, message)
                 except MessageTooLarge:
                     bridge.bad_input(self.peer_name, f"{channel} too large for the layer")
                     if channel == m.CONNECT:
@@ -219,9 +222,6 @@ class WebsocketConnection(WebSocketServerProtocol):
                 elif channel == m.RECEIVE:
                     self.refusing = True
                     self.close_with(m.TRY_AGAIN_LATER, "server busy, try again later")
-                else:
-                    bridge.log.warning("%s: the layer refused websocket.disconnect for %s; its consumer will not "
-                                       "hear that it closed", bridge.label, self.peer_name)
         finally:
             self.forwarding = False
 
