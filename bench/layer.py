@@ -294,13 +294,17 @@ def ensure_channels_redis() -> None:
                    check=True)
 
 
-def machine(server: RedisServer) -> dict[str, Any]:
-    cpu = "unknown"
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or "unknown"."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def machine(server: RedisServer) -> dict[str, Any]:
+    cpu = cpu_model()
     ours = {name: importlib.metadata.version(name) for name in ("redis", "hiredis", "msgpack")}
     theirs = installed_versions(str(CR_PYTHON), ["channels_redis", "channels", "redis", "hiredis", "msgpack"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)

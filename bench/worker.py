@@ -28,7 +28,6 @@ Usage: ``.venv/bin/python bench/worker.py [--quick]``; ``--quick`` is a smoke ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import json
 import os
@@ -54,6 +53,7 @@ from bench.layer import (  # noqa: E402
     CR_PYTHON,
     BenchError,
     RedisServer,
+    cpu_model,
     cpu_pin,
     ensure_channels_redis,
     installed_versions,
@@ -272,12 +272,7 @@ def pin_self() -> bool:
 
 
 def machine(server: RedisServer, pinned: bool) -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "consumers", "layer"], cwd=ROOT, capture_output=True,
                            text=True)
