@@ -18,6 +18,10 @@ INSTALL_HINT = {
     "redis-server": "apt-get install -y redis-server",
     "systemd-analyze": "apt-get install -y systemd",
     "chromium": "apt-get install -y chromium",
+    "mosquitto": "apt-get install -y mosquitto",
+    "mosquitto_pub": "apt-get install -y mosquitto-clients",
+    "mosquitto_sub": "apt-get install -y mosquitto-clients",
+    "ngircd": "apt-get install -y ngircd",
 }
 
 

@@ -9,6 +9,9 @@ declare -A NEEDED=(
   [redis-server]=redis-server
   [systemd-analyze]=systemd
   [chromium]=chromium
+  [mosquitto]=mosquitto
+  [mosquitto_pub]=mosquitto-clients
+  [ngircd]=ngircd
 )
 
 missing=()
