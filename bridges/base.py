@@ -417,6 +417,19 @@ class Bridge:
         """Deliver one reply to ``self.targets[local_id]``, in the peer's protocol."""
         raise NotImplementedError(f"{type(self).__name__} must implement handle_reply(local_id, message)")
 
+    # -- bridges that work together in one process --
+
+    @classmethod
+    def companions(cls, options: dict[str, Any]) -> list[str]:
+        """Names of the bridges that must run in this bridge's process (a WebSocket bridge sharing its port)."""
+        return []
+
+    def link(self, bridges: dict[str, Bridge]) -> None:
+        """Called before ``start()`` with every bridge of the process by name; find the companions here.
+
+        Raise ``OptionError`` naming the option when a companion is missing or of the wrong type.
+        """
+
     # -- lifecycle --
 
     async def start(self) -> None:

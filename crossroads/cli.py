@@ -23,7 +23,7 @@ from typing import Any
 import layer
 
 from . import __version__
-from .config import DEFAULT_PATH, Config, ConfigError, load_config
+from .config import DEFAULT_PATH, BridgeConfig, Config, ConfigError, load_config
 from .daemon import notify, setup_logging
 
 log = logging.getLogger("crossroads")
@@ -53,7 +53,37 @@ def load(args: argparse.Namespace) -> Config:
         raise CommandError(f"{exc}\nFix the lines above and run `crossroads check` again.", code=2) from None
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+    check_companions(config)
     return config
+
+
+def companions_of(bridge: BridgeConfig) -> list[str]:
+    """The bridges that run in ``bridge``'s process (an http bridge's ``websocket``)."""
+    from bridges.base import load_bridge_class
+
+    return load_bridge_class(bridge.type).companions(bridge.options)
+
+
+def owner_of(config: Config, name: str) -> BridgeConfig | None:
+    """The enabled bridge whose process runs bridge ``name`` beside it, if any."""
+    return next((b for b in config.enabled_bridges() if name in companions_of(b)), None)
+
+
+def check_companions(config: Config) -> None:
+    """Every companion an enabled bridge names exists, is enabled, and belongs to that bridge alone."""
+    owners: dict[str, str] = {}
+    for bridge in config.enabled_bridges():
+        for name in companions_of(bridge):
+            other = config.bridges.get(name)
+            if other is None or not other.enabled:
+                state = "there is no such table" if other is None else "it has enabled = false"
+                raise CommandError(f"{where(config)}: [bridges.{bridge.name}] names [bridges.{name}] to run beside "
+                                   f"it, but {state}: add or enable it, or correct the name", code=2)
+            if name in owners:
+                raise CommandError(f"{where(config)}: [bridges.{name}] is named by both [bridges.{owners[name]}] "
+                                   f"and [bridges.{bridge.name}]; one bridge can share the port of only one other",
+                                   code=2)
+            owners[name] = bridge.name
 
 
 def where(config: Config) -> str:
@@ -244,8 +274,12 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     if not chosen.enabled:
         raise CommandError(f"{where(config)}: [bridges.{args.name}] has enabled = false; set it to true to run it",
                            code=2)
+    owner = owner_of(config, args.name)
+    if owner is not None:
+        raise CommandError(f"[bridges.{args.name}] serves the port of [bridges.{owner.name}]: run `crossroads bridge "
+                           f"{owner.name}`, which runs both", code=2)
     channel_layer = open_layer(config, shared=True)
-    return serve(config, channel_layer, [chosen])
+    return serve(config, channel_layer, [chosen, *(config.bridges[name] for name in companions_of(chosen))])
 
 
 def cmd_systemd(args: argparse.Namespace) -> int:
@@ -273,7 +307,8 @@ def cmd_systemd(args: argparse.Namespace) -> int:
     if config.layer.url.startswith("memory://"):
         instances = ["crossroads.service"]  # one process: memory:// cannot be shared
     else:
-        instances = [f"crossroads-bridge@{b.name}.service" for b in config.enabled_bridges()]
+        instances = [f"crossroads-bridge@{b.name}.service" for b in config.enabled_bridges()
+                     if owner_of(config, b.name) is None]  # a companion runs in its owner's unit
         if config.routing_app:
             instances += [f"crossroads-worker@{i}.service" for i in range(1, args.workers + 1)]
     units = render_units(executable=executable, config=str(config.path.resolve()), credentials=used,

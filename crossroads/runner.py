@@ -64,10 +64,21 @@ def read_health(channel_layer: Any) -> dict[str, dict]:
 def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig], router: Any = None,
           threads: int = 4, stats_interval: float | None = None) -> int:
     """Run the bridges (and a worker for ``router``) until SIGTERM/SIGINT; the exit status."""
-    from bridges.base import as_deferred, install_reactor, load_bridge_class
+    from bridges.base import OptionError, as_deferred, install_reactor, load_bridge_class
 
     reactor = install_reactor()
     bridges = [load_bridge_class(b.type)(b.name, b.options, channel_layer) for b in bridge_configs]
+    by_name = {bridge.name: bridge for bridge in bridges}
+    for bridge in bridges:
+        try:
+            bridge.link(by_name)
+        except OptionError as exc:
+            log.error("[bridges.%s] %s", bridge.name, exc)
+            return 2
+    # Companions (a WebSocket bridge on an HTTP bridge's port) start first and stop last, so the bridge
+    # whose port they share never hands them a connection they are not ready for.
+    companions = {name for bridge in bridges for name in bridge.companions(bridge.options)}
+    bridges.sort(key=lambda bridge: bridge.name not in companions)
     worker = None
     if router is not None:
         from consumers.worker import Worker
@@ -111,7 +122,7 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
         log.info("stopping: draining bridges and finishing the messages in hand")
         for task in tasks:
             task.cancel()
-        for bridge in bridges:
+        for bridge in reversed(bridges):
             await bridge.stop()
         if worker is not None:
             worker.stop()

@@ -22,13 +22,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture
 def chat_server(tmp_path, monkeypatch):
-    web, sockets = free_port(), free_port()
+    web = free_port()
     config = tmp_path / "crossroads.toml"
-    config.write_text((CHAT / "crossroads.toml").read_text()
-                      .replace("port = 8000", f"port = {web}").replace("port = 8001", f"port = {sockets}")
-                      .replace(":8000", f":{web}"))
+    config.write_text((CHAT / "crossroads.toml").read_text().replace("port = 8000", f"port = {web}"))
     monkeypatch.setitem(ENV, "PYTHONPATH", os.pathsep.join([str(CHAT), ENV["PYTHONPATH"]]))
-    monkeypatch.setitem(ENV, "CHAT_WEBSOCKET_PORT", str(sockets))
     daemon = Daemon(tmp_path, "chat", "run", "--config", str(config))
     try:
         daemon.wait_ready()

@@ -322,3 +322,33 @@ def test_access_log_cannot_be_forged():
                                     status=200, length=1, user_agent=b'evil"\n1.1.1.1 - - [x] "GET /admin"')
     assert "\n" not in line
     assert re.search(r'"evil\\"\\n1\.1\.1\.1 - - \[x\] \\"GET /admin\\""$', line), line
+
+
+# -- a port shared with a WebSocket bridge -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, end", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 27),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody after", 27),
+    (b"GET / HTTP/1.1\nHost: x\n\n", 24),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n", -1),
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r", -1),
+    (b"", -1),
+])
+def test_head_end(data, end):
+    assert messages.head_end(data) == end
+
+
+@pytest.mark.parametrize("head, upgrade", [
+    (b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade", True),
+    (b"GET /chat HTTP/1.1\r\nupgrade:WebSocket", True),
+    (b"GET /chat HTTP/1.1\r\nUpgrade: h2c, websocket", True),
+    (b"GET /chat HTTP/1.1\nUpgrade: websocket", True),
+    (b"GET /chat HTTP/1.1\r\nUpgrade: h2c", False),
+    (b"GET /chat HTTP/1.1\r\nX-Upgrade: websocket", False),
+    (b"GET /chat HTTP/1.1\r\nUpgrade: websockets", False),
+    (b"GET /Upgrade: websocket HTTP/1.1\r\nHost: x", False),  # the request line is not a header
+    (b"GET / HTTP/1.1", False),
+])
+def test_is_websocket_upgrade(head, upgrade):
+    assert messages.is_websocket_upgrade(head) is upgrade

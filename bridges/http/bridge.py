@@ -30,7 +30,7 @@ from typing import Any
 from twisted.internet import protocol
 from twisted.web import http
 
-from bridges.base import Bridge, Option, as_future, get_reactor
+from bridges.base import Bridge, Option, OptionError, as_future, get_reactor
 from bridges.listening import TlsContext, port_number, positive_seconds
 from layer import MessageTooLarge
 
@@ -174,6 +174,66 @@ class HttpFactory(protocol.ServerFactory):
         self.bridge.log_access(request, request.code, request.sentLength)
 
 
+class PortSplitter(protocol.Protocol):
+    """A connection on a port shared with a WebSocket bridge, until its first request head has arrived.
+
+    Then the connection is handed over for good: to the WebSocket bridge when
+    the head asks for ``Upgrade: websocket``, to HTTP otherwise (a later
+    request on the same keep-alive connection stays HTTP, as browsers open a
+    new connection for every WebSocket). The hand-over swaps the transport's
+    protocol, so no wrapper stays in the way of the bytes that follow.
+    """
+
+    def __init__(self, factory: PortSplitterFactory) -> None:
+        self.factory = factory
+        self.buffer = b""
+        self.timer: Any = None
+
+    def connectionMade(self) -> None:
+        bridge = self.factory.bridge
+        bridge.undecided.add(self)
+        # A client that never finishes its head is closed, as twisted.web closes an idle connection (browsers
+        # open sockets ahead of need, so this is not logged as bad input).
+        self.timer = get_reactor().callLater(bridge.options["idle_timeout"], self.transport.loseConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        end = messages.head_end(self.buffer)
+        if end >= 0 and messages.is_websocket_upgrade(self.buffer[:end]):
+            self.hand_over(self.factory.websocket)
+        elif end >= 0 or len(self.buffer) > self.factory.bridge.options["max_header_bytes"]:
+            self.hand_over(self.factory.http)  # which answers an oversized head with 431
+
+    def hand_over(self, factory: protocol.Factory) -> None:
+        from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+        self._forget()
+        inner = factory.buildProtocol(self.transport.getPeer())
+        if isinstance(self.transport, TLSMemoryBIOProtocol):
+            self.transport.wrappedProtocol = inner  # TLS hands decrypted bytes to whatever it wraps
+        else:
+            self.transport.protocol = inner  # Twisted's TCP and Unix transports read this on every event
+        inner.makeConnection(self.transport)
+        inner.dataReceived(self.buffer)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._forget()
+
+    def _forget(self) -> None:
+        self.factory.bridge.undecided.discard(self)
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
+class PortSplitterFactory(protocol.ServerFactory):
+    def __init__(self, bridge: HttpBridge, http: protocol.Factory, websocket: protocol.Factory) -> None:
+        self.bridge, self.http, self.websocket = bridge, http, websocket
+
+    def buildProtocol(self, addr: Any) -> PortSplitter:
+        return PortSplitter(self)
+
+
 class HttpBridge(Bridge):
     """Serves HTTP/1.0 and 1.1; each request is an ``http.request`` message, each reply part of its response."""
 
@@ -195,6 +255,8 @@ class HttpBridge(Bridge):
         "tls_key": Option(str, "", "PEM private key of tls_cert"),
         "proxy_headers": Option(bool, False, "trust X-Forwarded-For/-Port/-Proto for the client and scheme",
                                 from_string=True),
+        "websocket": Option(str, "", "the name of a websocket bridge ([bridges.NAME]) that serves this port's "
+                                     "Upgrade: websocket requests; both then run in one process"),
     }
 
     def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
@@ -206,6 +268,28 @@ class HttpBridge(Bridge):
         self.scheme = "http"
         self._idle: asyncio.Event | None = None
         self._disconnects: set[asyncio.Task] = set()  # close_protocol() lets them reach the layer
+        self.websocket: Any = None  # the WebsocketBridge sharing this port, once linked
+        self.undecided: set[PortSplitter] = set()  # shared-port connections whose first request head is coming
+
+    # -- a WebSocket bridge on this port --
+
+    @classmethod
+    def companions(cls, options: dict[str, Any]) -> list[str]:
+        return [options["websocket"]] if options.get("websocket") else []
+
+    def link(self, bridges: dict[str, Bridge]) -> None:
+        from bridges.websocket.bridge import WebsocketBridge  # only when a port is shared
+
+        name = self.options["websocket"]
+        if not name:
+            return
+        other = bridges.get(name)
+        if not isinstance(other, WebsocketBridge):
+            problem = (f"names [bridges.{name}], which is a {other.type_name} bridge" if other is not None
+                       else f"names [bridges.{name}], which is not running in this process")
+            raise OptionError("websocket", f"{problem}: name a websocket bridge of the same config file")
+        other.share_port_of(self)
+        self.websocket = other
 
     # -- listening --
 
@@ -214,6 +298,8 @@ class HttpBridge(Bridge):
         self._idle.set()
         reactor = get_reactor()
         factory: Any = HttpFactory(self)
+        if self.websocket is not None:
+            factory = PortSplitterFactory(self, factory, self.websocket.factory)
         cert, key = self.options["tls_cert"], self.options["tls_key"]
         if bool(cert) != bool(key):
             raise ValueError("tls_cert and tls_key go together: set both to serve HTTPS, or neither")
@@ -241,6 +327,8 @@ class HttpBridge(Bridge):
         await self._idle.wait()
 
     async def close_protocol(self) -> None:
+        for splitter in list(self.undecided):
+            splitter.transport.abortConnection()  # nothing of theirs reached the layer
         channels = list(self.channels)
         for channel in channels:
             channel.loseConnection()  # after what is buffered has been written

@@ -182,6 +182,31 @@ def disconnect_message(reply_channel: str, path: str) -> dict[str, Any]:
     return {"reply_channel": reply_channel, "path": path, "protocol": PROTOCOL}
 
 
+# -- a port shared with a WebSocket bridge -------------------------------------------------------------------
+
+
+def head_end(data: bytes) -> int:
+    """Where the request head in ``data`` ends (after its blank line); -1 while it is incomplete."""
+    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")  # twisted.web accepts bare LF line ends too
+    ends = [at + size for at, size in ((crlf, 4), (lf, 2)) if at >= 0]
+    return min(ends) if ends else -1
+
+
+def is_websocket_upgrade(head: bytes) -> bool:
+    """Whether a request head asks to become a WebSocket (an ``Upgrade`` header listing ``websocket``).
+
+    Only the routing of a connection is decided here: whether the handshake is
+    valid (GET, ``Connection: Upgrade``, the key, the version) is for the
+    WebSocket bridge to say, in its own error responses.
+    """
+    for line in head.split(b"\n")[1:]:
+        name, colon, value = line.partition(b":")
+        if colon and name.strip().lower() == b"upgrade":
+            if any(token.strip().lower() == b"websocket" for token in value.split(b",")):
+                return True
+    return False
+
+
 # -- replies -------------------------------------------------------------------------------------------------
 
 

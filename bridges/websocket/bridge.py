@@ -326,6 +326,18 @@ class WebsocketBridge(Bridge):
         self.connections: set[WebsocketConnection] = set()
         self.listening: Any = None
         self.port = 0
+        self.factory: WebSocketServerFactory | None = None
+        self.shares_port_of: Any = None  # the HttpBridge whose listener hands us its upgrade requests
+
+    def share_port_of(self, http_bridge: Any) -> None:
+        """Serve the upgrade requests of an HTTP bridge's port instead of listening (its ``websocket`` option).
+
+        Its port, address and TLS are then ours: this bridge's host, port and
+        tls_* options are not used.
+        """
+        self.shares_port_of = http_bridge
+        self.secure = bool(http_bridge.options["tls_cert"])
+        self.factory = self.make_factory()
 
     def make_factory(self) -> WebSocketServerFactory:
         factory = WebSocketServerFactory(server="crossroads")
@@ -344,8 +356,11 @@ class WebsocketBridge(Bridge):
         return factory
 
     async def open_protocol(self) -> None:
+        if self.shares_port_of is not None:
+            self.accepting = True  # the HTTP bridge's listener hands connections to self.factory
+            return
         reactor = get_reactor()
-        factory = self.make_factory()
+        factory = self.factory = self.make_factory()
         self.accepting = True
         if self.secure:
             context = TlsContext(self.options["tls_cert"], self.options["tls_key"])

@@ -15,9 +15,9 @@ from urllib.parse import parse_qs
 from crossroads import ChatConsumer, Group, room_group, route, route_class
 
 PAGE = (Path(__file__).parent / "page.html").read_text()
-# The port of the WebSocket bridge the page connects to (crossroads.toml: [bridges.sockets] port);
-# empty means the page's own host and port.
-WEBSOCKET_PORT = os.environ.get("CHAT_WEBSOCKET_PORT", "8001")
+# The port of the WebSocket bridge the page connects to, when it has one of its own; empty (as in
+# crossroads.toml, where [bridges.sockets] serves the HTTP bridge's port) means the page's own port.
+WEBSOCKET_PORT = os.environ.get("CHAT_WEBSOCKET_PORT", "")
 
 
 def page(message, room):
