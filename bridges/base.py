@@ -370,6 +370,7 @@ class Bridge:
         self._spawned: set[asyncio.Task] = set()
         self._unknown_logged: OrderedDict[str, None] = OrderedDict()
         self._reconnectors: list[Reconnector] = []
+        self._backlogs: dict[str, deque] = {}  # channel -> events waiting for room, see send_to_layer_persistently
         self._refused_since_ok = 0
         self._stopping: asyncio.Future | None = None
 
@@ -613,24 +614,56 @@ class Bridge:
         return True
 
     async def send_to_layer_persistently(self, channel: str, message: dict, within: float = 10.0) -> bool:
-        """Send an event no peer can be asked to repeat (a disconnect), retrying with backoff for ``within`` s.
+        """Send an event no peer can be asked to repeat (a disconnect), waiting for room in the channel.
 
-        When many connections close at once, their disconnects can find the channel
-        full for a moment; giving up at once would leave consumers never hearing of
-        them (and group memberships standing until they expire). False, counted
-        as ``dropped`` and logged, only when the layer refused it the whole time.
+        When many connections close at once, their disconnects find the channel
+        full; giving up at once would leave consumers never hearing of them (and
+        group memberships standing until they expire). So a refused event joins
+        the bridge's backlog for that channel, and one task sends the backlog in
+        order as the layer makes room: first come, first stored, none starved by
+        the others' retries. Only when the layer took none of it for ``within``
+        seconds is the backlog given up: False, each counted as ``dropped``, logged.
         """
-        deadline = time.monotonic() + within
-        delays = backoff_delays(0.05, 1.0)
-        while not await self.send_to_layer(channel, message):
-            delay = next(delays)
-            if time.monotonic() + delay > deadline:
-                self.count("dropped")
-                self.log.warning("%s: the layer refused %s for %.0f s; its consumer will not hear of it",
-                                 self.label, channel, within)
-                return False
-            await asyncio.sleep(delay)
-        return True
+        backlog = self._backlogs.get(channel)
+        if backlog is None and await self.send_to_layer(channel, message):
+            return True
+        backlog = self._backlogs.get(channel)  # again: another event may have started one while we sent
+        if backlog is None:
+            backlog = self._backlogs[channel] = deque()
+            self.spawn(self._send_backlog(channel, backlog), f"sending the backlog of {channel}")
+        stored = asyncio.get_running_loop().create_future()
+        backlog.append((message, stored, within))
+        return await stored
+
+    async def _send_backlog(self, channel: str, backlog: deque) -> None:
+        delays = backoff_delays(0.01, 0.5)
+        refused_since: float | None = None
+        try:
+            while backlog:
+                message, stored, within = backlog[0]
+                if stored.done():  # its sender was cancelled
+                    backlog.popleft()
+                elif await self.send_to_layer(channel, message):
+                    backlog.popleft()
+                    stored.set_result(True)
+                    refused_since, delays = None, backoff_delays(0.01, 0.5)
+                elif refused_since is not None and time.monotonic() - refused_since >= within:
+                    dropped = [entry for entry in backlog if not entry[1].done()]
+                    backlog.clear()
+                    for _, waiting, _ in dropped:
+                        waiting.set_result(False)
+                    self.count("dropped", len(dropped))
+                    self.log.warning("%s: the layer refused %s for %.0f s; %s", self.label, channel, within,
+                                     "its consumer will not hear of it" if len(dropped) == 1 else
+                                     f"{len(dropped)} events dropped, their consumers will not hear of them")
+                else:
+                    refused_since = refused_since or time.monotonic()
+                    await asyncio.sleep(next(delays))
+        finally:
+            del self._backlogs[channel]
+            for _, waiting, _ in backlog:  # cancelled (the bridge stopped): their senders learn it
+                if not waiting.done():
+                    waiting.cancel()
 
     def spawn(self, coroutine: Awaitable[Any], what: str = "a task") -> asyncio.Task:
         """Run a coroutine from a synchronous (Twisted) callback; its failure is logged and counted, and

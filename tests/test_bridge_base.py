@@ -747,3 +747,25 @@ def test_events_without_a_peer_to_refuse_are_retried_until_the_layer_takes_them(
     bridge, gave_up = run(scenario())
     assert gave_up is False and bridge.counters["dropped"] == 1
     assert "refused toy.disconnect for 0 s; its consumer will not hear of it" in caplog.text
+
+
+def test_a_burst_of_events_waits_its_turn_in_order_and_none_is_dropped(run, layers):
+    """10,000 sockets closing at once: every disconnect is stored, in the order they closed, none starved."""
+    bridge_layer, consumer_layer = layers(channel_capacity={"toy.disconnect": 10})
+
+    async def scenario():
+        bridge = ToyBridge("burst", {}, bridge_layer)
+        async with running(bridge):
+            sending = [asyncio.ensure_future(bridge.send_to_layer_persistently("toy.disconnect", {"n": n}, within=5))
+                       for n in range(1000)]
+            received = []
+            while len(received) < 1000:
+                channel, message = await consumer_layer.receive(["toy.disconnect"], timeout=10)
+                assert channel == "toy.disconnect", f"only {len(received)} of 1000 arrived"
+                received.append(message["n"])
+            assert all(await asyncio.gather(*sending))
+        return bridge, received
+
+    bridge, received = run(scenario())
+    assert received == list(range(1000))
+    assert bridge.counters["dropped"] == 0 and bridge.counters["sent"] == 1000
