@@ -6,6 +6,7 @@ Owns how a listening address and TLS files are validated; each bridge owns its p
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -53,3 +54,31 @@ class TlsContext:
         from OpenSSL import SSL
 
         return SSL.Connection(self.context, None)
+
+
+def inherited_endpoint(reactor: Any, name: str) -> Any:
+    """A server endpoint on the listening socket systemd passed with ``FileDescriptorName=name``.
+
+    For socket activation: systemd opens the port (a privileged one, or one
+    that must take connections while the service restarts) and passes it in
+    ``LISTEN_FDS``/``LISTEN_FDNAMES``. Twisted reads those once, when
+    ``twisted.internet.endpoints`` is imported, hence its endpoint parser.
+    ``OptionError`` when no socket of that name was passed, saying how to pass one.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        endpoint = serverFromString(reactor, f"systemd:domain=INET:name={name}")
+    except KeyError:
+        raise OptionError("systemd_socket", f"systemd passed no listening socket named {name!r}; start this bridge "
+                                            f"through a .socket unit with FileDescriptorName={name} "
+                                            "(docs/running.md)") from None
+    probe = socket.socket(fileno=endpoint.fileno)
+    try:
+        if probe.type != socket.SOCK_STREAM:
+            raise OptionError("systemd_socket", f"the socket named {name!r} is not a stream socket: use "
+                                                "ListenStream= in the .socket unit")
+        endpoint.addressFamily = probe.family  # INET above was a placeholder: IPv6 and Unix sockets work too
+    finally:
+        probe.detach()  # the fd stays open: the endpoint adopts it
+    return endpoint

@@ -62,6 +62,7 @@ class Worker:
         self._stopping = threading.Event()
         self._loop = asyncio.new_event_loop()
         self._workers: list[threading.Thread] = []
+        self._loop_thread: threading.Thread | None = None  # None until start()
         self.ready = threading.Event()
 
     def start(self) -> None:
@@ -90,6 +91,9 @@ class Worker:
             thread.join(timeout)
         finished = not any(thread.is_alive() for thread in self._workers)
         if finished and not self._loop.is_closed():
+            if self._loop_thread is None:  # never started (a bridge of its process failed to start first)
+                self._loop.close()
+                return True
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._loop_thread.join(timeout)
             if not self._loop.is_running():

@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import socket
+import subprocess
 from contextlib import asynccontextmanager
 
 import pytest
@@ -26,6 +27,7 @@ from test_cli import write_config
 from test_daemons import Daemon
 
 import layer
+from bridges.base import OptionError
 from bridges.http.bridge import HttpBridge
 from consumers.worker import Worker
 
@@ -542,3 +544,49 @@ def test_bridge_and_worker_as_separate_daemons_over_redis(tmp_path, redis_server
     finally:
         bridge.close()
         worker.close()
+
+
+def test_systemd_socket_activation(tmp_path, redis_server):
+    """systemd-socket-activate (systemd's own tool) holds the port and passes it, named, to `crossroads bridge`."""
+    import test_cli
+    from servers import require_binary
+
+    activate = require_binary("systemd-socket-activate")
+    port = free_port()
+    config = str(write_config(tmp_path, HTTP_CONFIG.format(url=redis_server.url, prefix="activated", port=1)
+                              .replace('proxy_headers = "${HTTP_PROXY_HEADERS}"', 'systemd_socket = "web"')))
+    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    bridge = subprocess.Popen(
+        [activate, "--listen", f"127.0.0.1:{port}", "--fdname", "web",
+         *(f"--setenv={name}={test_cli.ENV[name]}" for name in ("PYTHONPATH", "PATH")),
+         test_cli.CROSSROADS, "bridge", "web", "--config", config],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        worker.wait_ready()
+        wait_for_port(port, bridge)  # the port is open before the bridge runs: systemd's point
+        status, _, body = _fetch(port, "GET", "/text", None, [])  # the first connection starts the bridge
+        assert status == 200 and body == "héllo from text".encode()
+        bridge.terminate()
+        log = bridge.communicate(timeout=30)[0]
+        assert '"GET /text HTTP/1.1" 200' in log, log
+        worker.terminate()
+    finally:
+        if bridge.poll() is None:
+            bridge.kill()
+        worker.close()
+
+
+def test_systemd_socket_missing_is_explained(run, channel_layer):
+    bridge = HttpBridge("web", {"systemd_socket": "web"}, channel_layer)
+    with pytest.raises(OptionError, match=r"systemd_socket: systemd passed no listening socket named 'web'; "
+                                          r"start this bridge through a .socket unit with FileDescriptorName=web"):
+        run(bridge.start())
+
+
+def test_a_bridge_that_cannot_start_stops_the_process_with_its_reason(tmp_path):
+    config = write_config(tmp_path, HTTP_CONFIG.format(url="memory://", prefix="x", port=1).replace(
+        'proxy_headers = "${HTTP_PROXY_HEADERS}"', 'systemd_socket = "web"'))
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 1
+    assert "could not start: systemd_socket: systemd passed no listening socket named 'web'" in result.stderr
+    assert "Traceback" not in result.stderr  # the worker that never started is not a second failure

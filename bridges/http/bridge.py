@@ -31,7 +31,7 @@ from twisted.internet import protocol
 from twisted.web import http
 
 from bridges.base import Bridge, Option, OptionError, as_future, get_reactor
-from bridges.listening import TlsContext, port_number, positive_seconds
+from bridges.listening import TlsContext, inherited_endpoint, port_number, positive_seconds
 from layer import MessageTooLarge
 
 from . import messages
@@ -242,6 +242,8 @@ class HttpBridge(Bridge):
         "host": Option(str, "127.0.0.1", "the address to listen on (0.0.0.0 or :: for every interface)"),
         "port": Option(int, 8000, "the TCP port to listen on; 0 picks a free one", port_number, from_string=True),
         "unix_socket": Option(str, "", "listen on this Unix socket path instead of host and port"),
+        "systemd_socket": Option(str, "", "take the listening socket from systemd socket activation: the "
+                                          "FileDescriptorName= of the .socket unit (host, port, unix_socket unused)"),
         "root_path": Option(str, "", "the prefix the site is mounted at behind a proxy (ASGI root_path)"),
         "http_timeout": Option(float, 60.0, "seconds to wait for a response to start before answering 504",
                                positive_seconds, from_string=True),
@@ -310,7 +312,11 @@ class HttpBridge(Bridge):
             factory = TLSMemoryBIOFactory(TlsContext(cert, key), False, factory)  # on TCP and Unix sockets alike
             self.scheme = "https"
         path = self.options["unix_socket"]
-        if path:
+        if self.options["systemd_socket"]:
+            endpoint = inherited_endpoint(reactor, self.options["systemd_socket"])
+            self.listening = await as_future(endpoint.listen(factory))
+            self.port = getattr(self.listening.getHost(), "port", None)
+        elif path:
             if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
                 os.unlink(path)  # left by a previous run; binding would fail with "address in use"
             self.listening = reactor.listenUNIX(path, factory)
