@@ -81,3 +81,28 @@ def run(reactor):
         call.cancel()
     selectables = [s for s in reactor.removeAll() if s not in reactor._internalReaders]
     assert not (tasks or calls or selectables), f"left on the loop: {tasks=} {calls=} {selectables=}"
+
+
+@pytest.fixture(scope="session")
+def mqtt_tls(tmp_path_factory):
+    """A test CA and a broker certificate for 127.0.0.1 (trustme): {"cert", "key", "ca"} PEM paths."""
+    import trustme
+
+    folder = tmp_path_factory.mktemp("mqtt-tls")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem"), "ca": str(folder / "ca.pem")}
+    issued.cert_chain_pems[0].write_to_path(paths["cert"])
+    issued.private_key_pem.write_to_path(paths["key"])
+    ca.cert_pem.write_to_path(paths["ca"])
+    return paths
+
+
+@pytest.fixture
+def mosquitto_server(tmp_path, mqtt_tls):
+    """A mosquitto broker of this test's own, on free ports: plain on ``port``, TLS (mqtt_tls) on ``tls_port``."""
+    from servers import MosquittoServer
+
+    server = MosquittoServer(tmp_path / "mosquitto", tls=mqtt_tls).start()
+    yield server
+    server.stop()

@@ -99,3 +99,64 @@ class RedisServer:
             return client.execute_command(*args)
         finally:
             client.close()
+
+
+class MosquittoServer:
+    """One ``mosquitto`` broker in the foreground on a free port, with its own config file.
+
+    Anonymous clients are allowed and nothing is persisted, so ``stop()``
+    (SIGKILL, like a crash) followed by ``start()`` brings back a broker on the
+    same ports that remembers no session and no subscription: exactly what a
+    bridge must survive by subscribing again. ``tls`` ({"cert", "key"}, PEM
+    files) adds a second listener on ``tls_port``.
+    """
+
+    def __init__(self, workdir: Path, *, tls: dict[str, str] | None = None, extra: str = "") -> None:
+        self.binary = require_binary("mosquitto")
+        self.workdir = workdir
+        self.port = free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
+        self.extra = extra  # more mosquitto.conf lines, for a test that needs them
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.tls_port}"
+
+    def config(self) -> str:
+        import getpass
+
+        # Run as root (in a container), mosquitto would drop to the user "mosquitto", who cannot read our files.
+        lines = [f"user {getpass.getuser()}", "per_listener_settings false", "allow_anonymous true",
+                 "persistence false", f"log_dest file {self.workdir / 'mosquitto.log'}", "log_type all",
+                 f"listener {self.port} 127.0.0.1"]
+        if self.tls:
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"certfile {self.tls['cert']}",
+                      f"keyfile {self.tls['key']}"]
+        return "\n".join(lines) + "\n" + self.extra + "\n"
+
+    def start(self) -> MosquittoServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "mosquitto.conf"
+        config.write_text(self.config())
+        self.process = subprocess.Popen([self.binary, "-c", str(config)],
+                                        stdout=open(self.workdir / "mosquitto.out", "ab"), stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.process)
+        if self.tls_port:
+            wait_for_port(self.tls_port, self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+    def log(self) -> str:
+        path = self.workdir / "mosquitto.log"
+        return path.read_text(errors="replace") if path.exists() else ""

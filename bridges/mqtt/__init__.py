@@ -1,0 +1,1 @@
+"""The MQTT bridge: ``messages.py`` (pure translation) and ``bridge.py`` (paho on the reactor); docs/spec/mqtt.md."""

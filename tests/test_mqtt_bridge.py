@@ -1,0 +1,555 @@
+"""The MQTT bridge against a real mosquitto (started per test on free ports, plain and TLS).
+
+As in tests/test_websocket_bridge.py, the bridge runs on Twisted's asyncio
+reactor on a loop of its own (the ``reactor``/``run`` fixtures), with
+consumers from tests/apps/mqtt_echo.py run by an in-process Worker. Outside
+clients are paho clients with their own network thread (``Peer``) and the
+``mosquitto_pub``/``mosquitto_sub`` command-line clients. One test stops Redis
+under a QoS 1 stream; one runs ``crossroads bridge`` and ``crossroads worker``
+as separate processes. Every wait has a deadline; none is a bare sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import subprocess
+import threading
+import time
+from contextlib import asynccontextmanager
+
+import pytest
+from paho.mqtt import client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from servers import MosquittoServer, RedisServer, free_port, require_binary
+
+import layer
+from bridges.base import OptionError
+from bridges.mqtt.bridge import MqttBridge
+from consumers.worker import Worker
+
+# -- helpers -------------------------------------------------------------------------------------------------
+
+
+class Peer:
+    """An outside MQTT client: paho with its own network thread, recording every message it receives."""
+
+    def __init__(self, port: int, *, protocol: int = paho.MQTTv5, client_id: str = "") -> None:
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+        self.received: queue.Queue = queue.Queue()
+        self.subscribed = threading.Event()
+        connected = threading.Event()
+        self.client.on_connect = lambda *args: connected.set()
+        self.client.on_message = lambda client, userdata, message: self.received.put(message)
+        self.client.on_subscribe = lambda *args: self.subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert connected.wait(10), "the peer could not connect to mosquitto"
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.subscribed.clear()
+        self.client.subscribe(topic, qos)
+        assert self.subscribed.wait(10), f"no SUBACK for {topic}"
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, **properties) -> None:
+        props = None
+        if properties:
+            props = Properties(PacketTypes.PUBLISH)
+            for name, value in properties.items():
+                setattr(props, name, value)
+        self.client.publish(topic, payload, qos, properties=props).wait_for_publish(10)
+
+    async def take(self, timeout: float = 10) -> paho.MQTTMessage:
+        try:
+            return await asyncio.to_thread(self.received.get, timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"the peer received nothing within {timeout} s") from None
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def take(channel_layer, channel: str, timeout: float = 10) -> dict:
+    got, message = await channel_layer.receive([channel], timeout=timeout)
+    assert got == channel, f"nothing on {channel} within {timeout} s"
+    return message
+
+
+async def wait_until(condition, what: str, timeout: float = 10) -> None:
+    """Check ``condition()`` until it holds; fail naming ``what`` after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def bridging(broker: str, options: dict | None = None, *, channel_layer=None, worker: bool = True,
+                   name: str = "mq"):
+    """A started MqttBridge, connected and subscribed, and a Worker running apps.mqtt_echo on the same layer."""
+    channel_layer = channel_layer or layer.from_url("memory://", capacity=1000)
+    bridge = MqttBridge(name, {"broker": broker, "reply_topic": "{topic}/reply", **(options or {})}, channel_layer)
+    await bridge.start()
+    running = Worker("apps.mqtt_echo:routes", channel_layer, threads=1) if worker else None
+    if running is not None:
+        running.start()
+    try:
+        if worker:
+            assert (await take(channel_layer, "test.links"))["subscriptions"] is not None
+        else:
+            await wait_until(lambda: bridge.link.connected, "the bridge to connect")
+        yield bridge
+    finally:
+        await bridge.stop(timeout=5)
+        if running is not None:
+            running.stop()
+            await asyncio.to_thread(running.join, 10)
+        await channel_layer.close()
+
+
+def wait_for_log(server: MosquittoServer, text: str, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while text not in server.log():
+        assert time.monotonic() < end, f"mosquitto never logged {text!r}"
+        time.sleep(0.01)
+
+
+ECHO = [{"topic": "echo/#", "qos": 1}]
+
+
+# -- receive and reply -------------------------------------------------------------------------------------
+
+
+def test_receive_and_reply_over_mqtt5_with_properties(run, mosquitto_server):
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": ECHO}) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("echo/+/reply")
+                peer.publish("echo/alice", "héllo", qos=1, ContentType="text/plain",
+                             UserProperty=[("sender", "alice"), ("x", "1")])
+                reply = await peer.take()
+                received = await take(bridge.layer, "test.mqtt")
+                return bridge, reply, received
+            finally:
+                peer.close()
+
+    bridge, reply, received = run(scenario())
+    assert reply.topic == "echo/alice/reply" and reply.payload == "héllo".encode()
+    assert received["topic"] == "echo/alice" and received["payload"] == "héllo".encode()
+    assert received["text"] == "héllo" and received["qos"] == 1 and received["retain"] is False
+    assert received["protocol"] == "mqtt" and received["room"] == "echo/alice" and received["sender"] == "alice"
+    assert received["properties"] == {"content_type": "text/plain", "user_properties": [["sender", "alice"],
+                                                                                         ["x", "1"]]}
+    assert received["dup"] is False and received["mid"] > 0 and received["session"] == "crossroads-mq"
+    assert received["reply_channel"].startswith("mqtt.mq.")
+    assert bridge.counters["replies"] == 1 and bridge.counters["errors"] == 0
+
+
+def test_receive_and_reply_over_mqtt311_with_the_mosquitto_clients(run, mosquitto_server, tmp_path):
+    pub, sub = require_binary("mosquitto_pub"), require_binary("mosquitto_sub")
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00raw")
+    port = str(mosquitto_server.port)
+
+    async def scenario():
+        # MQTT 3.1.1 has no noLocal: subscribe so that the bridge's own replies are not under it
+        async with bridging(mosquitto_server.url, {"subscribe": ["echo/+"], "protocol": "3.1.1",
+                                                   "sender_level": 2}) as bridge:
+            listener = subprocess.Popen([sub, "-p", port, "-V", "mqttv311", "-i", "outside-sub", "-q", "1",
+                                         "-t", "echo/+/reply", "-C", "2", "-F", "%t %x"],
+                                        stdout=subprocess.PIPE, text=True)
+            try:
+                await asyncio.to_thread(wait_for_log, mosquitto_server, "Sending SUBACK to outside-sub")
+                for args in (["-m", "plain text"], ["-f", str(binary)]):
+                    subprocess.run([pub, "-p", port, "-V", "mqttv311", "-q", "1", "-t", "echo/bob", *args],
+                                   check=True, timeout=10)
+                    await take(bridge.layer, "test.mqtt")  # one at a time: the two replies keep this order
+                out, _ = await asyncio.to_thread(listener.communicate, timeout=10)
+            finally:
+                listener.kill()
+            return out
+
+    out = run(scenario())
+    assert out.splitlines() == ["echo/bob/reply " + b"plain text".hex(), "echo/bob/reply " + b"\xff\xfe\x00raw".hex()]
+
+
+def test_received_message_keys_for_binary_and_sender_level(run, mosquitto_server):
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": ECHO, "sender_level": 2}) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.publish("echo/carol/x", b"\xc3\x28", qos=0)
+                return await take(bridge.layer, "test.mqtt")
+            finally:
+                peer.close()
+
+    received = run(scenario())
+    assert received["text"] is None and received["payload"] == b"\xc3\x28"  # not UTF-8: bytes only
+    assert received["sender"] == "carol" and received["qos"] == 0 and received["mid"] == 0
+
+
+def test_response_topic_and_correlation_data(run, mosquitto_server, caplog):
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": ECHO, "reply_topic": ""}) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("answers/#")
+                for n in (1, 2):
+                    peer.publish("echo/req", f"question {n}", ResponseTopic=f"answers/{n}",
+                                 CorrelationData=bytes([n, 0, 255]))
+                replies = [await peer.take(), await peer.take()]
+                first, second = [await take(bridge.layer, "test.mqtt") for _ in range(2)]
+                # no response topic and no reply_topic: nowhere to publish; logged and counted
+                peer.publish("echo/plain", "lost")
+                await take(bridge.layer, "test.mqtt")
+                await wait_until(lambda: bridge.counters.get("invalid_replies") == 1, "the refused reply")
+                return replies, first, second
+            finally:
+                peer.close()
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges.mqtt"):
+        replies, first, second = run(scenario())
+    by_topic = {r.topic: r for r in replies}
+    for n in (1, 2):
+        assert by_topic[f"answers/{n}"].payload == f"question {n}".encode()
+        assert by_topic[f"answers/{n}"].properties.CorrelationData == bytes([n, 0, 255])
+    assert first["properties"]["response_topic"] == "answers/1"
+    assert first["properties"]["correlation_data"] == bytes([1, 0, 255])
+    assert first["reply_channel"] != second["reply_channel"]  # each request is answered to its requester
+    assert "nowhere to publish a reply to 'echo/plain'" in caplog.text
+
+
+def test_qos2_is_delivered_and_answered(run, mosquitto_server):
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": [{"topic": "echo/#", "qos": 2}], "qos": 2}) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("echo/+/reply", qos=2)
+                peer.publish("echo/q2", "exactly", qos=2)
+                reply = await peer.take()
+                received = await take(bridge.layer, "test.mqtt")
+                got_more, _ = await bridge.layer.receive(["test.mqtt"], timeout=0)
+                return reply, received, got_more
+            finally:
+                peer.close()
+
+    reply, received, got_more = run(scenario())
+    assert received["qos"] == 2 and received["text"] == "exactly" and got_more is None
+    assert reply.qos == 2 and reply.payload == b"exactly"
+
+
+def test_group_broadcast_reaches_several_topics(run, mosquitto_server):
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": [{"topic": "room/#", "qos": 1}]}) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("room/+/reply")
+                for member in ("a", "b", "c"):
+                    peer.publish(f"room/{member}", "join")
+                    await take(bridge.layer, "test.joined")
+                peer.publish("room/a", "hello all")
+                return sorted([(m.topic, m.payload) for m in [await peer.take() for _ in range(3)]])
+            finally:
+                peer.close()
+
+    assert run(scenario()) == [("room/a/reply", b"hello all"), ("room/b/reply", b"hello all"),
+                               ("room/c/reply", b"hello all")]
+
+
+# -- publishing: the allow-list, mqtt.publish, invalid replies ------------------------------------------------
+
+
+def test_allow_list_mqtt_publish_and_invalid_replies(run, mosquitto_server, caplog):
+    options = {"subscribe": [{"topic": "to/#", "qos": 1}, {"topic": "publish/#", "qos": 1},
+                             {"topic": "bad/#", "qos": 1}],
+               "allow_publish": ["allowed/#", "notes/+"]}
+
+    async def scenario():
+        async with bridging(mosquitto_server.url, options) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("#")
+                peer.publish("to/x", "allowed/here")
+                peer.publish("to/y", "forbidden/there")
+                peer.publish("publish/z", "notes/1")
+                peer.publish("bad/q", "anything")
+                await bridge.layer.send("mqtt.publish", {"topic": "wild/#", "text": "no"})
+                await bridge.layer.send("mqtt.publish", {"topic": "notes/2/deeper", "text": "no"})
+                got = []
+                while len(got) < 3 + 4:  # the four requests come back to us too (we subscribed to #)
+                    message = await peer.take()
+                    got.append((message.topic, message.payload, message.properties))
+                await wait_until(lambda: bridge.counters.get("refused_topics") == 2, "the refused topics")
+                await wait_until(lambda: bridge.counters.get("invalid_replies") == 3, "the invalid replies")
+                return got
+            finally:
+                peer.close()
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges.mqtt"):
+        got = run(scenario())
+    published = {(topic, payload) for topic, payload, _ in got}
+    assert ("allowed/here", b"redirected") in published
+    assert ("notes/1", b"published") in published
+    assert ("bad/q/reply", b"ok") in published
+    assert not any(topic.startswith(("forbidden", "wild", "a/")) for topic, _ in published)
+    assert [p.UserProperty for t, _, p in got if t == "notes/1"] == [[("by", "consumer")]]
+    assert "topic 'forbidden/there' is not in allow_publish" in caplog.text
+    assert "wildcard" in caplog.text
+
+
+def test_oversized_payload_is_dropped_acknowledged_and_counted(run, mosquitto_server, caplog):
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": ECHO, "max_payload": 100}) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("echo/+/reply")
+                peer.publish("echo/big", b"x" * 101)
+                peer.publish("echo/small", b"x" * 100)
+                reply = await peer.take()
+                return bridge, reply
+            finally:
+                peer.close()
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges.mqtt"):
+        bridge, reply = run(scenario())
+    assert reply.topic == "echo/small/reply"
+    assert bridge.counters["oversized"] == 1 and bridge.counters["bad_input"] == 1
+    assert "101-byte payload on 'echo/big' is over max_payload (100)" in caplog.text
+
+
+# -- the link: TLS, broker restarts, queued publishes -------------------------------------------------------
+
+
+def test_tls_listener_with_a_generated_certificate(run, mosquitto_server, mqtt_tls):
+    async def scenario():
+        async with bridging(mosquitto_server.tls_url, {"subscribe": ECHO, "ca_file": mqtt_tls["ca"]}) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("echo/+/reply")
+                peer.publish("echo/secure", "over tls")
+                assert (await peer.take()).payload == b"over tls"
+            finally:
+                peer.close()
+        # without our CA the broker's certificate is not trusted: no link, and health says why
+        untrusted = MqttBridge("mq", {"broker": mosquitto_server.tls_url}, layer.from_url("memory://"))
+        await untrusted.start()
+        try:
+            await wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in untrusted.health["reason"], "a TLS failure")
+            return bridge, untrusted.health
+        finally:
+            await untrusted.stop(timeout=5)
+
+    bridge, health = run(scenario())
+    assert health["state"] == "degraded"
+
+
+def test_broker_restart_resubscribes_and_flushes_queued_publishes(run, mosquitto_server):
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": ECHO, "allow_publish": ["queued/#"]}) as bridge:
+            mosquitto_server.stop()
+            down = await take(bridge.layer, "test.links")
+            # published while the broker is away: kept, then flushed on reconnect (retained, for the late peer)
+            await bridge.layer.send("mqtt.publish", {"topic": "queued/1", "text": "waited", "retain": True})
+            await wait_until(lambda: bridge.counters.get("queued") == 1, "the publish to be queued")
+            mosquitto_server.start()
+            up = await take(bridge.layer, "test.links")
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("queued/#")
+                queued = await peer.take()
+                peer.subscribe("echo/+/reply")
+                peer.publish("echo/again", "still here")  # reaches the bridge only if it subscribed again
+                reply = await peer.take()
+            finally:
+                peer.close()
+            return bridge, down, up, queued, reply
+
+    bridge, down, up, queued, reply = run(scenario())
+    assert "reason" in down and down["protocol"] == "mqtt" and "subscriptions" not in down
+    assert up["session_present"] is False and up["subscriptions"] == [["echo/#", 1]]
+    assert (queued.topic, queued.payload) == ("queued/1", b"waited")
+    assert (reply.topic, reply.payload) == ("echo/again/reply", b"still here")
+    assert bridge.counters["connects"] == 2
+
+
+def test_queue_while_the_broker_is_away_is_bounded(run, tmp_path, caplog):
+    broker = MosquittoServer(tmp_path / "late")  # its port is chosen, but nothing listens yet
+
+    async def scenario():
+        channel_layer = layer.from_url("memory://")
+        bridge = MqttBridge("mq", {"broker": broker.url, "allow_publish": ["out/#"], "queue_limit": 2,
+                                   "reconnect_max": 0.5}, channel_layer)
+        await bridge.start()
+        try:
+            for n in (1, 2, 3):
+                await channel_layer.send("mqtt.publish", {"topic": f"out/{n}", "text": f"m{n}", "retain": True})
+            await wait_until(lambda: bridge.counters.get("queued") == 3, "three queued publishes")
+            assert bridge.health["state"] == "degraded" and "cannot connect" in bridge.health["reason"]
+            broker.start()
+            await take(channel_layer, "mqtt.connect")
+            peer = Peer(broker.port)
+            try:
+                peer.subscribe("out/#")
+                got = sorted([(m.topic, m.payload) for m in [await peer.take(), await peer.take()]])
+            finally:
+                peer.close()
+            return bridge, got
+        finally:
+            await bridge.stop(timeout=5)
+            broker.stop()
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges.mqtt"):
+        bridge, got = run(scenario())
+    assert got == [("out/2", b"m2"), ("out/3", b"m3")]  # the oldest was dropped
+    assert bridge.counters["outbound_dropped"] == 1
+    assert "dropped 1 publish(es) waiting for the broker (the queue is full" in caplog.text
+
+
+# -- nothing lost at QoS 1 and 2 ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_refused_messages_are_not_acknowledged_and_come_back_in_the_next_session(run, mosquitto_server, qos):
+    """The layer is full: the bridge holds the acks; stopped and started again, the broker redelivers."""
+    channel_layer = layer.from_url("memory://", capacity=3)
+    options = {"subscribe": [{"topic": "load/#", "qos": qos}], "client_id": "held-acks"}
+
+    async def scenario():
+        peer = Peer(mosquitto_server.port)
+        try:
+            bridge = MqttBridge("mq", {"broker": mosquitto_server.url, **options}, channel_layer)
+            await bridge.start()
+            await take(channel_layer, "mqtt.connect")
+            for n in range(6):
+                peer.publish("load/x", str(n), qos=qos)
+            await wait_until(lambda: bridge.counters["refused"] >= 1, "the full layer to refuse")
+            await bridge.stop(timeout=5)
+            first = [await take(channel_layer, "mqtt.receive") for _ in range(3)]
+            again = MqttBridge("mq", {"broker": mosquitto_server.url, **options}, channel_layer)
+            await again.start()
+            try:
+                await take(channel_layer, "mqtt.connect")
+                rest = [await take(channel_layer, "mqtt.receive") for _ in range(3)]
+            finally:
+                await again.stop(timeout=5)
+            return first, rest
+        finally:
+            peer.close()
+            await channel_layer.close()
+
+    first, rest = run(scenario())
+    assert [m["text"] for m in first + rest] == [str(n) for n in range(6)]
+    assert all(not m["dup"] for m in first) and all(m["dup"] for m in rest)  # the broker sent those again
+    assert all(m["qos"] == qos and m["session"] == "held-acks" for m in first + rest)
+
+
+def test_qos1_stream_survives_redis_stopping(run, mosquitto_server, tmp_path):
+    """Redis stops mid-stream and comes back: every message arrives at least once; repeats say so."""
+    redis = RedisServer(tmp_path / "redis").start()
+    total = 200
+
+    async def scenario():
+        channel_layer = layer.from_url(redis.url, prefix="mqtt-redis", capacity=total * 2)
+        bridge = MqttBridge("mq", {"broker": mosquitto_server.url, "subscribe": [{"topic": "load/#", "qos": 1}],
+                                   "client_id": "redis-stop"}, channel_layer)
+        await bridge.start()
+        peer = Peer(mosquitto_server.port)
+        try:
+            await take(channel_layer, "mqtt.connect")
+            publishing = asyncio.ensure_future(asyncio.to_thread(
+                lambda: [peer.publish("load/n", str(n), qos=1) for n in range(total)]))
+            await wait_until(lambda: bridge.counters["sent"] >= 30, "the first messages to be stored")
+            try:  # stop Redis, keeping what it stored (as a maintenance restart would)
+                redis.command("SHUTDOWN", "SAVE")
+            except Exception:
+                pass  # the connection drops as it shuts down
+            await asyncio.to_thread(redis.process.wait, 10)
+            await wait_until(lambda: bridge.counters["refused"] >= 1, "the bridge to meet the stopped layer")
+            redis.start()
+            await publishing
+            got = []
+            while len({m["text"] for m in got}) < total:
+                got.extend(m for _, m in await channel_layer.receive_many(["mqtt.receive"], 100, timeout=20))
+                assert got, "nothing received"
+            return bridge, got
+        finally:
+            peer.close()
+            await bridge.stop(timeout=5)
+            await channel_layer.close()
+            redis.stop()
+
+    bridge, got = run(scenario(), timeout=60)
+    assert {m["text"] for m in got} == {str(n) for n in range(total)}
+    seen: dict[tuple, tuple] = {}
+    for message in got:  # a repeat is flagged dup and matches the last message with its session and mid
+        key = (message["session"], message["mid"])
+        if message["text"] in {seen_text for _, seen_text in seen.values()} and seen.get(key, (None, None))[1] \
+                == message["text"]:
+            assert message["dup"], f"an unflagged repeat: {message}"
+        seen[key] = (message["topic"], message["text"])
+    assert bridge.counters["refused"] >= 1
+
+
+# -- options and deployment ---------------------------------------------------------------------------------
+
+
+def test_options_are_checked(tmp_path):
+    for options, problem in [
+        ({"broker": "http://x"}, "broker: must be mqtt://host:port or mqtts://host:port"),
+        ({"broker": "mqtt://x", "subscribe": [{"topic": "a/#/b"}]}, "'#' must be a whole level and the last one"),
+        ({"broker": "mqtt://x", "subscribe": [{"topic": "a", "qos": 3}]}, "qos of 'a' must be 0, 1 or 2"),
+        ({"broker": "mqtt://x", "reply_topic": "{topic}/+"}, "reply_topic: "),
+        ({"broker": "mqtt://x", "allow_publish": ["a/b#"]}, "allow_publish: "),
+        ({"broker": "mqtt://x", "protocol": "4"}, "protocol: must be 5 or \"3.1.1\""),
+        ({}, "broker: is required"),
+    ]:
+        with pytest.raises(OptionError, match=problem.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+            MqttBridge.validate_options(options)
+
+
+def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server, mosquitto_server):
+    from test_cli import write_config
+    from test_daemons import Daemon
+
+    pub, sub = require_binary("mosquitto_pub"), require_binary("mosquitto_sub")
+    config = str(write_config(tmp_path, f"""[layer]
+url = "{redis_server.url}"
+prefix = "mqttdaemons{free_port()}"
+
+[routing]
+app = "apps.mqtt_echo:routes"
+
+[bridges.mq]
+type = "mqtt"
+broker = "{mosquitto_server.url}"
+subscribe = [{{topic = "echo/#", qos = 1}}]
+reply_topic = "{{topic}}/reply"
+"""))
+    bridge = Daemon(tmp_path, "bridge", "bridge", "mq", "--config", config)
+    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    try:
+        bridge.wait_ready()
+        worker.wait_ready()
+        port = str(mosquitto_server.port)
+        listener = subprocess.Popen([sub, "-p", port, "-i", "daemon-sub", "-q", "1", "-t", "echo/+/reply", "-C", "3",
+                                     "-v"], stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for_log(mosquitto_server, "Sending SUBACK to daemon-sub")
+            for n in range(3):
+                subprocess.run([pub, "-p", port, "-q", "1", "-t", f"echo/d{n}", "-m", f"hello {n}"], check=True,
+                               timeout=10)
+            out, _ = listener.communicate(timeout=20)
+        finally:
+            listener.kill()
+        assert sorted(out.splitlines()) == [f"echo/d{n}/reply hello {n}" for n in range(3)]
+        bridge.terminate()
+        worker.terminate()
+    finally:
+        bridge.close()
+        worker.close()
