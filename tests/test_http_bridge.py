@@ -230,6 +230,70 @@ def test_an_invalid_part_of_a_streamed_response_cuts_the_connection(run, channel
     assert bridge.counters["bad_replies"] == 1
 
 
+async def open_slow_reader(port: int, path: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with a small receive buffer, so the server's writes fill the socket long before the body ends."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    return reader, writer
+
+
+def test_a_slow_client_gets_a_streamed_response_whole_and_in_order(run, channel_layer, worker):
+    """The consumer sends 3 MiB at once; the client reads 16 KiB at a time: parts wait, and none is lost."""
+    parts, size = 48, 65536
+
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            reader, writer = await open_slow_reader(bridge.port, f"/big?parts={parts}&size={size}".encode())
+            received = bytearray()
+            while chunk := await asyncio.wait_for(reader.read(16384), 10):
+                received += chunk
+                await asyncio.sleep(0)  # read no faster than the loop turns: the server's buffer fills
+            writer.close()
+            return bridge, bytes(received)
+
+    bridge, response = run(scenario())
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"transfer-encoding: chunked" in head.lower()
+    content, rest = bytearray(), body
+    while True:  # undo the chunked encoding
+        size_line, _, rest = rest.partition(b"\r\n")
+        length = int(size_line, 16)
+        if length == 0:
+            break
+        content += rest[:length]
+        rest = rest[length + 2:]
+    assert bytes(content) == b"".join(bytes([i % 256]) * size for i in range(parts))
+    assert bridge.counters["slow_clients"] == 0
+
+
+def test_a_client_too_far_behind_a_streamed_response_is_cut_off(run, channel_layer, worker, caplog):
+    """A client that stops reading costs the bridge at most max_response_buffer; its consumer hears of it."""
+    async def scenario():
+        async with serving(channel_layer, max_response_buffer=2 * 1024 * 1024, idle_timeout=30) as bridge:
+            reader, writer = await open_slow_reader(bridge.port, b"/big?parts=64&size=65536")
+            # The client reads nothing until the bridge has given up on it; then what is left is a reset.
+            deadline = asyncio.get_running_loop().time() + 20
+            while bridge.counters["slow_clients"] == 0 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.01)
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                while True:
+                    if not await asyncio.wait_for(reader.read(65536), 10):
+                        raise asyncio.IncompleteReadError(b"", None)  # a clean end would be a complete response
+            writer.close()
+            channel, message = await bridge.layer.receive(["test.disconnects"], timeout=10)
+            assert channel == "test.disconnects", "no http.disconnect reached the consumer"
+            return bridge, message
+
+    bridge, disconnect = run(scenario())
+    assert disconnect["path"] == "/big"  # the consumer hears the client is gone, and can stop streaming
+    assert bridge.counters["slow_clients"] == 1
+    assert "during the streamed response to GET /big: over max_response_buffer (2097152 bytes) behind" in caplog.text
+
+
 def test_proxy_headers_only_when_enabled(run, channel_layer, worker):
     forwarded = [("X-Forwarded-For", "203.0.113.9, 10.0.0.1"), ("X-Forwarded-Port", "4443"),
                  ("X-Forwarded-Proto", "https")]

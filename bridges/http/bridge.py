@@ -25,10 +25,13 @@ import logging
 import os
 import stat
 import time
+from collections import deque
 from typing import Any
 
 from twisted.internet import protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.web import http
+from zope.interface import implementer
 
 from bridges.base import Bridge, Option, OptionError, as_future, get_reactor
 from bridges.listening import TlsContext, inherited_endpoint, port_number, positive_seconds
@@ -45,6 +48,85 @@ def _header_limit(value: int) -> str | None:
     return None if value >= 1024 else "must be at least 1024 bytes (browsers send cookies)"
 
 
+def _response_buffer(value: int) -> str | None:
+    return None if value >= 1024 * 1024 else "must be at least 1048576 bytes (one reply can hold 1 MiB)"
+
+
+@implementer(IPushProducer)
+class ResponseFlow:
+    """A streamed response's parts, held while its client does not read, up to ``max_response_buffer`` bytes.
+
+    ASGI 1.0 gives a consumer no way to wait for a slow client: it sends
+    every part at once. twisted.web pauses this producer when the socket's
+    send buffer is full; the parts that come meanwhile wait here and are
+    written as the client reads. A client further behind than
+    ``max_response_buffer``, or reading nothing for ``idle_timeout``, is cut
+    off (logged, counted in ``slow_clients``); its consumer hears ``http.disconnect``.
+    """
+
+    def __init__(self, bridge: HttpBridge, request: HttpRequest) -> None:
+        self.bridge, self.request = bridge, request
+        self.held: deque[bytes] = deque()
+        self.held_bytes = 0
+        self.complete = False  # the last part has come: finish once it is written
+        self.stalled: Any = None  # the idle_timeout call while paused
+        self.paused = False
+        if getattr(request.channel, "_waitingForTransport", False):  # already full: twisted.web will not tell us
+            self.pauseProducing()
+
+    def write(self, content: bytes, last: bool) -> None:
+        self.complete = last
+        if self.paused or self.held:
+            self.held.append(content)
+            self.held_bytes += len(content)
+            if self.held_bytes > self.bridge.options["max_response_buffer"]:
+                self.cut(f"over max_response_buffer ({self.bridge.options['max_response_buffer']} bytes) behind")
+            return
+        self.request.write(content)
+        if last:
+            self.done()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.stalled is None:
+            self.stalled = get_reactor().callLater(self.bridge.options["idle_timeout"], self.cut,
+                                                   f"reading nothing for idle_timeout "
+                                                   f"({self.bridge.options['idle_timeout']} s)")
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._stop_timer()
+        while self.held and not self.paused:  # a write can fill the buffer again, and pause us from inside
+            content = self.held.popleft()
+            self.held_bytes -= len(content)
+            self.request.write(content)
+        if not self.held and self.complete:
+            self.done()
+
+    def stopProducing(self) -> None:
+        self._stop_timer()
+        self.held.clear()
+        self.held_bytes = 0
+
+    def done(self) -> None:
+        self._stop_timer()
+        self.request.unregisterProducer()
+        self.bridge._finish(self.request)
+
+    def cut(self, why: str) -> None:
+        self.stopProducing()
+        request = self.request
+        self.bridge.count("slow_clients")
+        self.bridge.log.warning("%s: cut off %s during the streamed response to %s %s: %s", self.bridge.label,
+                                request.channel.peer, request.method.decode("latin-1"), request.path_text, why)
+        request.channel.transport.abortConnection()
+
+    def _stop_timer(self) -> None:
+        if self.stalled is not None and self.stalled.active():
+            self.stalled.cancel()
+        self.stalled = None
+
+
 class HttpRequest(http.Request):
     """One request of a connection, and the reply target of its reply channel."""
 
@@ -58,6 +140,7 @@ class HttpRequest(http.Request):
         self.body_size = 0
         self.local_id: str | None = None  # set while replies for it are expected
         self.response_started = False
+        self.flow: ResponseFlow | None = None  # while a streamed response is being written
         self.timeout_call: Any = None
         self.sending: asyncio.Task | None = None  # the task storing http.request, awaited before http.disconnect
         self.path_text = ""
@@ -257,6 +340,10 @@ class HttpBridge(Bridge):
         "tls_key": Option(str, "", "PEM private key of tls_cert"),
         "proxy_headers": Option(bool, False, "trust X-Forwarded-For/-Port/-Proto for the client and scheme",
                                 from_string=True),
+        "max_response_buffer": Option(int, 4 * 1024 * 1024, "the most bytes of a streamed response held for a "
+                                                             "client reading slower than its consumer writes; past "
+                                                             "it the client is cut off", _response_buffer,
+                                      from_string=True),
         "websocket": Option(str, "", "the name of a websocket bridge ([bridges.NAME]) that serves this port's "
                                      "Upgrade: websocket requests; both then run in one process"),
     }
@@ -270,6 +357,8 @@ class HttpBridge(Bridge):
         self.scheme = "http"
         self._idle: asyncio.Event | None = None
         self._disconnects: set[asyncio.Task] = set()  # close_protocol() lets them reach the layer
+        for counter in ("timeouts", "bad_replies", "slow_clients"):  # HTTP's own, shown from the start
+            self.count(counter, 0)
         self.websocket: Any = None  # the WebsocketBridge sharing this port, once linked
         self.undecided: set[PortSplitter] = set()  # shared-port connections whose first request head is coming
 
@@ -453,6 +542,9 @@ class HttpBridge(Bridge):
         request.write(response.content)
         if not response.more_content:
             self._finish(request)
+        elif not request._disconnected:
+            request.flow = ResponseFlow(self, request)
+            request.registerProducer(request.flow, True)
 
     def _finish(self, request: HttpRequest) -> None:
         self._release(request)
@@ -485,9 +577,7 @@ class HttpBridge(Bridge):
             else:
                 request.channel.transport.abortConnection()
             return
-        request.write(chunk.content)
-        if not chunk.more_content:
-            self._finish(request)
+        request.flow.write(chunk.content, last=not chunk.more_content)
 
     def _bad_reply(self, request: HttpRequest, problem: Exception) -> None:
         self.count("bad_replies")

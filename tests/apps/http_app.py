@@ -37,6 +37,15 @@ def stream(message):
     reply.send({"text": "third"})
 
 
+def big(message):
+    """Streams ``parts`` parts of ``size`` bytes (part i is all byte i % 256) as fast as the layer takes them."""
+    query = dict(pair.split("=") for pair in message["query_string"].decode().split("&"))
+    parts, size = int(query["parts"]), int(query["size"])
+    for i in range(parts):
+        message.reply_channel.send({"content": bytes([i % 256]) * size, "more_content": i < parts - 1},
+                                   immediately=True)
+
+
 def duplicate_headers(message):
     message.reply_channel.send({"headers": [[b"set-cookie", b"a=1"], [b"x-one", b"1"], [b"set-cookie", b"b=2"]],
                                 "content": b"ok"})
@@ -80,6 +89,7 @@ routes = [
     route("http.request", text, path=r"^/text$"),
     route("http.request", not_found, path=r"^/missing$"),
     route("http.request", stream, path=r"^/stream$"),
+    route("http.request", big, path=r"^/big$"),
     route("http.request", duplicate_headers, path=r"^/duplicate-headers$"),
     route("http.request", bad_header, path=r"^/bad-header$"),
     route("http.request", bad_stream, path=r"^/bad-stream$"),
