@@ -24,6 +24,7 @@ internals (setup.cfg pins ``<3``); tests/test_mqtt_bridge.py covers them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import ssl
 import time
@@ -548,6 +549,9 @@ class MqttBridge(Bridge):
                     return  # stopping: the unacknowledged rest is redelivered to the next session
                 else:
                     # Not acknowledged; keep it (and the order behind it) and try again while the link lasts.
+                    # A layer that went down may have stored it before failing to say so: the next attempt
+                    # carries dup, as a broker's redelivery does (docs/spec/mqtt.md, "Duplicates").
+                    self.inbound[0] = (generation, dataclasses.replace(incoming, dup=True))
                     retry = retry or backoff_delays(0.05, 2.0)
                     await asyncio.sleep(next(retry))
         finally:
