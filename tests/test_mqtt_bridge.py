@@ -551,3 +551,36 @@ reply_topic = "{{topic}}/reply"
     finally:
         bridge.close()
         worker.close()
+
+
+def test_the_echo_example_answers_over_mqtt(tmp_path, mosquitto_server):
+    """examples/echo as shipped, all-in-one (`crossroads run`), with its ports and broker pointed at ours."""
+    from pathlib import Path
+
+    from test_daemons import Daemon
+
+    pub, sub = require_binary("mosquitto_pub"), require_binary("mosquitto_sub")
+    example = Path(__file__).resolve().parent.parent / "examples" / "echo"
+    text = (example / "crossroads.toml").read_text()
+    text = text.replace("mqtt://127.0.0.1:1883", mosquitto_server.url)
+    text = text.replace("port = 8000", f"port = {free_port()}").replace("port = 8001", f"port = {free_port()}")
+    config = tmp_path / "crossroads.toml"
+    config.write_text(text)
+    (tmp_path / "echo.py").write_text((example / "echo.py").read_text())  # beside its config, as shipped
+    gateway = Daemon(tmp_path, "run", "run", "--config", str(config))
+    try:
+        gateway.wait_ready()
+        port = str(mosquitto_server.port)
+        listener = subprocess.Popen([sub, "-p", port, "-i", "echo-sub", "-t", "echo/+/reply", "-C", "1", "-v"],
+                                    stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for_log(mosquitto_server, "Sending SUBACK to echo-sub")
+            wait_for_log(mosquitto_server, "echo/+ (QoS 1)")  # the bridge's subscription
+            subprocess.run([pub, "-p", port, "-q", "1", "-t", "echo/me", "-m", "hello"], check=True, timeout=10)
+            out, _ = listener.communicate(timeout=20)
+        finally:
+            listener.kill()
+        assert out.splitlines() == ["echo/me/reply hello"]
+        gateway.terminate()
+    finally:
+        gateway.close()

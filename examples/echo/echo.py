@@ -24,6 +24,8 @@ def echo(message):
         message.reply_channel.send({"text": message.text})
     elif message.get("bytes") is not None:
         message.reply_channel.send({"bytes": message["bytes"]})
+    elif message.get("payload") is not None:  # MQTT payloads that are not UTF-8 go back as they came
+        message.reply_channel.send({"payload": message["payload"]})
 
 
 routes = [
