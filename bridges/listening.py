@@ -14,6 +14,11 @@ from zope.interface import implementer
 
 from .base import OptionError
 
+# Connections the kernel may hold for us before we accept them. Twisted's default, 50, overflows when a
+# page reloads for hundreds of clients at once (the kernel then drops handshakes, and clients wait
+# seconds for a retry); nginx uses 511. Linux caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
 
 def port_number(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a TCP port number from 0 to 65535 (0 picks a free one)"

@@ -654,3 +654,26 @@ def test_a_bridge_that_cannot_start_stops_the_process_with_its_reason(tmp_path):
     assert result.returncode == 1
     assert "could not start: systemd_socket: systemd passed no listening socket named 'web'" in result.stderr
     assert "Traceback" not in result.stderr  # the worker that never started is not a second failure
+
+
+def test_a_burst_of_connections_waits_in_the_listen_queue_while_the_bridge_is_busy(run, channel_layer, worker):
+    """300 clients connect while the bridge accepts nobody (busy): the kernel holds them all, none is dropped."""
+    async def connect_one(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            bridge.listening.stopReading()  # as if the reactor were busy elsewhere: nothing is accepted
+            clients = await asyncio.gather(*(connect_one(bridge.port) for _ in range(300)), return_exceptions=True)
+            refused = [c for c in clients if isinstance(c, BaseException)]
+            bridge.listening.startReading()
+            statuses = []
+            for reader, writer in (c for c in clients if not isinstance(c, BaseException)):
+                writer.write(b"GET /text HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+                statuses.append(status_of(await asyncio.wait_for(reader.read(), 10)))
+                writer.close()
+            return refused, statuses
+
+    refused, statuses = run(scenario())
+    assert not refused, f"{len(refused)} of 300 connections were not taken into the listen queue"
+    assert statuses == [200] * 300

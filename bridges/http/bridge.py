@@ -34,7 +34,7 @@ from twisted.web import http
 from zope.interface import implementer
 
 from bridges.base import Bridge, Option, OptionError, as_future, get_reactor
-from bridges.listening import TlsContext, inherited_endpoint, port_number, positive_seconds
+from bridges.listening import LISTEN_BACKLOG, TlsContext, inherited_endpoint, port_number, positive_seconds
 from layer import MessageTooLarge
 
 from . import messages
@@ -408,9 +408,10 @@ class HttpBridge(Bridge):
         elif path:
             if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
                 os.unlink(path)  # left by a previous run; binding would fail with "address in use"
-            self.listening = reactor.listenUNIX(path, factory)
+            self.listening = reactor.listenUNIX(path, factory, backlog=LISTEN_BACKLOG)
         else:
-            self.listening = reactor.listenTCP(self.options["port"], factory, interface=self.options["host"])
+            self.listening = reactor.listenTCP(self.options["port"], factory, backlog=LISTEN_BACKLOG,
+                                               interface=self.options["host"])
             self.port = self.listening.getHost().port
         self.accepting = True
 

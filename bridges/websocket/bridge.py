@@ -26,7 +26,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 
 from bridges.base import Bridge, Option, OptionError, as_future, get_reactor
-from bridges.listening import TlsContext, port_number, positive_seconds
+from bridges.listening import LISTEN_BACKLOG, TlsContext, port_number, positive_seconds
 from layer import MessageTooLarge
 
 from . import messages as m
@@ -364,9 +364,11 @@ class WebsocketBridge(Bridge):
         self.accepting = True
         if self.secure:
             context = TlsContext(self.options["tls_cert"], self.options["tls_key"])
-            self.listening = reactor.listenSSL(self.options["port"], factory, context, interface=self.options["host"])
+            self.listening = reactor.listenSSL(self.options["port"], factory, context, backlog=LISTEN_BACKLOG,
+                                               interface=self.options["host"])
         else:
-            self.listening = reactor.listenTCP(self.options["port"], factory, interface=self.options["host"])
+            self.listening = reactor.listenTCP(self.options["port"], factory, backlog=LISTEN_BACKLOG,
+                                               interface=self.options["host"])
         self.port = self.listening.getHost().port
         factory.port = self.port
 
