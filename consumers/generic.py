@@ -137,7 +137,7 @@ class ChatConsumer(BaseConsumer):
 
     join_channels = ["websocket.connect"]
     leave_channels = ["websocket.disconnect"]
-    message_channels = ["websocket.receive", "mqtt.receive", "irc.receive", "email.receive", "slack.receive"]
+    message_channels = ["websocket.receive", "mqtt.receive", "irc-client.receive", "email.receive", "slack.receive"]
     accept_channels = {"websocket.connect"}  # connections that wait for {"accept": True}
 
     @classmethod
