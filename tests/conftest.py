@@ -84,6 +84,16 @@ def run(reactor):
 
 
 @pytest.fixture(scope="session")
+def ngircd_server(tmp_path_factory):
+    """One real ngircd for the session (tests that kill it or change its config start their own NgircdServer)."""
+    from servers import NgircdServer
+
+    server = NgircdServer(tmp_path_factory.mktemp("ngircd")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def mqtt_tls(tmp_path_factory):
     """A test CA and a broker certificate for 127.0.0.1 (trustme): {"cert", "key", "ca"} PEM paths."""
     import trustme

@@ -101,6 +101,67 @@ class RedisServer:
             client.close()
 
 
+class NgircdServer:
+    """One ``ngircd`` process in the foreground on a free port, with its own config file.
+
+    The config is permissive for tests: no PAM, no ident, no DNS lookups, no
+    penalty delays (``MaxPenaltyTime = 0``: the server processes lines as fast
+    as they come, so what a test measures at the receiver is the bridge's own
+    pacing), 30-character nicks, and many connections per IP. ``password`` sets
+    the server password; ``tls`` ({"cert", "key"}) adds a TLS port
+    (``tls_port``). ``stop()`` kills it (SIGKILL: the bridge sees the connection
+    drop as it would in a crash); ``start()`` again serves on the same ports.
+    """
+
+    def __init__(self, workdir: Path, *, password: str = "", tls: dict[str, str] | None = None,
+                 name: str = "irc.test", ping_timeout: int = 120, pong_timeout: int = 20) -> None:
+        self.binary = require_binary("ngircd")
+        self.workdir = workdir
+        self.port = free_port()
+        self.tls = tls
+        self.tls_port = free_port() if tls else None
+        self.password = password
+        self.name = name
+        self.ping_timeout, self.pong_timeout = ping_timeout, pong_timeout
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"irc://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        lines = [
+            "[Global]", f"Name = {self.name}", "Info = crossroads test server", "Listen = 127.0.0.1",
+            f"Ports = {self.port}", "MotdPhrase = test server",
+            f"Password = {self.password}" if self.password else "",
+            "[Limits]", "MaxNickLength = 30", "MaxConnectionsIP = 0", "MaxJoins = 0", "MaxPenaltyTime = 0",
+            f"PingTimeout = {self.ping_timeout}", f"PongTimeout = {self.pong_timeout}",
+            "[Options]", "PAM = no", "Ident = no", "DNS = no", "RequireAuthPing = no", "ConnectIPv6 = no",
+            "OperCanUseMode = yes",
+        ]
+        if self.tls:
+            lines += ["[SSL]", f"CertFile = {self.tls['cert']}", f"KeyFile = {self.tls['key']}",
+                      f"Ports = {self.tls_port}"]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> NgircdServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "ngircd.conf"
+        config.write_text(self.config())
+        self.process = subprocess.Popen([self.binary, "-n", "-p", "-f", str(config)],
+                                        stdout=open(self.workdir / "ngircd.log", "ab"), stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.process)
+        if self.tls_port:
+            wait_for_port(self.tls_port, self.process)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
 class MosquittoServer:
     """One ``mosquitto`` broker in the foreground on a free port, with its own config file.
 
