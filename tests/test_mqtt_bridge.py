@@ -486,6 +486,8 @@ def test_qos1_stream_survives_redis_stopping(run, mosquitto_server, tmp_path):
 
     bridge, got = run(scenario(), timeout=60)
     assert {m["text"] for m in got} == {str(n) for n in range(total)}
+    firsts = list(dict.fromkeys(m["text"] for m in got))
+    assert firsts == [str(n) for n in range(total)]  # held messages kept their place: the broker's order
     seen = set()
     for message in got:  # a repeat has the session, mid and payload of an earlier arrival, and says dup
         identity = (message["session"], message["mid"], message["payload"])

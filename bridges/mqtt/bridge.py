@@ -47,6 +47,7 @@ from layer.base import backoff_delays
 from . import messages as m
 
 LAYER_MESSAGE_LIMIT = 1024 * 1024  # the layer's limit on a serialized message (docs/spec/layer.md)
+FORWARD_BATCH = 500  # messages sent into the layer at once (the broker's order kept)
 READ_BURST = 64  # packets read per readable event before the reactor serves others
 REQUEST_TARGETS = 10_000  # reply channels of requests (MQTT 5 response topics) remembered, newest kept
 _MISC_INTERVAL = 1.0  # seconds between paho's loop_misc calls (keepalive pings and their timeouts)
@@ -526,36 +527,48 @@ class MqttBridge(Bridge):
             self.spawn(self._forward(), "forwarding messages from the broker")
 
     async def _forward(self) -> None:
+        # Batches of concurrent sends: the layer stores the sends of one loop tick in the order they were
+        # made (one round trip on Redis) and answers each on its own, so every message is acknowledged
+        # or held exactly as if it had been sent alone, and the order is the broker's.
         try:
             retry = None
             while self.inbound:
-                generation, incoming = self.inbound[0]
-                if incoming.qos and self.persistent and generation != self.generation:
-                    self.inbound.popleft()  # its socket is gone unacknowledged: the broker sends it again
-                    continue
-                try:
-                    accepted = await self.send_to_layer(m.RECEIVE, self._receive_message(incoming))
-                except MessageTooLarge:
-                    self.count("oversized")
-                    self.bad_input(str(self.broker), f"message on {incoming.topic!r} is too large for the layer")
-                    accepted = True  # acknowledged and dropped, like any oversized payload
-                if accepted:
+                batch = []
+                while self.inbound and len(batch) < FORWARD_BATCH:
+                    generation, incoming = self.inbound.popleft()
+                    if incoming.qos and self.persistent and generation != self.generation:
+                        continue  # its socket is gone unacknowledged: the broker sends it again
+                    batch.append((generation, incoming))
+                results = await asyncio.gather(*(self._store(incoming) for _, incoming in batch))
+                held = []
+                for (generation, incoming), stored in zip(batch, results, strict=True):
+                    if stored:
+                        self._ack(generation, incoming.mid, incoming.qos)
+                    elif incoming.qos:
+                        # Not acknowledged: kept, ahead of what came later, and tried again while the link
+                        # lasts. A layer that went down may have stored it before failing to say so: the
+                        # next attempt carries dup, as a broker's redelivery does (docs/spec/mqtt.md).
+                        held.append((generation, dataclasses.replace(incoming, dup=True)))
+                    # a refused QoS 0 message is gone (at most once), counted in refused
+                if not held:
                     retry = None
-                    self.inbound.popleft()
-                    self._ack(generation, incoming.mid, incoming.qos)
-                elif incoming.qos == 0:
-                    self.inbound.popleft()  # at most once: refused is gone (counted as refused)
-                elif not self.accepting:
-                    return  # stopping: the unacknowledged rest is redelivered to the next session
-                else:
-                    # Not acknowledged; keep it (and the order behind it) and try again while the link lasts.
-                    # A layer that went down may have stored it before failing to say so: the next attempt
-                    # carries dup, as a broker's redelivery does (docs/spec/mqtt.md, "Duplicates").
-                    self.inbound[0] = (generation, dataclasses.replace(incoming, dup=True))
-                    retry = retry or backoff_delays(0.05, 2.0)
-                    await asyncio.sleep(next(retry))
+                    continue
+                if not self.accepting:
+                    return  # stopping: what is held stays unacknowledged, for the next session
+                self.inbound.extendleft(reversed(held))
+                retry = retry or backoff_delays(0.05, 2.0)
+                await asyncio.sleep(next(retry))
         finally:
             self.forwarding = False
+
+    async def _store(self, incoming: m.Incoming) -> bool:
+        """Send one message into the layer; True when it may be acknowledged."""
+        try:
+            return await self.send_to_layer(m.RECEIVE, self._receive_message(incoming))
+        except MessageTooLarge:
+            self.count("oversized")
+            self.bad_input(str(self.broker), f"message on {incoming.topic!r} is too large for the layer")
+            return True  # acknowledged and dropped, like any oversized payload
 
     def _receive_message(self, incoming: m.Incoming) -> dict[str, Any]:
         target = m.target_of(incoming)
