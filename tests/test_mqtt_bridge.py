@@ -541,6 +541,7 @@ reply_topic = "{{topic}}/reply"
                                      "-v"], stdout=subprocess.PIPE, text=True)
         try:
             wait_for_log(mosquitto_server, "Sending SUBACK to daemon-sub")
+            wait_for_log(mosquitto_server, "Sending SUBACK to crossroads-mq")  # READY=1 comes before the link
             for n in range(3):
                 subprocess.run([pub, "-p", port, "-q", "1", "-t", f"echo/d{n}", "-m", f"hello {n}"], check=True,
                                timeout=10)
@@ -577,7 +578,7 @@ def test_the_echo_example_answers_over_mqtt(tmp_path, mosquitto_server):
                                     stdout=subprocess.PIPE, text=True)
         try:
             wait_for_log(mosquitto_server, "Sending SUBACK to echo-sub")
-            wait_for_log(mosquitto_server, "echo/+ (QoS 1)")  # the bridge's subscription
+            wait_for_log(mosquitto_server, "Sending SUBACK to crossroads-broker")  # READY=1 comes before the link
             subprocess.run([pub, "-p", port, "-q", "1", "-t", "echo/me", "-m", "hello"], check=True, timeout=10)
             out, _ = listener.communicate(timeout=20)
         finally:
