@@ -323,7 +323,6 @@ def test_flood_control_sends_a_burst_then_paces(run, ngircd_server):
         async with bridging(ngircd_server, options) as bridge:
             join = await joined(bridge, "#flood")
             async with user(ngircd_server, "judy", "#flood") as judy:
-                await asyncio.sleep(burst / rate)  # (the bucket is refilled after the JOIN: not a wait for an event)
                 start = len(judy.lines)
                 await bridge.layer.send(join["reply_channel"], {"text": "\n".join(f"line {i}" for i in range(total))})
                 await judy.expect(lambda line: line.endswith(f"line {total - 1}"), start=start)
@@ -333,6 +332,7 @@ def test_flood_control_sends_a_burst_then_paces(run, ngircd_server):
     assert [line.rsplit(":", 1)[1] for _, line in arrivals] == [f"line {i}" for i in range(total)]
     times = [t for t, _ in arrivals]
     # After the burst each line waits for a token: the paced ones cannot arrive faster than the rate allows.
+    # (Only a lower bound: a slow machine may space them more, never less.)
     paced = times[burst - 1:]
     assert paced[-1] - paced[0] >= (len(paced) - 1) / rate * 0.9
 
@@ -416,7 +416,7 @@ def test_server_killed_and_restarted_the_bridge_reconnects_and_rejoins(run, tmp_
 
 
 def test_server_pings_are_answered(run, tmp_path):
-    server = NgircdServer(tmp_path / "ngircd", ping_timeout=1, pong_timeout=2).start()
+    server = NgircdServer(tmp_path / "ngircd", ping_timeout=5, pong_timeout=5).start()
     try:
         async def scenario():
             async with bridging(server, {"channels": ["#ping"]}) as bridge:
@@ -425,7 +425,7 @@ def test_server_pings_are_answered(run, tmp_path):
                 pinged = asyncio.Queue()
                 answer = client.irc_PING  # a spy on our own side: the PINGs are the real server's
                 client.irc_PING = lambda prefix, params: (pinged.put_nowait(params), answer(prefix, params))
-                for _ in range(3):  # ngircd pings again only after the last PONG came in time
+                for _ in range(2):  # ngircd (5 s at least) pings again only after the PONG came in time
                     await asyncio.wait_for(pinged.get(), 10)
                 async with user(server, "mia", "#ping") as mia:
                     await bridge.layer.send(join["reply_channel"], {"text": "alive"})

@@ -82,7 +82,7 @@ def parse_server(url: str) -> ServerAddress:
         raise ValueError(f"bad port in {url!r}") from None
     if not parts.hostname:
         raise ValueError(f"no host name in {url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.username:
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
         raise ValueError(f"only irc[s]://host[:port] is understood, not {url!r} (channels go in `channels`)")
     return ServerAddress(parts.hostname, port or DEFAULT_PORTS[parts.scheme], parts.scheme == "ircs")
 
@@ -222,7 +222,9 @@ def parse_line(text: str) -> Line:
     if rest.startswith(":"):
         prefix, _, rest = rest[1:].partition(" ")
         rest = rest.lstrip(" ")
-    if " :" in rest or rest.startswith(":"):
+    if rest.startswith(":"):
+        raise BadLine(f"no command in {text[:100]!r}")
+    if " :" in rest:
         head, _, trailing = (" " + rest).partition(" :")
         params = head.split() + [trailing]
     else:
@@ -262,9 +264,9 @@ def command(name: str, *params: str, trailing: str | None = None) -> str:
 
 def text_lines(text: str) -> list[str]:
     """The lines of a consumer's text, each to be said on its own: split at every line break, NUL removed,
-    blank lines dropped (IRC cannot send an empty message)."""
+    trailing spaces removed (servers drop them), blank lines dropped (IRC cannot send an empty message)."""
     lines = text.replace("\x00", "").splitlines()
-    return [line for line in lines if line.strip()]
+    return [line.rstrip() for line in lines if line.strip()]
 
 
 def split_utf8(text: str, limit: int) -> list[str]:
