@@ -172,8 +172,10 @@ class MosquittoServer:
     files) adds a second listener on ``tls_port``.
     """
 
-    def __init__(self, workdir: Path, *, tls: dict[str, str] | None = None, extra: str = "") -> None:
+    def __init__(self, workdir: Path, *, tls: dict[str, str] | None = None, users: dict[str, str] | None = None,
+                 extra: str = "") -> None:
         self.binary = require_binary("mosquitto")
+        self.users = users  # {name: password}: only these may connect (mosquitto_passwd writes the file)
         self.workdir = workdir
         self.port = free_port()
         self.tls = tls
@@ -193,12 +195,20 @@ class MosquittoServer:
         import getpass
 
         # Run as root (in a container), mosquitto would drop to the user "mosquitto", who cannot read our files.
-        lines = [f"user {getpass.getuser()}", "per_listener_settings false", "allow_anonymous true",
-                 "persistence false", f"log_dest file {self.workdir / 'mosquitto.log'}", "log_type all",
+        lines = [f"user {getpass.getuser()}", "per_listener_settings false",
+                 f"allow_anonymous {'false' if self.users else 'true'}", "persistence false",
+                 f"log_dest file {self.workdir / 'mosquitto.log'}", "log_type all",
                  f"listener {self.port} 127.0.0.1"]
         if self.tls:
             lines += [f"listener {self.tls_port} 127.0.0.1", f"certfile {self.tls['cert']}",
                       f"keyfile {self.tls['key']}"]
+        if self.users:
+            passwords = self.workdir / "passwords"
+            passwords.write_text("")
+            for name, password in self.users.items():
+                subprocess.run([require_binary("mosquitto_passwd"), "-b", str(passwords), name, password], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            lines.append(f"password_file {passwords}")
         return "\n".join(lines) + "\n" + self.extra + "\n"
 
     def start(self) -> MosquittoServer:
@@ -221,3 +231,6 @@ class MosquittoServer:
     def log(self) -> str:
         path = self.workdir / "mosquitto.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+INSTALL_HINT["mosquitto_passwd"] = "apt-get install -y mosquitto"

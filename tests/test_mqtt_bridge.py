@@ -37,8 +37,11 @@ from consumers.worker import Worker
 class Peer:
     """An outside MQTT client: paho with its own network thread, recording every message it receives."""
 
-    def __init__(self, port: int, *, protocol: int = paho.MQTTv5, client_id: str = "") -> None:
+    def __init__(self, port: int, *, protocol: int = paho.MQTTv5, client_id: str = "", username: str = "",
+                 password: str = "") -> None:
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+        if username:
+            self.client.username_pw_set(username, password)
         self.received: queue.Queue = queue.Queue()
         self.subscribed = threading.Event()
         connected = threading.Event()
@@ -347,6 +350,36 @@ def test_tls_listener_with_a_generated_certificate(run, mosquitto_server, mqtt_t
 
     bridge, health = run(scenario())
     assert health["state"] == "degraded"
+
+
+def test_username_and_password(run, tmp_path):
+    broker = MosquittoServer(tmp_path / "auth", users={"bridge": "s3cret", "peer": "peer"}).start()
+
+    async def scenario():
+        refused = MqttBridge("mq", {"broker": broker.url, "username": "bridge", "password": "wrong"},
+                             layer.from_url("memory://"))
+        await refused.start()
+        try:
+            await wait_until(lambda: "refused the connection" in refused.health["reason"], "the broker's refusal")
+            health = refused.health
+        finally:
+            await refused.stop(timeout=5)
+        async with bridging(broker.url, {"subscribe": ECHO, "username": "bridge", "password": "s3cret"}):
+            peer = Peer(broker.port, username="peer", password="peer")
+            try:
+                peer.subscribe("echo/+/reply")
+                peer.publish("echo/auth", "let in")
+                return health, (await peer.take()).payload
+            finally:
+                peer.close()
+
+    try:
+        health, payload = run(scenario())
+    finally:
+        broker.stop()
+    assert health["state"] == "degraded"
+    assert "cannot connect (the broker refused the connection: Not authorized)" in health["reason"]
+    assert payload == b"let in"
 
 
 def test_broker_restart_resubscribes_and_flushes_queued_publishes(run, mosquitto_server):

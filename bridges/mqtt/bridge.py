@@ -606,8 +606,17 @@ class MqttBridge(Bridge):
     async def _consume_publishes(self, channel: str) -> None:
         # A bounded wait, so stop_accepting() ends the loop without cancelling a receive in flight
         # (cancelling one on Redis can lose the message being popped).
+        retry = None
         while self.accepting:
-            batch = await self.layer.receive_many([channel], 100, timeout=1.0)
+            try:
+                batch = await self.layer.receive_many([channel], 100, timeout=1.0)
+            except Exception as exc:  # the layer retries outages itself: this is unexpected, but must not stop us
+                self.count("errors")
+                retry = retry or backoff_delays(0.1, 5.0)
+                self.log.warning("%s: receiving from %s failed (%r); retrying", self.label, channel, exc)
+                await asyncio.sleep(next(retry))
+                continue
+            retry = None
             for _, message in batch:
                 try:
                     publish = m.interpret_publish(message, allow_publish=self.options["allow_publish"],
