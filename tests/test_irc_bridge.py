@@ -107,6 +107,7 @@ async def user(server: NgircdServer, nick: str, *channels: str, password: str = 
 
 @asynccontextmanager
 async def bridging(server: NgircdServer, options: dict | None = None, channel_layer=None, *, wait: bool = True):
+    owned = channel_layer is None  # a layer from the channel_layer fixture is the fixture's to close
     channel_layer = channel_layer or layer.from_url("memory://", capacity=1000)
     options = {"server": server.url, "nick": "bridgebot", "flood_burst": 100, "flood_rate": 100,
                "reconnect_initial": 0.1, "reconnect_cap": 0.5, **(options or {})}
@@ -118,7 +119,8 @@ async def bridging(server: NgircdServer, options: dict | None = None, channel_la
         yield bridge
     finally:
         await bridge.stop(timeout=5)
-        await channel_layer.close()
+        if owned:
+            await channel_layer.close()
 
 
 async def take(channel_layer, channel: str, timeout: float = 10, where=None) -> dict:
@@ -204,9 +206,10 @@ def test_connect_message_and_control_messages_on_its_reply_channel(run, ngircd_s
 # -- talking -------------------------------------------------------------------------------------------------
 
 
-def test_channel_messages_actions_and_notices_reach_consumers_and_replies_reach_the_channel(run, ngircd_server):
+def test_channel_messages_actions_and_notices_reach_consumers_and_replies_reach_the_channel(run, ngircd_server,
+                                                                                            channel_layer):
     async def scenario():
-        async with bridging(ngircd_server, {"channels": ["#talk"]}) as bridge:
+        async with bridging(ngircd_server, {"channels": ["#talk"]}, channel_layer) as bridge:
             await joined(bridge, "#talk")
             async with user(ngircd_server, "dave", "#talk") as dave:
                 dave.send("PRIVMSG #talk :\x02hello\x02 \x0304,01bridge\x03",
@@ -342,6 +345,45 @@ def test_default_flood_control_is_conservative():
     assert bridge.options["flood_burst"] <= 5 and bridge.options["flood_rate"] <= 0.5
 
 
+def test_bad_input_from_the_server_is_counted_and_survived(run, ngircd_server):
+    async def scenario():
+        async with bridging(ngircd_server, {"channels": ["#bytes"]}) as bridge:
+            await joined(bridge, "#bytes")
+            async with user(ngircd_server, "olga", "#bytes") as olga:
+                olga.writer.write(b"PRIVMSG #bytes :caf\xe9 in Latin-1\r\n")
+                latin1 = await take(bridge.layer, "irc-client.receive")
+                olga.send("PRIVMSG #bytes :\x01ACTION\x01", "PRIVMSG #bytes :after")  # an empty action
+                said = [await take(bridge.layer, "irc-client.receive") for _ in range(2)]
+                return latin1, said, bridge.counters
+
+    latin1, said, counters = run(scenario())
+    assert latin1["body"] == "café in Latin-1" and counters["non_utf8_lines"] == 1
+    assert [s["type"] for s in said] == ["action", "message"] and said[1]["body"] == "after"
+    assert counters["errors"] == 0
+
+
+def test_a_full_layer_drops_and_counts_and_the_bridge_carries_on(run, ngircd_server):
+    async def scenario():
+        small = layer.from_url("memory://", capacity=2)
+        try:
+            async with bridging(ngircd_server, {"channels": ["#full"]}, small) as bridge:
+                await joined(bridge, "#full")
+                async with user(ngircd_server, "pat", "#full") as pat:
+                    await take(small, "irc-client.join")  # pat's join
+                    pat.send(*(f"PRIVMSG #full :message {i}" for i in range(5)))
+                    await degraded(bridge)  # nobody takes until the layer refused some
+                    first = [await take(small, "irc-client.receive") for _ in range(2)]  # the two it held
+                    pat.send("PRIVMSG #full :later")
+                    later = await take(small, "irc-client.receive", where=lambda msg: msg["body"] == "later")
+                    return first, later, bridge.counters
+        finally:
+            await small.close()
+
+    first, later, counters = run(scenario())
+    assert [m["body"] for m in first] == ["message 0", "message 1"]
+    assert counters["refused"] >= 1 and counters["dropped"] >= 1 and later["body"] == "later"
+
+
 # -- nicks, passwords, identification ------------------------------------------------------------------------
 
 
@@ -451,3 +493,42 @@ def test_bad_options_name_the_key(options, key):
     with pytest.raises(OptionError) as error:
         IrcBridge.validate_options(options)
     assert error.value.key == key
+
+
+# -- TLS -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def irc_tls(tmp_path_factory):
+    """A test CA and a server certificate for 127.0.0.1 (trustme): {"cert", "key", "ca"} PEM paths."""
+    import trustme
+
+    folder = tmp_path_factory.mktemp("irc-tls")
+    folder.chmod(0o755)  # ngircd reads them as the unprivileged user it switches to
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem"), "ca": str(folder / "ca.pem")}
+    issued.cert_chain_pems[0].write_to_path(paths["cert"])
+    issued.private_key_pem.write_to_path(paths["key"])
+    ca.cert_pem.write_to_path(paths["ca"])
+    return paths
+
+
+def test_ircs_verifies_the_server_certificate(run, tmp_path, irc_tls):
+    server = NgircdServer(tmp_path / "ngircd", tls=irc_tls).start()
+    tls_url = f"ircs://127.0.0.1:{server.tls_port}"
+    try:
+        async def scenario():
+            async with bridging(server, {"server": tls_url, "tls_ca": irc_tls["ca"], "channels": ["#tls"]}) as bridge:
+                join = await joined(bridge, "#tls")
+                async with user(server, "nina", "#tls") as nina:  # plain port, same server
+                    await bridge.layer.send(join["reply_channel"], {"text": "over TLS"})
+                    await nina.expect(lambda line: "over TLS" in line)
+            async with bridging(server, {"server": tls_url}, wait=False) as untrusting:  # the system's CAs only
+                refused = await degraded(untrusting)
+            return refused, untrusting.counters
+
+        refused, counters = run(scenario())
+        assert "cannot connect" in refused["reason"] and counters["connects"] == 0
+    finally:
+        server.stop()
