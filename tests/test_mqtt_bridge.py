@@ -411,6 +411,33 @@ def test_broker_restart_resubscribes_and_flushes_queued_publishes(run, mosquitto
     assert bridge.counters["connects"] == 2
 
 
+def test_a_broker_that_stops_answering_is_dropped_by_keepalive(run, mosquitto_server):
+    """paho's keepalive runs on the reactor (loop_misc): a frozen broker is noticed, and the link comes back."""
+    import os
+    import signal
+
+    async def scenario():
+        options = {"subscribe": ECHO, "keepalive": 1, "connect_timeout": 2, "reconnect_max": 0.5}
+        async with bridging(mosquitto_server.url, options) as bridge:
+            os.kill(mosquitto_server.process.pid, signal.SIGSTOP)
+            try:
+                down = await take(bridge.layer, "test.links", timeout=20)
+            finally:
+                os.kill(mosquitto_server.process.pid, signal.SIGCONT)
+            up = await take(bridge.layer, "test.links", timeout=20)
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("echo/+/reply")
+                peer.publish("echo/awake", "again")
+                return down, up, (await peer.take()).payload
+            finally:
+                peer.close()
+
+    down, up, payload = run(scenario(), timeout=60)
+    assert down["reason"] == "connection lost" and up["subscriptions"] == [["echo/#", 1]]
+    assert payload == b"again"
+
+
 def test_queue_while_the_broker_is_away_is_bounded(run, tmp_path, caplog):
     broker = MosquittoServer(tmp_path / "late")  # its port is chosen, but nothing listens yet
 
