@@ -170,7 +170,7 @@ def test_connect_join_and_the_events_of_others(run, ngircd_server):
     bridge, ours, theirs, parted = run(scenario())
     assert ours["ours"] is True and ours["nick"] == "bridgebot" and ours["protocol"] == "irc"
     assert ours["reply_channel"].startswith(bridge.prefix) and ours["room"] == "#lobby"
-    assert theirs["ours"] is False and theirs["hostmask"].startswith("alice!")
+    assert theirs["ours"] is False and theirs["user"].startswith("alice!")
     assert theirs["reply_channel"] == ours["reply_channel"]  # one stable reply channel per IRC channel
     assert parted["nick"] == "alice" and parted["how"] == "part" and parted["reason"] == "off to lunch"
     assert bridge.counters["errors"] == 0
@@ -225,7 +225,8 @@ def test_channel_messages_actions_and_notices_reach_consumers_and_replies_reach_
     message, action, notice = said
     assert message["type"] == "message" and message["body"] == "\x02hello\x02 \x0304,01bridge\x03"
     assert message["text"] == "hello bridge"  # formatting stripped in text, raw in body
-    assert message["sender"] == message["user"] == "dave" and message["room"] == message["channel"] == "#talk"
+    assert message["sender"] == message["nick"] == "dave" and message["user"] == "dave!~dave@127.0.0.1"
+    assert message["room"] == message["channel"] == "#talk"
     assert message["private"] is False and message["protocol"] == "irc"
     assert action["type"] == "action" and action["body"] == "waves"
     assert notice["type"] == "notice" and notice["text"] == "heads up"

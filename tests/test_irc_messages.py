@@ -289,7 +289,7 @@ SHARED = {"reply_channel", "protocol", "sender", "room", "text"}
 def test_receive_message_in_a_channel():
     msg = m.receive_message("irc.n.x!c._23chat", m.MESSAGE, "alice!~a@h", "#chat", "\x02hi\x02", "libera")
     assert SHARED <= msg.keys()
-    assert msg == {"reply_channel": "irc.n.x!c._23chat", "type": "message", "user": "alice", "hostmask": "alice!~a@h",
+    assert msg == {"reply_channel": "irc.n.x!c._23chat", "type": "message", "user": "alice!~a@h", "nick": "alice",
                    "channel": "#chat", "private": False, "body": "\x02hi\x02", "network": "libera", "protocol": "irc",
                    "sender": "alice", "room": "#chat", "text": "hi"}
 
@@ -314,6 +314,7 @@ def test_join_part_connect_messages():
 def test_text_replies_say_to_the_target():
     assert m.interpret_reply({"text": "hi"}, "#chat") == [m.Say(m.MESSAGE, "#chat", "hi")]
     assert m.interpret_reply({"text": "\n\n"}, "#chat") == []  # nothing to say is not an error
+    assert m.interpret_reply({"type": "message", "body": "b", "channel": None}, "bob") == [m.Say(m.MESSAGE, "bob", "b")]
 
 
 @pytest.mark.parametrize("kind", [m.MESSAGE, m.ACTION, m.NOTICE])

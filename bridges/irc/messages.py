@@ -431,7 +431,7 @@ def connect_message(reply_channel: str, server: ServerAddress, nick: str, networ
 
 def join_message(reply_channel: str, channel: str, prefix: str, ours: bool, network: str) -> dict[str, Any]:
     nick = nick_of(prefix)
-    return {"reply_channel": reply_channel, "channel": channel, "nick": nick, "user": nick, "hostmask": prefix,
+    return {"reply_channel": reply_channel, "channel": channel, "nick": nick, "user": prefix,
             "ours": ours, "network": network, "protocol": PROTOCOL, "sender": nick, "room": channel, "text": None}
 
 
@@ -439,7 +439,7 @@ def part_message(reply_channel: str, channel: str, prefix: str, ours: bool, netw
                  reason: str = "", by: str | None = None) -> dict[str, Any]:
     """``how``: ``part``, ``kick`` (``by`` who) or ``quit`` (the user left the network)."""
     nick = nick_of(prefix)
-    return {"reply_channel": reply_channel, "channel": channel, "nick": nick, "user": nick, "hostmask": prefix,
+    return {"reply_channel": reply_channel, "channel": channel, "nick": nick, "user": prefix,
             "ours": ours, "how": how, "reason": reason, "by": by, "network": network, "protocol": PROTOCOL,
             "sender": nick, "room": channel, "text": None}
 
@@ -450,7 +450,7 @@ def receive_message(reply_channel: str, kind: str, prefix: str, target: str, bod
     None and ``room`` is the sender)."""
     nick = nick_of(prefix)
     private = target[:1] not in CHANNEL_PREFIXES
-    return {"reply_channel": reply_channel, "type": kind, "user": nick, "hostmask": prefix,
+    return {"reply_channel": reply_channel, "type": kind, "user": prefix, "nick": nick,
             "channel": None if private else target, "private": private, "body": body,
             "network": network, "protocol": PROTOCOL, "sender": nick, "room": nick if private else target,
             "text": strip_formatting(body)}
@@ -484,7 +484,7 @@ def interpret_reply(message: Any, default_target: str | None) -> list[Say | Join
     if not isinstance(message, dict):
         raise InvalidReply(f"a reply must be a dict, not {type(message).__name__}")
     kind = message.get("type")
-    target = message.get("channel", default_target)
+    target = message.get("channel") or default_target  # None too: a private message's channel, echoed back
     if target is None:
         raise InvalidReply("this reply channel has no target of its own: name one with 'channel'")
     problem = target_problem(target)
