@@ -522,14 +522,22 @@ def test_qos1_stream_survives_redis_stopping(run, mosquitto_server, tmp_path):
         peer = Peer(mosquitto_server.port)
         try:
             await take(channel_layer, "mqtt.connect")
-            publishing = asyncio.ensure_future(asyncio.to_thread(
-                lambda: [peer.publish("load/n", str(n), qos=1) for n in range(total)]))
+            redis_down = threading.Event()
+
+            def publish_all():  # the second half waits until Redis is down, so some surely meet it stopped
+                for n in range(total):
+                    if n == total // 2:
+                        assert redis_down.wait(20)
+                    peer.publish("load/n", str(n), qos=1)
+
+            publishing = asyncio.ensure_future(asyncio.to_thread(publish_all))
             await wait_until(lambda: bridge.counters["sent"] >= 30, "the first messages to be stored")
             try:  # stop Redis, keeping what it stored (as a maintenance restart would)
                 redis.command("SHUTDOWN", "SAVE")
             except Exception:
                 pass  # the connection drops as it shuts down
             await asyncio.to_thread(redis.process.wait, 10)
+            redis_down.set()
             await wait_until(lambda: bridge.counters["refused"] >= 1, "the bridge to meet the stopped layer")
             redis.start()
             await publishing
