@@ -425,7 +425,7 @@ class Bridge:
         """Names of the bridges that must run in this bridge's process (a WebSocket bridge sharing its port)."""
         return []
 
-    def link(self, bridges: dict[str, Bridge]) -> None:
+    def attach_companions(self, bridges: dict[str, Bridge]) -> None:
         """Called before ``start()`` with every bridge of the process by name; find the companions here.
 
         Raise ``OptionError`` naming the option when a companion is missing or of the wrong type.

@@ -71,7 +71,7 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
     by_name = {bridge.name: bridge for bridge in bridges}
     for bridge in bridges:
         try:
-            bridge.link(by_name)
+            bridge.attach_companions(by_name)
         except OptionError as exc:
             log.error("[bridges.%s] %s", bridge.name, exc)
             return 2

@@ -46,24 +46,44 @@ def test_chat_broadcasts_with_names_across_protocols(chat):
     client = Client(chat.routes)
     alice = client.reply_channel
     bob = client.sync.new_channel("bob?")
+    irc_lobby, mqtt_lobby = "irc-client.chat?lobby", "mqtt.chat?lobby"
     client.send_and_consume("websocket.connect", {"path": "/chat/lobby/", "query_string": b"name=alice"})
     client.send_and_consume("websocket.connect", {"path": "/chat/lobby/", "query_string": b"name=bob"},
                             reply_channel=bob)
     assert client.receive(alice) == {"accept": True} and client.receive(bob) == {"accept": True}
-    client.send_and_consume("websocket.receive", {"path": "/chat/lobby/", "text": "hi bob"})
-    assert client.receive(alice) == {"text": "alice: hi bob"}
-    assert client.receive(bob) == {"text": "alice: hi bob"}
-    # a message from another protocol in the same room reaches both sockets, with its own sender
-    client.send_and_consume("mqtt.receive", {"path": "/chat/lobby/", "text": "sensor up", "sender": "probe"},
-                            reply_channel="mqtt.replies!lobby")
-    assert client.receive(alice) == {"text": "probe: sensor up"}
-    # another room hears nothing
+    client.send_and_consume("websocket.receive", {"path": "/chat/lobby/", "text": "hi bob", "protocol": "websocket"})
+    assert client.receive(alice) == {"text": "[websocket] alice: hi bob"}
+    assert client.receive(bob) == {"text": "[websocket] alice: hi bob"}
+    # The IRC bridge joining #lobby puts the channel in the room; someone else joining does not add it twice.
+    client.send_and_consume("irc-client.join", {"channel": "#lobby", "ours": True, "protocol": "irc"},
+                            reply_channel=irc_lobby)
+    client.send_and_consume("irc-client.join", {"channel": "#lobby", "ours": False, "protocol": "irc"},
+                            reply_channel=irc_lobby)
+    # MQTT has no join: publishing on chat/lobby is what puts the topic in the room.
+    client.send_and_consume("mqtt.receive", {"topic": "chat/lobby", "text": "sensor up", "sender": "probe",
+                                             "protocol": "mqtt"}, reply_channel=mqtt_lobby)
+    said = {"text": "[mqtt] probe: sensor up"}
+    assert [client.receive(c) for c in (alice, bob, irc_lobby, mqtt_lobby)] == [said] * 4
+    assert client.receive(irc_lobby) is None  # once: the second join changed nothing
+    client.send_and_consume("irc-client.receive", {"channel": "#lobby", "room": "#lobby", "text": "hello all",
+                                                   "sender": "carol", "protocol": "irc"}, reply_channel=irc_lobby)
+    said = {"text": "[irc] carol: hello all"}
+    assert [client.receive(c) for c in (alice, bob, irc_lobby, mqtt_lobby)] == [said] * 4
+    # A private IRC message gets a hint, and nothing is broadcast.
+    client.send_and_consume("irc-client.receive", {"channel": None, "room": "carol", "text": "hi bot",
+                                                   "sender": "carol", "protocol": "irc"}, reply_channel="irc.x?carol")
+    assert "join #lobby" in client.receive("irc.x?carol")["text"]
+    assert client.receive(alice) is None
+    # Another room hears nothing; a socket that left hears nothing more.
     carol = client.sync.new_channel("carol?")
     client.send_and_consume("websocket.connect", {"path": "/chat/kitchen/", "query_string": b"name=carol"},
                             reply_channel=carol)
     client.receive(carol)
-    client.send_and_consume("websocket.receive", {"path": "/chat/lobby/", "text": "lobby only"})
-    assert client.receive(carol) is None
+    client.send_and_consume("websocket.disconnect", {"path": "/chat/lobby/", "code": 1000}, reply_channel=bob)
+    client.send_and_consume("websocket.receive", {"path": "/chat/lobby/", "text": "lobby only",
+                                                  "protocol": "websocket"})
+    assert client.receive(carol) is None and client.receive(bob) is None
+    assert client.receive(alice) == {"text": "[websocket] alice: lobby only"}
 
 
 def test_echo_answers_every_protocol():

@@ -33,7 +33,7 @@ async def shared(http_options: dict | None = None, ws_options: dict | None = Non
     channel_layer = layer.from_url("memory://", capacity=1000)
     web = HttpBridge("web", {"port": 0, "websocket": "ws", **(http_options or {})}, channel_layer)
     ws = WebsocketBridge("ws", {"port": 1, **(ws_options or {})}, channel_layer)  # port 1: proves it is unused
-    web.link({"web": web, "ws": ws})
+    web.attach_companions({"web": web, "ws": ws})
     await ws.start()
     await web.start()
     worker = Worker("apps.web_both:routes", channel_layer, threads=1)
@@ -128,10 +128,10 @@ def test_linking_names_the_problem():
     channel_layer = layer.from_url("memory://")
     web = HttpBridge("web", {"port": 0, "websocket": "ws"}, channel_layer)
     with pytest.raises(OptionError, match=r"websocket: names \[bridges.ws\], which is not running in this process"):
-        web.link({"web": web})
+        web.attach_companions({"web": web})
     other = HttpBridge("ws", {"port": 0}, channel_layer)
     with pytest.raises(OptionError, match=r"which is a http bridge: name a websocket bridge"):
-        web.link({"web": web, "ws": other})
+        web.attach_companions({"web": web, "ws": other})
     assert HttpBridge.companions(web.options) == ["ws"]
     assert HttpBridge.companions(other.options) == []
 

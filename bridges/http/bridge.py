@@ -368,7 +368,7 @@ class HttpBridge(Bridge):
     def companions(cls, options: dict[str, Any]) -> list[str]:
         return [options["websocket"]] if options.get("websocket") else []
 
-    def link(self, bridges: dict[str, Bridge]) -> None:
+    def attach_companions(self, bridges: dict[str, Bridge]) -> None:
         from bridges.websocket.bridge import WebsocketBridge  # only when a port is shared
 
         name = self.options["websocket"]

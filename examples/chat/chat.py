@@ -1,8 +1,11 @@
-"""The chat example: rooms by path, one consumer for every protocol, and the page that joins a room.
+"""The chat example: one consumer function for browsers (WebSocket), MQTT clients and IRC users.
 
-- ``GET /`` redirects to ``/chat/lobby/``; ``GET /chat/<room>/`` serves the page (page.html).
-- The page opens a WebSocket to ``/chat/<room>/?name=<name>``; ``Chat`` (a ChatConsumer) adds the
-  socket to the room's group, and every message said in the room, on any protocol, reaches everyone.
+- ``GET /`` redirects to ``/chat/lobby/``; ``GET /chat/<room>/`` serves the page (page.html), which
+  opens a WebSocket to ``/chat/<room>/?name=<name>``.
+- MQTT clients publish to ``chat/<room>`` and subscribe to ``chat/<room>/out`` (crossroads.toml:
+  reply_topic); IRC users talk in ``#<room>``.
+- ``chat`` puts every sender's reply channel in the room's group and broadcasts every message to
+  it as "[protocol] sender: text". docs/chat.md walks through running it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from crossroads import ChatConsumer, Group, room_group, route, route_class
+from crossroads import Group, channel_session, room_group, route
 
 PAGE = (Path(__file__).parent / "page.html").read_text()
 # The port of the WebSocket bridge the page connects to, when it has one of its own; empty (as in
@@ -33,23 +36,46 @@ def home(message):
     message.reply_channel.send({"status": 302, "headers": [[b"location", b"/chat/lobby/"]], "content": b""})
 
 
-class Chat(ChatConsumer):
-    """Chat with names: a WebSocket says who it is in its URL (``?name=``); other protocols bring a sender."""
+ROOM = r"[\w-]{1,40}"
 
-    channel_session = True
 
-    def on_join(self, room, message):
+@channel_session
+def chat(message, room):
+    """The whole chat, for every protocol: who is in a room, and saying something to it.
+
+    A room's members are reply channels in ``Group(room_group(room))``: a browser's socket joins
+    when it connects, an IRC channel when the bridge joins it, an MQTT topic when something is
+    published on it (MQTT has no "join"). Whatever one says reaches all of them, in their own
+    protocol, as "[protocol] sender: text".
+    """
+    members = Group(room_group(room))
+    kind = message.channel.name
+    if kind == "websocket.connect":
         query = parse_qs((message.get("query_string") or b"").decode("latin-1"))
-        name = (query.get("name") or [""])[0].strip()[:40]
-        message.channel_session["name"] = name or message.sender or "someone"
+        message.channel_session["name"] = (query.get("name") or [""])[0].strip()[:40] or "guest"
+        message.reply_channel.send({"accept": True})
+        members.add(message.reply_channel)
+    elif kind == "websocket.disconnect":
+        members.discard(message.reply_channel)
+    elif kind == "irc-client.join":
+        if message["ours"]:  # the bridge itself joined #room: the IRC channel hears the room from now on
+            members.add(message.reply_channel)
+    elif message.text:  # websocket.receive, mqtt.receive, irc-client.receive
+        members.add(message.reply_channel)  # speaking joins (MQTT), and renews the membership before it expires
+        sender = message.channel_session.get("name") or message.sender or "someone"
+        members.send({"text": f"[{message.protocol}] {sender}: {message.text}"})
 
-    def on_message(self, room, text, message):
-        name = message.channel_session.get("name") or message.sender or "someone"
-        Group(room_group(room)).send({"text": f"{name}: {text}"})
+
+def private(message):
+    """A private IRC message to the bridge: say where the chat is."""
+    message.reply_channel.send({"text": "I relay the chat rooms: join #lobby (or any #room) and talk there."})
 
 
 routes = [
     route("http.request", home, path=r"^/$"),
-    route("http.request", page, path=r"^/chat/(?P<room>[\w-]{1,40})/$"),
-    route_class(Chat, path=r"^/chat/(?P<room>[\w-]{1,40})/$"),
+    route("http.request", page, path=rf"^/chat/(?P<room>{ROOM})/$"),
+    route(["websocket.connect", "websocket.receive", "websocket.disconnect"], chat, path=rf"^/chat/(?P<room>{ROOM})/$"),
+    route("mqtt.receive", chat, topic=rf"^chat/(?P<room>{ROOM})$"),  # publish to chat/ROOM, hear chat/ROOM/out
+    route(["irc-client.join", "irc-client.receive"], chat, channel=rf"^#(?P<room>{ROOM})$"),
+    route("irc-client.receive", private, room=r"^[^#&+!]"),  # a private message: its room is the sender's nick
 ]
