@@ -57,7 +57,8 @@ def test_two_pages_chat_in_one_room(chat_server):
                 expect(page.locator("#log li").last).to_have_text("[websocket] alice: hello from alice", timeout=15000)
             bob.fill("#text", "hi alice <b>not bold</b>")
             bob.press("#text", "Enter")
-            expect(alice.locator("#log li").last).to_have_text("[websocket] bob: hi alice <b>not bold</b>", timeout=15000)
+            expect(alice.locator("#log li").last).to_have_text("[websocket] bob: hi alice <b>not bold</b>",
+                                                               timeout=15000)
             assert alice.locator("#log b").count() == 0, "a message was rendered as HTML"
             if os.environ.get("CROSSROADS_SCREENSHOT"):
                 alice.screenshot(path=os.environ["CROSSROADS_SCREENSHOT"])
