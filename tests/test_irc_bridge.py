@@ -203,6 +203,31 @@ def test_connect_message_and_control_messages_on_its_reply_channel(run, ngircd_s
     assert counters["invalid_replies"] == 1
 
 
+def test_quits_and_kicks_become_parts_and_a_refused_join_is_reported(run, ngircd_server):
+    async def scenario():
+        async with user(ngircd_server, "opal", "#kick", "#locked") as opal:  # first in: channel operator
+            opal.send("MODE #locked +k sesame")
+            await opal.expect(lambda line: " MODE #locked +k" in line)
+            async with bridging(ngircd_server, {"channels": ["#q1", "#q2", "#kick", "#locked"]}) as bridge:
+                refused = await degraded(bridge)
+                for channel in ("#q1", "#q2", "#kick"):  # in the order the bridge joins them
+                    await joined(bridge, channel)
+                async with user(ngircd_server, "quinn", "#q1", "#q2") as quinn:
+                    await joined(bridge, "#q2", "quinn")
+                    quinn.send("QUIT :gone fishing")
+                    quits = [await take(bridge.layer, "irc-client.part") for _ in range(2)]
+                opal.send("KICK #kick bridgebot :out")
+                kicked = await take(bridge.layer, "irc-client.part", where=lambda msg: msg["channel"] == "#kick")
+                return refused, quits, kicked
+
+    refused, quits, kicked = run(scenario())
+    assert "channel #locked: cannot join" in refused["reason"]
+    assert sorted(q["channel"] for q in quits) == ["#q1", "#q2"]
+    assert [(q["how"], q["nick"]) for q in quits] == [("quit", "quinn")] * 2
+    assert all("gone fishing" in q["reason"] for q in quits)  # (ngircd quotes quit messages)
+    assert kicked["ours"] is True and kicked["how"] == "kick" and kicked["by"] == "opal" and kicked["reason"] == "out"
+
+
 # -- talking -------------------------------------------------------------------------------------------------
 
 
