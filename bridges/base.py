@@ -296,7 +296,7 @@ class Reconnector:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self.bridge._connecting.discard(self.describe)
-        self.bridge.clear_problem(self.describe)
+        self.bridge._problems.pop(self.describe, None)  # given up, not recovered: stop() reports the state
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -250,8 +250,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.config is None and not Path(DEFAULT_PATH).exists() and BUNDLED_EXAMPLE.exists():
         print(f"No ./{DEFAULT_PATH} here: serving the bundled chat example ({BUNDLED_EXAMPLE}); open "
-              "http://127.0.0.1:8000/ in two windows. Write a crossroads.toml (docs/configuration.md) to serve "
-              "your own consumers.", file=sys.stderr, flush=True)
+              "http://127.0.0.1:8000/ in two windows. Its MQTT and IRC bridges look for a broker on "
+              "127.0.0.1:1883 and an IRC server on 127.0.0.1:6667 (docs/chat.md). Write a crossroads.toml "
+              "(docs/configuration.md) to serve your own consumers.", file=sys.stderr, flush=True)
         args.config = BUNDLED_EXAMPLE
     config = load(args)
     router = router_of(config, required=False)

@@ -123,7 +123,7 @@ def test_bridge_command_names_what_is_configured(tmp_path, redis_server):
 
 
 def test_run_with_no_config_serves_the_bundled_chat(tmp_path, daemons):
-    """`make run`'s promise: with no crossroads.toml, the chat example on 127.0.0.1:8000 (port 8001 for its sockets)."""
+    """`make run`'s promise: with no crossroads.toml, the chat example on 127.0.0.1:8000 (its sockets too)."""
     daemon = Daemon(tmp_path, "bundled", "run")  # cwd: the test's, which has no crossroads.toml
     daemons.append(daemon)
     daemon.wait_ready()
