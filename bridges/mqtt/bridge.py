@@ -5,9 +5,9 @@ This module owns the I/O of one client link to a broker: opening the socket
 (``on_socket_open`` / ``on_socket_close`` / ``on_socket_register_write`` /
 ``on_socket_unregister_write``, then ``loop_read`` / ``loop_write`` /
 ``loop_misc``; no ``loop_start()`` thread), subscribing again on every
-(re)connect, passing PUBLISHes into the layer one at a time and acknowledging
-each only once the layer stored it, and publishing replies (queued while the
-broker is away). It must not decide what a message or a reply means (that is
+(re)connect, passing PUBLISHes into the layer in the broker's order and
+acknowledging each only once the layer stored it, and publishing replies
+(queued while the broker is away). It must not decide what a message or a reply means (that is
 ``messages.py``) nor how replies reach it (``bridges/base.py``).
 docs/spec/mqtt.md is the contract with consumers.
 
