@@ -265,6 +265,33 @@ def test_group_broadcast_reaches_several_topics(run, mosquitto_server):
                                ("room/c/reply", b"hello all")]
 
 
+def test_reply_channels_of_the_least_recent_topics_are_forgotten(run, mosquitto_server, monkeypatch):
+    import bridges.mqtt.bridge
+
+    monkeypatch.setattr(bridges.mqtt.bridge, "TOPIC_TARGETS", 2)
+
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": ECHO}, worker=False) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                for topic in ("echo/1", "echo/2", "echo/1", "echo/3"):  # echo/2 is the least recent when 3 comes
+                    peer.publish(topic, "x")
+                channels = {}
+                for _ in range(4):
+                    message = await take(bridge.layer, "mqtt.receive")
+                    channels.setdefault(message["topic"], message["reply_channel"])
+                peer.subscribe("echo/+/reply")
+                for topic in ("echo/2", "echo/1", "echo/3"):
+                    await bridge.layer.send(channels[topic], {"text": f"to {topic}"})
+                replies = sorted([(m.topic, m.payload) for m in [await peer.take(), await peer.take()]])
+                await wait_until(lambda: bridge.counters["unknown_replies"] == 1, "the forgotten reply channel")
+                return replies
+            finally:
+                peer.close()
+
+    assert run(scenario()) == [("echo/1/reply", b"to echo/1"), ("echo/3/reply", b"to echo/3")]
+
+
 # -- publishing: the allow-list, mqtt.publish, invalid replies ------------------------------------------------
 
 

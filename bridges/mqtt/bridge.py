@@ -49,7 +49,8 @@ from . import messages as m
 LAYER_MESSAGE_LIMIT = 1024 * 1024  # the layer's limit on a serialized message (docs/spec/layer.md)
 FORWARD_BATCH = 500  # messages sent into the layer at once (the broker's order kept)
 READ_BURST = 64  # packets read per readable event before the reactor serves others
-REQUEST_TARGETS = 10_000  # reply channels of requests (MQTT 5 response topics) remembered, newest kept
+TOPIC_TARGETS = 100_000  # reply channels of topics remembered (the most recently received)
+REQUEST_TARGETS = 10_000  # reply channels of requests (MQTT 5 response topics) remembered, likewise
 _MISC_INTERVAL = 1.0  # seconds between paho's loop_misc calls (keepalive pings and their timeouts)
 
 
@@ -227,7 +228,8 @@ class MqttBridge(Bridge):
         self.inbound: deque[tuple[int, m.Incoming]] = deque()
         self.forwarding = False
         self.outbound = m.OutboundQueue(options["queue_limit"], options["queue_age"])
-        self.requests: OrderedDict[str, None] = OrderedDict()  # request reply ids, oldest first
+        self.topics: OrderedDict[str, None] = OrderedDict()  # topic reply ids, least recently received first
+        self.requests: OrderedDict[str, None] = OrderedDict()  # request reply ids, likewise
         self.watcher: _Watcher | None = None
         self.misc: LoopingCall | None = None
         self._connack: asyncio.Future | None = None
@@ -576,12 +578,17 @@ class MqttBridge(Bridge):
             self.bad_input(str(self.broker), f"unusable response topic "
                                              f"{incoming.properties['response_topic']!r} on {incoming.topic!r}")
         local_id = m.reply_id(target.topic, target.response_topic, target.correlation_data)
-        if local_id not in self.targets:
+        # Reply targets are remembered least-recently-received first out, so a stream over endless topics
+        # (a sensor id per topic) or requests cannot grow the process without bound.
+        recent, limit = (self.topics, TOPIC_TARGETS) if target.response_topic is None else \
+            (self.requests, REQUEST_TARGETS)
+        if local_id in recent:
+            recent.move_to_end(local_id)
+        else:
             self.register(target, local_id)
-            if target.response_topic is not None:
-                self.requests[local_id] = None
-                if len(self.requests) > REQUEST_TARGETS:
-                    self.unregister(self.requests.popitem(last=False)[0])
+            recent[local_id] = None
+            if len(recent) > limit:
+                self.unregister(recent.popitem(last=False)[0])
         options = self.options
         return m.receive_message(incoming, reply_channel=self.reply_channel(local_id), session=self.client_id,
                                  sender=m.sender_of(incoming, options["sender_property"], options["sender_level"]))
