@@ -161,6 +161,7 @@ def test_connect_join_and_the_events_of_others(run, ngircd_server):
     async def scenario():
         async with bridging(ngircd_server, {"channels": ["#lobby"]}) as bridge:
             ours = await joined(bridge, "#lobby")
+            assert bridge.health["state"] == "connected"
             async with user(ngircd_server, "alice", "#lobby") as alice:
                 theirs = await joined(bridge, "#lobby", "alice")
                 alice.send("PART #lobby :off to lunch")
@@ -558,3 +559,53 @@ def test_ircs_verifies_the_server_certificate(run, tmp_path, irc_tls):
         assert "cannot connect" in refused["reason"] and counters["connects"] == 0
     finally:
         server.stop()
+
+
+# -- as a user runs it ---------------------------------------------------------------------------------------
+
+
+def test_bridge_and_worker_as_separate_processes_over_redis(run, tmp_path, ngircd_server, redis_server):
+    from test_cli import run as crossroads
+    from test_cli import write_config
+    from test_daemons import Daemon
+
+    config = str(write_config(tmp_path, f"""
+[layer]
+url = "{redis_server.url}"
+prefix = "irc-daemons"
+
+[routing]
+app = "apps.irc_echo:routes"
+
+[bridges.libera]
+type = "irc"
+server = "{ngircd_server.url}"
+nick = "procbot"
+channels = ["#proc"]
+"""))
+    bridge = Daemon(tmp_path, "bridge", "bridge", "libera", "--config", config)
+    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    try:
+        bridge.wait_ready()
+        worker.wait_ready()
+
+        def procbot_is_in(line: str) -> bool:  # it joined after us, or was there before (NAMES)
+            return line.startswith(":procbot!") and " JOIN " in line or (
+                " 353 " in line and "procbot" in [nick.lstrip("~&@%+") for nick in line.split(" :", 1)[1].split()])
+
+        async def scenario():
+            async with user(ngircd_server, "ulla", "#proc") as ulla:
+                await ulla.expect(procbot_is_in, timeout=20)
+                ulla.send("PRIVMSG #proc :over redis", "PRIVMSG procbot :and in private")
+                await ulla.expect(lambda line: line.endswith("PRIVMSG ulla :ulla said: and in private"))
+                await ulla.expect(lambda line: line.endswith("PRIVMSG #proc :ulla said: over redis"))
+
+        run(scenario())
+        deadline = time.monotonic() + 20  # health is published every few seconds
+        while "libera: connected" not in (status := crossroads("status", "--config", config)).stdout:
+            assert time.monotonic() < deadline, status.stdout + status.stderr
+        bridge.terminate()
+        worker.terminate()
+    finally:
+        bridge.close()
+        worker.close()
