@@ -469,9 +469,16 @@ def test_server_killed_and_restarted_the_bridge_reconnects_and_rejoins(run, tmp_
                 await bridge.layer.send(first["reply_channel"], {"type": "join", "channel": "#later"})
                 await joined(bridge, "#later")
                 await asyncio.to_thread(server.stop)
+                lost = await degraded(bridge)
+                sent_before = bridge.counters["lines_sent"]
+                await bridge.layer.send(first["reply_channel"], {"text": "said while away"})
+                while not bridge.outgoing:  # the reply reached the bridge: it waits for the server
+                    await asyncio.sleep(0.01)
                 await asyncio.to_thread(server.start)
                 await take(bridge.layer, "irc-client.connect", timeout=15)
                 rejoined = {(await take(bridge.layer, "irc-client.join"))["channel"] for _ in range(3)}
+                assert not bridge.outgoing and bridge.counters["lines_sent"] == sent_before + 1  # after the JOINs
+                assert "connection lost" in lost["reason"] or "cannot connect" in lost["reason"]
                 async with user(server, "leo", "#stay") as leo:
                     await bridge.layer.send(first["reply_channel"], {"text": "still here"})
                     await leo.expect(lambda line: "still here" in line)

@@ -530,7 +530,9 @@ class IrcBridge(Bridge):
         self._refresh_health()
 
     def disconnected(self, client: IrcConnection, reason: Any) -> None:
-        if client.registered.called and self.link is not None and self.link.connection is client:
+        # registered.called: the attempt had succeeded (a failed one is errbacked after this call). Tell the
+        # reconnector even if connect() has not returned yet: it clears the flag before each attempt only.
+        if client.registered.called and self.link is not None:
             self.link.connection_lost(client.failure or irc_reason(reason))
         if self._pump_call is not None and self._pump_call.active():
             self._pump_call.cancel()
