@@ -138,11 +138,12 @@ def test_receive_and_reply_over_mqtt5_with_properties(run, mosquitto_server):
                              UserProperty=[("sender", "alice"), ("x", "1")])
                 reply = await peer.take()
                 received = await take(bridge.layer, "test.mqtt")
-                return bridge, reply, received
+                return bridge, reply, received, bridge.health
             finally:
                 peer.close()
 
-    bridge, reply, received = run(scenario())
+    bridge, reply, received, health = run(scenario())
+    assert health["state"] == "connected"
     assert reply.topic == "echo/alice/reply" and reply.payload == "héllo".encode()
     assert received["topic"] == "echo/alice" and received["payload"] == "héllo".encode()
     assert received["text"] == "héllo" and received["qos"] == 1 and received["retain"] is False
@@ -428,9 +429,10 @@ def test_broker_restart_resubscribes_and_flushes_queued_publishes(run, mosquitto
                 reply = await peer.take()
             finally:
                 peer.close()
-            return bridge, down, up, queued, reply
+            return bridge, down, up, queued, reply, bridge.health
 
-    bridge, down, up, queued, reply = run(scenario())
+    bridge, down, up, queued, reply, health = run(scenario())
+    assert health["state"] == "connected"
     assert "reason" in down and down["protocol"] == "mqtt" and "subscriptions" not in down
     assert up["session_present"] is False and up["subscriptions"] == [["echo/#", 1]]
     assert (queued.topic, queued.payload) == ("queued/1", b"waited")
