@@ -153,6 +153,11 @@ def test_command_refuses_params_that_would_shift_the_others(param):
         m.command("JOIN", param)
 
 
+def test_breaks_lines():
+    assert m.breaks_lines("a\rb") and m.breaks_lines("a\nb") and m.breaks_lines("a\0b")
+    assert not m.breaks_lines("a b\x01\x02\u2028")  # other separators are cut by text_lines, not refused
+
+
 def test_command():
     assert m.command("JOIN", "#x", "key") == "JOIN #x key"
     assert m.command("PRIVMSG", "#x", trailing=":) hi") == "PRIVMSG #x ::) hi"

@@ -66,7 +66,7 @@ def _positive(value: float) -> str | None:
 
 
 def _no_line_breaks(value: str) -> str | None:
-    return "may not contain CR, LF, NUL or spaces" if m._FORBIDDEN.search(value) or " " in value else None
+    return "may not contain CR, LF, NUL or spaces" if m.breaks_lines(value) or " " in value else None
 
 
 class RegistrationFailed(ConnectionError):
@@ -118,7 +118,7 @@ class IrcConnection:
 
     def write(self, line: str) -> None:
         """Send one line now. ``line`` comes from ``messages.command`` (no CR, LF or NUL); checked once more."""
-        if m._FORBIDDEN.search(line):
+        if m.breaks_lines(line):
             raise m.UnsafeText(f"refusing to write a line with CR, LF or NUL: {line[:80]!r}")
         if self.transport is not None:
             self.transport.write(line.encode("utf-8") + b"\r\n")

@@ -46,6 +46,11 @@ _FORMATTING = re.compile(r"\x03(?:\d{1,2}(?:,\d{1,2})?)?|\x04(?:[0-9a-fA-F]{6}(?
 _LOCAL_ID_SAFE = re.compile(r"[A-Za-z0-9-]")
 
 
+def breaks_lines(text: str) -> bool:
+    """Whether ``text`` holds CR, LF or NUL, any of which would end an IRC line early."""
+    return _FORBIDDEN.search(text) is not None
+
+
 class UnsafeText(ValueError):
     """A parameter would end the IRC line early or add another parameter: nothing is sent."""
 
