@@ -107,14 +107,15 @@ class NgircdServer:
     The config is permissive for tests: no PAM, no ident, no DNS lookups, no
     penalty delays (``MaxPenaltyTime = 0``: the server processes lines as fast
     as they come, so what a test measures at the receiver is the bridge's own
-    pacing), 30-character nicks, and many connections per IP. ``password`` sets
+    pacing), 30-character nicks (``max_nick_length``), and many connections per IP. ``password`` sets
     the server password; ``tls`` ({"cert", "key"}) adds a TLS port
     (``tls_port``). ``stop()`` kills it (SIGKILL: the bridge sees the connection
     drop as it would in a crash); ``start()`` again serves on the same ports.
     """
 
     def __init__(self, workdir: Path, *, password: str = "", tls: dict[str, str] | None = None,
-                 name: str = "irc.test", ping_timeout: int = 120, pong_timeout: int = 20) -> None:
+                 name: str = "irc.test", ping_timeout: int = 120, pong_timeout: int = 20,
+                 max_nick_length: int = 30) -> None:
         self.binary = require_binary("ngircd")
         self.workdir = workdir
         self.port = free_port()
@@ -123,6 +124,7 @@ class NgircdServer:
         self.password = password
         self.name = name
         self.ping_timeout, self.pong_timeout = ping_timeout, pong_timeout
+        self.max_nick_length = max_nick_length
         self.process: subprocess.Popen | None = None
 
     @property
@@ -134,7 +136,8 @@ class NgircdServer:
             "[Global]", f"Name = {self.name}", "Info = crossroads test server", "Listen = 127.0.0.1",
             f"Ports = {self.port}", "MotdPhrase = test server",
             f"Password = {self.password}" if self.password else "",
-            "[Limits]", "MaxNickLength = 30", "MaxConnectionsIP = 0", "MaxJoins = 0", "MaxPenaltyTime = 0",
+            "[Limits]", f"MaxNickLength = {self.max_nick_length}", "MaxConnectionsIP = 0", "MaxJoins = 0",
+            "MaxPenaltyTime = 0",
             f"PingTimeout = {self.ping_timeout}", f"PongTimeout = {self.pong_timeout}",
             "[Options]", "PAM = no", "Ident = no", "DNS = no", "RequireAuthPing = no", "ConnectIPv6 = no",
             "OperCanUseMode = yes",

@@ -270,11 +270,16 @@ def test_private_messages_have_a_reply_channel_per_peer(run, ngircd_server):
                 from_frank = await take(bridge.layer, "irc-client.receive")
                 erin.send("PRIVMSG BridgeBot :again")  # nicks are case-insensitive: the same peer
                 again = await take(bridge.layer, "irc-client.receive")
+                frank.send("PRIVMSG bridgebot :\x01VERSION\x01")  # answered by the bridge, not a message
+                await frank.expect(lambda line: "NOTICE frank :\x01VERSION crossroads" in line)
                 await bridge.layer.send(from_erin["reply_channel"], {"text": "only for erin"})
                 await erin.expect(lambda line: "only for erin" in line)
-                return from_erin, from_frank, again, frank.said()
+                frank.send("PRIVMSG bridgebot :last")
+                last = await take(bridge.layer, "irc-client.receive")
+                return from_erin, from_frank, again, frank.said(), last
 
-    from_erin, from_frank, again, frank_heard = run(scenario())
+    from_erin, from_frank, again, frank_heard, last = run(scenario())
+    assert last["body"] == "last"  # the CTCP VERSION before it never reached the layer
     assert from_erin["private"] is True and from_erin["channel"] is None and from_erin["room"] == "erin"
     assert from_erin["reply_channel"] != from_frank["reply_channel"]
     assert again["reply_channel"] == from_erin["reply_channel"]
@@ -427,6 +432,23 @@ def test_nick_collision_uses_an_alternate_and_regains_the_nick(run, ngircd_serve
                     return alternate, bridge.client.nickname
 
     assert run(scenario()) == ("bridgebot2", "bridgebot")
+
+
+def test_nicks_too_long_for_the_server(run, tmp_path):
+    server = NgircdServer(tmp_path / "ngircd", max_nick_length=9).start()  # ngircd's default, RFC 2812's
+    try:
+        async def scenario():
+            async with bridging(server, {"nick": "crossroads"}, wait=False) as too_long:  # 10 characters
+                refused = await degraded(too_long)
+            async with user(server, "ninechars"):
+                async with bridging(server, {"nick": "ninechars"}) as bridge:  # taken: ninechars_ is too long
+                    return refused, bridge.client.nickname
+
+        refused, alternate = run(scenario())
+        assert "refuses the nick 'crossroads'" in refused["reason"]
+        assert alternate == "ninechar_"
+    finally:
+        server.stop()
 
 
 def test_server_password_and_nickserv_identify(run, tmp_path):
