@@ -320,6 +320,7 @@ class Reconnector:
             self.failures = 0
             self.bridge._connecting.discard(self.describe)
             self.bridge.clear_problem(self.describe)
+            self.bridge._refresh_health()  # "starting" -> "connected" when the first attempt succeeded
             await self._lost.wait()
             self.connection = None
             if loop.time() - connected_at >= self.stable_after:

@@ -459,12 +459,9 @@ def test_reconnector_backs_off_exponentially_and_stops(run, caplog):
     assert len(failed) == failures + 1 and all("retrying in" in line for line in failed)
 
 
-def test_reconnector_over_real_tcp(run, reactor):
-    """Refused while nothing listens, connected once a server does, reconnected after the server hangs up."""
+def tcp_client_bridge(reactor, port: int, layer_) -> Recorder:
+    """A bridge that keeps one TCP connection to 127.0.0.1:``port`` through a Reconnector."""
     from twisted.internet import endpoints, protocol
-
-    layer_ = layer.from_url("memory://")
-    port = free_port()
 
     class Link(protocol.Protocol):
         def connectionLost(self, reason=None):
@@ -483,8 +480,33 @@ def test_reconnector_over_real_tcp(run, reactor):
             if self.link.connection is not None:
                 self.link.connection.transport.loseConnection()
 
+    return ClientBridge("tcp", {}, layer_)
+
+
+def test_reconnector_connected_at_the_first_attempt_reports_connected(run, reactor):
+    layer_ = layer.from_url("memory://")
+
     async def scenario():
-        bridge = ClientBridge("tcp", {}, layer_)
+        server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+        bridge = tcp_client_bridge(reactor, server.sockets[0].getsockname()[1], layer_)
+        watch = HealthWatch(bridge)
+        await bridge.start()
+        await watch.until("connected")  # not left at "starting" when nothing ever failed
+        await bridge.stop()
+        server.close()
+        await server.wait_closed()
+        await layer_.close()
+
+    run(scenario())
+
+
+def test_reconnector_over_real_tcp(run, reactor):
+    """Refused while nothing listens, connected once a server does, reconnected after the server hangs up."""
+    layer_ = layer.from_url("memory://")
+    port = free_port()
+
+    async def scenario():
+        bridge = tcp_client_bridge(reactor, port, layer_)
         watch = HealthWatch(bridge)
         await bridge.start()
         await watch.until("degraded")  # refused: nothing listens yet
