@@ -22,7 +22,8 @@ def test_server_urls(url, expected):
 
 
 @pytest.mark.parametrize(("url", "problem"), [
-    ("irc.example.org:6667", "must be irc://"), ("http://x", "must be irc://"), ("irc://", "no host"),
+    ("irc.example.org", "must name the scheme: \"ircs://irc.example.org\" \\(TLS"), ("irc://x:6667x", "bad port"),
+    ("http://x", "must be irc://"), ("irc://", "no host"),
     ("irc://x:99999", "bad port"), ("irc://x/#chat", "channels go in"), ("irc://u:p@x", "only irc"),
 ])
 def test_bad_server_urls_say_what_is_wrong(url, problem):

@@ -79,6 +79,9 @@ class ServerAddress:
 def parse_server(url: str) -> ServerAddress:
     """``irc://host[:port]`` (plain, 6667) or ``ircs://host[:port]`` (TLS, 6697); ValueError says what is wrong."""
     parts = urlsplit(url)
+    if "://" not in url:  # a bare host name: say which scheme means what rather than guess (TLS or not)
+        raise ValueError(f"must name the scheme: \"ircs://{url}\" (TLS, port 6697) or \"irc://{url}\" "
+                         f"(plain text, port 6667)")
     if parts.scheme not in DEFAULT_PORTS:
         raise ValueError(f"must be irc://host[:port] or ircs://host[:port], not {url!r}")
     try:
