@@ -7,6 +7,7 @@ binary and the command that installs it: it never skips.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -158,6 +159,13 @@ class NgircdServer:
             wait_for_port(self.tls_port, self.process)
         return self
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but the server says nothing (a hung server or a dead network path)."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
@@ -224,6 +232,13 @@ class MosquittoServer:
         if self.tls_port:
             wait_for_port(self.tls_port, self.process)
         return self
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but the server says nothing (a hung server or a dead network path)."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

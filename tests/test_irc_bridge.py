@@ -513,6 +513,29 @@ def test_server_killed_and_restarted_the_bridge_reconnects_and_rejoins(run, tmp_
         server.stop()
 
 
+def test_a_silent_server_is_noticed_and_left(run, tmp_path):
+    server = NgircdServer(tmp_path / "ngircd").start()
+    try:
+        async def scenario():
+            options = {"channels": ["#hush"], "ping_interval": 0.3, "register_timeout": 1}
+            async with bridging(server, options) as bridge:
+                await joined(bridge, "#hush")
+                first = bridge.client
+                server.pause()
+                try:
+                    silent = await degraded(bridge)
+                finally:
+                    server.resume()
+                await take(bridge.layer, "irc-client.connect", timeout=15)
+                await joined(bridge, "#hush")
+                return silent, bridge.client is not first
+
+        silent, new_connection = run(scenario())
+        assert "ping timeout" in silent["reason"] and new_connection
+    finally:
+        server.stop()
+
+
 def test_server_pings_are_answered(run, tmp_path):
     server = NgircdServer(tmp_path / "ngircd", ping_timeout=5, pong_timeout=5).start()
     try:
