@@ -233,13 +233,6 @@ class MosquittoServer:
             wait_for_port(self.tls_port, self.process)
         return self
 
-    def pause(self) -> None:
-        """SIGSTOP: connections stay open but the server says nothing (a hung server or a dead network path)."""
-        self.process.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.process.send_signal(signal.SIGCONT)
-
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
