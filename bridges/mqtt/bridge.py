@@ -24,6 +24,7 @@ internals (setup.cfg pins ``<3``); tests/test_mqtt_bridge.py covers them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import ssl
@@ -109,6 +110,9 @@ class _PahoClient(paho.Client):
         if qos == 2:
             return self._send_pubrec(mid)
         return super().ack(mid, qos)
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 @implementer(IReadDescriptor, IWriteDescriptor)
@@ -422,6 +426,13 @@ class MqttBridge(Bridge):
 
     def _readable(self, watcher: _Watcher) -> None:
         client = self.client
+        if _QUICKACK is not None:
+            # Acknowledge what we read at once. Brokers write with Nagle's algorithm on (mosquitto's default,
+            # set_tcp_nodelay false): after a PUBACK to one of our replies, the broker holds the next
+            # PUBLISH until our delayed ACK, 40 ms later. Linux turns quick ACKs off again by itself, so
+            # every read asks anew. (bench/chat.py: MQTT -> IRC took 44 ms without this, under 1 ms with.)
+            with contextlib.suppress(OSError):
+                watcher.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         for _ in range(READ_BURST):
             try:
                 rc = client.loop_read()
