@@ -45,6 +45,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/worker.py
 	$(BIN)/python bench/web.py
 	$(BIN)/python bench/mqtt.py
+	$(BIN)/python bench/chat.py
 
 clean:
 	rm -rf $(VENV) .bench-venvs .pytest_cache .ruff_cache *.egg-info
