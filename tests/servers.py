@@ -54,7 +54,33 @@ def wait_for_port(port: int, process: subprocess.Popen, deadline: float = 10.0) 
     raise RuntimeError(f"server on port {port} did not accept connections within {deadline}s")
 
 
-class RedisServer:
+class ServerProcess:
+    """What every server here shares: one process in ``workdir``, its output in a log file, killed by ``stop()``.
+
+    ``stop()`` is SIGKILL, like a crash: a bridge sees its connection drop as
+    it would in production; ``start()`` again serves on the same ports.
+    """
+
+    workdir: Path
+    process: subprocess.Popen | None = None
+
+    def launch(self, args: list[str], log_name: str, *ports: int | None) -> None:
+        """Start ``args`` with its output in ``workdir/log_name``; return once every port accepts connections."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / log_name, "ab") as log:
+            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        for port in ports:
+            if port:
+                wait_for_port(port, self.process)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+class RedisServer(ServerProcess):
     """One ``redis-server`` process on a free port, in its own directory, persisting nothing."""
 
     def __init__(self, workdir: Path, port: int | None = None, tls: dict[str, str] | None = None) -> None:
@@ -71,25 +97,14 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.workdir.mkdir(parents=True, exist_ok=True)
         listen = ["--port", str(self.port)]
         if self.tls:
             listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"],
                       "--tls-key-file", self.tls["key"], "--tls-ca-cert-file", self.tls["ca"],
                       "--tls-auth-clients", "no"]
-        self.process = subprocess.Popen(
-            [self.binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, self.process)
+        self.launch([self.binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")], "redis.out", self.port)
         return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
 
     def command(self, *args: str | int) -> object:
         """Run one command on a plain redis-py client, for checks that must bypass the layer."""
@@ -102,7 +117,7 @@ class RedisServer:
             client.close()
 
 
-class NgircdServer:
+class NgircdServer(ServerProcess):
     """One ``ngircd`` process in the foreground on a free port, with its own config file.
 
     The config is permissive for tests: no PAM, no ident, no DNS lookups, no
@@ -152,11 +167,7 @@ class NgircdServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "ngircd.conf"
         config.write_text(self.config())
-        self.process = subprocess.Popen([self.binary, "-n", "-p", "-f", str(config)],
-                                        stdout=open(self.workdir / "ngircd.log", "ab"), stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.process)
-        if self.tls_port:
-            wait_for_port(self.tls_port, self.process)
+        self.launch([self.binary, "-n", "-p", "-f", str(config)], "ngircd.log", self.port, self.tls_port)
         return self
 
     def pause(self) -> None:
@@ -166,14 +177,8 @@ class NgircdServer:
     def resume(self) -> None:
         self.process.send_signal(signal.SIGCONT)
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
 
-
-class MosquittoServer:
+class MosquittoServer(ServerProcess):
     """One ``mosquitto`` broker in the foreground on a free port, with its own config file.
 
     Anonymous clients are allowed and nothing is persisted, so ``stop()``
@@ -226,18 +231,8 @@ class MosquittoServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "mosquitto.conf"
         config.write_text(self.config())
-        self.process = subprocess.Popen([self.binary, "-c", str(config)],
-                                        stdout=open(self.workdir / "mosquitto.out", "ab"), stderr=subprocess.STDOUT)
-        wait_for_port(self.port, self.process)
-        if self.tls_port:
-            wait_for_port(self.tls_port, self.process)
+        self.launch([self.binary, "-c", str(config)], "mosquitto.out", self.port, self.tls_port)
         return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
 
     def log(self) -> str:
         path = self.workdir / "mosquitto.log"
