@@ -574,7 +574,7 @@ class MqttBridge(Bridge):
                 if not self.accepting:
                     return  # stopping: what is held stays unacknowledged, for the next session
                 self.inbound.extendleft(reversed(held))
-                retry = retry or backoff_delays(0.05, 2.0)
+                retry = retry if retry and len(held) == len(batch) else backoff_delays(0.05, 2.0)  # progress: anew
                 await asyncio.sleep(next(retry))
         finally:
             self.forwarding = False
