@@ -598,6 +598,12 @@ def reading(results: dict[str, Any]) -> str:
                      f"subscriber's {bare:.0f} µs: {sum(ours.values()) / bare:.1f}×"
                      + (f", though it delivered only {q0[setup]['distinct']:,} of the {q0[setup]['count']:,} "
                         "(median run)." if q0[setup]["lost"] else "."))
+    redis_rate, memory_rate = q0["redis"]["msg_per_s"], q0["memory"]["msg_per_s"]
+    if redis_rate < 0.5 * memory_rate:
+        lines.append(f"- The same bridge delivers {memory_rate:,.0f} msg/s over memory:// and {redis_rate:,.0f} over "
+                     "redis://: what limits (b) is the hop through Redis and the worker, which takes one message "
+                     "per Redis call in each of its threads, while the bridge reading the flood takes most of the "
+                     "core the two processes share.")
     for qos in (0, 1):
         bare = floods[f"q{qos}"]["bare"]
         if bare["msg_per_s"] > 0.8 * bare["publisher_msg_per_s"]:
@@ -701,7 +707,9 @@ run beside it (load average {m['load_before'][0]:.2f} when it started).
 - **Round trip**: a requester publishes a {SIZE}-byte request at QoS 0 and waits for its reply before the next,
   {cfg['requests']:,} times after {cfg['warmup']} unmeasured. The floor is a bare paho responder that
   publishes each payload back on `{{topic}}/reply` from `on_message`; crossroads' echo consumer answers
-  `message.reply_channel.send({{"payload": ...}})` and the bridge publishes it on `{{topic}}/reply`.
+  `message.reply_channel.send({{"payload": ..., "qos": 0}})` and the bridge publishes it on `{{topic}}/reply`.
+  The "replies at QoS 1" rows ({cfg['requests_q1']} requests): the bare responder publishes its replies at QoS 1,
+  and crossroads' consumer leaves out `qos`, so the bridge's default applies (its `qos` option, 1).
 
 ### (a), (b): QoS 0 flood, {cfg['count_q0']:,} messages
 
