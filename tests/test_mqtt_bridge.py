@@ -538,6 +538,32 @@ def test_refused_messages_are_not_acknowledged_and_come_back_in_the_next_session
     assert all(m["qos"] == qos and m["session"] == "held-acks" for m in first + rest)
 
 
+def test_a_qos0_flood_faster_than_the_consumer_waits_in_the_broker_instead_of_being_dropped(run, mosquitto_server):
+    """3,000 QoS 0 messages at once into a channel of 10: the bridge stops reading, none is lost or reordered."""
+    channel_layer = layer.from_url("memory://", capacity=1000, channel_capacity={"mqtt.receive": 10})
+
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": [{"topic": "flood/#", "qos": 0}]},
+                            channel_layer=channel_layer, worker=False) as bridge:
+            await asyncio.to_thread(wait_for_log, mosquitto_server, "Sending SUBACK to crossroads-mq")
+            publisher = Peer(mosquitto_server.port)
+            try:
+                for n in range(3000):
+                    publisher.client.publish("flood/x", str(n).encode(), qos=0)
+                received = []
+                while len(received) < 3000:
+                    channel, message = await channel_layer.receive(["mqtt.receive"], timeout=10)
+                    assert channel == "mqtt.receive", f"only {len(received)} of 3,000 arrived"
+                    received.append(int(message["payload"]))
+            finally:
+                publisher.close()
+            return bridge, received
+
+    bridge, received = run(scenario())
+    assert received == list(range(3000))
+    assert bridge.counters["dropped"] == 0 and bridge.counters["refused"] > 0  # it was held back, not dropped
+
+
 def test_qos1_stream_survives_redis_stopping(run, mosquitto_server, tmp_path):
     """Redis stops mid-stream and comes back: every message arrives at least once; repeats say so."""
     redis = RedisServer(tmp_path / "redis").start()

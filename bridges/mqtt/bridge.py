@@ -50,6 +50,9 @@ from . import messages as m
 LAYER_MESSAGE_LIMIT = 1024 * 1024  # the layer's limit on a serialized message (docs/spec/layer.md)
 FORWARD_BATCH = 500  # messages sent into the layer at once (the broker's order kept)
 READ_BURST = 64  # packets read per readable event before the reactor serves others
+# Messages read from the broker and not yet stored: past INBOUND_HIGH the bridge stops reading its socket
+# (TCP pushes back on the broker, which queues for us) until the layer has taken it below INBOUND_LOW.
+INBOUND_HIGH, INBOUND_LOW = 2000, 500
 TOPIC_TARGETS = 100_000  # reply channels of topics remembered (the most recently received)
 REQUEST_TARGETS = 10_000  # reply channels of requests (MQTT 5 response topics) remembered, likewise
 _MISC_INTERVAL = 1.0  # seconds between paho's loop_misc calls (keepalive pings and their timeouts)
@@ -231,6 +234,7 @@ class MqttBridge(Bridge):
         self.generation = 0  # one per socket: acks of an older socket's messages are not sent
         self.inbound: deque[tuple[int, m.Incoming]] = deque()
         self.forwarding = False
+        self.reading_paused = False  # the broker socket is not read while too many messages wait for the layer
         self.outbound = m.OutboundQueue(options["queue_limit"], options["queue_age"])
         self.topics: OrderedDict[str, None] = OrderedDict()  # topic reply ids, least recently received first
         self.requests: OrderedDict[str, None] = OrderedDict()  # request reply ids, likewise
@@ -398,6 +402,7 @@ class MqttBridge(Bridge):
 
     def _socket_opened(self, client: Any, userdata: Any, sock: Any) -> None:
         self.generation += 1
+        self.reading_paused = False
         self.watcher = _Watcher(self, sock)
         self._closed = asyncio.get_running_loop().create_future()
         get_reactor().addReader(self.watcher)
@@ -540,6 +545,9 @@ class MqttBridge(Bridge):
                               _properties_from_paho(getattr(message, "properties", None)))
         # One send at a time, in the broker's order: two sends in flight could be stored in either order.
         self.inbound.append((generation, incoming))
+        if len(self.inbound) >= INBOUND_HIGH and not self.reading_paused and self.watcher is not None:
+            self.reading_paused = True
+            get_reactor().removeReader(self.watcher)
         if not self.forwarding:
             self.forwarding = True
             self.spawn(self._forward(), "forwarding messages from the broker")
@@ -562,22 +570,33 @@ class MqttBridge(Bridge):
                 for (generation, incoming), stored in zip(batch, results, strict=True):
                     if stored:
                         self._ack(generation, incoming.mid, incoming.qos)
-                    elif incoming.qos:
+                    else:
                         # Not acknowledged: kept, ahead of what came later, and tried again while the link
-                        # lasts. A layer that went down may have stored it before failing to say so: the
-                        # next attempt carries dup, as a broker's redelivery does (docs/spec/mqtt.md).
-                        held.append((generation, dataclasses.replace(incoming, dup=True)))
-                    # a refused QoS 0 message is gone (at most once), counted in refused
+                        # lasts (a QoS 0 message too: with reading paused, the broker waits for us instead of
+                        # us dropping what a slower worker has no room for yet). A layer that went down may
+                        # have stored it before failing to say so: the next attempt of a QoS 1/2 message
+                        # carries dup, as a broker's redelivery does (docs/spec/mqtt.md).
+                        held.append((generation, dataclasses.replace(incoming, dup=bool(incoming.qos))))
                 if not held:
                     retry = None
+                    self._resume_reading()
                     continue
                 if not self.accepting:
                     return  # stopping: what is held stays unacknowledged, for the next session
                 self.inbound.extendleft(reversed(held))
-                retry = retry if retry and len(held) == len(batch) else backoff_delays(0.05, 2.0)  # progress: anew
+                # A full channel empties in milliseconds when a worker is behind, so the first retries come
+                # fast; a layer that stays down is tried less and less often. Progress starts them anew.
+                retry = retry if retry and len(held) == len(batch) else backoff_delays(0.002, 2.0)
                 await asyncio.sleep(next(retry))
         finally:
             self.forwarding = False
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if self.reading_paused and len(self.inbound) <= INBOUND_LOW:
+            self.reading_paused = False
+            if self.watcher is not None:
+                get_reactor().addReader(self.watcher)
 
     async def _store(self, incoming: m.Incoming) -> bool:
         """Send one message into the layer; True when it may be acknowledged."""
