@@ -36,6 +36,19 @@ def test_worker_threads_answer_every_request(channel_layer):
     assert worker.dispatcher.counters.consumed == 80
 
 
+def test_one_thread_takes_messages_in_batches_and_keeps_their_order(channel_layer):
+    worker = Worker("apps.slow:routes", channel_layer, threads=1)
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    sync.send_many([("test.echo", {"text": f"m{i}", "n": i, "reply_channel": reply}) for i in range(90)])
+    worker.start()  # after the sends: every receive can take a full batch
+    try:
+        assert [m["n"] for m in collect(sync, reply, 90)] == list(range(90))
+    finally:
+        worker.stop()
+        assert worker.join(30)
+
+
 def test_stop_finishes_the_message_in_hand(channel_layer):
     worker = Worker("apps.slow:routes", channel_layer, threads=2)
     worker.start()

@@ -558,9 +558,10 @@ class MqttBridge(Bridge):
         # or held exactly as if it had been sent alone, and the order is the broker's.
         try:
             retry = None
+            size = FORWARD_BATCH
             while self.inbound:
                 batch = []
-                while self.inbound and len(batch) < FORWARD_BATCH:
+                while self.inbound and len(batch) < size:
                     generation, incoming = self.inbound.popleft()
                     if incoming.qos and self.persistent and generation != self.generation:
                         continue  # its socket is gone unacknowledged: the broker sends it again
@@ -577,6 +578,9 @@ class MqttBridge(Bridge):
                         # have stored it before failing to say so: the next attempt of a QoS 1/2 message
                         # carries dup, as a broker's redelivery does (docs/spec/mqtt.md).
                         held.append((generation, dataclasses.replace(incoming, dup=bool(incoming.qos))))
+                # Send as many at once as the layer took last time (doubling while it takes all): a full
+                # channel then costs one refused send per round, not hundreds sent only to be refused.
+                size = min(FORWARD_BATCH, size * 2) if not held else max(1, len(batch) - len(held))
                 if not held:
                     retry = None
                     self._resume_reading()
