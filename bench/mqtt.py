@@ -598,6 +598,11 @@ def reading(results: dict[str, Any]) -> str:
                      f"subscriber's {bare:.0f} µs: {sum(ours.values()) / bare:.1f}×"
                      + (f", though it delivered only {q0[setup]['distinct']:,} of the {q0[setup]['count']:,} "
                         "(median run)." if q0[setup]["lost"] else "."))
+    budget = sum(q0["redis"]["cpu_us_per_message"].values())
+    bare_rate = q0["bare"]["msg_per_s"]
+    lines.append(f"- Its two processes share one core, so redis:// can deliver at most ~{1e6 / budget:,.0f} msg/s at "
+                 f"{budget:.0f} µs per message; half the bare subscriber's rate ({bare_rate / 2:,.0f} msg/s) needs "
+                 f"≤ {2e6 / bare_rate:.0f} µs for the bridge and the worker together.")
     redis_rate, memory_rate = q0["redis"]["msg_per_s"], q0["memory"]["msg_per_s"]
     if redis_rate < 0.5 * memory_rate:
         lines.append(f"- The same bridge delivers {memory_rate:,.0f} msg/s over memory:// and {redis_rate:,.0f} over "
@@ -628,9 +633,12 @@ def reading(results: dict[str, Any]) -> str:
     if crawl and full:
         lines.append(f"- crossroads at QoS 1 is much slower than at QoS 0 while its channel is full "
                      f"({'; '.join(crawl)}). Nothing is lost: the bridge holds each message the layer refused, "
-                     "unacknowledged, and offers it again after a back-off (50 ms, doubling while nothing is "
-                     "stored); every attempt offers up to 500 messages to a channel that holds 100, so most of "
-                     "each is refused and serialized again, and the workers wait out the back-off.")
+                     "unacknowledged, and offers it again after a back-off, during which the workers may sit idle.")
+    missed_by_cpu = q0["redis"]["msg_per_s"] < 0.5 * q0["bare"]["msg_per_s"] and not q0["redis"]["lost_all_runs"]
+    if full and not lossy and not missed_by_cpu:  # otherwise the "missed by CPU" line below says it
+        lines.append(f"- The {full:,} `channel 'mqtt.receive' is full` warnings below are backpressure at work, not "
+                     "losses: the bridge holds what the layer refused and stops reading from the broker while too "
+                     "much waits (TCP then holds the broker back), so every message arrives.")
     slow = {key: trips[key]["p50_ms"] for key in ("bare-q1", "redis-q1")
             if key in trips and trips[key]["p50_ms"] > 20 * trips["bare"]["p50_ms"]}
     if slow:
@@ -643,13 +651,15 @@ def reading(results: dict[str, Any]) -> str:
                      "socket remove it"
                      + ("; crossroads' bridge asks Linux for quick ACKs on every read, so its QoS 1 replies (its "
                         "default) take milliseconds, not Nagle's 40 ms." if "redis-q1" not in slow else "."))
-    if q0["redis"]["msg_per_s"] < 0.5 * q0["bare"]["msg_per_s"] and not q0["redis"]["lost_all_runs"]:
+    if missed_by_cpu:
         lines.append("- (b) is missed by CPU, not by loss: the bridge and the worker share one core, as the bare "
                      "subscriber has one, and spend "
                      f"{sum(q0['redis']['cpu_us_per_message'].values()):.0f} µs per message against its "
-                     f"{q0['bare']['cpu_us_per_message']['subscriber']:.0f}. A profile of the bridge under this "
-                     "flood (py-spy) puts about 45% of its busy time in paho reading and decoding each PUBLISH "
-                     "(the bare subscriber pays that too) and about 20% in sending to Redis. When the worker "
+                     f"{q0['bare']['cpu_us_per_message']['subscriber']:.0f}. Profiles of the bridge under this "
+                     "flood (py-spy, at 67a8c39) put 35-45% of its busy time in paho reading and decoding each "
+                     "PUBLISH (MQTT 5 properties included; the bare subscriber pays that too), 20-35% in sending "
+                     "to Redis (a socket write per batch) and about a fifth in building the channel messages. "
+                     "When the worker "
                      "falls behind, the bridge stops reading the broker's socket instead of dropping: no QoS 0 "
                      "message is lost (an earlier version dropped 80% of this flood at the full channel).")
     load = results["machine"]["load_before"]
