@@ -40,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # bench/layer.py must not shadow the layer package (as in bench/web.py)
 
+from _processes import ProcessGroup  # noqa: E402
 from _sections import pyplot, targets_markdown, write_section  # noqa: E402
 
 from bench.layer import BenchError, RedisServer, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
@@ -180,28 +181,16 @@ def chat_config(workdir: Path, layer_url: str, web_port: int, broker: Mosquitto,
     return path
 
 
-class Chat:
-    """The chat example's processes for one setup, pinned to SERVER_CORE, their output in one log file."""
+class Chat(ProcessGroup):
+    """The chat example's processes for one setup, pinned to SERVER_CORE."""
 
     def __init__(self, setup: str, config: Path, workdir: Path) -> None:
-        self.log = workdir / f"chat-{setup}.log"
+        super().__init__(f"crossroads {setup}://", workdir / f"chat-{setup}.log", SERVER_CORE, workdir)
         parts = [["run"]] if setup == "memory" else [["bridge", "web"], ["bridge", "mqtt"], ["bridge", "irc"],
                                                       ["worker"]]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAT), str(ROOT)])}
-        with open(self.log, "w") as out:
-            self.processes = [subprocess.Popen([*cpu_pin(SERVER_CORE), CROSSROADS, *part, "--config", str(config)],
-                                               stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-                              for part in parts]
-
-    def stop(self) -> str:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        return self.log.read_text(errors="replace")
+        for part in parts:
+            self.start(" ".join(part), [CROSSROADS, *part, "--config", str(config)], env)
 
 
 async def samples(count: int, say: Any, heard: Any) -> list[int]:
@@ -331,7 +320,7 @@ def run_all(count: int) -> dict[str, Any]:
             try:
                 results[setup] = asyncio.run(through_crossroads(count, web_port, irc, broker))
             finally:
-                log = chat.stop()
+                log = chat.stop(grace=30)
             results[setup]["warnings"] = warnings(log)
     finally:
         for server in (irc, broker, redis):

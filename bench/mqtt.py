@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # root goes in front, bench/ stays for the helpers (as in bench/web.py).
 sys.path.insert(0, str(ROOT))
 
-from _sections import pyplot, targets_markdown, write_section  # noqa: E402  (after the sys.path fix)
+from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
+from _sections import pyplot, targets_markdown, write_section  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
 
 from bench.layer import BenchError, RedisServer, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
@@ -155,19 +156,18 @@ log_type warning
                 self.process.wait()
 
 
-class Crossroads:
+class Crossroads(ProcessGroup):
     """One crossroads setup (redis: ``bridge mqtt`` + ``worker``; memory: ``run``), pinned to SERVER_CORE,
-    output kept in a file (a full pipe would stall them), counting into its own state file."""
+    counting into its own state file."""
 
     def __init__(self, setup: str, redis_url: str, broker: Mosquitto, workdir: Path) -> None:
+        super().__init__(LABELS[setup], workdir / f"crossroads-{setup}.log", SERVER_CORE, ROOT)
         self.setup = setup
         self.broker = broker
         self.state = workdir / f"state-{setup}.json"
-        self.log = open(workdir / f"crossroads-{setup}.log", "w+")  # noqa: SIM115  (closed in stop())
         config = workdir / f"crossroads-{setup}.toml"
         config.write_text(crossroads_toml(setup, redis_url, broker.port))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_MQTT_STATE": str(self.state)}
-        self.processes: dict[str, subprocess.Popen] = {}
         base = [str(CROSSROADS)]
         if setup == "memory":
             self.start("run", [*base, "run", "--config", str(config)], env)
@@ -180,22 +180,6 @@ class Crossroads:
             self.stop()
             raise
 
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        self.processes[name] = subprocess.Popen([*cpu_pin(SERVER_CORE), *command], cwd=ROOT, env=env,
-                                                stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
-
-    def alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise BenchError(f"{LABELS[self.setup]}: {name} exited {process.returncode}; log:\n{self.tail()}")
-
-    def text(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")
-
-    def tail(self) -> str:
-        return self.text()[-3000:]
-
     def wait_ready(self) -> None:
         """Until one request comes back through the echo consumer: the bridge is subscribed, the worker consumes."""
         deadline = time.monotonic() + 60
@@ -206,7 +190,7 @@ class Crossroads:
             if not got["lost"]:
                 return
             if time.monotonic() > deadline:
-                raise BenchError(f"{LABELS[self.setup]}: no echo in 60 s; log:\n{self.tail()}")
+                raise BenchError(f"{self.label}: no echo in 60 s; log:\n{self.tail()}")
 
     def cpu(self) -> dict[str, float]:
         return {name: process_cpu(p.pid) for name, p in self.processes.items()}
@@ -238,18 +222,6 @@ class Crossroads:
             elif now - changed > idle or now > deadline:
                 return got or {"received": 0, "distinct": 0, "first_ns": 0, "last_ns": 0}
             time.sleep(0.02)
-
-    def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.log.close()
 
 
 def crossroads_toml(setup: str, redis_url: str, broker_port: int) -> str:

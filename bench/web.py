@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # bench/worker.py's helpers import: the repository root goes in front, bench/ stays for the helpers.
 sys.path.insert(0, str(ROOT))
 
-from _sections import pyplot, targets_markdown, write_section  # noqa: E402  (after the sys.path fix)
+from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
+from _sections import pyplot, targets_markdown, write_section  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
 
 from bench.layer import (  # noqa: E402
@@ -128,13 +129,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class Servers:
-    """The process(es) of one setup, pinned to SERVER_CORE, output kept in a file (a full pipe would stall them)."""
+class Servers(ProcessGroup):
+    """The process(es) of one setup, pinned to SERVER_CORE."""
 
     def __init__(self, setup: Setup, redis_url: str, workdir: Path) -> None:
         self.setup = setup
-        self.log = tempfile.NamedTemporaryFile(mode="w+", prefix="web-", suffix=".log", dir=workdir, delete=False)
-        self.processes: dict[str, subprocess.Popen] = {}
+        log = workdir / f"web-{setup.system}-{setup.layer}{'-tuned' if setup.tuned else ''}.log"
+        super().__init__(setup.label, log, SERVER_CORE, ROOT)
         self.http_port = free_port()
         if setup.system == "daphne":
             self.ws_port = self.http_port  # Daphne serves both on one port
@@ -160,26 +161,6 @@ class Servers:
         except BaseException:
             self.stop()
             raise
-
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        self.processes[name] = subprocess.Popen([*cpu_pin(SERVER_CORE), *command], cwd=ROOT, env=env,
-                                                stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
-
-    @property
-    def pids(self) -> dict[str, int]:
-        return {name: p.pid for name, p in self.processes.items()}
-
-    def alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise BenchError(f"{self.setup.label}: {name} exited {process.returncode}; log:\n{self.tail()}")
-
-    def text(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")
-
-    def tail(self) -> str:
-        return self.text()[-3000:]
 
     def wait_ready(self) -> None:
         """Until a GET answers 200 and a WebSocket echoes: every process is up and the worker consumes."""
@@ -207,21 +188,6 @@ class Servers:
 
     def rss(self) -> dict[str, int]:
         return {name: rss_bytes(pid) for name, pid in self.pids.items()}
-
-    def terminate(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-
-    def stop(self) -> None:
-        self.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(3)  # nothing is measured any more: no need to sit out a graceful close
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self.log.close()
 
 
 def crossroads_toml(setup: Setup, redis_url: str, http_port: int, ws_port: int) -> str:
@@ -257,7 +223,7 @@ def stop_all(servers: list[Servers]) -> None:
     for s in servers:
         s.terminate()
     for s in servers:
-        s.stop()
+        s.stop(grace=3)  # nothing is measured any more: no need to sit out a graceful close
 
 
 # -- the load --

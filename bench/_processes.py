@@ -1,0 +1,60 @@
+"""The server processes of one benchmarked setup: started pinned to a core, their output in one log file.
+
+Shared by bench/web.py, bench/mqtt.py and bench/chat.py. Output goes to a file, not a pipe: a full pipe would
+stall a server in the middle of a measurement. Each benchmark subclasses ``ProcessGroup`` with what is its own
+(how the setup starts, how to tell it is ready).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from bench.layer import BenchError, cpu_pin
+
+
+class ProcessGroup:
+    def __init__(self, label: str, log_path: Path, core: int, cwd: Path) -> None:
+        self.label = label
+        self.core, self.cwd = core, cwd
+        self.log = open(log_path, "w+")  # noqa: SIM115  (closed in stop())
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        self.processes[name] = subprocess.Popen([*cpu_pin(self.core), *command], cwd=self.cwd, env=env,
+                                                stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {name: process.pid for name, process in self.processes.items()}
+
+    def alive(self) -> None:
+        """Raise ``BenchError`` with the log's tail if any process has exited."""
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise BenchError(f"{self.label}: {name} exited {process.returncode}; log:\n{self.tail()}")
+
+    def text(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def tail(self) -> str:
+        return self.text()[-3000:]
+
+    def terminate(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+
+    def stop(self, grace: float = 10.0) -> str:
+        """SIGTERM every process, SIGKILL what is left after ``grace`` seconds; the log's text."""
+        self.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        text = self.text()
+        self.log.close()
+        return text
