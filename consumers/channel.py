@@ -129,7 +129,7 @@ def flush(buffer: list, sync_layer: Any, source: str) -> int:
             return 0
         except base.ChannelFull as exc:
             log.warning("%s: %s", source, exc)
-            return len(getattr(exc, "refused_channels", [])) or 1
+            return sum(exc.refused_counts.values())
         except base.LayerUnavailable as exc:
             log.error("%s: %d buffered message(s) not sent: %s", source, len(batch), exc)
             return len(batch)

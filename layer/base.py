@@ -18,7 +18,7 @@ import re
 import secrets
 import string
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,16 +75,27 @@ class LayerErrors:
     extensions = ("groups", "flush", "stats", "receive_many", "send_many")
 
 
-def refused_error(channels: list[str], total: int) -> ChannelFull:
+def refused_error(refused: list[str], total: int, capacity_for: Callable[[str], int]) -> ChannelFull:
     """The ``ChannelFull`` a ``send_many`` raises when some of its messages were refused.
 
-    Every other message was stored; ``refused_channels`` names the full ones.
+    ``refused`` holds the channel of every refused message. Every other message
+    was stored; ``refused_channels`` names the full channels (sorted) and
+    ``refused_counts`` says how many messages each refused: within a channel
+    the earliest are stored, so a sender knows exactly which ones to retry.
     """
-    error = ChannelFull(
-        f"send_many: messages to {len(channels)} full channel(s) of {total} messages refused: "
-        + ", ".join(channels[:5]) + (" ..." if len(channels) > 5 else "")
-    )
+    counts: dict[str, int] = {}
+    for channel in refused:
+        counts[channel] = counts.get(channel, 0) + 1
+    channels = sorted(counts)
+    if total == 1:
+        error = ChannelFull(f"channel {refused[0]!r} is full (capacity {capacity_for(refused[0])})")
+    else:
+        error = ChannelFull(
+            f"send_many: {len(refused)} of {total} messages refused by {len(channels)} full channel(s): "
+            + ", ".join(channels[:5]) + (" ..." if len(channels) > 5 else "")
+        )
     error.refused_channels = channels
+    error.refused_counts = {channel: counts[channel] for channel in channels}
     return error
 
 

@@ -351,6 +351,7 @@ class LayerConformance:
         with pytest.raises(base.ChannelFull) as caught:
             layer.send_many([("srm_full", {"i": i}) for i in range(CAPACITY + 2)] + [("srm_ok", {})])
         assert caught.value.refused_channels == ["srm_full"]
+        assert caught.value.refused_counts == {"srm_full": 2}
         assert len(layer.receive_many(["srm_full"], 100)) == CAPACITY
         assert layer.receive(["srm_ok"], timeout=0) == ("srm_ok", {})
         # validation fails the whole batch before anything is stored

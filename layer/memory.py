@@ -156,7 +156,7 @@ class MemoryLayer(base.LayerErrors):
         entries = [self._prepare(channel, message) for channel, message in items]
         refused = self._send_entries(entries)
         if refused:
-            raise base.refused_error(sorted({entry[1] for entry in refused}), len(entries))
+            raise base.refused_error([entry[1] for entry in refused], len(entries), self.options.capacity_for)
 
     def _try_take(self, channels: Any, limit: int) -> tuple[list[str], list[Entry]]:
         queues = [base.queue_name(c) for c in base.check_receive_channels(channels)]

@@ -343,9 +343,7 @@ class RedisLayer(base.LayerErrors):
         self.counters.sent += count - len(refused)
         self.counters.refused += len(refused)
         if refused:
-            if count == 1:
-                raise ChannelFull(f"channel {refused[0]!r} is full (capacity {self.options.capacity_for(refused[0])})")
-            raise base.refused_error(sorted(set(refused)), count)
+            raise base.refused_error(refused, count, self.options.capacity_for)
 
     def _receive_plan(self, channels: Any, limit: int) -> list[str]:
         base.check_max_messages(limit)

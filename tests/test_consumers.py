@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+import layer
 from consumers.dispatch import MAX_CONSUME_LATER
 from consumers.testing import Client
 from crossroads import (
@@ -66,6 +67,28 @@ def test_buffered_sends_leave_even_when_the_consumer_raises(channel_layer, caplo
     assert client.counters.errors == 1
     assert "consumer test_consumers.test_buffered_sends_leave_even_when_the_consumer_raises.<locals>" \
            ".consumer raised on a message on a" in caplog.text
+
+
+@pytest.mark.parametrize("url", ["memory://", "redis"])
+def test_sends_refused_by_a_full_channel_are_counted_one_by_one(url, request, caplog):
+    # Five buffered sends into a channel with room for two: three are lost, and the worker's counter says three
+    # (it once said one: the number of full channels, not of messages).
+    if url == "redis":
+        url = request.getfixturevalue("redis_server").url
+    small = layer.from_url(url, capacity=2, prefix="t-undelivered")
+    small.sync.flush()
+
+    def consumer(message):
+        for i in range(5):
+            Channel("narrow").send({"i": i})
+
+    client = Client([route("a", consumer)], small)
+    client.send_and_consume("a", {})
+    assert client.counters.undelivered == 3
+    assert small.sync.receive_many(["narrow"], 10) == [("narrow", {"i": 0}), ("narrow", {"i": 1})]
+    assert "3 of 5 messages refused" in caplog.text
+    small.sync.flush()
+    small.sync.close()
 
 
 def test_a_send_copies_the_message():
