@@ -594,25 +594,55 @@ class Bridge:
     async def send_to_layer(self, channel: str, message: dict) -> bool:
         """Send a peer's message; False if the layer is full or down, and the bridge must refuse in its protocol.
 
+        Sends made in one loop tick are stored in the order they were made.
         ``MessageTooLarge``, ``TypeError`` and ``InvalidChannelName`` propagate:
         retrying would not help, so the bridge tells the peer (or fixes itself).
         """
         try:
             await self.layer.send(channel, message)
         except (ChannelFull, LayerUnavailable) as exc:
-            self.count("refused")
-            self._refused_since_ok += 1
+            self._layer_took(channel, 0, 1, exc)
+            return False
+        self._layer_took(channel, 1, 0)
+        return True
+
+    async def send_many_to_layer(self, channel: str, messages: list[dict]) -> int:
+        """Send peers' messages to one channel in one batch; return how many were stored: the first ones, in order.
+
+        The rest were refused (the channel is full or the layer down) and the
+        bridge must refuse them in its protocol. A layer that failed during the
+        call may have stored some of those: a peer that repeats them can cause
+        duplicates, as with ``send_to_layer``. ``MessageTooLarge``, ``TypeError``
+        and ``InvalidChannelName`` propagate with nothing stored. One batch at a
+        time keeps the order: concurrent batches may be stored in either order.
+        """
+        try:
+            await self.layer.send_many([(channel, message) for message in messages])
+        except ChannelFull as exc:
+            refused = exc.refused_counts.get(channel, 0)
+            self._layer_took(channel, len(messages) - refused, refused, exc)
+            return len(messages) - refused
+        except LayerUnavailable as exc:
+            self._layer_took(channel, 0, len(messages), exc)
+            return 0
+        self._layer_took(channel, len(messages), 0)
+        return len(messages)
+
+    def _layer_took(self, channel: str, stored: int, refused: int, exc: Exception | None = None) -> None:
+        """Count a send's outcome; the layer is this bridge's problem while it refuses messages."""
+        if stored:
+            self.count("sent", stored)
+        if refused:  # a batch the layer took in part is still refused in part: the problem stands
+            self.count("refused", refused)
+            self._refused_since_ok += refused
             if isinstance(exc, ChannelFull):
                 why = f"channel {channel!r} is full (are the workers keeping up?)"
             else:
                 why = f"unavailable ({_describe(exc)})"
             self.set_problem("layer", why + "; refusing peers' messages until it accepts them again")
-            return False
-        self.count("sent")
-        if "layer" in self._problems:
+        elif "layer" in self._problems:
             self.clear_problem("layer", f" after refusing {self._refused_since_ok} message(s)")
             self._refused_since_ok = 0
-        return True
 
     async def send_to_layer_persistently(self, channel: str, message: dict, within: float = 10.0) -> bool:
         """Send an event no peer can be asked to repeat (a disconnect), waiting for room in the channel.

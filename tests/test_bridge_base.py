@@ -319,6 +319,30 @@ def test_layer_full_refuses_counts_and_recovers(run, layers, caplog):
     assert any("layer recovered after refusing 2 message(s)" in m for m in messages)
 
 
+def test_a_batch_stores_what_fits_in_order_and_says_how_many(run, layers, caplog):
+    bridge_layer, consumer_layer = layers(channel_capacity={"toy.receive": 3})
+
+    async def scenario():
+        bridge = ToyBridge("batch", {}, bridge_layer)
+        watch = HealthWatch(bridge)
+        async with running(bridge):
+            assert await bridge.send_many_to_layer("toy.receive", [{"n": n} for n in range(5)]) == 3
+            assert "'toy.receive' is full" in (await watch.until("degraded"))["reason"]
+            assert await bridge.send_many_to_layer("toy.receive", [{"n": 5}]) == 0
+            got = await consumer_layer.receive_many(["toy.receive"], 10, timeout=5)
+            assert [message["n"] for _, message in got] == [0, 1, 2]  # the first ones, in order
+            assert await bridge.send_many_to_layer("toy.receive", [{"n": 3}, {"n": 4}]) == 2
+            await watch.until("connected")
+            got = await consumer_layer.receive_many(["toy.receive"], 10, timeout=5)
+            assert [message["n"] for _, message in got] == [3, 4]
+        return bridge
+
+    with caplog.at_level(logging.INFO, logger="crossroads.bridges"):
+        bridge = run(scenario())
+    assert bridge.counters["sent"] == 5 and bridge.counters["refused"] == 3
+    assert "layer recovered after refusing 3 message(s)" in caplog.text
+
+
 def test_layer_unavailable_refuses_and_stop_still_finishes(run, caplog):
     dead = layer.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
 

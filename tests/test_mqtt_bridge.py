@@ -354,6 +354,33 @@ def test_oversized_payload_is_dropped_acknowledged_and_counted(run, mosquitto_se
     assert "101-byte payload on 'echo/big' is over max_payload (100)" in caplog.text
 
 
+def test_a_message_too_large_for_the_layer_is_dropped_and_the_rest_of_its_batch_arrives(run, mosquitto_server,
+                                                                                        caplog):
+    # The payload is under max_payload, but its user properties take the channel message over the layer's 1 MiB.
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": ECHO}) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("echo/+/reply")
+                heavy = Properties(PacketTypes.PUBLISH)
+                heavy.UserProperty = [(f"p{i}", "x" * 60_000) for i in range(20)]  # strings are at most 64 KiB
+                sent = [peer.client.publish("echo/heavy", b"h", 1, properties=heavy),
+                        peer.client.publish("echo/light", b"l", 1)]  # sent together: one read, one batch
+                for info in sent:
+                    info.wait_for_publish(10)
+                reply = await peer.take()
+                await wait_until(lambda: bridge.counters.get("oversized") == 1, "the oversized message")
+                return bridge, reply
+            finally:
+                peer.close()
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges.mqtt"):
+        bridge, reply = run(scenario())
+    assert reply.topic == "echo/light/reply"
+    assert bridge.counters["bad_input"] == 1
+    assert "message on 'echo/heavy' is too large for the layer" in caplog.text
+
+
 # -- the link: TLS, broker restarts, queued publishes -------------------------------------------------------
 
 

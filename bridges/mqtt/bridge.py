@@ -559,9 +559,9 @@ class MqttBridge(Bridge):
             self.spawn(self._forward(), "forwarding messages from the broker")
 
     async def _forward(self) -> None:
-        # Batches of concurrent sends: the layer stores the sends of one loop tick in the order they were
-        # made (one round trip on Redis) and answers each on its own, so every message is acknowledged
-        # or held exactly as if it had been sent alone, and the order is the broker's.
+        # One batch in the layer at a time, in the broker's order. A batch that finds the channel full has its
+        # first messages stored and the rest refused, so every message is acknowledged or held exactly as if it
+        # had been sent alone. (One send_many per batch: a send per message cost a task and a future each.)
         try:
             retry = None
             size = FORWARD_BATCH
@@ -572,21 +572,19 @@ class MqttBridge(Bridge):
                     if incoming.qos and self.persistent and generation != self.generation:
                         continue  # its socket is gone unacknowledged: the broker sends it again
                     batch.append((generation, incoming))
-                results = await asyncio.gather(*(self._store(incoming) for _, incoming in batch))
-                held = []
-                for (generation, incoming), stored in zip(batch, results, strict=True):
-                    if stored:
-                        self._ack(generation, incoming.mid, incoming.qos)
-                    else:
-                        # Not acknowledged: kept, ahead of what came later, and tried again while the link
-                        # lasts (a QoS 0 message too: with reading paused, the broker waits for us instead of
-                        # us dropping what a slower worker has no room for yet). A layer that went down may
-                        # have stored it before failing to say so: the next attempt of a QoS 1/2 message
-                        # carries dup, as a broker's redelivery does (docs/spec/mqtt.md).
-                        held.append((generation, dataclasses.replace(incoming, dup=bool(incoming.qos))))
+                stored = await self._store(batch)
+                for generation, incoming in batch[:stored]:
+                    self._ack(generation, incoming.mid, incoming.qos)
+                # Not acknowledged: kept, ahead of what came later, and tried again while the link lasts (a QoS 0
+                # message too: with reading paused, the broker waits for us instead of us dropping what a slower
+                # worker has no room for yet). A layer that went down may have stored them before failing to say
+                # so: the next attempt of a QoS 1/2 message carries dup, as a broker's redelivery does
+                # (docs/spec/mqtt.md).
+                held = [(generation, dataclasses.replace(incoming, dup=bool(incoming.qos)))
+                        for generation, incoming in batch[stored:]]
                 # Send as many at once as the layer took last time (doubling while it takes all): a full
                 # channel then costs one refused send per round, not hundreds sent only to be refused.
-                size = min(FORWARD_BATCH, size * 2) if not held else max(1, len(batch) - len(held))
+                size = min(FORWARD_BATCH, size * 2) if not held else max(1, stored)
                 if not held:
                     retry = None
                     self._resume_reading()
@@ -596,7 +594,7 @@ class MqttBridge(Bridge):
                 self.inbound.extendleft(reversed(held))
                 # A full channel empties in milliseconds when a worker is behind, so the first retries come
                 # fast; a layer that stays down is tried less and less often. Progress starts them anew.
-                retry = retry if retry and len(held) == len(batch) else backoff_delays(0.002, 2.0)
+                retry = retry if retry and not stored else backoff_delays(0.002, 2.0)
                 await asyncio.sleep(next(retry))
         finally:
             self.forwarding = False
@@ -608,14 +606,22 @@ class MqttBridge(Bridge):
             if self.watcher is not None:
                 get_reactor().addReader(self.watcher)
 
-    async def _store(self, incoming: m.Incoming) -> bool:
-        """Send one message into the layer; True when it may be acknowledged."""
+    async def _store(self, batch: list[tuple[int, m.Incoming]]) -> int:
+        """Send a batch into the layer; return how many of its first messages may be acknowledged."""
+        messages = [self._receive_message(incoming) for _, incoming in batch]
         try:
-            return await self.send_to_layer(m.RECEIVE, self._receive_message(incoming))
+            return await self.send_many_to_layer(m.RECEIVE, messages)
         except MessageTooLarge:
-            self.count("oversized")
-            self.bad_input(str(self.broker), f"message on {incoming.topic!r} is too large for the layer")
-            return True  # acknowledged and dropped, like any oversized payload
+            pass  # a topic and properties that, with the payload, are over the layer's limit: find which, one by one
+        for done, ((_, incoming), message) in enumerate(zip(batch, messages, strict=True)):
+            try:
+                if not await self.send_to_layer(m.RECEIVE, message):
+                    return done
+            except MessageTooLarge:
+                self.count("oversized")
+                self.bad_input(str(self.broker), f"message on {incoming.topic!r} is too large for the layer")
+                # acknowledged and dropped, like any oversized payload
+        return len(batch)
 
     def _receive_message(self, incoming: m.Incoming) -> dict[str, Any]:
         target = m.target_of(incoming)
