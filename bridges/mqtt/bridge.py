@@ -3,37 +3,43 @@
 This module owns the I/O of one client link to a broker: opening the socket
 (off the reactor thread), driving paho through its socket callbacks
 (``on_socket_open`` / ``on_socket_close`` / ``on_socket_register_write`` /
-``on_socket_unregister_write``, then ``loop_read`` / ``loop_write`` /
-``loop_misc``; no ``loop_start()`` thread), subscribing again on every
+``on_socket_unregister_write``, then ``loop_write`` / ``loop_misc`` and
+reads of its own, below; no ``loop_start()`` thread), subscribing again on every
 (re)connect, passing PUBLISHes into the layer in the broker's order and
 acknowledging each only once the layer stored it, and publishing replies
 (queued while the broker is away). It must not decide what a message or a reply means (that is
 ``messages.py``) nor how replies reach it (``bridges/base.py``).
 docs/spec/mqtt.md is the contract with consumers.
 
-Why paho is subclassed (``_PahoClient``): paho answers a QoS 2 PUBLISH with
-PUBREC at once, even with ``manual_ack=True``, and only holds the PUBCOMP;
-once PUBREC is sent the broker never sends that PUBLISH again, so a message the
-layer then refused would be lost. The subclass holds PUBREC until ``ack()``, as
-it does PUBACK at QoS 1, and answers every PUBREL with PUBCOMP. It also hands
-paho the socket this module opened in a thread (``_create_socket``), so that
-paho's blocking connect never runs on the reactor. Both are paho 2.x
-internals (setup.cfg pins ``<3``); tests/test_mqtt_bridge.py covers them.
+Why paho is subclassed (``_PahoClient``): it reads the socket itself, in
+64 KiB pieces, and decodes PUBLISH packets with ``packets.py``; paho's own
+read path took three or four system calls and several objects per message,
+half of the bridge's CPU in a flood (docs/benchmarks.md, "MQTT"). Every other
+packet still goes to paho's handlers. Since paho never sees a PUBLISH, it
+cannot answer a QoS 2 one with PUBREC at once, as it does even with
+``manual_ack=True`` (once PUBREC is sent the broker never sends that PUBLISH
+again, so a message the layer then refused would be lost): PUBREC waits for
+``ack()`` like PUBACK, and every PUBREL is answered with PUBCOMP. The subclass
+also hands paho the socket this module opened in a thread
+(``_create_socket``), so that paho's blocking connect never runs on the
+reactor. These are paho 2.x internals (setup.cfg pins ``<3``);
+tests/test_mqtt_bridge.py covers them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import socket
 import ssl
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from paho.mqtt import client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket as PahoMalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -46,10 +52,12 @@ from layer import MessageTooLarge
 from layer.base import backoff_delays
 
 from . import messages as m
+from . import packets
 
 LAYER_MESSAGE_LIMIT = 1024 * 1024  # the layer's limit on a serialized message (docs/spec/layer.md)
 FORWARD_BATCH = 500  # messages sent into the layer at once (the broker's order kept)
-READ_BURST = 64  # packets read per readable event before the reactor serves others
+READ_SIZE = 65536  # bytes asked of the socket per read
+READ_BURST = 4  # reads per readable event before the reactor serves others
 # Messages read from the broker and not yet stored: past INBOUND_HIGH the bridge stops reading its socket
 # (TCP pushes back on the broker, which queues for us) until the layer has taken it below INBOUND_LOW.
 INBOUND_HIGH, INBOUND_LOW = 2000, 500
@@ -84,43 +92,69 @@ def _sender_level(value: int) -> str | None:
 
 
 class _PahoClient(paho.Client):
-    """paho's Client, holding QoS 2's PUBREC until ``ack()`` and using a socket opened elsewhere (see the module)."""
+    """paho's Client, reading for itself, holding QoS 2's PUBREC until ``ack()`` and using a socket opened
+    elsewhere (see the module)."""
 
     premade_socket: socket.socket | None = None
+    on_publish_packet: Callable[[packets.Publish], None]  # every PUBLISH, in the broker's order
+    _unread = bytearray()  # bytes read from the socket that do not make a whole packet yet
 
     def _create_socket(self) -> Any:
         sock, self.premade_socket = self.premade_socket, None
         if sock is None:  # paho must never open (and block on) a socket itself
             raise OSError("no socket was opened for this attempt")
+        self._unread = bytearray()  # a new stream
         return sock
 
-    def _handle_publish(self) -> MQTTErrorCode:
-        if (self._in_packet["command"] & 0x06) >> 1 != 2:
-            return super()._handle_publish()
-        result = paho._packet.decode_publish(self._in_packet["command"], self._in_packet["packet"], self._protocol)
-        message = paho.MQTTMessage(mid=result.mid, topic=result.topic)
-        message.dup, message.qos, message.retain = result.dup, result.qos, result.retain
-        message.properties, message.payload = result.properties, result.payload
-        message.timestamp = time.monotonic()
-        self._handle_on_message(message)  # PUBREC waits for ack(mid, 2)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
+    def read_available(self, reads: int, paused: Callable[[], bool]) -> MQTTErrorCode:
+        """paho's ``loop_read``, but reading up to ``reads`` times 64 KiB, until the socket has nothing more or
+        ``paused()``, and handling every whole packet in what it read.
 
-    def read_available(self, limit: int) -> MQTTErrorCode:
-        """``loop_read`` that reads up to ``limit`` packets and stops when the socket has nothing more.
-
-        paho's ``loop_read`` reads one packet per call unless messages are in
-        flight, and cannot say whether more are waiting; asking the socket
-        (a peek per packet) cost a system call per message in a flood.
+        paho reads a packet with three or four system calls (its first byte, each byte of its length, the
+        rest), one packet per ``loop_read``, and dresses each PUBLISH in objects (MQTTMessage, Properties,
+        its topic matcher) before its callback: together about half of the bridge's CPU in a QoS 0 flood.
+        PUBLISH is decoded by ``packets.py``; every other packet is handed to paho's own handlers.
         """
-        for _ in range(limit):
+        for _ in range(reads):
             if self._sock is None:
                 return MQTTErrorCode.MQTT_ERR_NO_CONN
-            rc = self._packet_read()
-            if rc > 0:
-                return self._loop_rc_handle(rc)
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+            if paused():
                 break
+            try:
+                data = self._sock_recv(READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            if not data:
+                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            with self._msgtime_mutex:  # paho's keepalive counts from the last bytes received
+                self._last_bytes_received = time.monotonic()
+            unread = self._unread
+            unread += data
+            try:
+                found, used = packets.split(unread)
+            except packets.MalformedPacket:
+                return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+            del unread[:used]
+            for header, body in found:
+                rc = self._handle(header, body)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    return self._loop_rc_handle(rc)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle(self, header: int, body: bytes) -> MQTTErrorCode:
+        if header & 0xF0 == packets.PUBLISH_TYPE:
+            # Every QoS alike: acknowledged by ack() once the layer stored it (a QoS 2 PUBREC too).
+            self.on_publish_packet(packets.decode_publish(header, body, self._protocol == paho.MQTTv5))
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._in_packet = {"command": header, "have_remaining": 1, "remaining_count": [], "remaining_mult": 1,
+                           "remaining_length": len(body), "packet": bytearray(body), "to_process": 0, "pos": 0}
+        try:
+            return self._packet_handle()
+        except PahoMalformedPacket as exc:
+            raise packets.MalformedPacket(str(exc)) from exc
 
     def _handle_pubrel(self) -> MQTTErrorCode:
         result = paho._packet.decode_pubrel(self._in_packet["command"], self._in_packet["packet"], self._protocol)
@@ -253,8 +287,10 @@ class MqttBridge(Bridge):
         self.forwarding = False
         self.reading_paused = False  # the broker socket is not read while too many messages wait for the layer
         self.outbound = m.OutboundQueue(options["queue_limit"], options["queue_age"])
-        self.topics: OrderedDict[str, None] = OrderedDict()  # topic reply ids, least recently received first
-        self.requests: OrderedDict[str, None] = OrderedDict()  # request reply ids, likewise
+        # Reply targets, least recently received first: topic -> (local id, reply channel), and likewise by
+        # local id for requests with a response topic.
+        self.topics: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self.requests: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self.watcher: _Watcher | None = None
         self.misc: LoopingCall | None = None
         self._connack: asyncio.Future | None = None
@@ -321,7 +357,7 @@ class MqttBridge(Bridge):
         client.on_connect = self._connacked
         client.on_subscribe = self._subacked
         client.on_disconnect = self._disconnected
-        client.on_message = self._received
+        client.on_publish_packet = self._received
         if v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.ReceiveMaximum = self.options["inflight"]
@@ -456,7 +492,11 @@ class MqttBridge(Bridge):
             with contextlib.suppress(OSError):
                 watcher.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         try:
-            rc = client.read_available(READ_BURST)
+            rc = client.read_available(READ_BURST, lambda: self.reading_paused)
+        except packets.MalformedPacket as exc:
+            self.bad_input(str(self.broker), f"a malformed packet ({exc}); closing the link")
+            self._lose_link("the broker sent a malformed packet")
+            return
         except Exception:
             self.count("errors")
             self.log.exception("%s: reading from the broker failed; closing the link", self.label)
@@ -529,26 +569,29 @@ class MqttBridge(Bridge):
 
     # -- into the layer --
 
-    def _received(self, client: Any, userdata: Any, message: Any) -> None:
+    def _received(self, publish: packets.Publish) -> None:
         self.count("received")
         generation = self.generation
         try:
-            topic = message.topic
+            topic = publish.topic.decode()
         except UnicodeDecodeError:
-            self.bad_input(str(self.broker), f"a message on a topic that is not UTF-8 ({message._topic[:100]!r})")
-            self._ack(generation, message.mid, message.qos)
+            self.bad_input(str(self.broker), f"a message on a topic that is not UTF-8 ({publish.topic[:100]!r})")
+            self._ack(generation, publish.mid, publish.qos)
             return
         if not self.accepting:
             return  # not acknowledged: the broker keeps it for our next session
-        if len(message.payload) > self.options["max_payload"]:
+        if len(publish.payload) > self.options["max_payload"]:
             self.count("oversized")
-            self.bad_input(str(self.broker), f"{len(message.payload)}-byte payload on {topic!r} is over "
+            self.bad_input(str(self.broker), f"{len(publish.payload)}-byte payload on {topic!r} is over "
                                              f"max_payload ({self.options['max_payload']}); dropped")
-            self._ack(generation, message.mid, message.qos)  # redelivering it would not make it smaller
+            self._ack(generation, publish.mid, publish.qos)  # redelivering it would not make it smaller
             return
-        incoming = m.Incoming(topic, bytes(message.payload), message.qos, bool(message.retain),
-                              message.mid if message.qos else 0, bool(message.dup),
-                              _properties_from_paho(getattr(message, "properties", None)))
+        properties = {}
+        if publish.properties:
+            read = Properties(PacketTypes.PUBLISH)
+            read.unpack(publish.properties)
+            properties = _properties_from_paho(read)
+        incoming = m.Incoming(topic, publish.payload, publish.qos, publish.retain, publish.mid, publish.dup, properties)
         # One send at a time, in the broker's order: two sends in flight could be stored in either order.
         self.inbound.append((generation, incoming))
         if len(self.inbound) >= INBOUND_HIGH and not self.reading_paused and self.watcher is not None:
@@ -580,8 +623,9 @@ class MqttBridge(Bridge):
                 # worker has no room for yet). A layer that went down may have stored them before failing to say
                 # so: the next attempt of a QoS 1/2 message carries dup, as a broker's redelivery does
                 # (docs/spec/mqtt.md).
-                held = [(generation, dataclasses.replace(incoming, dup=bool(incoming.qos)))
-                        for generation, incoming in batch[stored:]]
+                held = batch[stored:]
+                for _, incoming in held:
+                    incoming.dup = incoming.dup or bool(incoming.qos)
                 # Send as many at once as the layer took last time (doubling while it takes all): a full
                 # channel then costs one refused send per round, not hundreds sent only to be refused.
                 size = min(FORWARD_BATCH, size * 2) if not held else max(1, stored)
@@ -605,6 +649,8 @@ class MqttBridge(Bridge):
             self.reading_paused = False
             if self.watcher is not None:
                 get_reactor().addReader(self.watcher)
+                # TLS may hold decrypted bytes the file descriptor will not signal: read now rather than wait.
+                get_reactor().callLater(0, self._readable, self.watcher)
 
     async def _store(self, batch: list[tuple[int, m.Incoming]]) -> int:
         """Send a batch into the layer; return how many of its first messages may be acknowledged."""
@@ -624,25 +670,39 @@ class MqttBridge(Bridge):
         return len(batch)
 
     def _receive_message(self, incoming: m.Incoming) -> dict[str, Any]:
+        reply_channel = self._reply_channel_of(incoming)
+        options = self.options
+        return m.receive_message(incoming, reply_channel=reply_channel, session=self.client_id,
+                                 sender=m.sender_of(incoming, options["sender_property"], options["sender_level"]))
+
+    def _reply_channel_of(self, incoming: m.Incoming) -> str:
+        """The reply channel of a message: one per topic, or one per request with an MQTT 5 response topic.
+
+        Reply targets are remembered least-recently-received first out, so a stream over endless topics (a
+        sensor id per topic) or requests cannot grow the process without bound.
+        """
+        if incoming.properties.get("response_topic") is None:
+            known = self.topics.get(incoming.topic)  # most messages: a topic seen before
+            if known is not None:
+                self.topics.move_to_end(incoming.topic)
+                return known[1]
         target = m.target_of(incoming)
         if target.response_topic is None and incoming.properties.get("response_topic") is not None:
             self.bad_input(str(self.broker), f"unusable response topic "
                                              f"{incoming.properties['response_topic']!r} on {incoming.topic!r}")
         local_id = m.reply_id(target.topic, target.response_topic, target.correlation_data)
-        # Reply targets are remembered least-recently-received first out, so a stream over endless topics
-        # (a sensor id per topic) or requests cannot grow the process without bound.
-        recent, limit = (self.topics, TOPIC_TARGETS) if target.response_topic is None else \
-            (self.requests, REQUEST_TARGETS)
-        if local_id in recent:
-            recent.move_to_end(local_id)
+        if target.response_topic is None:
+            recent, key, limit = self.topics, target.topic, TOPIC_TARGETS
         else:
-            self.register(target, local_id)
-            recent[local_id] = None
-            if len(recent) > limit:
-                self.unregister(recent.popitem(last=False)[0])
-        options = self.options
-        return m.receive_message(incoming, reply_channel=self.reply_channel(local_id), session=self.client_id,
-                                 sender=m.sender_of(incoming, options["sender_property"], options["sender_level"]))
+            recent, key, limit = self.requests, local_id, REQUEST_TARGETS
+        if key in recent:
+            recent.move_to_end(key)
+            return recent[key][1]
+        self.register(target, local_id)
+        recent[key] = (local_id, self.reply_channel(local_id))
+        if len(recent) > limit:
+            self.unregister(recent.popitem(last=False)[1][0])
+        return recent[key][1]
 
     def _ack(self, generation: int, mid: int, qos: int) -> None:
         if qos and generation == self.generation and self.client.socket() is not None:

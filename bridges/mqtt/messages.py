@@ -245,9 +245,10 @@ def check_reply_topic(template: str) -> str | None:
 # -- incoming publishes --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Incoming:
-    """One PUBLISH from the broker, as plain values."""
+    """One PUBLISH from the broker, as plain values (not frozen: a frozen dataclass is slow to make, and the
+    bridge makes one per message)."""
 
     topic: str
     payload: bytes
@@ -265,9 +266,10 @@ def sender_of(incoming: Incoming, sender_property: str, sender_level: int) -> st
         for name, value in incoming.properties.get("user_properties", ()):
             if name == sender_property:
                 return value
-    levels = incoming.topic.split("/")
-    if 0 < sender_level <= len(levels) and levels[sender_level - 1]:
-        return levels[sender_level - 1]
+    if sender_level:
+        levels = incoming.topic.split("/")
+        if sender_level <= len(levels) and levels[sender_level - 1]:
+            return levels[sender_level - 1]
     return incoming.topic
 
 
