@@ -53,6 +53,7 @@ class Dispatcher:
         self.layer = channel_layer
         self.sync = getattr(channel_layer, "sync", channel_layer)
         self.counters = DispatchCounters()
+        self._async: dict[Any, bool] = {}  # consumer -> is it ``async def``: asked once, not per message
 
     def prepare(self, channel: str, content: dict) -> tuple[Any, dict, Message, int] | None:
         """Route a message: (consumer, kwargs, message, retries), or None when no route matches."""
@@ -69,7 +70,10 @@ class Dispatcher:
         return consumer, kwargs, Message(content, channel, self.layer), retries
 
     def is_async(self, consumer: Any) -> bool:
-        return inspect.iscoroutinefunction(consumer)
+        known = self._async.get(consumer)
+        if known is None:
+            known = self._async[consumer] = inspect.iscoroutinefunction(consumer)
+        return known
 
     def handle(self, channel: str, content: dict) -> None:
         """Route and run a message here, in this thread."""
@@ -92,7 +96,6 @@ class Dispatcher:
     @contextlib.contextmanager
     def consuming(self, consumer: Any, message: Message, retries: int) -> Iterator[None]:
         """Around one consumer run: the send buffer, the signals, and every exception it may raise."""
-        name = consumer_name(consumer)
         buffer: list = []
         layer_token = channel_module.current_layer.set(self.layer)
         buffer_token = channel_module.send_buffer.set(buffer)
@@ -102,7 +105,7 @@ class Dispatcher:
             yield
             self.counters.consumed += 1
         except ConsumeLater:
-            self._consume_later(message, name, retries)
+            self._consume_later(message, consumer_name(consumer), retries)
         except DenyConnection:
             self.counters.consumed += 1
             if message.reply_channel is not None:
@@ -110,11 +113,14 @@ class Dispatcher:
         except Exception as exc:
             error = exc
             self.counters.errors += 1
-            log.exception("consumer %s raised on a message on %s; the worker carries on", name, message.channel.name)
+            log.exception("consumer %s raised on a message on %s; the worker carries on", consumer_name(consumer),
+                          message.channel.name)
         finally:
             channel_module.send_buffer.reset(buffer_token)
             channel_module.current_layer.reset(layer_token)
-            self.counters.undelivered += flush(buffer, self.sync, f"consumer {name} on {message.channel.name}")
+            if buffer:
+                self.counters.undelivered += flush(buffer, self.sync,
+                                                   f"consumer {consumer_name(consumer)} on {message.channel.name}")
             consumer_finished.send(message=message, consumer=consumer, error=error)
 
     def _consume_later(self, message: Message, name: str, retries: int) -> None:

@@ -49,6 +49,26 @@ def test_one_thread_takes_messages_in_batches_and_keeps_their_order(channel_laye
         assert worker.join(30)
 
 
+def test_slow_consumers_are_taken_one_at_a_time_so_every_thread_gets_one(channel_layer):
+    # A thread takes as many messages as it has been running in a few milliseconds. Consumers that wait (here
+    # until released) are taken one by one: the second message goes to the second thread, instead of waiting
+    # behind the first in the batch of a busy one.
+    worker = Worker("apps.slow:routes", channel_layer, threads=2)
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    worker.start()
+    try:
+        for round_ in range(2):
+            sync.send_many([("test.hold", {"n": round_ * 10 + i, "reply_channel": reply}) for i in range(2)])
+            started = collect(sync, "test.started", 2)  # both in hand at once: one per thread
+            assert sorted(m["n"] for m in started) == [round_ * 10, round_ * 10 + 1]
+            sync.send_many([("test.release", {}), ("test.release", {})])
+            assert sorted(m["finished"] for m in collect(sync, reply, 2)) == [round_ * 10, round_ * 10 + 1]
+    finally:
+        worker.stop()
+        assert worker.join(30)
+
+
 def test_stop_finishes_the_message_in_hand(channel_layer):
     worker = Worker("apps.slow:routes", channel_layer, threads=2)
     worker.start()
