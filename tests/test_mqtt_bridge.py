@@ -467,6 +467,59 @@ def test_broker_restart_resubscribes_and_flushes_queued_publishes(run, mosquitto
     assert bridge.counters["connects"] == 2
 
 
+async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    header = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return header, await reader.readexactly(length)
+
+
+def test_a_malformed_packet_from_the_broker_is_counted_logged_and_the_link_made_again(run, caplog):
+    # mosquitto never sends a malformed packet: this "broker" answers CONNECT and SUBSCRIBE properly, then sends
+    # a PUBLISH whose topic runs past its end (then, on the next connection, a good one).
+    connections = []
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        try:
+            assert (await read_packet(reader))[0] == 0x10  # CONNECT
+            writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK: no session, success, no properties
+            header, body = await read_packet(reader)
+            assert header == 0x82  # SUBSCRIBE
+            writer.write(b"\x90\x04" + body[:2] + b"\x00\x01")  # SUBACK: its packet id, granted QoS 1
+            if len(connections) == 1:
+                writer.write(b"\x30\x05\x00\x09echo")  # a topic of 9 bytes in a packet of 5
+            else:
+                writer.write(b"\x30\x09\x00\x04echo\x00hi")  # topic "echo", no properties, payload "hi"
+            await writer.drain()
+            await reader.read()  # until the bridge closes
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(broker, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with bridging(f"mqtt://127.0.0.1:{port}", {"subscribe": [{"topic": "echo", "qos": 1}]},
+                                worker=False) as bridge:
+                message = await take(bridge.layer, "mqtt.receive")
+                return bridge, message
+        finally:
+            server.close()
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges.mqtt"):
+        bridge, message = run(scenario(), timeout=30)
+    assert (message["topic"], message["payload"]) == ("echo", b"hi")
+    assert len(connections) == 2 and bridge.counters["bad_input"] == 1
+    assert "a malformed packet (a PUBLISH whose topic runs past its end); closing the link" in caplog.text
+
+
 def test_a_broker_that_stops_answering_is_dropped_by_keepalive(run, mosquitto_server):
     """paho's keepalive runs on the reactor (loop_misc): a frozen broker is noticed, and the link comes back."""
     import os

@@ -397,8 +397,13 @@ class MqttBridge(Bridge):
             rc = self.client.reconnect()  # paho sends CONNECT on our socket; the reactor reads the CONNACK
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise ConnectionError(f"sending CONNECT failed: {paho.error_string(rc)}")
+            generation = self.generation  # this socket's
             session_present = await asyncio.wait_for(asyncio.shield(self._connack), self.options["connect_timeout"])
             granted = await self._subscribe()
+            if self.generation != generation or self.watcher is None:
+                # Lost in the same read as the SUBACK (the broker closed, or sent what made us close it): no
+                # future was left to fail, so say it here, and the reconnector tries again.
+                raise ConnectionError("the link closed just after subscribing")
         except BaseException:
             self._close_socket()
             raise
