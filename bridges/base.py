@@ -58,6 +58,9 @@ COUNTERS = ("received", "sent", "refused", "replies", "unknown_replies", "droppe
 _BRIDGE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,40}$", re.ASCII)  # part of the reply queue's name
 _LOCAL_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$", re.ASCII)  # the layer's rule for the part after '!'
 _UNKNOWN_IDS_REMEMBERED = 1000  # bounds the "log each unknown local id once" memory
+# Seconds the layer must take every message before its problem is cleared: a channel that fills and
+# empties many times a second under a flood is one problem, logged once, not a line per batch.
+LAYER_CALM = 1.0
 
 
 # -- the reactor ---------------------------------------------------------------------------------------------
@@ -373,6 +376,8 @@ class Bridge:
         self._reconnectors: list[Reconnector] = []
         self._backlogs: dict[str, deque] = {}  # channel -> events waiting for room, see send_to_layer_persistently
         self._refused_since_ok = 0
+        self._last_refusal = self._last_stored = 0.0  # time.monotonic() of the layer's last refusal, last store
+        self._calm_check: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Future | None = None
 
     def __repr__(self) -> str:
@@ -489,6 +494,9 @@ class Bridge:
         await self._within(self.close_protocol(), max(left(), 1.0), "close_protocol()")
         self._problems.clear()
         self._connecting.clear()
+        if self._calm_check is not None:
+            self._calm_check.cancel()
+            self._calm_check = None
         self._lifecycle = "stopped"
         self._refresh_health("stopped on request")
 
@@ -629,20 +637,39 @@ class Bridge:
         return len(messages)
 
     def _layer_took(self, channel: str, stored: int, refused: int, exc: Exception | None = None) -> None:
-        """Count a send's outcome; the layer is this bridge's problem while it refuses messages."""
+        """Count a send's outcome. The layer is this bridge's problem from its first refusal until it has
+        taken every message for ``LAYER_CALM`` seconds (and taken at least one)."""
+        now = time.monotonic()
         if stored:
             self.count("sent", stored)
+            self._last_stored = now
         if refused:  # a batch the layer took in part is still refused in part: the problem stands
             self.count("refused", refused)
             self._refused_since_ok += refused
+            self._last_refusal = now
             if isinstance(exc, ChannelFull):
                 why = f"channel {channel!r} is full (are the workers keeping up?)"
             else:
                 why = f"unavailable ({_describe(exc)})"
             self.set_problem("layer", why + "; refusing peers' messages until it accepts them again")
         elif "layer" in self._problems:
+            self._layer_calm()
+
+    def _layer_calm(self) -> None:
+        """Clear the layer problem if it has been calm long enough, or look again when it will have been."""
+        if "layer" not in self._problems or self._last_stored <= self._last_refusal:
+            return  # nothing stored since the last refusal: the next store looks again
+        quiet = time.monotonic() - self._last_refusal
+        if quiet >= LAYER_CALM:
             self.clear_problem("layer", f" after refusing {self._refused_since_ok} message(s)")
             self._refused_since_ok = 0
+        elif self._calm_check is None:
+            self._calm_check = asyncio.get_running_loop().call_later(LAYER_CALM - quiet, self._calm_checked)
+
+    def _calm_checked(self) -> None:
+        self._calm_check = None
+        if self._lifecycle not in ("stopping", "stopped"):
+            self._layer_calm()
 
     async def send_to_layer_persistently(self, channel: str, message: dict, within: float = 10.0) -> bool:
         """Send an event no peer can be asked to repeat (a disconnect), waiting for room in the channel.

@@ -343,6 +343,32 @@ def test_a_batch_stores_what_fits_in_order_and_says_how_many(run, layers, caplog
     assert "layer recovered after refusing 3 message(s)" in caplog.text
 
 
+def test_a_channel_that_fills_and_empties_again_and_again_is_one_problem_logged_once(run, layers, caplog):
+    # A flood faster than the workers fills the channel many times a second: one degraded spell, one warning and
+    # one recovery line, not a pair per batch. The problem clears once the layer has taken everything for a while.
+    bridge_layer, consumer_layer = layers(channel_capacity={"toy.receive": 2})
+
+    async def scenario():
+        bridge = ToyBridge("flood", {}, bridge_layer)
+        watch = HealthWatch(bridge)
+        async with running(bridge):
+            for round_ in range(20):
+                assert await bridge.send_many_to_layer("toy.receive", [{"n": round_}] * 2) == 2  # all taken
+                assert await bridge.send_to_layer("toy.receive", {"n": round_}) is False  # now full
+                assert len(await consumer_layer.receive_many(["toy.receive"], 10, timeout=5)) == 2
+            assert await bridge.send_to_layer("toy.receive", {"n": "last"})  # taken: calm starts now
+            await watch.until("connected")
+        return bridge, watch
+
+    with caplog.at_level(logging.INFO, logger="crossroads.bridges"):
+        bridge, watch = run(scenario())
+    assert watch.states == ["starting", "connected", "degraded", "connected", "stopping", "stopped"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is full" in m for m in messages) == 1
+    assert sum("recovered" in m for m in messages) == 1
+    assert any("layer recovered after refusing 20 message(s)" in m for m in messages)
+
+
 def test_layer_unavailable_refuses_and_stop_still_finishes(run, caplog):
     dead = layer.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
 
