@@ -578,9 +578,8 @@ def reading(results: dict[str, Any]) -> str:
     redis_rate, memory_rate = q0["redis"]["msg_per_s"], q0["memory"]["msg_per_s"]
     if redis_rate < 0.5 * memory_rate:
         lines.append(f"- The same bridge delivers {memory_rate:,.0f} msg/s over memory:// and {redis_rate:,.0f} over "
-                     "redis://: what limits (b) is the hop through Redis and the worker, which takes one message "
-                     "per Redis call in each of its threads, while the bridge reading the flood takes most of the "
-                     "core the two processes share.")
+                     "redis://: what limits (b) is the hop through Redis, which costs both processes CPU on the "
+                     "core they share (serializing, Redis calls) and adds a round trip per batch.")
     for qos in (0, 1):
         bare = floods[f"q{qos}"]["bare"]
         if bare["msg_per_s"] > 0.8 * bare["publisher_msg_per_s"]:
@@ -627,13 +626,15 @@ def reading(results: dict[str, Any]) -> str:
         lines.append("- (b) is missed by CPU, not by loss: the bridge and the worker share one core, as the bare "
                      "subscriber has one, and spend "
                      f"{sum(q0['redis']['cpu_us_per_message'].values()):.0f} µs per message against its "
-                     f"{q0['bare']['cpu_us_per_message']['subscriber']:.0f}. Profiles of the bridge under this "
-                     "flood (py-spy, at 67a8c39) put 35-45% of its busy time in paho reading and decoding each "
-                     "PUBLISH (MQTT 5 properties included; the bare subscriber pays that too), 20-35% in sending "
-                     "to Redis (a socket write per batch) and about a fifth in building the channel messages. "
-                     "When the worker "
-                     "falls behind, the bridge stops reading the broker's socket instead of dropping: no QoS 0 "
-                     "message is lost (an earlier version dropped 80% of this flood at the full channel).")
+                     f"{q0['bare']['cpu_us_per_message']['subscriber']:.0f}. When the worker falls behind, the bridge "
+                     "stops reading the broker's socket instead of dropping: no QoS 0 message is lost.")
+    lines.append("- Where the bridge's CPU goes (py-spy on the bridge under this flood, at 6c8b1d1, about 20 µs per "
+                 "message): 40% reading the broker's socket in 64 KiB pieces and decoding the PUBLISH packets "
+                 "(bridges/mqtt/packets.py), 12% building the `mqtt.receive` messages, a third sending them to Redis "
+                 "(msgpack, then one script call per batch). Until 28e654c the bridge let paho read (three or four "
+                 "system calls and several objects per message: MQTTMessage, Properties, its topic matcher) and "
+                 "sent each message into the layer from a task of its own: 75 µs per message, and (b) at 33%. The "
+                 "worker takes up to 64 messages per Redis call while its consumer is quick (d4b37b7; 16 before).")
     load = results["machine"]["load_before"]
     lines.append(f"- Load average before the run: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min) on "
                  f"{results['machine']['nproc']} cores"
