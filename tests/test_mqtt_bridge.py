@@ -354,6 +354,26 @@ def test_oversized_payload_is_dropped_acknowledged_and_counted(run, mosquitto_se
     assert "101-byte payload on 'echo/big' is over max_payload (100)" in caplog.text
 
 
+def test_the_broker_keeps_packets_the_layer_could_never_hold_from_the_bridge(run, mosquitto_server):
+    # MQTT 5 Maximum Packet Size in CONNECT: a 2 MB message is dropped by mosquitto for this client, so the bridge
+    # never buffers it; the message after it arrives.
+    async def scenario():
+        async with bridging(mosquitto_server.url, {"subscribe": ECHO}) as bridge:
+            peer = Peer(mosquitto_server.port)
+            try:
+                peer.subscribe("echo/+/reply")
+                peer.publish("echo/huge", b"x" * 2_000_000)
+                peer.publish("echo/after", b"small")
+                reply = await peer.take()
+                return bridge, reply
+            finally:
+                peer.close()
+
+    bridge, reply = run(scenario())
+    assert reply.topic == "echo/after/reply"
+    assert bridge.counters["received"] == 1 and "oversized" not in bridge.counters
+
+
 def test_a_message_too_large_for_the_layer_is_dropped_and_the_rest_of_its_batch_arrives(run, mosquitto_server,
                                                                                         caplog):
     # The payload is under max_payload, but its user properties take the channel message over the layer's 1 MiB.
@@ -363,7 +383,8 @@ def test_a_message_too_large_for_the_layer_is_dropped_and_the_rest_of_its_batch_
             try:
                 peer.subscribe("echo/+/reply")
                 heavy = Properties(PacketTypes.PUBLISH)
-                heavy.UserProperty = [(f"p{i}", "x" * 60_000) for i in range(20)]  # strings are at most 64 KiB
+                # 1,080,000 bytes: over the layer's 1 MiB, under the Maximum Packet Size the bridge asks for
+                heavy.UserProperty = [(f"p{i}", "x" * 60_000) for i in range(18)]  # strings are at most 64 KiB
                 sent = [peer.client.publish("echo/heavy", b"h", 1, properties=heavy),
                         peer.client.publish("echo/light", b"l", 1)]  # sent together: one read, one batch
                 for info in sent:

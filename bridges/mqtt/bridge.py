@@ -57,6 +57,7 @@ from . import packets
 LAYER_MESSAGE_LIMIT = 1024 * 1024  # the layer's limit on a serialized message (docs/spec/layer.md)
 FORWARD_BATCH = 500  # messages sent into the layer at once (the broker's order kept)
 READ_SIZE = 65536  # bytes asked of the socket per read
+MAX_PACKET = LAYER_MESSAGE_LIMIT + 65536  # MQTT 5 Maximum Packet Size we ask of the broker: room for the headers
 READ_BURST = 4  # reads per readable event before the reactor serves others
 # Messages read from the broker and not yet stored: past INBOUND_HIGH the bridge stops reading its socket
 # (TCP pushes back on the broker, which queues for us) until the layer has taken it below INBOUND_LOW.
@@ -361,6 +362,9 @@ class MqttBridge(Bridge):
         if v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.ReceiveMaximum = self.options["inflight"]
+            # Packets the layer could never hold are not worth reading: the broker drops them instead of
+            # making us buffer up to MQTT's 256 MB each. (MQTT 3.1.1 cannot say this.)
+            properties.MaximumPacketSize = MAX_PACKET
             if self.persistent:
                 properties.SessionExpiryInterval = self.options["session_expiry"]
             client.connect_async(self.broker.host, self.broker.port, self.options["keepalive"],
