@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import socket
 import ssl
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -131,7 +130,7 @@ class _PahoClient(paho.Client):
             if not data:
                 return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
             with self._msgtime_mutex:  # paho's keepalive counts from the last bytes received
-                self._last_bytes_received = time.monotonic()
+                self._last_bytes_received = paho.time_func()
             unread = self._unread
             unread += data
             try:
