@@ -10,10 +10,12 @@ or command line.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -378,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr, for a daemon that hangs
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

@@ -44,7 +44,13 @@ class Daemon:
         """SIGTERM, expect STOPPING=1 and a clean exit; return the log."""
         self.process.send_signal(signal.SIGTERM)
         assert self.notify.recv(100) == b"STOPPING=1"
-        code = self.process.wait(30)
+        try:
+            code = self.process.wait(30)
+        except subprocess.TimeoutExpired:  # say where it hangs: crossroads prints its threads' stacks on SIGUSR1
+            self.process.send_signal(signal.SIGUSR1)
+            time.sleep(1)  # faulthandler writes at once; the kill after it must not cut that short
+            self.process.kill()
+            raise AssertionError(f"no exit 30 s after SIGTERM; stderr:\n{self.process.communicate()[1]}") from None
         stderr = self.process.communicate()[1]
         assert code == 0, stderr
         return stderr
