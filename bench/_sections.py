@@ -13,7 +13,9 @@ next section marker, or the end of the file.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,23 @@ def write_section(path: Path, name: str, body: str, heading: str | None = None) 
     text = path.read_text() if path.exists() else ""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(replace_section(text, name, body, heading))
+
+
+def save_run(name: str, results: dict[str, Any], *, doc: Path, chart_path: Path,
+             chart: Callable[[dict[str, Any], Path], Any], document: Callable[[dict[str, Any]], str],
+             results_path: Path | None) -> None:
+    """Write a benchmark's outputs and say which: the raw figures to ``results_path`` (None when redrawing from
+    them), the plot, and section ``name`` of the doc."""
+    written = []
+    if results_path is not None:
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+        written.append(results_path)
+    chart(results, chart_path)
+    write_section(doc, name, document(results))
+    root = doc.parent.parent
+    print(f"wrote {', '.join(str(path.relative_to(root)) for path in [*written, chart_path])} and the {name} "
+          f"section of {doc.relative_to(root)}")
 
 
 def targets_markdown(found: list[tuple[str, str, bool]], heading: str = "target") -> str:

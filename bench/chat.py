@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # bench/layer.py must not shadow the layer package (as in bench/web.py)
 
 from _processes import ProcessGroup  # noqa: E402
-from _sections import pyplot, targets_markdown, write_section  # noqa: E402
+from _sections import pyplot, save_run, targets_markdown  # noqa: E402
 
 from bench.layer import BenchError, RedisServer, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
 from bench.mqtt import Mosquitto  # noqa: E402
@@ -430,10 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure nothing: rewrite the doc section and the plot from bench/results/chat.json")
     args = parser.parse_args(argv)
     if args.report:
-        results = json.loads(RESULTS.read_text())
-        chart(results, CHART)
-        write_section(DOC, "chat", document(results))
-        print(f"wrote {CHART.relative_to(ROOT)} and the chat section of {DOC.relative_to(ROOT)}")
+        save_run("chat", json.loads(RESULTS.read_text()), doc=DOC, chart_path=CHART, chart=chart,
+                 document=document, results_path=None)
         return 0
     if hasattr(os, "sched_setaffinity") and cpu_pin(CLIENT_CORE):
         os.sched_setaffinity(0, {CLIENT_CORE})
@@ -444,12 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print(f"\ntook {results['seconds']} s")
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        chart(results, CHART)
-        write_section(DOC, "chat", document(results))
-        print(f"wrote {RESULTS.relative_to(ROOT)}, {CHART.relative_to(ROOT)} and the chat section of "
-              f"{DOC.relative_to(ROOT)}")
+        save_run("chat", results, doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS)
     return 0
 
 

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
-from _sections import pyplot, targets_markdown, write_section  # noqa: E402
+from _sections import pyplot, save_run, targets_markdown  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
 
 from bench.layer import BenchError, RedisServer, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
@@ -752,10 +752,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure nothing: rewrite the doc section and the plot from bench/results/mqtt.json")
     args = parser.parse_args(argv)
     if args.report:
-        results = json.loads(RESULTS.read_text())
-        chart(results, CHART)
-        write_section(DOC, "mqtt", document(results))
-        print(f"wrote {CHART.relative_to(ROOT)} and the MQTT section of {DOC.relative_to(ROOT)}")
+        save_run("mqtt", json.loads(RESULTS.read_text()), doc=DOC, chart_path=CHART, chart=chart,
+                 document=document, results_path=None)
         return 0
     results = timed_run(run_all, Config.make(args.quick))
     if results is None:
@@ -763,12 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(results)
     print(f"\ntook {results['seconds']} s")
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        chart(results, CHART)
-        write_section(DOC, "mqtt", document(results))
-        print(f"wrote {RESULTS.relative_to(ROOT)}, {CHART.relative_to(ROOT)} and the MQTT section of "
-              f"{DOC.relative_to(ROOT)}")
+        save_run("mqtt", results, doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS)
     return 0
 
 

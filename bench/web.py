@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
-from _sections import pyplot, targets_markdown, write_section  # noqa: E402
+from _sections import pyplot, save_run, targets_markdown  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
 
 from bench.layer import (  # noqa: E402
@@ -834,10 +834,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure nothing: rewrite the doc section and the plot from bench/results/web.json")
     args = parser.parse_args(argv)
     if args.report:
-        results = json.loads(RESULTS.read_text())
-        chart(results, CHART)
-        write_section(DOC, "web", document(results))
-        print(f"wrote {CHART.relative_to(ROOT)} and the web section of {DOC.relative_to(ROOT)}")
+        save_run("web", json.loads(RESULTS.read_text()), doc=DOC, chart_path=CHART, chart=chart,
+                 document=document, results_path=None)
         return 0
     if hasattr(os, "sched_setaffinity") and cpu_pin(CLIENT_CORE):
         os.sched_setaffinity(0, {CLIENT_CORE})  # this process only waits; keep it off the servers' core
@@ -855,12 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     print(problems(results))
     print(f"\ntook {results['seconds']} s")
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        chart(results, CHART)
-        write_section(DOC, "web", document(results))
-        print(f"wrote {RESULTS.relative_to(ROOT)}, {CHART.relative_to(ROOT)} and the web section of "
-              f"{DOC.relative_to(ROOT)}")
+        save_run("web", results, doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS)
     return 0
 
 

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import _worker_crossroads as ours  # noqa: E402  (after the sys.path fix, on purpose)
-from _sections import pyplot, targets_markdown, write_section  # noqa: E402
+from _sections import pyplot, save_run, targets_markdown  # noqa: E402
 
 from bench.layer import (  # noqa: E402
     CR_PYTHON,
@@ -525,16 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     print(targets_table(results))
     print(f"\ntook {results['seconds']} s")
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-        chart(results, CHART)
-        write_section(DOC, "worker", document(results))
-        print(f"wrote {rel_root(RESULTS)}, {rel_root(CHART)} and the Worker section of {rel_root(DOC)}")
+        save_run("worker", results, doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS)
     return 0
-
-
-def rel_root(path: Path) -> str:
-    return str(path.relative_to(ROOT))
 
 
 if __name__ == "__main__":
