@@ -70,7 +70,10 @@ class Dispatcher:
         return consumer, kwargs, Message(content, channel, self.layer), retries
 
     def is_async(self, consumer: Any) -> bool:
-        known = self._async.get(consumer)
+        try:
+            known = self._async.get(consumer)
+        except TypeError:  # an unhashable callable: ask every time
+            return inspect.iscoroutinefunction(consumer)
         if known is None:
             known = self._async[consumer] = inspect.iscoroutinefunction(consumer)
         return known

@@ -97,7 +97,7 @@ class _PahoClient(paho.Client):
 
     premade_socket: socket.socket | None = None
     on_publish_packet: Callable[[packets.Publish], None]  # every PUBLISH, in the broker's order
-    _unread = bytearray()  # bytes read from the socket that do not make a whole packet yet
+    _unread: bytearray  # bytes read from the socket that do not make a whole packet yet (one per socket)
 
     def _create_socket(self) -> Any:
         sock, self.premade_socket = self.premade_socket, None
