@@ -6,7 +6,7 @@ import asyncio
 import sys
 
 import pytest
-from servers import RedisServer
+from servers import RedisServer, write_test_certificates
 
 import layer
 
@@ -96,16 +96,7 @@ def ngircd_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mqtt_tls(tmp_path_factory):
     """A test CA and a broker certificate for 127.0.0.1 (trustme): {"cert", "key", "ca"} PEM paths."""
-    import trustme
-
-    folder = tmp_path_factory.mktemp("mqtt-tls")
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    paths = {"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem"), "ca": str(folder / "ca.pem")}
-    issued.cert_chain_pems[0].write_to_path(paths["cert"])
-    issued.private_key_pem.write_to_path(paths["key"])
-    ca.cert_pem.write_to_path(paths["ca"])
-    return paths
+    return write_test_certificates(tmp_path_factory.mktemp("mqtt-tls"))
 
 
 @pytest.fixture

@@ -40,6 +40,20 @@ def require_binary(name: str) -> str:
     return path
 
 
+def write_test_certificates(folder: Path) -> dict[str, str]:
+    """A test CA and a server certificate for 127.0.0.1 and localhost (trustme), as PEM files in ``folder``:
+    {"cert", "key", "ca"} paths."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem"), "ca": str(folder / "ca.pem")}
+    issued.cert_chain_pems[0].write_to_path(paths["cert"])
+    issued.private_key_pem.write_to_path(paths["key"])
+    ca.cert_pem.write_to_path(paths["ca"])
+    return paths
+
+
 def wait_for_port(port: int, process: subprocess.Popen, deadline: float = 10.0) -> None:
     """Wait until something accepts connections on ``port``; fail if the process died."""
     end = time.monotonic() + deadline

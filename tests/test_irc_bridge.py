@@ -15,7 +15,7 @@ import time
 from contextlib import asynccontextmanager
 
 import pytest
-from servers import NgircdServer
+from servers import NgircdServer, write_test_certificates
 
 import layer
 from bridges.base import OptionError
@@ -580,17 +580,9 @@ def test_bad_options_name_the_key(options, key):
 @pytest.fixture(scope="module")
 def irc_tls(tmp_path_factory):
     """A test CA and a server certificate for 127.0.0.1 (trustme): {"cert", "key", "ca"} PEM paths."""
-    import trustme
-
     folder = tmp_path_factory.mktemp("irc-tls")
     folder.chmod(0o755)  # ngircd reads them as the unprivileged user it switches to
-    ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
-    paths = {"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem"), "ca": str(folder / "ca.pem")}
-    issued.cert_chain_pems[0].write_to_path(paths["cert"])
-    issued.private_key_pem.write_to_path(paths["key"])
-    ca.cert_pem.write_to_path(paths["ca"])
-    return paths
+    return write_test_certificates(folder)
 
 
 def test_ircs_verifies_the_server_certificate(run, tmp_path, irc_tls):
