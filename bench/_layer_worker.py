@@ -21,15 +21,9 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-# Python puts this script's folder first on sys.path, where bench/layer.py would shadow the
-# ``layer`` package: put the repository root there instead.
-sys.path[0] = str(ROOT)
-
-import msgpack  # noqa: E402  (after the sys.path fix, on purpose)
+import msgpack
 
 MESSAGE_BYTES = 256
 GROUP = "bench.group"
@@ -86,7 +80,7 @@ class CrossroadsSync(Contender):
     """crossroads' Redis layer, blocking face (``layer.sync``), as worker threads use it."""
 
     def __init__(self, url: str, capacity: int) -> None:
-        import layer
+        from crossroads import layer
 
         self.layer = layer.from_url(url, capacity=capacity)
         self.face = self.layer.sync

@@ -1,8 +1,8 @@
 """crossroads' side of ``bench/web.py``: the consumers its bridges are measured with.
 
 Routed from the generated config as ``bench._web_crossroads:routes`` (the bench runs the daemons with
-the repository root on ``PYTHONPATH``; bench/ itself must not be on it, or ``bench/layer.py`` would
-shadow the ``layer`` package). The Channels side of the same consumers is ``_web_channels.py``.
+the repository root on ``PYTHONPATH``, so ``bench`` imports as a package). The Channels side of the same
+consumers is ``_web_channels.py``.
 
 - ``http.request``: hello world, the same bytes Daphne's ``AsyncHttpConsumer`` sends;
 - ``websocket.*`` on ``/group/``: join the broadcast group on connect, send what arrives to the group;

@@ -16,20 +16,13 @@ import asyncio
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if __name__ == "__main__":
-    # Python put bench/ first on sys.path, where bench/layer.py would shadow the ``layer`` package.
-    sys.path[0:1] = [str(ROOT), str(ROOT / "bench")]
+from _worker_load import REQUEST_CHANNEL, Recorder, now_ns, process_cpu, request
 
-from _worker_load import REQUEST_CHANNEL, Recorder, now_ns, process_cpu, request  # noqa: E402
-
-import layer  # noqa: E402  (after the sys.path fix, on purpose)
-from consumers.dispatch import Dispatcher  # noqa: E402
-from consumers.worker import Worker  # noqa: E402
-from crossroads import route  # noqa: E402
+from crossroads import layer, route
+from crossroads.consumers.dispatch import Dispatcher
+from crossroads.consumers.worker import Worker
 
 PROCESS_QUEUE = "bench.bridge!"  # the sender's one receive queue, like a bridge process's
 FIRST_REPLY_TIMEOUT = 60.0  # the worker may still be starting

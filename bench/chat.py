@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # bench/layer.py must not shadow the layer package (as in bench/web.py)
+sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench package (as in bench/web.py)
 
 from _processes import ProcessGroup  # noqa: E402
 from _sections import pyplot, save_run, targets_markdown  # noqa: E402

@@ -1,7 +1,7 @@
 """crossroads' side of ``bench/mqtt.py``: the consumers behind the MQTT bridge, and how they report.
 
 Routed from the generated config as ``bench.mqtt_consumers:routes`` (the daemons run with the repository
-root on ``PYTHONPATH``, not bench/, where ``bench/layer.py`` would shadow the ``layer`` package). The plain
+root on ``PYTHONPATH``, so ``bench`` imports as a package). The plain
 paho side of the same work is ``bench/mqtt_clients.py``.
 
 - ``mqtt.receive`` on ``<setup>/q0/<run>`` and ``<setup>/q1/<run>``: count (messages, distinct sequence

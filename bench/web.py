@@ -45,9 +45,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# Python put bench/ first on sys.path, where bench/layer.py would shadow the ``layer`` package that
-# bench/worker.py's helpers import: the repository root goes in front, bench/ stays for the helpers.
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench package; bench/ stays for the helpers
 
 from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
 from _sections import pyplot, save_run, targets_markdown  # noqa: E402

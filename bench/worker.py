@@ -42,9 +42,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# Python put bench/ first on sys.path, where bench/layer.py would shadow the ``layer`` package the
-# helpers import: the repository root goes in front, bench/ stays for the helper modules.
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench package; bench/ stays for the helpers
 
 import _worker_crossroads as ours  # noqa: E402  (after the sys.path fix, on purpose)
 from _sections import pyplot, save_run, targets_markdown  # noqa: E402

@@ -47,8 +47,8 @@ from typing import Any, ClassVar
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from layer import ChannelFull, LayerError, LayerUnavailable
-from layer.base import backoff_delays
+from crossroads.layer import ChannelFull, LayerError, LayerUnavailable
+from crossroads.layer.base import backoff_delays
 
 ENTRY_POINT_GROUP = "crossroads.bridges"
 HEALTH_STATES = ("starting", "connected", "degraded", "stopping", "stopped")
@@ -96,7 +96,7 @@ def install_reactor(loop: asyncio.AbstractEventLoop | None = None, *, route_logs
 def get_reactor() -> Any:
     """The installed asyncio reactor; ``ReactorError`` if none is, or another kind is."""
     if "twisted.internet.reactor" not in sys.modules:
-        raise ReactorError("no Twisted reactor is installed: call bridges.base.install_reactor() first")
+        raise ReactorError("no Twisted reactor is installed: call crossroads.bridges.base.install_reactor() first")
     from twisted.internet import reactor
     from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
@@ -104,7 +104,8 @@ def get_reactor() -> Any:
         kind = f"{type(reactor).__module__}.{type(reactor).__name__}"
         raise ReactorError(
             f"Twisted's {kind} is installed, but bridges need its asyncio reactor (the layer's client runs on "
-            "asyncio): something imported twisted.internet.reactor before bridges.base.install_reactor() ran. "
+            "asyncio): something imported twisted.internet.reactor before "
+            "crossroads.bridges.base.install_reactor() ran. "
             "Call install_reactor() first thing in the process."
         )
     return reactor
@@ -251,7 +252,7 @@ class Reconnector:
     """Keeps a client bridge connected to a remote server (an MQTT broker, an IRC server, Slack).
 
     ``connect()`` makes one attempt: it returns (a coroutine or a Deferred)
-    once connected, or raises. Failures wait ``layer.base.backoff_delays``
+    once connected, or raises. Failures wait ``crossroads.layer.base.backoff_delays``
     (exponential, jittered, capped), each logged once with its delay, and mark
     the bridge degraded until an attempt succeeds. The bridge calls
     ``connection_lost(reason)`` when an established connection ends, and the
@@ -917,5 +918,6 @@ def load_bridge_class(type_name: str) -> type[Bridge]:
             raise BridgeTypeError(f"bridge type {type_name!r} ({values[0]}) cannot be loaded: {exc}; "
                                   "is the package it needs installed?") from exc
     if not (isinstance(found, type) and issubclass(found, Bridge)):
-        raise BridgeTypeError(f"bridge type {type_name!r} is {found!r}, not a subclass of bridges.base.Bridge")
+        raise BridgeTypeError(f"bridge type {type_name!r} is {found!r}, "
+                              "not a subclass of crossroads.bridges.base.Bridge")
     return found

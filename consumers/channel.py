@@ -17,7 +17,7 @@ import contextvars
 import logging
 from typing import Any
 
-from layer import base
+from crossroads.layer import base
 
 log = logging.getLogger("crossroads.consumers")
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from layer import base
+from crossroads.layer import base
 
 from . import channel as channel_module
 from .channel import flush

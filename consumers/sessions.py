@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from layer import base
+from crossroads.layer import base
 
 from .channel import Channel, flush, send_buffer
 
@@ -100,7 +100,7 @@ def session_store(channel_layer: Any) -> MemorySessionStore | RedisSessionStore:
     raw = getattr(channel_layer, "layer", channel_layer)  # a face knows its layer
     store = getattr(raw, "_session_store", None)
     if store is None:
-        from layer.memory import MemoryLayer
+        from crossroads.layer.memory import MemoryLayer
 
         if isinstance(raw, MemoryLayer):
             store = MemorySessionStore()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import layer
+from crossroads import layer
 
 from .channel import Group
 from .dispatch import Dispatcher

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from layer import base
+from crossroads.layer import base
 
 from .dispatch import Dispatcher
 

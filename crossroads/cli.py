@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import layer
+from crossroads import layer
 
 from . import __version__
 from .config import DEFAULT_PATH, BridgeConfig, Config, ConfigError, load_config
@@ -41,7 +41,7 @@ class CommandError(Exception):
 
 def bridge_validator(type_name: str, options: dict) -> dict:
     """Check one bridge table's own keys with its bridge class (see bridges/base.py)."""
-    from bridges.base import load_bridge_class
+    from crossroads.bridges.base import load_bridge_class
 
     return load_bridge_class(type_name).validate_options(options)
 
@@ -61,7 +61,7 @@ def load(args: argparse.Namespace) -> Config:
 
 def companions_of(bridge: BridgeConfig) -> list[str]:
     """The bridges that run in ``bridge``'s process (an http bridge's ``websocket``)."""
-    from bridges.base import load_bridge_class
+    from crossroads.bridges.base import load_bridge_class
 
     return load_bridge_class(bridge.type).companions(bridge.options)
 
@@ -93,7 +93,7 @@ def where(config: Config) -> str:
 
 
 def router_of(config: Config, required: bool = True) -> Any:
-    from consumers.routing import RouteError, Router
+    from crossroads.consumers.routing import RouteError, Router
 
     if not config.routing_app:
         if not required:
@@ -154,7 +154,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from consumers.worker import Worker
+    from crossroads.consumers.worker import Worker
 
     config = load(args)
     router = router_of(config)

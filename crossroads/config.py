@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from layer.base import GROUP_NAME_RE, MAX_NAME_LENGTH
+from crossroads.layer.base import GROUP_NAME_RE, MAX_NAME_LENGTH
 
 DEFAULT_PATH = "crossroads.toml"
 DEFAULT_LAYER_URL = "memory://"

@@ -64,7 +64,7 @@ def read_health(channel_layer: Any) -> dict[str, dict]:
 def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig], router: Any = None,
           threads: int = 4, stats_interval: float | None = None) -> int:
     """Run the bridges (and a worker for ``router``) until SIGTERM/SIGINT; the exit status."""
-    from bridges.base import OptionError, as_deferred, install_reactor, load_bridge_class
+    from crossroads.bridges.base import OptionError, as_deferred, install_reactor, load_bridge_class
 
     reactor = install_reactor()
     bridges = [load_bridge_class(b.type)(b.name, b.options, channel_layer) for b in bridge_configs]
@@ -81,7 +81,7 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
     bridges.sort(key=lambda bridge: bridge.name not in companions)
     worker = None
     if router is not None:
-        from consumers.worker import Worker
+        from crossroads.consumers.worker import Worker
 
         worker = Worker(router, channel_layer, threads=threads, only_channels=config.worker.only_channels,
                         exclude_channels=config.worker.exclude_channels)

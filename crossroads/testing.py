@@ -1,5 +1,5 @@
-"""``from crossroads.testing import Client``: the consumer test client (see ``consumers.testing``)."""
+"""``from crossroads.testing import Client``: the consumer test client (see ``crossroads.consumers.testing``)."""
 
-from consumers.testing import Client
+from crossroads.consumers.testing import Client
 
 __all__ = ["Client"]

@@ -2,7 +2,7 @@
 
 Use it from pytest by subclassing and saying how to build your layer::
 
-    from layer.conformance import LayerConformance
+    from crossroads.layer.conformance import LayerConformance
 
     class TestMyLayer(LayerConformance):
         def make_layer(self, **options):

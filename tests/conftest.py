@@ -8,7 +8,7 @@ import sys
 import pytest
 from servers import RedisServer, write_test_certificates
 
-import layer
+from crossroads import layer
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def channel_layer(request):
 @pytest.fixture(scope="module")
 def reactor():
     """Twisted's asyncio reactor on a loop of its own, for one test module; uninstalled afterwards."""
-    from bridges.base import ReactorError, install_reactor
+    from crossroads.bridges.base import ReactorError, install_reactor
 
     installed_here = "twisted.internet.reactor" not in sys.modules
     try:

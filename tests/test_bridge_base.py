@@ -27,9 +27,9 @@ import pytest
 from servers import free_port
 from toy_bridge import ToyBridge
 
-import bridges.base
-import layer
-from bridges.base import (
+import crossroads.bridges.base as bridges_base
+from crossroads import layer
+from crossroads.bridges.base import (
     REQUIRED,
     Bridge,
     BridgeTypeError,
@@ -598,27 +598,27 @@ def test_load_bridge_class_by_path_and_errors(monkeypatch):
         load_bridge_class("toy_bridge:Nope")
     with pytest.raises(BridgeTypeError, match="cannot import 'no_such_module'"):
         load_bridge_class("no_such_module:Bridge")
-    with pytest.raises(BridgeTypeError, match="not a subclass of bridges.base.Bridge"):
+    with pytest.raises(BridgeTypeError, match="not a subclass of crossroads.bridges.base.Bridge"):
         load_bridge_class("toy_bridge:ToyConnection")
     # The real registry, whatever is installed: the message explains both ways to name a bridge.
     with pytest.raises(BridgeTypeError, match="unknown bridge type 'no-such-type'") as error:
         load_bridge_class("no-such-type")
     assert "'package.module:ClassName'" in str(error.value)
 
-    monkeypatch.setattr(bridges.base, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
+    monkeypatch.setattr(bridges_base, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
                                                                         ("irc", "no_such_irc_module:IRCBridge")))
     assert load_bridge_class("toy") is ToyBridge
-    assert bridges.base.available_bridge_types() == {"toy": "toy_bridge:ToyBridge",
+    assert bridges_base.available_bridge_types() == {"toy": "toy_bridge:ToyBridge",
                                                      "irc": "no_such_irc_module:IRCBridge"}
     with pytest.raises(BridgeTypeError, match=r"unknown bridge type 'tyo'; did you mean 'toy'\? "
                                               r"Available types: irc, toy\."):
         load_bridge_class("tyo")
     with pytest.raises(BridgeTypeError, match="'irc' .* cannot be loaded: No module named 'no_such_irc_module'"):
         load_bridge_class("irc")
-    monkeypatch.setattr(bridges.base, "entry_points", fake_entry_points())
+    monkeypatch.setattr(bridges_base, "entry_points", fake_entry_points())
     with pytest.raises(BridgeTypeError, match="No bridge types are registered"):
         load_bridge_class("toy")
-    monkeypatch.setattr(bridges.base, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
+    monkeypatch.setattr(bridges_base, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
                                                                         ("toy", "other:Toy")))
     with pytest.raises(BridgeTypeError, match="registered by several packages"):
         load_bridge_class("toy")
@@ -707,17 +707,17 @@ def test_constructor_checks_name_options_and_reply_ids():
 
 
 def run_script(script: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=60)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO / "tests", env=env,
+                          capture_output=True, text=True, timeout=60)
 
 
 def test_install_reactor_is_idempotent_and_refuses_another_reactor():
     result = run_script("""
         import asyncio, sys
-        import bridges.base, toy_bridge
+        import crossroads.bridges.base, toy_bridge
         assert "twisted.internet.reactor" not in sys.modules, "importing bridge code installed a reactor"
-        from bridges.base import ReactorError, get_reactor, install_reactor
+        from crossroads.bridges.base import ReactorError, get_reactor, install_reactor
         try:
             get_reactor()
         except ReactorError as exc:
@@ -731,17 +731,18 @@ def test_install_reactor_is_idempotent_and_refuses_another_reactor():
             print("other loop:", exc)
     """)
     assert result.returncode == 0, result.stderr
-    assert "none: no Twisted reactor is installed: call bridges.base.install_reactor() first" in result.stdout
+    assert ("none: no Twisted reactor is installed: call crossroads.bridges.base.install_reactor() first"
+            in result.stdout)
     assert "other loop: the asyncio reactor is already installed on another event loop" in result.stdout
 
     result = run_script("""
         from twisted.internet import reactor  # installs Twisted's default reactor
-        from bridges.base import install_reactor
+        from crossroads.bridges.base import install_reactor
         install_reactor()
     """)
     assert result.returncode != 0
-    assert "bridges.base.ReactorError: Twisted's twisted.internet.epollreactor.EPollReactor is installed, but " \
-           "bridges need its asyncio reactor" in result.stderr
+    assert "crossroads.bridges.base.ReactorError: Twisted's twisted.internet.epollreactor.EPollReactor is " \
+           "installed, but bridges need its asyncio reactor" in result.stderr
     assert "Call install_reactor() first thing in the process" in result.stderr
 
 
@@ -749,9 +750,9 @@ def test_a_bridge_under_reactor_run():
     """How a bridge process runs: reactor.run(), start when running, a graceful stop before shutdown."""
     result = run_script("""
         import asyncio, sys
-        from bridges.base import as_deferred, install_reactor
+        from crossroads.bridges.base import as_deferred, install_reactor
         reactor = install_reactor()
-        import layer
+        from crossroads import layer
         from toy_bridge import ToyBridge
 
         channel_layer = layer.from_url("memory://")

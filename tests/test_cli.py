@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from servers import free_port
 
-import layer
+from crossroads import layer
 
 CROSSROADS = shutil.which("crossroads", path=str(Path(sys.executable).parent)) or "crossroads"
 TESTS = Path(__file__).resolve().parent
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
+ENV = {**os.environ, "PYTHONPATH": str(TESTS)}  # crossroads itself comes from the installed package
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

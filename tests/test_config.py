@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import layer
+from crossroads import layer
 from crossroads.config import (
     DEFAULT_THREADS,
     BridgeConfig,

@@ -6,9 +6,6 @@ import logging
 
 import pytest
 
-import layer
-from consumers.dispatch import MAX_CONSUME_LATER
-from consumers.testing import Client
 from crossroads import (
     Channel,
     ConsumeLater,
@@ -22,9 +19,12 @@ from crossroads import (
     consumer_started,
     enforce_ordering,
     include,
+    layer,
     route,
     route_class,
 )
+from crossroads.consumers.dispatch import MAX_CONSUME_LATER
+from crossroads.consumers.testing import Client
 
 
 def test_message_reads_like_its_content():

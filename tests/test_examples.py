@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.testing import Client
+from crossroads.consumers.testing import Client
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -26,10 +26,10 @@ from test_cli import run as run_cli
 from test_cli import write_config
 from test_daemons import Daemon
 
-import layer
-from bridges.base import OptionError
-from bridges.http.bridge import HttpBridge
-from consumers.worker import Worker
+from crossroads import layer
+from crossroads.bridges.base import OptionError
+from crossroads.bridges.http.bridge import HttpBridge
+from crossroads.consumers.worker import Worker
 
 # -- the reactor, the loop, the layer and the worker ---------------------------------------------------------
 
@@ -559,7 +559,7 @@ prefix = "{prefix}"
 app = "apps.http_app:routes"
 
 [bridges.web]
-type = "bridges.http.bridge:HttpBridge"
+type = "crossroads.bridges.http.bridge:HttpBridge"
 host = "127.0.0.1"
 port = {port}
 http_timeout = 5

@@ -7,8 +7,8 @@ import re
 import msgpack
 import pytest
 
-from bridges.http import messages
-from bridges.http.messages import BadReply, HttpError
+from crossroads.bridges.http import messages
+from crossroads.bridges.http.messages import BadReply, HttpError
 
 
 def request(**overrides):

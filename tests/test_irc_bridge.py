@@ -17,9 +17,9 @@ from contextlib import asynccontextmanager
 import pytest
 from servers import NgircdServer, write_test_certificates
 
-import layer
-from bridges.base import OptionError
-from bridges.irc.bridge import IrcBridge
+from crossroads import layer
+from crossroads.bridges.base import OptionError
+from crossroads.bridges.irc.bridge import IrcBridge
 
 # -- a person on IRC -----------------------------------------------------------------------------------------
 

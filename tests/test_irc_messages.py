@@ -6,7 +6,7 @@ import base64
 
 import pytest
 
-from bridges.irc import messages as m
+from crossroads.bridges.irc import messages as m
 
 # -- options -------------------------------------------------------------------------------------------------
 

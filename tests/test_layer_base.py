@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-import layer
-from layer import base
-from layer.redis import glob_to_lua, public_url
+from crossroads import layer
+from crossroads.layer import base
+from crossroads.layer.redis import glob_to_lua, public_url
 
 
 @pytest.mark.parametrize("name", ["a", "http.request", "A-b_c.9", "x?", "x?abc", "x!y", "x!", "x!y.z-1_2", "a" * 99])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import layer
-from layer.conformance import LayerConformance
+from crossroads import layer
+from crossroads.layer.conformance import LayerConformance
 
 
 class TestMemoryLayer(LayerConformance):

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-import layer
+from crossroads import layer
 
 
 def test_cancelled_receive_puts_its_message_back():

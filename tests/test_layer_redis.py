@@ -11,8 +11,8 @@ import pytest
 import trustme
 from servers import RedisServer
 
-import layer
-from layer.redis import HashRing
+from crossroads import layer
+from crossroads.layer.redis import HashRing
 
 
 def wait_until(condition, deadline: float = 10.0, what: str = "condition") -> None:

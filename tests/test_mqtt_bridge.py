@@ -26,10 +26,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from servers import MosquittoServer, RedisServer, free_port, require_binary
 
-import layer
-from bridges.base import OptionError
-from bridges.mqtt.bridge import MqttBridge
-from consumers.worker import Worker
+from crossroads import layer
+from crossroads.bridges.base import OptionError
+from crossroads.bridges.mqtt.bridge import MqttBridge
+from crossroads.consumers.worker import Worker
 
 # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -267,9 +267,9 @@ def test_group_broadcast_reaches_several_topics(run, mosquitto_server):
 
 
 def test_reply_channels_of_the_least_recent_topics_are_forgotten(run, mosquitto_server, monkeypatch):
-    import bridges.mqtt.bridge
+    import crossroads.bridges.mqtt.bridge as mqtt_bridge
 
-    monkeypatch.setattr(bridges.mqtt.bridge, "TOPIC_TARGETS", 2)
+    monkeypatch.setattr(mqtt_bridge, "TOPIC_TARGETS", 2)
 
     async def scenario():
         async with bridging(mosquitto_server.url, {"subscribe": ECHO}, worker=False) as bridge:

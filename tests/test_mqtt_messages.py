@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from bridges.base import _LOCAL_ID_RE
-from bridges.mqtt import messages as m
+from crossroads.bridges.base import _LOCAL_ID_RE
+from crossroads.bridges.mqtt import messages as m
 
 # -- the broker and the options ----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridges.mqtt import packets
+from crossroads.bridges.mqtt import packets
 
 
 class _Encoder(paho.Client):

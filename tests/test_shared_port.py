@@ -20,11 +20,11 @@ from test_http_bridge import fetch, raw, status_of
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-import layer
-from bridges.base import OptionError
-from bridges.http.bridge import HttpBridge
-from bridges.websocket.bridge import WebsocketBridge
-from consumers.worker import Worker
+from crossroads import layer
+from crossroads.bridges.base import OptionError
+from crossroads.bridges.http.bridge import HttpBridge
+from crossroads.bridges.websocket.bridge import WebsocketBridge
+from crossroads.consumers.worker import Worker
 
 
 @asynccontextmanager

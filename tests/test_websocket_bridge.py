@@ -21,10 +21,10 @@ import websockets
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-import layer
-from bridges.base import OptionError
-from bridges.websocket.bridge import WebsocketBridge
-from consumers.worker import Worker
+from crossroads import layer
+from crossroads.bridges.base import OptionError
+from crossroads.bridges.websocket.bridge import WebsocketBridge
+from crossroads.consumers.worker import Worker
 
 # -- the reactor and the loop (as in test_bridge_base.py) ----------------------------------------------------
 
@@ -497,7 +497,7 @@ app = "apps.ws_echo:routes"
 threads = 1  # one socket's frames are consumed in order (several threads may run them out of order)
 
 [bridges.ws]
-type = "bridges.websocket.bridge:WebsocketBridge"
+type = "crossroads.bridges.websocket.bridge:WebsocketBridge"
 port = {port}
 """))
     bridge = Daemon(tmp_path, "bridge", "bridge", "ws", "--config", config)

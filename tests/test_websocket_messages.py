@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bridges.websocket import messages as m
-from bridges.websocket.messages import (
+from crossroads.bridges.websocket import messages as m
+from crossroads.bridges.websocket.messages import (
     Accept,
     BadHandshake,
     Close,

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-import layer
-from consumers.worker import Worker, select_channels
+from crossroads import layer
+from crossroads.consumers.worker import Worker, select_channels
 
 
 def collect(sync, channel: str, count: int, timeout: float = 30) -> list[dict]:

@@ -16,8 +16,8 @@ from collections import deque
 from twisted.internet import protocol
 from twisted.protocols.basic import LineReceiver
 
-from bridges.base import Bridge, Option, as_future, get_reactor
-from layer import MessageTooLarge
+from crossroads.bridges.base import Bridge, Option, as_future, get_reactor
+from crossroads.layer import MessageTooLarge
 
 
 def _port_number(value: int) -> str | None:

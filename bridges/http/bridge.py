@@ -33,9 +33,9 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.web import http
 from zope.interface import implementer
 
-from bridges.base import Bridge, Option, OptionError, as_future, get_reactor
-from bridges.listening import LISTEN_BACKLOG, TlsContext, inherited_endpoint, port_number, positive_seconds
-from layer import MessageTooLarge
+from crossroads.bridges.base import Bridge, Option, OptionError, as_future, get_reactor
+from crossroads.bridges.listening import LISTEN_BACKLOG, TlsContext, inherited_endpoint, port_number, positive_seconds
+from crossroads.layer import MessageTooLarge
 
 from . import messages
 
@@ -369,7 +369,7 @@ class HttpBridge(Bridge):
         return [options["websocket"]] if options.get("websocket") else []
 
     def attach_companions(self, bridges: dict[str, Bridge]) -> None:
-        from bridges.websocket.bridge import WebsocketBridge  # only when a port is shared
+        from crossroads.bridges.websocket.bridge import WebsocketBridge  # only when a port is shared
 
         name = self.options["websocket"]
         if not name:

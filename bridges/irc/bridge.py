@@ -28,8 +28,8 @@ from typing import Any
 from twisted.internet import endpoints, protocol, ssl
 from twisted.internet.defer import Deferred
 
-from bridges.base import REQUIRED, Bridge, Option, as_future, get_reactor
-from layer import MessageTooLarge
+from crossroads.bridges.base import REQUIRED, Bridge, Option, as_future, get_reactor
+from crossroads.layer import MessageTooLarge
 
 from . import messages as m
 

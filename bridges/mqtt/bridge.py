@@ -46,9 +46,9 @@ from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from bridges.base import REQUIRED, Bridge, Option, OptionError, get_reactor
-from layer import MessageTooLarge
-from layer.base import backoff_delays
+from crossroads.bridges.base import REQUIRED, Bridge, Option, OptionError, get_reactor
+from crossroads.layer import MessageTooLarge
+from crossroads.layer.base import backoff_delays
 
 from . import messages as m
 from . import packets

@@ -25,9 +25,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 
-from bridges.base import Bridge, Option, OptionError, as_future, get_reactor
-from bridges.listening import LISTEN_BACKLOG, TlsContext, port_number, positive_seconds
-from layer import MessageTooLarge
+from crossroads.bridges.base import Bridge, Option, OptionError, as_future, get_reactor
+from crossroads.bridges.listening import LISTEN_BACKLOG, TlsContext, port_number, positive_seconds
+from crossroads.layer import MessageTooLarge
 
 from . import messages as m
 
