@@ -40,6 +40,15 @@ def channel_layer(request):
     redis_layer.sync.close()
 
 
+@pytest.fixture
+def daemons():
+    """The test's `crossroads` processes (test_daemons.Daemon), killed at its end if still running."""
+    started: list = []
+    yield started
+    for daemon in started:
+        daemon.close()
+
+
 @pytest.fixture(scope="module")
 def reactor():
     """Twisted's asyncio reactor on a loop of its own, for one test module; uninstalled afterwards."""

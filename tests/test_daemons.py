@@ -62,14 +62,6 @@ class Daemon:
         self.notify.close()
 
 
-@pytest.fixture
-def daemons():
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.close()
-
-
 def talk(port: int, line: str) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(line.encode() + b"\n")
