@@ -37,6 +37,7 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	bash tests/system-packages.sh
 	$(BIN)/ruff check .
+	$(BIN)/python tests/lint_imports.py
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.installed-bench
