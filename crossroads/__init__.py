@@ -12,39 +12,23 @@ imports ``crossroads.bridges`` or ``crossroads.layer`` does not load the consume
 runtime it never runs.
 """
 
+import importlib
+import importlib.util
 from typing import Any
 
 __version__ = "0.1.0"
 
-# The public API lives in crossroads.consumers; keep this list equal to its __all__ (a test checks).
-__all__ = [
-    "BaseConsumer",
-    "Channel",
-    "ChatConsumer",
-    "ConsumeLater",
-    "DenyConnection",
-    "Group",
-    "JsonWebsocketConsumer",
-    "Message",
-    "RouteError",
-    "Router",
-    "WebsocketConsumer",
-    "channel_session",
-    "consumer_finished",
-    "consumer_started",
-    "enforce_ordering",
-    "include",
-    "room_group",
-    "route",
-    "route_class",
-    "set_default_layer",
-]
-
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from crossroads import consumers
-
+    # Only the consumer API's names (and __all__, for `from crossroads import *`) load the consumer
+    # runtime: not probes for private names, and not `from crossroads import layer`, which asks for
+    # the attribute before it imports the submodule.
+    if (name.startswith("_") and name != "__all__") or importlib.util.find_spec(f"{__name__}.{name}"):
+        raise AttributeError(f"module 'crossroads' has no attribute {name!r}")
+    consumers = importlib.import_module("crossroads.consumers")
+    if name == "__all__":
+        return list(consumers.__all__)
+    if name in consumers.__all__:
         value = getattr(consumers, name)
         globals()[name] = value
         return value
@@ -52,4 +36,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted({*globals(), *importlib.import_module("crossroads.consumers").__all__})

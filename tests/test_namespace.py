@@ -159,3 +159,21 @@ def test_the_wheel_installed_into_a_fresh_virtualenv_imports_only_as_crossroads(
     tops, bare = result.stdout.splitlines()
     assert tops == "['crossroads', 'crossroads-0.1.0.dist-info']"
     assert bare == "[]"
+
+
+def test_the_public_names_come_from_crossroads_and_a_bridge_process_does_not_load_the_consumer_runtime():
+    script = textwrap.dedent("""
+        import sys
+        from crossroads import layer
+        import crossroads.bridges.http.bridge
+        print("crossroads.consumers" in sys.modules)
+        names = {}
+        exec("from crossroads import *", names)
+        import crossroads.consumers
+        print(sorted(name for name in names if not name.startswith("_")) == sorted(crossroads.consumers.__all__))
+        from crossroads import Group, route
+        print(Group is crossroads.consumers.Group and route is crossroads.consumers.route)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "True"]
