@@ -45,8 +45,6 @@ from . import messages as m
 _CLOSE_WAIT = 5.0  # close_protocol() waits this long for peers to answer our close frames
 RETRY_AFTER = "5"  # seconds, on a 503: when a client (or a proxy) should try the upgrade again
 
-
-
 _message_size = payload_limit(MAX_MESSAGE_SIZE, 4096)  # leave room for the message's other keys
 
 
@@ -321,8 +319,8 @@ class WebsocketBridge(ListeningBridge):
     def share_port_of(self, http_bridge: Any) -> None:
         """Serve the upgrade requests of an HTTP bridge's port instead of listening (its ``websocket`` option).
 
-        Its port, address and TLS are then ours: this bridge's host, port and
-        tls_* options are not used.
+        Its port, address and TLS are then ours: this bridge's listening options
+        (``listen_options``) are not used.
         """
         self.shares_port_of = http_bridge
         self.listen_options = http_bridge.options
