@@ -1,18 +1,25 @@
-"""What the bridges that listen for clients share (HTTP, WebSocket): option checks and the TLS context.
+"""How a bridge that waits for clients listens (HTTP and WebSocket now; the SMTP and Slack Events listeners later).
 
-Owns how a listening address and TLS files are validated; each bridge owns its protocol.
+Owns the listening options every such bridge declares (``listen_options``:
+host and port, a Unix socket, a socket passed by systemd, TLS, the backlog),
+their checks and errors (``ListeningBridge.validate_options``, so
+``crossroads check`` reports them too), opening the listening socket
+(``listen``) and naming its peers' addresses. It must not know any protocol: a
+bridge hands ``listen`` its Twisted factory and gets the listening port back.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
 from typing import Any
 
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-from .base import OptionError
+from .base import Bridge, Option, OptionError, as_future, get_reactor
+from .protocol import port_number, positive
 
 # Connections the kernel may hold for us before we accept them. Twisted's default, 50, overflows when a
 # page reloads for hundreds of clients at once (the kernel then drops handshakes, and clients wait
@@ -20,12 +27,83 @@ from .base import OptionError
 LISTEN_BACKLOG = 1024
 
 
-def port_number(value: int) -> str | None:
-    return None if 0 <= value <= 65535 else "must be a TCP port number from 0 to 65535 (0 picks a free one)"
+def listen_options(default_port: int) -> dict[str, Option]:
+    """The options of a listening bridge, to spread into its ``OPTIONS`` (``{**listen_options(8000), ...}``)."""
+    return {
+        "host": Option(str, "127.0.0.1", "the address to listen on (0.0.0.0 or :: for every interface)"),
+        "port": Option(int, default_port, "the TCP port to listen on; 0 picks a free one", port_number,
+                       from_string=True),
+        "unix_socket": Option(str, "", "listen on this Unix socket path instead of host and port"),
+        "systemd_socket": Option(str, "", "take the listening socket from systemd socket activation: the "
+                                          "FileDescriptorName= of the .socket unit (host, port, unix_socket unused)"),
+        "tls_cert": Option(str, "", "PEM certificate (chain after it) to serve TLS with; needs tls_key"),
+        "tls_key": Option(str, "", "PEM private key of tls_cert"),
+        "backlog": Option(int, LISTEN_BACKLOG, "connections the kernel holds until they are accepted (capped by "
+                                               "net.core.somaxconn; with systemd_socket, the unit's Backlog=)",
+                          positive, from_string=True),
+    }
 
 
-def positive_seconds(value: float) -> str | None:
-    return None if value > 0 else "must be a positive number of seconds"
+def uses_tls(options: dict[str, Any]) -> bool:
+    """Whether the options ask for TLS; ``OptionError`` when only one of ``tls_cert`` and ``tls_key`` is set.
+
+    ``ListeningBridge.validate_options`` calls it, so ``crossroads check`` finds it, and a bridge is not made.
+    """
+    cert, key = options["tls_cert"], options["tls_key"]
+    if bool(cert) != bool(key):
+        raise OptionError("tls_key" if cert else "tls_cert",
+                          "tls_cert and tls_key go together: set both to serve TLS, or neither")
+    return bool(cert)
+
+
+class ListeningBridge(Bridge):
+    """A bridge that waits for clients; its ``OPTIONS`` include ``listen_options(its default port)``."""
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        checked = super().validate_options(options)
+        uses_tls(checked)  # the one rule between two options: each alone is checked by its Option
+        return checked
+
+
+async def listen(factory: Any, options: dict[str, Any]) -> Any:
+    """Start listening for ``factory``'s connections as ``listen_options`` in ``options`` say; the listening port.
+
+    In order of precedence: the socket systemd passed as ``systemd_socket``, the
+    Unix socket ``unix_socket`` (a stale socket file of an earlier run is
+    removed first), TCP on ``host``:``port``. With ``tls_cert``/``tls_key`` TLS
+    wraps whichever it is. ``OptionError`` names the option when a TLS file or
+    the systemd socket is not usable; ``CannotListenError`` when the port is taken.
+    """
+    reactor = get_reactor()
+    if uses_tls(options):
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        factory = TLSMemoryBIOFactory(TlsContext(options["tls_cert"], options["tls_key"]), False, factory)
+    if options["systemd_socket"]:
+        return await as_future(inherited_endpoint(reactor, options["systemd_socket"]).listen(factory))
+    path = options["unix_socket"]
+    if path:
+        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # left by a previous run; binding would fail with "address in use"
+        return reactor.listenUNIX(path, factory, backlog=options["backlog"])
+    return reactor.listenTCP(options["port"], factory, backlog=options["backlog"], interface=options["host"])
+
+
+def tcp_port(listening: Any) -> int | None:
+    """The TCP port a listening port took (the free one picked for ``port = 0``); None on a Unix socket."""
+    return getattr(listening.getHost(), "port", None)
+
+
+def address_of(address: Any) -> list | None:
+    """``[host, port]`` of a Twisted address; None for a Unix socket's, which has no host."""
+    host = getattr(address, "host", None)
+    return None if host is None else [host, address.port]
+
+
+def server_address(address: Any, options: dict[str, Any]) -> list:
+    """The ``server`` key of a connection's messages: ``[host, port]``, or ``[unix socket path, None]``."""
+    return address_of(address) or [options["unix_socket"], None]
 
 
 @implementer(IOpenSSLServerConnectionCreator)

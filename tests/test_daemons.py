@@ -62,6 +62,17 @@ class Daemon:
         self.notify.close()
 
 
+def socket_activated(address: str, fdname: str, *args: str) -> subprocess.Popen:
+    """`crossroads ARGS...` under systemd-socket-activate (systemd's own tool), which listens on ``address`` and
+    passes the socket named ``fdname``, as a .socket unit with FileDescriptorName= does. Output in ``stdout``."""
+    from servers import require_binary
+
+    activate = require_binary("systemd-socket-activate")
+    return subprocess.Popen([activate, "--listen", address, "--fdname", fdname,
+                             *(f"--setenv={name}={ENV[name]}" for name in ("PYTHONPATH", "PATH")), CROSSROADS, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def talk(port: int, line: str) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(line.encode() + b"\n")

@@ -17,7 +17,6 @@ import json
 import logging
 import re
 import socket
-import subprocess
 from contextlib import asynccontextmanager
 
 import pytest
@@ -482,7 +481,7 @@ def test_https(run, channel_layer, worker, tmp_path):
     assert run(scenario())["scheme"] == "https"
 
 
-@pytest.mark.parametrize("problem", ["only-cert", "missing-file", "not-pem", "wrong-key"])
+@pytest.mark.parametrize("problem", ["missing-file", "not-pem", "wrong-key"])  # only one of the two: test_listening
 def test_tls_misconfiguration_fails_the_start(run, channel_layer, tmp_path, problem):
     import trustme
 
@@ -491,8 +490,7 @@ def test_tls_misconfiguration_fails_the_start(run, channel_layer, tmp_path, prob
     ca.issue_cert("localhost").cert_chain_pems[0].write_to_path(str(cert))
     ca.issue_cert("localhost").private_key_pem.write_to_path(str(other))
     ca.issue_cert("localhost").private_key_pem.write_to_path(str(key))
-    options = {"only-cert": {"tls_cert": str(cert)},
-               "missing-file": {"tls_cert": str(tmp_path / "nope.pem"), "tls_key": str(key)},
+    options = {"missing-file": {"tls_cert": str(tmp_path / "nope.pem"), "tls_key": str(key)},
                "not-pem": {"tls_cert": str(key), "tls_key": str(key)},
                "wrong-key": {"tls_cert": str(cert), "tls_key": str(other)}}[problem]
     bridge = HttpBridge("web", {"port": 0, **options}, channel_layer)
@@ -612,19 +610,13 @@ def test_bridge_and_worker_as_separate_daemons_over_redis(tmp_path, redis_server
 
 def test_systemd_socket_activation(tmp_path, redis_server):
     """systemd-socket-activate (systemd's own tool) holds the port and passes it, named, to `crossroads bridge`."""
-    import test_cli
-    from servers import require_binary
+    from test_daemons import socket_activated
 
-    activate = require_binary("systemd-socket-activate")
     port = free_port()
     config = str(write_config(tmp_path, HTTP_CONFIG.format(url=redis_server.url, prefix="activated", port=1)
                               .replace('proxy_headers = "${HTTP_PROXY_HEADERS}"', 'systemd_socket = "web"')))
     worker = Daemon(tmp_path, "worker", "worker", "--config", config)
-    bridge = subprocess.Popen(
-        [activate, "--listen", f"127.0.0.1:{port}", "--fdname", "web",
-         *(f"--setenv={name}={test_cli.ENV[name]}" for name in ("PYTHONPATH", "PATH")),
-         test_cli.CROSSROADS, "bridge", "web", "--config", config],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    bridge = socket_activated(f"127.0.0.1:{port}", "web", "bridge", "web", "--config", config)
     try:
         worker.wait_ready()
         wait_for_port(port, bridge)  # the port is open before the bridge runs: systemd's point

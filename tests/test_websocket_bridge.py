@@ -460,6 +460,77 @@ def test_tls(run, tmp_path):
                             layer.from_url("memory://")).start())
 
 
+def test_unix_socket(run, tmp_path):
+    """A WebSocket bridge behind a proxy on the same machine listens on a Unix socket, like the HTTP bridge."""
+    from twisted.internet.error import CannotListenError
+    from websockets.asyncio.client import unix_connect
+
+    path = str(tmp_path / "ws.sock")
+    (tmp_path / "ws.sock").write_bytes(b"kept")  # not a socket: never removed, so binding fails on it ...
+    with pytest.raises(CannotListenError):
+        run(WebsocketBridge("ws", {"unix_socket": path}, layer.from_url("memory://")).start())
+    assert (tmp_path / "ws.sock").read_bytes() == b"kept"
+    (tmp_path / "ws.sock").unlink()
+
+    async def scenario():
+        async with serving({"unix_socket": path}) as bridge:
+            assert bridge.port is None  # no TCP port was opened
+            async with unix_connect(path, "ws://localhost/echo/", open_timeout=10) as ws:
+                await ws.send("through a unix socket")
+                assert await asyncio.wait_for(ws.recv(), 10) == "through a unix socket"
+            connected = await take(bridge.layer, "test.connects")
+            disconnected = await take(bridge.layer, "test.disconnects")
+        async with serving({"unix_socket": path}):  # ... while a socket file left by an earlier run is replaced
+            async with unix_connect(path, "ws://localhost/echo/", open_timeout=10) as ws:
+                await ws.send("again")
+                assert await asyncio.wait_for(ws.recv(), 10) == "again"
+        return connected, disconnected
+
+    connected, disconnected = run(scenario())
+    assert connected["client"] is None and connected["server"] == [path, None]
+    assert connected["sender"] == disconnected["sender"] == "unix" and connected["scheme"] == "ws"
+
+
+def test_tls_on_a_unix_socket(run, tmp_path):
+    import ssl
+
+    from servers import write_test_certificates
+
+    files = write_test_certificates(tmp_path)
+    context = ssl.create_default_context(cafile=files["ca"])
+    path = str(tmp_path / "wss.sock")
+
+    async def scenario():
+        from websockets.asyncio.client import unix_connect
+
+        async with serving({"unix_socket": path, "tls_cert": files["cert"], "tls_key": files["key"]}) as bridge:
+            async with unix_connect(path, "wss://localhost/echo/", ssl=context, server_hostname="localhost",
+                                    open_timeout=10) as ws:
+                await ws.send("secret")
+                assert await asyncio.wait_for(ws.recv(), 10) == "secret"
+            return await take(bridge.layer, "test.connects")
+
+    assert run(scenario())["scheme"] == "wss"
+
+
+def test_backlog_is_the_listening_sockets(run):
+    """The kernel's accept queue is as long as ``backlog`` (``ss`` shows it as the listening socket's Send-Q)."""
+    import subprocess
+
+    from servers import require_binary
+
+    ss = require_binary("ss")
+
+    async def scenario():
+        async with serving({"backlog": 37}, worker=False) as bridge:
+            shown = await asyncio.to_thread(subprocess.run, [ss, "-ltnH", f"sport = :{bridge.port}"],
+                                            capture_output=True, text=True, timeout=10)
+            return shown.stdout.split()
+
+    columns = run(scenario())
+    assert columns[0] == "LISTEN" and columns[2] == "37", columns
+
+
 def test_stop_closes_open_sockets_1001_and_refuses_held_handshakes_503(run):
     async def scenario():
         async with serving() as bridge:
@@ -479,16 +550,13 @@ def test_stop_closes_open_sockets_1001_and_refuses_held_handshakes_503(run):
 # -- as deployed: bridge and worker as separate processes over Redis --------------------------------------------
 
 
-def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server):
-    from servers import free_port, wait_for_port
+def daemon_config(tmp_path, redis_url: str, prefix: str, listening: str) -> str:
+    """A config file for `crossroads bridge ws` and `crossroads worker`: the echo app, and ``listening`` (TOML)."""
     from test_cli import write_config
-    from test_daemons import Daemon
-    from websockets.sync.client import connect as connect_sync
 
-    port = free_port()
-    config = str(write_config(tmp_path, f"""[layer]
-url = "{redis_server.url}"
-prefix = "wsdaemons"
+    return str(write_config(tmp_path, f"""[layer]
+url = "{redis_url}"
+prefix = "{prefix}"
 
 [routing]
 app = "apps.ws_echo:routes"
@@ -498,8 +566,17 @@ threads = 1  # one socket's frames are consumed in order (several threads may ru
 
 [bridges.ws]
 type = "crossroads.bridges.websocket.bridge:WebsocketBridge"
-port = {port}
+{listening}
 """))
+
+
+def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server):
+    from servers import free_port, wait_for_port
+    from test_daemons import Daemon
+    from websockets.sync.client import connect as connect_sync
+
+    port = free_port()
+    config = daemon_config(tmp_path, redis_server.url, "wsdaemons", f"port = {port}")
     bridge = Daemon(tmp_path, "bridge", "bridge", "ws", "--config", config)
     worker = Daemon(tmp_path, "worker", "worker", "--config", config)
     try:
@@ -522,3 +599,49 @@ port = {port}
     finally:
         bridge.close()
         worker.close()
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_systemd_socket_activation(tmp_path, redis_server, family):
+    """systemd-socket-activate (systemd's own tool) holds the socket and passes it, named, to `crossroads bridge`."""
+    from servers import free_port, wait_for_port
+    from test_daemons import Daemon, socket_activated
+    from websockets.sync.client import connect as connect_sync
+    from websockets.sync.client import unix_connect as unix_connect_sync
+
+    port, path = free_port(), str(tmp_path / "activated.sock")
+    config = daemon_config(tmp_path, redis_server.url, f"wsactivated{family}", 'systemd_socket = "sockets"')
+    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    bridge = socket_activated(f"127.0.0.1:{port}" if family == "tcp" else path, "sockets", "bridge", "ws",
+                              "--config", config)
+    try:
+        worker.wait_ready()
+        if family == "tcp":
+            wait_for_port(port, bridge)  # the port is open before the bridge runs: systemd's point
+            client = connect_sync(f"ws://127.0.0.1:{port}/echo/", open_timeout=30)  # the first one starts the bridge
+        else:
+            wait_for_path(path, bridge)
+            client = unix_connect_sync(path, "ws://localhost/echo/", open_timeout=30)
+        with client as ws:
+            ws.send("activated")
+            assert ws.recv(timeout=20) == "activated"
+        bridge.terminate()
+        log = bridge.communicate(timeout=30)[0]
+        assert bridge.returncode == 0, log
+        worker.terminate()
+    finally:
+        if bridge.poll() is None:
+            bridge.kill()
+        worker.close()
+
+
+def wait_for_path(path: str, process, deadline: float = 10.0) -> None:
+    """Wait until the Unix socket ``path`` exists; fail if ``process`` (which makes it) exits first."""
+    import os
+    import time
+
+    end = time.monotonic() + deadline
+    while not os.path.exists(path):
+        assert process.poll() is None, f"exited with {process.returncode} before making {path}"
+        assert time.monotonic() < end, f"no {path} within {deadline} s"
+        time.sleep(0.05)

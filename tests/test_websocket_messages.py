@@ -52,8 +52,8 @@ def test_parse_handshake_keeps_what_the_spec_asks_for():
 
 def test_parse_handshake_scheme_and_addresses():
     assert handshake(secure=True).scheme == "wss"
-    unknown = handshake(client=None, server=None)
-    assert unknown.client is None and unknown.server is None and unknown.sender == "unknown"
+    on_unix_socket = handshake(client=None, server=None)  # a Unix socket's client has no address
+    assert on_unix_socket.client is None and on_unix_socket.server is None and on_unix_socket.sender == "unix"
     assert handshake(client=("::1", 9)).sender == "[::1]:9"
     plain = handshake(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert plain.path == "/" and plain.query_string == b"" and plain.subprotocols == []
@@ -143,6 +143,7 @@ def test_connect_message():
         "protocol": "websocket",
         "sender": "10.0.0.7:50123",
         "room": "/chat/café/room/1",
+        "text": None,  # nothing said yet: a protocol-neutral consumer sees no text, as for IRC's join
     }
 
 
@@ -168,7 +169,8 @@ def test_receive_message_text_and_bytes():
 def test_disconnect_message():
     message = m.disconnect_message("r!1", handshake(), 1006, 5)
     assert message == {"reply_channel": "r!1", "path": "/chat/café/room/1", "code": 1006, "order": 5,
-                       "protocol": "websocket", "sender": "10.0.0.7:50123", "room": "/chat/café/room/1"}
+                       "protocol": "websocket", "sender": "10.0.0.7:50123", "room": "/chat/café/room/1",
+                       "text": None}
 
 
 # -- replies ---------------------------------------------------------------------------------------------------
@@ -271,3 +273,14 @@ def test_invalid_replies_change_nothing(reply, problem):
 def test_close_code_allowed():
     allowed = [code for code in range(0, 6000) if m.close_code_allowed(code)]
     assert allowed == [1000, 1001, 1002, 1003, *range(1007, 1015), *range(3000, 5000)]
+
+
+def test_order_counts_only_what_the_layer_stored():
+    state = m.ConnectionState()
+    assert state.next_order() == 1  # websocket.connect was 0
+    assert state.next_order() == 1  # asking again uses nothing up: a refused frame leaves no gap
+    state.stored(1)
+    assert state.next_order() == 2
+    state.stored(2)
+    state.stored(3)
+    assert state.last_order == 3 and state.next_order() == 4

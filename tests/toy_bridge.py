@@ -17,15 +17,8 @@ from twisted.internet import protocol
 from twisted.protocols.basic import LineReceiver
 
 from crossroads.bridges.base import Bridge, Option, as_future, get_reactor
+from crossroads.bridges.protocol import port_number, positive
 from crossroads.layer import MessageTooLarge
-
-
-def _port_number(value: int) -> str | None:
-    return None if 0 <= value <= 65535 else "must be a TCP port number from 0 to 65535 (0 picks a free port)"
-
-
-def _positive(value: int) -> str | None:
-    return None if value > 0 else "must be positive"
 
 
 class ToyConnection(LineReceiver):
@@ -90,9 +83,9 @@ class ToyBridge(Bridge):
     type_name = "toy"
     OPTIONS = {
         "host": Option(str, "127.0.0.1", "the address to listen on"),
-        "port": Option(int, 0, "the TCP port to listen on; 0 picks a free one", _port_number, from_string=True),
+        "port": Option(int, 0, "the TCP port to listen on; 0 picks a free one", port_number, from_string=True),
         "room": Option(str, "lobby", "the room every line is said in"),
-        "max_line": (int, 4096, "the longest line accepted, in bytes", _positive),
+        "max_line": (int, 4096, "the longest line accepted, in bytes", positive),
     }
 
     async def open_protocol(self) -> None:

@@ -1,11 +1,12 @@
 """The HTTP bridge: twisted.web's HTTP/1.x parser in front, the channel layer behind.
 
-This module owns the I/O of HTTP: listening (TCP or a Unix socket), the limits
+This module owns the I/O of HTTP: the limits
 twisted.web does not enforce the way users expect (413, 431, 504, 503), the
 reply channel of each request, writing responses (streamed ones too), and the
 access log (logger ``crossroads.http.access``). What a request or a reply
 means belongs to ``messages.py``; replies, counters and stopping belong to
-``bridges.base``. docs/spec/http.md is the contract.
+``bridges.base``; how it listens (TCP, a Unix socket, a socket from systemd, TLS)
+to ``bridges.listening``. docs/spec/http.md is the contract.
 
 Theory of operation: twisted.web's ``HTTPChannel`` parses each connection and
 hands one complete request at a time (it buffers pipelined ones) to
@@ -22,8 +23,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
-import stat
 import time
 from collections import deque
 from typing import Any
@@ -34,8 +33,18 @@ from twisted.web import http
 from zope.interface import implementer
 
 from crossroads.bridges.base import Bridge, Option, OptionError, as_future, get_reactor
-from crossroads.bridges.listening import LISTEN_BACKLOG, TlsContext, inherited_endpoint, port_number, positive_seconds
+from crossroads.bridges.listening import (
+    ListeningBridge,
+    address_of,
+    listen,
+    listen_options,
+    server_address,
+    tcp_port,
+    uses_tls,
+)
+from crossroads.bridges.protocol import positive_seconds
 from crossroads.layer import MessageTooLarge
+from crossroads.layer.base import MAX_MESSAGE_SIZE
 
 from . import messages
 
@@ -49,7 +58,9 @@ def _header_limit(value: int) -> str | None:
 
 
 def _response_buffer(value: int) -> str | None:
-    return None if value >= 1024 * 1024 else "must be at least 1048576 bytes (one reply can hold 1 MiB)"
+    if value >= MAX_MESSAGE_SIZE:
+        return None
+    return f"must be at least {MAX_MESSAGE_SIZE} bytes (one reply can hold that much: the layer's limit)"
 
 
 @implementer(IPushProducer)
@@ -175,7 +186,7 @@ class HttpChannel(http.HTTPChannel):
         self.totalHeadersSize = self.MAX_LENGTH = self.bridge.options["max_header_bytes"]
         self.timeOut = self.bridge.options["idle_timeout"]
         self.refused = False
-        self.peer = messages.describe_peer(self.bridge.address_of(self.transport.getPeer()))
+        self.peer = messages.describe_peer(address_of(self.transport.getPeer()))
         self.closed = asyncio.get_running_loop().create_future()  # close_protocol() waits for it
         self.bridge.channels.add(self)
         super().connectionMade()
@@ -317,16 +328,12 @@ class PortSplitterFactory(protocol.ServerFactory):
         return PortSplitter(self)
 
 
-class HttpBridge(Bridge):
+class HttpBridge(ListeningBridge):
     """Serves HTTP/1.0 and 1.1; each request is an ``http.request`` message, each reply part of its response."""
 
     type_name = "http"
     OPTIONS = {
-        "host": Option(str, "127.0.0.1", "the address to listen on (0.0.0.0 or :: for every interface)"),
-        "port": Option(int, 8000, "the TCP port to listen on; 0 picks a free one", port_number, from_string=True),
-        "unix_socket": Option(str, "", "listen on this Unix socket path instead of host and port"),
-        "systemd_socket": Option(str, "", "take the listening socket from systemd socket activation: the "
-                                          "FileDescriptorName= of the .socket unit (host, port, unix_socket unused)"),
+        **listen_options(8000),
         "root_path": Option(str, "", "the prefix the site is mounted at behind a proxy (ASGI root_path)"),
         "http_timeout": Option(float, 60.0, "seconds to wait for a response to start before answering 504",
                                positive_seconds, from_string=True),
@@ -336,8 +343,6 @@ class HttpBridge(Bridge):
                                    _header_limit, from_string=True),
         "idle_timeout": Option(float, 60.0, "seconds an idle keep-alive connection, or a slow request, is kept",
                                positive_seconds, from_string=True),
-        "tls_cert": Option(str, "", "PEM certificate (chain after it) to serve HTTPS with; needs tls_key"),
-        "tls_key": Option(str, "", "PEM private key of tls_cert"),
         "proxy_headers": Option(bool, False, "trust X-Forwarded-For/-Port/-Proto for the client and scheme",
                                 from_string=True),
         "max_response_buffer": Option(int, 4 * 1024 * 1024, "the most bytes of a streamed response held for a "
@@ -354,7 +359,7 @@ class HttpBridge(Bridge):
         self.accepting = False
         self.listening: Any = None
         self.port: int | None = None  # the TCP port listened on, once open (useful with port = 0)
-        self.scheme = "http"
+        self.scheme = "https" if uses_tls(self.options) else "http"
         self._idle: asyncio.Event | None = None
         self._disconnects: set[asyncio.Task] = set()  # close_protocol() lets them reach the layer
         for counter in ("timeouts", "bad_replies", "slow_clients"):  # HTTP's own, shown from the start
@@ -387,32 +392,11 @@ class HttpBridge(Bridge):
     async def open_protocol(self) -> None:
         self._idle = asyncio.Event()
         self._idle.set()
-        reactor = get_reactor()
         factory: Any = HttpFactory(self)
         if self.websocket is not None:
             factory = PortSplitterFactory(self, factory, self.websocket.factory)
-        cert, key = self.options["tls_cert"], self.options["tls_key"]
-        if bool(cert) != bool(key):
-            raise ValueError("tls_cert and tls_key go together: set both to serve HTTPS, or neither")
-        self.scheme = "http"
-        if cert:
-            from twisted.protocols.tls import TLSMemoryBIOFactory
-
-            factory = TLSMemoryBIOFactory(TlsContext(cert, key), False, factory)  # on TCP and Unix sockets alike
-            self.scheme = "https"
-        path = self.options["unix_socket"]
-        if self.options["systemd_socket"]:
-            endpoint = inherited_endpoint(reactor, self.options["systemd_socket"])
-            self.listening = await as_future(endpoint.listen(factory))
-            self.port = getattr(self.listening.getHost(), "port", None)
-        elif path:
-            if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)  # left by a previous run; binding would fail with "address in use"
-            self.listening = reactor.listenUNIX(path, factory, backlog=LISTEN_BACKLOG)
-        else:
-            self.listening = reactor.listenTCP(self.options["port"], factory, backlog=LISTEN_BACKLOG,
-                                               interface=self.options["host"])
-            self.port = self.listening.getHost().port
+        self.listening = await listen(factory, self.options)  # TLS (https) wraps the WebSocket bridge's too
+        self.port = tcp_port(self.listening)
         self.accepting = True
 
     async def stop_accepting(self) -> None:
@@ -432,12 +416,6 @@ class HttpBridge(Bridge):
         # Connections cut here may have had responses in flight: their consumers still hear of it.
         await asyncio.gather(*self._disconnects, return_exceptions=True)
 
-    @staticmethod
-    def address_of(address: Any) -> list | None:
-        """``[host, port]`` of a Twisted address; None for a Unix socket's peer, which has none."""
-        host = getattr(address, "host", None)
-        return None if host is None else [host, address.port]
-
     # -- requests --
 
     def request_received(self, request: HttpRequest) -> None:
@@ -445,7 +423,7 @@ class HttpBridge(Bridge):
         request.content.seek(0)
         body = request.content.read()
         transport = request.channel.transport
-        client = self.address_of(transport.getPeer())
+        client = address_of(transport.getPeer())
         request.client_host = client[0] if client else None
         if not self.accepting:
             self.respond_error(request, 503, "shutting down, try again", retry_after=messages.RETRY_AFTER, close=True)
@@ -456,7 +434,7 @@ class HttpBridge(Bridge):
             message = messages.request_message(
                 reply_channel=self.reply_channel(request.local_id), method=request.method, target=request.uri,
                 version=request.clientproto, headers=request.raw_headers, body=body, client=client,
-                server=self.address_of(transport.getHost()) or ([self.options["unix_socket"], None]),
+                server=server_address(transport.getHost(), self.options),
                 scheme=self.scheme, root_path=self.options["root_path"], proxy_headers=self.options["proxy_headers"])
         except messages.HttpError as exc:
             self.bad_input(request.channel.peer, exc.detail)

@@ -24,6 +24,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from crossroads.bridges.protocol import describe_peer, shared_keys, text_of
+
 PROTOCOL = "http"
 REQUEST_CHANNEL = "http.request"
 DISCONNECT_CHANNEL = "http.disconnect"
@@ -130,14 +132,6 @@ def forwarded(headers: Sequence[Sequence[bytes]], client: list | None, scheme: s
     return client, scheme
 
 
-def describe_peer(address: Sequence[Any] | None) -> str:
-    """``"host:port"`` (IPv6 hosts in brackets), or ``"unix"`` for a Unix-socket peer, which has no address."""
-    if not address:
-        return "unix"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def request_message(*, reply_channel: str, method: bytes, target: bytes, version: bytes,
                     headers: Iterable[tuple[bytes, bytes]], body: bytes, client: list | None,
                     server: list | None, scheme: str = "http", root_path: str = "",
@@ -153,10 +147,6 @@ def request_message(*, reply_channel: str, method: bytes, target: bytes, version
     asgi_headers = request_headers(headers)
     if proxy_headers:
         client, scheme = forwarded(asgi_headers, client, scheme)
-    try:
-        text: str | None = body.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
     return {
         "reply_channel": reply_channel,
         "http_version": http_version(version),
@@ -170,10 +160,7 @@ def request_message(*, reply_channel: str, method: bytes, target: bytes, version
         "client": client,
         "server": server,
         # the keys every *.receive carries, so protocol-neutral consumers work on HTTP too
-        "protocol": PROTOCOL,
-        "sender": describe_peer(client),
-        "room": path,
-        "text": text,
+        **shared_keys(PROTOCOL, describe_peer(client), path, text_of(body)),
     }
 
 

@@ -29,6 +29,7 @@ from twisted.internet import endpoints, protocol, ssl
 from twisted.internet.defer import Deferred
 
 from crossroads.bridges.base import REQUIRED, Bridge, Option, as_future, get_reactor
+from crossroads.bridges.protocol import each, positive, problem_of
 from crossroads.layer import MessageTooLarge
 
 from . import messages as m
@@ -37,32 +38,9 @@ _CLOSE_WAIT = 5.0  # close_protocol() waits this long for the server to close af
 _FLUSH_WAIT = 5.0  # ... and at most this long for queued lines to go out before it
 
 
-def _server(value: str) -> str | None:
-    try:
-        m.parse_server(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _channels(value: list) -> str | None:
-    try:
-        m.parse_channels(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _nicks(value: list) -> str | None:
-    for nick in value:
-        problem = m.nick_problem(nick)
-        if problem:
-            return problem
-    return None
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be more than 0"
+_server = problem_of(m.parse_server)
+_channels = problem_of(m.parse_channels)
+_nicks = each(m.nick_problem)
 
 
 def _no_line_breaks(value: str) -> str | None:
@@ -429,19 +407,19 @@ class IrcBridge(Bridge):
         "channels": Option(list, [], "channels to join: \"#chat\" or {name = \"#ops\", key = \"...\"}", _channels),
         "tls_verify": Option(bool, True, "verify the ircs:// server's certificate and name", from_string=True),
         "tls_ca": Option(str, "", "PEM file of the CA to trust for ircs:// instead of the system's"),
-        "flood_burst": Option(int, 4, "lines sent at once before pacing starts", _positive, from_string=True),
-        "flood_rate": Option(float, 0.5, "lines per second after the burst", _positive, from_string=True),
+        "flood_burst": Option(int, 4, "lines sent at once before pacing starts", positive, from_string=True),
+        "flood_rate": Option(float, 0.5, "lines per second after the burst", positive, from_string=True),
         "max_queued_lines": Option(int, 1000, "lines waiting to be sent before more are dropped (counted)",
-                                   _positive, from_string=True),
+                                   positive, from_string=True),
         "ping_interval": Option(float, 60.0, "PING a quiet server after this many seconds; reconnect after twice "
-                                             "that with nothing heard", _positive, from_string=True),
+                                             "that with nothing heard", positive, from_string=True),
         "nick_retry_interval": Option(float, 60.0, "on an alternate nick, ask for ours again this often (seconds)",
-                                      _positive, from_string=True),
+                                      positive, from_string=True),
         "register_timeout": Option(float, 30.0, "seconds for the server to accept our registration",
-                                   _positive, from_string=True),
+                                   positive, from_string=True),
         "reconnect_initial": Option(float, 1.0, "the first reconnect delay (seconds, doubled up to reconnect_cap, "
-                                                "jittered)", _positive, from_string=True),
-        "reconnect_cap": Option(float, 60.0, "the longest reconnect delay", _positive, from_string=True),
+                                                "jittered)", positive, from_string=True),
+        "reconnect_cap": Option(float, 60.0, "the longest reconnect delay", positive, from_string=True),
         "quit_message": Option(str, "crossroads bridge stopping", "said when the bridge stops"),
     }
 

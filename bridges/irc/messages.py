@@ -25,7 +25,8 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+
+from crossroads.bridges.protocol import shared_keys, split_url
 
 PROTOCOL = "irc"
 CONNECT, JOIN, PART, RECEIVE = "irc-client.connect", "irc-client.join", "irc-client.part", "irc-client.receive"
@@ -78,21 +79,13 @@ class ServerAddress:
 
 def parse_server(url: str) -> ServerAddress:
     """``irc://host[:port]`` (plain, 6667) or ``ircs://host[:port]`` (TLS, 6697); ValueError says what is wrong."""
-    parts = urlsplit(url)
     if "://" not in url:  # a bare host name: say which scheme means what rather than guess (TLS or not)
         raise ValueError(f"must name the scheme: \"ircs://{url}\" (TLS, port 6697) or \"irc://{url}\" "
                          f"(plain text, port 6667)")
-    if parts.scheme not in DEFAULT_PORTS:
-        raise ValueError(f"must be irc://host[:port] or ircs://host[:port], not {url!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    if not parts.hostname:
-        raise ValueError(f"no host name in {url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    parts = split_url(url, DEFAULT_PORTS, shape="irc://host[:port] or ircs://host[:port]")
+    if parts.more or parts.username:
         raise ValueError(f"only irc[s]://host[:port] is understood, not {url!r} (channels go in `channels`)")
-    return ServerAddress(parts.hostname, port or DEFAULT_PORTS[parts.scheme], parts.scheme == "ircs")
+    return ServerAddress(parts.host, parts.port, parts.scheme == "ircs")
 
 
 @dataclass(frozen=True)
@@ -434,13 +427,13 @@ class Membership:
 
 def connect_message(reply_channel: str, server: ServerAddress, nick: str, network: str) -> dict[str, Any]:
     return {"reply_channel": reply_channel, "server": [server.host, server.port], "nick": nick,
-            "network": network, "protocol": PROTOCOL, "sender": server.host, "room": None, "text": None}
+            "network": network, **shared_keys(PROTOCOL, server.host, None, None)}
 
 
 def join_message(reply_channel: str, channel: str, prefix: str, ours: bool, network: str) -> dict[str, Any]:
     nick = nick_of(prefix)
     return {"reply_channel": reply_channel, "channel": channel, "nick": nick, "user": prefix,
-            "ours": ours, "network": network, "protocol": PROTOCOL, "sender": nick, "room": channel, "text": None}
+            "ours": ours, "network": network, **shared_keys(PROTOCOL, nick, channel, None)}
 
 
 def part_message(reply_channel: str, channel: str, prefix: str, ours: bool, network: str, *, how: str = "part",
@@ -448,8 +441,8 @@ def part_message(reply_channel: str, channel: str, prefix: str, ours: bool, netw
     """``how``: ``part``, ``kick`` (``by`` who) or ``quit`` (the user left the network)."""
     nick = nick_of(prefix)
     return {"reply_channel": reply_channel, "channel": channel, "nick": nick, "user": prefix,
-            "ours": ours, "how": how, "reason": reason, "by": by, "network": network, "protocol": PROTOCOL,
-            "sender": nick, "room": channel, "text": None}
+            "ours": ours, "how": how, "reason": reason, "by": by, "network": network,
+            **shared_keys(PROTOCOL, nick, channel, None)}
 
 
 def receive_message(reply_channel: str, kind: str, prefix: str, target: str, body: str, network: str,
@@ -460,8 +453,7 @@ def receive_message(reply_channel: str, kind: str, prefix: str, target: str, bod
     private = target[:1] not in CHANNEL_PREFIXES
     return {"reply_channel": reply_channel, "type": kind, "user": prefix, "nick": nick,
             "channel": None if private else target, "private": private, "body": body,
-            "network": network, "protocol": PROTOCOL, "sender": nick, "room": nick if private else target,
-            "text": strip_formatting(body)}
+            "network": network, **shared_keys(PROTOCOL, nick, nick if private else target, strip_formatting(body))}
 
 
 # -- replies from consumers ------------------------------------------------------------------------------------

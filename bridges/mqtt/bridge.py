@@ -47,16 +47,16 @@ from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from crossroads.bridges.base import REQUIRED, Bridge, Option, OptionError, get_reactor
+from crossroads.bridges.protocol import payload_limit, positive
 from crossroads.layer import MessageTooLarge
-from crossroads.layer.base import backoff_delays
+from crossroads.layer.base import MAX_MESSAGE_SIZE, backoff_delays
 
 from . import messages as m
 from . import packets
 
-LAYER_MESSAGE_LIMIT = 1024 * 1024  # the layer's limit on a serialized message (docs/spec/layer.md)
 FORWARD_BATCH = 500  # messages sent into the layer at once (the broker's order kept)
 READ_SIZE = 65536  # bytes asked of the socket per read
-MAX_PACKET = LAYER_MESSAGE_LIMIT + 65536  # MQTT 5 Maximum Packet Size we ask of the broker: room for the headers
+MAX_PACKET = MAX_MESSAGE_SIZE + 65536  # MQTT 5 Maximum Packet Size we ask of the broker: room for the headers
 READ_BURST = 4  # reads per readable event before the reactor serves others
 # Messages read from the broker and not yet stored: past INBOUND_HIGH the bridge stops reading its socket
 # (TCP pushes back on the broker, which queues for us) until the layer has taken it below INBOUND_LOW.
@@ -66,14 +66,7 @@ REQUEST_TARGETS = 10_000  # reply channels of requests (MQTT 5 response topics) 
 _MISC_INTERVAL = 1.0  # seconds between paho's loop_misc calls (keepalive pings and their timeouts)
 
 
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "must be positive"
-
-
-def _max_payload(value: int) -> str | None:
-    if 0 < value <= LAYER_MESSAGE_LIMIT - 65536:  # room for the topic and properties in the same message
-        return None
-    return f"must be from 1 to {LAYER_MESSAGE_LIMIT - 65536} bytes (the layer holds at most 1 MiB per message)"
+_max_payload = payload_limit(MAX_MESSAGE_SIZE, 65536)  # room for the topic and properties in the same message
 
 
 def _qos(value: int) -> str | None:
@@ -263,10 +256,10 @@ class MqttBridge(Bridge):
                                        "0 = the whole topic", _sender_level, from_string=True),
         "queue_limit": Option(int, 1000, "publishes kept while the broker is away; the oldest are dropped beyond",
                               lambda v: None if v > 0 else "must be positive", from_string=True),
-        "queue_age": Option(float, 60.0, "seconds a publish waits for the broker before it is dropped", _positive,
+        "queue_age": Option(float, 60.0, "seconds a publish waits for the broker before it is dropped", positive,
                             from_string=True),
-        "connect_timeout": Option(float, 10.0, "seconds for TCP, TLS and CONNACK", _positive, from_string=True),
-        "reconnect_max": Option(float, 30.0, "the longest wait between reconnect attempts, in seconds", _positive,
+        "connect_timeout": Option(float, 10.0, "seconds for TCP, TLS and CONNACK", positive, from_string=True),
+        "reconnect_max": Option(float, 30.0, "the longest wait between reconnect attempts, in seconds", positive,
                                 from_string=True),
     }
 

@@ -31,7 +31,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlsplit
+
+from crossroads.bridges.protocol import each, problem_of, shared_keys, split_url, text_of
 
 PROTOCOL = "mqtt"
 RECEIVE, PUBLISH = "mqtt.receive", "mqtt.publish"
@@ -77,28 +78,13 @@ class Broker:
 
 def parse_broker(url: str) -> Broker:
     """``mqtt://host[:port]`` or ``mqtts://host[:port]`` (IPv6 in brackets); raises ValueError saying what is wrong."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"must be mqtt://host:port or mqtts://host:port, not {url!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    if not parts.hostname:
-        raise ValueError(f"names no host: {url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
+    parts = split_url(url, DEFAULT_PORTS, shape="mqtt://host:port or mqtts://host:port")
+    if parts.more:
         raise ValueError(f"must not have a path, query or fragment: {url!r}")
-    return Broker(parts.hostname, port or DEFAULT_PORTS[scheme], scheme == "mqtts",
-                  unquote(parts.username or ""), unquote(parts.password or ""))
+    return Broker(parts.host, parts.port, parts.scheme == "mqtts", parts.username, parts.password)
 
 
-def check_broker(url: str) -> str | None:
-    try:
-        parse_broker(url)
-    except ValueError as exc:
-        return str(exc)
-    return None
+check_broker = problem_of(parse_broker)
 
 
 def protocol_level(value: str | int) -> int:
@@ -109,12 +95,7 @@ def protocol_level(value: str | int) -> int:
     return level
 
 
-def check_protocol(value: str | int) -> str | None:
-    try:
-        protocol_level(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
+check_protocol = problem_of(protocol_level)
 
 
 # -- topics ------------------------------------------------------------------------------------------------
@@ -214,20 +195,8 @@ def parse_subscriptions(entries: list) -> list[Subscription]:
     return subscriptions
 
 
-def check_subscriptions(entries: list) -> str | None:
-    try:
-        parse_subscriptions(entries)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def check_topic_filters(filters: list) -> str | None:
-    for entry in filters:
-        problem = check_topic_filter(entry)
-        if problem:
-            return problem
-    return None
+check_subscriptions = problem_of(parse_subscriptions)
+check_topic_filters = each(check_topic_filter)
 
 
 def render_reply_topic(template: str, topic: str) -> str:
@@ -308,10 +277,6 @@ def target_of(incoming: Incoming) -> ReplyTarget:
 
 def receive_message(incoming: Incoming, *, reply_channel: str, session: str, sender: str) -> dict[str, Any]:
     """The ``mqtt.receive`` message for ``incoming``."""
-    try:
-        text = incoming.payload.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
     return {
         "reply_channel": reply_channel,
         "topic": incoming.topic,
@@ -322,10 +287,7 @@ def receive_message(incoming: Incoming, *, reply_channel: str, session: str, sen
         "mid": incoming.mid,
         "session": session,
         "properties": dict(incoming.properties),
-        "protocol": PROTOCOL,
-        "sender": sender,
-        "room": incoming.topic,
-        "text": text,
+        **shared_keys(PROTOCOL, sender, incoming.topic, text_of(incoming.payload)),
     }
 
 

@@ -1,6 +1,7 @@
 """The WebSocket bridge: Autobahn (on Twisted's asyncio reactor) feeding ``messages.py``.
 
-This module owns the I/O of WebSocket connections: listening (TCP or TLS),
+This module owns the I/O of WebSocket connections (listening is
+``bridges.listening``'s: TCP, a Unix socket, a socket from systemd, TLS):
 holding each upgrade until a consumer answers ``websocket.connect``, passing
 frames into the layer one at a time per connection, performing the actions
 ``messages.ConnectionState`` derives from replies, and the timers (handshake,
@@ -25,37 +26,30 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 
-from crossroads.bridges.base import Bridge, Option, OptionError, as_future, get_reactor
-from crossroads.bridges.listening import LISTEN_BACKLOG, TlsContext, port_number, positive_seconds
+from crossroads.bridges.base import Option, as_future, get_reactor
+from crossroads.bridges.listening import (
+    ListeningBridge,
+    address_of,
+    listen,
+    listen_options,
+    server_address,
+    tcp_port,
+    uses_tls,
+)
+from crossroads.bridges.protocol import describe_peer, each, payload_limit, positive_seconds, seconds_or_off
 from crossroads.layer import MessageTooLarge
+from crossroads.layer.base import MAX_MESSAGE_SIZE
 
 from . import messages as m
 
-LAYER_MESSAGE_LIMIT = 1024 * 1024  # the layer's limit on a serialized message (docs/spec/layer.md)
 _CLOSE_WAIT = 5.0  # close_protocol() waits this long for peers to answer our close frames
 RETRY_AFTER = "5"  # seconds, on a 503: when a client (or a proxy) should try the upgrade again
 
+_message_size = payload_limit(MAX_MESSAGE_SIZE, 4096)  # leave room for the message's other keys
 
 
-def _not_negative(value: float) -> str | None:
-    return None if value >= 0 else "must be 0 (off) or a number of seconds"
-
-
-
-def _message_size(value: int) -> str | None:
-    if 0 < value <= LAYER_MESSAGE_LIMIT - 4096:  # leave room for the message's other keys
-        return None
-    return f"must be from 1 to {LAYER_MESSAGE_LIMIT - 4096} bytes (the layer holds at most 1 MiB per message)"
-
-
-def _origins(value: list) -> str | None:
-    for entry in value:
-        if not isinstance(entry, str):
-            return f"entries must be strings, not {entry!r}"
-        problem = m.check_allowed_origin(entry)
-        if problem:
-            return problem
-    return None
+def _origin(entry: Any) -> str | None:
+    return f"entries must be strings, not {entry!r}" if not isinstance(entry, str) else m.check_allowed_origin(entry)
 
 
 class _Timer:
@@ -87,9 +81,8 @@ class WebsocketConnection(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.bridge: WebsocketBridge = self.factory.bridge
-        address = self.transport.getPeer()
-        self.peer_address = (getattr(address, "host", "?"), getattr(address, "port", 0))
-        self.peer_name = f"{self.peer_address[0]}:{self.peer_address[1]}"
+        self.peer_address = address_of(self.transport.getPeer())  # None on a Unix socket
+        self.peer_name = describe_peer(self.peer_address)
         self.handshake: m.Handshake | None = None
         self.asgi: m.ConnectionState | None = None  # (Autobahn owns self.state)
         self.local_id: str | None = None
@@ -99,7 +92,6 @@ class WebsocketConnection(WebSocketServerProtocol):
         self.forwarding = False
         self.connect_stored = False
         self.refusing = False  # the layer refused a frame: later frames are not sent (no gap in their order)
-        self.last_order = 0  # order of the last message the layer stored: connect is 0
         self.last_activity = time.monotonic()
         self.closed = asyncio.get_running_loop().create_future()  # close_protocol() waits for it
         self.bridge.connections.add(self)
@@ -113,10 +105,10 @@ class WebsocketConnection(WebSocketServerProtocol):
         bridge = self.bridge
         if not bridge.accepting:
             raise ConnectionDeny(m.UNAVAILABLE, "shutting down, try again")
-        host = self.transport.getHost()
         try:
             handshake = m.parse_handshake(self.http_request_data, secure=bridge.secure, client=self.peer_address,
-                                          server=(host.host, host.port), root_path=bridge.options["root_path"])
+                                          server=server_address(self.transport.getHost(), bridge.listen_options),
+                                          root_path=bridge.options["root_path"])
         except m.BadHandshake as exc:
             bridge.bad_input(self.peer_name, exc.reason)
             raise ConnectionDeny(exc.status, exc.reason) from None
@@ -190,7 +182,7 @@ class WebsocketConnection(WebSocketServerProtocol):
         try:
             while self.unsent:
                 channel, item = self.unsent.popleft()
-                order = self.last_order + 1  # orders stay contiguous: a refused frame does not use one up
+                order = self.asgi.next_order()
                 if channel == m.CONNECT:
                     order, message = 0, m.connect_message(self.reply_to, self.handshake)
                 elif channel == m.RECEIVE:
@@ -215,7 +207,7 @@ class WebsocketConnection(WebSocketServerProtocol):
                         self.close_with(m.MESSAGE_TOO_BIG, "message too large")
                     continue
                 if stored:
-                    self.last_order = order
+                    self.asgi.stored(order)
                     self.connect_stored = self.connect_stored or channel == m.CONNECT
                 elif channel == m.CONNECT:
                     self.refuse(m.UNAVAILABLE, "server busy, try again later")
@@ -292,51 +284,47 @@ class WebsocketConnection(WebSocketServerProtocol):
             self.closed.set_result(None)
 
 
-class WebsocketBridge(Bridge):
-    """Serves WebSocket clients on ``host``:``port`` (TLS with ``tls_cert``/``tls_key``) for ASGI 1.0 consumers."""
+class WebsocketBridge(ListeningBridge):
+    """Serves WebSocket clients (TCP, a Unix socket, a systemd socket; TLS) for ASGI 1.0 consumers."""
 
     type_name = "websocket"
     OPTIONS = {
-        "host": Option(str, "127.0.0.1", "the address to listen on"),
-        "port": Option(int, 8001, "the TCP port to listen on; 0 picks a free one", port_number, from_string=True),
-        "tls_cert": Option(str, "", "PEM certificate (chain) file: serve wss:// (needs tls_key)"),
-        "tls_key": Option(str, "", "PEM private key file for tls_cert"),
+        **listen_options(8001),
         "root_path": Option(str, "", "the path prefix the app is mounted at behind a proxy, passed as root_path"),
         "allowed_origins": Option(list, [], "origins allowed besides the same origin: '*', 'null', "
-                                            "'https://host[:port]', 'host', '*.host'", _origins),
+                                            "'https://host[:port]', 'host', '*.host'", each(_origin)),
         "max_message_size": Option(int, 1_000_000, "the largest message (bytes) a client may send; "
                                                    "larger closes with 1009", _message_size, from_string=True),
         "handshake_timeout": Option(float, 10.0, "seconds to receive the upgrade and the app's answer (else 504)",
                                     positive_seconds, from_string=True),
         "idle_timeout": Option(float, 0.0, "close (1001) a connection with no message either way for this "
-                                           "many seconds; 0 never", _not_negative, from_string=True),
+                                           "many seconds; 0 never", seconds_or_off, from_string=True),
         "ping_interval": Option(float, 20.0, "send a ping after this many seconds of silence; 0 never",
-                                _not_negative, from_string=True),
+                                seconds_or_off, from_string=True),
         "ping_timeout": Option(float, 20.0, "drop a connection whose pong does not come within this many seconds",
-                               _not_negative, from_string=True),
+                               seconds_or_off, from_string=True),
     }
 
     def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
         super().__init__(name, options, layer)
-        if bool(self.options["tls_cert"]) != bool(self.options["tls_key"]):
-            raise OptionError("tls_key" if self.options["tls_cert"] else "tls_cert",
-                              "TLS needs both tls_cert and tls_key")
-        self.secure = bool(self.options["tls_cert"])
+        self.secure = uses_tls(self.options)
+        self.listen_options = self.options  # whose listening options are in force: the HTTP bridge's on its port
         self.accepting = False
         self.connections: set[WebsocketConnection] = set()
         self.listening: Any = None
-        self.port = 0
+        self.port: int | None = 0  # the TCP port listened on, once open (None on a Unix socket)
         self.factory: WebSocketServerFactory | None = None
         self.shares_port_of: Any = None  # the HttpBridge whose listener hands us its upgrade requests
 
     def share_port_of(self, http_bridge: Any) -> None:
         """Serve the upgrade requests of an HTTP bridge's port instead of listening (its ``websocket`` option).
 
-        Its port, address and TLS are then ours: this bridge's host, port and
-        tls_* options are not used.
+        Its port, address and TLS are then ours: this bridge's listening options
+        (``listen_options``) are not used.
         """
         self.shares_port_of = http_bridge
-        self.secure = bool(http_bridge.options["tls_cert"])
+        self.listen_options = http_bridge.options
+        self.secure = uses_tls(http_bridge.options)
         self.factory = self.make_factory()
 
     def make_factory(self) -> WebSocketServerFactory:
@@ -359,18 +347,10 @@ class WebsocketBridge(Bridge):
         if self.shares_port_of is not None:
             self.accepting = True  # the HTTP bridge's listener hands connections to self.factory
             return
-        reactor = get_reactor()
         factory = self.factory = self.make_factory()
         self.accepting = True
-        if self.secure:
-            context = TlsContext(self.options["tls_cert"], self.options["tls_key"])
-            self.listening = reactor.listenSSL(self.options["port"], factory, context, backlog=LISTEN_BACKLOG,
-                                               interface=self.options["host"])
-        else:
-            self.listening = reactor.listenTCP(self.options["port"], factory, backlog=LISTEN_BACKLOG,
-                                               interface=self.options["host"])
-        self.port = self.listening.getHost().port
-        factory.port = self.port
+        self.listening = await listen(factory, self.options)
+        self.port = factory.port = tcp_port(self.listening)
 
     async def stop_accepting(self) -> None:
         self.accepting = False

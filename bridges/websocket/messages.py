@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
+from crossroads.bridges.protocol import describe_peer, shared_keys
+
 PROTOCOL = "websocket"
 CONNECT, RECEIVE, DISCONNECT = "websocket.connect", "websocket.receive", "websocket.disconnect"
 
@@ -80,11 +82,9 @@ class Handshake:
 
     @property
     def sender(self) -> str:
-        """The client's address as the shared ``sender`` key: ``host:port`` (``[v6]:port`` for IPv6)."""
-        if self.client is None:
-            return "unknown"
-        host, port = self.client
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        """The client's address as the shared ``sender`` key: ``host:port`` (``[v6]:port`` for IPv6), ``unix`` for
+        a client on a Unix socket, which has no address (``client`` is None)."""
+        return describe_peer(self.client)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lowercase), or None."""
@@ -226,9 +226,7 @@ def connect_message(reply_channel: str, handshake: Handshake) -> dict[str, Any]:
         "server": handshake.server,
         "subprotocols": list(handshake.subprotocols),
         "order": 0,
-        "protocol": PROTOCOL,
-        "sender": handshake.sender,
-        "room": handshake.path,
+        **shared_keys(PROTOCOL, handshake.sender, handshake.path, None),
     }
 
 
@@ -240,12 +238,9 @@ def receive_message(reply_channel: str, handshake: Handshake, payload: str | byt
     return {
         "reply_channel": reply_channel,
         "path": handshake.path,
-        "text": payload if is_text else None,
         "bytes": None if is_text else payload,
         "order": order,
-        "protocol": PROTOCOL,
-        "sender": handshake.sender,
-        "room": handshake.path,
+        **shared_keys(PROTOCOL, handshake.sender, handshake.path, payload if is_text else None),
     }
 
 
@@ -256,9 +251,7 @@ def disconnect_message(reply_channel: str, handshake: Handshake, code: int, orde
         "path": handshake.path,
         "code": code,
         "order": order,
-        "protocol": PROTOCOL,
-        "sender": handshake.sender,
-        "room": handshake.path,
+        **shared_keys(PROTOCOL, handshake.sender, handshake.path, None),
     }
 
 
@@ -308,12 +301,19 @@ class ConnectionState:
     def __init__(self, subprotocols_offered: list[str] | None = None) -> None:
         self.phase = HANDSHAKE
         self.offered = list(subprotocols_offered or [])
-        self._order = 0  # websocket.connect has 0; frames 1, 2, ...
+        self.last_order = 0  # of the last message the layer stored: websocket.connect has 0; frames 1, 2, ...
 
     def next_order(self) -> int:
-        """The ``order`` of the next ``websocket.receive``, or of the ``websocket.disconnect`` after the last one."""
-        self._order += 1
-        return self._order
+        """The ``order`` of the next ``websocket.receive``, or of the ``websocket.disconnect`` after the last one.
+
+        It is used up only when the layer stores that message (``stored``): a
+        refused frame leaves no gap, so consumers see orders 0, 1, 2, ... always.
+        """
+        return self.last_order + 1
+
+    def stored(self, order: int) -> None:
+        """The layer stored the message with ``order``."""
+        self.last_order = order
 
     def opened(self) -> None:
         self.phase = OPEN

@@ -1,0 +1,148 @@
+"""What every bridge's ``messages.py`` shares, with no I/O: the shared keys, text from bytes, addresses, option checks.
+
+This module owns the pieces that are the same in every protocol: the keys
+every ``*.receive`` message carries besides its protocol's own (``protocol``,
+``sender``, ``room``, ``text``: docs/spec/layer.md, ARCHITECTURE decision 5),
+decoding a payload into that ``text``, naming a peer by its address, reading a
+``scheme://host[:port]`` option, and the small checks option tables declare.
+It must stay pure like the ``messages.py`` files that import it: no Twisted,
+no layer, no sockets. Limits that belong to the layer (its 1 MiB message) are
+passed in by the caller, never copied here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+Check = Callable[[Any], "str | None"]  # an option check: the problem in words, or None
+
+
+# -- the shared keys of every message ----------------------------------------------------------------------------
+
+
+def shared_keys(protocol: str, sender: str, room: str | None, text: str | None) -> dict[str, Any]:
+    """The keys that let one consumer serve every protocol: who spoke, where, and what they said as text.
+
+    ``text`` is None when what was said is not text (a binary frame, a non-UTF-8
+    payload) or when nothing was said (a join, a connect).
+    """
+    return {"protocol": protocol, "sender": sender, "room": room, "text": text}
+
+
+def text_of(data: bytes) -> str | None:
+    """``data`` as text when it is UTF-8, else None: a payload that is not text has no ``text``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def describe_peer(address: Sequence[Any] | None) -> str:
+    """A peer's ``[host, port]`` as ``"host:port"`` (IPv6 hosts in brackets); ``"unix"`` for a Unix socket's (None)."""
+    if not address:
+        return "unix"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- scheme://host[:port] ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Url:
+    """A ``scheme://[user[:password]@]host[:port]`` option, split; what the protocol makes of it is the caller's."""
+
+    scheme: str  # lowercased, one of the caller's schemes
+    host: str  # IPv6 without its brackets
+    port: int  # the scheme's default when the URL names none
+    username: str = ""  # percent-decoded
+    password: str = ""
+    more: bool = False  # a path, query or fragment follows host:port
+
+
+def split_url(url: str, default_ports: Mapping[str, int], *, shape: str) -> Url:
+    """Split ``url`` whose scheme is a key of ``default_ports``; ValueError says what is wrong.
+
+    ``shape`` is how the caller writes a right one (``"mqtt://host:port or
+    mqtts://host:port"``), for the error when the scheme is not one of them.
+    Whether credentials or a path may follow is for the caller to decide: see ``Url.more``.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if "://" not in url or scheme not in default_ports:
+        raise ValueError(f"must be {shape}, not {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"names no host: {url!r}")
+    return Url(scheme, parts.hostname, port or default_ports[scheme], unquote(parts.username or ""),
+               unquote(parts.password or ""), parts.path not in ("", "/") or bool(parts.query or parts.fragment))
+
+
+# -- option checks -------------------------------------------------------------------------------------------------
+# Each takes the value after its type was checked and returns the problem in words, or None; ``Option`` (in
+# bridges.base) adds the key and the value to the message.
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be more than 0"
+
+
+def positive_seconds(value: float) -> str | None:
+    return None if value > 0 else "must be a positive number of seconds"
+
+
+def seconds_or_off(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 (off) or a number of seconds"
+
+
+def port_number(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a TCP port number from 0 to 65535 (0 picks a free one)"
+
+
+def problem_of(parse: Callable[[Any], Any]) -> Check:
+    """A check from a parser that raises ValueError saying what is wrong (``parse_server``, ``parse_broker``, ...)."""
+
+    def check(value: Any) -> str | None:
+        try:
+            parse(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
+def each(check: Check) -> Check:
+    """A check of a list: the first problem ``check`` finds among its entries."""
+
+    def check_all(values: Sequence[Any]) -> str | None:
+        for value in values:
+            problem = check(value)
+            if problem:
+                return problem
+        return None
+
+    return check_all
+
+
+def payload_limit(layer_limit: int, headroom: int) -> Check:
+    """A check of a payload size option: from 1 byte to what fits in one layer message with ``headroom`` to spare.
+
+    ``layer_limit`` is the layer's own (``crossroads.layer.base.MAX_MESSAGE_SIZE``),
+    handed in by the bridge: this module does not import the layer.
+    """
+    most = layer_limit - headroom
+
+    def check(value: int) -> str | None:
+        if 0 < value <= most:
+            return None
+        held = f"{layer_limit // 1048576} MiB" if layer_limit % 1048576 == 0 else f"{layer_limit} bytes"
+        return f"must be from 1 to {most} bytes (the layer holds at most {held} per message)"
+
+    return check
