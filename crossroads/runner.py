@@ -21,6 +21,8 @@ import os
 import time
 from typing import Any
 
+from crossroads.layer import mask_url
+
 from .config import BridgeConfig, Config
 from .daemon import notify
 
@@ -127,7 +129,7 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
         def started(done: asyncio.Task) -> None:
             if not done.cancelled() and done.exception() is not None:
                 failures.append(done.exception())
-                log.error("could not start: %s", done.exception())
+                log.error("could not start: %s", mask_url(str(done.exception())))  # it may name a URL
                 reactor.stop()
 
         task.add_done_callback(started)

@@ -306,7 +306,7 @@ def unpack_fields(packed: Mapping[str, bytes]) -> dict[str, Any]:
 
 
 # The password in scheme://user:password@host, or in a ?password= query (redis-py reads both).
-_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*?:([^/?#@\s]+)@|[?&]password=([^&#\s]+)")
+URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*?:([^/?#@\s]+)@|[?&]password=([^&#\s]+)")
 
 
 def mask_url(text: str) -> str:
@@ -315,7 +315,7 @@ def mask_url(text: str) -> str:
         start, end = found.span(1) if found.group(1) else found.span(2)
         return found.group(0)[: start - found.start()] + "****" + found.group(0)[end - found.start() :]
 
-    return _URL_PASSWORD.sub(mask, text) if "://" in text or "password=" in text else text
+    return URL_PASSWORD.sub(mask, text) if "://" in text or "password=" in text else text
 
 
 def glob_to_regex(pattern: str) -> str:

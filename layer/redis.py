@@ -719,7 +719,8 @@ class _SendBatch:
             for batch in queues.values():
                 for future in batch[3]:
                     if not future.done():
-                        future.set_exception(LayerUnavailable(str(exc)) if isinstance(exc, LayerUnavailable) else exc)
+                        # A fresh error per sender, of the same class (AuthenticationFailed stays one).
+                        future.set_exception(type(exc)(str(exc)) if isinstance(exc, LayerUnavailable) else exc)
             return
         layer.counters.expired += expired
         for (capacity, channels, _, futures), refused in zip(queues.values(), refused_counts, strict=True):

@@ -166,6 +166,59 @@ def test_send_while_redis_is_down_raises_layer_unavailable(own_redis, face):
     L.sync.close()
 
 
+@pytest.fixture(scope="module")
+def redis_with_password(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis-auth"), password="s3cret-Pw").start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_wrong_password_says_so_and_never_shows_it(redis_with_password, face, caplog):
+    L = layer.from_url(f"redis://:wrong-Pw@127.0.0.1:{redis_with_password.port}/0", prefix="auth")
+    if face == "sync":
+        with pytest.raises(layer.AuthenticationFailed) as caught:
+            L.sync.send("auth.a", {})
+        assert L.sync.receive(["auth.a"], timeout=0.2) == (None, None)  # a receive retries, and logs why
+    else:
+        async def send_and_receive():
+            try:
+                with pytest.raises(layer.AuthenticationFailed) as caught:
+                    await L.send("auth.a", {})
+                assert await L.receive(["auth.a"], timeout=0.2) == (None, None)
+                return caught
+            finally:
+                await L.close()
+        caught = asyncio.run(send_and_receive())
+    message = str(caught.value)
+    assert "wrong password / authentication failed" in message and "REDIS_PASSWORD" in message
+    assert "is redis-server running?" not in message and isinstance(caught.value, layer.LayerUnavailable)
+    assert "wrong password / authentication failed" in caplog.text
+    assert "wrong-Pw" not in message + caplog.text
+    L.sync.close()
+
+
+def test_a_session_load_and_save_are_one_command_each(redis_server):
+    """Sessions are on the hot path: a load is one HGETALL, a save one MULTI block written at once."""
+    from crossroads.consumers.sessions import session_store
+
+    L = layer.from_url(redis_server.url, prefix="sesscost")
+    store = session_store(L)
+    store.load("sesscost.warmup!x")  # the connection's set-up, out of the count
+    redis_server.command("CONFIG", "RESETSTAT")
+    session = store.load("sesscost.ws!abc")
+    session["nick"] = "ada"
+    store.save(session)
+    calls = {name: n for name, n in command_calls(redis_server).items()
+             if name.split("|")[0] not in ("info", "config", "client", "hello")}  # set-up, our checks
+    assert calls == {"hgetall": 1, "multi": 1, "del": 1, "hset": 1, "pexpire": 1, "exec": 1}
+    assert store.load("sesscost.ws!abc") == {"nick": "ada"}
+    ttl = redis_server.command("TTL", "sesscost:kv:session:sesscost.ws!abc")
+    assert 86000 < ttl <= 86400  # a session outlives its last save by a day
+    L.sync.flush()
+    L.sync.close()
+
+
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_blocked_receive_survives_a_redis_restart(own_redis, face, caplog):
     L = layer.from_url(own_redis.url, prefix="restart")
