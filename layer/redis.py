@@ -58,7 +58,7 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -511,6 +511,10 @@ class RedisLayer(base.LayerErrors):
         except _IO_ERRORS as exc:
             await conn.disconnect()
             raise self._unavailable(shard, exc) from exc
+        except RedisError:
+            if len(commands) > 1:  # an error reply (OOM, ...) left later replies unread: never hand this on
+                await conn.disconnect()
+            raise
         finally:
             await pool.release(conn)
 
@@ -761,6 +765,10 @@ class _SyncRedis(base.LayerErrors):
         except _IO_ERRORS as exc:
             conn.disconnect()
             raise self.layer._unavailable(shard, exc) from exc
+        except RedisError:
+            if len(commands) > 1:  # an error reply (OOM, ...) left later replies unread: never hand this on
+                conn.disconnect()
+            raise
         finally:
             pool.release(conn)
 

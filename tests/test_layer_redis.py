@@ -4,10 +4,12 @@ no polling, TLS, and behaviour while Redis is down (each against real redis-serv
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 
 import pytest
+import redis
 import trustme
 from servers import RedisServer
 
@@ -195,6 +197,38 @@ def test_a_wrong_password_says_so_and_never_shows_it(redis_with_password, face, 
     assert "is redis-server running?" not in message and isinstance(caught.value, layer.LayerUnavailable)
     assert "wrong password / authentication failed" in caplog.text
     assert "wrong-Pw" not in message + caplog.text
+    L.sync.close()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_an_error_reply_inside_a_block_does_not_spoil_the_connection(own_redis, face):
+    """A refused kv_set (Redis out of memory) leaves replies unread; the next call must not read them."""
+    L = layer.from_url(own_redis.url, prefix="spoil")
+    L.sync.kv_set("kept", {"x": 1}, 60)
+
+    async def refused_then_read(kv_set, kv_get):
+        await kv_get("kept")  # the connection the refused block will use is set up before it
+        own_redis.command("CONFIG", "SET", "maxmemory", "1")
+        try:
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                await kv_set("refused", {"x": 2}, 60)
+        finally:
+            own_redis.command("CONFIG", "SET", "maxmemory", "0")
+        return await kv_get("kept")
+
+    if face == "sync":
+        async def call(method, *args):
+            return method(*args)
+        got = asyncio.run(refused_then_read(functools.partial(call, L.sync.kv_set),
+                                            functools.partial(call, L.sync.kv_get)))
+    else:
+        async def go():
+            try:
+                return await refused_then_read(L.kv_set, L.kv_get)
+            finally:
+                await L.close()
+        got = asyncio.run(go())
+    assert got == {"x": 1}
     L.sync.close()
 
 
