@@ -247,7 +247,8 @@ class _Loader:
 
     def problem(self, path: tuple, message: str, *, table: str | None = None) -> None:
         where = (table, None) if table else self.where(path)
-        self.found.append((path, Problem(self.name, *where, message)))
+        # A bridge's validator may quote the URL it refused, password and all: `crossroads check` must not.
+        self.found.append((path, Problem(self.name, *where, mask_url(message))))
 
     def position(self, path: tuple) -> tuple[int, ...]:
         """Where a path sits in the file, to list problems top to bottom (a missing key sorts last in its table)."""

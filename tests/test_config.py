@@ -488,6 +488,15 @@ def test_the_warning_suggests_names_built_from_the_bridge_and_key(tmp_path):
     assert '"${IRC_PASSWORD}"' in warning and '"${credential:irc-password}"' in warning
 
 
+def test_a_bridge_error_quoting_a_url_does_not_show_its_password(tmp_path):
+    from crossroads.cli import bridge_validator  # the MQTT bridge's own check, which quotes the URL it refuses
+
+    problem = only_problem(tmp_path, '[bridges.mqtt]\ntype = "mqtt"\nbroker = "ftp://bob:${BROKER_PW}@host"\n',
+                           {"BROKER_PW": "hunter2"}, bridge_validator=bridge_validator)
+    assert "[bridges.mqtt] broker:" in str(problem) and "ftp://bob:****@host" in problem.message
+    assert "hunter2" not in str(problem)
+
+
 def test_a_literal_irc_channel_key_is_a_warning_naming_the_channel(tmp_path):
     [warning] = load(tmp_path, '[bridges.irc]\ntype = "irc"\nchannels = ["#chat", {name = "#ops", key = "hunter2"}]\n'
                      ).warnings
