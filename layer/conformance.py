@@ -373,6 +373,7 @@ class LayerConformance:
     # -- key/value records: the state beside the channels (sessions, health) --
 
     def test_kv_set_get_delete(self, layer: Any) -> None:
+        assert "kv" in layer.extensions  # what session_store looks for
         record = {"nick": "ada", "raw": b"\x00\xff", "seen": [1, 2.5, None, True], "nested": {"a": "b"}}
         assert layer.kv_get("kv_test:ws!abc") == {}
         layer.kv_set("kv_test:ws!abc", record, 60)
