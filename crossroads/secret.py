@@ -7,8 +7,8 @@ secret. It knows no table and no bridge: a key is secret by its name alone. It i
 ``${...}`` syntax (``interpolation.py``) and not the masking of passwords in printed URLs, which
 is ``crossroads.layer.mask_url`` because the layer masks its own log lines too.
 
-Named ``secret``, not ``secrets``: running ``crossroads/cli.py`` as a script would put this folder
-first on ``sys.path``, and a ``secrets.py`` here would then stand in for the standard library's.
+Named ``secret``, not ``secrets``: whenever this folder is on ``sys.path`` (a file in it run as a
+script), a ``secrets.py`` here would stand in for the standard library's, which the layer uses.
 """
 
 from __future__ import annotations
