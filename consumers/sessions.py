@@ -2,8 +2,8 @@
 
 A channel session is a dict tied to a reply channel (one WebSocket, one MQTT
 topic, one IRC channel), loaded before the consumer runs and saved after it,
-when changed. It lives beside the layer: in process for ``memory://``, as a
-Redis hash with expiry for ``redis://`` (on the shard of the reply channel).
+when changed. It is one of the layer's key/value records, with expiry, so it
+works the same on every backend (``kv_get``/``kv_set``, docs/spec/layer.md).
 Values must be what a message may hold (msgpack types).
 
 ``@enforce_ordering`` runs a connection's messages in their ``order`` even
@@ -18,8 +18,6 @@ import functools
 import hashlib
 import inspect
 import logging
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +28,7 @@ from .channel import Channel, flush, send_buffer
 log = logging.getLogger("crossroads.consumers")
 
 SESSION_EXPIRY = 86400  # seconds a session outlives the last save
+SESSION_KEY_PREFIX = "session:"
 NEXT_ORDER_KEY = "__next_order"
 
 
@@ -49,67 +48,32 @@ class Session(dict):
         self._loaded = base.pack(dict(self))
 
 
-class MemorySessionStore:
-    def __init__(self, expiry: float = SESSION_EXPIRY) -> None:
+class SessionStore:
+    """Sessions as the layer's key/value records (``session:{reply channel}``), on every backend.
+
+    A load is one ``kv_get`` and a save one ``kv_set`` (on Redis one round trip each: sessions are
+    on the hot path of every chat message); a session saved empty is deleted.
+    """
+
+    def __init__(self, sync_layer: Any, expiry: float = SESSION_EXPIRY) -> None:
+        self.sync = sync_layer
         self.expiry = expiry
-        self._data: dict[str, tuple[float, bytes]] = {}
-        self._lock = threading.Lock()
 
     def load(self, key: str) -> Session:
-        with self._lock:
-            found = self._data.get(key)
-        if found is None or found[0] < time.time():
-            return Session(key, {})
-        return Session(key, base.unpack(found[1]))
+        return Session(key, self.sync.kv_get(SESSION_KEY_PREFIX + key))
 
     def save(self, session: Session) -> None:
-        with self._lock:
-            if session:
-                self._data[session.key] = (time.time() + self.expiry, base.pack(dict(session)))
-            else:
-                self._data.pop(session.key, None)
+        self.sync.kv_set(SESSION_KEY_PREFIX + session.key, dict(session), self.expiry)
         session.mark_saved()
 
 
-class RedisSessionStore:
-    """One hash per session, field -> msgpack value, replaced atomically on save."""
-
-    def __init__(self, redis_layer: Any, expiry: float = SESSION_EXPIRY) -> None:
-        self.sync = redis_layer.sync
-        self.prefix = f"{redis_layer.options.prefix}:s:"
-        self.expiry = int(expiry)
-
-    def load(self, key: str) -> Session:
-        (fields,) = self.sync.execute_beside(key, [("HGETALL", self.prefix + key)])
-        pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
-        return Session(key, {name.decode(): base.unpack(value)["v"] for name, value in pairs})
-
-    def save(self, session: Session) -> None:
-        redis_key = self.prefix + session.key
-        commands: list[tuple] = [("MULTI",), ("DEL", redis_key)]
-        if session:
-            # each value packed alone (wrapped: a message body must be a dict)
-            values = [part for name, value in session.items() for part in (name, base.pack({"v": value}))]
-            commands += [("HSET", redis_key, *values), ("EXPIRE", redis_key, self.expiry)]
-        self.sync.execute_beside(session.key, [*commands, ("EXEC",)])
-        session.mark_saved()
-
-
-def session_store(channel_layer: Any) -> MemorySessionStore | RedisSessionStore:
-    """The session store beside ``channel_layer`` (made once per layer object)."""
+def session_store(channel_layer: Any) -> SessionStore:
+    """The session store of ``channel_layer`` (a layer, or one of its faces)."""
     raw = getattr(channel_layer, "layer", channel_layer)  # a face knows its layer
-    store = getattr(raw, "_session_store", None)
-    if store is None:
-        from crossroads.layer.memory import MemoryLayer
-
-        if isinstance(raw, MemoryLayer):
-            store = MemorySessionStore()
-        elif hasattr(raw, "ring"):
-            store = RedisSessionStore(raw)
-        else:
-            raise TypeError(f"no session store for {raw!r}: sessions need a memory:// or redis:// layer")
-        raw._session_store = store
-    return store
+    if "kv" not in getattr(raw, "extensions", ()):
+        raise TypeError(f"no sessions on {raw!r}: sessions need a layer with the key/value extension "
+                        "(kv_get, kv_set; docs/spec/layer.md)")
+    return SessionStore(raw.sync)
 
 
 def _reply_name(message: Any, decorator: str) -> str:

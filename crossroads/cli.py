@@ -207,7 +207,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"layer": stats, "bridges": health}, indent=2, sort_keys=True))
         return 0
-    print(f"layer {config.layer.url.split('@')[-1]}")
+    print(f"layer {layer.mask_url(config.layer.url)}")
     pending = stats["pending"]
     if not pending:
         print("  no messages waiting")
@@ -229,18 +229,22 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_layer_check(args: argparse.Namespace) -> int:
     url = args.layer or "memory://"
+    shown = layer.mask_url(url)  # the URL may carry the Redis password: never print it
     try:
         channel_layer = layer.from_url(url)
     except ValueError as exc:
         raise CommandError(str(exc), code=2) from None
     try:
         elapsed = round_trip(channel_layer.sync)
+    except layer.AuthenticationFailed as exc:
+        raise CommandError(f"layer {shown} is not working: {exc}\nFix the password in --layer and run the check "
+                           "again.") from None
     except layer.LayerUnavailable as exc:
-        raise CommandError(f"layer {url} is not working: {exc}\nStart the server it names (or fix --layer) "
+        raise CommandError(f"layer {shown} is not working: {exc}\nStart the server it names (or fix --layer) "
                            "and run the check again.") from None
     finally:
         channel_layer.sync.close()
-    print(f"layer {url}: ok, a message went there and back in {elapsed * 1000:.2f} ms")
+    print(f"layer {shown}: ok, a message went there and back in {elapsed * 1000:.2f} ms")
     return 0
 
 

@@ -1,10 +1,12 @@
-"""The config file, ``crossroads.toml``: reading it, interpolating secrets into it, checking it.
+"""The config file, ``crossroads.toml``: reading it and checking its tables.
 
 This module owns the file's format: the generic tables ``[layer]``, ``[routing]`` and ``[worker]``,
-the generic keys of every ``[bridges.NAME]`` table (``type``, ``enabled``), ``${...}`` interpolation,
-and the warnings about secrets written into the file. It must not import the user's router, open a
-layer or know any bridge's own keys: those are checked by the ``bridge_validator`` its caller passes.
-docs/configuration.md is the user's reference for everything here.
+and the generic keys of every ``[bridges.NAME]`` table (``type``, ``enabled``). ``${...}``
+interpolation is ``interpolation.py``'s, and where secrets come from and which values look like one
+is ``secret.py``'s; this module only places their problems and warnings at a table and key. It
+must not import the user's router, open a layer or know any bridge's own keys: those are checked by
+the ``bridge_validator`` its caller passes. docs/configuration.md is the user's reference for
+everything here.
 
 Theory of operation: parse with tomllib, interpolate every string value, then check every table,
 collecting every problem before raising one ``ConfigError``, so that ``crossroads check`` shows all
@@ -25,7 +27,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from crossroads.layer.base import GROUP_NAME_RE, MAX_NAME_LENGTH
+from crossroads.layer.base import GROUP_NAME_RE, MAX_NAME_LENGTH, mask_url
+
+from . import secret
+from .interpolation import UNRESOLVED, Interpolator, contains_unresolved
 
 DEFAULT_PATH = "crossroads.toml"
 DEFAULT_LAYER_URL = "memory://"
@@ -83,7 +88,7 @@ class LayerConfig:
     options: dict[str, Any] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # a config gets logged; its secrets must not be
-        return f"LayerConfig(url={_mask_url(self.url)!r}, options=<{', '.join(self.options)}>)"
+        return f"LayerConfig(url={mask_url(self.url)!r}, options=<{', '.join(self.options)}>)"
 
 
 @dataclass(frozen=True)
@@ -166,30 +171,6 @@ def _syntax_problem(name: str, exc: tomllib.TOMLDecodeError) -> Problem:
     return Problem(name, None, None, f"invalid TOML: {text.replace('(at end of document)', 'at the end of the file')}")
 
 
-# -- interpolation --
-
-_REFERENCE = re.compile(r"\$\$\{|\$\{([^}]*)\}|\$\{")  # an escape, a reference, or an unclosed "${"
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_FORMS = "use ${ENV_VAR}, ${file:path} or ${credential:NAME}, and $${ for a literal ${"
-
-
-class _Unresolved:
-    """Stands in for a value whose interpolation failed: reported already, so not checked again."""
-
-    def __repr__(self) -> str:
-        return "<unresolved>"
-
-
-_UNRESOLVED = _Unresolved()
-
-
-def _strip_newline(text: str) -> str:
-    # One line ending, as `echo secret > file` and systemd-creds write it; anything else is the secret's own.
-    if text.endswith("\r\n"):
-        return text[:-2]
-    return text[:-1] if text.endswith("\n") else text
-
-
 def _parse_bool(text: str) -> bool:
     # The spellings systemd accepts in its own boolean settings.
     words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -198,38 +179,14 @@ def _parse_bool(text: str) -> bool:
     return words[text.lower()]
 
 
-def _contains_unresolved(value: Any) -> bool:
-    if isinstance(value, dict):
-        return any(_contains_unresolved(item) for item in value.values())
-    if isinstance(value, list):
-        return any(_contains_unresolved(item) for item in value)
-    return value is _UNRESOLVED
-
-
 # -- names and values in messages --
-
-_SECRET_WORDS = {"password", "passwd", "passphrase", "token", "secret", "secrets", "credentials"}
-_SECRET_KEYS = {"symmetric_encryption_keys", "api_key", "apikey", "private_key"}
-# password_file names where a secret is; it is not one.
-_NOT_SECRET_SUFFIXES = {"file", "path", "dir", "directory", "env", "command", "url"}
-_URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*?:([^/?#@]+)@|[?&]password=([^&#]+)")
-
-
-def _looks_secret(key: str) -> bool:
-    key = key.lower()
-    words = re.split(r"[_.-]", key)
-    return key in _SECRET_KEYS or (bool(_SECRET_WORDS & set(words)) and words[-1] not in _NOT_SECRET_SUFFIXES)
-
-
-def _mask_url(text: str) -> str:
-    return _URL_PASSWORD.sub(lambda m: m.group(0).replace(m.group(1) or m.group(2), "****"), text)
 
 
 def _show(value: Any, secret: bool = False) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return "a string" if secret else json.dumps(_mask_url(value), ensure_ascii=False)
+        return "a string" if secret else json.dumps(mask_url(value), ensure_ascii=False)
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, dict):
@@ -248,12 +205,6 @@ def _key_text(parts: tuple) -> str:
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else ("." if text else "") + _toml_key(str(part))
     return text
-
-
-def _env_name(table: str | None, key: str) -> str:
-    """A name to suggest for a secret's variable: [bridges.irc] password -> IRC_PASSWORD."""
-    stem = (table or "").removeprefix("bridges.").strip('"')
-    return re.sub(r"[^A-Za-z0-9]+", "_", f"{stem}_{key}" if stem else key).strip("_").upper()
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:
@@ -277,8 +228,7 @@ class _Loader:
 
     def __init__(self, name: str, directory: Path, environ: Mapping[str, str], document: dict) -> None:
         self.name = name
-        self.directory = directory
-        self.environ = environ
+        self.interpolator = Interpolator(environ, directory)
         self.document = document
         self.found: list[tuple[tuple, Problem]] = []  # (path, problem): sorted into the file's order at the end
         self.warnings: list[str] = []
@@ -297,7 +247,8 @@ class _Loader:
 
     def problem(self, path: tuple, message: str, *, table: str | None = None) -> None:
         where = (table, None) if table else self.where(path)
-        self.found.append((path, Problem(self.name, *where, message)))
+        # A bridge's validator may quote the URL it refused, password and all: `crossroads check` must not.
+        self.found.append((path, Problem(self.name, *where, mask_url(message))))
 
     def position(self, path: tuple) -> tuple[int, ...]:
         """Where a path sits in the file, to list problems top to bottom (a missing key sorts last in its table)."""
@@ -318,7 +269,9 @@ class _Loader:
 
     def interpolate(self, value: Any, path: tuple) -> Any:
         if isinstance(value, str):
-            result, used = self.expand(value, path)
+            result, used, problems = self.interpolator.expand(value)
+            for message in problems:
+                self.problem(path, message)
             if used:
                 self.interpolated.add(path)
             self.check_secret(path, value, used)
@@ -329,93 +282,20 @@ class _Loader:
             return [self.interpolate(item, path + (index,)) for index, item in enumerate(value)]
         return value
 
-    def expand(self, text: str, path: tuple) -> tuple[Any, bool]:
-        """The text with every reference replaced, and whether it held one; _UNRESOLVED if one failed."""
-        out, used, failed, start = [], False, False, 0
-        for found in _REFERENCE.finditer(text):
-            out.append(text[start:found.start()])
-            start = found.end()
-            if found.group(0) == "$${":
-                out.append("${")
-                continue
-            used = True
-            if found.group(1) is None:
-                self.problem(path, f'"${{" is never closed by "}}": {_FORMS}')
-                failed = True
-                continue
-            # A resolved value is inserted as it is, never interpolated again: a secret may hold "${".
-            value = self.resolve(found.group(1), path)
-            failed = failed or value is None
-            out.append(value or "")
-        out.append(text[start:])
-        return (_UNRESOLVED if failed else "".join(out)), used
-
-    def resolve(self, reference: str, path: tuple) -> str | None:
-        source, colon, argument = reference.partition(":")
-        if not colon:
-            if not _ENV_NAME.fullmatch(reference):
-                self.problem(path, f"${{{reference}}} is not a valid reference: {_FORMS}")
-                return None
-            value = self.environ.get(reference)
-            if value is None:
-                self.problem(path, f"environment variable {reference} is not set: set it in the environment "
-                                   "(under systemd, in the unit's Environment= or EnvironmentFile=), or read the "
-                                   "value from a file with ${file:path} or ${credential:NAME}")
-            return value
-        if source == "file":
-            return self.read_file(argument, path)
-        if source == "credential":
-            return self.read_credential(argument, path)
-        self.problem(path, f"${{{reference}}}: unknown source {source!r}: {_FORMS}")
-        return None
-
-    def read_file(self, argument: str, path: tuple) -> str | None:
-        if not argument:
-            self.problem(path, "${file:} names no file: write ${file:path/to/file}")
-            return None
-        file = Path(argument)
-        file = file if file.is_absolute() else self.directory / file
-        return self.read_text(file, path, f"${{file:{argument}}}", "create it, or fix the path (a relative path "
-                              "is relative to the config file's directory)")
-
-    def read_credential(self, name: str, path: tuple) -> str | None:
-        if not name or "/" in name or name in (".", ".."):
-            self.problem(path, f"${{credential:{name}}}: a credential name is a plain file name, like "
-                               "${credential:irc-password}")
-            return None
-        directory = self.environ.get("CREDENTIALS_DIRECTORY")
-        if not directory:
-            self.problem(path, f"${{credential:{name}}}: $CREDENTIALS_DIRECTORY is not set, so there are no "
-                               f"systemd credentials: add LoadCredential={name}:/path/to/secret to the unit "
-                               f"(or, outside systemd, set CREDENTIALS_DIRECTORY to a directory holding a file {name})")
-            return None
-        return self.read_text(Path(directory) / name, path, f"${{credential:{name}}}",
-                              f"add LoadCredential={name}:/path/to/secret to the unit")
-
-    def read_text(self, file: Path, path: tuple, reference: str, advice: str) -> str | None:
-        try:
-            return _strip_newline(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            self.problem(path, f"{reference}: no such file {file}; {advice}")
-        except OSError as exc:
-            self.problem(path, f"{reference}: cannot read {file}: {exc.strerror}")
-        except UnicodeDecodeError:
-            self.problem(path, f"{reference}: {file} is not UTF-8 text")
-        return None
-
     def check_secret(self, path: tuple, raw: str, used: bool) -> None:
-        """Warn about a secret written into the file; the file is often readable by more people than the secret."""
+        """Warn about a secret written into the file, naming a variable to take it from."""
         key = next((part for part in reversed(path) if isinstance(part, str)), "")
         table, _ = self.where(path)
-        suggestion = (f'"${{{_env_name(table, key)}}}" (environment) or '
-                      f'"${{credential:{_env_name(table, key).lower().replace("_", "-")}}}" (systemd LoadCredential=)')
-        if _looks_secret(key) and raw and not used:
-            self.warn(path, f"a secret written into the config file: keep it out of the file, use {suggestion}")
-            return
-        found = _URL_PASSWORD.search(raw)
-        if found and "${" not in (found.group(1) or found.group(2)):
-            self.warn(path, "a URL with a password written into the config file: take the password (or the whole "
-                            f"URL) from the environment or a credential, e.g. {suggestion}")
+        item = ""
+        if len(path) >= 2 and isinstance(path[-2], int):  # in a list entry ({name = "#ops", key = ...}): its name
+            entry = self.document
+            for part in path[:-1]:
+                entry = entry[part]
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                item = entry["name"]
+        warning = secret.literal_secret_warning(table, key, raw, used, item)
+        if warning:
+            self.warn(path, warning)
 
     # -- typed values; each returns None after reporting a problem --
 
@@ -540,7 +420,7 @@ class _Loader:
         options: dict[str, Any] = {}
         url = DEFAULT_LAYER_URL
         hosts = None
-        if "hosts" in values and not _contains_unresolved(values["hosts"]):
+        if "hosts" in values and not contains_unresolved(values["hosts"]):
             hosts = self.string_list(("layer", "hosts"), values["hosts"], "Redis URLs")
             for index, host in enumerate(hosts or []):
                 scheme = self.layer_url(("layer", "hosts", index), host)
@@ -555,7 +435,7 @@ class _Loader:
         # Cross-checks against a url (or hosts) that is wrong already would only repeat its problem.
         url_ok = "hosts" not in values or hosts is not None
         if "url" in values:
-            url_ok = values["url"] is not _UNRESOLVED and self.text(("layer", "url"), values["url"]) is not None \
+            url_ok = values["url"] is not UNRESOLVED and self.text(("layer", "url"), values["url"]) is not None \
                 and self.layer_url(("layer", "url"), values["url"]) is not None and url_ok
             if url_ok:
                 url = values["url"]
@@ -577,7 +457,7 @@ class _Loader:
                                                                               secret=True),
         }
         for key, check in checks.items():
-            if key in values and not _contains_unresolved(values[key]):
+            if key in values and not contains_unresolved(values[key]):
                 value = check(("layer", key), values[key])
                 if value is not None:
                     options[key] = value
@@ -633,7 +513,7 @@ class _Loader:
     def check_routing(self, values: dict) -> str | None:
         self.unknown_keys("routing", values, ROUTING_KEYS)
         value = values.get("app")
-        if value is None or value is _UNRESOLVED:
+        if value is None or value is UNRESOLVED:
             return None
         shape = _APP.fullmatch(value) if isinstance(value, str) else None
         if not shape or any(keyword.iskeyword(part) for part in re.split(r"[.:]", value)):
@@ -645,10 +525,10 @@ class _Loader:
     def check_worker(self, values: dict) -> WorkerConfig:
         self.unknown_keys("worker", values, WORKER_KEYS)
         settings: dict[str, Any] = {}
-        if "threads" in values and values["threads"] is not _UNRESOLVED:
+        if "threads" in values and values["threads"] is not UNRESOLVED:
             settings["threads"] = self.integer(("worker", "threads"), values["threads"], 1)
         for key in ("only_channels", "exclude_channels"):
-            if key in values and not _contains_unresolved(values[key]):
+            if key in values and not contains_unresolved(values[key]):
                 settings[key] = self.patterns(("worker", key), values[key], key == "only_channels")
         return WorkerConfig(**{key: value for key, value in settings.items() if value is not None})
 
@@ -666,11 +546,11 @@ class _Loader:
                              f"'-' (it is used in channel names and logs), like [bridges.{suggestion}]", table=table)
             bridge_type = self.bridge_type(name, settings)
             enabled = True
-            if "enabled" in settings and settings["enabled"] is not _UNRESOLVED:
+            if "enabled" in settings and settings["enabled"] is not UNRESOLVED:
                 enabled = self.boolean(("bridges", name, "enabled"), settings["enabled"])
             options = {key: value for key, value in settings.items() if key not in BRIDGE_KEYS}
             # A bridge whose values did not interpolate is not validated: its missing values are reported already.
-            if bridge_validator and bridge_type and not _contains_unresolved(options):
+            if bridge_validator and bridge_type and not contains_unresolved(options):
                 options = self.validate_bridge(bridge_validator, name, bridge_type, options)
             if bridge_type is not None and enabled is not None:
                 bridges[name] = BridgeConfig(name=name, type=bridge_type, enabled=enabled, options=options)
@@ -689,7 +569,7 @@ class _Loader:
             self.problem(path, f"missing: every bridge needs a type: {types} or a third-party bridge's type{hint}")
             return None
         value = settings["type"]
-        if value is _UNRESOLVED:
+        if value is UNRESOLVED:
             return None
         if not isinstance(value, str) or not value.strip():
             self.problem(path, f"must be {types} or a third-party bridge's type, got {_show(value)}")

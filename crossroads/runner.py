@@ -6,21 +6,22 @@ a graceful stop on SIGTERM (bridges drain their replies, the worker finishes
 the messages in hand). What a bridge does belongs to ``bridges/``; running a
 message to ``consumers/``.
 
-Health is published beside the layer on Redis: one hash ``{prefix}:health``
-(field = bridge name, value = JSON of ``Bridge.status()`` plus the time and
-pid), refreshed every ``HEALTH_INTERVAL`` seconds, so ``crossroads status``
-run anywhere sees every bridge process. A memory:// layer lives in one
-process, so there the health goes to the log instead.
+Health is published as the layer's key/value record ``health`` (field =
+bridge name, value = ``Bridge.status()`` plus the time and pid), merged every
+``HEALTH_INTERVAL`` seconds, so ``crossroads status`` run anywhere sees every
+bridge process of a Redis layer. A memory:// layer lives in one process, so
+there only that process could read it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from typing import Any
+
+from crossroads.layer import mask_url
 
 from .config import BridgeConfig, Config
 from .daemon import notify
@@ -28,36 +29,24 @@ from .daemon import notify
 log = logging.getLogger("crossroads")
 
 HEALTH_INTERVAL = 5.0
-HEALTH_KEY_ROUTE = "crossroads.health"  # the shard of this channel name holds the health hash
+HEALTH_KEY = "health"  # the layer's key/value record of every bridge's status
+HEALTH_RETENTION = 86400  # seconds the record outlives the last report of any process
 
 
-def health_key(channel_layer: Any) -> str:
-    return f"{channel_layer.options.prefix}:health"
-
-
-def publishes_health(channel_layer: Any) -> bool:
-    return hasattr(channel_layer.sync, "execute_beside")
-
-
-def publish_health(channel_layer: Any, bridges: list[Any]) -> None:
-    """Write every bridge's status into the health hash (blocking: call it off the loop)."""
+async def publish_health(channel_layer: Any, bridges: list[Any]) -> None:
+    """Merge every bridge's status into the health record (other processes' bridges keep theirs)."""
     now = time.time()
-    fields = [part for bridge in bridges for part in
-              (bridge.name, json.dumps({**bridge.status(), "updated": now, "pid": os.getpid()}))]
+    fields = {bridge.name: {**bridge.status(), "updated": now, "pid": os.getpid()} for bridge in bridges}
     if fields:
-        channel_layer.sync.execute_beside(HEALTH_KEY_ROUTE, [("HSET", health_key(channel_layer), *fields)])
+        await channel_layer.kv_update(HEALTH_KEY, fields, HEALTH_RETENTION)
 
 
 def read_health(channel_layer: Any) -> dict[str, dict]:
     """Every bridge's last published status, with ``stale`` set when its process stopped reporting."""
-    (fields,) = channel_layer.sync.execute_beside(HEALTH_KEY_ROUTE, [("HGETALL", health_key(channel_layer))])
-    pairs = fields.items() if isinstance(fields, dict) else zip(fields[::2], fields[1::2], strict=True)
     now = time.time()
-    found = {}
-    for name, value in pairs:
-        status = json.loads(value)
+    found = channel_layer.sync.kv_get(HEALTH_KEY)
+    for status in found.values():
         status["stale"] = now - status["updated"] > 3 * HEALTH_INTERVAL
-        found[name.decode()] = status
     return found
 
 
@@ -96,7 +85,7 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
         parts = [f"{b.name} ({b.type_name})" for b in bridges] + (["a worker"] if worker else [])
         log.info("serving: %s", ", ".join(parts) or "nothing yet (no bridges enabled, no [routing] app)")
         notify("READY=1")
-        if bridges and publishes_health(channel_layer):
+        if bridges:
             tasks.append(asyncio.ensure_future(keep_publishing()))
         if stats_interval:
             tasks.append(asyncio.ensure_future(log_stats()))
@@ -104,7 +93,7 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
     async def keep_publishing() -> None:
         while True:
             try:
-                await asyncio.to_thread(publish_health, channel_layer, bridges)
+                await publish_health(channel_layer, bridges)
             except Exception as exc:  # the layer being down is the bridges' problem to report, not ours
                 log.debug("could not publish health: %s", exc)
             await asyncio.sleep(HEALTH_INTERVAL)
@@ -127,9 +116,9 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
         if worker is not None:
             worker.stop()
             await asyncio.to_thread(worker.join, 60)
-        if bridges and publishes_health(channel_layer):
+        if bridges:
             try:
-                await asyncio.to_thread(publish_health, channel_layer, bridges)  # record "stopped"
+                await publish_health(channel_layer, bridges)  # record "stopped"
             except Exception as exc:
                 log.debug("could not publish the final health: %s", exc)
         await channel_layer.close()
@@ -140,7 +129,7 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
         def started(done: asyncio.Task) -> None:
             if not done.cancelled() and done.exception() is not None:
                 failures.append(done.exception())
-                log.error("could not start: %s", done.exception())
+                log.error("could not start: %s", mask_url(str(done.exception())))  # it may name a URL
                 reactor.stop()
 
         task.add_done_callback(started)

@@ -16,15 +16,18 @@ from __future__ import annotations
 from typing import Any
 
 from .base import (
+    AuthenticationFailed,
     ChannelFull,
     GroupSendResult,
     InvalidChannelName,
     LayerError,
     LayerUnavailable,
     MessageTooLarge,
+    mask_url,
 )
 
 __all__ = [
+    "AuthenticationFailed",
     "ChannelFull",
     "GroupSendResult",
     "InvalidChannelName",
@@ -32,6 +35,7 @@ __all__ = [
     "LayerUnavailable",
     "MessageTooLarge",
     "from_url",
+    "mask_url",
 ]
 
 
@@ -48,6 +52,6 @@ def from_url(url: str = "memory://", **options: Any):
         hosts = options.pop("hosts", None) or [url]
         return RedisLayer(hosts, **options)
     raise ValueError(
-        f"unknown layer URL {url!r}: use memory://, redis://host:port/db, rediss://host:port/db "
+        f"unknown layer URL {mask_url(url)!r}: use memory://, redis://host:port/db, rediss://host:port/db "
         "or unix:///path/to/redis.sock"
     )

@@ -5,6 +5,11 @@ the name rules, the limits, the errors, the wire format of a stored message,
 capacity lookup, and the counters. Backends (``memory.py``, ``redis.py``) own
 storage and waiting; they must not re-implement anything here.
 
+It also owns the rules of the key/value records every backend keeps beside
+its channels (``kv_get``/``kv_set``/``kv_update``/``kv_delete``: channel
+sessions, bridge health), and ``mask_url``, the one way anything of ours
+prints a URL that may carry a password.
+
 Theory of operation: a message is validated and serialized exactly once, at
 ``send``. The serialized bytes are what a backend stores, so the size limit is
 checked on the real payload, mutation after ``send`` is invisible, and bytes
@@ -13,12 +18,13 @@ and str survive the trip because msgpack keeps them distinct.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import secrets
 import string
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +35,11 @@ CHANNEL_NAME_RE = re.compile(r"^[a-zA-Z\d\-_.]+((\?|\!)[\d\w\-_.]*)?$", re.ASCII
 GROUP_NAME_RE = re.compile(r"^[a-zA-Z\d\-_.]+$", re.ASCII)
 MAX_NAME_LENGTH = 100  # names must be shorter than this
 
-MAX_MESSAGE_SIZE = 1024 * 1024  # 1 MiB of serialized message
+MAX_MESSAGE_SIZE = 1024 * 1024  # 1 MiB of serialized message (and of a key/value record's values)
+
+# Key/value record names: channel-name characters plus ':', so a reply channel fits after a "session:" prefix.
+KV_KEY_RE = re.compile(r"^[a-zA-Z\d\-_.:!?]+$", re.ASCII)
+MAX_KV_KEY_LENGTH = 200
 
 DEFAULT_CAPACITY = 100
 DEFAULT_EXPIRY = 60
@@ -65,6 +75,10 @@ class LayerUnavailable(LayerError):
     """The layer's backing store cannot be reached right now."""
 
 
+class AuthenticationFailed(LayerUnavailable):
+    """The backing store refused our credentials: the fix is the password, not a restart."""
+
+
 class LayerErrors:
     """Every layer and face carries its exception classes as attributes, as ASGI 1.0 asked."""
 
@@ -72,7 +86,8 @@ class LayerErrors:
     MessageTooLarge = MessageTooLarge
     InvalidChannelName = InvalidChannelName
     LayerUnavailable = LayerUnavailable
-    extensions = ("groups", "flush", "stats", "receive_many", "send_many")
+    AuthenticationFailed = AuthenticationFailed
+    extensions = ("groups", "flush", "stats", "receive_many", "send_many", "kv")
 
 
 def refused_error(refused: list[str], total: int, capacity_for: Callable[[str], int]) -> ChannelFull:
@@ -244,6 +259,63 @@ def read_entry(entry: bytes, queue: str) -> tuple[float, str, bytes]:
     if name_len:
         return expires_at, entry[start : start + name_len].decode(), entry[start + name_len :]
     return expires_at, queue, entry[start:]
+
+
+def check_kv_key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise InvalidChannelName(f"key/value key must be str, not {type(key).__name__}: {key!r}")
+    if len(key) > MAX_KV_KEY_LENGTH or not KV_KEY_RE.match(key):
+        raise InvalidChannelName(
+            f"invalid key/value key {key[:40]!r}: use up to {MAX_KV_KEY_LENGTH} letters, digits and '-_.:!?'"
+        )
+    return key
+
+
+def check_ttl(ttl: Any) -> float:
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl < math.inf:
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    return ttl
+
+
+def pack_fields(fields: Any) -> dict[str, bytes]:
+    """Serialize a record's values one by one (so one field can change alone); the names must be str.
+
+    The values together may hold up to 1 MiB, like a message; ``TypeError`` for
+    what msgpack cannot carry, ``MessageTooLarge`` over the limit.
+    """
+    if not isinstance(fields, Mapping):
+        raise TypeError(f"key/value fields must be a dict, not {type(fields).__name__}")
+    packed: dict[str, bytes] = {}
+    size = 0
+    for name, value in fields.items():
+        if not isinstance(name, str):
+            raise TypeError(f"key/value field names must be str, not {type(name).__name__}: {name!r}")
+        try:
+            packed[name] = msgpack.packb(value, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"field {name!r} cannot be serialized ({exc}); use dicts, lists, str, bytes, "
+                            "numbers, bools and None") from exc
+        size += len(name) + len(packed[name])
+    if size > MAX_MESSAGE_SIZE:
+        raise MessageTooLarge(f"key/value record is {size} bytes serialized; the limit is {MAX_MESSAGE_SIZE}")
+    return packed
+
+
+def unpack_fields(packed: Mapping[str, bytes]) -> dict[str, Any]:
+    return {name: msgpack.unpackb(value, raw=False, strict_map_key=False) for name, value in packed.items()}
+
+
+# The password in scheme://user:password@host, or in a ?password= query (redis-py reads both).
+URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*?:([^/?#@\s]+)@|[?&]password=([^&#\s]+)")
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``****``: for anything we print or log."""
+    def mask(found: re.Match) -> str:
+        start, end = found.span(1) if found.group(1) else found.span(2)
+        return found.group(0)[: start - found.start()] + "****" + found.group(0)[end - found.start() :]
+
+    return URL_PASSWORD.sub(mask, text) if "://" in text or "password=" in text else text
 
 
 def glob_to_regex(pattern: str) -> str:

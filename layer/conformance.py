@@ -11,7 +11,7 @@ Use it from pytest by subclassing and saying how to build your layer::
 Every case runs on both faces: the blocking one (``layer.sync``) and the async
 one (driven on an event loop of its own). Cases 1-18 port the ASGI 1.0
 conformance suite of asgiref 1.x; the rest are the guarantees crossroads adds
-(docs/spec/layer.md). The layer is built with a short ``expiry`` and
+(docs/spec/layer.md), among them the key/value records (``kv_*``). The layer is built with a short ``expiry`` and
 ``group_expiry`` so that expiry cases wait a fraction of a second; they wait
 for time itself to pass, which is the behaviour under test.
 """
@@ -369,6 +369,72 @@ class LayerConformance:
         layer.receive(["st_a"])
         stats = layer.stats()
         assert stats["pending"] == {"st_a": 1, "st_b!": 1} and stats["received"] == 1
+
+    # -- key/value records: the state beside the channels (sessions, health) --
+
+    def test_kv_set_get_delete(self, layer: Any) -> None:
+        assert "kv" in layer.extensions  # what session_store looks for
+        record = {"nick": "ada", "raw": b"\x00\xff", "seen": [1, 2.5, None, True], "nested": {"a": "b"}}
+        assert layer.kv_get("kv_test:ws!abc") == {}
+        layer.kv_set("kv_test:ws!abc", record, 60)
+        assert layer.kv_get("kv_test:ws!abc") == record
+        assert type(layer.kv_get("kv_test:ws!abc")["raw"]) is bytes  # bytes and str stay distinct
+        layer.kv_set("kv_test:ws!abc", {"nick": "grace"}, 60)  # a set replaces the whole record
+        assert layer.kv_get("kv_test:ws!abc") == {"nick": "grace"}
+        layer.kv_delete("kv_test:ws!abc")
+        assert layer.kv_get("kv_test:ws!abc") == {}
+        layer.kv_set("kv_test:empty", {"a": 1}, 60)
+        layer.kv_set("kv_test:empty", {}, 60)  # an empty record is no record
+        assert layer.kv_get("kv_test:empty") == {}
+        layer.kv_delete("kv_test:never-set")  # deleting what is not there is no error
+
+    def test_kv_update_merges_fields(self, layer: Any) -> None:
+        layer.kv_update("kv_health", {"irc": {"state": "connected"}}, 60)
+        layer.kv_update("kv_health", {"mqtt": {"state": "connecting"}}, 60)
+        layer.kv_update("kv_health", {"mqtt": {"state": "connected"}}, 60)
+        assert layer.kv_get("kv_health") == {"irc": {"state": "connected"}, "mqtt": {"state": "connected"}}
+
+    def test_kv_expiry(self, layer: Any) -> None:
+        layer.kv_set("kv_expiring", {"a": 1}, EXPIRY)
+        layer.kv_update("kv_expiring_update", {"a": 1}, EXPIRY)
+        layer.kv_set("kv_kept", {"a": 1}, 60)
+        time.sleep(EXPIRY + 0.2)
+        assert layer.kv_get("kv_expiring") == {}
+        assert layer.kv_get("kv_expiring_update") == {}
+        assert layer.kv_get("kv_kept") == {"a": 1}
+
+    def test_kv_mutation_after_set(self, layer: Any) -> None:
+        record = {"list": [1]}
+        layer.kv_set("kv_mutated", record, 60)
+        record["list"].append(2)
+        got = layer.kv_get("kv_mutated")
+        assert got == {"list": [1]}
+        got["list"].append(3)
+        assert layer.kv_get("kv_mutated") == {"list": [1]}
+
+    def test_kv_flush(self, layer: Any) -> None:
+        layer.kv_set("kv_flushed", {"a": 1}, 60)
+        layer.flush()
+        assert layer.kv_get("kv_flushed") == {}
+
+    def test_kv_errors(self, layer: Any) -> None:
+        for key in ("has space", "", "k" * (base.MAX_KV_KEY_LENGTH + 1), b"bytes", None):
+            with pytest.raises(base.InvalidChannelName):
+                layer.kv_set(key, {"a": 1}, 60)
+            with pytest.raises(base.InvalidChannelName):
+                layer.kv_get(key)
+        for ttl in (0, -1, float("inf"), "60", None, True):
+            with pytest.raises(ValueError):
+                layer.kv_set("kv_bad", {"a": 1}, ttl)
+        with pytest.raises(TypeError):
+            layer.kv_set("kv_bad", {1: "a name must be str"}, 60)
+        with pytest.raises(TypeError):
+            layer.kv_update("kv_bad", {"a": object()}, 60)
+        with pytest.raises(TypeError):
+            layer.kv_set("kv_bad", ["not", "a", "dict"], 60)
+        with pytest.raises(base.MessageTooLarge):
+            layer.kv_set("kv_bad", {"a": b"x" * base.MAX_MESSAGE_SIZE}, 60)
+        assert layer.kv_get("kv_bad") == {}  # nothing of a refused write was stored
 
     def test_threads_and_tasks_at_once(self, raw_layer: Any) -> None:
         """Threads and coroutines send and receive at once: nothing lost, nothing twice."""

@@ -53,6 +53,7 @@ class MemoryLayer(base.LayerErrors):
         self._queues: dict[str, deque[Entry]] = {}
         self._waiters: dict[str, deque[_Waiter]] = {}
         self._groups: dict[str, dict[str, float]] = {}
+        self._records: dict[str, tuple[float, dict[str, bytes]]] = {}  # key -> (expires_at, packed fields)
         self.sync = _SyncFace(self)
 
     def __repr__(self) -> str:
@@ -274,10 +275,38 @@ class MemoryLayer(base.LayerErrors):
                         result.dropped, result.dropped + result.delivered)
         return result
 
+    def _kv_get(self, key: str) -> dict[str, Any]:
+        base.check_kv_key(key)
+        with self._lock:
+            found = self._records.get(key)
+            if found is not None and found[0] < time.time():
+                del self._records[key]
+                found = None
+        return {} if found is None else base.unpack_fields(found[1])
+
+    def _kv_set(self, key: str, fields: dict, ttl: float, *, replace: bool = True) -> None:
+        base.check_kv_key(key)
+        packed = base.pack_fields(fields)
+        expires_at = time.time() + base.check_ttl(ttl)
+        with self._lock:
+            found = self._records.get(key)
+            if not replace and found is not None and found[0] >= time.time():
+                packed = {**found[1], **packed}
+            if packed:
+                self._records[key] = (expires_at, packed)
+            else:
+                self._records.pop(key, None)
+
+    def _kv_delete(self, key: str) -> None:
+        base.check_kv_key(key)
+        with self._lock:
+            self._records.pop(key, None)
+
     def _flush(self) -> None:
         with self._lock:
             self._queues.clear()
             self._groups.clear()
+            self._records.clear()
 
     def _stats(self) -> dict[str, Any]:
         with self._lock:
@@ -315,6 +344,18 @@ class MemoryLayer(base.LayerErrors):
 
     async def group_send(self, group: str, message: dict) -> GroupSendResult:
         return self._group_send(group, message)
+
+    async def kv_get(self, key: str) -> dict[str, Any]:
+        return self._kv_get(key)
+
+    async def kv_set(self, key: str, fields: dict, ttl: float) -> None:
+        self._kv_set(key, fields, ttl)
+
+    async def kv_update(self, key: str, fields: dict, ttl: float) -> None:
+        self._kv_set(key, fields, ttl, replace=False)
+
+    async def kv_delete(self, key: str) -> None:
+        self._kv_delete(key)
 
     async def flush(self) -> None:
         self._flush()
@@ -360,6 +401,18 @@ class _SyncFace(base.LayerErrors):
 
     def group_send(self, group: str, message: dict) -> GroupSendResult:
         return self.layer._group_send(group, message)
+
+    def kv_get(self, key: str) -> dict[str, Any]:
+        return self.layer._kv_get(key)
+
+    def kv_set(self, key: str, fields: dict, ttl: float) -> None:
+        self.layer._kv_set(key, fields, ttl)
+
+    def kv_update(self, key: str, fields: dict, ttl: float) -> None:
+        self.layer._kv_set(key, fields, ttl, replace=False)
+
+    def kv_delete(self, key: str) -> None:
+        self.layer._kv_delete(key)
 
     def flush(self) -> None:
         self.layer._flush()

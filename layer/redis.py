@@ -12,12 +12,15 @@ Storage, per shard:
 - ``{prefix}:g:{group}``: a sorted set of member channels scored by expiry, on
   the shard of each member's queue, so one Lua call per shard can deliver to
   every member of a group without crossing shards.
+- ``{prefix}:kv:{key}``: a key/value record, a hash of field -> msgpack value
+  with a Redis expiry, on the shard its key hashes to.
 
 Cost: a send is one ``EVALSHA`` (capacity check, expired-head trim and push in
 one atomic script, no separate body key); a receive is one ``BLMPOP`` (atomic
 pop, no second fetch that could lose the message); ``send_many`` and
 ``receive_many`` are one round trip per shard; ``group_send`` is one script
-call per shard.
+call per shard; every key/value call is one round trip (a MULTI block sent in
+one write where it changes several things).
 
 Sharding: a queue lives on the shard its name hashes to on a consistent-hash
 ring (160 points per shard, named by the shard's URL without credentials), so
@@ -53,13 +56,14 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from . import base
-from .base import ChannelFull, Counters, GroupSendResult, LayerOptions, LayerUnavailable
+from .base import AuthenticationFailed, ChannelFull, Counters, GroupSendResult, LayerOptions, LayerUnavailable
 from .sealing import Sealer, Undecryptable
 
 log = logging.getLogger("crossroads.layer.redis")
@@ -185,7 +189,7 @@ def glob_to_lua(pattern: str) -> str:
 
 
 def public_url(url: str) -> str:
-    """The URL without its password, for logs and for naming ring points."""
+    """The URL without its credentials and query: a shard's name on the ring (which must not change) and in logs."""
     parts = urlsplit(url)
     netloc = parts.hostname or ""
     if parts.port:
@@ -444,7 +448,41 @@ class RedisLayer(base.LayerErrors):
             commands = [("ZREM", key, channel)]
         return shard, commands
 
+    def _kv_get_command(self, key: str) -> tuple[int, tuple]:
+        base.check_kv_key(key)
+        return self.ring.shard(key), ("HGETALL", f"{self.options.prefix}:kv:{key}")
+
+    def _kv_set_commands(self, key: str, fields: dict, ttl: float, replace: bool) -> tuple[int, list[tuple]]:
+        """One atomic block: (for a replace) drop the old record, write the fields, set the expiry."""
+        base.check_kv_key(key)
+        packed = base.pack_fields(fields)
+        milliseconds = max(1, round(base.check_ttl(ttl) * 1000))
+        redis_key = f"{self.options.prefix}:kv:{key}"
+        commands: list[tuple] = [("DEL", redis_key)] if replace else []
+        if packed:
+            commands += [("HSET", redis_key, *(part for item in packed.items() for part in item)),
+                         ("PEXPIRE", redis_key, milliseconds)]
+        elif not replace:
+            commands.append(("PEXPIRE", redis_key, milliseconds))  # nothing to write: refresh the expiry
+        if len(commands) > 1:
+            commands = [("MULTI",), *commands, ("EXEC",)]
+        return self.ring.shard(key), commands
+
+    def _kv_delete_command(self, key: str) -> tuple[int, tuple]:
+        base.check_kv_key(key)
+        return self.ring.shard(key), ("DEL", f"{self.options.prefix}:kv:{key}")
+
+    @staticmethod
+    def _kv_decoded(reply: Any) -> dict[str, Any]:
+        pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+        return base.unpack_fields({name.decode(): value for name, value in pairs})
+
     def _unavailable(self, shard: int, exc: BaseException) -> LayerUnavailable:
+        # redis-py's AuthenticationError is a ConnectionError, but no restart of redis-server will fix it.
+        if isinstance(exc, RedisAuthenticationError):
+            return AuthenticationFailed(
+                f"Redis at {self.names[shard]}: wrong password / authentication failed ({exc}): check [layer] url's "
+                "password (redis://:PASSWORD@host:port/db) or REDIS_PASSWORD, whichever the URL takes it from")
         return LayerUnavailable(f"Redis at {self.names[shard]} is unreachable ({exc}); is redis-server running?")
 
     # -- the async face: I/O --
@@ -473,6 +511,10 @@ class RedisLayer(base.LayerErrors):
         except _IO_ERRORS as exc:
             await conn.disconnect()
             raise self._unavailable(shard, exc) from exc
+        except RedisError:
+            if len(commands) > 1:  # an error reply (OOM, ...) left later replies unread: never hand this on
+                await conn.disconnect()
+            raise
         finally:
             await pool.release(conn)
 
@@ -579,6 +621,20 @@ class RedisLayer(base.LayerErrors):
         replies = await asyncio.gather(*(self._script(s, _GROUP_SEND, [key], args) for s in range(len(self.hosts))))
         return self._group_done(group, replies)
 
+    async def kv_get(self, key: str) -> dict[str, Any]:
+        shard, command = self._kv_get_command(key)
+        return self._kv_decoded(await self._call(shard, *command))
+
+    async def kv_set(self, key: str, fields: dict, ttl: float) -> None:
+        await self._commands(*self._kv_set_commands(key, fields, ttl, replace=True))
+
+    async def kv_update(self, key: str, fields: dict, ttl: float) -> None:
+        await self._commands(*self._kv_set_commands(key, fields, ttl, replace=False))
+
+    async def kv_delete(self, key: str) -> None:
+        shard, command = self._kv_delete_command(key)
+        await self._call(shard, *command)
+
     async def flush(self) -> None:
         for shard in range(len(self.hosts)):
             async for keys in self._scan(shard, f"{self.options.prefix}:*"):
@@ -667,7 +723,8 @@ class _SendBatch:
             for batch in queues.values():
                 for future in batch[3]:
                     if not future.done():
-                        future.set_exception(LayerUnavailable(str(exc)) if isinstance(exc, LayerUnavailable) else exc)
+                        # A fresh error per sender, of the same class (AuthenticationFailed stays one).
+                        future.set_exception(type(exc)(str(exc)) if isinstance(exc, LayerUnavailable) else exc)
             return
         layer.counters.expired += expired
         for (capacity, channels, _, futures), refused in zip(queues.values(), refused_counts, strict=True):
@@ -708,19 +765,29 @@ class _SyncRedis(base.LayerErrors):
         except _IO_ERRORS as exc:
             conn.disconnect()
             raise self.layer._unavailable(shard, exc) from exc
+        except RedisError:
+            if len(commands) > 1:  # an error reply (OOM, ...) left later replies unread: never hand this on
+                conn.disconnect()
+            raise
         finally:
             pool.release(conn)
 
     def _call(self, shard: int, *args: Any, read_timeout: Any = _DEFAULT) -> Any:
         return self._commands(shard, [args], read_timeout)[0]
 
-    def execute_beside(self, channel: str, commands: list[tuple]) -> list:
-        """Run raw commands on the shard that holds ``channel``'s queue, in one round trip.
+    def kv_get(self, key: str) -> dict[str, Any]:
+        shard, command = self.layer._kv_get_command(key)
+        return self.layer._kv_decoded(self._call(shard, *command))
 
-        For stores that live beside the layer (channel sessions); keys should
-        start with ``self.layer.options.prefix`` so ``flush`` clears them too.
-        """
-        return self._commands(self.layer.ring.shard(base.queue_name(channel)), commands)
+    def kv_set(self, key: str, fields: dict, ttl: float) -> None:
+        self._commands(*self.layer._kv_set_commands(key, fields, ttl, replace=True))
+
+    def kv_update(self, key: str, fields: dict, ttl: float) -> None:
+        self._commands(*self.layer._kv_set_commands(key, fields, ttl, replace=False))
+
+    def kv_delete(self, key: str) -> None:
+        shard, command = self.layer._kv_delete_command(key)
+        self._call(shard, *command)
 
     def _script(self, shard: int, script: _Script, keys: list, args: list) -> Any:
         try:

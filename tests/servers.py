@@ -97,18 +97,21 @@ class ServerProcess:
 class RedisServer(ServerProcess):
     """One ``redis-server`` process on a free port, in its own directory, persisting nothing."""
 
-    def __init__(self, workdir: Path, port: int | None = None, tls: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, tls: dict[str, str] | None = None,
+                 password: str = "") -> None:
         self.binary = require_binary("redis-server")
         self.workdir = workdir
         self.port = port or free_port()
         self.tls = tls  # {"cert": path, "key": path, "ca": path}: serve TLS only
+        self.password = password  # requirepass: clients must AUTH with it (the url carries it)
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
         if self.tls:
-            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls['ca']}"
-        return f"redis://127.0.0.1:{self.port}/0"
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls['ca']}"
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         listen = ["--port", str(self.port)]
@@ -116,6 +119,8 @@ class RedisServer(ServerProcess):
             listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls["cert"],
                       "--tls-key-file", self.tls["key"], "--tls-ca-cert-file", self.tls["ca"],
                       "--tls-auth-clients", "no"]
+        if self.password:
+            listen += ["--requirepass", self.password]
         self.launch([self.binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                      "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")], "redis.out", self.port)
         return self

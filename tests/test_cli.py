@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from servers import free_port
+from servers import RedisServer, free_port
 
 from crossroads import layer
 
@@ -50,6 +50,50 @@ def test_layer_check_says_what_to_do_when_redis_is_down():
     assert result.returncode == 1
     assert "unreachable" in result.stderr and "is redis-server running?" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+SECRET = "s3cret-Pw"
+
+
+@pytest.fixture(scope="module")
+def redis_with_password(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis-auth"), password=SECRET).start()
+    yield server
+    server.stop()
+
+
+def test_layer_check_never_prints_the_password(redis_with_password):
+    result = run("layer", "check", "--layer", redis_with_password.url)
+    assert result.returncode == 0, result.stderr
+    assert f"layer redis://:****@127.0.0.1:{redis_with_password.port}/0: ok" in result.stdout
+    assert SECRET not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("auth", [":wrong-Pw@", ""], ids=["wrong password", "no password"])
+def test_layer_check_says_the_password_is_wrong_and_what_to_fix(redis_with_password, auth):
+    result = run("layer", "check", "--layer", f"redis://{auth}127.0.0.1:{redis_with_password.port}/0")
+    assert result.returncode == 1
+    assert "wrong password / authentication failed" in result.stderr
+    assert "check [layer] url's password" in result.stderr and "REDIS_PASSWORD" in result.stderr
+    assert "is redis-server running?" not in result.stderr and "Traceback" not in result.stderr
+    assert "wrong-Pw" not in result.stderr + result.stdout
+
+
+def test_check_and_status_never_print_the_password(tmp_path, redis_with_password):
+    config = write_config(tmp_path, f'[layer]\nurl = "{redis_with_password.url}"\nprefix = "cliauth"\n')
+    for command in ("check", "status"):
+        result = run(command, "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert SECRET not in result.stdout + result.stderr
+    assert f"layer redis://:****@127.0.0.1:{redis_with_password.port}/0" in result.stdout
+
+
+def test_status_names_the_password_when_redis_refuses_it(tmp_path, redis_with_password):
+    url = f"redis://:wrong-Pw@127.0.0.1:{redis_with_password.port}/0"
+    config = write_config(tmp_path, f'[layer]\nurl = "{url}"\n')
+    result = run("status", "--config", str(config))
+    assert result.returncode == 1
+    assert "wrong password / authentication failed" in result.stderr and "wrong-Pw" not in result.stderr
 
 
 def test_unknown_scheme_is_a_one_line_error():

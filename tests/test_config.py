@@ -488,6 +488,23 @@ def test_the_warning_suggests_names_built_from_the_bridge_and_key(tmp_path):
     assert '"${IRC_PASSWORD}"' in warning and '"${credential:irc-password}"' in warning
 
 
+def test_a_bridge_error_quoting_a_url_does_not_show_its_password(tmp_path):
+    from crossroads.cli import bridge_validator  # the MQTT bridge's own check, which quotes the URL it refuses
+
+    problem = only_problem(tmp_path, '[bridges.mqtt]\ntype = "mqtt"\nbroker = "ftp://bob:${BROKER_PW}@host"\n',
+                           {"BROKER_PW": "hunter2"}, bridge_validator=bridge_validator)
+    assert "[bridges.mqtt] broker:" in str(problem) and "ftp://bob:****@host" in problem.message
+    assert "hunter2" not in str(problem)
+
+
+def test_a_literal_irc_channel_key_is_a_warning_naming_the_channel(tmp_path):
+    [warning] = load(tmp_path, '[bridges.irc]\ntype = "irc"\nchannels = ["#chat", {name = "#ops", key = "hunter2"}]\n'
+                     ).warnings
+    assert "[bridges.irc] channels[1].key: a secret written into the config file" in warning
+    assert '"${IRC_OPS_KEY}"' in warning and '"${credential:irc-ops-key}"' in warning
+    assert "hunter2" not in warning
+
+
 @pytest.mark.parametrize("url", [
     "redis://:hunter2@localhost:6379/0",
     "rediss://user:hunter2@cache.example:6380/0",
@@ -510,12 +527,14 @@ def test_a_url_password_in_hosts_is_a_warning_too(tmp_path):
     '[bridges.irc]\ntype = "irc"\npassword = ""',
     '[bridges.irc]\ntype = "irc"\npassword_file = "/etc/irc/password"',
     '[bridges.irc]\ntype = "irc"\nmax_tokens = 5',
+    '[bridges.irc]\ntype = "irc"\nchannels = [{name = "#ops", key = "${OPS_KEY}"}]',
+    '[bridges.web]\ntype = "http"\ntls_cert = "/etc/ssl/cert.pem"\ntls_key = "/etc/ssl/key.pem"',
     '[layer]\nurl = "redis://:${REDIS_PASSWORD}@localhost:6379/0"',
     '[layer]\nurl = "redis://localhost:6379/0"',
 ])
 def test_no_warning_for_interpolated_secrets_or_keys_that_only_look_alike(tmp_path, text):
     (tmp_path / "pw").write_text("x")
-    assert load(tmp_path, text + "\n", {"IRC_PASSWORD": "x", "REDIS_PASSWORD": "x"}).warnings == []
+    assert load(tmp_path, text + "\n", {"IRC_PASSWORD": "x", "REDIS_PASSWORD": "x", "OPS_KEY": "x"}).warnings == []
 
 
 def test_warnings_travel_with_the_error_when_there_are_problems_too(tmp_path):

@@ -107,3 +107,23 @@ def test_from_url_rejects_unknown_schemes_helpfully():
 def test_public_url_hides_the_password():
     assert public_url("redis://:s3cret@example.com:6380/2") == "redis://example.com:6380/2"
     assert "s3cret" not in repr(layer.from_url("redis://:s3cret@127.0.0.1:6380/0"))
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("redis://:s3cret@example.com:6380/2", "redis://:****@example.com:6380/2"),
+    ("rediss://user:s3cret@cache:6380/0?ssl_ca_certs=/ca.pem", "rediss://user:****@cache:6380/0?ssl_ca_certs=/ca.pem"),
+    ("unix:///run/redis.sock?db=0&password=s3cret", "unix:///run/redis.sock?db=0&password=****"),
+    ("cannot reach redis://:s3cret@h:1/0 or mqtt://bob:s3cret@broker",
+     "cannot reach redis://:****@h:1/0 or mqtt://bob:****@broker"),
+    ("redis://example.com:6379/0", "redis://example.com:6379/0"),
+    ("redis://user@example.com/0", "redis://user@example.com/0"),
+    ("memory://", "memory://"),
+])
+def test_mask_url_hides_every_password_and_keeps_the_rest(text, shown):
+    assert layer.mask_url(text) == shown
+
+
+def test_an_unknown_scheme_error_does_not_repeat_the_password():
+    with pytest.raises(ValueError) as caught:
+        layer.from_url("amqp://guest:s3cret@localhost")
+    assert "s3cret" not in str(caught.value) and "amqp://guest:****@localhost" in str(caught.value)

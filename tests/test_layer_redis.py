@@ -4,10 +4,12 @@ no polling, TLS, and behaviour while Redis is down (each against real redis-serv
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 
 import pytest
+import redis
 import trustme
 from servers import RedisServer
 
@@ -163,6 +165,91 @@ def test_send_while_redis_is_down_raises_layer_unavailable(own_redis, face):
                 await L.close()
         with pytest.raises(layer.LayerUnavailable, match="unreachable"):
             asyncio.run(send())
+    L.sync.close()
+
+
+@pytest.fixture(scope="module")
+def redis_with_password(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis-auth"), password="s3cret-Pw").start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_wrong_password_says_so_and_never_shows_it(redis_with_password, face, caplog):
+    L = layer.from_url(f"redis://:wrong-Pw@127.0.0.1:{redis_with_password.port}/0", prefix="auth")
+    if face == "sync":
+        with pytest.raises(layer.AuthenticationFailed) as caught:
+            L.sync.send("auth.a", {})
+        assert L.sync.receive(["auth.a"], timeout=0.2) == (None, None)  # a receive retries, and logs why
+    else:
+        async def send_and_receive():
+            try:
+                with pytest.raises(layer.AuthenticationFailed) as caught:
+                    await L.send("auth.a", {})
+                assert await L.receive(["auth.a"], timeout=0.2) == (None, None)
+                return caught
+            finally:
+                await L.close()
+        caught = asyncio.run(send_and_receive())
+    message = str(caught.value)
+    assert "wrong password / authentication failed" in message and "REDIS_PASSWORD" in message
+    assert "is redis-server running?" not in message and isinstance(caught.value, layer.LayerUnavailable)
+    assert "wrong password / authentication failed" in caplog.text
+    assert "wrong-Pw" not in message + caplog.text
+    L.sync.close()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_an_error_reply_inside_a_block_does_not_spoil_the_connection(own_redis, face):
+    """A refused kv_set (Redis out of memory) leaves replies unread; the next call must not read them."""
+    L = layer.from_url(own_redis.url, prefix="spoil")
+    L.sync.kv_set("kept", {"x": 1}, 60)
+
+    async def refused_then_read(kv_set, kv_get):
+        await kv_get("kept")  # the connection the refused block will use is set up before it
+        own_redis.command("CONFIG", "SET", "maxmemory", "1")
+        try:
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                await kv_set("refused", {"x": 2}, 60)
+        finally:
+            own_redis.command("CONFIG", "SET", "maxmemory", "0")
+        return await kv_get("kept")
+
+    if face == "sync":
+        async def call(method, *args):
+            return method(*args)
+        got = asyncio.run(refused_then_read(functools.partial(call, L.sync.kv_set),
+                                            functools.partial(call, L.sync.kv_get)))
+    else:
+        async def go():
+            try:
+                return await refused_then_read(L.kv_set, L.kv_get)
+            finally:
+                await L.close()
+        got = asyncio.run(go())
+    assert got == {"x": 1}
+    L.sync.close()
+
+
+def test_a_session_load_and_save_are_one_command_each(redis_server):
+    """Sessions are on the hot path: a load is one HGETALL, a save one MULTI block written at once."""
+    from crossroads.consumers.sessions import session_store
+
+    L = layer.from_url(redis_server.url, prefix="sesscost")
+    store = session_store(L)
+    store.load("sesscost.warmup!x")  # the connection's set-up, out of the count
+    redis_server.command("CONFIG", "RESETSTAT")
+    session = store.load("sesscost.ws!abc")
+    session["nick"] = "ada"
+    store.save(session)
+    calls = {name: n for name, n in command_calls(redis_server).items()
+             if name.split("|")[0] not in ("info", "config", "client", "hello")}  # set-up, our checks
+    assert calls == {"hgetall": 1, "multi": 1, "del": 1, "hset": 1, "pexpire": 1, "exec": 1}
+    assert store.load("sesscost.ws!abc") == {"nick": "ada"}
+    ttl = redis_server.command("TTL", "sesscost:kv:session:sesscost.ws!abc")
+    assert 86000 < ttl <= 86400  # a session outlives its last save by a day
+    L.sync.flush()
     L.sync.close()
 
 
