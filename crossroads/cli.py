@@ -170,9 +170,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_message_argument(value: str) -> str:
+    """The JSON text ``value`` names: itself, ``-`` for stdin, or ``@path`` for a file's contents.
+
+    A command-line argument is capped by the kernel (about 128 KiB on Linux), so larger
+    messages come from stdin or a file.
+    """
+    if value == "-":
+        return sys.stdin.read()
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_text()
+        except OSError as exc:
+            raise CommandError(f"cannot read the message from {value[1:]}: {exc.strerror}", code=2) from None
+    return value
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     try:
-        content = json.loads(args.json)
+        content = json.loads(read_message_argument(args.json))
     except ValueError as exc:
         raise CommandError(f"the message is not valid JSON ({exc}); quote it for the shell, e.g. "
                            "'{\"text\": \"hello\"}'", code=2) from None
@@ -182,7 +198,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     channel_layer = open_layer(config, shared=True)
     try:
         channel_layer.sync.send(args.channel, content)
-    except layer.InvalidChannelName as exc:
+    except (layer.InvalidChannelName, layer.MessageTooLarge) as exc:
         raise CommandError(str(exc), code=2) from None
     except (layer.ChannelFull, layer.LayerUnavailable) as exc:
         raise CommandError(f"not sent: {exc}") from None
@@ -228,7 +244,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_check(args: argparse.Namespace) -> int:
-    url = args.layer or "memory://"
+    if args.url and args.layer and args.url != args.layer:
+        raise CommandError(f"two layer URLs given ({args.url} and --layer {args.layer}): give one", code=2)
+    url = args.url or args.layer or "memory://"
     try:
         channel_layer = layer.from_url(url)
     except ValueError as exc:
@@ -347,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     run = command("run", cmd_run, "run every enabled bridge and the worker in one process (the all-in-one gateway)")
+    if BUNDLED_EXAMPLE.exists():  # a source checkout ships it; a wheel does not
+        run.epilog = (f"With no --config and no ./{DEFAULT_PATH}, it serves the bundled chat example "
+                      f"({BUNDLED_EXAMPLE}) on http://127.0.0.1:8000/ (docs/chat.md).")
     run.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
                      help="how often to log the layer's counters (default 60)")
     bridge = command("bridge", cmd_bridge, "run one bridge instance as its own daemon")
@@ -360,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="never serve channels matching these patterns")
     send = command("send", cmd_send, "put one message on a channel of the configured layer")
     send.add_argument("channel", metavar="CHANNEL")
-    send.add_argument("json", metavar="JSON", help="the message, a JSON object")
+    send.add_argument("json", metavar="JSON",
+                      help="the message, a JSON object; - reads it from stdin, @PATH from a file (for large ones)")
     systemd = command("systemd", cmd_systemd, "write systemd unit files for this config")
     systemd.add_argument("--output", type=Path, default=Path("systemd-units"), metavar="DIR",
                          help="where to write them (default ./systemd-units)")
@@ -371,7 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     layer_cmd = commands.add_parser("layer", help="check a channel layer by URL, without a config file")
     layer_commands = layer_cmd.add_subparsers(dest="layer_command", metavar="ACTION", required=True)
     check = layer_commands.add_parser("check", help="send a message through the layer and back")
-    check.add_argument("--layer", metavar="URL", help="memory://, redis://[:password@]host:port/db or rediss://...")
+    urls = "memory:// (the default), redis://[:password@]host:port/db or rediss://..."
+    check.add_argument("url", nargs="?", metavar="URL", help=urls)
+    check.add_argument("--layer", metavar="URL", help=f"the same as URL: {urls}")
     check.set_defaults(handler=cmd_layer_check)
     return parser
 
