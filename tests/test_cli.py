@@ -83,6 +83,14 @@ def test_check_names_file_table_and_key_of_every_mistake(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_check_quotes_a_bad_broker_url_once(tmp_path):
+    config = write_config(tmp_path, '[bridges.m]\ntype = "mqtt"\nbroker = "tcp://localhost:1883"\n')
+    result = run("check", "--config", str(config))
+    assert result.returncode == 2
+    assert "[bridges.m] broker: must be mqtt://host:port or mqtts://host:port" in result.stderr
+    assert result.stderr.count("tcp://localhost:1883") == 1, result.stderr
+
+
 def test_check_imports_modules_next_to_the_config(tmp_path):
     (tmp_path / "my_routes.py").write_text("from crossroads import route\nroutes = [route('my.channel', print)]\n")
     config = write_config(tmp_path, '[routing]\napp = "my_routes:routes"\n')

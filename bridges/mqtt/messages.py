@@ -76,19 +76,22 @@ class Broker:
 
 
 def parse_broker(url: str) -> Broker:
-    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` (IPv6 in brackets); raises ValueError saying what is wrong."""
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` (IPv6 in brackets); raises ValueError saying what is wrong.
+
+    The messages leave the URL out: the option check that reports them quotes the value itself.
+    """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"must be mqtt://host:port or mqtts://host:port, not {url!r}")
+        raise ValueError("must be mqtt://host:port or mqtts://host:port")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
+        raise ValueError("bad port: it must be a number from 1 to 65535") from None
     if not parts.hostname:
-        raise ValueError(f"names no host: {url!r}")
+        raise ValueError("names no host")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"must not have a path, query or fragment: {url!r}")
+        raise ValueError("must not have a path, query or fragment")
     return Broker(parts.hostname, port or DEFAULT_PORTS[scheme], scheme == "mqtts",
                   unquote(parts.username or ""), unquote(parts.password or ""))
 
