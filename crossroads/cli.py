@@ -262,6 +262,9 @@ def cmd_layer_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# Bridge options whose values are files the daemon opens (tls_cert, ca_file, unix_socket, ...).
+PATH_OPTION_ENDINGS = ("_file", "_cert", "_key", "_ca", "unix_socket")
+
 BUNDLED_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chat" / "crossroads.toml"
 
 
@@ -303,11 +306,23 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     return serve(config, channel_layer, [chosen, *(config.bridges[name] for name in companions_of(chosen))])
 
 
+def units_of(config: Config) -> dict[str, list[BridgeConfig]]:
+    """The unit instances that run bridges -> the bridges each runs."""
+    if config.layer.url.startswith("memory://"):
+        return {"crossroads.service": config.enabled_bridges()}  # one process: memory:// cannot be shared
+    # a companion (an http bridge's websocket) runs in its owner's unit, not in one of its own
+    return {f"crossroads-bridge@{b.name}.service": [b, *(config.bridges[name] for name in companions_of(b))]
+            for b in config.enabled_bridges() if owner_of(config, b.name) is None}
+
+
 def cmd_systemd(args: argparse.Namespace) -> int:
-    from .systemd import credentials_used, render_units, write_units
+    from crossroads.bridges.base import load_bridge_class
+
+    from .systemd import credentials_used, files_used, render_units, write_units
 
     config_path = args.config or Path(DEFAULT_PATH)
-    used = credentials_used(config_path.read_text()) if config_path.exists() else []
+    config_text = config_path.read_text() if config_path.exists() else ""
+    used = credentials_used(config_text)
     with tempfile.TemporaryDirectory() as stand_ins:
         # Credentials are read by systemd when a unit starts, not here: stand-ins let the rest be checked.
         for name in used:
@@ -325,25 +340,46 @@ def cmd_systemd(args: argparse.Namespace) -> int:
         raise CommandError(f"no config file: write one (docs/configuration.md) and pass --config, or run this "
                            f"where ./{DEFAULT_PATH} is", code=2)
     executable = shutil.which("crossroads") or str(Path(sys.argv[0]).resolve())
-    if config.layer.url.startswith("memory://"):
-        instances = ["crossroads.service"]  # one process: memory:// cannot be shared
-    else:
-        instances = [f"crossroads-bridge@{b.name}.service" for b in config.enabled_bridges()
-                     if owner_of(config, b.name) is None]  # a companion runs in its owner's unit
-        if config.routing_app:
-            instances += [f"crossroads-worker@{i}.service" for i in range(1, args.workers + 1)]
+    instances = list(units_of(config))
+    if not config.layer.url.startswith("memory://") and config.routing_app:
+        instances += [f"crossroads-worker@{i}.service" for i in range(1, args.workers + 1)]
+    listening = [instance for instance, bridges in units_of(config).items()
+                 if any("port" in load_bridge_class(b.type).OPTIONS for b in bridges)]  # they take clients
     units = render_units(executable=executable, config=str(config.path.resolve()), credentials=used,
-                         wants=instances)
+                         wants=instances, listening=listening)
     for path in write_units(args.output, units):
         print(f"wrote {path}")
+    warn_about_sandbox(config, executable, files_used(config_text))
     print("\nInstall and start them (as root):\n")
-    print(f"    cp {args.output}/crossroads* /etc/systemd/system/")
+    print(f"    cp -r {args.output}/crossroads* /etc/systemd/system/")
     print("    systemctl daemon-reload")
     print(f"    systemctl enable --now crossroads.target {' '.join(instances)}")
     for name in used:
         print(f"\nThe config reads ${{credential:{name}}}: put the secret in /etc/crossroads/credentials/{name} "
               "(mode 0600, owned by root).")
     return 0
+
+
+def warn_about_sandbox(config: Config, executable: str, files: list[str]) -> None:
+    """Say which paths the units need but their sandbox (or their dynamic user) keeps from them."""
+    from .systemd import sandbox_problems
+
+    folder = config.path.parent.absolute()
+    needed = {"ExecStart's program": Path(executable),
+              "the crossroads package it imports": Path(__file__).resolve().parent,
+              "--config (and the modules next to it)": config.path.absolute(),
+              **{f"${{file:{name}}}": folder / name for name in files}}
+    for bridge in config.enabled_bridges():
+        for key, value in bridge.options.items():
+            if isinstance(value, str) and key.endswith(PATH_OPTION_ENDINGS) and Path(value).is_absolute():
+                needed[f"[bridges.{bridge.name}] {key}"] = Path(value)
+    problems = sandbox_problems(needed)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if problems:
+        print("warning: these units cannot start as they are: install crossroads where a service can read it "
+              "(a virtualenv under /opt, or system-wide) and keep the config and the files it reads under "
+              "/etc/crossroads (docs/running.md, \"Installing for systemd\")", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
