@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,21 @@ def test_a_stale_example_fails(tmp_path):
     """The check above can fail: an example naming a bridge type that does not exist is refused."""
     result = check_example(tmp_path, '[bridges.team]\ntype = "slack"\nbot_token = "${SLACK_BOT_TOKEN}"\n')
     assert result.returncode == 2 and "[bridges.team]: unknown bridge type 'slack'" in result.stderr
+
+
+def test_the_consumer_and_its_test_in_consumers_md_work(tmp_path, monkeypatch):
+    """docs/consumers.md's first example, tested by its own "Testing consumers" example, as the page shows."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (DOCS / "consumers.md").read_text(), re.DOTALL | re.MULTILINE)
+    consumers = next(block for block in blocks if block.startswith("# myapp/consumers.py"))
+    test = next(block for block in blocks if "def test_chat" in block)
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").touch()
+    (tmp_path / "myapp" / "consumers.py").write_text(consumers)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    namespace: dict = {}
+    try:
+        exec(compile(test, "docs/consumers.md", "exec"), namespace)
+        namespace["test_chat"]()
+    finally:
+        for name in ("myapp", "myapp.consumers"):
+            sys.modules.pop(name, None)
