@@ -362,10 +362,10 @@ def cmd_systemd(args: argparse.Namespace) -> int:
 
 def warn_about_sandbox(config: Config, executable: str, files: list[str]) -> None:
     """Say which paths the units need but their sandbox (or their dynamic user) keeps from them."""
-    from .systemd import sandbox_problems
+    from .systemd import interpreter_of, sandbox_problems
 
     folder = config.path.parent.absolute()
-    needed = {"ExecStart's program": Path(executable),
+    needed = {"ExecStart's program": Path(executable), **interpreter_of(Path(executable)),
               "the crossroads package it imports": Path(__file__).resolve().parent,
               "--config (and the modules next to it)": config.path.absolute(),
               **{f"${{file:{name}}}": folder / name for name in files}}

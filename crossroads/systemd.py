@@ -107,13 +107,26 @@ def unreadable_by_others(path: Path) -> Path | None:
     return None if os.stat(path).st_mode & stat.S_IROTH else path
 
 
+def interpreter_of(script: Path) -> dict[str, Path]:
+    """The Python a console script starts, from its ``#!`` line (a virtualenv's, usually), if it has one."""
+    try:
+        with script.open("rb") as file:
+            first = file.readline(4096)
+    except OSError:
+        return {}
+    if not first.startswith(b"#!/"):
+        return {}
+    return {"the Python it starts": Path(first[2:].split()[0].decode(errors="replace"))}
+
+
 def sandbox_problems(needed: dict[str, Path]) -> list[str]:
     """What stops the units from reading each path in ``needed`` (what it is for -> the path), one line each."""
     problems = []
     for purpose, path in needed.items():
         setting = hidden_by(path)
         if setting is not None:
-            problems.append(f"{purpose} is {path}, which the units' {setting} hides from the service")
+            shown = path if path.resolve() == path.absolute() else f"{path} (a link to {path.resolve()})"
+            problems.append(f"{purpose} is {shown}, which the units' {setting} hides from the service")
         elif path.exists() and (closed := unreadable_by_others(path)) is not None:
             problems.append(f"{purpose} is {path}, which the units' DynamicUser=yes cannot read ({closed} is "
                             f"mode {stat.S_IMODE(os.stat(closed).st_mode):o})")

@@ -8,7 +8,14 @@ from pathlib import Path
 from servers import require_binary
 from test_cli import run, write_config
 
-from crossroads.systemd import LISTENING_NOFILE, credentials_used, hidden_by, render_units, unreadable_by_others
+from crossroads.systemd import (
+    LISTENING_NOFILE,
+    credentials_used,
+    hidden_by,
+    interpreter_of,
+    render_units,
+    unreadable_by_others,
+)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
 
@@ -128,3 +135,13 @@ def test_what_the_sandbox_hides_and_what_a_dynamic_user_cannot_read(tmp_path):
     secret.write_text("x")
     secret.chmod(0o600)
     assert unreadable_by_others(secret) in [secret, *secret.parents]
+
+
+def test_the_python_a_console_script_starts_is_checked_too(tmp_path):
+    """A virtualenv made from pyenv's Python under /root links to it: the unit could not run it."""
+    script = tmp_path / "crossroads"
+    script.write_text("#!/root/.pyenv/versions/3.11.7/bin/python3.11\nimport sys\n")
+    assert interpreter_of(script) == {"the Python it starts": Path("/root/.pyenv/versions/3.11.7/bin/python3.11")}
+    assert hidden_by(interpreter_of(script)["the Python it starts"]) == "ProtectHome=yes"
+    (tmp_path / "binary").write_bytes(b"\x7fELF\x02")
+    assert interpreter_of(tmp_path / "binary") == {} and interpreter_of(tmp_path / "missing") == {}
