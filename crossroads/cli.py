@@ -340,10 +340,11 @@ def cmd_systemd(args: argparse.Namespace) -> int:
         raise CommandError(f"no config file: write one (docs/configuration.md) and pass --config, or run this "
                            f"where ./{DEFAULT_PATH} is", code=2)
     executable = shutil.which("crossroads") or str(Path(sys.argv[0]).resolve())
-    instances = list(units_of(config))
+    bridge_units = units_of(config)
+    instances = list(bridge_units)
     if not config.layer.url.startswith("memory://") and config.routing_app:
         instances += [f"crossroads-worker@{i}.service" for i in range(1, args.workers + 1)]
-    listening = [instance for instance, bridges in units_of(config).items()
+    listening = [instance for instance, bridges in bridge_units.items()
                  if any("port" in load_bridge_class(b.type).OPTIONS for b in bridges)]  # they take clients
     units = render_units(executable=executable, config=str(config.path.resolve()), credentials=used,
                          wants=instances, listening=listening)
