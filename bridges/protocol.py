@@ -68,18 +68,19 @@ def split_url(url: str, default_ports: Mapping[str, int], *, shape: str) -> Url:
 
     ``shape`` is how the caller writes a right one (``"mqtt://host:port or
     mqtts://host:port"``), for the error when the scheme is not one of them.
-    Whether credentials or a path may follow is for the caller to decide: see ``Url.more``.
+    Whether credentials or a path may follow is for the caller to decide: see ``Url.more``. The messages
+    leave the URL out (it may hold a password): the option check that reports them quotes the value.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if "://" not in url or scheme not in default_ports:
-        raise ValueError(f"must be {shape}, not {url!r}")
+        raise ValueError(f"must be {shape}")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
+        raise ValueError("bad port: it must be a number from 1 to 65535") from None
     if not parts.hostname:
-        raise ValueError(f"names no host: {url!r}")
+        raise ValueError("names no host")
     return Url(scheme, parts.hostname, port or default_ports[scheme], unquote(parts.username or ""),
                unquote(parts.password or ""), parts.path not in ("", "/") or bool(parts.query or parts.fragment))
 

@@ -47,10 +47,13 @@ class WebsocketConsumer(BaseConsumer):
     }
     groups: list[str] = []
     strict_ordering = False  # run each socket's frames in their order (uses the channel session)
+    slight_ordering = False  # only hold frames back until the connect has run (Channels 1.x's name)
 
     def get_handler(self, message: Message) -> Any:
         handler = super().get_handler(message)
-        return enforce_ordering(handler) if self.strict_ordering else handler
+        if self.strict_ordering or self.slight_ordering:
+            return enforce_ordering(handler, slight=not self.strict_ordering)
+        return handler
 
     def connection_groups(self, **kwargs: Any) -> list[str]:
         """The groups this socket belongs to; override to depend on the path's kwargs."""

@@ -9,6 +9,8 @@ Values must be what a message may hold (msgpack types).
 ``@enforce_ordering`` runs a connection's messages in their ``order`` even
 when several workers take them out of order: a message that is early waits on
 a private channel and is replayed when its turn comes (as Channels 1.x did).
+``@enforce_ordering(slight=True)`` only holds messages back until the connect
+(order 0) has run, as Channels 1.x's slight ordering did.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def _wait_channel(reply_channel: str) -> str:
     return "crossroads.wait." + hashlib.sha1(reply_channel.encode()).hexdigest()[:24]
 
 
-def enforce_ordering(func: Callable) -> Callable:
+def enforce_ordering(func: Callable | None = None, *, slight: bool = False) -> Callable:
     """Run messages of one reply channel strictly in their ``order`` (0, 1, 2, ...).
 
     An early message is parked on a wait channel; an old or repeated one is
@@ -122,7 +124,18 @@ def enforce_ordering(func: Callable) -> Callable:
     flushed, the session is saved, and the parked messages are sent back to
     their channels to try again. Decorate the ``*.connect`` consumer too: it is
     order 0, and every later message waits for it.
+
+    ``slight=True`` (Channels 1.x's slight ordering): only order 0 must come
+    first; once it has run, the others run as they come, in any order and
+    several at once, and only a repeated order 0 is dropped. Used bare or
+    called: ``@enforce_ordering`` and ``@enforce_ordering(slight=True)``.
     """
+    if func is None:
+        return functools.partial(enforce_ordering, slight=slight)
+
+    def may_run(order: int, expected: int) -> bool:
+        return order == expected or (slight and expected > 0 and order > 0)
+
     @functools.wraps(func)
     def inner(message: Any, *args: Any, **kwargs: Any) -> Any:
         reply = _reply_name(message, "enforce_ordering")
@@ -133,14 +146,14 @@ def enforce_ordering(func: Callable) -> Callable:
         session = message.channel_session = store.load(reply)
         expected = session.get(NEXT_ORDER_KEY, 0)
         sync_layer = getattr(message.channel_layer, "sync", message.channel_layer)
-        if order < expected:
+        if not may_run(order, expected) and order < expected:
             log.warning("dropped %s order %d for %s: already past it (next is %d)",
                         message.channel.name, order, reply, expected)
             return None
-        if order > expected:
+        if not may_run(order, expected):
             sync_layer.send(_wait_channel(reply), {"channel": message.channel.name, "content": message.content})
-            # The in-order message may have finished while this one parked: if so, replay now.
-            if store.load(reply).get(NEXT_ORDER_KEY, 0) == order:
+            # The message it waits for may have finished while this one parked: if so, replay now.
+            if may_run(order, store.load(reply).get(NEXT_ORDER_KEY, 0)):
                 _replay(sync_layer, reply)
             return None
         try:
@@ -152,9 +165,10 @@ def enforce_ordering(func: Callable) -> Callable:
             if buffer:
                 flush(buffer, sync_layer, f"{message.channel.name} order {order}")
                 buffer.clear()
-            session[NEXT_ORDER_KEY] = order + 1
+            session[NEXT_ORDER_KEY] = max(expected, order + 1)  # slight: a late message never winds it back
             store.save(session)
-            _replay(sync_layer, reply)
+            if not slight or order == 0:  # under slight ordering only the connect's arrival releases anything
+                _replay(sync_layer, reply)
     return inner
 
 

@@ -1,7 +1,7 @@
 """crossroads: a protocol-bridge gateway.
 
-Bridges (``crossroads.bridges``) translate HTTP, WebSocket, MQTT, IRC, email and
-Slack into messages on named channels of a shared channel layer
+Bridges (``crossroads.bridges``) translate HTTP, WebSocket, MQTT and IRC (email
+and Slack are planned) into messages on named channels of a shared channel layer
 (``crossroads.layer``); ordinary consumer functions (``crossroads.consumers``)
 serve every protocol the same way. This package is the application: the command
 line, config, the all-in-one runner and systemd integration, and the public

@@ -170,9 +170,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_message_argument(value: str) -> str:
+    """The JSON text ``value`` names: itself, ``-`` for stdin, or ``@path`` for a file's contents.
+
+    A command-line argument is capped by the kernel (about 128 KiB on Linux), so larger
+    messages come from stdin or a file.
+    """
+    if value == "-":
+        return sys.stdin.read()
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_text()
+        except OSError as exc:
+            raise CommandError(f"cannot read the message from {value[1:]}: {exc.strerror}", code=2) from None
+    return value
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     try:
-        content = json.loads(args.json)
+        content = json.loads(read_message_argument(args.json))
     except ValueError as exc:
         raise CommandError(f"the message is not valid JSON ({exc}); quote it for the shell, e.g. "
                            "'{\"text\": \"hello\"}'", code=2) from None
@@ -182,7 +198,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     channel_layer = open_layer(config, shared=True)
     try:
         channel_layer.sync.send(args.channel, content)
-    except layer.InvalidChannelName as exc:
+    except (layer.InvalidChannelName, layer.MessageTooLarge) as exc:
         raise CommandError(str(exc), code=2) from None
     except (layer.ChannelFull, layer.LayerUnavailable) as exc:
         raise CommandError(f"not sent: {exc}") from None
@@ -228,7 +244,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_layer_check(args: argparse.Namespace) -> int:
-    url = args.layer or "memory://"
+    if args.url and args.layer and args.url != args.layer:
+        raise CommandError(f"two layer URLs given ({layer.mask_url(args.url)} and --layer "
+                           f"{layer.mask_url(args.layer)}): give one", code=2)
+    url = args.url or args.layer or "memory://"
     shown = layer.mask_url(url)  # the URL may carry the Redis password: never print it
     try:
         channel_layer = layer.from_url(url)
@@ -247,6 +266,9 @@ def cmd_layer_check(args: argparse.Namespace) -> int:
     print(f"layer {shown}: ok, a message went there and back in {elapsed * 1000:.2f} ms")
     return 0
 
+
+# Bridge options whose values are files the daemon opens (tls_cert, ca_file, unix_socket, ...).
+PATH_OPTION_ENDINGS = ("_file", "_cert", "_key", "_ca", "unix_socket")
 
 BUNDLED_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chat" / "crossroads.toml"
 
@@ -289,11 +311,23 @@ def cmd_bridge(args: argparse.Namespace) -> int:
     return serve(config, channel_layer, [chosen, *(config.bridges[name] for name in companions_of(chosen))])
 
 
+def units_of(config: Config) -> dict[str, list[BridgeConfig]]:
+    """The unit instances that run bridges -> the bridges each runs."""
+    if config.layer.url.startswith("memory://"):
+        return {"crossroads.service": config.enabled_bridges()}  # one process: memory:// cannot be shared
+    # a companion (an http bridge's websocket) runs in its owner's unit, not in one of its own
+    return {f"crossroads-bridge@{b.name}.service": [b, *(config.bridges[name] for name in companions_of(b))]
+            for b in config.enabled_bridges() if owner_of(config, b.name) is None}
+
+
 def cmd_systemd(args: argparse.Namespace) -> int:
-    from .systemd import credentials_used, render_units, write_units
+    from crossroads.bridges.base import load_bridge_class
+
+    from .systemd import credentials_used, files_used, render_units, write_units
 
     config_path = args.config or Path(DEFAULT_PATH)
-    used = credentials_used(config_path.read_text()) if config_path.exists() else []
+    config_text = config_path.read_text() if config_path.exists() else ""
+    used = credentials_used(config_text)
     with tempfile.TemporaryDirectory() as stand_ins:
         # Credentials are read by systemd when a unit starts, not here: stand-ins let the rest be checked.
         for name in used:
@@ -311,25 +345,47 @@ def cmd_systemd(args: argparse.Namespace) -> int:
         raise CommandError(f"no config file: write one (docs/configuration.md) and pass --config, or run this "
                            f"where ./{DEFAULT_PATH} is", code=2)
     executable = shutil.which("crossroads") or str(Path(sys.argv[0]).resolve())
-    if config.layer.url.startswith("memory://"):
-        instances = ["crossroads.service"]  # one process: memory:// cannot be shared
-    else:
-        instances = [f"crossroads-bridge@{b.name}.service" for b in config.enabled_bridges()
-                     if owner_of(config, b.name) is None]  # a companion runs in its owner's unit
-        if config.routing_app:
-            instances += [f"crossroads-worker@{i}.service" for i in range(1, args.workers + 1)]
+    bridge_units = units_of(config)
+    instances = list(bridge_units)
+    if not config.layer.url.startswith("memory://") and config.routing_app:
+        instances += [f"crossroads-worker@{i}.service" for i in range(1, args.workers + 1)]
+    listening = [instance for instance, bridges in bridge_units.items()
+                 if any("port" in load_bridge_class(b.type).OPTIONS for b in bridges)]  # they take clients
     units = render_units(executable=executable, config=str(config.path.resolve()), credentials=used,
-                         wants=instances)
+                         wants=instances, listening=listening)
     for path in write_units(args.output, units):
         print(f"wrote {path}")
+    warn_about_sandbox(config, executable, files_used(config_text))
     print("\nInstall and start them (as root):\n")
-    print(f"    cp {args.output}/crossroads* /etc/systemd/system/")
+    print(f"    cp -r {args.output}/crossroads* /etc/systemd/system/")
     print("    systemctl daemon-reload")
     print(f"    systemctl enable --now crossroads.target {' '.join(instances)}")
     for name in used:
         print(f"\nThe config reads ${{credential:{name}}}: put the secret in /etc/crossroads/credentials/{name} "
               "(mode 0600, owned by root).")
     return 0
+
+
+def warn_about_sandbox(config: Config, executable: str, files: list[str]) -> None:
+    """Say which paths the units need but their sandbox (or their dynamic user) keeps from them."""
+    from .systemd import interpreter_of, sandbox_problems
+
+    folder = config.path.parent.absolute()
+    needed = {"ExecStart's program": Path(executable), **interpreter_of(Path(executable)),
+              "the crossroads package it imports": Path(__file__).resolve().parent,
+              "--config (and the modules next to it)": config.path.absolute(),
+              **{f"${{file:{name}}}": folder / name for name in files}}
+    for bridge in config.enabled_bridges():
+        for key, value in bridge.options.items():
+            if isinstance(value, str) and key.endswith(PATH_OPTION_ENDINGS) and Path(value).is_absolute():
+                needed[f"[bridges.{bridge.name}] {key}"] = Path(value)
+    problems = sandbox_problems(needed)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if problems:
+        print("warning: these units cannot start as they are: install crossroads where a service can read it "
+              "(a virtualenv under /opt, or system-wide) and keep the config and the files it reads under "
+              "/etc/crossroads (docs/running.md, \"Installing for systemd\")", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     run = command("run", cmd_run, "run every enabled bridge and the worker in one process (the all-in-one gateway)")
+    if BUNDLED_EXAMPLE.exists():  # a source checkout ships it; a wheel does not
+        run.epilog = (f"With no --config and no ./{DEFAULT_PATH}, it serves the bundled chat example "
+                      f"({BUNDLED_EXAMPLE}) on http://127.0.0.1:8000/ (docs/chat.md).")
     run.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
                      help="how often to log the layer's counters (default 60)")
     bridge = command("bridge", cmd_bridge, "run one bridge instance as its own daemon")
@@ -364,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="never serve channels matching these patterns")
     send = command("send", cmd_send, "put one message on a channel of the configured layer")
     send.add_argument("channel", metavar="CHANNEL")
-    send.add_argument("json", metavar="JSON", help="the message, a JSON object")
+    send.add_argument("json", metavar="JSON",
+                      help="the message, a JSON object; - reads it from stdin, @PATH from a file (for large ones)")
     systemd = command("systemd", cmd_systemd, "write systemd unit files for this config")
     systemd.add_argument("--output", type=Path, default=Path("systemd-units"), metavar="DIR",
                          help="where to write them (default ./systemd-units)")
@@ -375,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     layer_cmd = commands.add_parser("layer", help="check a channel layer by URL, without a config file")
     layer_commands = layer_cmd.add_subparsers(dest="layer_command", metavar="ACTION", required=True)
     check = layer_commands.add_parser("check", help="send a message through the layer and back")
-    check.add_argument("--layer", metavar="URL", help="memory://, redis://[:password@]host:port/db or rediss://...")
+    urls = "memory:// (the default), redis://[:password@]host:port/db or rediss://..."
+    check.add_argument("url", nargs="?", metavar="URL", help=urls)
+    check.add_argument("--layer", metavar="URL", help=f"the same as URL: {urls}")
     check.set_defaults(handler=cmd_layer_check)
     return parser
 

@@ -15,17 +15,39 @@ All are ``Type=notify`` (the daemons send READY=1 once serving), restart on
 failure, run as a dynamic user with a hardened sandbox, and get secrets with
 ``LoadCredential=``: each ``${credential:NAME}`` the config uses is loaded from
 ``/etc/crossroads/credentials/NAME``.
+
+A bridge that listens for clients (one with a ``port`` option) gets a drop-in,
+``crossroads-bridge@NAME.service.d/limits.conf``, raising ``LimitNOFILE``: every
+client is a file descriptor. ``sandbox_problems`` names the paths a unit needs
+that its own sandbox would hide (``ProtectHome=``, ``PrivateTmp=``) or that its
+dynamic user cannot read, so ``crossroads systemd`` can warn before a unit fails.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 DEFAULT_EXECUTABLE = "/usr/local/bin/crossroads"
 DEFAULT_CONFIG = "/etc/crossroads/crossroads.toml"
 CREDENTIALS_DIR = "/etc/crossroads/credentials"
 _CREDENTIAL_RE = re.compile(r"(?<!\$)\$\{credential:([^}/]+)\}")
+_FILE_RE = re.compile(r"(?<!\$)\$\{file:([^}]+)\}")
+
+# One client, one file descriptor: systemd's default soft limit (1024) caps a listening bridge at about a
+# thousand connections. 65536 is what nginx and most servers' units ask for.
+LISTENING_NOFILE = 65536
+
+# The folders HARDENING hides from the service: the service sees them empty (or its own private copy).
+HIDDEN_BY = {
+    "/home": "ProtectHome=yes",
+    "/root": "ProtectHome=yes",
+    "/run/user": "ProtectHome=yes",
+    "/tmp": "PrivateTmp=yes",
+    "/var/tmp": "PrivateTmp=yes",
+}
 
 HARDENING = """\
 DynamicUser=yes
@@ -59,6 +81,58 @@ def credentials_used(config_text: str) -> list[str]:
     return sorted(set(_CREDENTIAL_RE.findall(config_text)))
 
 
+def files_used(config_text: str) -> list[str]:
+    """The paths a config reads as ``${file:PATH}``, as written (a relative one is relative to the config)."""
+    return sorted(set(_FILE_RE.findall(config_text)))
+
+
+def hidden_by(path: Path) -> str | None:
+    """The setting of HARDENING that hides ``path`` from the service (its symlinks followed), or None."""
+    for candidate in (path.absolute(), path.resolve()):
+        for folder, setting in HIDDEN_BY.items():
+            if candidate == Path(folder) or Path(folder) in candidate.parents:
+                return setting
+    return None
+
+
+def unreadable_by_others(path: Path) -> Path | None:
+    """The first of ``path`` and its folders that a user other than its owner cannot read (or enter), if any.
+
+    ``DynamicUser=yes`` runs the service as a user made up at start, which owns none of the files.
+    """
+    path = path.resolve()
+    for folder in reversed(path.parents):
+        if not os.stat(folder).st_mode & stat.S_IXOTH:
+            return folder
+    return None if os.stat(path).st_mode & stat.S_IROTH else path
+
+
+def interpreter_of(script: Path) -> dict[str, Path]:
+    """The Python a console script starts, from its ``#!`` line (a virtualenv's, usually), if it has one."""
+    try:
+        with script.open("rb") as file:
+            first = file.readline(4096)
+    except OSError:
+        return {}
+    if not first.startswith(b"#!/"):
+        return {}
+    return {"the Python it starts": Path(first[2:].split()[0].decode(errors="replace"))}
+
+
+def sandbox_problems(needed: dict[str, Path]) -> list[str]:
+    """What stops the units from reading each path in ``needed`` (what it is for -> the path), one line each."""
+    problems = []
+    for purpose, path in needed.items():
+        setting = hidden_by(path)
+        if setting is not None:
+            shown = path if path.resolve() == path.absolute() else f"{path} (a link to {path.resolve()})"
+            problems.append(f"{purpose} is {shown}, which the units' {setting} hides from the service")
+        elif path.exists() and (closed := unreadable_by_others(path)) is not None:
+            problems.append(f"{purpose} is {path}, which the units' DynamicUser=yes cannot read ({closed} is "
+                            f"mode {stat.S_IMODE(os.stat(closed).st_mode):o})")
+    return problems
+
+
 def _service(description: str, command: str, executable: str, config: str, credentials: list[str]) -> str:
     loads = "".join(f"LoadCredential={name}:{CREDENTIALS_DIR}/{name}\n" for name in credentials)
     return f"""\
@@ -82,11 +156,15 @@ WantedBy=crossroads.target
 
 
 def render_units(executable: str = DEFAULT_EXECUTABLE, config: str = DEFAULT_CONFIG,
-                 credentials: list[str] | None = None, wants: list[str] | None = None) -> dict[str, str]:
-    """File name -> text of every unit; ``wants`` lists the instances the target starts."""
+                 credentials: list[str] | None = None, wants: list[str] | None = None,
+                 listening: list[str] | None = None) -> dict[str, str]:
+    """File name -> text of every unit; ``wants`` lists the instances the target starts.
+
+    ``listening`` names the instances that take clients; each gets a drop-in raising ``LimitNOFILE``.
+    """
     credentials = credentials or []
     target_wants = f"Wants={' '.join(wants)}\n" if wants else ""
-    return {
+    units = {
         "crossroads-bridge@.service": _service("crossroads bridge %i", "bridge %i", executable, config, credentials),
         "crossroads-worker@.service": _service("crossroads worker %i", "worker", executable, config, credentials),
         "crossroads.service": _service("crossroads gateway, all in one process", "run", executable, config,
@@ -99,6 +177,9 @@ Description=crossroads gateway: its bridges and workers
 WantedBy=multi-user.target
 """,
     }
+    for instance in listening or []:
+        units[f"{instance}.d/limits.conf"] = f"[Service]\nLimitNOFILE={LISTENING_NOFILE}\n"
+    return units
 
 
 def write_units(directory: Path, units: dict[str, str]) -> list[Path]:
@@ -106,6 +187,7 @@ def write_units(directory: Path, units: dict[str, str]) -> list[Path]:
     written = []
     for name, text in units.items():
         path = directory / name
+        path.parent.mkdir(exist_ok=True)  # a drop-in's UNIT.d folder
         path.write_text(text)
         written.append(path)
     return written

@@ -21,8 +21,9 @@ TESTS = Path(__file__).resolve().parent
 ENV = {**os.environ, "PYTHONPATH": str(TESTS)}  # crossroads itself comes from the installed package
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([CROSSROADS, *args], capture_output=True, text=True, timeout=60, env=ENV, cwd=cwd)
+def run(*args: str, cwd: Path | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CROSSROADS, *args], capture_output=True, text=True, timeout=60, env=ENV, cwd=cwd,
+                          input=stdin)
 
 
 def write_config(tmp_path: Path, text: str) -> Path:
@@ -36,6 +37,8 @@ def test_help_names_the_commands():
     assert result.returncode == 0
     for word in ("run", "check", "worker", "send", "status", "layer"):
         assert word in result.stdout
+    result = run("run", "--help")  # what a bare `crossroads run` does, said before it is run
+    assert result.returncode == 0 and "serves the bundled chat example" in result.stdout
 
 
 def test_layer_check_against_memory_and_redis(redis_server):
@@ -43,6 +46,10 @@ def test_layer_check_against_memory_and_redis(redis_server):
     assert result.returncode == 0 and "memory://: ok" in result.stdout
     result = run("layer", "check", "--layer", redis_server.url)
     assert result.returncode == 0 and "ok, a message went there and back" in result.stdout
+    result = run("layer", "check", redis_server.url)  # the URL as a plain argument, too
+    assert result.returncode == 0 and "ok, a message went there and back" in result.stdout, result.stderr
+    result = run("layer", "check", redis_server.url, "--layer", "memory://")
+    assert result.returncode == 2 and "two layer URLs given" in result.stderr
 
 
 def test_layer_check_says_what_to_do_when_redis_is_down():
@@ -120,6 +127,14 @@ def test_check_names_file_table_and_key_of_every_mistake(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_check_quotes_a_bad_broker_url_once(tmp_path):
+    config = write_config(tmp_path, '[bridges.m]\ntype = "mqtt"\nbroker = "tcp://localhost:1883"\n')
+    result = run("check", "--config", str(config))
+    assert result.returncode == 2
+    assert "[bridges.m] broker: must be mqtt://host:port or mqtts://host:port" in result.stderr
+    assert result.stderr.count("tcp://localhost:1883") == 1, result.stderr
+
+
 def test_check_imports_modules_next_to_the_config(tmp_path):
     (tmp_path / "my_routes.py").write_text("from crossroads import route\nroutes = [route('my.channel', print)]\n")
     config = write_config(tmp_path, '[routing]\napp = "my_routes:routes"\n')
@@ -156,6 +171,28 @@ def test_send_and_status(tmp_path, redis_server):
     result = run("send", "--config", str(config), "bad name", "{}")
     assert result.returncode == 2 and "invalid channel name" in result.stderr
     sync.close()
+
+
+def test_send_takes_a_large_message_from_stdin_or_a_file(tmp_path, redis_server):
+    """300 KiB is more than one command-line argument may hold (128 KiB on Linux): `-` and `@file` carry it."""
+    config = write_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"\nprefix = "clilarge"\n')
+    message = {"text": "x" * (300 * 1024), "n": 1}
+    (tmp_path / "message.json").write_text(json.dumps(message))
+    sync = layer.from_url(redis_server.url, prefix="clilarge").sync
+    try:
+        result = run("send", "--config", str(config), "cli.large", "-", stdin=json.dumps(message))
+        assert result.returncode == 0, result.stderr
+        assert sync.receive(["cli.large"], timeout=5) == ("cli.large", message)
+        result = run("send", "--config", str(config), "cli.large", f"@{tmp_path / 'message.json'}")
+        assert result.returncode == 0, result.stderr
+        assert sync.receive(["cli.large"], timeout=5) == ("cli.large", message)
+    finally:
+        sync.close()
+    result = run("send", "--config", str(config), "cli.large", f"@{tmp_path / 'missing.json'}")
+    assert result.returncode == 2 and "cannot read the message from" in result.stderr
+    too_large = json.dumps({"text": "x" * (2 * 1024 * 1024)})
+    result = run("send", "--config", str(config), "cli.large", "-", stdin=too_large)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.fixture

@@ -687,9 +687,9 @@ def test_the_example_in_the_documentation_loads(tmp_path):
     example = docs.read_text().split("```toml\n", 1)[1].split("```", 1)[0]
     credentials = tmp_path / "credentials"
     credentials.mkdir()
-    for name in ("libera-password", "slack-bot-token"):
+    for name in ("libera-password", "mqtt-password"):
         (credentials / name).write_text("x\n")
-    config = load(tmp_path, example, {"REDIS_PASSWORD": "x", "SLACK_APP_TOKEN": "x",
+    config = load(tmp_path, example, {"REDIS_PASSWORD": "x", "MQTT_USER": "x",
                                       "CREDENTIALS_DIRECTORY": str(credentials)})
     assert [bridge.name for bridge in config.enabled_bridges()] == ["web", "libera"]
     assert config.warnings == []

@@ -183,6 +183,38 @@ def test_enforce_ordering_runs_frames_in_order(channel_layer, caplog):
     assert "order 1" in caplog.text and "already past it" in caplog.text
 
 
+def test_slight_ordering_runs_the_connect_first_then_the_rest_as_they_come(channel_layer, caplog):
+    """Channels 1.x's enforce_ordering(slight=True): frames wait for the connect, not for each other."""
+    seen = []
+
+    @enforce_ordering(slight=True)
+    def connect(message):
+        message.channel_session["user"] = "ann"
+        seen.append(("connect", message["order"]))
+
+    @enforce_ordering(slight=True)
+    def receive(message):
+        seen.append((message.channel_session["user"], message["order"]))
+
+    client = Client([route("websocket.connect", connect), route("websocket.receive", receive)], channel_layer)
+    client.send("websocket.receive", {"order": 3, "text": "3"})
+    client.send("websocket.receive", {"order": 2, "text": "2"})
+    assert client.consume("websocket.receive") and client.consume("websocket.receive")
+    assert seen == [], "frames ran before the connect"
+    client.send("websocket.connect", {"order": 0, "path": "/"})
+    assert client.consume("websocket.connect")
+    client.send("websocket.receive", {"order": 5, "text": "5"})
+    client.send("websocket.receive", {"order": 1, "text": "1"})
+    client.send("websocket.connect", {"order": 0, "path": "/"})  # a repeated connect is dropped
+    while client.consume("websocket.receive", fail_on_none=False) or client.consume("websocket.connect",
+                                                                                   fail_on_none=False):
+        pass
+    assert seen[0] == ("connect", 0)
+    assert sorted(seen[1:]) == [("ann", 1), ("ann", 2), ("ann", 3), ("ann", 5)]
+    assert seen[1:] != sorted(seen[1:]), "slight ordering must not wait for the frames' own order"
+    assert "order 0" in caplog.text and "already past it" in caplog.text
+
+
 def test_consume_later_requeues_then_gives_up(channel_layer, caplog):
     attempts = []
 

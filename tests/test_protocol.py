@@ -137,16 +137,16 @@ def test_split_url(url, expected):
 
 
 @pytest.mark.parametrize("url, problem", [
-    ("udp://h", f"must be {SHAPE}, not 'udp://h'"),
-    ("h:5", f"must be {SHAPE}, not 'h:5'"),
-    ("tcp:h", f"must be {SHAPE}, not 'tcp:h'"),  # a scheme without // names no host
-    ("", f"must be {SHAPE}, not ''"),
-    ("tcp://h:99999", "bad port in 'tcp://h:99999'"),
-    ("tcp://h:-1", "bad port in 'tcp://h:-1'"),
-    ("tcp://h:port", "bad port in 'tcp://h:port'"),
-    ("tcp://:5", "names no host: 'tcp://:5'"),
-    ("tcp://", "names no host: 'tcp://'"),
-    ("tcp://ann@", "names no host: 'tcp://ann@'"),
+    ("udp://h", f"must be {SHAPE}"),
+    ("h:5", f"must be {SHAPE}"),
+    ("tcp:h", f"must be {SHAPE}"),  # a scheme without // names no host
+    ("", f"must be {SHAPE}"),
+    ("tcp://h:99999", "bad port: it must be a number from 1 to 65535"),
+    ("tcp://h:-1", "bad port: it must be a number from 1 to 65535"),
+    ("tcp://h:port", "bad port: it must be a number from 1 to 65535"),
+    ("tcp://:5", "names no host"),
+    ("tcp://", "names no host"),
+    ("tcp://ann@", "names no host"),
 ])
 def test_split_url_problems(url, problem):
     with pytest.raises(ValueError) as raised:

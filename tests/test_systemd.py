@@ -8,7 +8,14 @@ from pathlib import Path
 from servers import require_binary
 from test_cli import run, write_config
 
-from crossroads.systemd import credentials_used, render_units
+from crossroads.systemd import (
+    LISTENING_NOFILE,
+    credentials_used,
+    hidden_by,
+    interpreter_of,
+    render_units,
+    unreadable_by_others,
+)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
 
@@ -67,3 +74,74 @@ def test_a_memory_layer_gets_the_all_in_one_unit(tmp_path):
     result = run("systemd", "--config", str(config), "--output", str(tmp_path / "units"))
     assert result.returncode == 0, result.stderr
     assert "Wants=crossroads.service" in (tmp_path / "units" / "crossroads.target").read_text()
+
+
+def test_listening_bridges_get_more_file_descriptors_and_hidden_paths_are_named(tmp_path):
+    (tmp_path / "mqtt-password").write_text("secret")
+    config = write_config(tmp_path, """
+[layer]
+url = "redis://127.0.0.1:6379/0"
+[routing]
+app = "apps.toy_echo:routes"
+[bridges.web]
+type = "http"
+port = 8000
+websocket = "sockets"
+[bridges.sockets]
+type = "websocket"
+[bridges.broker]
+type = "mqtt"
+broker = "mqtt://127.0.0.1"
+password = "${file:mqtt-password}"
+ca_file = "/root/ca.pem"
+""")
+    out = tmp_path / "units"
+    result = run("systemd", "--config", str(config), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    # the HTTP bridge (and the WebSocket bridge on its port) takes clients; the MQTT bridge is one client itself
+    assert (out / "crossroads-bridge@web.service.d" / "limits.conf").read_text() == \
+        f"[Service]\nLimitNOFILE={LISTENING_NOFILE}\n"
+    assert sorted(path.name for path in out.iterdir() if path.is_dir()) == ["crossroads-bridge@web.service.d"]
+    assert f"cp -r {out}/crossroads* /etc/systemd/system/" in result.stdout
+    # tmp_path is under /tmp, which PrivateTmp=yes replaces; /root is hidden by ProtectHome=yes
+    assert f"--config (and the modules next to it) is {config}, which the units' PrivateTmp=yes hides" in result.stderr
+    assert f"${{file:mqtt-password}} is {tmp_path / 'mqtt-password'}, which the units' PrivateTmp=yes" in result.stderr
+    assert "[bridges.broker] ca_file is /root/ca.pem, which the units' ProtectHome=yes hides" in result.stderr
+    assert "a virtualenv under /opt, or system-wide" in result.stderr
+    (out / "crossroads-bridge@web.service").write_text((out / "crossroads-bridge@.service").read_text())
+    assert verify(out, ["crossroads-bridge@web.service"]) == ""
+
+
+def test_an_all_in_one_unit_that_listens_gets_more_file_descriptors(tmp_path):
+    config = write_config(tmp_path, '[bridges.web]\ntype = "http"\nport = 8000\n')
+    result = run("systemd", "--config", str(config), "--output", str(tmp_path / "units"))
+    assert result.returncode == 0, result.stderr
+    drop_in = tmp_path / "units" / "crossroads.service.d" / "limits.conf"
+    assert f"LimitNOFILE={LISTENING_NOFILE}" in drop_in.read_text()
+
+
+def test_what_the_sandbox_hides_and_what_a_dynamic_user_cannot_read(tmp_path):
+    assert hidden_by(Path("/root/crossroads/.venv/bin/crossroads")) == "ProtectHome=yes"
+    assert hidden_by(Path("/home/ann/crossroads.toml")) == "ProtectHome=yes"
+    assert hidden_by(Path("/tmp/crossroads.toml")) == "PrivateTmp=yes"
+    assert hidden_by(Path("/var/tmp/x")) == "PrivateTmp=yes"
+    assert hidden_by(Path("/opt/crossroads/bin/crossroads")) is None
+    assert hidden_by(Path("/etc/crossroads/crossroads.toml")) is None
+    # a path that reaches a hidden folder only through a symlink (/usr/local/bin/crossroads -> /root/...)
+    (tmp_path / "in-tmp").symlink_to("/tmp")
+    assert hidden_by(Path("/etc") / ".." / tmp_path.relative_to("/") / "in-tmp" / "x") == "PrivateTmp=yes"
+    assert unreadable_by_others(Path("/usr/bin/env")) is None
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    secret.chmod(0o600)
+    assert unreadable_by_others(secret) in [secret, *secret.parents]
+
+
+def test_the_python_a_console_script_starts_is_checked_too(tmp_path):
+    """A virtualenv made from pyenv's Python under /root links to it: the unit could not run it."""
+    script = tmp_path / "crossroads"
+    script.write_text("#!/root/.pyenv/versions/3.11.7/bin/python3.11\nimport sys\n")
+    assert interpreter_of(script) == {"the Python it starts": Path("/root/.pyenv/versions/3.11.7/bin/python3.11")}
+    assert hidden_by(interpreter_of(script)["the Python it starts"]) == "ProtectHome=yes"
+    (tmp_path / "binary").write_bytes(b"\x7fELF\x02")
+    assert interpreter_of(tmp_path / "binary") == {} and interpreter_of(tmp_path / "missing") == {}
