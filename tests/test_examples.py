@@ -39,7 +39,7 @@ def test_chat_serves_its_page_with_the_room_escaped(chat):
     assert client.receive()["headers"] == [[b"location", b"/chat/lobby/"]]
     client.send("http.request", {"path": "/chat/<script>/", "method": "GET"})
     client.consume("http.request")
-    assert client.receive() is None  # not a room name: no route, no page
+    assert client.receive()["status"] == 404  # not a room name: no route, no page, and no wait for one
 
 
 def test_chat_broadcasts_with_names_across_protocols(chat):

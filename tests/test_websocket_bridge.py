@@ -125,6 +125,15 @@ def test_rejected_handshakes_get_403(run, path):
     assert disconnected["path"] == path and disconnected["code"] == 1006 and disconnected["order"] == 1
 
 
+def test_a_path_no_route_matches_is_403_at_once(run):
+    async def scenario():
+        # apps.chat routes websocket.connect for /chat/ROOM/ and /rooms/ only; handshake_timeout 10 s would be a 504
+        async with serving({"handshake_timeout": 30}, app="apps.chat:routes") as bridge:
+            return await refused_status(bridge, "/nowhere/")
+
+    assert run(scenario()) == 403
+
+
 def test_handshake_is_held_until_the_consumer_answers(run):
     async def scenario():
         async with serving() as bridge:
