@@ -671,3 +671,32 @@ channels = ["#proc"]
     finally:
         bridge.close()
         worker.close()
+
+
+def test_the_echo_example_answers_over_irc(run, tmp_path, ngircd_server):
+    """examples/echo as shipped, all-in-one (`crossroads run`), with its ports and IRC server pointed at ours."""
+    from pathlib import Path
+
+    from servers import free_port
+    from test_daemons import Daemon
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "echo"
+    text = (example / "crossroads.toml").read_text().replace("irc://127.0.0.1:6667", ngircd_server.url)
+    text = text.replace("port = 8000", f"port = {free_port()}").replace("port = 8001", f"port = {free_port()}")
+    config = tmp_path / "crossroads.toml"
+    config.write_text(text.replace('type = "mqtt"', 'type = "mqtt"\nenabled = false'))
+    (tmp_path / "echo.py").write_text((example / "echo.py").read_text())  # beside its config, as shipped
+    gateway = Daemon(tmp_path, "run", "run", "--config", str(config))
+
+    async def scenario():
+        async with user(ngircd_server, "erin", "#echo") as erin:
+            await erin.expect(lambda line: line.startswith(":echobot!") and " JOIN " in line, timeout=30)
+            erin.send("PRIVMSG #echo :hello echo")
+            return await erin.expect(lambda line: line.startswith(":echobot!") and " PRIVMSG " in line)
+
+    try:
+        gateway.wait_ready()
+        assert run(scenario()).endswith("PRIVMSG #echo :hello echo")
+        gateway.terminate()
+    finally:
+        gateway.close()
