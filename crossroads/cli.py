@@ -26,7 +26,7 @@ from crossroads import layer
 
 from . import __version__
 from .config import DEFAULT_PATH, BridgeConfig, Config, ConfigError, load_config
-from .daemon import notify, setup_logging
+from .daemon import notify, raise_open_files_limit, setup_logging
 
 log = logging.getLogger("crossroads")
 
@@ -402,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    files, was = raise_open_files_limit()
+    if getattr(args, "command", None) in ("run", "worker", "bridge"):  # daemons say what they run with
+        log.info("open files limit: %d%s", files, f" (raised from {was})" if files != was else "")
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr, for a daemon that hangs
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     if not getattr(args, "handler", None):
