@@ -28,6 +28,12 @@ log = logging.getLogger("crossroads.worker")
 
 MAX_CONSUME_LATER = 10  # requeues of one message before it is dropped
 RETRIES_KEY = "__consume_later"  # how many times ConsumeLater requeued this message
+# A peer behind these channels waits for an answer: a message no route matches gets this one at once, not the
+# bridge's timeout (a browser asks every site for /favicon.ico; a 504 after 60 s helps nobody).
+UNROUTED_ANSWERS = {
+    "http.request": ({"status": 404, "text": "Not Found: no route matches this path\n"}, "answered 404"),
+    "websocket.connect": ({"accept": False}, "rejected (403)"),
+}
 
 
 @dataclass
@@ -61,13 +67,24 @@ class Dispatcher:
         matched = self.router.match(channel, content)
         if matched is None:
             self.counters.unrouted += 1
+            answer, answered = UNROUTED_ANSWERS.get(channel, (None, ""))
+            if answer is not None and isinstance(content.get("reply_channel"), str):
+                self._answer_unrouted(channel, content["reply_channel"], answer)
             if channel not in self.counters.unrouted_channels:  # once per channel, not per message
                 self.counters.unrouted_channels.add(channel)
-                log.warning("no route matches a message on %s (keys: %s); unrouted messages on it are counted, "
-                            "not logged again", channel, ", ".join(sorted(content)) or "none")
+                log.warning("no route matches a message on %s (%skeys: %s)%s; unrouted messages on it are counted, "
+                            "not logged again", channel, f"path {content['path']!r}, " if "path" in content else "",
+                            ", ".join(sorted(content)) or "none", f", {answered}" if answered else "")
             return None
         consumer, kwargs = matched
         return consumer, kwargs, Message(content, channel, self.layer), retries
+
+    def _answer_unrouted(self, channel: str, reply_channel: str, answer: dict) -> None:
+        try:
+            self.sync.send(reply_channel, dict(answer))
+        except (base.ChannelFull, base.LayerUnavailable) as exc:  # the bridge's own timeout answers instead
+            self.counters.undelivered += 1
+            log.warning("could not answer an unrouted message on %s: %s", channel, exc)
 
     def is_async(self, consumer: Any) -> bool:
         try:

@@ -26,7 +26,7 @@ from crossroads import layer
 
 from . import __version__
 from .config import DEFAULT_PATH, BridgeConfig, Config, ConfigError, load_config
-from .daemon import notify, setup_logging
+from .daemon import notify, raise_open_files_limit, setup_logging
 
 log = logging.getLogger("crossroads")
 
@@ -136,6 +136,26 @@ def round_trip(sync_layer: Any) -> float:
     return time.perf_counter() - started
 
 
+# The channel each listening bridge's peers wait on for an answer, and the option saying how long they wait:
+# with no route for it at all, nothing ever answers them (the worker does not even listen there).
+AWAITED = {"http": ("http.request", "http_timeout"), "websocket": ("websocket.connect", "handshake_timeout")}
+
+
+def unanswered_bridges(config: Config, router: Any) -> list[str]:
+    """Warnings for the enabled HTTP and WebSocket bridges whose peers no route answers."""
+    warnings = []
+    for bridge in config.enabled_bridges():
+        if bridge.type not in AWAITED:
+            continue
+        channel, timeout = AWAITED[bridge.type]
+        if channel not in router.channels:
+            wait = bridge.options.get(timeout)
+            warnings.append(f"{where(config)}: [bridges.{bridge.name}] ({bridge.type}) sends {channel}, which no "
+                            f"route in [routing] app {config.routing_app} takes: every peer waits {timeout} "
+                            f"({wait:g} s) for a 504; add route(\"{channel}\", ...)")
+    return warnings
+
+
 # -- commands --
 
 
@@ -148,6 +168,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("  routing: none set ([routing] app); `crossroads run` serves its bundled example")
     else:
         print(f"  routing: {config.routing_app} consumes {', '.join(sorted(router.channels)) or 'nothing'}")
+        for warning in unanswered_bridges(config, router):
+            print(f"warning: {warning}", file=sys.stderr)
     enabled = config.enabled_bridges()
     print(f"  bridges: {', '.join(f'{b.name} ({b.type})' for b in enabled) or 'none enabled'}")
     return 0
@@ -446,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
+    files, was = raise_open_files_limit()
+    if getattr(args, "command", None) in ("run", "worker", "bridge"):  # daemons say what they run with
+        log.info("open files limit: %d%s", files, f" (raised from {was})" if files != was else "")
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr, for a daemon that hangs
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     if not getattr(args, "handler", None):

@@ -8,12 +8,16 @@ Owns the process-level plumbing shared by ``crossroads run``, ``worker`` and
   into the entry's level; elsewhere lines carry a timestamp and the level name.
 - ``notify("READY=1")`` tells systemd (``Type=notify``) the daemon is serving;
   ``STOPPING=1`` that it is draining. Without ``$NOTIFY_SOCKET`` it does nothing.
+- ``raise_open_files_limit()`` raises the soft ``RLIMIT_NOFILE`` to the hard one at start, as Go's
+  runtime does: a listening bridge holds a descriptor per peer (two per proxied WebSocket), and the
+  soft default of 1,024 for a user's shell is far below what the hard limit allows.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 import sys
 
@@ -53,3 +57,17 @@ def notify(state: str) -> bool:
             logging.getLogger("crossroads").warning("could not notify systemd at %s: %s", address, exc)
             return False
     return True
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one; (the limit now, what it was). An unlimited hard
+    limit is left alone, as Go leaves it: Linux refuses to set it, and a huge soft one slows programs that
+    walk every descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):  # a sandbox that forbids it: run with what we have
+        return soft, soft
+    return hard, soft

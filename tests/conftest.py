@@ -9,6 +9,12 @@ import pytest
 from servers import RedisServer, write_test_certificates
 
 from crossroads import layer
+from crossroads.daemon import raise_open_files_limit
+
+# As every crossroads process does at start: a user's shell has a soft `ulimit -n` of 1,024, and the
+# 1,000-client WebSocket test needs about 2,200 descriptors. Tests that need more than even the hard
+# limit allows say so (test_websocket_bridge.py).
+raise_open_files_limit()
 
 
 @pytest.fixture(scope="session")

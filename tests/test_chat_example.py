@@ -92,7 +92,7 @@ def wait_for_log(server: MosquittoServer, text: str, timeout: float = 20) -> Non
 
 def test_browser_mqtt_and_irc_users_talk_in_one_room(tmp_path, redis_server, chat_env):
     mosquitto = MosquittoServer(tmp_path / "mosquitto").start()
-    irc = NgircdServer(tmp_path / "ngircd").start()
+    irc = NgircdServer(tmp_path / "ngircd", max_nick_length=9).start()  # Debian's default, as docs/chat.md uses
     web_port = free_port()
     config = chat_config(tmp_path, redis_server.url, web_port, mosquitto, irc)
     carol = IrcUser(irc.port, "carol")
@@ -105,7 +105,7 @@ def test_browser_mqtt_and_irc_users_talk_in_one_room(tmp_path, redis_server, cha
         for daemon in daemons:
             daemon.wait_ready()
         wait_for_port(web_port, daemons[0].process)
-        carol.expect(lambda line: line.startswith(":crossroads!") and "JOIN" in line, "the bridge joining #lobby")
+        carol.expect(lambda line: line.startswith(":crossroad!") and "JOIN" in line, "the bridge joining #lobby")
         wait_for_log(mosquitto, "Sending SUBACK to crossroads-mqtt")
         listener = subprocess.Popen([require_binary("mosquitto_sub"), "-p", str(mosquitto.port), "-V", "5",
                                      "-i", "dave-sub", "-t", "chat/lobby/out"],
@@ -119,9 +119,10 @@ def test_browser_mqtt_and_irc_users_talk_in_one_room(tmp_path, redis_server, cha
                                 "-t", "chat/lobby", "-m", text, "-D", "publish", "user-property", "sender", "dave"],
                                check=True, timeout=20)
 
-            def everyone_sees(said: str) -> None:
+            def everyone_sees(said: str, irc: bool = True) -> None:
                 assert alice.recv(timeout=20) == said
-                carol.expect(lambda line: line.endswith(f"PRIVMSG #lobby :{said}"), repr(said))
+                if irc:
+                    carol.expect(lambda line: line.endswith(f"PRIVMSG #lobby :{said}"), repr(said))
                 assert listener.stdout.readline().rstrip("\n") == said  # mosquitto_sub prints each payload
 
             publish("dave here, over MQTT")  # MQTT has no join: the first publish puts chat/lobby in the room
@@ -129,7 +130,11 @@ def test_browser_mqtt_and_irc_users_talk_in_one_room(tmp_path, redis_server, cha
             alice.send("hello from the browser")
             everyone_sees("[websocket] alice: hello from the browser")
             carol.send("PRIVMSG #lobby :hi from IRC, with ünïcode")
-            everyone_sees("[irc] carol: hi from IRC, with ünïcode")
+            everyone_sees("[irc] carol: hi from IRC, with ünïcode", irc=False)
+            alice.send("and back")  # what the bot says next in #lobby is this, not carol's own line again
+            everyone_sees("[websocket] alice: and back", irc=False)
+            assert carol.expect(lambda line: " PRIVMSG #lobby :" in line, "the bot's next line").endswith(
+                "PRIVMSG #lobby :[websocket] alice: and back")
         for daemon in reversed(daemons):
             daemon.terminate()
     finally:

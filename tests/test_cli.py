@@ -117,6 +117,24 @@ def test_check_reports_what_it_found(tmp_path, redis_server):
     assert "websocket.connect" in result.stdout and "bridges: none enabled" in result.stdout
 
 
+def test_check_warns_when_no_route_answers_a_listening_bridge(tmp_path):
+    (tmp_path / "mqtt_only.py").write_text("from crossroads import route\nroutes = [route('mqtt.receive', print)]\n")
+    config = write_config(tmp_path, '[routing]\napp = "mqtt_only:routes"\n[bridges.web]\ntype = "http"\n'
+                                    '[bridges.sockets]\ntype = "websocket"\nhandshake_timeout = 5\n'
+                                    '[bridges.off]\ntype = "http"\nenabled = false\n')
+    result = run("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr  # a warning, not an error: the config is valid
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {config}: [bridges.web] (http) sends http.request, which no route in [routing] app "
+        "mqtt_only:routes takes: every peer waits http_timeout (60 s) for a 504; add route(\"http.request\", ...)",
+        f"warning: {config}: [bridges.sockets] (websocket) sends websocket.connect, which no route in [routing] app "
+        "mqtt_only:routes takes: every peer waits handshake_timeout (5 s) for a 504; add "
+        "route(\"websocket.connect\", ...)"]
+    routed = write_config(tmp_path, '[routing]\napp = "apps.chat:routes"\n[bridges.sockets]\ntype = "websocket"\n')
+    assert "warning" not in run("check", "--config", str(routed)).stderr
+
+
 def test_check_names_file_table_and_key_of_every_mistake(tmp_path):
     config = write_config(tmp_path, '[layer]\ncapacity = 0\n[worker]\nthreads = "many"\n[routing]\napp = "x"\n')
     result = run("check", "--config", str(config))

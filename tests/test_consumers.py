@@ -257,6 +257,19 @@ def test_unrouted_messages_are_counted_and_logged_once_per_channel(caplog):
     assert caplog.text.count("no route matches a message on b") == 1
 
 
+def test_unrouted_requests_and_connects_are_answered_at_once(caplog):
+    client = Client([route("http.request", print, path=r"^/$"), route("websocket.connect", print, path=r"^/ws/$")])
+    with caplog.at_level(logging.WARNING):
+        client.send_and_consume("http.request", {"path": "/favicon.ico", "method": "GET"})
+        assert client.receive() == {"status": 404, "text": "Not Found: no route matches this path\n"}
+        client.send_and_consume("websocket.connect", {"path": "/elsewhere/"})
+        assert client.receive() == {"accept": False}  # the bridge answers 403
+        client.send_and_consume("websocket.receive", {"path": "/elsewhere/", "text": "x"})
+        assert client.receive() is None  # nobody waits on a frame: nothing to answer
+    assert "http.request (path '/favicon.ico', keys: method, path, reply_channel), answered 404" in caplog.text
+    assert client.counters.unrouted == 3
+
+
 def test_signals_surround_every_consumer():
     events = []
 

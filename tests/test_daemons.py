@@ -3,10 +3,13 @@ as separate processes over Redis, each a real subprocess with a real peer on a T
 
 from __future__ import annotations
 
+import re
+import resource
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from servers import free_port, wait_for_port
@@ -104,6 +107,23 @@ def test_run_all_in_one(tmp_path, daemons, backend, request):
     assert talk(port, "hello, gateway") == "HELLO, GATEWAY"
     log = daemon.terminate()
     assert "serving: toy (toy), a worker" in log
+
+
+def test_a_daemon_raises_its_open_files_limit_to_the_hard_one(tmp_path, daemons):
+    """A user's shell starts with a soft `ulimit -n` of 1,024; a daemon takes what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    low = min(512, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (low, hard))  # the child inherits this at fork
+    try:
+        daemon = Daemon(tmp_path, "run", "run", "--config", toy_config(tmp_path, "", free_port()))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    daemons.append(daemon)
+    daemon.wait_ready()
+    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    assert re.search(rf"^Max open files\s+{hard}\s+{hard}\s", limits, re.MULTILINE), limits
+    log = daemon.terminate()
+    assert f"open files limit: {hard} (raised from {low})" in log
 
 
 def test_bridge_and_worker_as_separate_daemons_over_redis(tmp_path, redis_server, daemons):

@@ -355,6 +355,16 @@ def test_no_response_in_time_is_504(run, channel_layer, worker):
     assert bridge.counters["timeouts"] == 1
 
 
+def test_a_path_no_route_matches_is_404_at_once(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer) as bridge:  # http_timeout 60 s: a 504 would come long after fetch gave up
+            return bridge, await fetch(bridge.port, "/favicon.ico")
+
+    bridge, (status, _, body) = run(scenario())
+    assert status == 404 and b"no route matches" in body
+    assert bridge.counters["timeouts"] == 0 and worker.dispatcher.counters.unrouted == 1
+
+
 def test_body_over_max_body_is_413_without_reading_it(run, channel_layer):
     async def scenario():
         async with serving(channel_layer, max_body=100) as bridge:

@@ -11,6 +11,7 @@ about what a person on IRC sees. Waits have deadlines; none is a bare sleep.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 
@@ -434,18 +435,35 @@ def test_nick_collision_uses_an_alternate_and_regains_the_nick(run, ngircd_serve
     assert run(scenario()) == ("bridgebot2", "bridgebot")
 
 
-def test_nicks_too_long_for_the_server(run, tmp_path):
-    server = NgircdServer(tmp_path / "ngircd", max_nick_length=9).start()  # ngircd's default, RFC 2812's
+def test_nicks_fit_the_servers_nicklen(run, tmp_path, caplog):
+    server = NgircdServer(tmp_path / "ngircd", max_nick_length=9).start()  # Debian's default ngircd.conf (RFC 1459)
+    caplog.set_level(logging.INFO, logger="crossroads")
     try:
         async def scenario():
-            async with bridging(server, {"nick": "crossroads"}, wait=False) as too_long:  # 10 characters
-                refused = await degraded(too_long)
+            async with bridging(server, {"nick": "crossroads", "channels": ["#fit"]}) as bridge:  # 10 characters
+                ours = await joined(bridge, "#fit")
+                async with user(server, "dana", "#fit") as dana:
+                    dana.send("PRIVMSG #fit :hello bot")
+                    said = await take(bridge.layer, "irc-client.receive")
+                    await bridge.layer.send(ours["reply_channel"], {"text": "hi dana"})
+                    heard = await dana.expect(lambda line: line.endswith("PRIVMSG #fit :hi dana"))
+                await asyncio.to_thread(server.stop)
+                await degraded(bridge)
+                await asyncio.to_thread(server.start)
+                again = await take(bridge.layer, "irc-client.connect", timeout=15)
             async with user(server, "ninechars"):
-                async with bridging(server, {"nick": "ninechars"}) as bridge:  # taken: ninechars_ is too long
-                    return refused, bridge.client.nickname
+                async with bridging(server, {"nick": "ninechars"}) as taken:  # and ninechars_ is one too long
+                    alternate = taken.client.nickname
+            return ours, said, heard, again, alternate
 
-        refused, alternate = run(scenario())
-        assert "refuses the nick 'crossroads'" in refused["reason"]
+        ours, said, heard, again, alternate = run(scenario())
+        assert ours["nick"] == "crossroad" and said["body"] == "hello bot" and heard.startswith(":crossroad!")
+        assert again["nick"] == "crossroad"
+        refusals = [r.getMessage() for r in caplog.records if "refuses the nick" in r.getMessage()]
+        # crossroads once: the reconnect asked for the nick that fits at once.
+        assert refusals == [f"irc bridge 'net': the server refuses the nick {nick} (Nickname too long, max. 9 "
+                            f"characters), trying {fitted}" for nick, fitted in [("crossroads", "crossroad"),
+                                                                                  ("ninechars_", "ninechar_")]]
         assert alternate == "ninechar_"
     finally:
         server.stop()
@@ -653,3 +671,32 @@ channels = ["#proc"]
     finally:
         bridge.close()
         worker.close()
+
+
+def test_the_echo_example_answers_over_irc(run, tmp_path, ngircd_server):
+    """examples/echo as shipped, all-in-one (`crossroads run`), with its ports and IRC server pointed at ours."""
+    from pathlib import Path
+
+    from servers import free_port
+    from test_daemons import Daemon
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "echo"
+    text = (example / "crossroads.toml").read_text().replace("irc://127.0.0.1:6667", ngircd_server.url)
+    text = text.replace("port = 8000", f"port = {free_port()}").replace("port = 8001", f"port = {free_port()}")
+    config = tmp_path / "crossroads.toml"
+    config.write_text(text.replace('type = "mqtt"', 'type = "mqtt"\nenabled = false'))
+    (tmp_path / "echo.py").write_text((example / "echo.py").read_text())  # beside its config, as shipped
+    gateway = Daemon(tmp_path, "run", "run", "--config", str(config))
+
+    async def scenario():
+        async with user(ngircd_server, "erin", "#echo") as erin:
+            await erin.expect(lambda line: line.startswith(":echobot!") and " JOIN " in line, timeout=30)
+            erin.send("PRIVMSG #echo :hello echo")
+            return await erin.expect(lambda line: line.startswith(":echobot!") and " PRIVMSG " in line)
+
+    try:
+        gateway.wait_ready()
+        assert run(scenario()).endswith("PRIVMSG #echo :hello echo")
+        gateway.terminate()
+    finally:
+        gateway.close()

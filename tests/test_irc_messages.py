@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 
 import pytest
 
@@ -85,11 +86,74 @@ def test_nick_of_a_prefix():
     assert m.nick_of("irc.example.org") == "irc.example.org"
 
 
-def test_alternate_nicks():
-    assert [m.alternate_nick("bot", ["bot2", "bot3"], i) for i in (1, 2, 3, 4, 5)] == [
-        "bot2", "bot3", "bot_", "bot2", "bot3"]
-    assert m.alternate_nick("crossroad", [], 1, max_length=9) == "crossroa_"
-    assert m.alternate_nick("crossroad", [], 12, max_length=9) == "crossro12"
+def test_nick_candidates_without_a_limit():
+    assert list(itertools.islice(m.nick_candidates("bot", ["bot2", "robot"]), 6)) == [
+        "bot", "bot2", "robot", "bot_", "bot3", "bot4"]  # the generated bot2 is the configured one: asked once
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 8, 9, 10, 11, 30])
+@pytest.mark.parametrize("length", [1, 2, 8, 9, 10, 11, 20])
+@pytest.mark.parametrize("alternates", [[], ["alt"], ["crossroads-alternate", "CROSSROADS_", "x"]])
+def test_nick_candidates_fit_the_limit(limit, length, alternates):
+    nick = "crossroadsbridgebot"[:length]
+    candidates = list(itertools.islice(m.nick_candidates(nick, alternates, limit), 1000))
+    head: list[str] = []  # truncate first: the nick, then the alternates, each cut, each once
+    for name in [nick, *alternates]:
+        if m.irc_lower(name[:limit]) not in {m.irc_lower(h) for h in head}:
+            head.append(name[:limit])
+    assert candidates[:len(head)] == head
+    for candidate in candidates:
+        assert m.nick_problem(candidate) is None and 1 <= len(candidate) <= limit
+    assert len({m.irc_lower(c) for c in candidates}) == len(candidates)  # never the same nick twice
+    for varied in candidates[len(head):]:  # then vary: the nick cut so that its suffix fits
+        stem = varied.rstrip("_0123456789") or varied[:1]
+        suffix = varied[len(stem):]
+        assert suffix == "_" or suffix.isdigit() and int(suffix) >= 2
+        assert stem == nick[:min(len(nick), limit - len(suffix))]
+    if limit >= 3:  # enough variations for every attempt of a registration
+        assert len(candidates) >= m.MAX_NICK_ATTEMPTS
+    elif limit == 1:
+        assert candidates == head
+
+
+def test_nick_choice_fits_a_nick_the_server_refuses_as_too_long():
+    choice = m.NickChoice("crossroads", [])
+    assert choice.next() == "crossroads"
+    assert choice.refused("Nickname too long, max. 9 characters") == "crossroad"  # ngircd states its limit
+    assert choice.next() == "crossroa_" and choice.next() == "crossroa2"  # taken: vary within the limit
+    assert choice.refused("Erroneous nickname") is None  # it fits: the server refuses it for another reason
+    choice = m.NickChoice("crossroads_bridge", ["crossroads_alternate"])
+    choice.next()
+    assert choice.refused("Erroneous nickname") == "crossroad"  # no limit stated: RFC 1459's 9, which all take
+    assert choice.next() == "crossroa_"  # the alternate cut to 9 is the nick already asked for: skipped
+    assert choice.wanted == "crossroad"
+
+
+def test_nick_choice_skips_what_it_asked_for_before_a_refusal():
+    choice = m.NickChoice("ninechars", [])
+    assert choice.next() == "ninechars" and choice.next() == "ninechars_"  # taken, then one too long
+    assert choice.refused("Nickname too long, max. 9 characters") == "ninechar_"
+    assert choice.refused("Nickname too long, max. 12 characters") is None  # a longer limit never loosens ours
+
+
+def test_nick_choice_gives_up_after_max_attempts():
+    choice = m.NickChoice("bot", ["bot2"])
+    asked = [choice.next() for _ in range(m.MAX_NICK_ATTEMPTS)]
+    assert len(set(asked)) == m.MAX_NICK_ATTEMPTS and choice.next() is None
+    assert m.NickChoice("b", [], limit=1).next() == "b"
+    tiny = m.NickChoice("b", [], limit=1)
+    tiny.next()
+    assert tiny.next() is None  # nothing else fits in one character
+
+
+def test_nick_choice_learns_the_advertised_nicklen():
+    choice = m.NickChoice("crossroads", [], limit=9)  # guessed from a refusal
+    choice.advertised(["CHANTYPES=#&+", "NICKLEN=30", "PENALTY"])
+    assert choice.wanted == "crossroads"
+    choice.advertised(["TOPICLEN=490"])  # a 005 line without NICKLEN changes nothing
+    assert choice.limit == 30
+    assert m.advertised_nick_length(["NICKLEN=x", "NICKLEN=0", "nicklen=12"]) == 12
+    assert m.advertised_nick_length(["NICKLEN", "MAXNICKLEN=31"]) is None
 
 
 # -- lines from the server -----------------------------------------------------------------------------------

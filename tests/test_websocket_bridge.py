@@ -125,6 +125,15 @@ def test_rejected_handshakes_get_403(run, path):
     assert disconnected["path"] == path and disconnected["code"] == 1006 and disconnected["order"] == 1
 
 
+def test_a_path_no_route_matches_is_403_at_once(run):
+    async def scenario():
+        # apps.chat routes websocket.connect for /chat/ROOM/ and /rooms/ only; handshake_timeout 10 s would be a 504
+        async with serving({"handshake_timeout": 30}, app="apps.chat:routes") as bridge:
+            return await refused_status(bridge, "/nowhere/")
+
+    assert run(scenario()) == 403
+
+
 def test_handshake_is_held_until_the_consumer_answers(run):
     async def scenario():
         async with serving() as bridge:
@@ -375,7 +384,9 @@ def test_full_layer_after_accept_closes_1013_and_keeps_order_contiguous(run):
 def test_a_thousand_clients_in_one_room_get_every_broadcast_in_order(run, threads, app):
     clients, senders, each = 1000, 4, 5
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    assert soft >= 2 * clients + 200, f"ulimit -n is {soft}: this test needs about {2 * clients + 200} descriptors"
+    assert soft >= 2 * clients + 200, (  # conftest.py raised the soft limit to the hard one
+        f"the hard limit on open files (ulimit -Hn) is {hard}: this test needs about {2 * clients + 200}; raise "
+        f"it (e.g. 'nofile' in /etc/security/limits.conf, or LimitNOFILE= for a systemd service)")
 
     async def scenario():
         channel_layer = layer.from_url("memory://", capacity=50_000)

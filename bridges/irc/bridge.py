@@ -81,8 +81,8 @@ class IrcConnection:
         self.username = options["username"] or self.primary_nick
         self.realname = options["realname"]
         self.password = options["password"] or None
-        self.nick_attempts = 0
-        self.nick_limit: int | None = None  # set when the server refused an alternate as too long
+        # The nicks to ask for, fitted to the server's NICKLEN once known (by the bridge, from an earlier connection).
+        self.nicks = m.NickChoice(self.primary_nick, options["alternate_nicks"], bridge.nick_limit)
         self.our_user: str | None = None  # from our own JOIN echo: exact line budgets from then on
         self.our_host: str | None = None
         self.failure = ""  # why the server refused us, for the failed attempt's log line
@@ -118,7 +118,7 @@ class IrcConnection:
             self.write("CAP REQ :sasl")  # registration waits for our CAP END
         if self.password:
             self.write(m.command("PASS", trailing=self.password))
-        self._set_nick(self.primary_nick)
+        self._set_nick(self.nicks.next())
         self.write(m.command("USER", self.username, "0", "*", trailing=self.realname))
 
     def _set_nick(self, nick: str) -> None:
@@ -161,12 +161,11 @@ class IrcConnection:
     def irc_ERR_NICKNAMEINUSE(self, prefix: str, params: list[str]) -> None:  # noqa: N802
         if self._registered:  # a rename we asked for (regaining our nick) failed: keep the one we have
             return
-        self.nick_attempts += 1
-        if self.nick_attempts > 20:
-            self.fail("no free nick after 20 alternates")
+        nick = self.nicks.next()
+        if nick is None:
+            self.fail(f"every nick we tried is taken ({len(self.nicks.tried)} of them): set `nick` or "
+                      f"`alternate_nicks` in [bridges.{self.bridge.name}] to nicks free on this network")
             return
-        nick = m.alternate_nick(self.primary_nick, self.bridge.options["alternate_nicks"], self.nick_attempts,
-                                self.nick_limit)
         self.bridge.log.warning("%s: nick %s is taken, trying %s", self.bridge.label, self._attemptedNick, nick)
         self._set_nick(nick)
 
@@ -175,13 +174,14 @@ class IrcConnection:
     def irc_ERR_ERRONEUSNICKNAME(self, prefix: str, params: list[str]) -> None:  # noqa: N802
         if self._registered:
             return
-        if self.nick_attempts and self.nick_limit is None:  # our alternate was one character too many: cut it
-            self.nick_limit = len(self._attemptedNick) - 1
-            self._set_nick(m.alternate_nick(self.primary_nick, self.bridge.options["alternate_nicks"],
-                                            self.nick_attempts, self.nick_limit))
+        refused, nick = self._attemptedNick, self.nicks.refused(params[-1])
+        if nick is not None:  # too long for this server: a shorter one, and the rest fitted to the same length
+            self.bridge.log.info("%s: the server refuses the nick %s (%s), trying %s", self.bridge.label, refused,
+                                 params[-1], nick)
+            self._set_nick(nick)
         else:
-            self.fail(f"the server refuses the nick {self._attemptedNick!r}: {params[-1]} "
-                      f"(too long for it? the server's limit is in its 005 NICKLEN)")
+            self.fail(f"the server refuses the nick {refused!r}: {params[-1]}; set `nick` (and `alternate_nicks`) "
+                      f"in [bridges.{self.bridge.name}] to a nick it accepts")
 
     def irc_ERR_PASSWDMISMATCH(self, prefix: str, params: list[str]) -> None:  # noqa: N802
         self.failure = "the server refused our password (464): check `password`"
@@ -192,7 +192,9 @@ class IrcConnection:
     def irc_RPL_WELCOME(self, prefix: str, params: list[str]) -> None:  # noqa: N802
         self.hostname = prefix
         self._registered = True
-        self.nickname = self._attemptedNick
+        # The nick the server registered us as: some cut a long nick silently instead of refusing it.
+        self.nickname = params[0] if params and not m.nick_problem(params[0]) else self._attemptedNick
+        self.bridge.nick_limit = self.nicks.limit
         self.timers.append(get_reactor().callLater(self.bridge.options["ping_interval"], self._keepalive))
         self.timers.append(get_reactor().callLater(self.bridge.options["nick_retry_interval"], self._regain_nick))
         self.registered.callback(self)
@@ -215,8 +217,8 @@ class IrcConnection:
 
     def _regain_nick(self) -> None:
         """On an alternate nick, ask for ours now and then: whoever holds it may have left unseen."""
-        if not self.is_us(self.primary_nick):
-            self._set_nick(self.primary_nick)  # a 433 answer is ignored once registered
+        if not self.is_us(self.nicks.wanted):
+            self._set_nick(self.nicks.wanted)  # a 433 answer is ignored once registered
         self.timers.append(get_reactor().callLater(self.bridge.options["nick_retry_interval"], self._regain_nick))
 
     # -- reading --
@@ -255,6 +257,12 @@ class IrcConnection:
         self.supported.parse(params[1:-1])
         casemapping = self.supported.getFeature("CASEMAPPING", ["rfc1459"])
         self.membership.casemapping = casemapping[0] if isinstance(casemapping, list | tuple) else casemapping
+        limit = self.nicks.limit
+        self.nicks.advertised(params[1:-1])
+        if self.nicks.limit != limit:  # the server's own NICKLEN: fit our nick to it (longer than a guessed 9?)
+            self.bridge.nick_limit = self.nicks.limit
+            if self._registered and not self.is_us(self.nicks.wanted):
+                self._set_nick(self.nicks.wanted)
 
     def is_us(self, nick: str) -> bool:
         return m.irc_lower(nick, self.membership.casemapping) == m.irc_lower(self.nickname,
@@ -310,9 +318,10 @@ class IrcConnection:
 
     def _maybe_regain(self, nick_gone: str) -> None:
         """Someone gave up our configured nick (quit or renamed): take it back."""
-        if not self.is_us(self.primary_nick) and (m.irc_lower(nick_gone, self.membership.casemapping)
-                                                  == m.irc_lower(self.primary_nick, self.membership.casemapping)):
-            self._set_nick(self.primary_nick)
+        wanted = self.nicks.wanted
+        if not self.is_us(wanted) and (m.irc_lower(nick_gone, self.membership.casemapping)
+                                       == m.irc_lower(wanted, self.membership.casemapping)):
+            self._set_nick(wanted)
 
     def irc_RPL_NAMREPLY(self, prefix: str, params: list[str]) -> None:  # noqa: N802
         if len(params) >= 4:
@@ -426,6 +435,7 @@ class IrcBridge(Bridge):
     def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
         super().__init__(name, options, layer)
         self.server = m.parse_server(self.options["server"])
+        self.nick_limit: int | None = None  # the server's NICKLEN, once seen: later connections start fitted to it
         self.wanted: dict[str, m.ChannelSpec] = {}  # folded name -> channel: what we (re)join on every connect
         self.channel_names: dict[str, str] = {}  # folded name -> the name as first seen, for QUIT's parts
         for spec in m.parse_channels(self.options["channels"]):

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,15 +181,92 @@ def nick_of(prefix: str) -> str:
     return prefix.split("!", 1)[0].split("@", 1)[0]
 
 
-def alternate_nick(nick: str, configured: list[str], attempt: int, max_length: int | None = None) -> str:
-    """The nick to try after ``attempt`` (1, 2, ...) collisions: the configured alternates in turn, then ``nick``
-    with ``_`` and then digits appended (cut to ``max_length`` so the server does not refuse it as too long)."""
-    if attempt <= len(configured):
-        return configured[attempt - 1]
-    extra = attempt - len(configured)
-    suffix = "_" if extra == 1 else str(extra)
-    base = nick if max_length is None else nick[:max(1, max_length - len(suffix))]
-    return base + suffix
+RFC_NICK_LENGTH = 9  # RFC 1459's NICKLEN, and Debian's ngircd's: every server takes nicks this long
+MAX_NICK_ATTEMPTS = 20  # nicks asked for in one registration before the attempt fails
+
+
+def nick_candidates(nick: str, alternates: list[str], limit: int | None = None) -> Iterator[str]:
+    """The nicks to ask for, in order: ``nick``, the configured alternates, then ``nick`` with ``_`` and then
+    2, 3, ... at its end. Each is cut to ``limit`` (the server's NICKLEN), the variations cut before their
+    suffix so it survives; a nick that cutting made equal to an earlier one is not repeated. Endless without
+    a limit; with one, it ends when no suffix fits beside one character of ``nick``."""
+    seen: set[str] = set()
+
+    def wanted() -> Iterator[str]:
+        yield nick
+        yield from alternates
+        for n in itertools.count(1):
+            suffix = "_" if n == 1 else str(n)
+            room = len(nick) if limit is None else min(len(nick), limit - len(suffix))
+            if room < 1:
+                return
+            yield nick[:room] + suffix
+
+    for name in wanted():
+        name = name if limit is None else name[:limit]
+        folded = irc_lower(name)
+        if folded not in seen:
+            seen.add(folded)
+            yield name
+
+
+def advertised_nick_length(tokens: list[str]) -> int | None:
+    """The ``NICKLEN=n`` among the tokens of an ``RPL_ISUPPORT`` (005) line, or None."""
+    for token in tokens:
+        key, _, value = token.partition("=")
+        if key.upper() == "NICKLEN" and value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
+class NickChoice:
+    """Which nick to ask for while registering, and which to win back once registered.
+
+    Servers refuse a nick longer than their NICKLEN (ngircd, with 432) or cut it
+    silently, and they advertise NICKLEN only after registration (005). So a
+    refusal of a nick longer than RFC 1459's 9 is taken as "too long": we cut to
+    the limit the server's reason states, else to 9, which every server takes,
+    and ask again; once the server advertises its NICKLEN, ``wanted`` is our
+    nick cut to that, which the bridge then asks for (it may be longer than 9).
+    """
+
+    def __init__(self, nick: str, alternates: list[str], limit: int | None = None) -> None:
+        self.nick, self.alternates, self.limit = nick, list(alternates), limit
+        self.tried: set[str] = set()  # folded nicks asked for in this registration
+        self.attempted = ""
+
+    @property
+    def wanted(self) -> str:
+        """Our own nick as the server allows it."""
+        return self.nick if self.limit is None else self.nick[:self.limit]
+
+    def next(self) -> str | None:
+        """The next nick to ask for (the first call: ``wanted``); None once ``MAX_NICK_ATTEMPTS`` were asked for
+        or every candidate was."""
+        if len(self.tried) >= MAX_NICK_ATTEMPTS:
+            return None
+        for name in nick_candidates(self.nick, self.alternates, self.limit):
+            if irc_lower(name) not in self.tried:
+                self.tried.add(irc_lower(name))
+                self.attempted = name
+                return name
+        return None
+
+    def refused(self, reason: str) -> str | None:
+        """After the server refused ``attempted`` (432) while registering: the nick to ask for instead, cut to
+        the length the server allows; None when the refusal cannot be about length (the nick already fits)."""
+        stated = re.search(r"(\d+) char", reason)  # ngircd: "Nickname too long, max. 9 characters"
+        limit = int(stated.group(1)) if stated and int(stated.group(1)) > 0 else RFC_NICK_LENGTH
+        if self.limit is not None:
+            limit = min(limit, self.limit)
+        if len(self.attempted) <= limit:
+            return None
+        self.limit = limit
+        return self.next()
+
+    def advertised(self, tokens: list[str]) -> None:
+        """Learn the server's NICKLEN from an ``RPL_ISUPPORT`` line's tokens (if it names one)."""
+        self.limit = advertised_nick_length(tokens) or self.limit
 
 
 # -- lines from the server -------------------------------------------------------------------------------------

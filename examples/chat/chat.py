@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from crossroads import Group, channel_session, room_group, route
+from crossroads import Channel, Group, channel_session, room_group, route
 
 PAGE = (Path(__file__).parent / "page.html").read_text()
 # The port of the WebSocket bridge the page connects to, when it has one of its own; empty (as in
@@ -46,7 +46,7 @@ def chat(message, room):
     A room's members are reply channels in ``Group(room_group(room))``: a browser's socket joins
     when it connects, an IRC channel when the bridge joins it, an MQTT topic when something is
     published on it (MQTT has no "join"). Whatever one says reaches all of them, in their own
-    protocol, as "[protocol] sender: text".
+    protocol, as "[protocol] sender: text" (an IRC channel does not hear its own lines back).
     """
     members = Group(room_group(room))
     kind = message.channel.name
@@ -63,7 +63,14 @@ def chat(message, room):
     elif message.text:  # websocket.receive, mqtt.receive, irc-client.receive
         members.add(message.reply_channel)  # speaking joins (MQTT), and renews the membership before it expires
         sender = message.channel_session.get("name") or message.sender or "someone"
-        members.send({"text": f"[{message.protocol}] {sender}: {message.text}"})
+        said = {"text": f"[{message.protocol}] {sender}: {message.text}"}
+        if message.protocol == "irc":
+            # Everyone in the IRC channel saw the line already: the rest of the room hears it, the channel not again.
+            for member in members.channels():
+                if member != message.reply_channel.name:
+                    Channel(member).send(said)
+        else:  # a browser shows its own lines when they come back, as an MQTT subscriber does
+            members.send(said)
 
 
 def private(message):

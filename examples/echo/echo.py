@@ -1,7 +1,8 @@
 """The echo example: whatever arrives on any protocol goes back to where it came from.
 
-HTTP requests get their body (or path) back as text; every ``*.receive`` message, on any bridge,
-gets ``{"text": ...}`` on its reply channel, which each bridge renders in its own protocol.
+HTTP requests get their body (or path) back as text; every ``websocket.receive``, ``mqtt.receive``
+and ``irc-client.receive`` message gets ``{"text": ...}`` on its reply channel, which each bridge
+renders in its own protocol (a frame, a publish on the reply topic, a PRIVMSG to the channel).
 """
 
 from __future__ import annotations
@@ -31,5 +32,5 @@ def echo(message):
 routes = [
     route("http.request", echo_http),
     route("websocket.connect", accept),
-    route(["websocket.receive", "mqtt.receive", "irc.receive", "email.receive", "slack.receive"], echo),
+    route(["websocket.receive", "mqtt.receive", "irc-client.receive"], echo),
 ]
