@@ -16,8 +16,7 @@ import pytest
 from servers import free_port, wait_for_port
 from test_cli import ENV
 from test_daemons import Daemon
-
-REPO = Path(__file__).resolve().parent.parent
+from test_layering import package_copy
 
 # A user's project: its consumers import its own layer.py and bridges.py by their bare names, as a
 # Django project's would. Had crossroads imported bare ``layer`` or ``consumers`` anywhere, it would
@@ -112,9 +111,13 @@ def test_the_projects_consumers_pass_their_own_tests_with_the_test_client(tmp_pa
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """A wheel built from this tree, as `pip wheel .` builds it for a user (build isolation and all)."""
+    """A wheel built from this tree, as `pip wheel .` builds it for a user (build isolation and all).
+
+    Built from a copy of the package's files: setuptools reuses a build/ folder it finds, which in a working
+    tree may still hold modules since deleted."""
+    source = package_copy(tmp_path_factory.mktemp("source"))
     out = tmp_path_factory.mktemp("wheel")
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     (found,) = out.glob("crossroads-*.whl")
