@@ -27,7 +27,7 @@ import pytest
 from servers import free_port
 from toy_bridge import ToyBridge
 
-import crossroads.bridges.base as bridges_base
+import crossroads.bridges.registry as bridges_registry
 from crossroads import layer
 from crossroads.bridges.base import (
     REQUIRED,
@@ -605,20 +605,20 @@ def test_load_bridge_class_by_path_and_errors(monkeypatch):
         load_bridge_class("no-such-type")
     assert "'package.module:ClassName'" in str(error.value)
 
-    monkeypatch.setattr(bridges_base, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
+    monkeypatch.setattr(bridges_registry, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
                                                                         ("irc", "no_such_irc_module:IRCBridge")))
     assert load_bridge_class("toy") is ToyBridge
-    assert bridges_base.available_bridge_types() == {"toy": "toy_bridge:ToyBridge",
+    assert bridges_registry.available_bridge_types() == {"toy": "toy_bridge:ToyBridge",
                                                      "irc": "no_such_irc_module:IRCBridge"}
     with pytest.raises(BridgeTypeError, match=r"unknown bridge type 'tyo'; did you mean 'toy'\? "
                                               r"Available types: irc, toy\."):
         load_bridge_class("tyo")
     with pytest.raises(BridgeTypeError, match="'irc' .* cannot be loaded: No module named 'no_such_irc_module'"):
         load_bridge_class("irc")
-    monkeypatch.setattr(bridges_base, "entry_points", fake_entry_points())
+    monkeypatch.setattr(bridges_registry, "entry_points", fake_entry_points())
     with pytest.raises(BridgeTypeError, match="No bridge types are registered"):
         load_bridge_class("toy")
-    monkeypatch.setattr(bridges_base, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
+    monkeypatch.setattr(bridges_registry, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
                                                                         ("toy", "other:Toy")))
     with pytest.raises(BridgeTypeError, match="registered by several packages"):
         load_bridge_class("toy")
@@ -741,7 +741,7 @@ def test_install_reactor_is_idempotent_and_refuses_another_reactor():
         install_reactor()
     """)
     assert result.returncode != 0
-    assert "crossroads.bridges.base.ReactorError: Twisted's twisted.internet.epollreactor.EPollReactor is " \
+    assert "crossroads.bridges.reactor.ReactorError: Twisted's twisted.internet.epollreactor.EPollReactor is " \
            "installed, but bridges need its asyncio reactor" in result.stderr
     assert "Call install_reactor() first thing in the process" in result.stderr
 

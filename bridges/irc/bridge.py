@@ -522,15 +522,6 @@ class IrcBridge(Bridge):
             self._send_now(m.join_line(spec))
         self.event(m.CONNECT, None, lambda reply: m.connect_message(reply, self.server, client.nickname, self.name))
         self._pump()
-        self.spawn(self._connected_health(client), "updating health after connecting")
-
-    async def _connected_health(self, client: IrcConnection) -> None:
-        # Works around bridges/base.py: Reconnector._run marks the server connected (drops it from
-        # _connecting) after connect() returns but refreshes health only when a problem was cleared,
-        # so a first attempt that succeeds would leave the bridge "starting" forever.
-        while self.client is client and not (self.link is not None and self.link.connection is client):
-            await asyncio.sleep(0)
-        self._refresh_health()
 
     def disconnected(self, client: IrcConnection, reason: Any) -> None:
         # registered.called: the attempt had succeeded (a failed one is errbacked after this call). Tell the

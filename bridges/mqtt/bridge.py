@@ -411,11 +411,6 @@ class MqttBridge(Bridge):
             self._close_socket()
             raise
         self.link_up = True
-        # The Reconnector marks the link connected only after we return, and (bridges/base.py as of now) does
-        # not refresh the health when no problem was recorded: a first successful connect would stay
-        # "starting". Say it here; the Reconnector's own bookkeeping that follows changes nothing.
-        self._connecting.discard(self.link.describe)
-        self._refresh_health()
         if not session_present and self.persistent:
             self.log.info("%s: the broker had no session for %r: messages sent while we were away are lost",
                           self.label, self.client_id)
