@@ -6,7 +6,8 @@ the layer without losing anything at the edge, and the counters. Its neighbours
 own the rest, and this module re-exports their names for bridge authors:
 ``reactor.py`` (installing the asyncio reactor, coroutines and Deferreds),
 ``options.py`` (declared options), ``health.py`` (the health state),
-``reconnect.py`` (the ``Reconnector``) and ``registry.py`` (finding a bridge class by
+``reconnect.py`` (the ``Reconnector``), ``inlet.py`` (the ordered queue of
+peers' messages into the layer) and ``registry.py`` (finding a bridge class by
 type name). It must not know any protocol (``bridges/<protocol>/``), how a
 layer stores messages (``layer/``), or how the application is configured and
 run (``crossroads/``); it never closes the layer, which its caller owns.
@@ -43,6 +44,7 @@ from typing import Any, ClassVar
 from twisted.internet.defer import Deferred
 
 from crossroads.bridges.health import HEALTH_STATES, Health, describe
+from crossroads.bridges.inlet import Inlet
 from crossroads.bridges.options import REQUIRED, Option, OptionError, validate_options
 from crossroads.bridges.reactor import ReactorError, as_deferred, as_future, get_reactor, install_reactor
 from crossroads.bridges.reconnect import Reconnector
@@ -52,7 +54,7 @@ from crossroads.layer.base import backoff_delays
 
 __all__ = [  # the bridge-author API, wherever each name lives
     "COUNTERS", "ENTRY_POINT_GROUP", "HEALTH_STATES", "LAYER_CALM", "REQUIRED", "Bridge", "BridgeTypeError",
-    "Health", "Option", "OptionError", "ReactorError", "Reconnector", "as_deferred", "as_future",
+    "Health", "Inlet", "Option", "OptionError", "ReactorError", "Reconnector", "as_deferred", "as_future",
     "available_bridge_types", "get_reactor", "install_reactor", "load_bridge_class",
 ]
 
