@@ -462,29 +462,48 @@ class Bridge:
         """Stop routing replies for ``local_id``; later ones count as ``unknown_replies``. Returns the target."""
         return self.targets.pop(local_id, None)
 
-    async def _receive_replies(self) -> None:
-        prefix = self.prefix
+    async def receive_batches(self, channels: list[str], size: int, handle: Callable[[list[tuple[str, dict]]], Any],
+                              source: str, timeout: float | None = None,
+                              running: Callable[[], bool] = lambda: True) -> None:
+        """Receive from ``channels``, up to ``size`` messages per round trip, handing each batch to ``handle``,
+        until ``handle`` returns True or ``running()`` is false (checked between receives: give a ``timeout``
+        so it is). The layer retries outages itself, so a receive that fails is unexpected, but must not end
+        the loop: it is counted in ``errors`` and retried with backoff, the bridge degraded by ``source``.
+
+        The reply queue is received this way; so are channels a bridge consumes, like MQTT's ``mqtt.publish``.
+        """
         retry = None
-        stopping = False
-        while not stopping:
+        while running():
             try:
-                batch = await self.layer.receive_many([prefix], self.reply_batch)
-            except Exception as exc:  # the layer retries outages itself: this is unexpected, but must not kill us
+                batch = await self.layer.receive_many(channels, size, timeout=timeout)
+            except Exception as exc:
                 self.count("errors")
                 retry = retry or backoff_delays(0.1, 5.0)
                 delay = next(retry)
-                self.set_problem("replies", f"receiving from {prefix!r} failed ({exc!r}); retrying in {delay:.2f} s")
+                self.set_problem(source, f"receiving from {', '.join(map(repr, channels))} failed ({exc!r}); "
+                                         f"retrying in {delay:.2f} s")
                 await asyncio.sleep(delay)
                 continue
             if retry is not None:
                 retry = None
-                self.clear_problem("replies")
+                self.clear_problem(source)
+            if handle(batch):
+                return
+
+    async def _receive_replies(self) -> None:
+        prefix = self.prefix
+
+        def deliver(batch: list[tuple[str, dict]]) -> bool:
+            stopping = False
             for channel, message in batch:
                 local_id = channel[len(prefix):]
                 if local_id == self._stop_id:
                     stopping = True  # the rest of this batch is in hand too: deliver it
                 else:
                     self._dispatch(local_id, message)
+            return stopping
+
+        await self.receive_batches([prefix], self.reply_batch, deliver, "replies")
         if self._reply_tasks:
             await asyncio.gather(*self._reply_tasks, return_exceptions=True)
 

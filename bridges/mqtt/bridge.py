@@ -47,7 +47,6 @@ from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from crossroads.bridges.base import REQUIRED, Bridge, Inlet, Option, OptionError, get_reactor
-from crossroads.layer.base import backoff_delays
 
 from . import messages as m
 from . import packets
@@ -689,19 +688,7 @@ class MqttBridge(Bridge):
         self._publish(publish)
 
     async def _consume_publishes(self, channel: str) -> None:
-        # A bounded wait, so stop_accepting() ends the loop without cancelling a receive in flight
-        # (cancelling one on Redis can lose the message being popped).
-        retry = None
-        while self.accepting:
-            try:
-                batch = await self.layer.receive_many([channel], 100, timeout=1.0)
-            except Exception as exc:  # the layer retries outages itself: this is unexpected, but must not stop us
-                self.count("errors")
-                retry = retry or backoff_delays(0.1, 5.0)
-                self.log.warning("%s: receiving from %s failed (%r); retrying", self.label, channel, exc)
-                await asyncio.sleep(next(retry))
-                continue
-            retry = None
+        def publish_all(batch: list[tuple[str, dict]]) -> None:
             for _, message in batch:
                 try:
                     publish = m.interpret_publish(message, allow_publish=self.options["allow_publish"],
@@ -710,6 +697,10 @@ class MqttBridge(Bridge):
                     self._refuse(f"a message on {channel}", exc)
                     continue
                 self._publish(publish)
+
+        # A bounded wait, so stop_accepting() ends the loop without cancelling a receive in flight
+        # (cancelling one on Redis can lose the message being popped).
+        await self.receive_batches([channel], 100, publish_all, channel, timeout=1.0, running=lambda: self.accepting)
 
     def _refuse(self, what: str, exc: m.InvalidReply) -> None:
         self.count("refused_topics" if isinstance(exc, m.RefusedTopic) else "invalid_replies")
