@@ -50,6 +50,9 @@ class Inlet:
     the bridge stops reading its peer in between (``paused`` says which).
     """
 
+    __slots__ = ("_forwarding", "_queue", "batch", "bridge", "build", "high", "low", "on_full", "on_room", "paused",
+                 "peer", "persistent", "refused", "retry_while", "stored", "too_large", "what")  # one per connection
+
     def __init__(self, bridge: Bridge, what: str, *, peer: str | Callable[[dict], str] = "a peer",
                  build: Callable[[str, Any], dict | None] | None = None,
                  stored: Callable[[str, Any, dict], None] | None = None,
