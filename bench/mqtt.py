@@ -416,7 +416,8 @@ def ensure_paho_venv() -> str:
 
 def machine(redis: RedisServer, paho: str) -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    measured = ["bridges/base.py", "bridges/mqtt", "layer", "consumers", "crossroads"]
+    measured = ["bridges/base.py", "bridges/inlet.py", "bridges/health.py", "bridges/reconnect.py", "bridges/mqtt",
+                "layer", "consumers", "crossroads"]
     dirty = subprocess.run(["git", "status", "--porcelain", *measured], cwd=ROOT, capture_output=True, text=True)
     return {
         "nproc": os.cpu_count(),

@@ -1,13 +1,16 @@
-"""The bridge base: what every protocol bridge shares, so each protocol package only translates.
+"""The bridge base: ``Bridge``, what every protocol bridge shares, so each protocol package only translates.
 
-This module owns a bridge's life on the reactor: installing Twisted's asyncio
-reactor, start and graceful stop, the one reply queue of a bridge and its
-demultiplexing to connections, sending into the layer without losing anything
-at the edge, reconnecting to remote servers with backoff, the health state,
-the counters, option declarations, and finding a bridge class by type name.
-It must not know any protocol (``bridges/<protocol>/``), how a layer stores
-messages (``layer/``), or how the application is configured and run
-(``crossroads/``); it never closes the layer, which its caller owns.
+This module owns a bridge's life on the reactor: start and graceful stop, the
+one reply queue of a bridge and its demultiplexing to connections, sending into
+the layer without losing anything at the edge, and the counters. Its neighbours
+own the rest, and this module re-exports their names for bridge authors:
+``reactor.py`` (installing the asyncio reactor, coroutines and Deferreds),
+``options.py`` (declared options), ``health.py`` (the health state),
+``reconnect.py`` (the ``Reconnector``), ``inlet.py`` (the ordered queue of
+peers' messages into the layer) and ``registry.py`` (finding a bridge class by
+type name). It must not know any protocol (``bridges/<protocol>/``), how a
+layer stores messages (``layer/``), or how the application is configured and
+run (``crossroads/``); it never closes the layer, which its caller owns.
 
 Two rules for bridge code: never import ``twisted.internet.reactor`` at module
 level (that installs Twisted's default reactor: call ``get_reactor()`` at run
@@ -28,30 +31,33 @@ docs/bridges.md is the guide to writing a bridge on this base.
 from __future__ import annotations
 
 import asyncio
-import copy
-import difflib
-import importlib
 import inspect
 import logging
 import re
 import secrets
-import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from functools import partial
-from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
+from crossroads.bridges.health import HEALTH_STATES, Health, describe
+from crossroads.bridges.inlet import Inlet
+from crossroads.bridges.options import REQUIRED, Option, OptionError, validate_options
+from crossroads.bridges.reactor import ReactorError, as_deferred, as_future, get_reactor, install_reactor
+from crossroads.bridges.reconnect import Reconnector
+from crossroads.bridges.registry import ENTRY_POINT_GROUP, BridgeTypeError, available_bridge_types, load_bridge_class
 from crossroads.layer import ChannelFull, LayerError, LayerUnavailable
 from crossroads.layer.base import backoff_delays
 
-ENTRY_POINT_GROUP = "crossroads.bridges"
-HEALTH_STATES = ("starting", "connected", "degraded", "stopping", "stopped")
+__all__ = [  # the bridge-author API, wherever each name lives
+    "COUNTERS", "ENTRY_POINT_GROUP", "HEALTH_STATES", "LAYER_CALM", "REQUIRED", "Bridge", "BridgeTypeError",
+    "Health", "Inlet", "Option", "OptionError", "ReactorError", "Reconnector", "as_deferred", "as_future",
+    "available_bridge_types", "get_reactor", "install_reactor", "load_bridge_class",
+]
+
 COUNTERS = ("received", "sent", "refused", "replies", "unknown_replies", "dropped", "bad_input", "errors",
             "connects", "connect_failures")
 
@@ -61,278 +67,6 @@ _UNKNOWN_IDS_REMEMBERED = 1000  # bounds the "log each unknown local id once" me
 # Seconds the layer must take every message before its problem is cleared: a channel that fills and
 # empties many times a second under a flood is one problem, logged once, not a line per batch.
 LAYER_CALM = 1.0
-
-
-# -- the reactor ---------------------------------------------------------------------------------------------
-
-
-class ReactorError(RuntimeError):
-    """No Twisted reactor is installed, or one other than the asyncio reactor is."""
-
-
-def install_reactor(loop: asyncio.AbstractEventLoop | None = None, *, route_logs: bool = True) -> Any:
-    """Install Twisted's asyncio reactor on ``loop`` (a new loop if None) and return it.
-
-    Idempotent: when the asyncio reactor is already installed it is returned
-    (``loop``, if given, must be the one it runs on). Raises ``ReactorError``
-    when another reactor got there first. ``route_logs`` sends Twisted's own
-    log events (unhandled errors in Deferreds, exceptions in protocols) to the
-    ``twisted`` logger of the logging module, where the bridges log too.
-    """
-    if "twisted.internet.reactor" not in sys.modules:
-        from twisted.internet import asyncioreactor
-
-        loop = loop or asyncio.new_event_loop()
-        asyncioreactor.install(loop)
-        asyncio.set_event_loop(loop)  # for code that asks asyncio for "the" loop before the reactor runs
-    reactor = get_reactor()
-    if loop is not None and reactor._asyncioEventloop is not loop:
-        raise ReactorError("the asyncio reactor is already installed on another event loop; pass that loop or none")
-    if route_logs:
-        _route_twisted_logs()
-    return reactor
-
-
-def get_reactor() -> Any:
-    """The installed asyncio reactor; ``ReactorError`` if none is, or another kind is."""
-    if "twisted.internet.reactor" not in sys.modules:
-        raise ReactorError("no Twisted reactor is installed: call crossroads.bridges.base.install_reactor() first")
-    from twisted.internet import reactor
-    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
-
-    if not isinstance(reactor, AsyncioSelectorReactor):
-        kind = f"{type(reactor).__module__}.{type(reactor).__name__}"
-        raise ReactorError(
-            f"Twisted's {kind} is installed, but bridges need its asyncio reactor (the layer's client runs on "
-            "asyncio): something imported twisted.internet.reactor before "
-            "crossroads.bridges.base.install_reactor() ran. "
-            "Call install_reactor() first thing in the process."
-        )
-    return reactor
-
-
-_twisted_logs_routed = False
-
-
-def _route_twisted_logs() -> None:
-    global _twisted_logs_routed
-    if not _twisted_logs_routed:
-        from twisted.logger import STDLibLogObserver, globalLogPublisher
-
-        globalLogPublisher.addObserver(STDLibLogObserver(name="twisted"))
-        _twisted_logs_routed = True
-
-
-def as_future(awaitable: Awaitable[Any] | Deferred | None) -> asyncio.Future:
-    """An asyncio future for a coroutine, a future, a Deferred (which asyncio cannot await itself) or None."""
-    if isinstance(awaitable, Deferred):
-        return awaitable.asFuture(asyncio.get_running_loop())
-    if awaitable is None:
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-    return asyncio.ensure_future(awaitable)
-
-
-def as_deferred(awaitable: Awaitable[Any] | Deferred) -> Deferred:
-    """A Deferred for a coroutine, run as an asyncio task: how Twisted code calls ``start()`` or ``stop()``.
-
-    (``Deferred.fromCoroutine`` would not do: it cannot await asyncio futures, which the layer's client uses.)
-    """
-    if isinstance(awaitable, Deferred):
-        return awaitable
-    return Deferred.fromFuture(asyncio.ensure_future(awaitable))
-
-
-# -- options -------------------------------------------------------------------------------------------------
-
-
-class OptionError(ValueError):
-    """A bridge option is missing, unknown or wrong; ``key`` names it, the message says what to do."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{key}: {problem}")
-        self.key = key
-        self.problem = problem
-
-
-class _Required:
-    def __repr__(self) -> str:
-        return "REQUIRED"
-
-
-REQUIRED: Any = _Required()  # the default of an option that has none
-
-# Words from the TOML config's point of view, since that is where users write options.
-_TYPE_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", list: "a list",
-               dict: "a table"}
-
-
-# Booleans in text, spelled as systemd (and crossroads/config.py for its own keys) accept them.
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-
-
-@dataclass(frozen=True)
-class Option:
-    """One declared option: its type(s), default (``REQUIRED`` if none), help, and an optional ``check``.
-
-    ``check(value)`` returns a problem ("must be between 1 and 65535") or None.
-    ``from_string`` also accepts a number or boolean as text, which is what
-    ``${...}`` interpolation in the config file produces (``port = "${PORT}"``).
-    """
-
-    type: type | tuple[type, ...]
-    default: Any = REQUIRED
-    help: str = ""
-    check: Callable[[Any], str | None] | None = None
-    from_string: bool = False
-
-    def normalize(self, key: str, value: Any) -> Any:
-        types = self.type if isinstance(self.type, tuple) else (self.type,)
-        if value is None and self.default is None:
-            return None
-        if self.from_string and isinstance(value, str) and str not in types:
-            value = _from_text(value.strip(), types)
-        if float in types and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            wanted = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in types)
-            got = _TYPE_WORDS.get(type(value), type(value).__name__)
-            quoted = isinstance(value, str) and not self.from_string and {int, float, bool} & set(types)
-            hint = ": write it without quotes" if quoted else ""
-            raise OptionError(key, f"must be {wanted}, not {value!r} ({got}){hint}")
-        problem = self.check(value) if self.check is not None else None
-        if problem:
-            raise OptionError(key, f"{problem} (got {value!r})")
-        return value
-
-
-def _from_text(text: str, types: tuple[type, ...]) -> Any:
-    """The value a text holds for one of ``types``, or the text itself when it holds none."""
-    for kind in types:
-        if kind is bool and text.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[text.lower()]
-        if kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-    return text
-
-
-def _as_option(spec: Option | tuple) -> Option:
-    return spec if isinstance(spec, Option) else Option(*spec)
-
-
-# -- health --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Health:
-    """One of ``HEALTH_STATES``, why, and since when (Unix time; it changes only with the state)."""
-
-    state: str = "stopped"
-    reason: str = "not started"
-    since: float = field(default_factory=time.time)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "reason": self.reason, "since": self.since}
-
-
-def _describe(error: Any) -> str:
-    if isinstance(error, Failure):
-        error = error.value
-    return str(error) or type(error).__name__
-
-
-# -- reconnecting --------------------------------------------------------------------------------------------
-
-
-class Reconnector:
-    """Keeps a client bridge connected to a remote server (an MQTT broker, an IRC server, Slack).
-
-    ``connect()`` makes one attempt: it returns (a coroutine or a Deferred)
-    once connected, or raises. Failures wait ``crossroads.layer.base.backoff_delays``
-    (exponential, jittered, capped), each logged once with its delay, and mark
-    the bridge degraded until an attempt succeeds. The bridge calls
-    ``connection_lost(reason)`` when an established connection ends, and the
-    attempts resume; a connection that lasted ``stable_after`` seconds (default:
-    ``cap``) starts the delays afresh, one that dropped at once does not, so a
-    flapping server is not hammered. ``sleep`` is replaceable for tests.
-    Make one with ``Bridge.reconnector(...)``: ``Bridge.stop()`` then stops it.
-    """
-
-    def __init__(self, bridge: Bridge, connect: Callable[[], Awaitable[Any] | Deferred], describe: str, *,
-                 initial: float = 0.5, cap: float = 30.0, stable_after: float | None = None,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
-        self.bridge = bridge
-        self.connect = connect
-        self.describe = describe  # names the server in logs and health, e.g. "broker 10.0.0.5:1883"
-        self.initial, self.cap = initial, cap
-        self.stable_after = cap if stable_after is None else stable_after
-        self.connection: Any = None  # what the last successful connect() returned, while connected
-        self.failures = 0  # consecutive failed attempts
-        self._sleep = sleep
-        self._lost = asyncio.Event()
-        self._lost_reason: Any = None
-        self._task: asyncio.Task | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self.connection is not None
-
-    def start(self) -> None:
-        if self._task is None:
-            self.bridge._connecting.add(self.describe)
-            self.bridge._refresh_health()
-            self._task = asyncio.ensure_future(self._run())
-
-    def connection_lost(self, reason: Any = None) -> None:
-        """Call when the connection ends (from a protocol's ``connectionLost``): reconnecting starts."""
-        self.connection = None
-        self._lost_reason = reason
-        self._lost.set()
-
-    async def stop(self) -> None:
-        """Stop attempting (an attempt in progress is cancelled); closing ``connection`` is the bridge's job."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        self.bridge._connecting.discard(self.describe)
-        self.bridge._problems.pop(self.describe, None)  # given up, not recovered: stop() reports the state
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        delays = backoff_delays(self.initial, self.cap)
-        while True:
-            self._lost.clear()  # before the attempt: a connection may be lost before connect() returns
-            try:
-                connection = await as_future(self.connect())
-            except Exception as exc:
-                self.failures += 1
-                self.bridge.count("connect_failures")
-                delay = next(delays)
-                self.bridge.set_problem(self.describe, f"cannot connect ({_describe(exc)}); attempt {self.failures} "
-                                                       f"failed, retrying in {delay:.2f} s")
-                await self._sleep(delay)
-                continue
-            self.connection, connected_at = connection, loop.time()
-            self.bridge.count("connects")
-            self.bridge.log.info("%s: connected to %s after %d failed attempt(s)", self.bridge.label, self.describe,
-                                 self.failures)
-            self.failures = 0
-            self.bridge._connecting.discard(self.describe)
-            self.bridge.clear_problem(self.describe)
-            self.bridge._refresh_health()  # "starting" -> "connected" when the first attempt succeeded
-            await self._lost.wait()
-            self.connection = None
-            if loop.time() - connected_at >= self.stable_after:
-                delays = backoff_delays(self.initial, self.cap)
-            delay = next(delays)
-            self.bridge.set_problem(self.describe, f"connection lost ({_describe(self._lost_reason)}); "
-                                                   f"reconnecting in {delay:.2f} s")
-            await self._sleep(delay)
 
 
 # -- the bridge ----------------------------------------------------------------------------------------------
@@ -360,12 +94,10 @@ class Bridge:
         self.log = logging.getLogger(f"crossroads.bridges.{self.type_name}")
         self.label = f"{self.type_name} bridge {name!r}"  # starts every log line, so operators can grep one bridge
         self.targets: dict[str, Any] = {}  # local id -> connection or target; use register()/unregister()
-        self.health_listeners: list[Callable[[dict[str, Any]], None]] = []  # called on every health change
+        self.health_owner = Health(self.log, self.label)  # the one owner of the health state
+        self.health_listeners: list[Callable[[dict[str, Any]], None]] = self.health_owner.listeners
         self._counters = dict.fromkeys(COUNTERS, 0)
-        self._health = Health()
-        self._lifecycle = "new"  # new, starting, running, stopping, stopped
-        self._problems: dict[str, str] = {}  # source -> reason, while the bridge is degraded
-        self._connecting: set[str] = set()  # Reconnectors that have not connected yet
+        self._lifecycle = "new"  # new, starting, running, stopping, stopped: set with _set_lifecycle()
         self._prefix: str | None = None
         self._last_id = 0
         self._stop_id = "stop." + secrets.token_hex(8)  # the local id of stop()'s wake-up message
@@ -382,7 +114,7 @@ class Bridge:
         self._stopping: asyncio.Future | None = None
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.name!r} {self._health.state}>"
+        return f"<{type(self).__name__} {self.name!r} {self.health_owner.state}>"
 
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -390,25 +122,7 @@ class Bridge:
 
         The config's generic keys, ``type`` and ``enabled``, are accepted and left out.
         """
-        if not isinstance(options, dict):
-            raise TypeError(f"{cls.type_name} bridge options must be a dict, not {type(options).__name__}")
-        declared = {key: _as_option(spec) for key, spec in cls.OPTIONS.items()}
-        for key in options:
-            if key not in ("type", "enabled") and key not in declared:
-                close = difflib.get_close_matches(str(key), declared, 1)
-                raise OptionError(key, f"unknown option for {cls.type_name} bridges"
-                                       + (f"; did you mean {close[0]!r}?" if close else "")
-                                       + f" Known options: {', '.join(sorted(declared)) or 'none'}")
-        result = {}
-        for key, option in declared.items():
-            if key in options:
-                result[key] = option.normalize(key, options[key])
-            elif option.default is REQUIRED:
-                raise OptionError(key, f"is required by {cls.type_name} bridges: add `{key} = ...` to the "
-                                       f"bridge's table ({option.help or 'no help given'})")
-            else:
-                result[key] = copy.deepcopy(option.default)  # a list default must not be shared between bridges
-        return result
+        return validate_options(cls.type_name, cls.OPTIONS, options)
 
     # -- hooks for subclasses --
 
@@ -444,8 +158,7 @@ class Bridge:
         """Make the reply queue, start receiving from it, then ``open_protocol()``. Once per Bridge object."""
         if self._lifecycle != "new":
             raise RuntimeError(f"{self.label} was started before; make a new bridge object to start again")
-        self._lifecycle = "starting"
-        self._refresh_health()
+        self._set_lifecycle("starting")
         try:
             local = await self.layer.new_channel(f"{self.type_name}.{self.name}!")
             self._prefix = local.replace("!", ".") + "!"  # the layer's random part, moved in front of the '!'
@@ -453,12 +166,10 @@ class Bridge:
             await self.open_protocol()
         except BaseException as exc:
             await self._halt_replies()
-            self._lifecycle = "stopped"
-            self._refresh_health(f"start failed: {_describe(exc)}")
+            self._set_lifecycle("stopped", f"start failed: {describe(exc)}")
             raise
         if self._lifecycle == "starting":  # not if stop() was called meanwhile
-            self._lifecycle = "running"
-            self._refresh_health()
+            self._set_lifecycle("running")
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop gracefully within about ``timeout`` seconds; calling it again waits for the same stop.
@@ -482,8 +193,7 @@ class Bridge:
         if self._lifecycle in ("new", "stopped"):  # never started, or its start failed: nothing to stop
             self._lifecycle = "stopped"
             return
-        self._lifecycle = "stopping"
-        self._refresh_health()
+        self._set_lifecycle("stopping")
         for reconnector in self._reconnectors:
             await reconnector.stop()
         await self._within(self.stop_accepting(), left(), "stop_accepting()")
@@ -493,13 +203,10 @@ class Bridge:
                 task.cancel()
         await self._drain_replies(left())
         await self._within(self.close_protocol(), max(left(), 1.0), "close_protocol()")
-        self._problems.clear()
-        self._connecting.clear()
         if self._calm_check is not None:
             self._calm_check.cancel()
             self._calm_check = None
-        self._lifecycle = "stopped"
-        self._refresh_health("stopped on request")
+        self._set_lifecycle("stopped", "stopped on request")
 
     async def _within(self, awaitable: Awaitable[Any], timeout: float, what: str) -> None:
         try:
@@ -519,7 +226,7 @@ class Bridge:
             await self.layer.send(self.reply_channel(self._stop_id), {})
         except LayerError as exc:
             self.log.warning("%s: cannot wake the reply loop through the layer (%s); replies still queued are "
-                             "dropped", self.label, _describe(exc))
+                             "dropped", self.label, describe(exc))
             await self._halt_replies()
             return
         try:
@@ -540,7 +247,7 @@ class Bridge:
     @property
     def health(self) -> dict[str, Any]:
         """``{"state": ..., "reason": ..., "since": unix_time}``; state is one of ``HEALTH_STATES``."""
-        return self._health.as_dict()
+        return self.health_owner.as_dict()
 
     @property
     def counters(self) -> dict[str, int]:
@@ -557,46 +264,19 @@ class Bridge:
 
     def set_problem(self, source: str, reason: str) -> None:
         """Mark the bridge degraded because of ``source`` (``"layer"``, a server...) until ``clear_problem``."""
-        if self._problems.get(source) != reason:
-            self._problems[source] = reason
-            self.log.warning("%s: %s: %s", self.label, source, reason)
-            self._refresh_health()
+        self.health_owner.set_problem(source, reason)
 
     def clear_problem(self, source: str, note: str = "") -> None:
-        if self._problems.pop(source, None) is not None:
-            self.log.info("%s: %s recovered%s", self.label, source, note)
-            self._refresh_health()
+        self.health_owner.clear_problem(source, note)
 
     def bad_input(self, peer: str, problem: str) -> None:
         """Count and log input a peer got wrong; the bridge answers the peer in its protocol itself."""
         self.count("bad_input")
         self.log.warning("%s: bad input from %s: %s", self.label, peer, problem)
 
-    def _refresh_health(self, reason: str | None = None) -> None:
-        lifecycle = self._lifecycle
-        if lifecycle in ("new", "stopped"):  # keeps its reason ("start failed: ...") unless given a new one
-            state, reason = "stopped", reason or (self._health.reason if self._health.state == "stopped" else "")
-        elif lifecycle == "stopping":
-            state, reason = "stopping", "stop requested"
-        elif self._problems:
-            state, reason = "degraded", "; ".join(f"{source}: {why}" for source, why in self._problems.items())
-        elif self._connecting:
-            state, reason = "starting", "connecting to " + ", ".join(sorted(self._connecting))
-        elif lifecycle == "starting":
-            state, reason = "starting", "starting"
-        else:
-            state, reason = "connected", "running"
-        if (state, reason) == (self._health.state, self._health.reason):
-            return
-        changed = state != self._health.state
-        self._health = Health(state, reason, time.time() if changed else self._health.since)
-        if changed and state != "degraded":  # set_problem() logged the degradation already
-            self.log.info("%s is %s: %s", self.label, state, reason)
-        for listener in list(self.health_listeners):
-            try:
-                listener(self.health)
-            except Exception:
-                self.log.exception("%s: a health listener failed", self.label)
+    def _set_lifecycle(self, lifecycle: str, reason: str | None = None) -> None:
+        self._lifecycle = lifecycle
+        self.health_owner.set_lifecycle(lifecycle, reason)
 
     # -- into the layer --
 
@@ -651,14 +331,14 @@ class Bridge:
             if isinstance(exc, ChannelFull):
                 why = f"channel {channel!r} is full (are the workers keeping up?)"
             else:
-                why = f"unavailable ({_describe(exc)})"
+                why = f"unavailable ({describe(exc)})"
             self.set_problem("layer", why + "; refusing peers' messages until it accepts them again")
-        elif "layer" in self._problems:
+        elif self.health_owner.has_problem("layer"):
             self._layer_calm()
 
     def _layer_calm(self) -> None:
         """Clear the layer problem if it has been calm long enough, or look again when it will have been."""
-        if "layer" not in self._problems or self._last_stored <= self._last_refusal:
+        if not self.health_owner.has_problem("layer") or self._last_stored <= self._last_refusal:
             return  # nothing stored since the last refusal: the next store looks again
         quiet = time.monotonic() - self._last_refusal
         if quiet >= LAYER_CALM:
@@ -782,29 +462,48 @@ class Bridge:
         """Stop routing replies for ``local_id``; later ones count as ``unknown_replies``. Returns the target."""
         return self.targets.pop(local_id, None)
 
-    async def _receive_replies(self) -> None:
-        prefix = self.prefix
+    async def receive_batches(self, channels: list[str], size: int, handle: Callable[[list[tuple[str, dict]]], Any],
+                              source: str, timeout: float | None = None,
+                              running: Callable[[], bool] = lambda: True) -> None:
+        """Receive from ``channels``, up to ``size`` messages per round trip, handing each batch to ``handle``,
+        until ``handle`` returns True or ``running()`` is false (checked between receives: give a ``timeout``
+        so it is). The layer retries outages itself, so a receive that fails is unexpected, but must not end
+        the loop: it is counted in ``errors`` and retried with backoff, the bridge degraded by ``source``.
+
+        The reply queue is received this way; so are channels a bridge consumes, like MQTT's ``mqtt.publish``.
+        """
         retry = None
-        stopping = False
-        while not stopping:
+        while running():
             try:
-                batch = await self.layer.receive_many([prefix], self.reply_batch)
-            except Exception as exc:  # the layer retries outages itself: this is unexpected, but must not kill us
+                batch = await self.layer.receive_many(channels, size, timeout=timeout)
+            except Exception as exc:
                 self.count("errors")
                 retry = retry or backoff_delays(0.1, 5.0)
                 delay = next(retry)
-                self.set_problem("replies", f"receiving from {prefix!r} failed ({exc!r}); retrying in {delay:.2f} s")
+                self.set_problem(source, f"receiving from {', '.join(map(repr, channels))} failed ({exc!r}); "
+                                         f"retrying in {delay:.2f} s")
                 await asyncio.sleep(delay)
                 continue
             if retry is not None:
                 retry = None
-                self.clear_problem("replies")
+                self.clear_problem(source)
+            if handle(batch):
+                return
+
+    async def _receive_replies(self) -> None:
+        prefix = self.prefix
+
+        def deliver(batch: list[tuple[str, dict]]) -> bool:
+            stopping = False
             for channel, message in batch:
                 local_id = channel[len(prefix):]
                 if local_id == self._stop_id:
                     stopping = True  # the rest of this batch is in hand too: deliver it
                 else:
                     self._dispatch(local_id, message)
+            return stopping
+
+        await self.receive_batches([prefix], self.reply_batch, deliver, "replies")
         if self._reply_tasks:
             await asyncio.gather(*self._reply_tasks, return_exceptions=True)
 
@@ -870,54 +569,3 @@ class Bridge:
         self.count("errors")
         self.count("dropped")
         self.log.exception("%s: handling a reply for local id %r failed", self.label, local_id)
-
-
-# -- finding bridge classes ----------------------------------------------------------------------------------
-
-
-class BridgeTypeError(ValueError):
-    """A bridge type names nothing loadable, or something that is not a Bridge."""
-
-
-def available_bridge_types() -> dict[str, str]:
-    """Registered bridge types: name -> ``module:Class``, from the ``crossroads.bridges`` entry points."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
-
-def load_bridge_class(type_name: str) -> type[Bridge]:
-    """The Bridge class for a registered type name, or for a ``package.module:ClassName`` path."""
-    if ":" in type_name:
-        module_name, _, attribute = type_name.partition(":")
-        try:
-            found: Any = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise BridgeTypeError(f"bridge type {type_name!r}: cannot import {module_name!r} ({exc})") from exc
-        for part in attribute.split("."):
-            found = getattr(found, part, None)
-        if found is None:
-            raise BridgeTypeError(f"bridge type {type_name!r}: module {module_name!r} has no {attribute!r}")
-    else:
-        registered = list(entry_points(group=ENTRY_POINT_GROUP))
-        values = sorted({ep.value for ep in registered if ep.name == type_name})
-        if not values:
-            names = sorted({ep.name for ep in registered})
-            close = difflib.get_close_matches(type_name, names, 1)
-            raise BridgeTypeError(
-                f"unknown bridge type {type_name!r}" + (f"; did you mean {close[0]!r}?" if close else ".")
-                + (f" Available types: {', '.join(names)}." if names else
-                   f" No bridge types are registered in the {ENTRY_POINT_GROUP!r} entry point group: is crossroads "
-                   "installed (pip install -e .)?")
-                + " A bridge class that is not registered can be named as 'package.module:ClassName'."
-            )
-        if len(values) > 1:
-            raise BridgeTypeError(f"bridge type {type_name!r} is registered by several packages ({', '.join(values)});"
-                                  " name the one you want as 'package.module:ClassName'")
-        try:
-            found = next(ep for ep in registered if ep.name == type_name).load()
-        except ImportError as exc:
-            raise BridgeTypeError(f"bridge type {type_name!r} ({values[0]}) cannot be loaded: {exc}; "
-                                  "is the package it needs installed?") from exc
-    if not (isinstance(found, type) and issubclass(found, Bridge)):
-        raise BridgeTypeError(f"bridge type {type_name!r} is {found!r}, "
-                              "not a subclass of crossroads.bridges.base.Bridge")
-    return found

@@ -40,8 +40,8 @@ class CommandError(Exception):
 
 
 def bridge_validator(type_name: str, options: dict) -> dict:
-    """Check one bridge table's own keys with its bridge class (see bridges/base.py)."""
-    from crossroads.bridges.base import load_bridge_class
+    """Check one bridge table's own keys with its bridge class (see bridges/options.py)."""
+    from crossroads.bridges.registry import load_bridge_class
 
     return load_bridge_class(type_name).validate_options(options)
 
@@ -61,7 +61,7 @@ def load(args: argparse.Namespace) -> Config:
 
 def companions_of(bridge: BridgeConfig) -> list[str]:
     """The bridges that run in ``bridge``'s process (an http bridge's ``websocket``)."""
-    from crossroads.bridges.base import load_bridge_class
+    from crossroads.bridges.registry import load_bridge_class
 
     return load_bridge_class(bridge.type).companions(bridge.options)
 

@@ -53,7 +53,9 @@ def read_health(channel_layer: Any) -> dict[str, dict]:
 def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig], router: Any = None,
           threads: int = 4, stats_interval: float | None = None) -> int:
     """Run the bridges (and a worker for ``router``) until SIGTERM/SIGINT; the exit status."""
-    from crossroads.bridges.base import OptionError, as_deferred, install_reactor, load_bridge_class
+    from crossroads.bridges.options import OptionError
+    from crossroads.bridges.reactor import as_deferred, install_reactor
+    from crossroads.bridges.registry import load_bridge_class
 
     reactor = install_reactor()
     bridges = [load_bridge_class(b.type)(b.name, b.options, channel_layer) for b in bridge_configs]

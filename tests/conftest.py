@@ -58,7 +58,7 @@ def daemons():
 @pytest.fixture(scope="module")
 def reactor():
     """Twisted's asyncio reactor on a loop of its own, for one test module; uninstalled afterwards."""
-    from crossroads.bridges.base import ReactorError, install_reactor
+    from crossroads.bridges.reactor import ReactorError, install_reactor
 
     installed_here = "twisted.internet.reactor" not in sys.modules
     try:

@@ -27,12 +27,13 @@ import pytest
 from servers import free_port
 from toy_bridge import ToyBridge
 
-import crossroads.bridges.base as bridges_base
+import crossroads.bridges.registry as bridges_registry
 from crossroads import layer
 from crossroads.bridges.base import (
     REQUIRED,
     Bridge,
     BridgeTypeError,
+    Inlet,
     Option,
     OptionError,
     load_bridge_class,
@@ -605,20 +606,20 @@ def test_load_bridge_class_by_path_and_errors(monkeypatch):
         load_bridge_class("no-such-type")
     assert "'package.module:ClassName'" in str(error.value)
 
-    monkeypatch.setattr(bridges_base, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
+    monkeypatch.setattr(bridges_registry, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
                                                                         ("irc", "no_such_irc_module:IRCBridge")))
     assert load_bridge_class("toy") is ToyBridge
-    assert bridges_base.available_bridge_types() == {"toy": "toy_bridge:ToyBridge",
+    assert bridges_registry.available_bridge_types() == {"toy": "toy_bridge:ToyBridge",
                                                      "irc": "no_such_irc_module:IRCBridge"}
     with pytest.raises(BridgeTypeError, match=r"unknown bridge type 'tyo'; did you mean 'toy'\? "
                                               r"Available types: irc, toy\."):
         load_bridge_class("tyo")
     with pytest.raises(BridgeTypeError, match="'irc' .* cannot be loaded: No module named 'no_such_irc_module'"):
         load_bridge_class("irc")
-    monkeypatch.setattr(bridges_base, "entry_points", fake_entry_points())
+    monkeypatch.setattr(bridges_registry, "entry_points", fake_entry_points())
     with pytest.raises(BridgeTypeError, match="No bridge types are registered"):
         load_bridge_class("toy")
-    monkeypatch.setattr(bridges_base, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
+    monkeypatch.setattr(bridges_registry, "entry_points", fake_entry_points(("toy", "toy_bridge:ToyBridge"),
                                                                         ("toy", "other:Toy")))
     with pytest.raises(BridgeTypeError, match="registered by several packages"):
         load_bridge_class("toy")
@@ -741,7 +742,7 @@ def test_install_reactor_is_idempotent_and_refuses_another_reactor():
         install_reactor()
     """)
     assert result.returncode != 0
-    assert "crossroads.bridges.base.ReactorError: Twisted's twisted.internet.epollreactor.EPollReactor is " \
+    assert "crossroads.bridges.reactor.ReactorError: Twisted's twisted.internet.epollreactor.EPollReactor is " \
            "installed, but bridges need its asyncio reactor" in result.stderr
     assert "Call install_reactor() first thing in the process" in result.stderr
 
@@ -842,3 +843,96 @@ def test_a_burst_of_events_waits_its_turn_in_order_and_none_is_dropped(run, laye
     bridge, received = run(scenario())
     assert received == list(range(1000))
     assert bridge.counters["dropped"] == 0 and bridge.counters["sent"] == 1000
+
+
+# -- the inlet -----------------------------------------------------------------------------------------------
+
+
+async def drain(consumer_layer, channel: str, count: int) -> list[int]:
+    """Receive ``count`` messages from ``channel``, slowly enough that the layer fills; their ``n``s in order."""
+    received: list[int] = []
+    while len(received) < count:
+        got = await consumer_layer.receive_many([channel], 7, timeout=10)
+        assert got, f"only {len(received)} of {count} arrived"
+        received += [message["n"] for _, message in got]
+    return received
+
+
+def test_an_inlet_holds_what_the_layer_refuses_retries_it_in_order_and_pushes_back(run, layers):
+    """Past ``high`` waiting the bridge is told to stop reading its peer, and to start again at ``low``."""
+    bridge_layer, consumer_layer = layers(channel_capacity={"toy.receive": 30})
+
+    async def scenario():
+        bridge = Recorder("inlet", {}, bridge_layer)
+        signals, stored, all_stored = [], [], asyncio.Event()
+
+        def took(channel, item, message):
+            stored.append(message["n"])
+            if len(stored) == 500:
+                all_stored.set()
+
+        inlet = Inlet(bridge, "test messages", batch=20, stored=took, retry_while=lambda: True, high=200, low=50,
+                      on_full=lambda: signals.append("full"), on_room=lambda: signals.append("room"))
+        async with running(bridge):
+            for n in range(500):
+                inlet.put("toy.receive", {"n": n})
+            assert inlet.paused and signals == ["full"]
+            received = await drain(consumer_layer, "toy.receive", 500)
+            await asyncio.wait_for(all_stored.wait(), 10)
+        return bridge, inlet, signals, stored, received
+
+    bridge, inlet, signals, stored, received = run(scenario())
+    assert received == list(range(500)) and stored == list(range(500))  # none lost, none twice, in order
+    assert signals == ["full", "room"] and not inlet.paused and len(inlet) == 0
+    assert bridge.counters["sent"] == 500 and bridge.counters["refused"] > 0
+
+
+def test_an_inlet_without_retry_reports_each_refusal_and_goes_on(run, layers):
+    bridge_layer, consumer_layer = layers(channel_capacity={"toy.receive": 3})
+
+    async def scenario():
+        bridge = Recorder("refusing", {}, bridge_layer)
+        refused, told, done = [], asyncio.Event(), asyncio.Event()
+
+        def refuse(channel, item):
+            refused.append(item["n"])
+            told.set()
+
+        inlet = Inlet(bridge, "test messages", batch=10, refused=refuse,
+                      stored=lambda channel, item, message: item["n"] == 6 and done.set())
+        async with running(bridge):
+            for n in range(5):
+                inlet.put("toy.receive", {"n": n})
+            await asyncio.wait_for(told.wait(), 10)
+            assert refused == [3, 4]  # one batch: the bridge refused them to its peer, they are not sent again
+            assert await drain(consumer_layer, "toy.receive", 3) == [0, 1, 2]
+            for n in (5, 6):
+                inlet.put("toy.receive", {"n": n})
+            await asyncio.wait_for(done.wait(), 10)
+            assert await drain(consumer_layer, "toy.receive", 2) == [5, 6]
+        return bridge
+
+    bridge = run(scenario())
+    assert bridge.counters["sent"] == 5 and bridge.counters["refused"] == 2
+
+
+def test_an_inlet_handles_a_message_too_large_once_and_stores_the_rest_in_order(run, layers, caplog):
+    bridge_layer, consumer_layer = layers()
+
+    async def scenario():
+        bridge = Recorder("large", {}, bridge_layer)
+        stored, done = [], asyncio.Event()
+        inlet = Inlet(bridge, "test messages", peer="peer 7", batch=10,
+                      stored=lambda channel, item, message: stored.append(message["n"]) or message["n"] == 5
+                      and done.set())
+        async with running(bridge):
+            for n in range(6):
+                inlet.put("toy.receive", {"n": n, "blob": b"x" * (2 * 1024 * 1024 if n == 2 else 10)})
+            await asyncio.wait_for(done.wait(), 10)
+            received = await drain(consumer_layer, "toy.receive", 5)
+        return bridge, stored, received
+
+    bridge, stored, received = run(scenario())
+    assert received == [0, 1, 3, 4, 5] and stored == [0, 1, 3, 4, 5]  # the batch went on without it
+    assert bridge.counters["bad_input"] == 1 and bridge.counters["sent"] == 5 and bridge.counters["refused"] == 0
+    assert "bad input from peer 7: toy.receive too large for the layer" in caplog.text

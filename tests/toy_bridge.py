@@ -11,14 +11,12 @@ smallest complete example of a bridge (see docs/bridges.md).
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 
 from twisted.internet import protocol
 from twisted.protocols.basic import LineReceiver
 
-from crossroads.bridges.base import Bridge, Option, as_future, get_reactor
+from crossroads.bridges.base import Bridge, Inlet, Option, as_future, get_reactor
 from crossroads.bridges.protocol import port_number, positive
-from crossroads.layer import MessageTooLarge
 
 
 class ToyConnection(LineReceiver):
@@ -31,8 +29,10 @@ class ToyConnection(LineReceiver):
         self.peer = f"{address.host}:{address.port}"
         self.local_id = self.bridge.register(self)
         self.reply_channel = self.bridge.reply_channel(self.local_id)
-        self.unsent: deque[str] = deque()
-        self.forwarding = False
+        # Lines into the layer in the order they were said; a refused or oversized one is answered with ERR.
+        self.inlet = Inlet(self.bridge, f"forwarding lines from {self.peer}", build=self._message,
+                           refused=lambda channel, text: self.sendLine(b"ERR busy, say that again later"),
+                           too_large=self._too_large)
         self.closed = asyncio.get_running_loop().create_future()  # close_protocol() waits for it
 
     def lineReceived(self, line: bytes) -> None:
@@ -46,28 +46,15 @@ class ToyConnection(LineReceiver):
         if not self.bridge.accepting:
             self.sendLine(b"ERR shutting down, try another server")
             return
-        # One send at a time per connection, so its lines reach the layer in the order they were said.
-        self.unsent.append(text)
-        if not self.forwarding:
-            self.forwarding = True
-            self.bridge.spawn(self._forward(), f"forwarding lines from {self.peer}")
+        self.inlet.put("toy.receive", text)
 
-    async def _forward(self) -> None:
-        try:
-            while self.unsent:
-                text = self.unsent.popleft()
-                message = {"reply_channel": self.reply_channel, "protocol": "toy", "sender": self.peer,
-                           "room": self.bridge.options["room"], "text": text}
-                try:
-                    accepted = await self.bridge.send_to_layer("toy.receive", message)
-                except MessageTooLarge:
-                    self.bridge.bad_input(self.peer, "line too large for the layer")
-                    self.sendLine(b"ERR line too large")
-                    continue
-                if not accepted:
-                    self.sendLine(b"ERR busy, say that again later")
-        finally:
-            self.forwarding = False
+    def _message(self, channel: str, text: str) -> dict:
+        return {"reply_channel": self.reply_channel, "protocol": "toy", "sender": self.peer,
+                "room": self.bridge.options["room"], "text": text}
+
+    def _too_large(self, channel: str, text: str) -> None:
+        self.bridge.bad_input(self.peer, "line too large for the layer")
+        self.sendLine(b"ERR line too large")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.bridge.bad_input(self.peer, f"line longer than {self.MAX_LENGTH} bytes")

@@ -28,14 +28,14 @@ from typing import Any
 from twisted.internet import endpoints, protocol, ssl
 from twisted.internet.defer import Deferred
 
-from crossroads.bridges.base import REQUIRED, Bridge, Option, as_future, get_reactor
+from crossroads.bridges.base import REQUIRED, Bridge, Inlet, Option, as_future, get_reactor
 from crossroads.bridges.protocol import each, positive, problem_of
-from crossroads.layer import MessageTooLarge
 
 from . import messages as m
 
 _CLOSE_WAIT = 5.0  # close_protocol() waits this long for the server to close after our QUIT
 _FLUSH_WAIT = 5.0  # ... and at most this long for queued lines to go out before it
+FORWARD_BATCH = 100  # events of one kind sent into the layer at once (a netsplit's QUITs, a busy channel)
 
 
 _server = problem_of(m.parse_server)
@@ -445,8 +445,11 @@ class IrcBridge(Bridge):
         self.outgoing: deque[str] = deque()
         self.bucket = m.TokenBucket(self.options["flood_rate"], self.options["flood_burst"], time.monotonic())
         self._pump_call: Any = None
-        self._events: deque[tuple[str, dict]] = deque()
-        self._forwarding = False
+        # What the server tells us, into the layer in the order it told it. IRC cannot be asked to repeat:
+        # what the layer refuses is dropped (the base logged and counted the refusal).
+        self.inlet = Inlet(self, "forwarding IRC events", batch=FORWARD_BATCH,
+                           peer=lambda message: message.get("sender") or str(self.server),
+                           refused=lambda channel, message: self.count("dropped"))
         self._overflowing = False
         self._drained = asyncio.Event()  # set whenever the outgoing queue empties
         self.link: Any = None
@@ -510,15 +513,6 @@ class IrcBridge(Bridge):
             self._send_now(m.join_line(spec))
         self.event(m.CONNECT, None, lambda reply: m.connect_message(reply, self.server, client.nickname, self.name))
         self._pump()
-        self.spawn(self._connected_health(client), "updating health after connecting")
-
-    async def _connected_health(self, client: IrcConnection) -> None:
-        # Works around bridges/base.py: Reconnector._run marks the server connected (drops it from
-        # _connecting) after connect() returns but refreshes health only when a problem was cleared,
-        # so a first attempt that succeeds would leave the bridge "starting" forever.
-        while self.client is client and not (self.link is not None and self.link.connection is client):
-            await asyncio.sleep(0)
-        self._refresh_health()
 
     def disconnected(self, client: IrcConnection, reason: Any) -> None:
         # registered.called: the attempt had succeeded (a failed one is errbacked after this call). Tell the
@@ -585,25 +579,7 @@ class IrcBridge(Bridge):
         if not self.accepting:
             return
         local_id = m.SERVER_LOCAL_ID if target is None else self.local_id_for(target)
-        self._events.append((channel, build(self.reply_channel(local_id))))
-        if not self._forwarding:
-            self._forwarding = True
-            self.spawn(self._forward(), "forwarding IRC events")
-
-    async def _forward(self) -> None:
-        # One send at a time, so the layer gets events in the order the server told them.
-        try:
-            while self._events:
-                channel, message = self._events.popleft()
-                try:
-                    stored = await self.send_to_layer(channel, message)
-                except MessageTooLarge:
-                    self.bad_input(message.get("sender") or str(self.server), f"{channel} too large for the layer")
-                    continue
-                if not stored:  # IRC cannot be asked to repeat: the base logged and counted the refusal
-                    self.count("dropped")
-        finally:
-            self._forwarding = False
+        self.inlet.put(channel, build(self.reply_channel(local_id)))
 
     # -- replies --
 

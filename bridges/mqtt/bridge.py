@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -46,10 +46,9 @@ from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from crossroads.bridges.base import REQUIRED, Bridge, Option, OptionError, get_reactor
+from crossroads.bridges.base import REQUIRED, Bridge, Inlet, Option, OptionError, get_reactor
 from crossroads.bridges.protocol import payload_limit, positive
-from crossroads.layer import MessageTooLarge
-from crossroads.layer.base import MAX_MESSAGE_SIZE, backoff_delays
+from crossroads.layer.base import MAX_MESSAGE_SIZE
 
 from . import messages as m
 from . import packets
@@ -276,9 +275,15 @@ class MqttBridge(Bridge):
         self.accepting = True
         self.link_up = False
         self.generation = 0  # one per socket: acks of an older socket's messages are not sent
-        self.inbound: deque[tuple[int, m.Incoming]] = deque()
-        self.forwarding = False
-        self.reading_paused = False  # the broker socket is not read while too many messages wait for the layer
+        # PUBLISHes into the layer in the broker's order, (socket generation, Incoming) each, acknowledged only
+        # once stored. What the layer refuses is held, ahead of what came later, and tried again while the
+        # link lasts (a QoS 0 message too: with reading paused, the broker waits for us instead of us dropping
+        # what a slower worker has no room for yet). Past INBOUND_HIGH waiting, the broker socket is not read.
+        self.inbound = Inlet(self, "forwarding messages from the broker", batch=FORWARD_BATCH,
+                             build=self._inbound_message, stored=self._inbound_stored, refused=self._inbound_held,
+                             too_large=self._inbound_too_large, retry_while=lambda: self.accepting,
+                             high=INBOUND_HIGH, low=INBOUND_LOW, on_full=self._pause_reading,
+                             on_room=self._resume_reading)
         self.outbound = m.OutboundQueue(options["queue_limit"], options["queue_age"])
         # Reply targets, least recently received first: topic -> (local id, reply channel), and likewise by
         # local id for requests with a response topic.
@@ -404,11 +409,6 @@ class MqttBridge(Bridge):
             self._close_socket()
             raise
         self.link_up = True
-        # The Reconnector marks the link connected only after we return, and (bridges/base.py as of now) does
-        # not refresh the health when no problem was recorded: a first successful connect would stay
-        # "starting". Say it here; the Reconnector's own bookkeeping that follows changes nothing.
-        self._connecting.discard(self.link.describe)
-        self._refresh_health()
         if not session_present and self.persistent:
             self.log.info("%s: the broker had no session for %r: messages sent while we were away are lost",
                           self.label, self.client_id)
@@ -456,10 +456,10 @@ class MqttBridge(Bridge):
 
     def _socket_opened(self, client: Any, userdata: Any, sock: Any) -> None:
         self.generation += 1
-        self.reading_paused = False
         self.watcher = _Watcher(self, sock)
         self._closed = asyncio.get_running_loop().create_future()
-        get_reactor().addReader(self.watcher)
+        if not self.inbound.paused:  # else on_room adds it, once the layer has taken enough of what waits
+            get_reactor().addReader(self.watcher)
         self.misc = LoopingCall(self._misc)
         self.misc.clock = get_reactor()
         self.misc.start(_MISC_INTERVAL, now=False)
@@ -493,7 +493,7 @@ class MqttBridge(Bridge):
             with contextlib.suppress(OSError):
                 watcher.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
         try:
-            rc = client.read_available(READ_BURST, lambda: self.reading_paused)
+            rc = client.read_available(READ_BURST, lambda: self.inbound.paused)
         except packets.MalformedPacket as exc:
             self.bad_input(str(self.broker), f"a malformed packet ({exc}); closing the link")
             self._lose_link("the broker sent a malformed packet")
@@ -505,7 +505,7 @@ class MqttBridge(Bridge):
             return
         sock = client.socket()
         if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self.watcher is watcher and isinstance(sock, ssl.SSLSocket) \
-                and sock.pending() > 0 and not self.reading_paused:
+                and sock.pending() > 0 and not self.inbound.paused:
             # Decrypted bytes left after a full burst: the file descriptor will not signal them, so come back.
             get_reactor().callLater(0, self._readable, watcher)
 
@@ -593,82 +593,41 @@ class MqttBridge(Bridge):
             read.unpack(publish.properties)
             properties = _properties_from_paho(read)
         incoming = m.Incoming(topic, publish.payload, publish.qos, publish.retain, publish.mid, publish.dup, properties)
-        # One send at a time, in the broker's order: two sends in flight could be stored in either order.
-        self.inbound.append((generation, incoming))
-        if len(self.inbound) >= INBOUND_HIGH and not self.reading_paused and self.watcher is not None:
-            self.reading_paused = True
-            get_reactor().removeReader(self.watcher)
-        if not self.forwarding:
-            self.forwarding = True
-            self.spawn(self._forward(), "forwarding messages from the broker")
+        self.inbound.put(m.RECEIVE, (generation, incoming))
 
-    async def _forward(self) -> None:
-        # One batch in the layer at a time, in the broker's order. A batch that finds the channel full has its
-        # first messages stored and the rest refused, so every message is acknowledged or held exactly as if it
-        # had been sent alone. (One send_many per batch: a send per message cost a task and a future each.)
-        try:
-            retry = None
-            size = FORWARD_BATCH
-            while self.inbound:
-                batch = []
-                while self.inbound and len(batch) < size:
-                    generation, incoming = self.inbound.popleft()
-                    if incoming.qos and self.persistent and generation != self.generation:
-                        continue  # its socket is gone unacknowledged: the broker sends it again
-                    batch.append((generation, incoming))
-                stored = await self._store(batch)
-                for generation, incoming in batch[:stored]:
-                    self._ack(generation, incoming.mid, incoming.qos)
-                # Not acknowledged: kept, ahead of what came later, and tried again while the link lasts (a QoS 0
-                # message too: with reading paused, the broker waits for us instead of us dropping what a slower
-                # worker has no room for yet). A layer that went down may have stored them before failing to say
-                # so: the next attempt of a QoS 1/2 message carries dup, as a broker's redelivery does
-                # (docs/spec/mqtt.md).
-                held = batch[stored:]
-                for _, incoming in held:
-                    incoming.dup = incoming.dup or bool(incoming.qos)
-                # Send as many at once as the layer took last time (doubling while it takes all): a full
-                # channel then costs one refused send per round, not hundreds sent only to be refused.
-                size = min(FORWARD_BATCH, size * 2) if not held else max(1, stored)
-                if not held:
-                    retry = None
-                    self._resume_reading()
-                    continue
-                if not self.accepting:
-                    return  # stopping: what is held stays unacknowledged, for the next session
-                self.inbound.extendleft(reversed(held))
-                # A full channel empties in milliseconds when a worker is behind, so the first retries come
-                # fast; a layer that stays down is tried less and less often. Progress starts them anew.
-                retry = retry if retry and not stored else backoff_delays(0.002, 2.0)
-                await asyncio.sleep(next(retry))
-        finally:
-            self.forwarding = False
-            self._resume_reading()
+    def _inbound_message(self, channel: str, item: tuple[int, m.Incoming]) -> dict[str, Any] | None:
+        generation, incoming = item
+        if incoming.qos and self.persistent and generation != self.generation:
+            return None  # its socket is gone unacknowledged: the broker sends it again
+        return self._receive_message(incoming)
+
+    def _inbound_stored(self, channel: str, item: tuple[int, m.Incoming], message: dict) -> None:
+        self._ack(item[0], item[1].mid, item[1].qos)
+
+    def _inbound_held(self, channel: str, item: tuple[int, m.Incoming]) -> None:
+        # A layer that went down may have stored it before failing to say so: the next attempt of a QoS 1/2
+        # message carries dup, as a broker's redelivery does (docs/spec/mqtt.md).
+        incoming = item[1]
+        incoming.dup = incoming.dup or bool(incoming.qos)
+
+    def _inbound_too_large(self, channel: str, item: tuple[int, m.Incoming]) -> None:
+        # A topic and properties that, with the payload, are over the layer's limit: acknowledged and dropped,
+        # like any oversized payload (redelivering it would not make it smaller).
+        generation, incoming = item
+        self.count("oversized")
+        self.bad_input(str(self.broker), f"message on {incoming.topic!r} is too large for the layer")
+        self._ack(generation, incoming.mid, incoming.qos)
+
+    def _pause_reading(self) -> None:
+        # TCP pushes back on the broker, which queues for us, until the layer has taken enough.
+        if self.watcher is not None:
+            get_reactor().removeReader(self.watcher)
 
     def _resume_reading(self) -> None:
-        if self.reading_paused and len(self.inbound) <= INBOUND_LOW:
-            self.reading_paused = False
-            if self.watcher is not None:
-                get_reactor().addReader(self.watcher)
-                # TLS may hold decrypted bytes the file descriptor will not signal: read now rather than wait.
-                get_reactor().callLater(0, self._readable, self.watcher)
-
-    async def _store(self, batch: list[tuple[int, m.Incoming]]) -> int:
-        """Send a batch into the layer; return how many of its first messages may be acknowledged."""
-        messages = [self._receive_message(incoming) for _, incoming in batch]
-        try:
-            return await self.send_many_to_layer(m.RECEIVE, messages)
-        except MessageTooLarge:
-            pass  # a topic and properties that, with the payload, are over the layer's limit: find which, one by one
-        for done, ((_, incoming), message) in enumerate(zip(batch, messages, strict=True)):
-            try:
-                if not await self.send_to_layer(m.RECEIVE, message):
-                    return done
-            except MessageTooLarge:
-                self.count("oversized")
-                self.bad_input(str(self.broker), f"message on {incoming.topic!r} is too large for the layer")
-                # acknowledged and dropped, like any oversized payload
-        return len(batch)
+        if self.watcher is not None:
+            get_reactor().addReader(self.watcher)
+            # TLS may hold decrypted bytes the file descriptor will not signal: read now rather than wait.
+            get_reactor().callLater(0, self._readable, self.watcher)
 
     def _receive_message(self, incoming: m.Incoming) -> dict[str, Any]:
         reply_channel = self._reply_channel_of(incoming)
@@ -723,19 +682,7 @@ class MqttBridge(Bridge):
         self._publish(publish)
 
     async def _consume_publishes(self, channel: str) -> None:
-        # A bounded wait, so stop_accepting() ends the loop without cancelling a receive in flight
-        # (cancelling one on Redis can lose the message being popped).
-        retry = None
-        while self.accepting:
-            try:
-                batch = await self.layer.receive_many([channel], 100, timeout=1.0)
-            except Exception as exc:  # the layer retries outages itself: this is unexpected, but must not stop us
-                self.count("errors")
-                retry = retry or backoff_delays(0.1, 5.0)
-                self.log.warning("%s: receiving from %s failed (%r); retrying", self.label, channel, exc)
-                await asyncio.sleep(next(retry))
-                continue
-            retry = None
+        def publish_all(batch: list[tuple[str, dict]]) -> None:
             for _, message in batch:
                 try:
                     publish = m.interpret_publish(message, allow_publish=self.options["allow_publish"],
@@ -744,6 +691,10 @@ class MqttBridge(Bridge):
                     self._refuse(f"a message on {channel}", exc)
                     continue
                 self._publish(publish)
+
+        # A bounded wait, so stop_accepting() ends the loop without cancelling a receive in flight
+        # (cancelling one on Redis can lose the message being popped).
+        await self.receive_batches([channel], 100, publish_all, channel, timeout=1.0, running=lambda: self.accepting)
 
     def _refuse(self, what: str, exc: m.InvalidReply) -> None:
         self.count("refused_topics" if isinstance(exc, m.RefusedTopic) else "invalid_replies")

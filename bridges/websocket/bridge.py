@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 
-from crossroads.bridges.base import Option, as_future, get_reactor
+from crossroads.bridges.base import Inlet, Option, as_future, get_reactor
 from crossroads.bridges.listening import (
     ListeningBridge,
     address_of,
@@ -37,7 +36,6 @@ from crossroads.bridges.listening import (
     uses_tls,
 )
 from crossroads.bridges.protocol import describe_peer, each, payload_limit, positive_seconds, seconds_or_off
-from crossroads.layer import MessageTooLarge
 from crossroads.layer.base import MAX_MESSAGE_SIZE
 
 from . import messages as m
@@ -88,8 +86,11 @@ class WebsocketConnection(WebSocketServerProtocol):
         self.local_id: str | None = None
         self.reply_to = ""
         self.held: Deferred | None = None  # fires with the subprotocol (accept) or fails (reject)
-        self.unsent: deque[tuple[str, Any]] = deque()  # (channel, payload or close code), sent in turn
-        self.forwarding = False
+        # (channel, payload or close code) into the layer in the order they happened; the disconnect, which
+        # nobody can be asked to repeat, waits for room in its channel for a while.
+        self.inlet = Inlet(self.bridge, f"forwarding messages from {self.peer_name}", build=self._message,
+                           stored=self._stored, refused=self._refused, too_large=self._too_large,
+                           persistent=(m.DISCONNECT,))
         self.connect_stored = False
         self.refusing = False  # the layer refused a frame: later frames are not sent (no gap in their order)
         self.last_activity = time.monotonic()
@@ -123,7 +124,7 @@ class WebsocketConnection(WebSocketServerProtocol):
         self.reply_to = bridge.reply_channel(self.local_id)
         self.held = Deferred()
         bridge.count("received")
-        self._queue(m.CONNECT, None)
+        self.inlet.put(m.CONNECT, None)
         return self.held
 
     def refuse(self, status: int, reason: str) -> None:
@@ -168,54 +169,39 @@ class WebsocketConnection(WebSocketServerProtocol):
         if self.asgi is None or self.asgi.phase != m.OPEN:
             return  # we are closing it: the consumer gets websocket.disconnect, not what came after
         # Autobahn validated UTF-8 already (invalid text closes with 1007 before we see it).
-        self._queue(m.RECEIVE, payload if isBinary else payload.decode("utf-8"))
+        self.inlet.put(m.RECEIVE, payload if isBinary else payload.decode("utf-8"))
 
-    def _queue(self, channel: str, item: Any) -> None:
-        # One send at a time per connection, so its messages reach the layer in the order they happened.
-        self.unsent.append((channel, item))
-        if not self.forwarding:
-            self.forwarding = True
-            self.bridge.spawn(self._forward(), f"forwarding messages from {self.peer_name}")
+    def _message(self, channel: str, item: Any) -> dict[str, Any] | None:
+        """The message for the inlet's next item, made when its turn comes; None to skip it."""
+        order = self.asgi.next_order()  # orders stay contiguous: a refused frame does not use one up
+        if channel == m.CONNECT:
+            return m.connect_message(self.reply_to, self.handshake)
+        if channel == m.RECEIVE:
+            if self.refusing:  # the layer refused an earlier frame: the peer got 1013 and retries them all
+                self.bridge.count("refused")
+                return None
+            return m.receive_message(self.reply_to, self.handshake, item, order)
+        if not self.connect_stored:  # the consumer never heard of this connection
+            return None
+        return m.disconnect_message(self.reply_to, self.handshake, item, order)
 
-    async def _forward(self) -> None:
-        bridge = self.bridge
-        try:
-            while self.unsent:
-                channel, item = self.unsent.popleft()
-                order = self.asgi.next_order()
-                if channel == m.CONNECT:
-                    order, message = 0, m.connect_message(self.reply_to, self.handshake)
-                elif channel == m.RECEIVE:
-                    if self.refusing:  # the layer refused an earlier frame: the peer got 1013 and retries them all
-                        bridge.count("refused")
-                        continue
-                    message = m.receive_message(self.reply_to, self.handshake, item, order)
-                else:
-                    if not self.connect_stored:  # the consumer never heard of this connection
-                        continue
-                    message = m.disconnect_message(self.reply_to, self.handshake, item, order)
-                try:
-                    if channel == m.DISCONNECT:  # nobody to refuse to: keep trying for a while
-                        stored = await bridge.send_to_layer_persistently(channel, message)
-                    else:
-                        stored = await bridge.send_to_layer(channel, message)
-                except MessageTooLarge:
-                    bridge.bad_input(self.peer_name, f"{channel} too large for the layer")
-                    if channel == m.CONNECT:
-                        self.refuse(431, "request headers too large")
-                    else:
-                        self.close_with(m.MESSAGE_TOO_BIG, "message too large")
-                    continue
-                if stored:
-                    self.asgi.stored(order)
-                    self.connect_stored = self.connect_stored or channel == m.CONNECT
-                elif channel == m.CONNECT:
-                    self.refuse(m.UNAVAILABLE, "server busy, try again later")
-                elif channel == m.RECEIVE:
-                    self.refusing = True
-                    self.close_with(m.TRY_AGAIN_LATER, "server busy, try again later")
-        finally:
-            self.forwarding = False
+    def _stored(self, channel: str, item: Any, message: dict) -> None:
+        self.asgi.stored(message["order"])
+        self.connect_stored = self.connect_stored or channel == m.CONNECT
+
+    def _refused(self, channel: str, item: Any) -> None:
+        if channel == m.CONNECT:
+            self.refuse(m.UNAVAILABLE, "server busy, try again later")
+        elif channel == m.RECEIVE:
+            self.refusing = True
+            self.close_with(m.TRY_AGAIN_LATER, "server busy, try again later")
+
+    def _too_large(self, channel: str, item: Any) -> None:
+        self.bridge.bad_input(self.peer_name, f"{channel} too large for the layer")
+        if channel == m.CONNECT:
+            self.refuse(431, "request headers too large")
+        else:
+            self.close_with(m.MESSAGE_TOO_BIG, "message too large")
 
     # -- replies out (called by WebsocketBridge.handle_reply, in order) --
 
@@ -264,7 +250,7 @@ class WebsocketConnection(WebSocketServerProtocol):
         if self.held is not None and self.local_id is not None:
             if not wasClean:
                 code = 1006  # RFC 6455: closed abnormally, without a close frame
-            self._queue(m.DISCONNECT, code if code is not None else 1005)
+            self.inlet.put(m.DISCONNECT, code if code is not None else 1005)
 
     def connectionLost(self, reason: Any = None) -> None:
         super().connectionLost(reason)
