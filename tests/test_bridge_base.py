@@ -509,6 +509,36 @@ def test_reconnector_backs_off_exponentially_and_stops(run, caplog):
     assert len(failed) == failures + 1 and all("retrying in" in line for line in failed)
 
 
+def test_reconnector_stops_when_an_attempt_completes_as_the_stop_cancels_it(run):
+    """The shutdown hang of `crossroads run`: on Python 3.11, ``asyncio.wait_for`` returns its result instead of
+    raising when the awaited future completes in the same loop tick as the cancel (the MQTT bridge waits for its
+    CONNACK that way). The attempt then "succeeds" after ``stop()`` cancelled it; ``stop()`` must still return."""
+    layer_ = layer.from_url("memory://")
+    arrived = None
+
+    async def connect():
+        nonlocal arrived
+        arrived = asyncio.get_running_loop().create_future()
+        return await asyncio.wait_for(asyncio.shield(arrived), 10)
+
+    class ClientRecorder(Recorder):
+        async def open_protocol(self):
+            self.link = self.reconnector(connect, "server example:1")
+            self.link.start()
+
+    async def scenario():
+        bridge = ClientRecorder("client", {}, layer_)
+        await bridge.start()
+        while arrived is None:  # the attempt is under way
+            await asyncio.sleep(0)
+        arrived.set_result("a connection")  # the answer arrives ...
+        await asyncio.wait_for(bridge.stop(), 5)  # ... in the tick the stop cancels the attempt
+        assert bridge.health["state"] == "stopped"
+        await layer_.close()
+
+    run(scenario())
+
+
 def tcp_client_bridge(reactor, port: int, layer_) -> Recorder:
     """A bridge that keeps one TCP connection to 127.0.0.1:``port`` through a Reconnector."""
     from twisted.internet import endpoints, protocol
