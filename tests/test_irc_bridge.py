@@ -15,7 +15,7 @@ import time
 from contextlib import asynccontextmanager
 
 import pytest
-from servers import NgircdServer, write_test_certificates
+from servers import NgircdServer, take, write_test_certificates
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
@@ -121,17 +121,6 @@ async def bridging(server: NgircdServer, options: dict | None = None, channel_la
         await bridge.stop(timeout=5)
         if owned:
             await channel_layer.close()
-
-
-async def take(channel_layer, channel: str, timeout: float = 10, where=None) -> dict:
-    """The next message on ``channel`` (matching ``where``, skipping others)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        got, message = await channel_layer.receive([channel], timeout=max(left, 0.01))
-        assert got == channel, f"nothing (matching) on {channel} within {timeout} s"
-        if where is None or where(message):
-            return message
 
 
 async def degraded(bridge: IrcBridge, timeout: float = 10) -> dict:

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import websockets
+from servers import take
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -73,12 +74,6 @@ async def closed_code(ws) -> int:
         while True:
             await asyncio.wait_for(ws.recv(), 10)
     return closed.value.rcvd.code if closed.value.rcvd is not None else 1006
-
-
-async def take(channel_layer, channel: str, timeout: float = 10) -> dict:
-    got, message = await channel_layer.receive([channel], timeout=timeout)
-    assert got == channel, f"nothing on {channel} within {timeout} s"
-    return message
 
 
 # -- the handshake -------------------------------------------------------------------------------------------
