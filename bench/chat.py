@@ -52,7 +52,6 @@ CHAT = ROOT / "examples" / "chat"
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "img" / "chat-latency.png"
 RESULTS = ROOT / "bench" / "results" / "chat.json"
-CROSSROADS = str(Path(sys.executable).parent / "crossroads")
 SERVER_CORE, CLIENT_CORE = 1, 0
 TIMEOUT = 10.0  # seconds one sample may take before the run fails
 
@@ -157,11 +156,8 @@ class Chat(ProcessGroup):
 
     def __init__(self, setup: str, config: Path, workdir: Path) -> None:
         super().__init__(f"crossroads {setup}://", workdir / f"chat-{setup}.log", SERVER_CORE, workdir)
-        parts = [["run"]] if setup == "memory" else [["bridge", "web"], ["bridge", "mqtt"], ["bridge", "irc"],
-                                                      ["worker"]]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAT), str(ROOT)])}
-        for part in parts:
-            self.start(" ".join(part), [CROSSROADS, *part, "--config", str(config)], env)
+        self.start_crossroads(setup, config, {"web": "web", "mqtt": "mqtt", "irc": "irc"}, env)
 
 
 async def samples(count: int, say: Any, heard: Any) -> list[int]:

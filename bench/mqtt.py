@@ -59,7 +59,6 @@ PAHO_PYTHON = PAHO_VENV / "bin" / "python"
 RESULTS = ROOT / "bench" / "results" / "mqtt.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "img" / "mqtt.png"
-CROSSROADS = ROOT / ".venv" / "bin" / "crossroads"
 
 LOAD_CORE, SERVER_CORE = 0, 1
 SIZE = 256  # bytes per payload
@@ -124,17 +123,8 @@ class Crossroads(ProcessGroup):
         config = workdir / f"crossroads-{setup}.toml"
         config.write_text(crossroads_toml(setup, redis_url, broker.port))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_MQTT_STATE": str(self.state)}
-        base = [str(CROSSROADS)]
-        if setup == "memory":
-            self.start("run", [*base, "run", "--config", str(config)], env)
-        else:
-            self.start("worker", [*base, "worker", "--config", str(config)], env)
-            self.start("bridge", [*base, "bridge", "mqtt", "--config", str(config)], env)
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self.start_crossroads(setup, config, {"bridge": "mqtt"}, env)
+        self.ready()
 
     def wait_ready(self) -> None:
         """Until one request comes back through the echo consumer: the bridge is subscribed, the worker consumes."""

@@ -68,7 +68,6 @@ LOAD = ROOT / "bench" / "_web_load.py"
 RESULTS = ROOT / "bench" / "results" / "web.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "img" / "web-throughput.png"
-CROSSROADS = ROOT / ".venv" / "bin" / "crossroads"
 DAPHNE_PIN = "4.2.3"  # the latest 4.x when this benchmark was written; pinned so runs compare
 
 CLIENT_CORE, SERVER_CORE = 0, 1
@@ -142,18 +141,8 @@ class Servers(ProcessGroup):
             config.write_text(crossroads_toml(setup, redis_url, self.http_port, self.ws_port))
             # The repository root, not bench/, on the path: the routing is bench._web_crossroads:routes.
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            base = [str(CROSSROADS)]
-            if setup.layer == "memory":
-                self.start("run", [*base, "run", "--config", str(config)], env)
-            else:
-                self.start("worker", [*base, "worker", "--config", str(config)], env)
-                self.start("web", [*base, "bridge", "web", "--config", str(config)], env)
-                self.start("sockets", [*base, "bridge", "sockets", "--config", str(config)], env)
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+            self.start_crossroads(setup.layer, config, {"web": "web", "sockets": "sockets"}, env)
+        self.ready()
 
     def wait_ready(self) -> None:
         """Until a GET answers 200 and a WebSocket echoes: every process is up and the worker consumes."""

@@ -15,7 +15,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,26 @@ async def take(channel_layer: Any, channel: str, timeout: float = 10.0,
             return message
 
 
+@asynccontextmanager
+async def running_in_process(bridge: Any, app: str | None, threads: int = 1) -> AsyncIterator[Any]:
+    """``bridge`` started, with a Worker running ``app`` (None: no worker) on its layer in this process; at the
+    end the bridge stops, the worker finishes, and the layer closes."""
+    from crossroads.consumers.worker import Worker
+
+    await bridge.start()
+    worker = Worker(app, bridge.layer, threads=threads) if app else None
+    if worker is not None:
+        worker.start()
+    try:
+        yield bridge
+    finally:
+        await bridge.stop(timeout=5)
+        if worker is not None:
+            worker.stop()
+            await asyncio.to_thread(worker.join, 10)
+        await bridge.layer.close()
+
+
 def write_test_certificates(folder: Path) -> dict[str, str]:
     """A test CA and a server certificate for 127.0.0.1 and localhost (trustme), as PEM files in ``folder``:
     {"cert", "key", "ca"} paths."""
@@ -121,7 +142,8 @@ class ServerProcess:
     ``stop()`` is SIGKILL, like a crash: a bridge sees its connection drop as
     it would in production; ``start()`` again serves on the same ports.
     ``command_prefix`` goes before the command (a benchmark pins a server to a
-    core with ``taskset -c N``).
+    core with ``taskset -c N``). ``with Server(...) as server:`` starts it and
+    stops it at the end.
     """
 
     workdir: Path
@@ -147,6 +169,15 @@ class ServerProcess:
         """The first line the binary prints when run with ``args`` (its version, for a benchmark's record)."""
         run = subprocess.run([self.binary, *args], capture_output=True, text=True)
         return (run.stdout or run.stderr).split("\n")[0].strip()
+
+    def start(self) -> ServerProcess:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

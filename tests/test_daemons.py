@@ -94,6 +94,20 @@ class Daemon:
             print(f"----- crossroads {self.name}: its log -----\n{self.log()}")
 
 
+def bridge_and_worker(tmp_path, daemons: list, bridge: str, config: str,
+                      port: int | None = None) -> tuple[Daemon, Daemon]:
+    """`crossroads bridge NAME` and `crossroads worker` on ``config``, both ready, and the bridge listening on
+    ``port`` if one is given; ``daemons`` (the fixture) kills them at the end and shows their logs on a failure."""
+    started = (Daemon(tmp_path, "bridge", "bridge", bridge, "--config", config),
+               Daemon(tmp_path, "worker", "worker", "--config", config))
+    daemons += started
+    for daemon in started:
+        daemon.wait_ready()
+    if port is not None:
+        wait_for_port(port, started[0].process)
+    return started
+
+
 def talk(port: int, line: str) -> str:
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(line.encode() + b"\n")
@@ -130,12 +144,7 @@ def test_run_all_in_one(tmp_path, daemons, backend, request):
 def test_bridge_and_worker_as_separate_daemons_over_redis(tmp_path, redis_server, daemons):
     port = free_port()
     config = toy_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"\nprefix = "daemons"', port)
-    bridge = Daemon(tmp_path, "bridge", "bridge", "toy", "--config", config)
-    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
-    daemons += [bridge, worker]
-    bridge.wait_ready()
-    worker.wait_ready()
-    wait_for_port(port, bridge.process)
+    bridge, worker = bridge_and_worker(tmp_path, daemons, "toy", config, port)
     assert talk(port, "over redis") == "OVER REDIS"
     status = run("status", "--config", config)
     assert status.returncode == 0, status.stderr
@@ -155,10 +164,8 @@ def test_bridge_command_names_what_is_configured(tmp_path, redis_server):
 def test_run_with_no_config_serves_the_bundled_chat(tmp_path, daemons):
     """`make run`'s promise: with no crossroads.toml, the chat example (its sockets, MQTT and IRC too), here on a
     free port and on a broker and an IRC server of the test's own, which the environment names."""
-    mosquitto = MosquittoServer(tmp_path / "mosquitto").start()
-    irc = NgircdServer(tmp_path / "ngircd").start()
     port = free_port()
-    try:
+    with MosquittoServer(tmp_path / "mosquitto") as mosquitto, NgircdServer(tmp_path / "ngircd") as irc:
         daemon = Daemon(tmp_path, "bundled", "run",  # cwd: the test's, which has no crossroads.toml
                         env={"CROSSROADS_CHAT_PORT": str(port), "CROSSROADS_CHAT_BROKER": mosquitto.url,
                              "CROSSROADS_CHAT_IRC": irc.url})
@@ -171,9 +178,6 @@ def test_run_with_no_config_serves_the_bundled_chat(tmp_path, daemons):
         mosquitto.wait_for_log("Sending SUBACK to crossroads-mqtt", 30)
         wait_until(lambda: f"registered on {irc.url}" in daemon.log(), "the IRC bridge to register", 30)
         log = daemon.terminate()
-    finally:
-        irc.stop()
-        mosquitto.stop()
     assert f"serving the bundled chat example ({BUNDLED_CHAT}); open http://127.0.0.1:{port}/" in log
     assert f"a broker at {mosquitto.url} and an IRC server at {irc.url}" in log
 

@@ -597,10 +597,10 @@ def test_ircs_verifies_the_server_certificate(run, tmp_path, irc_tls):
 # -- as a user runs it ---------------------------------------------------------------------------------------
 
 
-def test_bridge_and_worker_as_separate_processes_over_redis(run, tmp_path, ngircd_server, redis_server):
+def test_bridge_and_worker_as_separate_processes_over_redis(run, tmp_path, ngircd_server, redis_server, daemons):
     from test_cli import run as crossroads
     from test_cli import write_config
-    from test_daemons import Daemon
+    from test_daemons import bridge_and_worker
 
     config = str(write_config(tmp_path, f"""
 [layer]
@@ -616,29 +616,22 @@ server = "{ngircd_server.url}"
 nick = "procbot"
 channels = ["#proc"]
 """))
-    bridge = Daemon(tmp_path, "bridge", "bridge", "libera", "--config", config)
-    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
-    try:
-        bridge.wait_ready()
-        worker.wait_ready()
+    bridge, worker = bridge_and_worker(tmp_path, daemons, "libera", config)
 
-        def procbot_is_in(line: str) -> bool:  # it joined after us, or was there before (NAMES)
-            return line.startswith(":procbot!") and " JOIN " in line or (
-                " 353 " in line and "procbot" in [nick.lstrip("~&@%+") for nick in line.split(" :", 1)[1].split()])
+    def procbot_is_in(line: str) -> bool:  # it joined after us, or was there before (NAMES)
+        return line.startswith(":procbot!") and " JOIN " in line or (
+            " 353 " in line and "procbot" in [nick.lstrip("~&@%+") for nick in line.split(" :", 1)[1].split()])
 
-        async def scenario():
-            async with user(ngircd_server, "ulla", "#proc") as ulla:
-                await ulla.expect(procbot_is_in, timeout=20)
-                ulla.send("PRIVMSG #proc :over redis", "PRIVMSG procbot :and in private")
-                await ulla.expect(lambda line: line.endswith("PRIVMSG ulla :ulla said: and in private"))
-                await ulla.expect(lambda line: line.endswith("PRIVMSG #proc :ulla said: over redis"))
+    async def scenario():
+        async with user(ngircd_server, "ulla", "#proc") as ulla:
+            await ulla.expect(procbot_is_in, timeout=20)
+            ulla.send("PRIVMSG #proc :over redis", "PRIVMSG procbot :and in private")
+            await ulla.expect(lambda line: line.endswith("PRIVMSG ulla :ulla said: and in private"))
+            await ulla.expect(lambda line: line.endswith("PRIVMSG #proc :ulla said: over redis"))
 
-        run(scenario())
-        deadline = time.monotonic() + 20  # health is published every few seconds
-        while "libera: connected" not in (status := crossroads("status", "--config", config)).stdout:
-            assert time.monotonic() < deadline, status.stdout + status.stderr
-        bridge.terminate()
-        worker.terminate()
-    finally:
-        bridge.close()
-        worker.close()
+    run(scenario())
+    deadline = time.monotonic() + 20  # health is published every few seconds
+    while "libera: connected" not in (status := crossroads("status", "--config", config)).stdout:
+        assert time.monotonic() < deadline, status.stdout + status.stderr
+    bridge.terminate()
+    worker.terminate()

@@ -23,12 +23,11 @@ from paho.mqtt import client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from servers import MosquittoServer, RedisServer, free_port, require_binary, take, wait_until_async
+from servers import MosquittoServer, RedisServer, free_port, require_binary, running_in_process, take, wait_until_async
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
 from crossroads.bridges.mqtt.bridge import MqttBridge
-from crossroads.consumers.worker import Worker
 
 # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -81,22 +80,12 @@ async def bridging(broker: str, options: dict | None = None, *, channel_layer=No
     """A started MqttBridge, connected and subscribed, and a Worker running apps.mqtt_echo on the same layer."""
     channel_layer = channel_layer or layer.from_url("memory://", capacity=1000)
     bridge = MqttBridge(name, {"broker": broker, "reply_topic": "{topic}/reply", **(options or {})}, channel_layer)
-    await bridge.start()
-    running = Worker("apps.mqtt_echo:routes", channel_layer, threads=1) if worker else None
-    if running is not None:
-        running.start()
-    try:
+    async with running_in_process(bridge, "apps.mqtt_echo:routes" if worker else None):
         if worker:
             assert (await take(channel_layer, "test.links"))["subscriptions"] is not None
         else:
             await wait_until_async(lambda: bridge.link.connected, "the bridge to connect")
         yield bridge
-    finally:
-        await bridge.stop(timeout=5)
-        if running is not None:
-            running.stop()
-            await asyncio.to_thread(running.join, 10)
-        await channel_layer.close()
 
 
 ECHO = [{"topic": "echo/#", "qos": 1}]
@@ -714,9 +703,9 @@ def test_options_are_checked(tmp_path):
             MqttBridge.validate_options(options)
 
 
-def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server, mosquitto_server):
+def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server, mosquitto_server, daemons):
     from test_cli import write_config
-    from test_daemons import Daemon
+    from test_daemons import bridge_and_worker
 
     pub, sub = require_binary("mosquitto_pub"), require_binary("mosquitto_sub")
     config = str(write_config(tmp_path, f"""[layer]
@@ -732,29 +721,22 @@ broker = "{mosquitto_server.url}"
 subscribe = [{{topic = "echo/#", qos = 1}}]
 reply_topic = "{{topic}}/reply"
 """))
-    bridge = Daemon(tmp_path, "bridge", "bridge", "mq", "--config", config)
-    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    bridge, worker = bridge_and_worker(tmp_path, daemons, "mq", config)
+    port = str(mosquitto_server.port)
+    listener = subprocess.Popen([sub, "-p", port, "-i", "daemon-sub", "-q", "1", "-t", "echo/+/reply", "-C", "3",
+                                 "-v"], stdout=subprocess.PIPE, text=True)
     try:
-        bridge.wait_ready()
-        worker.wait_ready()
-        port = str(mosquitto_server.port)
-        listener = subprocess.Popen([sub, "-p", port, "-i", "daemon-sub", "-q", "1", "-t", "echo/+/reply", "-C", "3",
-                                     "-v"], stdout=subprocess.PIPE, text=True)
-        try:
-            mosquitto_server.wait_for_log("Sending SUBACK to daemon-sub")
-            mosquitto_server.wait_for_log("Sending SUBACK to crossroads-mq")  # READY=1 comes before the link
-            for n in range(3):
-                subprocess.run([pub, "-p", port, "-q", "1", "-t", f"echo/d{n}", "-m", f"hello {n}"], check=True,
-                               timeout=10)
-            out, _ = listener.communicate(timeout=20)
-        finally:
-            listener.kill()
-        assert sorted(out.splitlines()) == [f"echo/d{n}/reply hello {n}" for n in range(3)]
-        bridge.terminate()
-        worker.terminate()
+        mosquitto_server.wait_for_log("Sending SUBACK to daemon-sub")
+        mosquitto_server.wait_for_log("Sending SUBACK to crossroads-mq")  # READY=1 comes before the link
+        for n in range(3):
+            subprocess.run([pub, "-p", port, "-q", "1", "-t", f"echo/d{n}", "-m", f"hello {n}"], check=True,
+                           timeout=10)
+        out, _ = listener.communicate(timeout=20)
     finally:
-        bridge.close()
-        worker.close()
+        listener.kill()
+    assert sorted(out.splitlines()) == [f"echo/d{n}/reply hello {n}" for n in range(3)]
+    bridge.terminate()
+    worker.terminate()
 
 
 def test_the_echo_example_answers_over_mqtt(tmp_path, mosquitto_server):
