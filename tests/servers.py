@@ -1,5 +1,6 @@
-"""Real servers started from system binaries on free ports, and the waits that go with them: the one place
-the tests and the benches (bench/*.py put tests/ on their sys.path) take them from.
+"""Real servers started from system binaries on free ports, the waits that go with them (each with a deadline)
+and a bridge run in this process: the one place the tests and the benches (bench/*.py put tests/ on their
+sys.path) take them from. No test imports the bench, and the bench imports nothing else of the tests.
 
 It imports only the standard library at the top (redis-py and trustme inside the functions that need them),
 because the benches run without pytest. A server whose binary is missing raises ``ServerError`` naming the
