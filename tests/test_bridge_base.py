@@ -539,6 +539,35 @@ def test_reconnector_stops_when_an_attempt_completes_as_the_stop_cancels_it(run)
     run(scenario())
 
 
+def test_a_connect_that_ignores_the_stop_is_cut_short_and_logged(run, caplog):
+    """Bridge.stop() keeps its timeout even when an attempt swallows the reconnector's cancel and waits on."""
+    layer_ = layer.from_url("memory://")
+    swallowed = asyncio.Event()
+
+    async def connect():
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+            await asyncio.Event().wait()  # a second cancel (the stop timeout's) ends it
+
+    class ClientRecorder(Recorder):
+        async def open_protocol(self):
+            self.link = self.reconnector(connect, "server example:1")
+            self.link.start()
+
+    async def scenario():
+        bridge = ClientRecorder("client", {}, layer_)
+        await bridge.start()
+        await asyncio.wait_for(bridge.stop(timeout=0.5), 10)
+        assert swallowed.is_set() and bridge.health["state"] == "stopped"
+        await layer_.close()
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges"):
+        run(scenario())
+    assert "stopping the reconnector of server example:1 did not finish within the stop timeout" in caplog.text
+
+
 def tcp_client_bridge(reactor, port: int, layer_) -> Recorder:
     """A bridge that keeps one TCP connection to 127.0.0.1:``port`` through a Reconnector."""
     from twisted.internet import endpoints, protocol
