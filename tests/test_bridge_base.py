@@ -458,6 +458,17 @@ def test_health_transitions_and_failed_start(run):
 # -- reconnecting --------------------------------------------------------------------------------------------
 
 
+def reconnecting_bridge(layer_, connect, **options) -> Recorder:
+    """A bridge whose ``open_protocol()`` starts a Reconnector (``link``) on ``connect`` to "server example:1"."""
+
+    class ClientRecorder(Recorder):
+        async def open_protocol(self):
+            self.link = self.reconnector(connect, "server example:1", **options)
+            self.link.start()
+
+    return ClientRecorder("client", {}, layer_)
+
+
 def test_reconnector_backs_off_exponentially_and_stops(run, caplog):
     layer_ = layer.from_url("memory://")
     initial, cap, failures = 0.1, 1.6, 8
@@ -479,13 +490,8 @@ def test_reconnector_backs_off_exponentially_and_stops(run, caplog):
             raise ConnectionRefusedError(f"attempt {attempts} refused")
         return "a connection"
 
-    class ClientRecorder(Recorder):
-        async def open_protocol(self):
-            self.link = self.reconnector(connect, "server example:1", initial=initial, cap=cap, sleep=fake_sleep)
-            self.link.start()
-
     async def scenario():
-        bridge = ClientRecorder("client", {}, layer_)
+        bridge = reconnecting_bridge(layer_, connect, initial=initial, cap=cap, sleep=fake_sleep)
         watch = HealthWatch(bridge)
         await bridge.start()
         await watch.until("connected")
@@ -521,13 +527,8 @@ def test_reconnector_stops_when_an_attempt_completes_as_the_stop_cancels_it(run)
         arrived = asyncio.get_running_loop().create_future()
         return await asyncio.wait_for(asyncio.shield(arrived), 10)
 
-    class ClientRecorder(Recorder):
-        async def open_protocol(self):
-            self.link = self.reconnector(connect, "server example:1")
-            self.link.start()
-
     async def scenario():
-        bridge = ClientRecorder("client", {}, layer_)
+        bridge = reconnecting_bridge(layer_, connect)
         await bridge.start()
         while arrived is None:  # the attempt is under way
             await asyncio.sleep(0)
@@ -551,13 +552,8 @@ def test_a_connect_that_ignores_the_stop_is_cut_short_and_logged(run, caplog):
             swallowed.set()
             await asyncio.Event().wait()  # a second cancel (the stop timeout's) ends it
 
-    class ClientRecorder(Recorder):
-        async def open_protocol(self):
-            self.link = self.reconnector(connect, "server example:1")
-            self.link.start()
-
     async def scenario():
-        bridge = ClientRecorder("client", {}, layer_)
+        bridge = reconnecting_bridge(layer_, connect)
         await bridge.start()
         await asyncio.wait_for(bridge.stop(timeout=0.5), 10)
         assert swallowed.is_set() and bridge.health["state"] == "stopped"
