@@ -183,7 +183,7 @@ def test_run_with_no_config_serves_the_bundled_chat(tmp_path, daemons):
 
 
 def test_the_bundled_chat_names_a_wrong_address(tmp_path):
-    result = subprocess.run([CROSSROADS, "run"], env={**ENV, "CROSSROADS_CHAT_BROKER": "127.0.0.1:1883"}, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    env = {**ENV, "CROSSROADS_CHAT_BROKER": "127.0.0.1:1883", "CROSSROADS_CHAT_PORT": str(free_port())}
+    result = subprocess.run([CROSSROADS, "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "CROSSROADS_CHAT_BROKER='127.0.0.1:1883': broker: must be mqtt://host:port" in result.stderr, result.stderr
