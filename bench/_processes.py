@@ -2,15 +2,19 @@
 
 Shared by bench/web.py, bench/mqtt.py and bench/chat.py. Output goes to a file, not a pipe: a full pipe would
 stall a server in the middle of a measurement. Each benchmark subclasses ``ProcessGroup`` with what is its own
-(how the setup starts, how to tell it is ready).
+(its config, how to tell the setup is ready: ``wait_ready()``). The third-party servers (redis-server,
+mosquitto, ngircd) come from tests/servers.py, as in the tests.
 """
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 from bench.layer import BenchError, cpu_pin
+
+CROSSROADS = str(Path(sys.executable).parent / "crossroads")  # of the virtualenv running the benchmark
 
 
 class ProcessGroup:
@@ -23,6 +27,27 @@ class ProcessGroup:
     def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
         self.processes[name] = subprocess.Popen([*cpu_pin(self.core), *command], cwd=self.cwd, env=env,
                                                 stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+
+    def start_crossroads(self, layer: str, config: Path, bridges: dict[str, str], env: dict[str, str]) -> None:
+        """One crossroads setup on ``config``: for memory://, ``crossroads run``; otherwise ``crossroads worker``
+        and a ``crossroads bridge`` per entry of ``bridges`` (process name -> bridge name)."""
+        if layer == "memory":
+            self.start("run", [CROSSROADS, "run", "--config", str(config)], env)
+        else:
+            self.start("worker", [CROSSROADS, "worker", "--config", str(config)], env)
+            for name, bridge in bridges.items():
+                self.start(name, [CROSSROADS, "bridge", bridge, "--config", str(config)], env)
+
+    def ready(self) -> None:
+        """Return once ``wait_ready()`` says the setup serves; if it fails, stop every process first."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self) -> None:
+        """Return once the setup serves; raise ``BenchError`` if it does not. Each benchmark says how it knows."""
 
     @property
     def pids(self) -> dict[str, int]:

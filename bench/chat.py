@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,43 +38,22 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench package (as in bench/web.py)
+sys.path.append(str(ROOT / "tests"))  # tests/servers.py: the server launchers the tests and benchmarks share
 
 from _processes import ProcessGroup  # noqa: E402
 from _sections import pyplot, save_run, targets_markdown  # noqa: E402
+from servers import MosquittoServer, NgircdServer, free_port  # noqa: E402
 
-from bench.layer import BenchError, RedisServer, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
-from bench.mqtt import Mosquitto  # noqa: E402
-from bench.web import free_port, warnings  # noqa: E402
+from bench.layer import BenchError, BenchRedis, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
+from bench.mqtt import private_broker  # noqa: E402
+from bench.web import warnings  # noqa: E402
 
 CHAT = ROOT / "examples" / "chat"
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "img" / "chat-latency.png"
 RESULTS = ROOT / "bench" / "results" / "chat.json"
-CROSSROADS = str(Path(sys.executable).parent / "crossroads")
 SERVER_CORE, CLIENT_CORE = 1, 0
 TIMEOUT = 10.0  # seconds one sample may take before the run fails
-
-
-class Ngircd:
-    """A private ngircd in the foreground on a free port, without penalty delays (as tests/servers.py's)."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("ngircd", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
-        if binary is None:
-            raise BenchError("ngircd not found: run 'bash tests/system-packages.sh' (or apt-get install ngircd)")
-        self.port = free_port()
-        config = workdir / "ngircd.conf"
-        config.write_text(f"[Global]\nName = irc.bench\nInfo = bench\nListen = 127.0.0.1\nPorts = {self.port}\n"
-                          "MotdPhrase = bench\n[Limits]\nMaxConnectionsIP = 0\nMaxJoins = 0\nMaxPenaltyTime = 0\n"
-                          "MaxNickLength = 30\n[Options]\nPAM = no\nIdent = no\nDNS = no\n")
-        self.process = subprocess.Popen([*cpu_pin(SERVER_CORE), binary, "-n", "-f", str(config)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        self.version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 class IrcUser:
@@ -86,15 +64,7 @@ class IrcUser:
         self.heard: asyncio.Queue[tuple[int, str]] = asyncio.Queue()  # (arrival ns, line)
 
     async def connect(self, port: int) -> IrcUser:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError(f"ngircd on port {port} never accepted a connection") from None
-                await asyncio.sleep(0.05)
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)  # ngircd is up: start() waited
         self.say_raw(f"NICK {self.nick}", f"USER {self.nick} 0 * :{self.nick}", "JOIN #lobby")
         self.task = asyncio.ensure_future(self._read())
         await self.wait_for(lambda line: " JOIN " in line and line.startswith(f":{self.nick}!"), "its own JOIN")
@@ -167,7 +137,7 @@ class MqttClient:
         self.client.disconnect()
 
 
-def chat_config(workdir: Path, layer_url: str, web_port: int, broker: Mosquitto, irc: Ngircd) -> Path:
+def chat_config(workdir: Path, layer_url: str, web_port: int, broker: MosquittoServer, irc: NgircdServer) -> Path:
     text = (CHAT / "crossroads.toml").read_text()
     for old, new in (("port = 8000", f"port = {web_port}"), ("mqtt://127.0.0.1:1883", f"mqtt://127.0.0.1:{broker.port}"),
                      ("irc://127.0.0.1:6667", f"irc://127.0.0.1:{irc.port}"),
@@ -186,11 +156,8 @@ class Chat(ProcessGroup):
 
     def __init__(self, setup: str, config: Path, workdir: Path) -> None:
         super().__init__(f"crossroads {setup}://", workdir / f"chat-{setup}.log", SERVER_CORE, workdir)
-        parts = [["run"]] if setup == "memory" else [["bridge", "web"], ["bridge", "mqtt"], ["bridge", "irc"],
-                                                      ["worker"]]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAT), str(ROOT)])}
-        for part in parts:
-            self.start(" ".join(part), [CROSSROADS, *part, "--config", str(config)], env)
+        self.start_crossroads(setup, config, {"web": "web", "mqtt": "mqtt", "irc": "irc"}, env)
 
 
 async def samples(count: int, say: Any, heard: Any) -> list[int]:
@@ -216,7 +183,7 @@ async def next_text(queue: asyncio.Queue, wanted: str, what: str) -> int:
             return at
 
 
-async def floors(count: int, irc: Ngircd, broker: Mosquitto) -> dict[str, Any]:
+async def floors(count: int, irc: NgircdServer, broker: MosquittoServer) -> dict[str, Any]:
     """The same hops with nobody in between: IRC user to IRC user, MQTT publisher to subscriber."""
     loop = asyncio.get_running_loop()
     # erin joins first, then frank: once frank has seen his own JOIN, he hears what erin says.
@@ -239,7 +206,7 @@ async def floors(count: int, irc: Ngircd, broker: Mosquitto) -> dict[str, Any]:
             "irc_ms": [n / 1e6 for n in irc_hop], "mqtt_ms": [n / 1e6 for n in mqtt_hop]}
 
 
-async def through_crossroads(count: int, web_port: int, irc: Ngircd, broker: Mosquitto) -> dict[str, Any]:
+async def through_crossroads(count: int, web_port: int, irc: NgircdServer, broker: MosquittoServer) -> dict[str, Any]:
     from websockets.asyncio.client import connect
 
     loop = asyncio.get_running_loop()
@@ -300,7 +267,10 @@ def run_all(count: int) -> dict[str, Any]:
     import platform
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-chat-"))
-    redis, broker, irc = RedisServer(), Mosquitto(workdir), Ngircd(workdir)
+    redis, broker = BenchRedis(), private_broker(workdir)
+    irc = NgircdServer(workdir / "ngircd", name="irc.bench")
+    irc.command_prefix = tuple(cpu_pin(SERVER_CORE))  # on the core of the chat's own processes
+    irc.start()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     results: dict[str, Any] = {
         "samples": count,

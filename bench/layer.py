@@ -27,10 +27,10 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +40,10 @@ import redis
 from _sections import pyplot, targets_markdown, write_section  # bench/ is on sys.path: this file runs as a script
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.append(str(ROOT / "tests"))  # tests/servers.py: the server launchers the tests and benchmarks share
+
+from servers import RedisServer, ServerError  # noqa: E402
+
 WORKER = ROOT / "bench" / "_layer_worker.py"
 CR_VENV = ROOT / ".bench-venvs" / "channels_redis"
 CR_PYTHON = CR_VENV / "bin" / "python"
@@ -121,32 +125,14 @@ def latency_summary(latencies_ns: list[int]) -> dict[str, float]:
 # -- processes --
 
 
-class RedisServer:
-    """A private redis-server on a free port, without persistence, stopped on exit."""
+class BenchRedis(RedisServer):
+    """The tests' redis-server (tests/servers.py: a free port, no persistence), started in a directory of its
+    own, with what the benchmarks ask of it besides."""
 
     def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise BenchError("redis-server not found: run 'bash tests/system-packages.sh' (or apt-get install redis)")
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
+        super().__init__(Path(tempfile.mkdtemp(prefix="bench-redis-")))
+        self.start()
         self.client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(redis.ConnectionError):
-                self.client.ping()
-                break
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.stop()
-                raise BenchError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.05)
-        self.version = self.client.info("server")["redis_version"]
 
     def flush(self) -> None:
         self.client.flushall()
@@ -167,9 +153,8 @@ class RedisServer:
 
     def stop(self) -> None:
         self.client.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        super().stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def cpu_pin(core: int) -> list[str]:
@@ -220,7 +205,7 @@ class Worker:
         return f"{self.spec.get('contender', '')} {self.spec['role']} worker".strip()
 
 
-def run_pair(server: RedisServer, contender: str, scenario: Scenario, count: int, rate: int,
+def run_pair(server: BenchRedis, contender: str, scenario: Scenario, count: int, rate: int,
              config: Config) -> dict[str, Any]:
     """One consumer (core 1) and one producer (core 0) on an empty Redis; the consumer's figures."""
     server.flush()
@@ -236,7 +221,7 @@ def run_pair(server: RedisServer, contender: str, scenario: Scenario, count: int
     return consumed
 
 
-def run_messaging(server: RedisServer, scenario: Scenario, contender: str, config: Config) -> dict[str, Any]:
+def run_messaging(server: BenchRedis, scenario: Scenario, contender: str, config: Config) -> dict[str, Any]:
     count = config.batch_count if scenario.batch > 1 else config.count
     rates = [rate_of(run_pair(server, contender, scenario, count, 0, config)) for _ in range(config.repeats)]
     figures: dict[str, Any] = {"msg_per_s": statistics.median(rates), "runs_msg_per_s": rates, "count": count}
@@ -246,7 +231,7 @@ def run_messaging(server: RedisServer, scenario: Scenario, contender: str, confi
     return figures
 
 
-def run_group(server: RedisServer, contender: str, config: Config) -> dict[str, Any]:
+def run_group(server: BenchRedis, contender: str, config: Config) -> dict[str, Any]:
     """group_send to members with room (the first ``capacity`` sends), then to full members."""
     server.flush()
     spec = {"role": "group", "contender": contender, "url": server.url, "capacity": GROUP_CAPACITY,
@@ -303,7 +288,7 @@ def cpu_model() -> str:
     return "unknown"
 
 
-def machine(server: RedisServer) -> dict[str, Any]:
+def machine(server: BenchRedis) -> dict[str, Any]:
     cpu = cpu_model()
     ours = {name: importlib.metadata.version(name) for name in ("redis", "hiredis", "msgpack")}
     theirs = installed_versions(str(CR_PYTHON), ["channels_redis", "channels", "redis", "hiredis", "msgpack"])
@@ -323,7 +308,7 @@ def machine(server: RedisServer) -> dict[str, Any]:
 
 def run_all(config: Config) -> dict[str, Any]:
     ensure_channels_redis()
-    server = RedisServer()
+    server = BenchRedis()
     try:
         results: dict[str, Any] = {"config": asdict(config), "machine": machine(server), "cases": {}, "group": {}}
         for scenario in SCENARIOS:
@@ -528,7 +513,7 @@ def timed_run(run: Any, config: Any) -> dict[str, Any] | None:
     started = time.monotonic()
     try:
         results = run(config)
-    except BenchError as exc:
+    except (BenchError, ServerError) as exc:
         print(f"\nbenchmark failed: {exc}", file=sys.stderr)
         return None
     results["seconds"] = round(time.monotonic() - started, 1)

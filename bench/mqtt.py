@@ -33,8 +33,6 @@ import json
 import os
 import platform
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,13 +43,15 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench package; bench/ stays for the helpers
+sys.path.append(str(ROOT / "tests"))  # tests/servers.py: the server launchers the tests and benchmarks share
 
 from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
 from _sections import pyplot, save_run, targets_markdown  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
+from servers import MosquittoServer  # noqa: E402
 
-from bench.layer import BenchError, RedisServer, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
-from bench.web import free_port, warnings  # noqa: E402
+from bench.layer import BenchError, BenchRedis, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
+from bench.web import warnings  # noqa: E402
 
 CLIENTS = ROOT / "bench" / "mqtt_clients.py"
 PAHO_VENV = ROOT / ".bench-venvs" / "paho"
@@ -59,7 +59,6 @@ PAHO_PYTHON = PAHO_VENV / "bin" / "python"
 RESULTS = ROOT / "bench" / "results" / "mqtt.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "img" / "mqtt.png"
-CROSSROADS = ROOT / ".venv" / "bin" / "crossroads"
 
 LOAD_CORE, SERVER_CORE = 0, 1
 SIZE = 256  # bytes per payload
@@ -93,72 +92,30 @@ class Config:
 # -- the servers --
 
 
-class Mosquitto:
-    """A private mosquitto on a free port with its own config file, stopped on exit.
+def private_broker(workdir: Path) -> MosquittoServer:
+    """The tests' mosquitto (tests/servers.py: own config, free port), started, logging errors and warnings only.
 
     ``max_queued_messages 0`` (no limit): mosquitto's default, 1,000 per client, drops QoS 0 *and* QoS 1
     messages beyond it when a subscriber falls behind a flood. Without the limit every receiver is offered
     all N messages and drains them at its own pace, so messages/s measures the receiver and a loss is the
     receiver's, not the broker's."""
+    return MosquittoServer(workdir / "mosquitto", extra="max_queued_messages 0", log_types=("error", "warning")).start()
 
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("mosquitto", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
-        if binary is None:
-            raise BenchError("mosquitto not found: run 'bash tests/system-packages.sh' (or apt-get install mosquitto)")
-        self.port = free_port()
-        self.log = workdir / "mosquitto.log"
-        self.config = workdir / "mosquitto.conf"
-        self.config.write_text(f"""# bench/mqtt.py's own broker
-listener {self.port} 127.0.0.1
-allow_anonymous true
-persistence false
-max_queued_messages 0
-log_dest file {self.log}
-log_type error
-log_type warning
-""")
-        self.process = subprocess.Popen([binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.stop()
-                    why = self.log_text()[-1000:]
-                    raise BenchError(f"mosquitto did not start on port {self.port}: {why}") from None
-                time.sleep(0.05)
-        banner = subprocess.run([binary, "-h"], capture_output=True, text=True).stdout.splitlines()
-        self.version = banner[0].replace("mosquitto version", "").strip() if banner else "unknown"
 
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def warnings(self) -> dict[str, int]:
-        """Its log (errors and warnings only, by its config) grouped by text without the timestamp and numbers."""
-        counts: dict[str, int] = {}
-        for line in self.log_text().splitlines():
-            key = re.sub(r"\d+(\.\d+)*(:\d+)?", "N", line.split(": ", 1)[-1])[:200]
-            counts[key] = counts.get(key, 0) + 1
-        return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def broker_warnings(broker: MosquittoServer) -> dict[str, int]:
+    """Its log (errors and warnings only, by its config) grouped by text without the timestamp and numbers."""
+    counts: dict[str, int] = {}
+    for line in broker.log().splitlines():
+        key = re.sub(r"\d+(\.\d+)*(:\d+)?", "N", line.split(": ", 1)[-1])[:200]
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1])[:10])
 
 
 class Crossroads(ProcessGroup):
     """One crossroads setup (redis: ``bridge mqtt`` + ``worker``; memory: ``run``), pinned to SERVER_CORE,
     counting into its own state file."""
 
-    def __init__(self, setup: str, redis_url: str, broker: Mosquitto, workdir: Path) -> None:
+    def __init__(self, setup: str, redis_url: str, broker: MosquittoServer, workdir: Path) -> None:
         super().__init__(LABELS[setup], workdir / f"crossroads-{setup}.log", SERVER_CORE, ROOT)
         self.setup = setup
         self.broker = broker
@@ -166,17 +123,8 @@ class Crossroads(ProcessGroup):
         config = workdir / f"crossroads-{setup}.toml"
         config.write_text(crossroads_toml(setup, redis_url, broker.port))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_MQTT_STATE": str(self.state)}
-        base = [str(CROSSROADS)]
-        if setup == "memory":
-            self.start("run", [*base, "run", "--config", str(config)], env)
-        else:
-            self.start("worker", [*base, "worker", "--config", str(config)], env)
-            self.start("bridge", [*base, "bridge", "mqtt", "--config", str(config)], env)
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        self.start_crossroads(setup, config, {"bridge": "mqtt"}, env)
+        self.ready()
 
     def wait_ready(self) -> None:
         """Until one request comes back through the echo consumer: the bridge is subscribed, the worker consumes."""
@@ -247,7 +195,7 @@ reply_topic = "{{topic}}/reply"
 # -- the clients --
 
 
-def client_process(spec: dict[str, Any], broker: Mosquitto, core: int) -> subprocess.Popen:
+def client_process(spec: dict[str, Any], broker: MosquittoServer, core: int) -> subprocess.Popen:
     """A ``mqtt_clients.py`` process; its stderr (progress, errors) goes to ours."""
     full = {"host": "127.0.0.1", "port": broker.port, **spec}
     return subprocess.Popen([*cpu_pin(core), str(PAHO_PYTHON), str(CLIENTS), json.dumps(full)], cwd=ROOT,
@@ -276,11 +224,11 @@ def wait_ready(process: subprocess.Popen, what: str) -> None:
         raise BenchError(f"{what} did not get ready (its errors are above)")
 
 
-def run_client(spec: dict[str, Any], broker: Mosquitto, core: int, timeout: float) -> dict[str, Any]:
+def run_client(spec: dict[str, Any], broker: MosquittoServer, core: int, timeout: float) -> dict[str, Any]:
     return last_line(client_process(spec, broker, core), spec["mode"], timeout)
 
 
-def publish(broker: Mosquitto, topic: str, qos: int, count: int) -> dict[str, Any]:
+def publish(broker: MosquittoServer, topic: str, qos: int, count: int) -> dict[str, Any]:
     return run_client({"mode": "publish", "topic": topic, "qos": qos, "count": count, "size": SIZE},
                       broker, LOAD_CORE, FLOOD_TIMEOUT)
 
@@ -288,7 +236,7 @@ def publish(broker: Mosquitto, topic: str, qos: int, count: int) -> dict[str, An
 # -- the scenarios --
 
 
-def flood(setup: str, servers: dict[str, Crossroads], broker: Mosquitto, qos: int, count: int,
+def flood(setup: str, servers: dict[str, Crossroads], broker: MosquittoServer, qos: int, count: int,
           run: str) -> dict[str, Any]:
     """One flood of ``count`` messages at ``qos`` to ``setup``'s receiver; its figures."""
     topic = f"{setup}/q{qos}/{run}"
@@ -316,7 +264,8 @@ def flood(setup: str, servers: dict[str, Crossroads], broker: Mosquitto, qos: in
             "cpu_us_per_message": {name: used / count * 1e6 for name, used in cpu.items()}}
 
 
-def round_trips(setup: str, broker: Mosquitto, requests: int, warmup: int, default_qos: bool = False) -> dict[str, Any]:
+def round_trips(setup: str, broker: MosquittoServer, requests: int, warmup: int,
+                default_qos: bool = False) -> dict[str, Any]:
     """Sequential requests to ``setup``'s responder; the requester on LOAD_CORE. Replies at QoS 0 like the requests,
     or with ``default_qos`` at QoS 1: the bridge's default ``qos`` for replies, and the bare responder's likewise."""
     topic = f"{setup}/rt/{'default' if default_qos else 'req'}"
@@ -356,7 +305,7 @@ def show_trip(label: str, got: dict[str, Any]) -> None:
     print(f"  p50 {got['p50_ms']:.3f} ms, p99 {got['p99_ms']:.3f} ms, lost {got['lost']}  {label}", flush=True)
 
 
-def measure(config: Config, redis: RedisServer, broker: Mosquitto, workdir: Path) -> dict[str, Any]:
+def measure(config: Config, redis: BenchRedis, broker: MosquittoServer, workdir: Path) -> dict[str, Any]:
     servers: dict[str, Crossroads] = {}
     try:
         for setup in SETUPS[1:]:
@@ -389,7 +338,7 @@ def measure(config: Config, redis: RedisServer, broker: Mosquitto, workdir: Path
         for setup, crossroads in servers.items():
             crossroads.alive()
             logs[setup] = warnings(crossroads.text())
-        logs["mosquitto"] = broker.warnings()
+        logs["mosquitto"] = broker_warnings(broker)
         return {"floods": floods, "round_trips": trips, "log_warnings": logs}
     finally:
         for crossroads in servers.values():
@@ -414,7 +363,7 @@ def ensure_paho_venv() -> str:
     return version
 
 
-def machine(redis: RedisServer, paho: str) -> dict[str, Any]:
+def machine(redis: BenchRedis, paho: str) -> dict[str, Any]:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     measured = ["bridges/base.py", "bridges/inlet.py", "bridges/health.py", "bridges/reconnect.py", "bridges/mqtt",
                 "layer", "consumers", "crossroads"]
@@ -440,10 +389,10 @@ def run_all(config: Config) -> dict[str, Any]:
     results: dict[str, Any] = {"config": asdict(config)}
     with tempfile.TemporaryDirectory(prefix="mqtt-bench-") as workdir:
         # Both servers before pinning ourselves: children inherit the affinity, and these stay free on either core.
-        redis = RedisServer()
+        redis = BenchRedis()
         broker = None
         try:
-            broker = Mosquitto(Path(workdir))
+            broker = private_broker(Path(workdir))
             results["machine"] = machine(redis, paho)
             results["machine"]["mosquitto"] = broker.version
             if hasattr(os, "sched_setaffinity") and cpu_pin(LOAD_CORE):

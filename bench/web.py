@@ -33,7 +33,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,16 +45,18 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench package; bench/ stays for the helpers
+sys.path.append(str(ROOT / "tests"))  # tests/servers.py: the server launchers the tests and benchmarks share
 
 from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
 from _sections import pyplot, save_run, targets_markdown  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
+from servers import free_port  # noqa: E402
 
 from bench.layer import (  # noqa: E402
     CR_PYTHON,
     CR_VENV,
     BenchError,
-    RedisServer,
+    BenchRedis,
     cpu_pin,
     installed_versions,
     latency_summary,
@@ -67,7 +68,6 @@ LOAD = ROOT / "bench" / "_web_load.py"
 RESULTS = ROOT / "bench" / "results" / "web.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "img" / "web-throughput.png"
-CROSSROADS = ROOT / ".venv" / "bin" / "crossroads"
 DAPHNE_PIN = "4.2.3"  # the latest 4.x when this benchmark was written; pinned so runs compare
 
 CLIENT_CORE, SERVER_CORE = 0, 1
@@ -121,12 +121,6 @@ class Setup:
 # -- the servers --
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class Servers(ProcessGroup):
     """The process(es) of one setup, pinned to SERVER_CORE."""
 
@@ -147,18 +141,8 @@ class Servers(ProcessGroup):
             config.write_text(crossroads_toml(setup, redis_url, self.http_port, self.ws_port))
             # The repository root, not bench/, on the path: the routing is bench._web_crossroads:routes.
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            base = [str(CROSSROADS)]
-            if setup.layer == "memory":
-                self.start("run", [*base, "run", "--config", str(config)], env)
-            else:
-                self.start("worker", [*base, "worker", "--config", str(config)], env)
-                self.start("web", [*base, "bridge", "web", "--config", str(config)], env)
-                self.start("sockets", [*base, "bridge", "sockets", "--config", str(config)], env)
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+            self.start_crossroads(setup.layer, config, {"web": "web", "sockets": "sockets"}, env)
+        self.ready()
 
     def wait_ready(self) -> None:
         """Until a GET answers 200 and a WebSocket echoes: every process is up and the worker consumes."""
@@ -356,7 +340,7 @@ def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return {**ordered[len(ordered) // 2], f"runs_{key}": [run[key] for run in runs]}
 
 
-def measure(setups: list[Setup], redis: RedisServer, config: Config, wrk_binary: str,
+def measure(setups: list[Setup], redis: BenchRedis, config: Config, wrk_binary: str,
             workdir: Path) -> list[dict[str, Any]]:
     """Every scenario on ``setups``, all serving at once (idle ones cost nothing), rounds interleaved
     server by server: this machine's speed drifts by tens of percent over a minute, and interleaving
@@ -469,7 +453,7 @@ def run_all(config: Config) -> dict[str, Any]:
     wrk_binary = ensure_wrk()
     ensure_daphne()
     raise_nofile()
-    redis = RedisServer()
+    redis = BenchRedis()
     try:
         results: dict[str, Any] = {"config": asdict(config), "machine": machine(redis, bool(cpu_pin(0))), "rows": []}
         results["machine"]["channels_venv"]["daphne"] = installed_versions(str(CR_PYTHON), ["daphne"])["daphne"]

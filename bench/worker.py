@@ -50,7 +50,7 @@ from _sections import pyplot, save_run, targets_markdown  # noqa: E402
 from bench.layer import (  # noqa: E402
     CR_PYTHON,
     BenchError,
-    RedisServer,
+    BenchRedis,
     cpu_model,
     cpu_pin,
     ensure_channels_redis,
@@ -180,7 +180,7 @@ def run_memory(config: Config, results: list[dict[str, Any]]) -> None:
         results.append(report(summarize(case, raw)))
 
 
-def run_redis(server: RedisServer, config: Config, results: list[dict[str, Any]]) -> None:
+def run_redis(server: BenchRedis, config: Config, results: list[dict[str, Any]]) -> None:
     """redis://: the worker in a process of its own on WORKER_CORE, the sender on SENDER_CORE."""
     for threads in config.threads:
         server.flush()
@@ -269,7 +269,7 @@ def pin_self() -> bool:
     return True
 
 
-def machine(server: RedisServer, pinned: bool) -> dict[str, Any]:
+def machine(server: BenchRedis, pinned: bool) -> dict[str, Any]:
     cpu = cpu_model()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "consumers", "layer"], cwd=ROOT, capture_output=True,
@@ -290,7 +290,7 @@ def machine(server: RedisServer, pinned: bool) -> dict[str, Any]:
 
 def run_all(config: Config) -> dict[str, Any]:
     ensure_channels_venv()
-    server = RedisServer()  # before pinning: redis-server stays free to run on either core
+    server = BenchRedis()  # before pinning: redis-server stays free to run on either core
     try:
         pinned = pin_self()
         results: dict[str, Any] = {"config": asdict(config), "machine": machine(server, pinned), "cases": []}

@@ -194,8 +194,8 @@ class Bridge:
             self._lifecycle = "stopped"
             return
         self._set_lifecycle("stopping")
-        for reconnector in self._reconnectors:
-            await reconnector.stop()
+        for reconnector in self._reconnectors:  # bounded too: a connect() that ignores its cancel must not hang us
+            await self._within(reconnector.stop(), left(), f"stopping the reconnector of {reconnector.describe}")
         await self._within(self.stop_accepting(), left(), "stop_accepting()")
         if self._spawned:  # peer messages on their way into the layer: let them be stored or refused
             await asyncio.wait(set(self._spawned), timeout=left())

@@ -79,11 +79,14 @@ class Reconnector:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         delays = backoff_delays(self.initial, self.cap)
-        while True:
+        me = asyncio.current_task()
+        while self._task is me:  # stop() clears _task before it cancels us
             self._lost.clear()  # before the attempt: a connection may be lost before connect() returns
             try:
                 connection = await as_future(self.connect())
             except Exception as exc:
+                if self._task is not me:  # stopped: connect() turned our cancel into an error, do not retry
+                    return
                 self.failures += 1
                 self.bridge.count("connect_failures")
                 delay = next(delays)
@@ -92,6 +95,11 @@ class Reconnector:
                 await self._sleep(delay)
                 continue
             self.connection, connected_at = connection, loop.time()
+            if self._task is not me:
+                # stop() cancelled the attempt as it completed, and connect() returned anyway (Python 3.11's
+                # asyncio.wait_for does that when the future it waits on is already done). Stop here, or
+                # stop() waits for us forever: the bridge closes the connection, as for any connection.
+                return
             self.bridge.count("connects")
             self.bridge.log.info("%s: connected to %s after %d failed attempt(s)", self.bridge.label, self.describe,
                                  self.failures)

@@ -10,6 +10,7 @@ or command line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import json
 import logging
@@ -293,18 +294,43 @@ def cmd_layer_check(args: argparse.Namespace) -> int:
 PATH_OPTION_ENDINGS = ("_file", "_cert", "_key", "_ca", "unix_socket")
 
 BUNDLED_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chat" / "crossroads.toml"
+# The bundled chat's addresses, which the environment may change when 8000, 1883 or 6667 is not the one to use:
+# variable -> (bridge, option). Said in `crossroads run --help` and docs/chat.md.
+BUNDLED_ADDRESSES = {
+    "CROSSROADS_CHAT_PORT": ("web", "port"),
+    "CROSSROADS_CHAT_BROKER": ("mqtt", "broker"),
+    "CROSSROADS_CHAT_IRC": ("irc", "server"),
+}
+
+
+def bundled_chat(config: Config) -> Config:
+    """The bundled chat's config with the addresses set in the environment (``BUNDLED_ADDRESSES``)."""
+    bridges = dict(config.bridges)
+    for variable, (name, key) in BUNDLED_ADDRESSES.items():
+        value = os.environ.get(variable)
+        if value:
+            bridge = bridges[name]
+            try:
+                options = bridge_validator(bridge.type, {**bridge.options, key: value})
+            except ValueError as exc:
+                raise CommandError(f"{variable}={value!r}: {exc}", code=2) from None
+            bridges[name] = dataclasses.replace(bridge, options=options)
+    return dataclasses.replace(config, bridges=bridges)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner import serve
 
     if args.config is None and not Path(DEFAULT_PATH).exists() and BUNDLED_EXAMPLE.exists():
-        print(f"No ./{DEFAULT_PATH} here: serving the bundled chat example ({BUNDLED_EXAMPLE}); open "
-              "http://127.0.0.1:8000/ in two windows. Its MQTT and IRC bridges look for a broker on "
-              "127.0.0.1:1883 and an IRC server on 127.0.0.1:6667 (docs/chat.md). Write a crossroads.toml "
-              "(docs/configuration.md) to serve your own consumers.", file=sys.stderr, flush=True)
         args.config = BUNDLED_EXAMPLE
-    config = load(args)
+        config = bundled_chat(load(args))
+        web, mqtt, irc = (config.bridges[name].options for name in ("web", "mqtt", "irc"))
+        print(f"No ./{DEFAULT_PATH} here: serving the bundled chat example ({BUNDLED_EXAMPLE}); open "
+              f"http://127.0.0.1:{web['port']}/ in two windows. Its MQTT and IRC bridges look for a broker at "
+              f"{mqtt['broker']} and an IRC server at {irc['server']} (docs/chat.md). Write a crossroads.toml "
+              "(docs/configuration.md) to serve your own consumers.", file=sys.stderr, flush=True)
+    else:
+        config = load(args)
     router = router_of(config, required=False)
     channel_layer = open_layer(config, shared=False)
     if router is None and not config.enabled_bridges():
@@ -434,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
                       f"({BUNDLED_EXAMPLE}) on http://127.0.0.1:8000/ (docs/chat.md).")
     run.add_argument("--interval", type=float, default=60.0, metavar="SECONDS",
                      help="how often to log the layer's counters (default 60)")
+    run.epilog = ("With no --config and no ./crossroads.toml it serves the bundled chat example on "
+                  "http://127.0.0.1:8000/, with a broker at mqtt://127.0.0.1:1883 and an IRC server at "
+                  "irc://127.0.0.1:6667; set CROSSROADS_CHAT_PORT, CROSSROADS_CHAT_BROKER or CROSSROADS_CHAT_IRC "
+                  "to use others.")
     bridge = command("bridge", cmd_bridge, "run one bridge instance as its own daemon")
     bridge.add_argument("name", metavar="NAME", help="the bridge's table name: [bridges.NAME]")
     command("check", cmd_check, "validate the config and the routing import; name every mistake")

@@ -19,17 +19,14 @@ raise_open_files_limit()
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
 def redis_shards(tmp_path_factory):
-    servers = [RedisServer(tmp_path_factory.mktemp(f"shard{i}")).start() for i in range(2)]
-    yield servers
-    for server in servers:
-        server.stop()
+    with RedisServer(tmp_path_factory.mktemp("shard0")) as one, RedisServer(tmp_path_factory.mktemp("shard1")) as two:
+        yield [one, two]
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -103,9 +100,8 @@ def ngircd_server(tmp_path_factory):
     """One real ngircd for the session (tests that kill it or change its config start their own NgircdServer)."""
     from servers import NgircdServer
 
-    server = NgircdServer(tmp_path_factory.mktemp("ngircd")).start()
-    yield server
-    server.stop()
+    with NgircdServer(tmp_path_factory.mktemp("ngircd")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +115,5 @@ def mosquitto_server(tmp_path, mqtt_tls):
     """A mosquitto broker of this test's own, on free ports: plain on ``port``, TLS (mqtt_tls) on ``tls_port``."""
     from servers import MosquittoServer
 
-    server = MosquittoServer(tmp_path / "mosquitto", tls=mqtt_tls).start()
-    yield server
-    server.stop()
+    with MosquittoServer(tmp_path / "mosquitto", tls=mqtt_tls) as server:
+        yield server

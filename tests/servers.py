@@ -1,29 +1,41 @@
-"""Real servers for the tests, started from system binaries on free ports.
+"""Real servers started from system binaries on free ports, the waits that go with them (each with a deadline)
+and a bridge run in this process: the one place the tests and the benches (bench/*.py put tests/ on their
+sys.path) take them from. No test imports the bench, and the bench imports nothing else of the tests.
 
-A test that needs a server and cannot find its binary fails, naming the
-binary and the command that installs it: it never skips.
+It imports only the standard library at the top (redis-py and trustme inside the functions that need them),
+because the benches run without pytest. A server whose binary is missing raises ``ServerError`` naming the
+binary and the command that installs it: a test that needs it fails, it never skips.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-
-import pytest
+from typing import Any
 
 INSTALL_HINT = {
     "redis-server": "apt-get install -y redis-server",
     "systemd-analyze": "apt-get install -y systemd",
+    "systemd-socket-activate": "apt-get install -y systemd",
     "chromium": "apt-get install -y chromium",
     "mosquitto": "apt-get install -y mosquitto",
+    "mosquitto_passwd": "apt-get install -y mosquitto",
     "mosquitto_pub": "apt-get install -y mosquitto-clients",
     "mosquitto_sub": "apt-get install -y mosquitto-clients",
     "ngircd": "apt-get install -y ngircd",
 }
+
+
+class ServerError(RuntimeError):
+    """A server's binary is missing, or the server did not come up."""
 
 
 def free_port() -> int:
@@ -33,11 +45,68 @@ def free_port() -> int:
 
 
 def require_binary(name: str) -> str:
-    path = shutil.which(name)
+    """The path of ``name``; ``ServerError`` naming it and how to install it if it is not installed.
+
+    /usr/sbin and /sbin are searched too: Debian puts ngircd there, off a normal user's PATH.
+    """
+    path = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
     if path is None:
-        pytest.fail(f"{name} is not installed; the tests need a real one. Install it with: "
-                    f"{INSTALL_HINT.get(name, 'apt-get install ' + name)} (or run `make test`, which does)")
+        raise ServerError(f"{name} is not installed; the tests and benchmarks need a real one. Install it with: "
+                          f"{INSTALL_HINT.get(name, 'apt-get install ' + name)} (or run `make test`, which does)")
     return path
+
+
+# -- waiting, always with a deadline --
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    """Check ``condition()`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+async def wait_until_async(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    """``wait_until`` for a coroutine: the loop runs while it waits."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def take(channel_layer: Any, channel: str, timeout: float = 10.0,
+               where: Callable[[dict], bool] | None = None) -> dict:
+    """The next message on ``channel`` of a layer (the next one ``where`` accepts, skipping others)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        got, message = await channel_layer.receive([channel], timeout=max(left, 0.01))
+        assert got == channel, f"nothing{' matching' if where else ''} on {channel} within {timeout} s"
+        if where is None or where(message):
+            return message
+
+
+@asynccontextmanager
+async def running_in_process(bridge: Any, app: str | None, threads: int = 1) -> AsyncIterator[Any]:
+    """``bridge`` started, with a Worker running ``app`` (None: no worker) on its layer in this process; at the
+    end the bridge stops, the worker finishes, and the layer closes."""
+    from crossroads.consumers.worker import Worker
+
+    await bridge.start()
+    worker = Worker(app, bridge.layer, threads=threads) if app else None
+    if worker is not None:
+        worker.start()
+    try:
+        yield bridge
+    finally:
+        await bridge.stop(timeout=5)
+        if worker is not None:
+            worker.stop()
+            await asyncio.to_thread(worker.join, 10)
+        await bridge.layer.close()
 
 
 def write_test_certificates(folder: Path) -> dict[str, str]:
@@ -59,13 +128,13 @@ def wait_for_port(port: int, process: subprocess.Popen, deadline: float = 10.0) 
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if process.poll() is not None:
-            raise RuntimeError(f"server on port {port} exited with {process.returncode}")
+            raise ServerError(f"server on port {port} exited with {process.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.02)
-    raise RuntimeError(f"server on port {port} did not accept connections within {deadline}s")
+    raise ServerError(f"server on port {port} did not accept connections within {deadline}s")
 
 
 class ServerProcess:
@@ -73,19 +142,43 @@ class ServerProcess:
 
     ``stop()`` is SIGKILL, like a crash: a bridge sees its connection drop as
     it would in production; ``start()`` again serves on the same ports.
+    ``command_prefix`` goes before the command (a benchmark pins a server to a
+    core with ``taskset -c N``). ``with Server(...) as server:`` starts it and
+    stops it at the end.
     """
 
     workdir: Path
+    binary: str
     process: subprocess.Popen | None = None
+    command_prefix: tuple[str, ...] = ()
 
     def launch(self, args: list[str], log_name: str, *ports: int | None) -> None:
         """Start ``args`` with its output in ``workdir/log_name``; return once every port accepts connections."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / log_name, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([*self.command_prefix, *args], stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
         for port in ports:
             if port:
-                wait_for_port(port, self.process)
+                try:
+                    wait_for_port(port, self.process)
+                except ServerError as exc:
+                    self.stop()
+                    raise ServerError(f"{' '.join(args)}: {exc}; its output is in {self.workdir / log_name}") from None
+
+    def first_line_of(self, *args: str) -> str:
+        """The first line the binary prints when run with ``args`` (its version, for a benchmark's record)."""
+        run = subprocess.run([self.binary, *args], capture_output=True, text=True)
+        return (run.stdout or run.stderr).split("\n")[0].strip()
+
+    def start(self) -> ServerProcess:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -134,6 +227,10 @@ class RedisServer(ServerProcess):
             return client.execute_command(*args)
         finally:
             client.close()
+
+    @property
+    def version(self) -> str:
+        return self.command("INFO", "server")["redis_version"]
 
 
 class NgircdServer(ServerProcess):
@@ -196,6 +293,10 @@ class NgircdServer(ServerProcess):
     def resume(self) -> None:
         self.process.send_signal(signal.SIGCONT)
 
+    @property
+    def version(self) -> str:
+        return self.first_line_of("--version")
+
 
 class MosquittoServer(ServerProcess):
     """One ``mosquitto`` broker in the foreground on a free port, with its own config file.
@@ -204,11 +305,13 @@ class MosquittoServer(ServerProcess):
     (SIGKILL, like a crash) followed by ``start()`` brings back a broker on the
     same ports that remembers no session and no subscription: exactly what a
     bridge must survive by subscribing again. ``tls`` ({"cert", "key"}, PEM
-    files) adds a second listener on ``tls_port``.
+    files) adds a second listener on ``tls_port``. Everything is logged
+    (``wait_for_log`` reads it) unless ``log_types`` says less: a benchmark
+    logs errors and warnings only, not every publish.
     """
 
     def __init__(self, workdir: Path, *, tls: dict[str, str] | None = None, users: dict[str, str] | None = None,
-                 extra: str = "") -> None:
+                 extra: str = "", log_types: tuple[str, ...] = ("all",)) -> None:
         self.binary = require_binary("mosquitto")
         self.users = users  # {name: password}: only these may connect (mosquitto_passwd writes the file)
         self.workdir = workdir
@@ -216,6 +319,7 @@ class MosquittoServer(ServerProcess):
         self.tls = tls
         self.tls_port = free_port() if tls else None
         self.extra = extra  # more mosquitto.conf lines, for a test that needs them
+        self.log_types = log_types
         self.process: subprocess.Popen | None = None
 
     @property
@@ -232,7 +336,7 @@ class MosquittoServer(ServerProcess):
         # Run as root (in a container), mosquitto would drop to the user "mosquitto", who cannot read our files.
         lines = [f"user {getpass.getuser()}", "per_listener_settings false",
                  f"allow_anonymous {'false' if self.users else 'true'}", "persistence false",
-                 f"log_dest file {self.workdir / 'mosquitto.log'}", "log_type all",
+                 f"log_dest file {self.workdir / 'mosquitto.log'}", *(f"log_type {kind}" for kind in self.log_types),
                  f"listener {self.port} 127.0.0.1"]
         if self.tls:
             lines += [f"listener {self.tls_port} 127.0.0.1", f"certfile {self.tls['cert']}",
@@ -257,5 +361,10 @@ class MosquittoServer(ServerProcess):
         path = self.workdir / "mosquitto.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
+        """Until the broker has logged ``text`` (a SUBACK to a client, say)."""
+        wait_until(lambda: text in self.log(), f"mosquitto to log {text!r}", timeout)
 
-INSTALL_HINT["mosquitto_passwd"] = "apt-get install -y mosquitto"
+    @property
+    def version(self) -> str:
+        return self.first_line_of("-h").replace("mosquitto version", "").strip()

@@ -459,6 +459,17 @@ def test_health_transitions_and_failed_start(run):
 # -- reconnecting --------------------------------------------------------------------------------------------
 
 
+def reconnecting_bridge(layer_, connect, **options) -> Recorder:
+    """A bridge whose ``open_protocol()`` starts a Reconnector (``link``) on ``connect`` to "server example:1"."""
+
+    class ClientRecorder(Recorder):
+        async def open_protocol(self):
+            self.link = self.reconnector(connect, "server example:1", **options)
+            self.link.start()
+
+    return ClientRecorder("client", {}, layer_)
+
+
 def test_reconnector_backs_off_exponentially_and_stops(run, caplog):
     layer_ = layer.from_url("memory://")
     initial, cap, failures = 0.1, 1.6, 8
@@ -480,13 +491,8 @@ def test_reconnector_backs_off_exponentially_and_stops(run, caplog):
             raise ConnectionRefusedError(f"attempt {attempts} refused")
         return "a connection"
 
-    class ClientRecorder(Recorder):
-        async def open_protocol(self):
-            self.link = self.reconnector(connect, "server example:1", initial=initial, cap=cap, sleep=fake_sleep)
-            self.link.start()
-
     async def scenario():
-        bridge = ClientRecorder("client", {}, layer_)
+        bridge = reconnecting_bridge(layer_, connect, initial=initial, cap=cap, sleep=fake_sleep)
         watch = HealthWatch(bridge)
         await bridge.start()
         await watch.until("connected")
@@ -508,6 +514,55 @@ def test_reconnector_backs_off_exponentially_and_stops(run, caplog):
     assert bridge.counters["connect_failures"] == failures + 1 and bridge.counters["connects"] == 1
     failed = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert len(failed) == failures + 1 and all("retrying in" in line for line in failed)
+
+
+def test_reconnector_stops_when_an_attempt_completes_as_the_stop_cancels_it(run):
+    """The shutdown hang of `crossroads run`: on Python 3.11, ``asyncio.wait_for`` returns its result instead of
+    raising when the awaited future completes in the same loop tick as the cancel (the MQTT bridge waits for its
+    CONNACK that way). The attempt then "succeeds" after ``stop()`` cancelled it; ``stop()`` must still return."""
+    layer_ = layer.from_url("memory://")
+    arrived = None
+
+    async def connect():
+        nonlocal arrived
+        arrived = asyncio.get_running_loop().create_future()
+        return await asyncio.wait_for(asyncio.shield(arrived), 10)
+
+    async def scenario():
+        bridge = reconnecting_bridge(layer_, connect)
+        await bridge.start()
+        while arrived is None:  # the attempt is under way
+            await asyncio.sleep(0)
+        arrived.set_result("a connection")  # the answer arrives ...
+        await asyncio.wait_for(bridge.stop(), 5)  # ... in the tick the stop cancels the attempt
+        assert bridge.health["state"] == "stopped"
+        await layer_.close()
+
+    run(scenario())
+
+
+def test_a_connect_that_ignores_the_stop_is_cut_short_and_logged(run, caplog):
+    """Bridge.stop() keeps its timeout even when an attempt swallows the reconnector's cancel and waits on."""
+    layer_ = layer.from_url("memory://")
+    swallowed = asyncio.Event()
+
+    async def connect():
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+            await asyncio.Event().wait()  # a second cancel (the stop timeout's) ends it
+
+    async def scenario():
+        bridge = reconnecting_bridge(layer_, connect)
+        await bridge.start()
+        await asyncio.wait_for(bridge.stop(timeout=0.5), 10)
+        assert swallowed.is_set() and bridge.health["state"] == "stopped"
+        await layer_.close()
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges"):
+        run(scenario())
+    assert "stopping the reconnector of server example:1 did not finish within the stop timeout" in caplog.text
 
 
 def tcp_client_bridge(reactor, port: int, layer_) -> Recorder:

@@ -83,13 +83,6 @@ def chat_env(monkeypatch):
     monkeypatch.setitem(ENV, "PYTHONPATH", os.pathsep.join([str(CHAT), ENV["PYTHONPATH"]]))
 
 
-def wait_for_log(server: MosquittoServer, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in server.log():
-        assert time.monotonic() < deadline, f"mosquitto never logged {text!r}"
-        time.sleep(0.05)
-
-
 def test_browser_mqtt_and_irc_users_talk_in_one_room(tmp_path, redis_server, chat_env):
     mosquitto = MosquittoServer(tmp_path / "mosquitto").start()
     irc = NgircdServer(tmp_path / "ngircd", max_nick_length=9).start()  # Debian's default, as docs/chat.md uses
@@ -106,11 +99,11 @@ def test_browser_mqtt_and_irc_users_talk_in_one_room(tmp_path, redis_server, cha
             daemon.wait_ready()
         wait_for_port(web_port, daemons[0].process)
         carol.expect(lambda line: line.startswith(":crossroad!") and "JOIN" in line, "the bridge joining #lobby")
-        wait_for_log(mosquitto, "Sending SUBACK to crossroads-mqtt")
+        mosquitto.wait_for_log("Sending SUBACK to crossroads-mqtt", 20)
         listener = subprocess.Popen([require_binary("mosquitto_sub"), "-p", str(mosquitto.port), "-V", "5",
                                      "-i", "dave-sub", "-t", "chat/lobby/out"],
                                     stdout=subprocess.PIPE, text=True)
-        wait_for_log(mosquitto, "Sending SUBACK to dave-sub")
+        mosquitto.wait_for_log("Sending SUBACK to dave-sub", 20)
         with connect(f"ws://127.0.0.1:{web_port}/chat/lobby/?name=alice", origin=f"http://127.0.0.1:{web_port}",
                      open_timeout=20) as alice:
 

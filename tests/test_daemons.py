@@ -12,20 +12,39 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import free_port, wait_for_port
+from servers import MosquittoServer, NgircdServer, free_port, wait_for_port, wait_until
 from test_cli import CROSSROADS, ENV, run, write_config
+
+BUNDLED_CHAT = Path(__file__).resolve().parent.parent / "examples" / "chat" / "crossroads.toml"
 
 
 class Daemon:
-    """One `crossroads` process that reports readiness on its own NOTIFY_SOCKET."""
+    """One `crossroads` process that reports readiness on its own NOTIFY_SOCKET.
 
-    def __init__(self, tmp_path, name: str, *args: str) -> None:
+    Its output goes to a file, not a pipe: a pipe nobody reads fills up and stalls the daemon. Every failure
+    says what the daemon logged: wait_ready() and terminate() put the log in their error, and close() prints it,
+    which pytest shows for a test that failed in any other way.
+    """
+
+    def __init__(self, tmp_path, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         path = str(tmp_path / f"{name}.notify")
+        self.name = name
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(path)
         self.notify.settimeout(30)
-        self.process = subprocess.Popen([CROSSROADS, *args], env={**ENV, "NOTIFY_SOCKET": path}, cwd=tmp_path,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.log_path = tmp_path / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen([CROSSROADS, *args], env={**ENV, **(env or {}), "NOTIFY_SOCKET": path},
+                                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        self.printed = False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def fail(self, why: str) -> AssertionError:
+        self.printed = True
+        return AssertionError(f"crossroads {self.name}: {why}; its log:\n{self.log()}")
 
     def wait_ready(self, deadline: float = 30.0) -> None:
         """Wait for READY=1; fail at once, with the log, if the process exits first."""
@@ -41,28 +60,54 @@ class Daemon:
         finally:
             self.notify.settimeout(30)
         self.process.kill()
-        raise AssertionError(f"no READY=1 (exit {self.process.poll()}); stderr: {self.process.communicate()[1]}")
+        self.process.wait()
+        raise self.fail(f"no READY=1 (exit {self.process.poll()})")
 
     def terminate(self) -> str:
         """SIGTERM, expect STOPPING=1 and a clean exit; return the log."""
         self.process.send_signal(signal.SIGTERM)
-        assert self.notify.recv(100) == b"STOPPING=1"
+        try:
+            said = self.notify.recv(100)
+        except TimeoutError:
+            said = b"nothing within 30 s"
+        if said != b"STOPPING=1":
+            self.close(quietly=True)
+            raise self.fail(f"said {said!r} on SIGTERM, not STOPPING=1")
         try:
             code = self.process.wait(30)
         except subprocess.TimeoutExpired:  # say where it hangs: crossroads prints its threads' stacks on SIGUSR1
             self.process.send_signal(signal.SIGUSR1)
             time.sleep(1)  # faulthandler writes at once; the kill after it must not cut that short
             self.process.kill()
-            raise AssertionError(f"no exit 30 s after SIGTERM; stderr:\n{self.process.communicate()[1]}") from None
-        stderr = self.process.communicate()[1]
-        assert code == 0, stderr
-        return stderr
+            self.process.wait()
+            raise self.fail("no exit 30 s after SIGTERM") from None
+        if code != 0:
+            raise self.fail(f"exit {code} after SIGTERM")
+        return self.log()
 
-    def close(self) -> None:
+    def close(self, quietly: bool = False) -> None:
+        """Kill it if it still runs; print its log (shown if the test failed) unless an error holds it already."""
         if self.process.poll() is None:
             self.process.kill()
-            self.process.communicate()
+            self.process.wait()
         self.notify.close()
+        if not (quietly or self.printed):
+            self.printed = True
+            print(f"----- crossroads {self.name}: its log -----\n{self.log()}")
+
+
+def bridge_and_worker(tmp_path, daemons: list, bridge: str, config: str,
+                      port: int | None = None) -> tuple[Daemon, Daemon]:
+    """`crossroads bridge NAME` and `crossroads worker` on ``config``, both ready, and the bridge listening on
+    ``port`` if one is given; ``daemons`` (the fixture) kills them at the end and shows their logs on a failure."""
+    started = (Daemon(tmp_path, "bridge", "bridge", bridge, "--config", config),
+               Daemon(tmp_path, "worker", "worker", "--config", config))
+    daemons += started
+    for daemon in started:
+        daemon.wait_ready()
+    if port is not None:
+        wait_for_port(port, started[0].process)
+    return started
 
 
 def socket_activated(address: str, fdname: str, *args: str) -> subprocess.Popen:
@@ -129,12 +174,7 @@ def test_a_daemon_raises_its_open_files_limit_to_the_hard_one(tmp_path, daemons)
 def test_bridge_and_worker_as_separate_daemons_over_redis(tmp_path, redis_server, daemons):
     port = free_port()
     config = toy_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"\nprefix = "daemons"', port)
-    bridge = Daemon(tmp_path, "bridge", "bridge", "toy", "--config", config)
-    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
-    daemons += [bridge, worker]
-    bridge.wait_ready()
-    worker.wait_ready()
-    wait_for_port(port, bridge.process)
+    bridge, worker = bridge_and_worker(tmp_path, daemons, "toy", config, port)
     assert talk(port, "over redis") == "OVER REDIS"
     status = run("status", "--config", config)
     assert status.returncode == 0, status.stderr
@@ -152,13 +192,28 @@ def test_bridge_command_names_what_is_configured(tmp_path, redis_server):
 
 
 def test_run_with_no_config_serves_the_bundled_chat(tmp_path, daemons):
-    """`make run`'s promise: with no crossroads.toml, the chat example on 127.0.0.1:8000 (its sockets too)."""
-    daemon = Daemon(tmp_path, "bundled", "run")  # cwd: the test's, which has no crossroads.toml
-    daemons.append(daemon)
-    daemon.wait_ready()
-    with socket.create_connection(("127.0.0.1", 8000), timeout=30) as sock:
-        sock.sendall(b"GET /chat/lobby/ HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nConnection: close\r\n\r\n")
-        response = b"".join(iter(lambda: sock.recv(65536), b""))
-    assert response.startswith(b"HTTP/1.1 200") and b"Room <span id=\"room\">lobby</span>" in response
-    log = daemon.terminate()
-    assert "serving the bundled chat example" in log
+    """`make run`'s promise: with no crossroads.toml, the chat example (its sockets, MQTT and IRC too), here on a
+    free port and on a broker and an IRC server of the test's own, which the environment names."""
+    port = free_port()
+    with MosquittoServer(tmp_path / "mosquitto") as mosquitto, NgircdServer(tmp_path / "ngircd") as irc:
+        daemon = Daemon(tmp_path, "bundled", "run",  # cwd: the test's, which has no crossroads.toml
+                        env={"CROSSROADS_CHAT_PORT": str(port), "CROSSROADS_CHAT_BROKER": mosquitto.url,
+                             "CROSSROADS_CHAT_IRC": irc.url})
+        daemons.append(daemon)
+        daemon.wait_ready()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(f"GET /chat/lobby/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+            response = b"".join(iter(lambda: sock.recv(65536), b""))
+        assert response.startswith(b"HTTP/1.1 200") and b"Room <span id=\"room\">lobby</span>" in response
+        mosquitto.wait_for_log("Sending SUBACK to crossroads-mqtt", 30)
+        wait_until(lambda: f"registered on {irc.url}" in daemon.log(), "the IRC bridge to register", 30)
+        log = daemon.terminate()
+    assert f"serving the bundled chat example ({BUNDLED_CHAT}); open http://127.0.0.1:{port}/" in log
+    assert f"a broker at {mosquitto.url} and an IRC server at {irc.url}" in log
+
+
+def test_the_bundled_chat_names_a_wrong_address(tmp_path):
+    env = {**ENV, "CROSSROADS_CHAT_BROKER": "127.0.0.1:1883", "CROSSROADS_CHAT_PORT": str(free_port())}
+    result = subprocess.run([CROSSROADS, "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "CROSSROADS_CHAT_BROKER='127.0.0.1:1883': broker: must be mqtt://host:port" in result.stderr, result.stderr

@@ -23,7 +23,7 @@ import pytest
 from servers import free_port, wait_for_port
 from test_cli import run as run_cli
 from test_cli import write_config
-from test_daemons import Daemon
+from test_daemons import Daemon, bridge_and_worker
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
@@ -589,33 +589,25 @@ def test_crossroads_check_accepts_the_options(tmp_path, monkeypatch):
     assert result.returncode != 0 and "max_body" in result.stderr and "bridges.web" in result.stderr
 
 
-def test_bridge_and_worker_as_separate_daemons_over_redis(tmp_path, redis_server, monkeypatch):
+def test_bridge_and_worker_as_separate_daemons_over_redis(tmp_path, redis_server, monkeypatch, daemons):
     import test_cli
 
     monkeypatch.setitem(test_cli.ENV, "HTTP_PROXY_HEADERS", "false")
     port = free_port()
     config = str(write_config(tmp_path, HTTP_CONFIG.format(url=redis_server.url, prefix="httpd", port=port)))
-    bridge = Daemon(tmp_path, "bridge", "bridge", "web", "--config", config)
-    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
-    try:
-        bridge.wait_ready()
-        worker.wait_ready()
-        wait_for_port(port, bridge.process)
-        status, headers, body = _fetch(port, "GET", "/text", None, [])
-        assert status == 200 and body == "héllo from text".encode()
-        status, _, body = _fetch(port, "GET", "/stream", None, [])
-        assert status == 201 and body == b"first,second,third"
-        status, _, _ = _fetch(port, "POST", "/inspect", b"x" * 2000, [])
-        assert status == 413
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"NOT HTTP\r\n\r\n")
-            assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 400 ")
-        log = bridge.terminate()
-        assert '"GET /text HTTP/1.1" 200' in log, log
-        worker.terminate()
-    finally:
-        bridge.close()
-        worker.close()
+    bridge, worker = bridge_and_worker(tmp_path, daemons, "web", config, port)
+    status, headers, body = _fetch(port, "GET", "/text", None, [])
+    assert status == 200 and body == "héllo from text".encode()
+    status, _, body = _fetch(port, "GET", "/stream", None, [])
+    assert status == 201 and body == b"first,second,third"
+    status, _, _ = _fetch(port, "POST", "/inspect", b"x" * 2000, [])
+    assert status == 413
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"NOT HTTP\r\n\r\n")
+        assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 400 ")
+    log = bridge.terminate()
+    assert '"GET /text HTTP/1.1" 200' in log, log
+    worker.terminate()
 
 
 def test_systemd_socket_activation(tmp_path, redis_server):

@@ -16,7 +16,7 @@ import time
 from contextlib import asynccontextmanager
 
 import pytest
-from servers import NgircdServer, write_test_certificates
+from servers import NgircdServer, take, write_test_certificates
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
@@ -122,17 +122,6 @@ async def bridging(server: NgircdServer, options: dict | None = None, channel_la
         await bridge.stop(timeout=5)
         if owned:
             await channel_layer.close()
-
-
-async def take(channel_layer, channel: str, timeout: float = 10, where=None) -> dict:
-    """The next message on ``channel`` (matching ``where``, skipping others)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        got, message = await channel_layer.receive([channel], timeout=max(left, 0.01))
-        assert got == channel, f"nothing (matching) on {channel} within {timeout} s"
-        if where is None or where(message):
-            return message
 
 
 async def degraded(bridge: IrcBridge, timeout: float = 10) -> dict:
@@ -626,10 +615,10 @@ def test_ircs_verifies_the_server_certificate(run, tmp_path, irc_tls):
 # -- as a user runs it ---------------------------------------------------------------------------------------
 
 
-def test_bridge_and_worker_as_separate_processes_over_redis(run, tmp_path, ngircd_server, redis_server):
+def test_bridge_and_worker_as_separate_processes_over_redis(run, tmp_path, ngircd_server, redis_server, daemons):
     from test_cli import run as crossroads
     from test_cli import write_config
-    from test_daemons import Daemon
+    from test_daemons import bridge_and_worker
 
     config = str(write_config(tmp_path, f"""
 [layer]
@@ -645,32 +634,25 @@ server = "{ngircd_server.url}"
 nick = "procbot"
 channels = ["#proc"]
 """))
-    bridge = Daemon(tmp_path, "bridge", "bridge", "libera", "--config", config)
-    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
-    try:
-        bridge.wait_ready()
-        worker.wait_ready()
+    bridge, worker = bridge_and_worker(tmp_path, daemons, "libera", config)
 
-        def procbot_is_in(line: str) -> bool:  # it joined after us, or was there before (NAMES)
-            return line.startswith(":procbot!") and " JOIN " in line or (
-                " 353 " in line and "procbot" in [nick.lstrip("~&@%+") for nick in line.split(" :", 1)[1].split()])
+    def procbot_is_in(line: str) -> bool:  # it joined after us, or was there before (NAMES)
+        return line.startswith(":procbot!") and " JOIN " in line or (
+            " 353 " in line and "procbot" in [nick.lstrip("~&@%+") for nick in line.split(" :", 1)[1].split()])
 
-        async def scenario():
-            async with user(ngircd_server, "ulla", "#proc") as ulla:
-                await ulla.expect(procbot_is_in, timeout=20)
-                ulla.send("PRIVMSG #proc :over redis", "PRIVMSG procbot :and in private")
-                await ulla.expect(lambda line: line.endswith("PRIVMSG ulla :ulla said: and in private"))
-                await ulla.expect(lambda line: line.endswith("PRIVMSG #proc :ulla said: over redis"))
+    async def scenario():
+        async with user(ngircd_server, "ulla", "#proc") as ulla:
+            await ulla.expect(procbot_is_in, timeout=20)
+            ulla.send("PRIVMSG #proc :over redis", "PRIVMSG procbot :and in private")
+            await ulla.expect(lambda line: line.endswith("PRIVMSG ulla :ulla said: and in private"))
+            await ulla.expect(lambda line: line.endswith("PRIVMSG #proc :ulla said: over redis"))
 
-        run(scenario())
-        deadline = time.monotonic() + 20  # health is published every few seconds
-        while "libera: connected" not in (status := crossroads("status", "--config", config)).stdout:
-            assert time.monotonic() < deadline, status.stdout + status.stderr
-        bridge.terminate()
-        worker.terminate()
-    finally:
-        bridge.close()
-        worker.close()
+    run(scenario())
+    deadline = time.monotonic() + 20  # health is published every few seconds
+    while "libera: connected" not in (status := crossroads("status", "--config", config)).stdout:
+        assert time.monotonic() < deadline, status.stdout + status.stderr
+    bridge.terminate()
+    worker.terminate()
 
 
 def test_the_echo_example_answers_over_irc(run, tmp_path, ngircd_server):

@@ -6,23 +6,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-import time
 
 import pytest
 import redis
 import trustme
-from servers import RedisServer
+from servers import RedisServer, wait_until
 
 from crossroads import layer
 from crossroads.layer.redis import HashRing
-
-
-def wait_until(condition, deadline: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def blocked_clients(server: RedisServer) -> int:

@@ -16,7 +16,6 @@ import logging
 import queue
 import subprocess
 import threading
-import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -24,12 +23,11 @@ from paho.mqtt import client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from servers import MosquittoServer, RedisServer, free_port, require_binary
+from servers import MosquittoServer, RedisServer, free_port, require_binary, running_in_process, take, wait_until_async
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
 from crossroads.bridges.mqtt.bridge import MqttBridge
-from crossroads.consumers.worker import Worker
 
 # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -76,50 +74,18 @@ class Peer:
         self.client.loop_stop()
 
 
-async def take(channel_layer, channel: str, timeout: float = 10) -> dict:
-    got, message = await channel_layer.receive([channel], timeout=timeout)
-    assert got == channel, f"nothing on {channel} within {timeout} s"
-    return message
-
-
-async def wait_until(condition, what: str, timeout: float = 10) -> None:
-    """Check ``condition()`` until it holds; fail naming ``what`` after ``timeout`` s."""
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 @asynccontextmanager
 async def bridging(broker: str, options: dict | None = None, *, channel_layer=None, worker: bool = True,
                    name: str = "mq"):
     """A started MqttBridge, connected and subscribed, and a Worker running apps.mqtt_echo on the same layer."""
     channel_layer = channel_layer or layer.from_url("memory://", capacity=1000)
     bridge = MqttBridge(name, {"broker": broker, "reply_topic": "{topic}/reply", **(options or {})}, channel_layer)
-    await bridge.start()
-    running = Worker("apps.mqtt_echo:routes", channel_layer, threads=1) if worker else None
-    if running is not None:
-        running.start()
-    try:
+    async with running_in_process(bridge, "apps.mqtt_echo:routes" if worker else None):
         if worker:
             assert (await take(channel_layer, "test.links"))["subscriptions"] is not None
         else:
-            await wait_until(lambda: bridge.link.connected, "the bridge to connect")
+            await wait_until_async(lambda: bridge.link.connected, "the bridge to connect")
         yield bridge
-    finally:
-        await bridge.stop(timeout=5)
-        if running is not None:
-            running.stop()
-            await asyncio.to_thread(running.join, 10)
-        await channel_layer.close()
-
-
-def wait_for_log(server: MosquittoServer, text: str, timeout: float = 10) -> None:
-    end = time.monotonic() + timeout
-    while text not in server.log():
-        assert time.monotonic() < end, f"mosquitto never logged {text!r}"
-        time.sleep(0.01)
 
 
 ECHO = [{"topic": "echo/#", "qos": 1}]
@@ -169,7 +135,7 @@ def test_receive_and_reply_over_mqtt311_with_the_mosquitto_clients(run, mosquitt
                                          "-t", "echo/+/reply", "-C", "2", "-F", "%t %x"],
                                         stdout=subprocess.PIPE, text=True)
             try:
-                await asyncio.to_thread(wait_for_log, mosquitto_server, "Sending SUBACK to outside-sub")
+                await asyncio.to_thread(mosquitto_server.wait_for_log, "Sending SUBACK to outside-sub")
                 for args in (["-m", "plain text"], ["-f", str(binary)]):
                     subprocess.run([pub, "-p", port, "-V", "mqttv311", "-q", "1", "-t", "echo/bob", *args],
                                    check=True, timeout=10)
@@ -212,7 +178,7 @@ def test_response_topic_and_correlation_data(run, mosquitto_server, caplog):
                 # no response topic and no reply_topic: nowhere to publish; logged and counted
                 peer.publish("echo/plain", "lost")
                 await take(bridge.layer, "test.mqtt")
-                await wait_until(lambda: bridge.counters.get("invalid_replies") == 1, "the refused reply")
+                await wait_until_async(lambda: bridge.counters.get("invalid_replies") == 1, "the refused reply")
                 return replies, first, second
             finally:
                 peer.close()
@@ -285,7 +251,7 @@ def test_reply_channels_of_the_least_recent_topics_are_forgotten(run, mosquitto_
                 for topic in ("echo/2", "echo/1", "echo/3"):
                     await bridge.layer.send(channels[topic], {"text": f"to {topic}"})
                 replies = sorted([(m.topic, m.payload) for m in [await peer.take(), await peer.take()]])
-                await wait_until(lambda: bridge.counters["unknown_replies"] == 1, "the forgotten reply channel")
+                await wait_until_async(lambda: bridge.counters["unknown_replies"] == 1, "the forgotten reply channel")
                 return replies
             finally:
                 peer.close()
@@ -316,8 +282,8 @@ def test_allow_list_mqtt_publish_and_invalid_replies(run, mosquitto_server, capl
                 while len(got) < 3 + 4:  # the four requests come back to us too (we subscribed to #)
                     message = await peer.take()
                     got.append((message.topic, message.payload, message.properties))
-                await wait_until(lambda: bridge.counters.get("refused_topics") == 2, "the refused topics")
-                await wait_until(lambda: bridge.counters.get("invalid_replies") == 3, "the invalid replies")
+                await wait_until_async(lambda: bridge.counters.get("refused_topics") == 2, "the refused topics")
+                await wait_until_async(lambda: bridge.counters.get("invalid_replies") == 3, "the invalid replies")
                 return got
             finally:
                 peer.close()
@@ -390,7 +356,7 @@ def test_a_message_too_large_for_the_layer_is_dropped_and_the_rest_of_its_batch_
                 for info in sent:
                     info.wait_for_publish(10)
                 reply = await peer.take()
-                await wait_until(lambda: bridge.counters.get("oversized") == 1, "the oversized message")
+                await wait_until_async(lambda: bridge.counters.get("oversized") == 1, "the oversized message")
                 return bridge, reply
             finally:
                 peer.close()
@@ -419,7 +385,7 @@ def test_tls_listener_with_a_generated_certificate(run, mosquitto_server, mqtt_t
         untrusted = MqttBridge("mq", {"broker": mosquitto_server.tls_url}, layer.from_url("memory://"))
         await untrusted.start()
         try:
-            await wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in untrusted.health["reason"], "a TLS failure")
+            await wait_until_async(lambda: "CERTIFICATE_VERIFY_FAILED" in untrusted.health["reason"], "a TLS failure")
             return bridge, untrusted.health
         finally:
             await untrusted.stop(timeout=5)
@@ -436,7 +402,7 @@ def test_username_and_password(run, tmp_path):
                              layer.from_url("memory://"))
         await refused.start()
         try:
-            await wait_until(lambda: "refused the connection" in refused.health["reason"], "the broker's refusal")
+            await wait_until_async(lambda: "refused the connection" in refused.health["reason"], "the broker's refusal")
             health = refused.health
         finally:
             await refused.stop(timeout=5)
@@ -465,7 +431,7 @@ def test_broker_restart_resubscribes_and_flushes_queued_publishes(run, mosquitto
             down = await take(bridge.layer, "test.links")
             # published while the broker is away: kept, then flushed on reconnect (retained, for the late peer)
             await bridge.layer.send("mqtt.publish", {"topic": "queued/1", "text": "waited", "retain": True})
-            await wait_until(lambda: bridge.counters.get("queued") == 1, "the publish to be queued")
+            await wait_until_async(lambda: bridge.counters.get("queued") == 1, "the publish to be queued")
             mosquitto_server.start()
             up = await take(bridge.layer, "test.links")
             peer = Peer(mosquitto_server.port)
@@ -579,7 +545,7 @@ def test_queue_while_the_broker_is_away_is_bounded(run, tmp_path, caplog):
         try:
             for n in (1, 2, 3):
                 await channel_layer.send("mqtt.publish", {"topic": f"out/{n}", "text": f"m{n}", "retain": True})
-            await wait_until(lambda: bridge.counters.get("queued") == 3, "three queued publishes")
+            await wait_until_async(lambda: bridge.counters.get("queued") == 3, "three queued publishes")
             assert bridge.health["state"] == "degraded" and "cannot connect" in bridge.health["reason"]
             broker.start()
             await take(channel_layer, "mqtt.connect")
@@ -618,7 +584,7 @@ def test_refused_messages_are_not_acknowledged_and_come_back_in_the_next_session
             await take(channel_layer, "mqtt.connect")
             for n in range(6):
                 peer.publish("load/x", str(n), qos=qos)
-            await wait_until(lambda: bridge.counters["refused"] >= 1, "the full layer to refuse")
+            await wait_until_async(lambda: bridge.counters["refused"] >= 1, "the full layer to refuse")
             await bridge.stop(timeout=5)
             first = [await take(channel_layer, "mqtt.receive") for _ in range(3)]
             again = MqttBridge("mq", {"broker": mosquitto_server.url, **options}, channel_layer)
@@ -646,7 +612,7 @@ def test_a_qos0_flood_faster_than_the_consumer_waits_in_the_broker_instead_of_be
     async def scenario():
         async with bridging(mosquitto_server.url, {"subscribe": [{"topic": "flood/#", "qos": 0}]},
                             channel_layer=channel_layer, worker=False) as bridge:
-            await asyncio.to_thread(wait_for_log, mosquitto_server, "Sending SUBACK to crossroads-mq")
+            await asyncio.to_thread(mosquitto_server.wait_for_log, "Sending SUBACK to crossroads-mq")
             publisher = Peer(mosquitto_server.port)
             try:
                 for n in range(3000):
@@ -687,14 +653,14 @@ def test_qos1_stream_survives_redis_stopping(run, mosquitto_server, tmp_path):
                     peer.publish("load/n", str(n), qos=1)
 
             publishing = asyncio.ensure_future(asyncio.to_thread(publish_all))
-            await wait_until(lambda: bridge.counters["sent"] >= 30, "the first messages to be stored")
+            await wait_until_async(lambda: bridge.counters["sent"] >= 30, "the first messages to be stored")
             try:  # stop Redis, keeping what it stored (as a maintenance restart would)
                 redis.command("SHUTDOWN", "SAVE")
             except Exception:
                 pass  # the connection drops as it shuts down
             await asyncio.to_thread(redis.process.wait, 10)
             redis_down.set()
-            await wait_until(lambda: bridge.counters["refused"] >= 1, "the bridge to meet the stopped layer")
+            await wait_until_async(lambda: bridge.counters["refused"] >= 1, "the bridge to meet the stopped layer")
             redis.start()
             await publishing
             got = []
@@ -737,9 +703,9 @@ def test_options_are_checked(tmp_path):
             MqttBridge.validate_options(options)
 
 
-def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server, mosquitto_server):
+def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server, mosquitto_server, daemons):
     from test_cli import write_config
-    from test_daemons import Daemon
+    from test_daemons import bridge_and_worker
 
     pub, sub = require_binary("mosquitto_pub"), require_binary("mosquitto_sub")
     config = str(write_config(tmp_path, f"""[layer]
@@ -755,29 +721,22 @@ broker = "{mosquitto_server.url}"
 subscribe = [{{topic = "echo/#", qos = 1}}]
 reply_topic = "{{topic}}/reply"
 """))
-    bridge = Daemon(tmp_path, "bridge", "bridge", "mq", "--config", config)
-    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    bridge, worker = bridge_and_worker(tmp_path, daemons, "mq", config)
+    port = str(mosquitto_server.port)
+    listener = subprocess.Popen([sub, "-p", port, "-i", "daemon-sub", "-q", "1", "-t", "echo/+/reply", "-C", "3",
+                                 "-v"], stdout=subprocess.PIPE, text=True)
     try:
-        bridge.wait_ready()
-        worker.wait_ready()
-        port = str(mosquitto_server.port)
-        listener = subprocess.Popen([sub, "-p", port, "-i", "daemon-sub", "-q", "1", "-t", "echo/+/reply", "-C", "3",
-                                     "-v"], stdout=subprocess.PIPE, text=True)
-        try:
-            wait_for_log(mosquitto_server, "Sending SUBACK to daemon-sub")
-            wait_for_log(mosquitto_server, "Sending SUBACK to crossroads-mq")  # READY=1 comes before the link
-            for n in range(3):
-                subprocess.run([pub, "-p", port, "-q", "1", "-t", f"echo/d{n}", "-m", f"hello {n}"], check=True,
-                               timeout=10)
-            out, _ = listener.communicate(timeout=20)
-        finally:
-            listener.kill()
-        assert sorted(out.splitlines()) == [f"echo/d{n}/reply hello {n}" for n in range(3)]
-        bridge.terminate()
-        worker.terminate()
+        mosquitto_server.wait_for_log("Sending SUBACK to daemon-sub")
+        mosquitto_server.wait_for_log("Sending SUBACK to crossroads-mq")  # READY=1 comes before the link
+        for n in range(3):
+            subprocess.run([pub, "-p", port, "-q", "1", "-t", f"echo/d{n}", "-m", f"hello {n}"], check=True,
+                           timeout=10)
+        out, _ = listener.communicate(timeout=20)
     finally:
-        bridge.close()
-        worker.close()
+        listener.kill()
+    assert sorted(out.splitlines()) == [f"echo/d{n}/reply hello {n}" for n in range(3)]
+    bridge.terminate()
+    worker.terminate()
 
 
 def test_the_echo_example_answers_over_mqtt(tmp_path, mosquitto_server):
@@ -802,8 +761,8 @@ def test_the_echo_example_answers_over_mqtt(tmp_path, mosquitto_server):
         listener = subprocess.Popen([sub, "-p", port, "-i", "echo-sub", "-t", "echo/+/reply", "-C", "1", "-v"],
                                     stdout=subprocess.PIPE, text=True)
         try:
-            wait_for_log(mosquitto_server, "Sending SUBACK to echo-sub")
-            wait_for_log(mosquitto_server, "Sending SUBACK to crossroads-broker")  # READY=1 comes before the link
+            mosquitto_server.wait_for_log("Sending SUBACK to echo-sub")
+            mosquitto_server.wait_for_log("Sending SUBACK to crossroads-broker")  # READY=1 comes before the link
             subprocess.run([pub, "-p", port, "-q", "1", "-t", "echo/me", "-m", "hello"], check=True, timeout=10)
             out, _ = listener.communicate(timeout=20)
         finally:

@@ -172,33 +172,25 @@ def test_config_mistakes_are_explained(tmp_path):
     assert "crossroads-bridge@ws.service" not in result.stdout  # it runs in web's unit
 
 
-def test_crossroads_bridge_web_serves_both_over_redis(tmp_path, redis_server):
-    from servers import free_port, wait_for_port
-    from test_daemons import Daemon
+def test_crossroads_bridge_web_serves_both_over_redis(tmp_path, redis_server, daemons):
+    from servers import free_port
+    from test_daemons import bridge_and_worker
     from websockets.sync.client import connect as connect_sync
 
     port = free_port()
     config = str(write_config(tmp_path, SHARED_CONFIG.format(url=redis_server.url, port=port)))
-    bridge = Daemon(tmp_path, "bridge", "bridge", "web", "--config", config)
-    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
-    try:
-        bridge.wait_ready()
-        worker.wait_ready()
-        wait_for_port(port, bridge.process)
-        import urllib.request
+    bridge, worker = bridge_and_worker(tmp_path, daemons, "web", config, port)
+    import urllib.request
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/text", timeout=20) as response:
-            assert response.read() == "héllo from text".encode()
-        with connect_sync(f"ws://127.0.0.1:{port}/echo/", origin=f"http://127.0.0.1:{port}",
-                          open_timeout=20) as ws:
-            ws.send("one port")
-            assert ws.recv(timeout=20) == "one port"
-        status = run_cli("status", "--config", config)
-        assert status.returncode == 0, status.stderr
-        assert "web: connected" in status.stdout and "ws: connected" in status.stdout  # one process, both reported
-        log = bridge.terminate()
-        assert "serving: ws (websocket), web (http)" in log
-        worker.terminate()
-    finally:
-        bridge.close()
-        worker.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/text", timeout=20) as response:
+        assert response.read() == "héllo from text".encode()
+    with connect_sync(f"ws://127.0.0.1:{port}/echo/", origin=f"http://127.0.0.1:{port}",
+                      open_timeout=20) as ws:
+        ws.send("one port")
+        assert ws.recv(timeout=20) == "one port"
+    status = run_cli("status", "--config", config)
+    assert status.returncode == 0, status.stderr
+    assert "web: connected" in status.stdout and "ws: connected" in status.stdout  # one process, both reported
+    log = bridge.terminate()
+    assert "serving: ws (websocket), web (http)" in log
+    worker.terminate()

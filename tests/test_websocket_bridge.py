@@ -18,13 +18,13 @@ from contextlib import asynccontextmanager
 
 import pytest
 import websockets
+from servers import running_in_process, take
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
 from crossroads.bridges.websocket.bridge import WebsocketBridge
-from crossroads.consumers.worker import Worker
 
 # -- the reactor and the loop (as in test_bridge_base.py) ----------------------------------------------------
 
@@ -41,18 +41,8 @@ async def serving(options: dict | None = None, *, channel_layer=None, threads: i
     """A started WebsocketBridge on a free port, and a Worker running ``app`` on the same layer."""
     channel_layer = channel_layer or layer.from_url("memory://", capacity=1000)
     bridge = WebsocketBridge("ws", {"port": 0, **(options or {})}, channel_layer)
-    await bridge.start()
-    running = Worker(app, channel_layer, threads=threads) if worker else None
-    if running is not None:
-        running.start()
-    try:
+    async with running_in_process(bridge, app if worker else None, threads):
         yield bridge
-    finally:
-        await bridge.stop(timeout=5)
-        if running is not None:
-            running.stop()
-            await asyncio.to_thread(running.join, 10)
-        await channel_layer.close()
 
 
 def url(bridge: WebsocketBridge, path: str = "/echo/") -> str:
@@ -73,12 +63,6 @@ async def closed_code(ws) -> int:
         while True:
             await asyncio.wait_for(ws.recv(), 10)
     return closed.value.rcvd.code if closed.value.rcvd is not None else 1006
-
-
-async def take(channel_layer, channel: str, timeout: float = 10) -> dict:
-    got, message = await channel_layer.receive([channel], timeout=timeout)
-    assert got == channel, f"nothing on {channel} within {timeout} s"
-    return message
 
 
 # -- the handshake -------------------------------------------------------------------------------------------
@@ -581,35 +565,27 @@ type = "crossroads.bridges.websocket.bridge:WebsocketBridge"
 """))
 
 
-def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server):
-    from servers import free_port, wait_for_port
-    from test_daemons import Daemon
+def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server, daemons):
+    from servers import free_port
+    from test_daemons import bridge_and_worker
     from websockets.sync.client import connect as connect_sync
 
     port = free_port()
     config = daemon_config(tmp_path, redis_server.url, "wsdaemons", f"port = {port}")
-    bridge = Daemon(tmp_path, "bridge", "bridge", "ws", "--config", config)
-    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
-    try:
-        bridge.wait_ready()
-        worker.wait_ready()
-        wait_for_port(port, bridge.process)
-        with connect_sync(f"ws://127.0.0.1:{port}/echo/", subprotocols=["a", "b"], open_timeout=20) as ws:
-            assert ws.subprotocol == "b"
-            for i in range(50):
-                ws.send(f"order {i}")
-            assert [ws.recv(timeout=20) for _ in range(50)] == [f"{i + 1} order {i}" for i in range(50)]
-            ws.send(b"\x01\x02")
-            assert ws.recv(timeout=20) == b"\x01\x02"
-        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
-            with connect_sync(f"ws://127.0.0.1:{port}/reject/", open_timeout=20):
-                pass
-        assert refused.value.response.status_code == 403
-        bridge.terminate()
-        worker.terminate()
-    finally:
-        bridge.close()
-        worker.close()
+    bridge, worker = bridge_and_worker(tmp_path, daemons, "ws", config, port)
+    with connect_sync(f"ws://127.0.0.1:{port}/echo/", subprotocols=["a", "b"], open_timeout=20) as ws:
+        assert ws.subprotocol == "b"
+        for i in range(50):
+            ws.send(f"order {i}")
+        assert [ws.recv(timeout=20) for _ in range(50)] == [f"{i + 1} order {i}" for i in range(50)]
+        ws.send(b"\x01\x02")
+        assert ws.recv(timeout=20) == b"\x01\x02"
+    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+        with connect_sync(f"ws://127.0.0.1:{port}/reject/", open_timeout=20):
+            pass
+    assert refused.value.response.status_code == 403
+    bridge.terminate()
+    worker.terminate()
 
 
 @pytest.mark.parametrize("family", ["tcp", "unix"])
@@ -649,10 +625,11 @@ def test_systemd_socket_activation(tmp_path, redis_server, family):
 def wait_for_path(path: str, process, deadline: float = 10.0) -> None:
     """Wait until the Unix socket ``path`` exists; fail if ``process`` (which makes it) exits first."""
     import os
-    import time
 
-    end = time.monotonic() + deadline
-    while not os.path.exists(path):
+    from servers import wait_until
+
+    def made() -> bool:
         assert process.poll() is None, f"exited with {process.returncode} before making {path}"
-        assert time.monotonic() < end, f"no {path} within {deadline} s"
-        time.sleep(0.05)
+        return os.path.exists(path)
+
+    wait_until(made, f"{path} to be made", deadline)
