@@ -30,12 +30,15 @@ def check_example(tmp_path: Path, example: str) -> subprocess.CompletedProcess:
     for name in re.findall(r"\$\{credential:([^}]+)\}", example):
         (credentials / name).write_text("stand-in")
     for app in re.findall(r'^app = "([\w.]+):(\w+)"', example, re.MULTILINE):
-        # the user's router: an empty routing table in the module the example names, next to the config
+        # the user's router, in the module the example names, next to the config: it answers the requests
+        # peers wait on (a table without them is warned about, rightly)
         module = tmp_path.joinpath(*app[0].split("."))
         for package in [tmp_path.joinpath(*app[0].split(".")[:i]) for i in range(1, app[0].count(".") + 1)]:
             package.mkdir(exist_ok=True)
             (package / "__init__.py").touch()
-        module.with_suffix(".py").write_text(f"{app[1]} = []\n")
+        module.with_suffix(".py").write_text(
+            "from crossroads import route\n\n\ndef answer(message):\n    pass\n\n\n"
+            f"{app[1]} = [route(channel, answer) for channel in ('http.request', 'websocket.connect')]\n")
     return subprocess.run([CROSSROADS, "check", "--config", str(tmp_path / "crossroads.toml")], capture_output=True,
                           text=True, timeout=60, env=environ, cwd=tmp_path)
 
