@@ -650,6 +650,20 @@ def test_header_injection_through_a_thread_is_refused_too(bad):
         m.build_reply(poisoned, {"text": "x"}, domain="chat.test")
 
 
+@pytest.mark.parametrize(("encoded", "subject"), [
+    ("Hi=0D=0ABcc=3A_eve=40evil=2Eexample", "Hi Bcc: eve@evil.example"),  # CR LF unfolds, as in any header
+    ("Hi=0DBcc=3A_eve=40evil=2Eexample", "Hi\rBcc: eve@evil.example"),  # a lone CR stays in the message's subject
+])
+def test_a_subject_that_decodes_to_a_line_break_is_answered_without_it(encoded, subject):
+    raw = crlf(f"From: ann@example.org\nMessage-ID: <s@x>\nSubject: =?utf-8?q?{encoded}?=\n\nx\n")
+    received = receive(raw)
+    assert received.message["subject"] == subject
+    out = m.build_reply(received.thread, {"text": "ok"}, domain="chat.test")
+    mail = parsed(out.data)
+    assert mail["Subject"] == "Re: Hi Bcc: eve@evil.example" and mail["Bcc"] is None
+    assert out.rcpt_tos == ("ann@example.org",)
+
+
 def test_email_send_starts_a_mail():
     out = m.build_send({"to": ["Ann <ann@example.org>"], "cc": "bob@example.org", "bcc": ["carl@example.org"],
                         "subject": "Minutes", "text": "attached", "reply_channel": "ignored"},

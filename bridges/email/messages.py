@@ -756,7 +756,10 @@ def receive_message(mail: EmailMessage, *, envelope_from: str | None, envelope_t
     local_id = thread_local_id(root)
     auto = auto_kind(mail, envelope_from, headers, own_addresses)
     reply_to = tuple(addresses_of(headers.get("reply-to", ""))) or ((sender,) if sender else ())
-    thread = Thread(reply_to, envelope_to[0] if envelope_to else "", subject, message_id, tuple(references), auto)
+    # An encoded word can decode to CR LF (=?utf-8?q?a=0D=0Ab?=): the subject our replies repeat is made safe here,
+    # so the thread can still be answered; the message's own subject key is left as the sender wrote it.
+    safe_subject = _CONTROL_RE.sub(" ", subject)
+    thread = Thread(reply_to, envelope_to[0] if envelope_to else "", safe_subject, message_id, tuple(references), auto)
     message = {
         "reply_channel": reply_prefix + local_id,
         "from": envelope_from or None,
