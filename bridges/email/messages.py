@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from email import policy
 from email.headerregistry import Address
@@ -227,17 +227,39 @@ def check_tree(mail: Message, limits: Limits) -> None:
             raise _bad_mime(f"too many MIME parts: more than {limits.max_parts}", "too_many_parts")
         if depth > limits.max_depth:
             raise _bad_mime(f"MIME parts nested too deep: more than {limits.max_depth}", "too_deep")
-        size = sum(len(name) + len(str(value)) + 4 for name, value in part._headers)
+        size = sum(len(name) + len(str(value)) + 4 for name, value in part.raw_items())
         if size > limits.max_header_bytes:
             raise _too_big(f"header too large: more than {limits.max_header_bytes} bytes", "headers_too_large")
+
+
+class _TooManyParts(Exception):
+    pass
+
+
+def _counted_parts(limit: int) -> Callable[..., EmailMessage]:
+    """A message factory for the parser that stops it past ``limit`` parts, however the parts are declared (a
+    ``boundary*0=`` in RFC 2231 pieces gets past the prescan's pattern, not past this). The parser makes one
+    message more than the tree it returns holds, hence the ``+ 1``."""
+    made = 0
+
+    def factory(*args: Any, **kwargs: Any) -> EmailMessage:
+        nonlocal made
+        made += 1
+        if made > limit + 1:
+            raise _TooManyParts
+        return EmailMessage(*args, **kwargs)
+
+    return factory
 
 
 def read_mail(raw: bytes, limits: Limits) -> EmailMessage:
     """Parse one mail's bytes (``policy.default``) within ``limits``; raises ``MailRefused`` beyond them."""
     prescan(raw, limits)
     try:
-        mail = BytesParser(policy=policy.default).parsebytes(raw)
-    except RecursionError:  # the prescan should make this impossible; if it is not, the mail is refused, not a crash
+        mail = BytesParser(_counted_parts(limits.max_parts), policy=policy.default).parsebytes(raw)
+    except _TooManyParts:
+        raise _bad_mime(f"too many MIME parts: more than {limits.max_parts}", "too_many_parts") from None
+    except RecursionError:  # the part cap keeps the nesting far from it; if not, the mail is refused, not a crash
         raise _bad_mime(f"MIME parts nested too deep: more than {limits.max_depth}", "too_deep") from None
     check_tree(mail, limits)
     return mail
@@ -246,14 +268,28 @@ def read_mail(raw: bytes, limits: Limits) -> EmailMessage:
 # -- headers, text and parts -----------------------------------------------------------------------------------
 
 
-def header_text(value: Any) -> str:
-    """A header value as decoded text. Header parsing in ``policy.default`` can raise on odd addresses and ids
-    (python/cpython#151857, a bare IndexError): then the raw value, unfolded, is used."""
-    try:
-        text = str(value)
-    except Exception:  # noqa: BLE001 - any parser failure falls back to the raw value
-        text = getattr(value, "_raw", None) or ""
+def header_text(text: str) -> str:
+    """A header value as one line of text the layer can carry: unfolded, undecodable bytes as U+FFFD."""
     return _no_surrogates(re.sub(r"\r?\n[ \t]*", " ", text))
+
+
+def parsed_headers(part: Message) -> Iterable[tuple[str, str, list[str]]]:
+    """Each header of ``part`` as (name, decoded value, defects). ``policy.default`` raises on some odd addresses and
+    ids (``To: a@``, ``Message-ID: <@>``: a bare IndexError, python/cpython#151857): such a header is given raw."""
+    for name, raw in part.raw_items():
+        try:
+            value = part.policy.header_fetch_parse(name, raw)
+            yield name, header_text(str(value)), [str(defect) for defect in getattr(value, "defects", ())]
+        except Exception:  # noqa: BLE001 - any failure of the header parser leaves the header as it came
+            yield name, header_text(raw), ["could not be parsed, given as it came"]
+
+
+def _header(part: Message, wanted: str) -> str:
+    """The first ``wanted`` header of ``part`` (lowercase name), decoded, or ``""``."""
+    for name, value, _ in parsed_headers(part):
+        if name.lower() == wanted:
+            return value
+    return ""
 
 
 def _no_surrogates(text: str) -> str:
@@ -265,10 +301,8 @@ def headers_of(mail: Message, defects: list[str]) -> tuple[dict[str, str], list[
     """The draft's ``headers`` (lowercased names, decoded, the first of repeats) and our ``header_list``."""
     listed: list[list[str]] = []
     first: dict[str, str] = {}
-    for name, value in mail.items():
-        text = header_text(value)
-        for defect in getattr(value, "defects", ()):
-            defects.append(f"header {name}: {defect}")
+    for name, text, found in parsed_headers(mail):
+        defects.extend(f"header {name}: {defect}" for defect in found)
         if "\ufffd" in text and not any(d.startswith(f"header {name}:") for d in defects):
             defects.append(f"header {name}: bytes in an unknown charset, shown as U+FFFD")
         listed.append([name, text])
@@ -361,7 +395,7 @@ def _bodies(mail: Message, defects: list[str]) -> _Bodies:
         elif kind == "text/html" and not _is_attachment(part):
             found.html = (found.html + "\n" if found.html else "") + text_of_part(part, where, defects)
         else:
-            content_id = header_text(part["content-id"]).strip("<> ") if part["content-id"] else ""
+            content_id = _header(part, "content-id").strip("<> ")
             found.attached.append((part, {
                 "filename": filename_of(part),
                 "content_type": kind,
@@ -697,7 +731,7 @@ def authentication(*, smtp_login: str | None = None, relay: str | None = None, a
             if name.lower() != "authentication-results":
                 continue
             server, _, rest = value.partition(";")
-            if server.strip().split()[:1] != [authserv_id]:
+            if server.strip().lower().split()[:1] != [authserv_id.lower()]:  # a host name: any case
                 continue
             for clause in rest.split(";"):
                 method, equals, result = clause.strip().partition("=")
