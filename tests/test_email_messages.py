@@ -276,6 +276,27 @@ def test_rfc2231_filenames_and_a_pdf_too_big_to_carry():
     assert msg["content"]["parts"][2]["size"] == len(big)
 
 
+@pytest.mark.parametrize("charset", ["x-no-such", "unknown-8bit", "idna", "punycode", "undefined", "base64", "rot13"])
+def test_every_charset_that_cannot_decode_text_is_read_as_utf8_and_flagged(charset):
+    raw = crlf(f"From: ann@example.org\nSubject: =?{charset}?q?caf=C3=A9?=\n"
+               f"Content-Type: text/plain; charset={charset}\n\ncaf\u00e9") + b" \xff\r\n"
+    msg = receive(raw).message
+    assert msg["text"] == "café \ufffd"
+    assert f"part 1: unknown charset {charset!r}, read as UTF-8 with replacement characters" in msg["defects"]
+
+
+def test_8bit_text_without_a_charset_is_read_as_utf8():
+    raw = b"From: ann@example.org\r\nContent-Type: text/plain\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n"
+    msg = receive(raw).message
+    assert msg["text"] == "Grüße" and msg["defects"] == []
+
+
+def test_many_defects_are_listed_up_to_a_cap():
+    raw = b"From: ann@example.org\r\n" + b"X-Junk: caf\xe9\r\n" * 200 + b"\r\nbody\r\n"
+    defects = receive(raw).message["defects"]
+    assert len(defects) == m.MAX_DEFECTS + 1 and defects[-1] == f"and {200 - m.MAX_DEFECTS} more"
+
+
 def test_an_unknown_charset_is_read_as_utf8_and_flagged():
     raw = crlf("From: ann@example.org\nSubject: =?bogus?q?caf=E9?=\nContent-Type: text/plain; charset=x-no-such\n\n"
                "caf\u00e9\n")
@@ -300,6 +321,14 @@ def test_headers_the_stdlib_parser_chokes_on_are_given_raw():
     assert msg["in_reply_to"] == "<a@[b>" and msg["text"] == "hi"
     assert [d for d in msg["defects"] if "could not be parsed" in d] == [
         f"header {name}: could not be parsed, given as it came" for name in ("To", "Cc", "Message-ID")]
+
+
+def test_a_header_the_stdlib_raises_on_wherever_it_is_read_refuses_the_mail_instead_of_crashing():
+    raw = b"From: a@b\r\nContent-Type: text/plain; charset*=idna''%FF\r\n\r\nx\r\n"
+    with pytest.raises(m.MailRefused) as refused:
+        receive(raw)
+    assert refused.value.smtp_reply == "554 5.6.0 message could not be read" and refused.value.counter == "unreadable"
+    assert isinstance(refused.value.__cause__, UnicodeError)  # chained, for the bridge's log
 
 
 def test_a_forwarded_mail_is_one_attachment_not_the_body():

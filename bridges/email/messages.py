@@ -35,7 +35,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email import policy
 from email.headerregistry import Address
@@ -55,6 +56,7 @@ DEFAULT_PORTS = {"smtp": 25, "smtps": 465}
 BOUNCE, AUTO_REPLIED, AUTO_GENERATED = "bounce", "auto-replied", "auto-generated"
 LIST, BULK, OWN = "list", "bulk", "own"
 
+MAX_DEFECTS = 50  # defects listed in a message; a mail of 10,000 broken headers says so in one line more
 MAX_REFERENCES = 11  # a reply's References: the root and the last 10 (RFC 5322 section 3.6.4 lets them be trimmed)
 
 # -- errors --------------------------------------------------------------------------------------------------------
@@ -205,10 +207,8 @@ def prescan(raw: bytes, limits: Limits) -> None:
 
 
 def _children(part: Message) -> list[Message]:
-    payload = part.get_payload()
-    if part.is_multipart() and isinstance(payload, list):
-        return payload
-    return []
+    # is_multipart() first: get_payload() of a leaf decodes it by its charset, and raises on some (idna, undefined)
+    return part.get_payload() if part.is_multipart() else []
 
 
 def walk(mail: Message) -> Iterable[tuple[Message, int]]:
@@ -256,13 +256,28 @@ def read_mail(raw: bytes, limits: Limits) -> EmailMessage:
     """Parse one mail's bytes (``policy.default``) within ``limits``; raises ``MailRefused`` beyond them."""
     prescan(raw, limits)
     try:
-        mail = BytesParser(_counted_parts(limits.max_parts), policy=policy.default).parsebytes(raw)
+        with _unreadable():
+            mail = BytesParser(_counted_parts(limits.max_parts), policy=policy.default).parsebytes(raw)
     except _TooManyParts:
         raise _bad_mime(f"too many MIME parts: more than {limits.max_parts}", "too_many_parts") from None
     except RecursionError:  # the part cap keeps the nesting far from it; if not, the mail is refused, not a crash
         raise _bad_mime(f"MIME parts nested too deep: more than {limits.max_depth}", "too_deep") from None
-    check_tree(mail, limits)
+    with _unreadable():
+        check_tree(mail, limits)
     return mail
+
+
+@contextmanager
+def _unreadable() -> Iterator[None]:
+    """Turn any failure of the stdlib on a hostile mail into a refusal: the header parser raises on some values
+    (``charset*=idna''%FF`` raises UnicodeError wherever Content-Type is read), and a bridge must not crash on
+    them. The cause stays chained for the bridge's log."""
+    try:
+        yield
+    except (MailRefused, _TooManyParts, RecursionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the parser raised, the answer to the sender is the same
+        raise _bad_mime("message could not be read", "unreadable") from exc
 
 
 # -- headers, text and parts -----------------------------------------------------------------------------------
@@ -302,9 +317,9 @@ def headers_of(mail: Message, defects: list[str]) -> tuple[dict[str, str], list[
     listed: list[list[str]] = []
     first: dict[str, str] = {}
     for name, text, found in parsed_headers(mail):
+        if "\ufffd" in text and not found:
+            found = ["bytes in an unknown charset, shown as U+FFFD"]
         defects.extend(f"header {name}: {defect}" for defect in found)
-        if "\ufffd" in text and not any(d.startswith(f"header {name}:") for d in defects):
-            defects.append(f"header {name}: bytes in an unknown charset, shown as U+FFFD")
         listed.append([name, text])
         first.setdefault(name.lower(), text)
     return first, listed
@@ -312,9 +327,14 @@ def headers_of(mail: Message, defects: list[str]) -> tuple[dict[str, str], list[
 
 def _charset_decode(data: bytes, charset: str | None, where: str, defects: list[str]) -> str:
     charset = (charset or "us-ascii").strip().lower()
+    if charset in ("us-ascii", "ascii") and not data.isascii():  # 8-bit text sent without its charset: UTF-8 mostly
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     try:
         return data.decode(charset, "replace")
-    except LookupError:  # an unknown charset (bogus, unknown-8bit): read as UTF-8, flagged
+    except (LookupError, UnicodeError):  # unknown (bogus, unknown-8bit), not text (base64), or refusing 'replace'
         defects.append(f"{where}: unknown charset {charset!r}, read as UTF-8 with replacement characters")
         return data.decode("utf-8", "replace")
 
@@ -754,6 +774,12 @@ def _strip_reply_prefixes(subject: str) -> str:
     return _REPLY_PREFIX_RE.sub("", subject).strip()
 
 
+def _capped(defects: list[str]) -> list[str]:
+    if len(defects) <= MAX_DEFECTS:
+        return defects
+    return [*defects[:MAX_DEFECTS], f"and {len(defects) - MAX_DEFECTS} more"]
+
+
 def receive_message(mail: EmailMessage, *, envelope_from: str | None, envelope_to: Sequence[str], reply_prefix: str,
                     limits: Limits, budget: int, authenticated: dict[str, Any] | None = None,
                     own_addresses: Iterable[str] = ()) -> Received:
@@ -767,6 +793,14 @@ def receive_message(mail: EmailMessage, *, envelope_from: str | None, envelope_t
     beyond). A mail whose headers and texts alone do not fit raises
     ``MailRefused`` (552 5.3.4).
     """
+    with _unreadable():  # the stdlib raises on some hostile headers wherever they are read: a refusal, not a crash
+        return _receive(mail, envelope_from=envelope_from, envelope_to=envelope_to, reply_prefix=reply_prefix,
+                        limits=limits, budget=budget, authenticated=authenticated, own_addresses=own_addresses)
+
+
+def _receive(mail: EmailMessage, *, envelope_from: str | None, envelope_to: Sequence[str], reply_prefix: str,
+             limits: Limits, budget: int, authenticated: dict[str, Any] | None = None,
+             own_addresses: Iterable[str] = ()) -> Received:
     defects: list[str] = [f"message: {defect}" for defect in mail.defects]
     headers, header_list = headers_of(mail, defects)
     bodies = _bodies(mail, defects)
@@ -793,7 +827,8 @@ def receive_message(mail: EmailMessage, *, envelope_from: str | None, envelope_t
     # An encoded word can decode to CR LF (=?utf-8?q?a=0D=0Ab?=): the subject our replies repeat is made safe here,
     # so the thread can still be answered; the message's own subject key is left as the sender wrote it.
     safe_subject = _CONTROL_RE.sub(" ", subject)
-    thread = Thread(reply_to, envelope_to[0] if envelope_to else "", safe_subject, message_id, tuple(references), auto)
+    our_address = envelope_to[0] if envelope_to else ""
+    thread = Thread(reply_to, our_address, safe_subject, message_id, tuple(references), auto)
     message = {
         "reply_channel": reply_prefix + local_id,
         "from": envelope_from or None,
@@ -811,7 +846,7 @@ def receive_message(mail: EmailMessage, *, envelope_from: str | None, envelope_t
         "attachments": [attachment for _, attachment in bodies.attached],
         "auto": auto,
         "authenticated": authenticated or authentication(),
-        "defects": defects,
+        "defects": _capped(defects),
         **shared_keys(PROTOCOL, sender, local_id, text),
     }
     return Received(message, local_id, thread)
