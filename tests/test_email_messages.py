@@ -190,6 +190,13 @@ def test_domains_and_addresses():
         m.parse_address("a@b\r\nBcc: x@y")
 
 
+def test_option_checks_say_what_is_wrong():
+    assert m.check_smarthost("smtp://h:587") is None and "bad port" in m.check_smarthost("smtp://h:x")
+    assert m.check_domains(["chat.example", "b.example"]) is None
+    assert "must be a domain name" in m.check_domains(["chat.example", "not a domain"])
+    assert m.check_addresses(["lobby@chat.example"]) is None and "is not an address" in m.check_addresses(["lobby"])
+
+
 # -- real-world mails ----------------------------------------------------------------------------------------------
 
 
@@ -703,6 +710,23 @@ def test_a_subject_that_decodes_to_a_line_break_is_answered_without_it(encoded, 
     mail = parsed(out.data)
     assert mail["Subject"] == "Re: Hi Bcc: eve@evil.example" and mail["Bcc"] is None
     assert out.rcpt_tos == ("ann@example.org",)
+
+
+def test_a_consumers_header_replaces_the_bridges_own():
+    out = m.build_send({"to": "ann@example.org", "text": "x", "headers": {
+        "In-Reply-To": "<earlier@chat.test>", "References": "<root@chat.test> <earlier@chat.test>",
+        "Auto-Submitted": "no"}}, domain="chat.test", default_from="lobby@chat.test", domains=["chat.test"])
+    mail = parsed(out.data)
+    assert mail.get_all("Auto-Submitted") == ["no"] and mail.get_all("In-Reply-To") == ["<earlier@chat.test>"]
+    out = m.build_reply(receive(GMAIL_REPLY).thread, {"text": "x", "headers": {"In-Reply-To": "<other@x>"}},
+                        domain="chat.test")
+    assert parsed(out.data).get_all("In-Reply-To") == ["<other@x>"]
+
+
+def test_a_header_value_the_stdlib_cannot_write_is_an_invalid_reply():
+    with pytest.raises(m.InvalidReply, match="cannot write this mail"):
+        m.build_send({"to": "ann@example.org", "text": "x", "headers": {"Reply-To": "a@"}}, domain="chat.test",
+                     default_from="lobby@chat.test", domains=["chat.test"])
 
 
 def test_email_send_starts_a_mail():

@@ -46,7 +46,7 @@ from email.utils import formatdate, getaddresses, make_msgid, parseaddr
 from html.parser import HTMLParser
 from typing import Any
 
-from crossroads.bridges.protocol import shared_keys, split_url
+from crossroads.bridges.protocol import each, problem_of, shared_keys, split_url
 
 PROTOCOL = "email"
 RECEIVE, SEND = "email.receive", "email.send"
@@ -140,6 +140,12 @@ def parse_address(address: Any) -> str:
     if not at or not local or not domain or " " in address.strip() or "<" in address or ">" in address:
         raise ValueError(f"{address!r} is not an address like name@example.org")
     return f"{local}@{domain.lower()}"
+
+
+# The checks of the smarthost, domains and recipients options, for the bridge's option table.
+check_smarthost = problem_of(parse_smarthost)
+check_domains = each(problem_of(parse_domain))
+check_addresses = each(problem_of(parse_address))
 
 
 # -- reading a mail, bounded -------------------------------------------------------------------------------------
@@ -591,8 +597,6 @@ def new_text(body: str) -> str:
         i += 1
     while kept and (not kept[-1].strip() or kept[-1].strip().startswith(PHONE_SIGNATURES)):
         kept.pop()
-    while kept and not kept[0].strip():
-        kept.pop(0)
     return "\n".join(kept)
 
 
@@ -971,23 +975,27 @@ def _compose(*, sender: str, to: list[str], cc: list[str], bcc: list[str], subje
         mail["In-Reply-To"] = in_reply_to
     if references:
         mail["References"] = " ".join(references)
-    names = {name.lower() for name, _ in headers}
-    if "auto-submitted" not in names:
-        mail["Auto-Submitted"] = auto_submitted
-    for name, value in headers:
-        mail[name] = value
-    if text is not None:
-        mail.set_content(text)
-        if html is not None:
-            mail.add_alternative(html, subtype="html")
-    else:
-        mail.set_content(html, subtype="html")
-    if attachments:
-        _attach(mail, attachments)
+    mail["Auto-Submitted"] = auto_submitted
     addresses = [parseaddr(a)[1] for a in (*to, *cc, *bcc)]
     envelope_from = parseaddr(sender)[1]
     smtputf8 = not all(a.isascii() for a in (*addresses, envelope_from))
-    data = mail.as_bytes(policy=policy.SMTPUTF8 if smtputf8 else policy.SMTP)
+    try:
+        for name, value in headers:
+            del mail[name]  # a consumer's header replaces the bridge's own of that name (In-Reply-To, Auto-Submitted)
+            mail[name] = value
+        if text is not None:
+            mail.set_content(text)
+            if html is not None:
+                mail.add_alternative(html, subtype="html")
+        else:
+            mail.set_content(html, subtype="html")
+        if attachments:
+            _attach(mail, attachments)
+        data = mail.as_bytes(policy=policy.SMTPUTF8 if smtputf8 else policy.SMTP)
+    except InvalidReply:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the stdlib's header classes raise many kinds on values they reject
+        raise InvalidReply(f"cannot write this mail: {exc}") from exc
     return Outgoing(envelope_from, tuple(dict.fromkeys(addresses)), data, message_id, smtputf8)
 
 
