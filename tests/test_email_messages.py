@@ -360,6 +360,12 @@ def test_bodies_that_do_not_fit_the_layer_are_left_out_and_texts_that_do_not_are
     assert refused.value.smtp_reply.startswith("552 5.3.4") and refused.value.counter == "oversized"
 
 
+def test_a_multipart_without_a_boundary_keeps_its_body_as_one_leaf():
+    msg = receive(crlf("From: ann@example.org\nContent-Type: multipart/mixed\n\nwhat is this\n")).message
+    assert msg["content"] == {"content-type": "multipart/mixed", "size": 14, "body": b"what is this\r\n"}
+    assert msg["attachments"][0]["size"] == 14 and msg["text"] == ""
+
+
 def test_the_envelope_from_is_the_sender_when_the_mail_has_no_from():
     msg = receive(b"Subject: x\r\n\r\nhi\r\n", envelope_from="bob@example.org").message
     assert msg["sender"] == "bob@example.org"
@@ -461,6 +467,8 @@ def test_dashes_in_a_body_are_not_parts():
     ("Sure\n\nSent from my iPhone\n\n> On 30 Nov 2026, at 09:00, Bob <bob@x> wrote:\n> Lunch?", "Sure"),
     ("Sure\n-- \nAnn\nExample Inc.\n", "Sure"),
     ("> quoted only\n", ""),
+    ("Thanks,\nBob <bob@x> wrote:\n> Lunch?\n", "Thanks,"),  # the line above a one-line attribution stays
+    ("Thanks,\nOn Mon, Bob wrote:\n> Lunch?\n", "Thanks,"),
     ("  indented code\n\tstays\n", "  indented code\n\tstays"),
     ("I wrote:\nthis quotes nothing\n", "I wrote:\nthis quotes nothing"),  # a weak attribution needs quotes below
     ("From: the team\nwe say hello\n", "From: the team\nwe say hello"),  # a From: line alone is not Outlook's block

@@ -217,6 +217,12 @@ def _children(part: Message) -> list[Message]:
     return part.get_payload() if part.is_multipart() else []
 
 
+def _container(part: Message) -> bool:
+    """A multipart that parsed into parts. A message/* part is a leaf here (its body is the embedded mail), and
+    so is a multipart without a usable boundary (its body is kept as bytes)."""
+    return part.get_content_maintype() == "multipart" and part.is_multipart()
+
+
 def walk(mail: Message) -> Iterable[tuple[Message, int]]:
     """Every part with its depth, in order, without recursion (``Message.walk`` recurses)."""
     stack = [(mail, 0)]
@@ -385,8 +391,8 @@ def _content_tree(mail: Message, budget: _Budget) -> dict[str, Any]:
     while stack:
         part, node = stack.pop()
         node["content-type"] = part.get_content_type()
-        children = _children(part)
-        if part.get_content_maintype() == "multipart":
+        if _container(part):
+            children = _children(part)
             node["parts"] = [{} for _ in children]
             stack.extend(zip(children, node["parts"], strict=True))
             continue
@@ -412,7 +418,7 @@ def _bodies(mail: Message, defects: list[str]) -> _Bodies:
     while stack:
         part = stack.pop()
         number += 1
-        if part.get_content_maintype() == "multipart":
+        if _container(part):
             stack.extend(reversed(_children(part)))
             continue
         where, kind = f"part {number}", part.get_content_type()
@@ -583,7 +589,10 @@ def new_text(body: str) -> str:
         is_attribution, strong = _attribution(line)
         wrapped = 0
         if not is_attribution and i + 1 < len(lines) and line.strip() and not _quoted(line):
-            is_attribution, strong = _attribution(line.rstrip() + " " + lines[i + 1].strip())  # Gmail wraps it
+            # Gmail wraps a long attribution over two lines; only one starting with its word, or "Thanks," above
+            # "Bob wrote:" would read as one
+            is_attribution, strong = _attribution(line.rstrip() + " " + lines[i + 1].strip())
+            is_attribution = is_attribution and strong
             wrapped = 1 if is_attribution else 0
         if is_attribution:
             following = _next_text(lines, i + 1 + wrapped)
