@@ -446,6 +446,35 @@ def test_slash_command_answers():
             m.parse_command_reply(content)
 
 
+# -- Events API requests -------------------------------------------------------------------------------------------
+
+JSON, FORM = "application/json", "application/x-www-form-urlencoded"
+
+
+def test_events_api_requests_are_told_apart():
+    challenge = (b'{"token": "Jhj5dZrVaK7ZwHHjRyZWjbDl", '
+                 b'"challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"}')
+    assert m.parse_events_request(challenge, JSON) == m.EventsRequest(
+        "url_verification", json.loads(challenge), "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P")
+    assert m.parse_events_request(json.dumps(MESSAGE).encode(), "application/json; charset=utf-8") == \
+        m.EventsRequest("event", MESSAGE)
+    assert m.parse_events_request(b"ssl_check=1&token=x", FORM).kind == "ssl_check"
+    limited = b'{"token": "x", "type": "app_rate_limited", "team_id": "T1", "minute_rate_limited": 1518467820}'
+    assert m.parse_events_request(limited, JSON).kind == "app_rate_limited"
+    command = m.parse_events_request(b"command=%2Fdeploy&text=now&trigger_id=1.2.x&user_id=U1&channel_id=C1", FORM)
+    assert (command.kind, command.payload["command"]) == ("command", "/deploy")
+
+
+@pytest.mark.parametrize(("body", "content_type", "problem"), [
+    (b"{not json", JSON, "not JSON"), (b"[1]", JSON, "not a JSON object"),
+    (b'{"type": "url_verification"}', JSON, "'challenge'"), (b'{"type": "block_suggestion"}', JSON, "unknown type"),
+    (b"\xff", FORM, "not form-encoded"),
+])
+def test_malformed_events_api_bodies_say_what_is_wrong(body, content_type, problem):
+    with pytest.raises(m.BadInput, match=problem):
+        m.parse_events_request(body, content_type)
+
+
 # -- link messages -------------------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ logs, counts and acknowledges, since Slack would only send it again.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -332,6 +333,46 @@ def command_fields(body: bytes) -> dict[str, Any]:
         return dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body)))
     except (UnicodeDecodeError, ValueError):
         raise BadInput("a slash command body that is not form-encoded UTF-8") from None
+
+
+@dataclass(frozen=True)
+class EventsRequest:
+    """What an Events API POST (its signature already checked) asks for.
+
+    ``kind`` is ``url_verification`` (answer ``challenge``), ``ssl_check``
+    (answer 200), ``app_rate_limited`` (Slack dropped events of ours: log it,
+    answer 200), ``event`` (``payload`` is the ``event_callback``) or
+    ``command`` (``payload`` is the slash command's fields).
+    """
+
+    kind: str
+    payload: dict[str, Any]
+    challenge: str = ""
+
+
+def parse_events_request(body: bytes, content_type: str) -> EventsRequest:
+    """Read an Events API request body: JSON for events, form-encoded for slash commands; ``BadInput`` otherwise."""
+    if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+        fields = command_fields(body)
+        if fields.get("ssl_check") == "1":
+            return EventsRequest("ssl_check", fields)
+        return EventsRequest("command", fields)
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        raise BadInput("an Events API body that is not JSON") from None
+    if not isinstance(payload, dict):
+        raise BadInput("an Events API body that is not a JSON object")
+    if payload.get("type") == "url_verification":
+        challenge = payload.get("challenge")
+        if not isinstance(challenge, str):
+            raise BadInput("a url_verification without a 'challenge' string")
+        return EventsRequest("url_verification", payload, challenge)
+    if payload.get("type") == "app_rate_limited":
+        return EventsRequest("app_rate_limited", payload)
+    if payload.get("type") != "event_callback":
+        raise BadInput(f"an Events API request of unknown type {payload.get('type')!r}")
+    return EventsRequest("event", payload)
 
 
 def command_message(payload: dict[str, Any], bridge: str, reply_prefix: str, *, users: Lookup = _no_name,
