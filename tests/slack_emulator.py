@@ -331,11 +331,7 @@ class SlackEmulator:
             if ws in self._sockets:
                 self._sockets.remove(ws)
             # Slack sends what was never acked again, on a connection that is still there.
-            for envelope in self._pending:
-                if envelope.sent_on is ws:
-                    envelope.sent_on = None
-                    envelope.retry_attempt += 1
-                    envelope.retry_reason = "timeout"
+            self._requeue("timeout", ws)
             self._changed()
             await self._flush()
         return ws
@@ -380,11 +376,17 @@ class SlackEmulator:
         return [envelope.envelope_id for envelope in self._pending]
 
     async def redeliver(self, reason: str = "timeout") -> None:
-        """Send every envelope not acked yet again, with ``retry_attempt`` raised (Slack's retry of a slow ack)."""
-        for envelope in self._pending:
-            envelope.sent_on, envelope.retry_reason = None, reason
-            envelope.retry_attempt += 1
+        """Send every envelope sent but not acked yet again, with ``retry_attempt`` raised (Slack's retry of a slow
+        ack)."""
+        self._requeue(reason)
         await self._flush()
+
+    def _requeue(self, reason: str, socket: web.WebSocketResponse | None = None) -> None:
+        """Envelopes sent (on ``socket``, or on any) and not acked go out again, as a retry."""
+        for envelope in self._pending:
+            if envelope.sent_on is not None and (socket is None or envelope.sent_on is socket):
+                envelope.sent_on, envelope.retry_reason = None, reason
+                envelope.retry_attempt += 1
 
     @property
     def connections(self) -> int:
@@ -404,11 +406,7 @@ class SlackEmulator:
         ws = self._sockets.pop()
         if ws in self._transports:
             self._transports[ws].pause_reading()
-        for envelope in self._pending:
-            if envelope.sent_on is ws:
-                envelope.sent_on = None
-                envelope.retry_attempt += 1
-                envelope.retry_reason = "timeout"
+        self._requeue("timeout", ws)
         self._changed()
 
     # -- the Events API ----------------------------------------------------------------------------------------
