@@ -296,6 +296,11 @@ def test_a_line_without_spaces_is_cut_hard_but_never_inside_an_entity():
     assert all(post.count("&") == post.count(";") for post in posts)
 
 
+def test_a_limit_too_small_for_an_entity_still_ends():
+    posts = m.split_text("&&", limit=3)
+    assert "".join(posts) == "&amp;&amp;" and all(len(post) <= 3 for post in posts)
+
+
 def test_blank_lines_alone_make_no_post():
     assert m.split_text("a\n\n\n", limit=1) == ["a"]
 

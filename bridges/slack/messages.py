@@ -156,9 +156,9 @@ def _cut_point(line: str, limit: int) -> int:
     if space > limit // 2:
         return space + 1
     amp = line.rfind("&", max(0, limit - 4), limit)
-    if amp != -1 and line.find(";", amp) >= limit:
+    if amp > 0 and line.find(";", amp) >= limit:
         return amp
-    return limit
+    return limit  # under 5 characters an entity cannot fit whole: it is cut
 
 
 # -- reply channels ------------------------------------------------------------------------------------------------
