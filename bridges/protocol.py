@@ -1,4 +1,5 @@
-"""What every bridge's ``messages.py`` shares, with no I/O: the shared keys, text from bytes, addresses, option checks.
+"""What every bridge's ``messages.py`` shares, with no I/O: the shared keys, text from bytes, addresses, option
+checks, the token bucket that paces what a bridge sends.
 
 This module owns the pieces that are the same in every protocol: the keys
 every ``*.receive`` message carries besides its protocol's own (``protocol``,
@@ -46,6 +47,38 @@ def describe_peer(address: Sequence[Any] | None) -> str:
         return "unix"
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- pacing what a bridge sends -----------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """Outgoing flood control: ``burst`` sends at once, then ``rate`` per second.
+
+    Servers disconnect clients (IRC's "excess flood") or refuse them (Slack's
+    429) when they send faster than they allow; a bucket lets a short answer
+    out at once and paces a long one. ``take`` may go into debt (lines the
+    bridge must send now, such as JOINs after a reconnect): the sends after
+    them wait until it is paid.
+    """
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def _refill(self, now: float) -> None:
+        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait(self, now: float) -> float:
+        """Seconds until a send may go (0: now)."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
+    def take(self, now: float) -> None:
+        self._refill(now)
+        self.tokens -= 1
 
 
 # -- scheme://host[:port] ------------------------------------------------------------------------------------------

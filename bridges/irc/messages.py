@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from crossroads.bridges.protocol import TokenBucket as TokenBucket  # the flood control, shared with Slack
 from crossroads.bridges.protocol import shared_keys, split_url
 
 PROTOCOL = "irc"
@@ -421,37 +422,6 @@ def sasl_plain(username: str, password: str) -> list[str]:
     if len(pieces[-1]) == 400:
         pieces.append("+")
     return pieces
-
-
-# -- the token bucket ------------------------------------------------------------------------------------------
-
-
-class TokenBucket:
-    """Outgoing flood control: ``burst`` lines at once, then ``rate`` lines per second.
-
-    Servers disconnect clients for "excess flood" when lines come faster than
-    they allow; a bucket lets a short answer out at once and paces a long one.
-    ``take`` may go into debt (lines the bridge must send now, such as JOINs
-    after a reconnect): the lines after them wait until it is paid.
-    """
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = float(burst)
-        self.stamp = now
-
-    def _refill(self, now: float) -> None:
-        self.tokens = min(float(self.burst), self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def wait(self, now: float) -> float:
-        """Seconds until a line may be sent (0: now)."""
-        self._refill(now)
-        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
-
-    def take(self, now: float) -> None:
-        self._refill(now)
-        self.tokens -= 1
 
 
 # -- who is where ----------------------------------------------------------------------------------------------
