@@ -429,3 +429,13 @@ def test_bad_options_name_their_key(options, key):
     with pytest.raises(OptionError) as failed:
         EmailBridge.validate_options({"domains": [DOMAIN], **options})
     assert failed.value.key == key
+
+
+def test_a_bounce_from_the_null_sender_is_taken_and_marked(run):
+    async def scenario():
+        async with serving() as bridge:
+            await in_thread(send, bridge, mail(sender="mailer-daemon@example.org"), sender="")
+            return await take(bridge.layer, "email.receive")
+
+    message = run(scenario())
+    assert message["from"] is None and message["auto"] == "bounce"

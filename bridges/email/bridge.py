@@ -149,7 +149,7 @@ class SmtpConnection(SMTP):
             self.bridge.refused_mail(self.peer_name, m.MailRefused(
                 552, "5.3.4", f"message too big: at most {self.data_size_limit} bytes", "oversized"))
             status = f"552 5.3.4 message too big: at most {self.data_size_limit} bytes"
-        elif text.startswith(("500 Line too long", "500 Error: strict ASCII")) or text.startswith("500 Error: ("):
+        elif text.startswith(("500 Line too long", "500 Error: strict ASCII")):
             self.bridge.bad_input(self.peer_name, text)
         await super().push(status)
 
@@ -297,6 +297,13 @@ class EmailBridge(ListeningBridge):
             self.unregister(forgotten)
         self.register(received.thread, received.local_id)
         return "250 2.0.0 OK: queued"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A failure of ours while serving a peer (aiosmtpd would answer 500 with the exception's text): logged and
+        counted, and a temporary answer, so the mail is retried rather than bounced."""
+        self.count("errors")
+        self.log.error("%s: serving an SMTP peer failed", self.label, exc_info=error)
+        return "451 4.3.0 local error, try again later"
 
     def _read(self, raw: bytes, mail_from: str, rcpt_tos: list[str], relay: str | None,
               login: str | None) -> m.Received:
