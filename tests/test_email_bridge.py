@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import smtplib
 import socket
 import ssl
@@ -20,7 +21,17 @@ from email import policy
 from email.message import EmailMessage
 
 import pytest
-from servers import RedisServer, running_in_process, take, wait_until_async, write_test_certificates
+from servers import (
+    RedisServer,
+    free_port,
+    running_in_process,
+    take,
+    wait_until,
+    wait_until_async,
+    write_test_certificates,
+)
+from test_cli import write_config
+from test_daemons import Daemon
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
@@ -302,30 +313,42 @@ def test_a_full_channel_answers_451(run):
     assert refused.smtp_code == 451 and message["subject"] == "two"
 
 
+def start_data(port: int) -> tuple[socket.socket, object]:
+    """A raw SMTP session on ``port`` in the middle of DATA: half a mail sent, the final dot not yet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reader = sock.makefile("rb")
+    replies = [reader.readline()]
+    for command in (b"EHLO client.example", b"MAIL FROM:<ann@example.org>", f"RCPT TO:<lobby@{DOMAIN}>".encode(),
+                    b"DATA"):
+        sock.sendall(command + b"\r\n")
+        while True:
+            line = reader.readline()
+            replies.append(line)
+            if line[3:4] != b"-":
+                break
+    assert replies[-1].startswith(b"354"), replies
+    sock.sendall(b"Subject: half\r\n\r\nthe first half\r\n")
+    return sock, reader
+
+
+def finish_data(sock: socket.socket, reader) -> tuple[bytes, bytes]:
+    """The rest of the mail and its dot; the answer to it, and the line after (421, or the end of the stream)."""
+    sock.sendall(b"and the rest\r\n.\r\n")
+    answer = reader.readline()
+    rest = reader.readline()
+    sock.close()
+    return answer, rest
+
+
+def accepts_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
 def test_stopping_mid_data_answers_451(run):
-    def start_data(port):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        reader = sock.makefile("rb")
-        replies = [reader.readline()]
-        for command in (b"EHLO client.example", b"MAIL FROM:<ann@example.org>", f"RCPT TO:<lobby@{DOMAIN}>".encode(),
-                        b"DATA"):
-            sock.sendall(command + b"\r\n")
-            while True:
-                line = reader.readline()
-                replies.append(line)
-                if line[3:4] != b"-":
-                    break
-        assert replies[-1].startswith(b"354"), replies
-        sock.sendall(b"Subject: half\r\n\r\nthe first half\r\n")
-        return sock, reader
-
-    def finish_data(sock, reader):
-        sock.sendall(b"and the rest\r\n.\r\n")
-        answer = reader.readline()
-        rest = reader.readline()  # then the bridge closes: 421, or the end of the stream
-        sock.close()
-        return answer, rest
-
     async def scenario():
         bridge = EmailBridge("mail", {"port": 0, "domains": [DOMAIN]}, layer.from_url("memory://"))
         await bridge.start()
@@ -342,6 +365,35 @@ def test_stopping_mid_data_answers_451(run):
     assert answer.startswith(b"451 4.3.0"), answer
     assert rest in (b"", b"421 4.3.2 the gateway is shutting down, try again later\r\n")
     assert got is None
+
+
+def test_sigterm_mid_data_answers_451_and_the_daemon_exits_cleanly(tmp_path, redis_server, daemons):
+    """`crossroads bridge mail` as a user runs it, over Redis: SIGTERM while a mail is half sent."""
+    port = free_port()
+    config = str(write_config(tmp_path, f"""[layer]
+url = "{redis_server.url}"
+prefix = "email-sigterm"
+
+[bridges.mail]
+type = "email"
+port = {port}
+domains = ["{DOMAIN}"]
+"""))
+    bridge = Daemon(tmp_path, "bridge", "bridge", "mail", "--config", config)
+    daemons.append(bridge)
+    bridge.wait_ready()
+    sock, reader = start_data(port)
+    bridge.process.send_signal(signal.SIGTERM)
+    assert bridge.notify.recv(100) == b"STOPPING=1"
+    wait_until(lambda: not accepts_connections(port), "the bridge to stop listening (it stops accepting mail first)")
+    answer, _ = finish_data(sock, reader)
+    assert bridge.process.wait(30) == 0, bridge.log()
+    assert answer.startswith(b"451 4.3.0"), (answer, bridge.log())
+    redis_layer = layer.from_url(redis_server.url, prefix="email-sigterm")
+    try:
+        assert redis_layer.sync.receive(["email.receive"], timeout=0) == (None, None)
+    finally:
+        redis_layer.sync.close()
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
@@ -439,3 +491,23 @@ def test_a_bounce_from_the_null_sender_is_taken_and_marked(run):
 
     message = run(scenario())
     assert message["from"] is None and message["auto"] == "bounce"
+
+
+def test_it_serves_on_a_unix_socket(run, tmp_path):
+    path = str(tmp_path / "smtp.sock")
+
+    def greeting_and_quit():
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            reader = sock.makefile("rb")
+            greeting = reader.readline()
+            sock.sendall(b"QUIT\r\n")
+            return greeting, reader.readline()
+
+    async def scenario():
+        async with serving({"unix_socket": path}) as bridge:
+            return bridge.port, await in_thread(greeting_and_quit)
+
+    port, (greeting, bye) = run(scenario())
+    assert port is None and greeting.startswith(b"220 chat.example") and bye.startswith(b"221")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import logging
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
@@ -46,6 +47,20 @@ STOPPING = "421 4.3.2 the gateway is shutting down, try again later"
 BUSY = "421 4.7.0 too many connections, try again later"
 _HEADROOM = 16384  # bytes of a layer message kept for its keys and msgpack's framing
 _CLOSE_WAIT = 5.0  # close_protocol() lets transactions in DATA finish (with 451) this long
+
+
+def _not_login_data_deprecation(record: logging.LogRecord) -> bool:
+    return "login_data is deprecated" not in record.getMessage()
+
+
+def _quiet_aiosmtpd() -> None:
+    """aiosmtpd logs every command and address at INFO (``mail.log``) and a deprecation warning on every AUTH
+    (its own code sets ``Session.login_data``): keep its warnings and errors, and our own lines say the rest."""
+    aiosmtpd_log = logging.getLogger("mail.log")
+    if aiosmtpd_log.level < logging.WARNING:
+        aiosmtpd_log.setLevel(logging.WARNING)
+    if _not_login_data_deprecation not in aiosmtpd_log.filters:
+        aiosmtpd_log.addFilter(_not_login_data_deprecation)
 
 
 def _network(entry: Any) -> str | None:
@@ -231,6 +246,7 @@ class EmailBridge(ListeningBridge):
     # -- the server --
 
     async def open_protocol(self) -> None:
+        _quiet_aiosmtpd()
         if uses_tls(self.options):
             self.tls_context = server_ssl_context(self.options)
         implicit = self.tls_context if self.options["tls"] == "implicit" else None
