@@ -238,6 +238,27 @@ def test_auth_is_refused_before_tls_and_accepted_after_starttls(run, certificate
     assert message["authenticated"]["smtp_auth"] == "ann"
 
 
+def test_require_starttls_refuses_mail_before_tls(run, certificates):
+    options = {"tls_cert": certificates["cert"], "tls_key": certificates["key"], "require_starttls": True}
+    context = ssl.create_default_context(cafile=certificates["ca"])
+
+    def session(bridge):
+        with client(bridge) as smtp:
+            smtp.ehlo()
+            before = smtp.mail("ann@example.org")
+            smtp.starttls(context=context)
+            smtp.ehlo()
+            return before, smtp.sendmail("ann@example.org", [f"lobby@{DOMAIN}"], mail())
+
+    async def scenario():
+        async with serving(options) as bridge:
+            result = await in_thread(session, bridge)
+            return result, await take(bridge.layer, "email.receive")
+
+    (before, refused), message = run(scenario())
+    assert before[0] == 530 and refused == {} and message["subject"] == "Hello"
+
+
 def test_implicit_tls_serves_smtps(run, certificates):
     options = {"tls": "implicit", "tls_cert": certificates["cert"], "tls_key": certificates["key"]}
     context = ssl.create_default_context(cafile=certificates["ca"])

@@ -115,7 +115,7 @@ class SmtpConnection(SMTP):
             auth_exclude_mechanism=[] if bridge.users else ["LOGIN", "PLAIN"],  # no users: AUTH not offered
             authenticator=bridge.authenticate, loop=asyncio.get_running_loop(),
         )
-        self.in_data = False
+        self.in_data: asyncio.Future | None = None  # while a DATA is read and answered: done when it is
         self.turned_away = False
         self.closed = asyncio.get_running_loop().create_future()
         self.peer_name = "?"
@@ -151,19 +151,21 @@ class SmtpConnection(SMTP):
         return None if self.turned_away else super().eof_received()
 
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's name)
-        self.in_data = True
+        self.in_data = asyncio.get_running_loop().create_future()
         try:
             await super().smtp_DATA(arg)
         finally:
-            self.in_data = False
+            self.in_data.set_result(None)
+            self.in_data = None
 
     async def push(self, status: str | bytes) -> None:
         """aiosmtpd answers some bad input itself; count it, and say it with RFC 3463 codes where ours differ."""
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
         if text.startswith("552 Error"):  # over max_message_size: at MAIL (SIZE=) or after DATA
-            self.bridge.refused_mail(self.peer_name, m.MailRefused(
-                552, "5.3.4", f"message too big: at most {self.data_size_limit} bytes", "oversized"))
-            status = f"552 5.3.4 message too big: at most {self.data_size_limit} bytes"
+            refusal = m.MailRefused(552, "5.3.4", f"message too big: at most {self.data_size_limit} bytes",
+                                    "oversized")
+            self.bridge.refused_mail(self.peer_name, refusal)
+            status = refusal.smtp_reply
         elif text.startswith(("500 Line too long", "500 Error: strict ASCII")):
             self.bridge.bad_input(self.peer_name, text)
         await super().push(status)
@@ -260,7 +262,7 @@ class EmailBridge(ListeningBridge):
             self.server.close()
 
     async def close_protocol(self) -> None:
-        busy = [c.closed for c in self.connections if c.in_data]
+        busy = [c.in_data for c in self.connections if c.in_data is not None]
         if busy:  # let each transaction in DATA end with its 451 rather than a cut connection
             await asyncio.wait(busy, timeout=_CLOSE_WAIT)
         connections = list(self.connections)
@@ -303,10 +305,10 @@ class EmailBridge(ListeningBridge):
             return exc.smtp_reply
         try:
             stored = await self.send_to_layer(m.RECEIVE, received.message)
-        except MessageTooLarge:
-            self.refused_mail(server.peer_name, m.MailRefused(552, "5.3.4", "message too big for the channel layer "
-                                                                            "once decoded", "oversized"))
-            return "552 5.3.4 message too big for the channel layer once decoded"
+        except MessageTooLarge:  # receive_message kept within the budget; the layer's own count is the last word
+            refusal = m.MailRefused(552, "5.3.4", "message too big for the channel layer once decoded", "oversized")
+            self.refused_mail(server.peer_name, refusal)
+            return refusal.smtp_reply
         if not stored:  # full or unreachable: the sender keeps the mail and retries
             return TRY_LATER
         for forgotten in self.threads.remember(received.local_id, received.thread):
