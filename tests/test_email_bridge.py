@@ -451,6 +451,24 @@ def test_mime_bombs_are_refused_and_the_bridge_keeps_serving(run):
     assert counters["bad_input"] == 3 and counters["errors"] == 0
 
 
+def test_syntax_errors_are_answered_counted_and_the_session_goes_on(run):
+    def session(bridge):
+        with client(bridge) as smtp:
+            smtp.ehlo()
+            answers = [smtp.docmd("MAIL", "FROM:"), smtp.docmd("FROBNICATE"),
+                       smtp.docmd("MAIL", "FROM:<ann@example.org> COLOR=blue")]
+            return answers, smtp.sendmail("ann@example.org", [f"lobby@{DOMAIN}"], mail())
+
+    async def scenario():
+        async with serving() as bridge:
+            result = await in_thread(session, bridge)
+            return bridge, result, await take(bridge.layer, "email.receive")
+
+    bridge, (answers, refused), message = run(scenario())
+    assert [code for code, _ in answers] == [501, 500, 555]
+    assert bridge.counters["bad_input"] == 3 and refused == {} and message["subject"] == "Hello"
+
+
 def test_bad_charsets_are_read_and_flagged(run):
     raw = (b"From: ann@example.org\r\nSubject: =?x-unknown?q?odd?=\r\n"
            b"Content-Type: text/plain; charset=x-unknown-charset\r\n\r\ncaf\xc3\xa9 and \xff\r\n")

@@ -46,6 +46,7 @@ TRY_LATER = "451 4.3.0 the gateway cannot take mail right now, try again later"
 STOPPING = "421 4.3.2 the gateway is shutting down, try again later"
 BUSY = "421 4.7.0 too many connections, try again later"
 _HEADROOM = 16384  # bytes of a layer message kept for its keys and msgpack's framing
+_SYNTAX_ERRORS = ("500", "501", "553", "555")  # unknown command or line too long, bad arguments, bad address
 _CLOSE_WAIT = 5.0  # close_protocol() lets transactions in DATA finish (with 451) this long
 
 
@@ -166,7 +167,7 @@ class SmtpConnection(SMTP):
                                     "oversized")
             self.bridge.refused_mail(self.peer_name, refusal)
             status = refusal.smtp_reply
-        elif text.startswith(("500 Line too long", "500 Error: strict ASCII")):
+        elif text[:3] in _SYNTAX_ERRORS:  # aiosmtpd's own (ours, 550/552/554/535, are counted where they are made)
             self.bridge.bad_input(self.peer_name, text)
         await super().push(status)
 
