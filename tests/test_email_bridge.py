@@ -550,3 +550,31 @@ def test_it_serves_on_a_unix_socket(run, tmp_path):
 
     port, (greeting, bye) = run(scenario())
     assert port is None and greeting.startswith(b"220 chat.example") and bye.startswith(b"221")
+
+
+def test_an_idle_connection_is_closed(run):
+    def wait_for_close(bridge):
+        with socket.create_connection(("127.0.0.1", bridge.port), timeout=20) as sock:
+            reader = sock.makefile("rb")
+            greeting = reader.readline()
+            return greeting, reader.readline()  # b"" once the server closes it
+
+    async def scenario():
+        async with serving({"idle_timeout": 0.2}) as bridge:
+            return await in_thread(wait_for_close, bridge)
+
+    greeting, after = run(scenario())
+    assert greeting.startswith(b"220") and after == b""
+
+
+def test_a_reply_is_counted_and_dropped_until_sending_exists(run):
+    async def scenario():
+        async with serving() as bridge:
+            await in_thread(send, bridge, mail())
+            message = await take(bridge.layer, "email.receive")
+            await bridge.layer.send(message["reply_channel"], {"text": "thanks"})
+            await wait_until_async(lambda: bridge.counters.get("replies_not_sent") == 1, "the reply to be handled")
+            return bridge
+
+    bridge = run(scenario())
+    assert bridge.counters["dropped"] == 1 and bridge.counters["unknown_replies"] == 0
