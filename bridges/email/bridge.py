@@ -341,7 +341,9 @@ class EmailBridge(ListeningBridge):
             address = ipaddress.ip_address(host) if host else None
         except ValueError:
             return None
-        return host if address is not None and any(address in network for network in self.relays) else None
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:  # a dual-stack listener's IPv4 peer
+            address = address.ipv4_mapped
+        return str(address) if address is not None and any(address in network for network in self.relays) else None
 
     def refused_mail(self, peer: str, refusal: m.MailRefused) -> None:
         self.count(refusal.counter)
