@@ -267,6 +267,7 @@ def test_implicit_tls_serves_smtps(run, certificates):
         with smtplib.SMTP_SSL("127.0.0.1", bridge.port, context=context, timeout=10) as smtp:
             smtp.ehlo()
             assert not smtp.has_extn("starttls")
+            assert not smtp.has_extn("auth")  # no auth_users: no AUTH line, not an empty one
             return smtp.sendmail("ann@example.org", [f"lobby@{DOMAIN}"], mail())
 
     async def scenario():

@@ -279,6 +279,12 @@ class EmailBridge(ListeningBridge):
 
     # -- aiosmtpd's handler hooks (SMTP calls them with itself, the session and the envelope) --
 
+    async def handle_EHLO(self, server: SmtpConnection, session: Any, envelope: Any, hostname: str,  # noqa: N802
+                          responses: list[str]) -> list[str]:
+        """aiosmtpd's EHLO answer, without the empty ``AUTH`` line it writes when no mechanism is offered."""
+        session.host_name = hostname
+        return [line for line in responses if line.rstrip() != "250-AUTH"]
+
     async def handle_RCPT(self, server: SmtpConnection, session: Any, envelope: Any, address: str,  # noqa: N802
                           rcpt_options: list[str]) -> str:
         if address.lower() not in self.recipients and address.rpartition("@")[2].lower() not in self.domains:
