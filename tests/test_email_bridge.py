@@ -26,12 +26,13 @@ from servers import (
     free_port,
     running_in_process,
     take,
+    wait_for_port,
     wait_until,
     wait_until_async,
     write_test_certificates,
 )
 from test_cli import write_config
-from test_daemons import Daemon
+from test_daemons import Daemon, socket_activated
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
@@ -389,18 +390,22 @@ def test_stopping_mid_data_answers_451(run):
     assert got is None
 
 
-def test_sigterm_mid_data_answers_451_and_the_daemon_exits_cleanly(tmp_path, redis_server, daemons):
-    """`crossroads bridge mail` as a user runs it, over Redis: SIGTERM while a mail is half sent."""
-    port = free_port()
-    config = str(write_config(tmp_path, f"""[layer]
+def daemon_config(tmp_path, redis_server, prefix: str, listening: str) -> str:
+    return str(write_config(tmp_path, f"""[layer]
 url = "{redis_server.url}"
-prefix = "email-sigterm"
+prefix = "{prefix}"
 
 [bridges.mail]
 type = "email"
-port = {port}
+{listening}
 domains = ["{DOMAIN}"]
 """))
+
+
+def test_sigterm_mid_data_answers_451_and_the_daemon_exits_cleanly(tmp_path, redis_server, daemons):
+    """`crossroads bridge mail` as a user runs it, over Redis: SIGTERM while a mail is half sent."""
+    port = free_port()
+    config = daemon_config(tmp_path, redis_server, "email-sigterm", f"port = {port}")
     bridge = Daemon(tmp_path, "bridge", "bridge", "mail", "--config", config)
     daemons.append(bridge)
     bridge.wait_ready()
@@ -579,3 +584,23 @@ def test_a_reply_is_counted_and_dropped_until_sending_exists(run):
 
     bridge = run(scenario())
     assert bridge.counters["dropped"] == 1 and bridge.counters["unknown_replies"] == 0
+
+
+def test_systemd_socket_activation(tmp_path, redis_server):
+    """systemd-socket-activate holds port 25's stand-in and passes it, named, to `crossroads bridge mail`."""
+    port = free_port()
+    config = daemon_config(tmp_path, redis_server, "email-activated", 'systemd_socket = "smtp"')
+    bridge = socket_activated(f"127.0.0.1:{port}", "smtp", "bridge", "mail", "--config", config)
+    redis_layer = layer.from_url(redis_server.url, prefix="email-activated")
+    try:
+        wait_for_port(port, bridge)  # the port is open before the bridge runs: systemd's point
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            assert smtp.sendmail("ann@example.org", [f"lobby@{DOMAIN}"], mail()) == {}
+        got, message = redis_layer.sync.receive(["email.receive"], timeout=10)
+        assert got == "email.receive" and message["subject"] == "Hello"
+        bridge.terminate()
+        assert bridge.wait(30) == 0, bridge.communicate(timeout=5)[0]
+    finally:
+        if bridge.poll() is None:
+            bridge.kill()
+        redis_layer.sync.close()
