@@ -604,3 +604,15 @@ def test_systemd_socket_activation(tmp_path, redis_server):
         if bridge.poll() is None:
             bridge.kill()
         redis_layer.sync.close()
+
+
+def test_an_unreadable_certificate_fails_the_start_naming_the_option(run, tmp_path, certificates):
+    bridge = EmailBridge("mail", {"port": 0, "domains": [DOMAIN], "tls_cert": str(tmp_path / "missing.pem"),
+                                  "tls_key": certificates["key"]}, layer.from_url("memory://"))
+    with pytest.raises(OptionError) as failed:
+        run(bridge.start())
+    assert failed.value.key == "tls_cert" and "missing.pem" in str(failed.value)
+    with pytest.raises(OptionError) as mismatched:  # a key that is not the certificate's
+        run(EmailBridge("mail", {"port": 0, "domains": [DOMAIN], "tls_cert": certificates["ca"],
+                                 "tls_key": certificates["key"]}, layer.from_url("memory://")).start())
+    assert mismatched.value.key == "tls_key"
