@@ -1,17 +1,20 @@
-"""How a bridge that waits for clients listens (HTTP and WebSocket now; the SMTP and Slack Events listeners later).
+"""How a bridge that waits for clients listens (HTTP, WebSocket and SMTP now; the Slack Events listener later).
 
 Owns the listening options every such bridge declares (``listen_options``:
 host and port, a Unix socket, a socket passed by systemd, TLS, the backlog),
 their checks and errors (``ListeningBridge.validate_options``, so
 ``crossroads check`` reports them too), opening the listening socket
-(``listen``) and naming its peers' addresses. It must not know any protocol: a
-bridge hands ``listen`` its Twisted factory and gets the listening port back.
+(``listen`` for a Twisted factory, ``listen_asyncio`` for an asyncio protocol
+factory such as aiosmtpd's) and naming its peers' addresses. It must not know
+any protocol: a bridge hands it its factory and gets the listening port back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import ssl
 import stat
 from typing import Any
 
@@ -84,10 +87,62 @@ async def listen(factory: Any, options: dict[str, Any]) -> Any:
         return await as_future(inherited_endpoint(reactor, options["systemd_socket"]).listen(factory))
     path = options["unix_socket"]
     if path:
-        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # left by a previous run; binding would fail with "address in use"
+        _remove_stale_socket(path)
         return reactor.listenUNIX(path, factory, backlog=options["backlog"])
     return reactor.listenTCP(options["port"], factory, backlog=options["backlog"], interface=options["host"])
+
+
+async def listen_asyncio(protocol_factory: Any, options: dict[str, Any],
+                         tls: ssl.SSLContext | None = None) -> asyncio.Server:
+    """``listen`` for an asyncio protocol factory (aiosmtpd's ``SMTP``), on the reactor's own loop.
+
+    The same options in the same precedence; ``tls`` (from ``server_ssl_context``)
+    wraps every connection from its first byte. A protocol that upgrades later
+    (SMTP's STARTTLS) gets the context itself and passes no ``tls`` here.
+    ``OSError`` when the port is taken.
+    """
+    loop = asyncio.get_running_loop()
+    backlog = options["backlog"]
+    if options["systemd_socket"]:
+        endpoint = inherited_endpoint(get_reactor(), options["systemd_socket"])
+        sock = socket.socket(endpoint.addressFamily, socket.SOCK_STREAM, fileno=os.dup(endpoint.fileno))
+        return await loop.create_server(protocol_factory, sock=sock, ssl=tls, backlog=backlog)
+    path = options["unix_socket"]
+    if path:
+        _remove_stale_socket(path)
+        return await loop.create_unix_server(protocol_factory, path, ssl=tls, backlog=backlog)
+    return await loop.create_server(protocol_factory, options["host"], options["port"], ssl=tls, backlog=backlog)
+
+
+def _remove_stale_socket(path: str) -> None:
+    if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+        os.unlink(path)  # left by a previous run; binding would fail with "address in use"
+
+
+def server_ssl_context(options: dict[str, Any]) -> ssl.SSLContext:
+    """The standard library's server TLS context from ``tls_cert``/``tls_key`` (asyncio protocols need it, not
+    pyOpenSSL's): the same files and rules as ``TlsContext``, TLS 1.2 the oldest; ``OptionError`` naming the option."""
+    _check_readable(options["tls_cert"], options["tls_key"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(options["tls_cert"], options["tls_key"])
+    except (ssl.SSLError, ValueError) as exc:
+        raise OptionError("tls_key", f"{options['tls_cert']!r} and {options['tls_key']!r} are not a PEM certificate "
+                                     f"(chain) and its private key ({exc})") from None
+    return context
+
+
+def _check_readable(cert_path: str, key_path: str) -> None:
+    for key, path in (("tls_cert", cert_path), ("tls_key", key_path)):
+        if not os.access(path, os.R_OK):
+            raise OptionError(key, f"cannot read {path!r}: no such file, or not readable")
+
+
+def asyncio_tcp_port(server: asyncio.Server) -> int | None:
+    """``tcp_port`` of an ``asyncio.Server``: the TCP port it took, None on a Unix socket."""
+    address = server.sockets[0].getsockname() if server.sockets else None
+    return address[1] if isinstance(address, tuple) else None
 
 
 def tcp_port(listening: Any) -> int | None:
@@ -118,9 +173,7 @@ class TlsContext:
     def __init__(self, cert_path: str, key_path: str) -> None:
         from OpenSSL import SSL  # pyOpenSSL: imported only when TLS is asked for
 
-        for key, path in (("tls_cert", cert_path), ("tls_key", key_path)):
-            if not os.access(path, os.R_OK):
-                raise OptionError(key, f"cannot read {path!r}: no such file, or not readable")
+        _check_readable(cert_path, key_path)
         try:
             context = SSL.Context(SSL.TLS_SERVER_METHOD)
             context.set_min_proto_version(SSL.TLS1_2_VERSION)

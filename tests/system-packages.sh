@@ -12,6 +12,7 @@ declare -A NEEDED=(
   [mosquitto]=mosquitto
   [mosquitto_pub]=mosquitto-clients
   [ngircd]=ngircd
+  [swaks]=swaks
 )
 
 missing=()

@@ -28,7 +28,7 @@ def check_example(tmp_path: Path, example: str) -> subprocess.CompletedProcess:
     credentials.mkdir()
     environ["CREDENTIALS_DIRECTORY"] = str(credentials)
     for name in re.findall(r"\$\{credential:([^}]+)\}", example):
-        (credentials / name).write_text("stand-in")
+        (credentials / name).write_text("stand-in:stand-in")  # a secret, and a user:password line (auth_users)
     for app in re.findall(r'^app = "([\w.]+):(\w+)"', example, re.MULTILINE):
         # the user's router, in the module the example names, next to the config: it answers the requests
         # peers wait on (a table without them is warned about, rightly)
@@ -44,7 +44,7 @@ def check_example(tmp_path: Path, example: str) -> subprocess.CompletedProcess:
 
 
 PAGES = ["configuration.md", "running.md", "chat.md", "spec/http.md", "spec/websocket.md", "spec/mqtt.md",
-         "spec/irc.md"]
+         "spec/irc.md", "spec/email.md"]
 
 
 @pytest.mark.parametrize("example", [example for page in PAGES for example in toml_examples(page)])

@@ -587,10 +587,10 @@ def test_mail_without_ids_threads_by_sender_and_subject():
 def test_thread_memory_is_an_lru_with_a_cap():
     memory = m.ThreadMemory(limit=2)
     thread = receive(GMAIL_REPLY).thread
-    assert memory.remember("t.a", thread) == 0 and memory.remember("t.b", thread) == 0
+    assert memory.remember("t.a", thread) == [] and memory.remember("t.b", thread) == []
     assert memory.get("t.a") is thread  # a read does not refresh: the latest *received* mail does
-    assert memory.remember("t.a", thread) == 0  # heard from again: now the most recent
-    assert memory.remember("t.c", thread) == 1
+    assert memory.remember("t.a", thread) == []  # heard from again: now the most recent
+    assert memory.remember("t.c", thread) == ["t.b"]
     assert memory.get("t.b") is None and memory.get("t.a") is thread and len(memory) == 2
 
 

@@ -727,14 +727,14 @@ class ThreadMemory:
     def __len__(self) -> int:
         return len(self._threads)
 
-    def remember(self, local_id: str, thread: Thread) -> int:
-        """Keep ``thread`` as the latest of ``local_id``; returns how many threads were forgotten to make room."""
+    def remember(self, local_id: str, thread: Thread) -> list[str]:
+        """Keep ``thread`` as the latest of ``local_id``; returns the local ids forgotten to make room (the bridge
+        stops routing their replies)."""
         self._threads.pop(local_id, None)
         self._threads[local_id] = thread
-        forgotten = 0
+        forgotten = []
         while len(self._threads) > self.limit:
-            self._threads.popitem(last=False)
-            forgotten += 1
+            forgotten.append(self._threads.popitem(last=False)[0])
         return forgotten
 
     def get(self, local_id: str) -> Thread | None:
