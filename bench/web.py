@@ -330,8 +330,10 @@ def run_idle(servers: Servers, config: Config) -> dict[str, Any]:
     opened = sum(r["opened"] for r in results)
     grown = sum(after.values()) - sum(before.values())
     return {"connections": opened, "open_seconds": max(r["seconds"] for r in ready),
+            "handshakes_failed": sum(r.get("failed", 0) for r in ready),
+            "failure": next((r["failure"] for r in ready if r.get("failure")), ""),
             "closed_by_server": sum(r["closed_by_server"] for r in results),
-            "rss_before": before, "rss_after": after, "bytes_per_connection": grown / opened}
+            "rss_before": before, "rss_after": after, "bytes_per_connection": grown / max(opened, 1)}
 
 
 def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
@@ -359,8 +361,10 @@ def measure(setups: list[Setup], redis: BenchRedis, config: Config, wrk_binary: 
             # scenarios their heap would already hold room for those sockets, and the growth would read low.
             for setup, s in servers.items():
                 rows[setup]["idle"] = idle = run_idle(s, config)
+                failed = f", {idle['handshakes_failed']:,} handshakes failed ({idle['failure'][:80]})" \
+                    if idle["handshakes_failed"] else ""
                 print(f"  idle {idle['connections']:,} sockets: {idle['bytes_per_connection'] / 1024:5.1f} KiB each "
-                      f"(opened in {idle['open_seconds']:.1f} s)  {setup.label}", flush=True)
+                      f"(opened in {idle['open_seconds']:.1f} s{failed})  {setup.label}", flush=True)
                 wait_quiet(s)
             for s in servers.values():
                 wrk(wrk_binary, f"http://127.0.0.1:{s.http_port}/", 1)  # warm-up (wrk takes whole seconds)
@@ -551,13 +555,13 @@ def broadcast_table(results: dict[str, Any]) -> str:
 
 def idle_table(results: dict[str, Any]) -> str:
     lines = ["| server | sockets open | KiB per socket | RSS before → after, MiB (per process) | opened in s "
-             "| closed by the server |", "|---|--:|--:|--:|--:|--:|"]
+             "| closed by the server | handshakes failed |", "|---|--:|--:|--:|--:|--:|--:|"]
     for row in main_rows(results):
         i = row["idle"]
         rss = ", ".join(f"{name} {i['rss_before'][name] / 2**20:.0f} → {i['rss_after'][name] / 2**20:.0f}"
                         for name in i["rss_before"])
         lines.append(f"| {row['label']} | {i['connections']:,} | {i['bytes_per_connection'] / 1024:.1f} | {rss} "
-                     f"| {i['open_seconds']:.1f} | {i['closed_by_server']} |")
+                     f"| {i['open_seconds']:.1f} | {i['closed_by_server']} | {i.get('handshakes_failed', 0):,} |")
     return "\n".join(lines)
 
 
