@@ -120,7 +120,7 @@ def split_url(url: str, default_ports: Mapping[str, int], *, shape: str) -> Url:
 
 # -- option checks -------------------------------------------------------------------------------------------------
 # Each takes the value after its type was checked and returns the problem in words, or None; ``Option`` (in
-# bridges.base) adds the key and the value to the message.
+# bridges/options.py) adds the key and the value to the message.
 
 
 def positive(value: float) -> str | None:
