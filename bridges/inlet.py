@@ -91,23 +91,29 @@ class Inlet:
         try:
             while queue:
                 channel = queue[0][0]
+                limit = 1 if channel in self.persistent else size  # persistent: each waits for room on its own
                 entries: list[tuple[Any, dict]] = []
-                while queue and len(entries) < size and queue[0][0] == channel:
+                while queue and queue[0][0] == channel:
                     item = queue.popleft()[1]
                     message = item if build is None else build(channel, item)
                     if message is not None:
                         entries.append((item, message))
-                    if channel in self.persistent:
-                        break  # one at a time: each waits for room on its own
+                        if len(entries) >= limit:
+                            break
                 if not entries:
                     continue
                 taken, oversized = await self._send(channel, entries)
-                if self.stored is not None:
-                    for index, (item, message) in enumerate(entries[:taken]):
-                        if index not in oversized:
-                            self.stored(channel, item, message)
+                stored = self.stored
+                if stored is not None:
+                    if oversized:
+                        for index, (item, message) in enumerate(entries[:taken]):
+                            if index not in oversized:
+                                stored(channel, item, message)
+                    else:  # the usual case, once per message: no index to look up
+                        for item, message in entries[:taken] if taken < len(entries) else entries:
+                            stored(channel, item, message)
                 held = entries[taken:]
-                if self.refused is not None:
+                if held and self.refused is not None:
                     for item, _ in held:
                         self.refused(channel, item)
                 size = min(self.batch, size * 2) if not held else max(1, taken)

@@ -8,6 +8,7 @@ import pytest
 
 from crossroads.bridges.base import _LOCAL_ID_RE
 from crossroads.bridges.mqtt import messages as m
+from crossroads.bridges.protocol import shared_keys, text_of
 
 # -- the broker and the options ----------------------------------------------------------------------------
 
@@ -167,6 +168,15 @@ def test_receive_message_has_every_key():
                        "retain": True, "dup": False, "mid": 7, "session": "crossroads-b",
                        "properties": {"content_type": "text/plain"}, "protocol": "mqtt", "sender": "lobby",
                        "room": "chat/lobby", "text": "hi"}
+
+
+def test_receive_message_shared_keys_are_protocol_shared_keys():
+    # receive_message writes the shared keys out (it is the hottest path); they must stay shared_keys' own.
+    for payload in (b"hi", b"\xff"):
+        message = m.receive_message(incoming("devices/d1", payload=payload), reply_channel="c!1", session="s",
+                                    sender="d1")
+        expected = shared_keys("mqtt", "d1", "devices/d1", text_of(payload))
+        assert {key: message[key] for key in expected} == expected
 
 
 @pytest.mark.parametrize("payload, text", [(b"", ""), ("é".encode(), "é"), (b"\xff", None), (b"\xc3\x28", None),

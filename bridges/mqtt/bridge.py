@@ -599,10 +599,14 @@ class MqttBridge(Bridge):
         generation, incoming = item
         if incoming.qos and self.persistent and generation != self.generation:
             return None  # its socket is gone unacknowledged: the broker sends it again
-        return self._receive_message(incoming)
+        options = self.options
+        return m.receive_message(incoming, reply_channel=self._reply_channel_of(incoming), session=self.client_id,
+                                 sender=m.sender_of(incoming, options["sender_property"], options["sender_level"]))
 
     def _inbound_stored(self, channel: str, item: tuple[int, m.Incoming], message: dict) -> None:
-        self._ack(item[0], item[1].mid, item[1].qos)
+        incoming = item[1]
+        if incoming.qos:  # once per message: QoS 0 has nothing to acknowledge, so no call for it
+            self._ack(item[0], incoming.mid, incoming.qos)
 
     def _inbound_held(self, channel: str, item: tuple[int, m.Incoming]) -> None:
         # A layer that went down may have stored it before failing to say so: the next attempt of a QoS 1/2
@@ -628,12 +632,6 @@ class MqttBridge(Bridge):
             get_reactor().addReader(self.watcher)
             # TLS may hold decrypted bytes the file descriptor will not signal: read now rather than wait.
             get_reactor().callLater(0, self._readable, self.watcher)
-
-    def _receive_message(self, incoming: m.Incoming) -> dict[str, Any]:
-        reply_channel = self._reply_channel_of(incoming)
-        options = self.options
-        return m.receive_message(incoming, reply_channel=reply_channel, session=self.client_id,
-                                 sender=m.sender_of(incoming, options["sender_property"], options["sender_level"]))
 
     def _reply_channel_of(self, incoming: m.Incoming) -> str:
         """The reply channel of a message: one per topic, or one per request with an MQTT 5 response topic.
