@@ -1,5 +1,5 @@
 """What every bridge's ``messages.py`` shares, with no I/O: the shared keys, text from bytes, addresses, option
-checks, the token bucket that paces what a bridge sends.
+checks, the token bucket that paces what a bridge sends and the fair queue that orders it.
 
 This module owns the pieces that are the same in every protocol: the keys
 every ``*.receive`` message carries besides its protocol's own (``protocol``,
@@ -13,6 +13,7 @@ passed in by the caller, never copied here.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,67 @@ class TokenBucket:
     def take(self, now: float) -> None:
         self._refill(now)
         self.tokens -= 1
+
+
+class FairQueue:
+    """What waits to be sent, one queue per target (an IRC channel, a nick), taken round robin.
+
+    One FIFO for everything lets one loud target (a 500-line reply to one
+    channel, paced at the server's flood rate) hold every other target's lines
+    for minutes. Taking one item per target in turn keeps each target's order
+    and the overall rate (the caller still paces every ``take`` through its
+    bucket), while a quiet target waits for at most one item of each busy one.
+    ``put`` refuses past ``per_target`` waiting for that target or ``total`` in
+    all, and says which (the caller counts and logs).
+    """
+
+    FULL_TARGET, FULL_TOTAL = "target", "total"
+
+    def __init__(self, per_target: int, total: int) -> None:
+        self.per_target, self.total = per_target, total
+        self._queues: dict[str, deque[Any]] = {}
+        self._turns: deque[str] = deque()  # the targets with something waiting, the next one to send first
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def waiting(self, target: str) -> int:
+        queue = self._queues.get(target)
+        return len(queue) if queue else 0
+
+    def put(self, target: str, item: Any) -> str | None:
+        """Queue ``item`` behind ``target``'s earlier ones; None, or why it was refused (``FULL_*``)."""
+        if self._size >= self.total:
+            return self.FULL_TOTAL
+        queue = self._queues.get(target)
+        if queue is None:
+            queue = self._queues[target] = deque()
+            self._turns.append(target)
+        elif len(queue) >= self.per_target:
+            return self.FULL_TARGET
+        queue.append(item)
+        self._size += 1
+        return None
+
+    def take(self) -> tuple[str, Any]:
+        """The next ``(target, item)``: the oldest item of the target whose turn it is. Raises IndexError if empty."""
+        target = self._turns.popleft()
+        queue = self._queues[target]
+        item = queue.popleft()
+        self._size -= 1
+        if queue:
+            self._turns.append(target)  # its next item waits for every other target's turn
+        else:
+            del self._queues[target]
+        return target, item
+
+    def clear(self) -> int:
+        """Drop everything; how many items were waiting."""
+        dropped, self._size = self._size, 0
+        self._queues.clear()
+        self._turns.clear()
+        return dropped
 
 
 # -- scheme://host[:port] ------------------------------------------------------------------------------------------

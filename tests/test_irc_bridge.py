@@ -362,6 +362,54 @@ def test_flood_control_sends_a_burst_then_paces(run, ngircd_server):
     assert paced[-1] - paced[0] >= (len(paced) - 1) / rate * 0.9
 
 
+def test_one_loud_channel_cannot_hold_another(run, ngircd_server, caplog):
+    """A 300-line reply to #probe, paced at 2 lines/s, then one line to #other: with one FIFO it waited 150 s."""
+    caplog.set_level(logging.WARNING, logger="crossroads")
+
+    async def scenario():
+        options = {"channels": ["#probe", "#other"], "flood_rate": 2, "flood_burst": 2}
+        async with bridging(ngircd_server, options) as bridge:
+            probe = await joined(bridge, "#probe")
+            other = await joined(bridge, "#other")
+            async with user(ngircd_server, "pat", "#probe") as pat, user(ngircd_server, "oli", "#other") as oli:
+                await bridge.layer.send(probe["reply_channel"], {"text": "\n".join(f"probe {i}" for i in range(300))})
+                await pat.expect(lambda line: line.endswith("probe 0"))
+                await bridge.layer.send(other["reply_channel"], {"text": "hello other"})
+                await oli.expect(lambda line: line.endswith("hello other"), timeout=30)
+                probe_lines_before = len(pat.said())
+                waiting = len(bridge.outgoing)
+        return probe_lines_before, waiting, bridge.counters
+
+    probe_lines_before, waiting, counters = run(scenario())
+    # The burst, the lines sent while the #other reply travelled through the layer, then #other's turn: a handful,
+    # not 300. (Counted in lines, not seconds: a slow machine sends the same lines, later.)
+    assert probe_lines_before <= 8, probe_lines_before
+    assert waiting >= 280
+    stopped = [r.getMessage() for r in caplog.records if "lines not sent before stopping" in r.getMessage()]
+    assert len(stopped) == 1 and counters["dropped"] >= 280, (stopped, counters)  # what stop() left is said once
+
+
+def test_a_target_past_its_queue_bound_drops_and_logs_once_and_others_still_go(run, ngircd_server, caplog):
+    caplog.set_level(logging.WARNING, logger="crossroads")
+
+    async def scenario():
+        options = {"channels": ["#probe", "#other"], "flood_rate": 1, "flood_burst": 1, "max_queued_per_target": 50}
+        async with bridging(ngircd_server, options) as bridge:
+            probe = await joined(bridge, "#probe")
+            other = await joined(bridge, "#other")
+            async with user(ngircd_server, "oli", "#other") as oli:
+                await bridge.layer.send(probe["reply_channel"], {"text": "\n".join(f"probe {i}" for i in range(80))})
+                await bridge.layer.send(probe["reply_channel"], {"text": "more\nand more"})
+                await bridge.layer.send(other["reply_channel"], {"text": "hello other"})
+                await oli.expect(lambda line: line.endswith("hello other"), timeout=30)
+                return dict(bridge.counters)
+
+    counters = run(scenario())
+    assert counters["dropped"] == 32  # 80 + 2 lines for #probe, 50 kept
+    overflow = [r.getMessage() for r in caplog.records if "waiting for #probe" in r.getMessage()]
+    assert len(overflow) == 1, overflow
+
+
 def test_default_flood_control_is_conservative():
     bridge = IrcBridge("net", {"server": "irc://127.0.0.1:1"}, layer.from_url("memory://"))
     assert bridge.options["flood_burst"] <= 5 and bridge.options["flood_rate"] <= 0.5

@@ -270,3 +270,47 @@ def test_every_messages_module_uses_the_shared_protocol_module():
     assert len(messages) >= 4
     for path in messages:
         assert "crossroads.bridges.protocol" in _imports(path), f"{path} does not use bridges/protocol.py"
+
+
+# -- the fair queue --------------------------------------------------------------------------------------------
+
+
+def drain(queue: protocol.FairQueue) -> list[tuple[str, str]]:
+    taken = []
+    while queue:
+        taken.append(queue.take())
+    return taken
+
+
+def test_fair_queue_takes_one_item_per_target_in_turn_keeping_each_targets_order():
+    queue = protocol.FairQueue(per_target=100, total=1000)
+    for i in range(5):
+        assert queue.put("#loud", f"loud {i}") is None
+    assert queue.put("#quiet", "quiet 0") is None
+    assert queue.put("bob", "bob 0") is None
+    assert queue.put("#quiet", "quiet 1") is None
+    assert len(queue) == 8 and queue.waiting("#loud") == 5 and queue.waiting("nobody") == 0
+    assert drain(queue) == [("#loud", "loud 0"), ("#quiet", "quiet 0"), ("bob", "bob 0"), ("#loud", "loud 1"),
+                            ("#quiet", "quiet 1"), ("#loud", "loud 2"), ("#loud", "loud 3"), ("#loud", "loud 4")]
+    assert len(queue) == 0 and not queue
+
+
+def test_fair_queue_a_target_arriving_late_waits_for_one_item_of_each_busy_target():
+    queue = protocol.FairQueue(per_target=500, total=1000)
+    for i in range(500):
+        queue.put("#probe", i)
+    queue.take()
+    queue.put("#other", "hello")
+    assert [queue.take() for _ in range(2)] == [("#probe", 1), ("#other", "hello")]
+
+
+def test_fair_queue_refuses_past_each_bound_and_says_which():
+    queue = protocol.FairQueue(per_target=2, total=3)
+    assert [queue.put("#a", i) for i in range(3)] == [None, None, protocol.FairQueue.FULL_TARGET]
+    assert queue.put("#b", 0) is None
+    assert queue.put("#c", 0) == protocol.FairQueue.FULL_TOTAL  # 3 in all, though #c has none
+    assert queue.take() == ("#a", 0)
+    assert queue.put("#a", 9) is None  # room again for #a
+    assert queue.clear() == 3 and not queue and queue.waiting("#a") == 0
+    with pytest.raises(IndexError):
+        queue.take()

@@ -22,7 +22,6 @@ import asyncio
 import functools
 import socket
 import time
-from collections import deque
 from typing import Any
 
 from twisted.internet import endpoints, protocol, ssl
@@ -101,8 +100,8 @@ class IrcConnection:
         if self.transport is not None:
             self.transport.write(line.encode("utf-8") + b"\r\n")
 
-    def sendLine(self, line: str) -> None:  # noqa: N802 (Twisted's name): twisted.words' own sends (CTCP replies)
-        self.bridge.enqueue([line])
+    def sendLine(self, line: str) -> None:  # noqa: N802 (Twisted's name): twisted.words' own sends
+        self.bridge.enqueue("", [line])
 
     # -- registration --
 
@@ -361,7 +360,7 @@ class IrcConnection:
             line = m.command("NOTICE", nick, trailing=f"\x01{ctcp[0]} {answers[ctcp[0]]}\x01"[:400])
         except m.UnsafeText:
             return
-        self.bridge.enqueue([line])
+        self.bridge.enqueue(m.irc_lower(nick), [line])
 
     def _cannot_join(self, prefix: str, params: list[str]) -> None:
         channel = params[1] if len(params) > 1 else "?"
@@ -418,8 +417,10 @@ class IrcBridge(Bridge):
         "tls_ca": Option(str, "", "PEM file of the CA to trust for ircs:// instead of the system's"),
         "flood_burst": Option(int, 4, "lines sent at once before pacing starts", positive, from_string=True),
         "flood_rate": Option(float, 0.5, "lines per second after the burst", positive, from_string=True),
-        "max_queued_lines": Option(int, 1000, "lines waiting to be sent before more are dropped (counted)",
-                                   positive, from_string=True),
+        "max_queued_lines": Option(int, 1000, "lines waiting to be sent, to every target together, before more "
+                                              "are dropped (counted)", positive, from_string=True),
+        "max_queued_per_target": Option(int, 500, "lines waiting for one channel or nick before more for it are "
+                                                  "dropped (counted)", positive, from_string=True),
         "ping_interval": Option(float, 60.0, "PING a quiet server after this many seconds; reconnect after twice "
                                              "that with nothing heard", positive, from_string=True),
         "nick_retry_interval": Option(float, 60.0, "on an alternate nick, ask for ours again this often (seconds)",
@@ -442,7 +443,9 @@ class IrcBridge(Bridge):
             self.wanted[m.irc_lower(spec.name)] = spec
         self.client: IrcConnection | None = None
         self.accepting = False
-        self.outgoing: deque[str] = deque()
+        # What consumers say, one queue per target taken in turn: one channel's long reply cannot hold another's.
+        self.outgoing = m.FairQueue(self.options["max_queued_per_target"], self.options["max_queued_lines"])
+        self._overflowing: set[str | None] = set()  # targets (None: all) whose overflow was logged, until they drain
         self.bucket = m.TokenBucket(self.options["flood_rate"], self.options["flood_burst"], time.monotonic())
         self._pump_call: Any = None
         # What the server tells us, into the layer in the order it told it. IRC cannot be asked to repeat:
@@ -450,7 +453,6 @@ class IrcBridge(Bridge):
         self.inlet = Inlet(self, "forwarding IRC events", batch=FORWARD_BATCH,
                            peer=lambda message: message.get("sender") or str(self.server),
                            refused=lambda channel, message: self.count("dropped"))
-        self._overflowing = False
         self._drained = asyncio.Event()  # set whenever the outgoing queue empties
         self.link: Any = None
 
@@ -531,17 +533,24 @@ class IrcBridge(Bridge):
             self.bucket.take(time.monotonic())
             self.client.write(line)
 
-    def enqueue(self, lines: list[str]) -> None:
+    def enqueue(self, target: str, lines: list[str]) -> None:
+        """Queue ``lines`` for ``target`` (its folded name; "" for lines to the server), behind its earlier ones."""
+        outgoing = self.outgoing
         for line in lines:
-            if len(self.outgoing) >= self.options["max_queued_lines"]:
-                self.count("dropped")
-                if not self._overflowing:
-                    self._overflowing = True
-                    self.log.warning("%s: %d lines are waiting to be sent; dropping more until they go out",
-                                     self.label, len(self.outgoing))
+            full = outgoing.put(target, line)
+            if full is None:
+                self._drained.clear()
                 continue
-            self.outgoing.append(line)
-            self._drained.clear()
+            self.count("dropped")
+            which = None if full == m.FairQueue.FULL_TOTAL else target
+            if which not in self._overflowing:  # once per overflow: a flood of drops is one line in the log
+                self._overflowing.add(which)
+                if which is not None:
+                    self.log.warning("%s: %d lines are waiting for %s; dropping more for it until they go out",
+                                     self.label, outgoing.waiting(target), target or "the server")
+                else:
+                    self.log.warning("%s: %d lines are waiting to be sent; dropping more until they go out",
+                                     self.label, len(outgoing))
         self._pump()
 
     def _pump(self) -> None:
@@ -558,9 +567,12 @@ class IrcBridge(Bridge):
                 self._pump_call = get_reactor().callLater(wait, self._pump)
                 return
             self.bucket.take(now)
-            client.write(self.outgoing.popleft())
+            target, line = self.outgoing.take()
+            client.write(line)
             self.count("lines_sent")
-        self._overflowing = False
+            if self._overflowing and not self.outgoing.waiting(target):
+                self._overflowing.discard(target)
+        self._overflowing.clear()
         self._drained.set()
 
     # -- events in, in order --
@@ -602,7 +614,7 @@ class IrcBridge(Bridge):
             self.log.warning("%s: ignored an invalid reply for %s: %s", self.label, target or "the server channel",
                              exc)
             return
-        self.enqueue(lines)
+        self.enqueue(m.irc_lower(target) if target else "", lines)
 
     def _prefix_length(self) -> int:
         client = self.client
@@ -618,7 +630,10 @@ class IrcBridge(Bridge):
 
     async def close_protocol(self) -> None:
         client = self.client
-        if client is not None and client._registered and self.outgoing:  # the replies in hand, if they go soon
+        # The replies in hand, if they go soon: a backlog the flood rate cannot send within _FLUSH_WAIT is not
+        # waited for (it would only spend the stop timeout and leave the QUIT, and the log line below, unsaid).
+        if client is not None and client._registered and self.outgoing \
+                and len(self.outgoing) / self.options["flood_rate"] <= _FLUSH_WAIT:
             try:
                 await asyncio.wait_for(self._drained.wait(), _FLUSH_WAIT)
             except TimeoutError:
@@ -626,9 +641,9 @@ class IrcBridge(Bridge):
         if self._pump_call is not None and self._pump_call.active():
             self._pump_call.cancel()
         if self.outgoing:
-            self.count("dropped", len(self.outgoing))
-            self.log.warning("%s: %d lines not sent before stopping", self.label, len(self.outgoing))
-            self.outgoing.clear()
+            left = self.outgoing.clear()
+            self.count("dropped", left)
+            self.log.warning("%s: %d lines not sent before stopping", self.label, left)
         if client is None:
             return
         client.write(m.command("QUIT", trailing=" ".join(m.text_lines(self.options["quit_message"])) or "bye"))

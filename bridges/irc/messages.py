@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from crossroads.bridges.protocol import FairQueue as FairQueue  # one queue per target, round robin
 from crossroads.bridges.protocol import TokenBucket as TokenBucket  # the flood control, shared with Slack
 from crossroads.bridges.protocol import shared_keys, split_url
 
