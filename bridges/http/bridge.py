@@ -24,15 +24,13 @@ import asyncio
 import io
 import logging
 import time
-from collections import deque
 from typing import Any
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IPushProducer
 from twisted.web import http
-from zope.interface import implementer
 
 from crossroads.bridges.base import Bridge, Option, OptionError, as_future, get_reactor
+from crossroads.bridges.flow import HeldWrites, buffer_limit
 from crossroads.bridges.listening import (
     ListeningBridge,
     address_of,
@@ -44,7 +42,6 @@ from crossroads.bridges.listening import (
 )
 from crossroads.bridges.protocol import positive_seconds
 from crossroads.layer import MessageTooLarge
-from crossroads.layer.base import MAX_MESSAGE_SIZE
 
 from . import messages
 
@@ -57,85 +54,49 @@ def _header_limit(value: int) -> str | None:
     return None if value >= 1024 else "must be at least 1024 bytes (browsers send cookies)"
 
 
-def _response_buffer(value: int) -> str | None:
-    if value >= MAX_MESSAGE_SIZE:
-        return None
-    return f"must be at least {MAX_MESSAGE_SIZE} bytes (one reply can hold that much: the layer's limit)"
-
-
-@implementer(IPushProducer)
-class ResponseFlow:
+class ResponseFlow(HeldWrites):
     """A streamed response's parts, held while its client does not read, up to ``max_response_buffer`` bytes.
 
     ASGI 1.0 gives a consumer no way to wait for a slow client: it sends
     every part at once. twisted.web pauses this producer when the socket's
-    send buffer is full; the parts that come meanwhile wait here and are
-    written as the client reads. A client further behind than
+    send buffer is full; the parts that come meanwhile wait (bridges/flow.py)
+    and are written as the client reads. A client further behind than
     ``max_response_buffer``, or reading nothing for ``idle_timeout``, is cut
     off (logged, counted in ``slow_clients``); its consumer hears ``http.disconnect``.
     """
 
     def __init__(self, bridge: HttpBridge, request: HttpRequest) -> None:
         self.bridge, self.request = bridge, request
-        self.held: deque[bytes] = deque()
-        self.held_bytes = 0
         self.complete = False  # the last part has come: finish once it is written
-        self.stalled: Any = None  # the idle_timeout call while paused
-        self.paused = False
+        options = bridge.options
+        super().__init__(request.write, self.cut_off, limit=options["max_response_buffer"],
+                         timeout=options["idle_timeout"], limit_name="max_response_buffer",
+                         timeout_name="idle_timeout", on_resume=self._written)
         if getattr(request.channel, "_waitingForTransport", False):  # already full: twisted.web will not tell us
             self.pauseProducing()
 
-    def write(self, content: bytes, last: bool) -> None:
+    def write_part(self, content: bytes, last: bool) -> None:
         self.complete = last
-        if self.paused or self.held:
-            self.held.append(content)
-            self.held_bytes += len(content)
-            if self.held_bytes > self.bridge.options["max_response_buffer"]:
-                self.cut(f"over max_response_buffer ({self.bridge.options['max_response_buffer']} bytes) behind")
-            return
-        self.request.write(content)
-        if last:
+        direct = not (self.paused or self.held)
+        self.write(content, len(content))
+        if last and direct:
             self.done()
 
-    def pauseProducing(self) -> None:
-        self.paused = True
-        if self.stalled is None:
-            self.stalled = get_reactor().callLater(self.bridge.options["idle_timeout"], self.cut,
-                                                   f"reading nothing for idle_timeout "
-                                                   f"({self.bridge.options['idle_timeout']} s)")
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self._stop_timer()
-        while self.held and not self.paused:  # a write can fill the buffer again, and pause us from inside
-            content = self.held.popleft()
-            self.held_bytes -= len(content)
-            self.request.write(content)
-        if not self.held and self.complete:
+    def _written(self) -> None:
+        if self.complete and not self.held:
             self.done()
-
-    def stopProducing(self) -> None:
-        self._stop_timer()
-        self.held.clear()
-        self.held_bytes = 0
 
     def done(self) -> None:
         self._stop_timer()
         self.request.unregisterProducer()
         self.bridge._finish(self.request)
 
-    def cut(self, why: str) -> None:
-        self.stopProducing()
+    def cut_off(self, why: str) -> None:
         request = self.request
         self.bridge.count("slow_clients")
         self.bridge.log.warning("%s: cut off %s during the streamed response to %s %s: %s", self.bridge.label,
                                 request.channel.peer, request.method.decode("latin-1"), request.path_text, why)
         request.channel.transport.abortConnection()
-
-    def _stop_timer(self) -> None:
-        if self.stalled is not None and self.stalled.active():
-            self.stalled.cancel()
-        self.stalled = None
 
 
 class HttpRequest(http.Request):
@@ -347,7 +308,7 @@ class HttpBridge(ListeningBridge):
                                 from_string=True),
         "max_response_buffer": Option(int, 4 * 1024 * 1024, "the most bytes of a streamed response held for a "
                                                              "client reading slower than its consumer writes; past "
-                                                             "it the client is cut off", _response_buffer,
+                                                             "it the client is cut off", buffer_limit,
                                       from_string=True),
         "websocket": Option(str, "", "the name of a websocket bridge ([bridges.NAME]) that serves this port's "
                                      "Upgrade: websocket requests; both then run in one process"),
@@ -556,7 +517,7 @@ class HttpBridge(ListeningBridge):
             else:
                 request.channel.transport.abortConnection()
             return
-        request.flow.write(chunk.content, last=not chunk.more_content)
+        request.flow.write_part(chunk.content, last=not chunk.more_content)
 
     def _bad_reply(self, request: HttpRequest, problem: Exception) -> None:
         self.count("bad_replies")

@@ -26,6 +26,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 
 from crossroads.bridges.base import Inlet, Option, as_future, get_reactor
+from crossroads.bridges.flow import HeldWrites, buffer_limit
 from crossroads.bridges.listening import (
     ListeningBridge,
     address_of,
@@ -42,6 +43,7 @@ from . import messages as m
 
 _CLOSE_WAIT = 5.0  # close_protocol() waits this long for peers to answer our close frames
 RETRY_AFTER = "5"  # seconds, on a 503: when a client (or a proxy) should try the upgrade again
+INLET_HIGH, INLET_LOW = 32, 8  # frames of one client waiting for the layer: stop reading it / read it again
 
 _message_size = payload_limit(MAX_MESSAGE_SIZE, 4096)  # leave room for the message's other keys
 
@@ -88,9 +90,13 @@ class WebsocketConnection(WebSocketServerProtocol):
         self.held: Deferred | None = None  # fires with the subprotocol (accept) or fails (reject)
         # (channel, payload or close code) into the layer in the order they happened; the disconnect, which
         # nobody can be asked to repeat, waits for room in its channel for a while.
+        # Past INLET_HIGH frames waiting for the layer the client is not read (TCP holds it back) until no more
+        # than INLET_LOW wait: a client sending faster than the layer takes costs a few frames, not gigabytes.
         self.inlet = Inlet(self.bridge, f"forwarding messages from {self.peer_name}", build=self._message,
                            stored=self._stored, refused=self._refused, too_large=self._too_large,
-                           persistent=(m.DISCONNECT,))
+                           persistent=(m.DISCONNECT,), high=INLET_HIGH, low=INLET_LOW,
+                           on_full=lambda: self._hold_reading("layer"), on_room=lambda: self._release_reading("layer"))
+        self.reading_held: set[str] = set()  # why the client is not read: "layer" (behind), "client" (not reading)
         self.connect_stored = False
         self.refusing = False  # the layer refused a frame: later frames are not sent (no gap in their order)
         self.last_activity = time.monotonic()
@@ -99,6 +105,8 @@ class WebsocketConnection(WebSocketServerProtocol):
         reactor = get_reactor()
         self.handshake_timer = reactor.callLater(self.bridge.options["handshake_timeout"], self._handshake_timed_out)
         self.idle_timer = None
+        self.flow: HeldWrites | None = None  # what waits for a client that reads slower than its consumer writes
+        self.too_slow = False  # cut off for not reading: its consumer hears 1008
 
     # -- the handshake --
 
@@ -158,6 +166,15 @@ class WebsocketConnection(WebSocketServerProtocol):
     def onOpen(self) -> None:
         self._cancel_handshake_timer()
         self.last_activity = time.monotonic()
+        # Twisted pauses the flow when 64 KiB wait in the socket's send buffer. Then frames wait in the flow, up
+        # to max_send_buffer, and the client's own frames are not read: an echo flood from a client that does
+        # not read pushes back on it instead of growing the bridge (and its pings go unanswered for as long).
+        options = self.bridge.options
+        self.flow = HeldWrites(self._send_frame, self._cut_off, limit=options["max_send_buffer"],
+                               timeout=options["send_timeout"], limit_name="max_send_buffer",
+                               timeout_name="send_timeout", on_pause=lambda: self._hold_reading("client"),
+                               on_resume=lambda: self._release_reading("client"))
+        self.registerProducer(self.flow, True)
         if self.bridge.options["idle_timeout"] > 0:
             self.idle_timer = get_reactor().callLater(self.bridge.options["idle_timeout"], self._check_idle)
 
@@ -212,12 +229,43 @@ class WebsocketConnection(WebSocketServerProtocol):
         elif isinstance(action, m.Reject):
             self.refuse(action.status, "rejected by the application")
         elif isinstance(action, m.Send):
-            if self.transport is not None:
+            if self.transport is not None and self.flow is not None:
                 self.last_activity = time.monotonic()
                 is_binary = isinstance(action.payload, bytes)
-                self.sendMessage(action.payload if is_binary else action.payload.encode("utf-8"), isBinary=is_binary)
+                payload = action.payload if is_binary else action.payload.encode("utf-8")
+                self.flow.write((payload, is_binary), len(payload))
         elif isinstance(action, m.Close):
             self.close_with(action.code, "")
+
+    def _hold_reading(self, why: str) -> None:
+        if not self.reading_held and self.transport is not None:
+            self.transport.pauseProducing()
+        self.reading_held.add(why)
+
+    def _release_reading(self, why: str) -> None:
+        if why in self.reading_held:
+            self.reading_held.discard(why)
+            if not self.reading_held and self.transport is not None:
+                self.transport.resumeProducing()
+
+    def _send_frame(self, frame: tuple[bytes, bool]) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(frame[0], isBinary=frame[1])
+
+    def _cut_off(self, why: str) -> None:
+        """Close (1008) a client that reads too little of what its consumer sends; what waited for it is dropped."""
+        bridge = self.bridge
+        self.too_slow = True
+        bridge.count("slow_clients")
+        bridge.log.warning("%s: closed %s (%s): %s", bridge.label, self.peer_name,
+                           self.handshake.path if self.handshake else "?", why)
+        self.close_with(m.POLICY_VIOLATION, "too slow: reads less than it is sent")
+        # The close frame waits behind what the socket holds; a client that reads nothing never answers it.
+        get_reactor().callLater(1.0, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if self.transport is not None and not self.closed.done():
+            self.dropConnection(abort=True)
 
     def close_with(self, code: int, reason: str) -> None:
         """Start the closing handshake with any code a server may send (Autobahn's sendClose allows fewer)."""
@@ -248,7 +296,9 @@ class WebsocketConnection(WebSocketServerProtocol):
             why = (getattr(self, "localCloseReason", None) or b"").decode("utf-8", "replace")
             self.bridge.bad_input(self.peer_name, f"closed with {local} ({why})")  # Autobahn found it: we count it
         if self.held is not None and self.local_id is not None:
-            if not wasClean:
+            if self.too_slow:
+                code = m.POLICY_VIOLATION  # we closed it, whether or not the client answered
+            elif not wasClean:
                 code = 1006  # RFC 6455: closed abnormally, without a close frame
             self.inlet.put(m.DISCONNECT, code if code is not None else 1005)
 
@@ -289,6 +339,11 @@ class WebsocketBridge(ListeningBridge):
                                 seconds_or_off, from_string=True),
         "ping_timeout": Option(float, 20.0, "drop a connection whose pong does not come within this many seconds",
                                seconds_or_off, from_string=True),
+        "max_send_buffer": Option(int, 4 * 1024 * 1024, "bytes of messages held for a client that reads slower "
+                                                        "than its consumer sends; past it the client is closed "
+                                                        "(1008)", buffer_limit, from_string=True),
+        "send_timeout": Option(float, 60.0, "close (1008) a client that reads nothing for this many seconds while "
+                                            "messages wait for it; 0 never", seconds_or_off, from_string=True),
     }
 
     def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
