@@ -19,6 +19,7 @@ import stat
 from typing import Any
 
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from .base import Bridge, Option, OptionError, as_future, get_reactor
@@ -28,6 +29,12 @@ from .protocol import port_number, positive
 # page reloads for hundreds of clients at once (the kernel then drops handshakes, and clients wait
 # seconds for a retry); nginx uses 511. Linux caps it at net.core.somaxconn.
 LISTEN_BACKLOG = 1024
+# Client connections one listener holds at once. Each costs a file descriptor: with no cap, slow clients take every
+# descriptor the process has and a legitimate request fails with EMFILE (seen with 400 at `ulimit -n 256`). The
+# cap is lowered to what the open-files limit leaves room for (FD_RESERVE kept for the layer, logs, DNS).
+MAX_CONNECTIONS = 10_000
+FD_RESERVE = 128
+RETRY_AFTER = 5  # seconds, in the 503 past max_connections
 
 
 def listen_options(default_port: int) -> dict[str, Option]:
@@ -44,6 +51,9 @@ def listen_options(default_port: int) -> dict[str, Option]:
         "backlog": Option(int, LISTEN_BACKLOG, "connections the kernel holds until they are accepted (capped by "
                                                "net.core.somaxconn; with systemd_socket, the unit's Backlog=)",
                           positive, from_string=True),
+        "max_connections": Option(int, MAX_CONNECTIONS, "client connections open at once; past it a new one is "
+                                                        "answered 503 (Retry-After) and closed, and counted",
+                                  positive, from_string=True),
     }
 
 
@@ -62,6 +72,11 @@ def uses_tls(options: dict[str, Any]) -> bool:
 class ListeningBridge(Bridge):
     """A bridge that waits for clients; its ``OPTIONS`` include ``listen_options(its default port)``."""
 
+    open_connections = 0  # client connections open now (kept by ``listen``'s cap), shown by ``status()``
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "open_connections": self.open_connections}
+
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         checked = super().validate_options(options)
@@ -69,7 +84,83 @@ class ListeningBridge(Bridge):
         return checked
 
 
-async def listen(factory: Any, options: dict[str, Any]) -> Any:
+def connection_cap(options: dict[str, Any], soft: int | None = None) -> tuple[int, str | None]:
+    """``max_connections``, lowered to what the soft open-files limit (``soft``: this process's) leaves room for;
+    and why, if it was."""
+    import resource
+
+    wanted = options["max_connections"]
+    if soft is None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = soft - FD_RESERVE if soft != resource.RLIM_INFINITY else wanted
+    if room >= wanted:
+        return wanted, None
+    cap = max(1, room)
+    return cap, (f"max_connections {wanted} is more than the open-files limit ({soft}) leaves room for: capped at "
+                 f"{cap}; raise the limit (LimitNOFILE= in the unit, ulimit -n) or lower max_connections")
+
+
+class CappedFactory:
+    """``factory``'s connections, at most ``limit`` open at once; one past it gets ``refusal`` written and is closed.
+
+    Counted where the connection's transport closes (not the protocol's
+    ``connectionLost``): a protocol may hand its transport to another (the
+    HTTP port splitter does, to the WebSocket bridge), and the slot must last
+    as long as the socket does. The count is the bridge's ``open_connections``.
+    """
+
+    def __init__(self, factory: Any, bridge: ListeningBridge, limit: int, refusal: bytes) -> None:
+        self.factory, self.bridge, self.limit, self.refusal = factory, bridge, limit, refusal
+
+    def __getattr__(self, name: str) -> Any:  # the listening port calls doStart, doStop, logPrefix, ...
+        return getattr(self.factory, name)
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted's name)
+        bridge = self.bridge
+        if bridge.open_connections >= self.limit:
+            _refused(bridge, self.limit)
+            return _Refusal(self.refusal)
+        built = self.factory.buildProtocol(addr)
+        if built is None:
+            return None
+        bridge.open_connections += 1
+        make = built.makeConnection
+
+        def make_connection(transport: Any) -> None:
+            lost = transport.connectionLost
+
+            def connection_lost(reason: Any = None) -> None:
+                bridge.open_connections -= 1
+                transport.connectionLost = lost  # once: the transport may be asked twice
+                lost(reason)
+
+            transport.connectionLost = connection_lost
+            make(transport)
+
+        built.makeConnection = make_connection
+        return built
+
+
+class _Refusal(Protocol):
+    def __init__(self, refusal: bytes) -> None:
+        self.refusal = refusal
+
+    def connectionMade(self) -> None:  # noqa: N802
+        if self.refusal:
+            self.transport.write(self.refusal)
+        self.transport.loseConnection()
+
+
+def busy_response() -> bytes:
+    """The HTTP answer to a connection past ``max_connections`` (HTTP and WebSocket handshakes alike)."""
+    body = b"too many connections, try again later\n"
+    return (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: %d\r\nConnection: close\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n%s"
+            % (RETRY_AFTER, len(body), body))
+
+
+async def listen(factory: Any, options: dict[str, Any], bridge: ListeningBridge | None = None,
+                 refusal: bytes = b"") -> Any:
     """Start listening for ``factory``'s connections as ``listen_options`` in ``options`` say; the listening port.
 
     In order of precedence: the socket systemd passed as ``systemd_socket``, the
@@ -79,6 +170,11 @@ async def listen(factory: Any, options: dict[str, Any]) -> Any:
     the systemd socket is not usable; ``CannotListenError`` when the port is taken.
     """
     reactor = get_reactor()
+    if bridge is not None:  # inside TLS: a refused client gets its answer encrypted, as it expects
+        limit, lowered = connection_cap(options)
+        if lowered:
+            bridge.log.warning("%s: %s", bridge.label, lowered)
+        factory = CappedFactory(factory, bridge, limit, refusal)
     if uses_tls(options):
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -90,6 +186,14 @@ async def listen(factory: Any, options: dict[str, Any]) -> Any:
         _remove_stale_socket(path)
         return reactor.listenUNIX(path, factory, backlog=options["backlog"])
     return reactor.listenTCP(options["port"], factory, backlog=options["backlog"], interface=options["host"])
+
+
+def _refused(bridge: Bridge, limit: int) -> None:
+    bridge.count("connections_refused")
+    refused = bridge.counters["connections_refused"]
+    if refused in (1, 10, 100) or refused % 1000 == 0:  # a flood of refusals is a few log lines, not one each
+        bridge.log.warning("%s: %d connections open, the most max_connections allows: refusing new ones with 503 "
+                           "(%d so far)", bridge.label, limit, refused)
 
 
 async def listen_asyncio(protocol_factory: Any, options: dict[str, Any],

@@ -397,8 +397,12 @@ def cmd_systemd(args: argparse.Namespace) -> int:
     instances = list(bridge_units)
     if not config.layer.url.startswith("memory://") and config.routing_app:
         instances += [f"crossroads-worker@{i}.service" for i in range(1, args.workers + 1)]
-    listening = [instance for instance, bridges in bridge_units.items()
-                 if any("port" in load_bridge_class(b.type).OPTIONS for b in bridges)]  # they take clients
+    listening = {}  # the instances that take clients, and how many their bridges may hold at once
+    for instance, bridges in bridge_units.items():
+        caps = [b.options.get("max_connections", load_bridge_class(b.type).OPTIONS["max_connections"].default)
+                for b in bridges if "max_connections" in load_bridge_class(b.type).OPTIONS]
+        if caps:
+            listening[instance] = sum(int(cap) for cap in caps)
     units = render_units(executable=executable, config=str(config.path.resolve()), credentials=used,
                          wants=instances, listening=listening)
     for path in write_units(args.output, units):

@@ -39,6 +39,12 @@ _FILE_RE = re.compile(r"(?<!\$)\$\{file:([^}]+)\}")
 # One client, one file descriptor: systemd's default soft limit (1024) caps a listening bridge at about a
 # thousand connections. 65536 is what nginx and most servers' units ask for.
 LISTENING_NOFILE = 65536
+NOFILE_RESERVE = 1024  # descriptors besides the clients': the layer's connections, logs, the bridges' own clients
+
+
+def nofile_for(connections: int) -> int:
+    """``LimitNOFILE`` for a process whose listeners may hold ``connections`` clients at once."""
+    return max(LISTENING_NOFILE, connections + NOFILE_RESERVE)
 
 # The folders HARDENING hides from the service: the service sees them empty (or its own private copy).
 HIDDEN_BY = {
@@ -157,10 +163,11 @@ WantedBy=crossroads.target
 
 def render_units(executable: str = DEFAULT_EXECUTABLE, config: str = DEFAULT_CONFIG,
                  credentials: list[str] | None = None, wants: list[str] | None = None,
-                 listening: list[str] | None = None) -> dict[str, str]:
+                 listening: dict[str, int] | None = None) -> dict[str, str]:
     """File name -> text of every unit; ``wants`` lists the instances the target starts.
 
-    ``listening`` names the instances that take clients; each gets a drop-in raising ``LimitNOFILE``.
+    ``listening`` maps the instances that take clients to the connections their bridges may hold together
+    (``max_connections``); each gets a drop-in raising ``LimitNOFILE`` to make room for them.
     """
     credentials = credentials or []
     target_wants = f"Wants={' '.join(wants)}\n" if wants else ""
@@ -177,8 +184,8 @@ Description=crossroads gateway: its bridges and workers
 WantedBy=multi-user.target
 """,
     }
-    for instance in listening or []:
-        units[f"{instance}.d/limits.conf"] = f"[Service]\nLimitNOFILE={LISTENING_NOFILE}\n"
+    for instance, connections in (listening or {}).items():
+        units[f"{instance}.d/limits.conf"] = f"[Service]\nLimitNOFILE={nofile_for(connections)}\n"
     return units
 
 

@@ -15,7 +15,7 @@ from test_cli import write_config
 from crossroads import layer
 from crossroads.bridges.base import OptionError
 from crossroads.bridges.http.bridge import HttpBridge
-from crossroads.bridges.listening import ListeningBridge, listen_options
+from crossroads.bridges.listening import FD_RESERVE, ListeningBridge, connection_cap, listen_options
 from crossroads.bridges.websocket.bridge import WebsocketBridge
 
 LISTENING = [HttpBridge, WebsocketBridge]
@@ -23,7 +23,15 @@ LISTEN_KEYS = set(listen_options(0))
 
 
 def test_the_listening_options():
-    assert LISTEN_KEYS == {"host", "port", "unix_socket", "systemd_socket", "tls_cert", "tls_key", "backlog"}
+    assert LISTEN_KEYS == {"host", "port", "unix_socket", "systemd_socket", "tls_cert", "tls_key", "backlog",
+                           "max_connections"}
+
+
+def test_max_connections_is_lowered_to_what_the_open_files_limit_leaves_room_for():
+    assert connection_cap({"max_connections": 10_000}, soft=65536) == (10_000, None)
+    cap, why = connection_cap({"max_connections": 10_000}, soft=1024)
+    assert cap == 1024 - FD_RESERVE
+    assert "open-files limit (1024)" in why and "LimitNOFILE" in why and "max_connections" in why
 
 
 @pytest.mark.parametrize("bridge", LISTENING)
@@ -66,7 +74,7 @@ def test_the_defaults_listen_on_loopback_with_a_deep_queue():
     options = WebsocketBridge.validate_options({})
     assert {key: options[key] for key in LISTEN_KEYS} == {
         "host": "127.0.0.1", "port": 8001, "unix_socket": "", "systemd_socket": "", "tls_cert": "", "tls_key": "",
-        "backlog": 1024}
+        "backlog": 1024, "max_connections": 10_000}
     assert WebsocketBridge.validate_options({"backlog": "64", "port": "0"})["backlog"] == 64  # "${...}" values
 
 

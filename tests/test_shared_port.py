@@ -14,6 +14,7 @@ import ssl
 from contextlib import asynccontextmanager
 
 import pytest
+from servers import wait_until_async
 from test_cli import run as run_cli
 from test_cli import write_config
 from test_http_bridge import fetch, raw, status_of
@@ -88,6 +89,38 @@ def test_shared_port_limits(run):
             assert not web.undecided
 
     run(scenario())
+
+
+def test_max_connections_refuses_with_503_and_frees_slots_when_sockets_close(run, caplog):
+    """Three slots: held by an idle socket, a WebSocket (handed over by the port splitter) and keep-alive HTTP."""
+
+    async def scenario():
+        async with shared({"max_connections": 3}) as web:
+            idle_reader, idle = await asyncio.open_connection("127.0.0.1", web.port)
+            ws = await connect(f"ws://127.0.0.1:{web.port}/echo/", open_timeout=10)
+            await ws.send("hi")
+            assert await asyncio.wait_for(ws.recv(), 10) == "hi"
+            reader, keep_alive = await asyncio.open_connection("127.0.0.1", web.port)
+            keep_alive.write(b"GET /text HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+            refused = await raw(web.port, b"GET /text HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status_of(refused) == 503 and b"\r\nRetry-After: 5\r\n" in refused, refused
+            with pytest.raises(InvalidStatus) as busy:
+                async with connect(f"ws://127.0.0.1:{web.port}/echo/", open_timeout=10):
+                    pass
+            assert busy.value.response.status_code == 503
+            assert web.counters["connections_refused"] == 2
+            assert web.open_connections == 3 and web.status()["open_connections"] == 3
+            await ws.close()  # a WebSocket's slot is the HTTP listener's: freed when the socket closes
+            await wait_until_async(lambda: web.open_connections == 2, "the WebSocket's slot to be freed")
+            assert status_of(await raw(web.port, b"GET /text HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) \
+                == 200
+            idle.close()
+            keep_alive.close()
+            await asyncio.gather(idle.wait_closed(), keep_alive.wait_closed())
+
+    run(scenario())
+    assert "refusing new ones with 503" in caplog.text
 
 
 def test_shared_port_with_tls(run, tmp_path):

@@ -120,6 +120,16 @@ def test_an_all_in_one_unit_that_listens_gets_more_file_descriptors(tmp_path):
     assert f"LimitNOFILE={LISTENING_NOFILE}" in drop_in.read_text()
 
 
+def test_limit_nofile_makes_room_for_max_connections(tmp_path):
+    config = write_config(tmp_path, '[layer]\nurl = "redis://127.0.0.1:6379/0"\n[bridges.web]\ntype = "http"\n'
+                                    'max_connections = 100000\nwebsocket = "ws"\n[bridges.ws]\ntype = "websocket"\n'
+                                    'max_connections = "5000"\n')
+    result = run("systemd", "--config", str(config), "--output", str(tmp_path / "units"))
+    assert result.returncode == 0, result.stderr
+    drop_in = tmp_path / "units" / "crossroads-bridge@web.service.d" / "limits.conf"
+    assert drop_in.read_text() == "[Service]\nLimitNOFILE=106024\n"  # both bridges' clients, and 1,024 besides
+
+
 def test_what_the_sandbox_hides_and_what_a_dynamic_user_cannot_read(tmp_path):
     assert hidden_by(Path("/root/crossroads/.venv/bin/crossroads")) == "ProtectHome=yes"
     assert hidden_by(Path("/home/ann/crossroads.toml")) == "ProtectHome=yes"

@@ -34,6 +34,7 @@ from crossroads.bridges.flow import HeldWrites, buffer_limit
 from crossroads.bridges.listening import (
     ListeningBridge,
     address_of,
+    busy_response,
     listen,
     listen_options,
     server_address,
@@ -356,7 +357,8 @@ class HttpBridge(ListeningBridge):
         factory: Any = HttpFactory(self)
         if self.websocket is not None:
             factory = PortSplitterFactory(self, factory, self.websocket.factory)
-        self.listening = await listen(factory, self.options)  # TLS (https) wraps the WebSocket bridge's too
+        # TLS (https) wraps the WebSocket bridge's too, and max_connections counts both.
+        self.listening = await listen(factory, self.options, self, busy_response())
         self.port = tcp_port(self.listening)
         self.accepting = True
 

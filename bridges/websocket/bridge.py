@@ -30,6 +30,7 @@ from crossroads.bridges.flow import HeldWrites, buffer_limit
 from crossroads.bridges.listening import (
     ListeningBridge,
     address_of,
+    busy_response,
     listen,
     listen_options,
     server_address,
@@ -390,7 +391,7 @@ class WebsocketBridge(ListeningBridge):
             return
         factory = self.factory = self.make_factory()
         self.accepting = True
-        self.listening = await listen(factory, self.options)
+        self.listening = await listen(factory, self.options, self, busy_response())
         self.port = factory.port = tcp_port(self.listening)
 
     async def stop_accepting(self) -> None:
