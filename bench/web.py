@@ -173,7 +173,8 @@ class Servers(ProcessGroup):
 
 
 def crossroads_toml(setup: Setup, redis_url: str, http_port: int, ws_port: int) -> str:
-    """Defaults everywhere (capacity 100, 4 worker threads, access log on), except the tuned reply queue."""
+    """Defaults everywhere (capacity 100, 4 worker threads, access log on), except the tuned reply queue and
+    room for the idle sockets."""
     url = "memory://" if setup.layer == "memory" else redis_url
     tuned = f'channel_capacity = {{ "websocket.sockets.*" = {TUNED_CAPACITY} }}\n' if setup.tuned else ""
     return f"""[layer]
@@ -189,6 +190,7 @@ port = {http_port}
 [bridges.sockets]
 type = "websocket"
 port = {ws_port}
+max_connections = 20000  # the idle-socket figure opens 10,000 at once: the default cap, exactly
 """
 
 
