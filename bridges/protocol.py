@@ -197,6 +197,10 @@ def seconds_or_off(value: float) -> str | None:
     return None if value >= 0 else "must be 0 (off) or a number of seconds"
 
 
+def zero_or_more(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 (off) or more"
+
+
 def port_number(value: int) -> str | None:
     return None if 0 <= value <= 65535 else "must be a TCP port number from 0 to 65535 (0 picks a free one)"
 

@@ -365,6 +365,64 @@ def test_a_path_no_route_matches_is_404_at_once(run, channel_layer, worker):
     assert bridge.counters["timeouts"] == 0 and worker.dispatcher.counters.unrouted == 1
 
 
+async def trickle(port: int, head: bytes, pieces: list[bytes], every: float) -> bytes:
+    """Send ``head``, then one of ``pieces`` every ``every`` seconds while the server has not answered; its answer
+    (everything it sent until it closed), or b"" if every piece went and it said nothing for 5 s more."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        for piece in pieces:
+            try:
+                answer = await asyncio.wait_for(reader.read(), every)
+            except TimeoutError:
+                writer.write(piece)
+                continue
+            return answer
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        except TimeoutError:
+            return b""
+    finally:
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except ConnectionError:
+            pass
+
+
+def test_a_head_trickled_a_line_at_a_time_is_408_at_header_timeout(run, channel_layer, caplog):
+    """idle_timeout restarts with every byte: a head trickled one line every 0.3 s kept a connection forever."""
+
+    async def scenario():
+        async with serving(channel_layer, header_timeout=1, idle_timeout=60) as bridge:
+            answers = await asyncio.gather(*(trickle(bridge.port, b"GET /text HTTP/1.1\r\n",
+                                                     [b"X-Slow: %d\r\n" % i for i in range(40)], 0.3)
+                                             for _ in range(20)))
+            return answers, bridge.counters
+
+    answers, counters = run(scenario())
+    assert [status_of(answer) for answer in answers] == [408] * 20
+    assert counters["slow_requests"] == 20
+    assert "request head not complete within header_timeout (1 s)" in caplog.text
+
+
+def test_a_body_trickled_below_min_body_rate_is_408_and_a_steady_one_is_served(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer, header_timeout=1, min_body_rate=1000) as bridge:
+            head = b"POST /inspect HTTP/1.1\r\nHost: x\r\nContent-Length: 400000\r\n\r\n"
+            slow = await asyncio.gather(*(trickle(bridge.port, head, [b"x"] * 40, 0.3) for _ in range(10)))
+            # 40,000 bytes in pieces of 4,000 every 0.25 s: 16,000 bytes/s, well over the rate.
+            steady_head = b"POST /inspect HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 40000\r\n\r\n"
+            steady = await trickle(bridge.port, steady_head, [b"y" * 4000] * 10, 0.25)
+            return slow, steady, bridge.counters
+
+    slow, steady, counters = run(scenario())
+    assert [status_of(answer) for answer in slow] == [408] * 10
+    assert b"min_body_rate (1000 bytes/s over 1 s)" in slow[0]
+    assert status_of(steady) == 200, steady[:300]
+    assert counters["slow_requests"] == 10
+
+
 def test_body_over_max_body_is_413_without_reading_it(run, channel_layer):
     async def scenario():
         async with serving(channel_layer, max_body=100) as bridge:

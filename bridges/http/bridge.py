@@ -41,7 +41,7 @@ from crossroads.bridges.listening import (
     tcp_port,
     uses_tls,
 )
-from crossroads.bridges.protocol import positive_seconds
+from crossroads.bridges.protocol import positive_seconds, zero_or_more
 from crossroads.layer import MessageTooLarge
 
 from . import messages
@@ -150,17 +150,51 @@ class HttpChannel(http.HTTPChannel):
         self.refused = False
         self.peer = messages.describe_peer(address_of(self.transport.getPeer()))
         self.closed = asyncio.get_running_loop().create_future()  # close_protocol() waits for it
+        self.head_timer: Any = None  # from a request head's first byte until its last: header_timeout
+        self.body_timer: Any = None  # every header_timeout while a body arrives: is it at min_body_rate?
+        self.body_bytes = 0  # of the body arriving now, at the last check
         self.bridge.channels.add(self)
         super().connectionMade()
 
     # Once refused, nothing more of this connection is parsed: what it still sends is dropped until it closes.
     def dataReceived(self, data: bytes) -> None:
-        if not self.refused:
-            super().dataReceived(data)
+        if self.refused:
+            return
+        # idle_timeout restarts with every byte, so a head trickled a byte at a time would never end: the whole
+        # head must come within header_timeout of its first byte (line mode: a head, not a body, is arriving).
+        if self.line_mode and self.head_timer is None and data:
+            self.head_timer = get_reactor().callLater(self.bridge.options["header_timeout"], self._head_too_slow)
+        super().dataReceived(data)
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.refused:
+            self.body_bytes += len(data)
             super().rawDataReceived(data)
+
+    def _head_too_slow(self) -> None:
+        self.head_timer = None
+        self.bridge.count("slow_requests")
+        timeout = self.bridge.options["header_timeout"]
+        self.refuse(408, f"request head not complete within header_timeout ({timeout:g} s)")
+
+    def _check_body_rate(self, before: int) -> None:
+        self.body_timer = None
+        if self.line_mode or self.refused:
+            return  # the body is in: nothing to watch until the next one
+        options = self.bridge.options
+        window, rate = options["header_timeout"], options["min_body_rate"]
+        if self.body_bytes - before < rate * window:
+            self.bridge.count("slow_requests")
+            self.refuse(408, f"request body arriving slower than min_body_rate ({rate} bytes/s over {window:g} s)")
+            return
+        self.body_timer = get_reactor().callLater(window, self._check_body_rate, self.body_bytes)
+
+    def _stop_timers(self) -> None:
+        for name in ("head_timer", "body_timer"):
+            call = getattr(self, name)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
 
     def lineReceived(self, line: bytes) -> None:
         if self.refused:
@@ -186,6 +220,11 @@ class HttpChannel(http.HTTPChannel):
         return True
 
     def allHeadersReceived(self) -> None:
+        self._stop_timers()
+        options = self.bridge.options
+        if options["min_body_rate"] and (self.length or self._transferDecoder is not None):
+            self.body_bytes = 0
+            self.body_timer = get_reactor().callLater(options["header_timeout"], self._check_body_rate, 0)
         limit = self.bridge.options["max_body"]
         if self.length is not None and self.length > limit:
             # Before twisted.web answers "Expect: 100-continue", and before reading any of the body.
@@ -213,6 +252,7 @@ class HttpChannel(http.HTTPChannel):
         self.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:
+        self._stop_timers()
         super().connectionLost(reason)
         self.bridge.channels.discard(self)
         if not self.closed.done():
@@ -250,9 +290,22 @@ class PortSplitter(protocol.Protocol):
         bridge.undecided.add(self)
         # A client that never finishes its head is closed, as twisted.web closes an idle connection (browsers
         # open sockets ahead of need, so this is not logged as bad input).
-        self.timer = get_reactor().callLater(bridge.options["idle_timeout"], self.transport.loseConnection)
+        self.timer = get_reactor().callLater(bridge.options["idle_timeout"], self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        bridge = self.factory.bridge
+        if self.buffer:  # a head begun and not finished within header_timeout: answered, as HTTP would
+            bridge.count("slow_requests")
+            problem = f"request head not complete within header_timeout ({bridge.options['header_timeout']:g} s)"
+            bridge.bad_input(messages.describe_peer(address_of(self.transport.getPeer())), problem)
+            self.transport.write(messages.error_bytes(408, problem))
+        self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if not self.buffer and data and self.timer is not None:  # the head began: it has header_timeout to end
+            self.timer.reset(min(self.factory.bridge.options["header_timeout"],
+                                 self.timer.getTime() - get_reactor().seconds()))
         self.buffer += data
         end = messages.head_end(self.buffer)
         if end >= 0 and messages.is_websocket_upgrade(self.buffer[:end]):
@@ -303,6 +356,12 @@ class HttpBridge(ListeningBridge):
                            lambda v: None if v >= 0 else "must be 0 or more", from_string=True),
         "max_header_bytes": Option(int, 16384, "the largest request line plus headers, in bytes (431 above it)",
                                    _header_limit, from_string=True),
+        "header_timeout": Option(float, 10.0, "seconds from a request head's first byte to its last (else 408); "
+                                              "also the window min_body_rate is measured over",
+                                 positive_seconds, from_string=True),
+        "min_body_rate": Option(int, 1024, "bytes a second a request body must arrive at, over each "
+                                           "header_timeout (else 408); 0 never checks", zero_or_more,
+                                from_string=True),
         "idle_timeout": Option(float, 60.0, "seconds an idle keep-alive connection, or a slow request, is kept",
                                positive_seconds, from_string=True),
         "proxy_headers": Option(bool, False, "trust X-Forwarded-For/-Port/-Proto for the client and scheme",
