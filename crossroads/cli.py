@@ -193,7 +193,7 @@ def worker_pools(config: Config, router: Any) -> list[str]:
     lines = []
     for name, threads in [*((name, pool[1]) for name, pool in config.worker.pools.items()),
                           ("default", config.worker.threads)]:
-        if name in assigned:
+        if assigned.get(name, ((), 0))[0]:
             lines.append(f"worker pool {name}: {', '.join(assigned[name][0])} ({threads} thread(s))")
         elif name != "default":
             lines.append(f"worker pool {name}: none of its channels is routed (no threads)")
