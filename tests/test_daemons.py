@@ -305,3 +305,15 @@ def test_a_killed_worker_loses_at_most_prefetch_messages_a_thread(tmp_path, redi
         assert lost == threads  # exactly the messages being run
     else:
         assert lost > threads, "a thread that saw quick consumers should have taken a batch"
+
+
+def test_run_all_in_one_gives_the_worker_its_pools(tmp_path, daemons):
+    port = free_port()
+    config = toy_config(tmp_path, "[worker]\nthreads = 1\nprefetch = 1\n"
+                                  'pools = { toys = { channels = ["toy.*"], threads = 2 } }', port)
+    daemon = Daemon(tmp_path, "run", "run", "--config", config)
+    daemons.append(daemon)
+    daemon.wait_ready()
+    assert talk(port, "pooled") == "POOLED"
+    log = daemon.terminate()
+    assert re.search(r"worker pool toys listening on toy\.\S+ with 2 thread\(s\)", log), log
