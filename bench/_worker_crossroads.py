@@ -4,7 +4,7 @@ the timing of one message through the dispatcher against the same work done by h
 Imported by ``bench/worker.py`` (memory:// in one process, the sender for redis://, the overhead
 timing), and run as the worker process for redis://::
 
-    python bench/_worker_crossroads.py serve redis://127.0.0.1:PORT/0 THREADS
+    python bench/_worker_crossroads.py serve redis://127.0.0.1:PORT/0 THREADS [PREFETCH]
 
 which prints ``{"ready": true}`` once its threads listen, serves until its standard input closes,
 then prints its counters as one JSON line.
@@ -22,7 +22,7 @@ from _worker_load import REQUEST_CHANNEL, Recorder, now_ns, process_cpu, request
 
 from crossroads import layer, route
 from crossroads.consumers.dispatch import Dispatcher
-from crossroads.consumers.worker import Worker
+from crossroads.consumers.worker import PREFETCH, Worker
 
 PROCESS_QUEUE = "bench.bridge!"  # the sender's one receive queue, like a bridge process's
 FIRST_REPLY_TIMEOUT = 60.0  # the worker may still be starting
@@ -80,10 +80,11 @@ async def drive(channel_layer: Any, window: int, warmup: float, seconds: float, 
     return recorder.result()
 
 
-def run_in_process(url: str, threads: int, window: int, warmup: float, seconds: float, windows: int) -> dict[str, Any]:
+def run_in_process(url: str, threads: int, window: int, warmup: float, seconds: float, windows: int,
+                   prefetch: int = PREFETCH) -> dict[str, Any]:
     """Worker threads (blocking face) and the sender (async face, on this thread's loop) on one layer."""
     channel_layer = layer.from_url(url)
-    worker = Worker(routes, channel_layer, threads=threads)
+    worker = Worker(routes, channel_layer, threads=threads, prefetch=prefetch)
     worker.start()
     try:
         # The sender is this thread; the rest of the process is the worker (its threads and its loop).
@@ -168,8 +169,8 @@ def time_overhead(batches: int, per_batch: int) -> dict[str, list[float]]:
     return times
 
 
-def serve(url: str, threads: int) -> None:
-    worker = Worker(routes, layer.from_url(url), threads=threads)
+def serve(url: str, threads: int, prefetch: int = PREFETCH) -> None:
+    worker = Worker(routes, layer.from_url(url), threads=threads, prefetch=prefetch)
     worker.start()
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.read()  # the benchmark closes our standard input when it is done
@@ -179,6 +180,6 @@ def serve(url: str, threads: int) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "serve":
-        sys.exit(f"usage: {sys.argv[0]} serve REDIS_URL THREADS")
-    serve(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) not in (4, 5) or sys.argv[1] != "serve":
+        sys.exit(f"usage: {sys.argv[0]} serve REDIS_URL THREADS [PREFETCH]")
+    serve(sys.argv[2], int(sys.argv[3]), *(int(arg) for arg in sys.argv[4:]))

@@ -44,6 +44,7 @@ class DispatchCounters:
     requeued: int = 0
     gave_up: int = 0  # messages dropped after MAX_CONSUME_LATER requeues
     undelivered: int = 0  # buffered sends lost to a full channel or an unreachable layer
+    slow: int = 0  # consumers the worker's watchdog reported running past [worker] slow_consumer
     unrouted_channels: set[str] = field(default_factory=set)
 
 

@@ -1,17 +1,28 @@
-"""The worker: receives from the layer and runs consumers, in N threads, until told to stop.
+"""The worker: receives from the layer and runs consumers, in pools of threads, until told to stop.
 
-Owns threads, the event loop for ``async def`` consumers, channel selection and
-shutdown. Running one message (routing, buffering, exceptions) belongs to
-``dispatch.py``; the worker must not re-implement it.
+Owns threads, the event loop for ``async def`` consumers, channel selection, the
+pools that give chosen channels threads of their own, the watchdog that reports
+slow consumers, and shutdown. Running one message (routing, buffering,
+exceptions) belongs to ``dispatch.py``; the worker must not re-implement it.
 
 Threads block in the layer's receive (no polling) and take several messages
 of one channel per receive: as many as they have been running in ``HOLD``
-seconds, at most ``MAX_BATCH``. Fast consumers then cost one round trip to
-Redis per burst (four times fewer than a fixed 16 cost the MQTT benchmark's
-worker), while slow ones are taken one at a time, so no thread sits on
-messages another thread is free to run. A thread runs its messages in the
-order the channel held them. To
-stop them promptly, each thread has a private process queue on the layer,
+seconds, at most ``prefetch`` (``PREFETCH``, 64, by default). Fast consumers
+then cost one round trip to Redis per burst (four times fewer than a fixed 16
+cost the MQTT benchmark's worker), while slow ones are taken one at a time, so
+no thread sits on messages another thread is free to run. A thread runs its
+messages in the order the channel held them. What a thread took has left the
+layer: a worker killed (SIGKILL, OOM) loses it, up to ``prefetch`` messages a
+thread, which is why ``prefetch`` is an option (1 takes one at a time).
+
+Pools: a thread serves the channels of one pool, so a consumer that blocks
+(a slow route) can hold only its own pool's threads; channels no pool names
+go to the default pool. Threads cannot be interrupted, so a consumer running
+past ``slow_consumer`` seconds is only reported: once per message, with its
+thread's stack, by one watchdog thread that wakes once per tick and looks at
+one slot per thread.
+
+To stop promptly, each thread has a private process queue on the layer,
 which it also listens on; ``stop()`` sends one wake-up to each. Each thread
 finishes the messages in hand (they have left the layer), then exits.
 """
@@ -24,20 +35,44 @@ import re
 import secrets
 import signal
 import string
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
 
 from crossroads.layer import base
 
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, consumer_name
 
 log = logging.getLogger("crossroads.worker")
 
 FALLBACK_TIMEOUT = 5.0  # a receive returns at least this often, in case a wake-up cannot be sent
 HOLD = 0.005  # seconds of work a thread takes per receive, judged by how long its recent messages took
-MAX_BATCH = 64  # messages a thread takes per receive, at most
+PREFETCH = 64  # messages a thread takes per receive, at most, by default (bench/worker.py measured it)
+SLOW_CONSUMER = 10.0  # seconds a consumer may run on one message before it is reported
+DEFAULT_POOL = "default"
+
+
+class Pool(NamedTuple):
+    """Channel patterns served by ``threads`` threads of their own."""
+
+    channels: tuple[str, ...]
+    threads: int
+
+
+class _Running:
+    """What one thread runs now: set before a consumer starts, cleared after (read by the watchdog)."""
+
+    __slots__ = ("channel", "consumer", "coroutine", "reported", "started")
+
+    def __init__(self, channel: str, consumer: Any, coroutine: Any = None) -> None:
+        self.channel = channel
+        self.consumer = consumer
+        self.coroutine = coroutine  # an ``async def`` consumer's: its stack is in the coroutine, not the thread
+        self.started = time.monotonic()
+        self.reported = False
 
 
 def select_channels(channels: Iterable[str], only: Iterable[str] | None = (), exclude: Iterable[str] = ()) -> list[str]:
@@ -51,37 +86,109 @@ def select_channels(channels: Iterable[str], only: Iterable[str] | None = (), ex
     return [c for c in chosen if not any(r.match(c) for r in drop)]
 
 
+def assign_pools(channels: list[str], pools: Mapping[str, Pool], threads: int) -> dict[str, tuple[list[str], int]]:
+    """Each pool's channels among ``channels`` and its threads; the default pool gets what no pool names.
+
+    A channel two pools' patterns match is a ``ValueError``; a pool none of whose patterns matches a
+    channel served here gets nothing (another process may serve its channels).
+    """
+    if DEFAULT_POOL in pools:
+        raise ValueError(f'a pool may not be named "{DEFAULT_POOL}": the default pool is the channels no pool names, '
+                         "served by [worker] threads")
+    matchers = {name: [re.compile(base.glob_to_regex(p)) for p in pool.channels] for name, pool in pools.items()}
+    assigned: dict[str, tuple[list[str], int]] = {name: ([], pool.threads) for name, pool in pools.items()}
+    default: list[str] = []
+    for channel in channels:
+        owners = [name for name, patterns in matchers.items() if any(r.match(channel) for r in patterns)]
+        if len(owners) > 1:
+            raise ValueError(f"the channel {channel} is in pools {' and '.join(owners)}: a channel is served by one "
+                             "pool, so its threads are known; narrow the patterns of [worker] pools")
+        (assigned[owners[0]][0] if owners else default).append(channel)
+    if default:
+        assigned[DEFAULT_POOL] = (default, threads)
+    return assigned
+
+
+def coroutine_stack(coroutine: Any) -> str:
+    """Where a suspended coroutine waits: each awaiting frame, outermost first (a thread's stack would show
+    only the worker thread waiting for the event loop)."""
+    lines: list[str] = []
+    while coroutine is not None:
+        if hasattr(coroutine, "get_coro"):  # an awaited Task: follow its coroutine
+            coroutine = coroutine.get_coro()
+        frame = getattr(coroutine, "cr_frame", None) or getattr(coroutine, "gi_frame", None)
+        if frame is None:
+            break
+        lines += traceback.format_stack(frame, limit=1)
+        coroutine = getattr(coroutine, "cr_await", None) or getattr(coroutine, "gi_yieldfrom", None)
+    return "".join(lines) or "  (not running: finished or not started yet)\n"
+
+
 class Worker:
-    """Runs the consumers of ``router`` for messages on ``channel_layer``."""
+    """Runs the consumers of ``router`` for messages on ``channel_layer``.
+
+    ``threads`` serve the channels no pool of ``pools`` (name -> ``Pool(channel patterns, threads)``)
+    names; ``prefetch`` bounds the messages a thread takes per receive; a consumer running longer than
+    ``slow_consumer`` seconds on one message is logged with its stack and counted (``None`` or 0: never).
+    """
 
     def __init__(self, router: Any, channel_layer: Any, threads: int = 4,
-                 only_channels: Iterable[str] | None = (), exclude_channels: Iterable[str] = ()) -> None:
-        if threads < 1:
-            raise ValueError(f"a worker needs at least one thread, got {threads}")
+                 only_channels: Iterable[str] | None = (), exclude_channels: Iterable[str] = (),
+                 pools: Mapping[str, Pool | tuple[Iterable[str], int]] | None = None, prefetch: int = PREFETCH,
+                 slow_consumer: float | None = SLOW_CONSUMER) -> None:
+        pools = {name: Pool(tuple(channels), pool_threads) for name, (channels, pool_threads) in (pools or {}).items()}
+        for name, pool in [(DEFAULT_POOL, Pool((), threads)), *pools.items()]:
+            if pool.threads < 1:
+                raise ValueError(f"a worker pool needs at least one thread, got {pool.threads} for pool {name}")
+        if prefetch < 1:
+            raise ValueError(f"prefetch is the most messages a thread takes per receive: at least 1, got {prefetch}")
+        if slow_consumer is not None and slow_consumer < 0:
+            raise ValueError(f"slow_consumer is a number of seconds (0: never report), got {slow_consumer}")
         self.dispatcher = Dispatcher(router, channel_layer)
         self.sync = self.dispatcher.sync
-        self.threads = threads
+        self.prefetch = prefetch
+        self.slow_consumer = slow_consumer or None
         self.channels = select_channels(self.dispatcher.router.channels, only_channels, exclude_channels)
         if not self.channels:
             raise ValueError("no channels to listen on: the routing table is empty, or --only-channels/"
                              "--exclude-channels left nothing (routed: "
                              f"{', '.join(sorted(self.dispatcher.router.channels)) or 'none'})")
+        self.pools = assign_pools(self.channels, pools, threads)  # name -> (channels, threads)
+        self.idle_pools = [name for name, (channels, _) in self.pools.items() if not channels]
+        for name in self.idle_pools:
+            del self.pools[name]
+        # One (pool, channels) per thread, in pool order.
+        self._plan = [(name, channels) for name, (channels, count) in self.pools.items() for _ in range(count)]
+        self.threads = len(self._plan)
         token = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
-        self.controls = [f"crossroads.worker.{token}.{i}!" for i in range(threads)]  # one wake-up queue a thread
+        self.controls = [f"crossroads.worker.{token}.{i}!" for i in range(self.threads)]  # one wake-up queue a thread
         self._stopping = threading.Event()
+        self._finished = threading.Event()  # every thread has exited: the watchdog may stop too
         self._loop = asyncio.new_event_loop()
         self._workers: list[threading.Thread] = []
+        self._running: list[_Running | None] = [None] * self.threads  # each thread's slot, for the watchdog
         self._loop_thread: threading.Thread | None = None  # None until start()
+        self.watchdog_scans = 0  # how many times the watchdog looked (tests wait on it instead of sleeping)
         self.ready = threading.Event()
 
     def start(self) -> None:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="worker-async", daemon=True)
         self._loop_thread.start()
-        for i in range(self.threads):
-            thread = threading.Thread(target=self._serve, args=(self.controls[i],), name=f"worker-{i}", daemon=True)
+        for i, (pool, channels) in enumerate(self._plan):
+            name = f"worker-{i}" if pool == DEFAULT_POOL else f"worker-{pool}-{i}"
+            thread = threading.Thread(target=self._serve, args=(i, channels), name=name, daemon=True)
             thread.start()
             self._workers.append(thread)
-        log.info("worker listening on %s with %d thread(s)", ", ".join(self.channels), self.threads)
+        if self.slow_consumer:
+            threading.Thread(target=self._watch, name="worker-watchdog", daemon=True).start()
+        if list(self.pools) == [DEFAULT_POOL]:
+            log.info("worker listening on %s with %d thread(s)", ", ".join(self.channels), self.threads)
+        else:
+            for name, (channels, count) in self.pools.items():
+                log.info("worker pool %s listening on %s with %d thread(s)", name, ", ".join(channels), count)
+        for name in self.idle_pools:
+            log.info("worker pool %s has none of its channels here (routed and selected: %s): no threads", name,
+                     ", ".join(self.channels))
         self.ready.set()
 
     def stop(self) -> None:
@@ -99,6 +206,8 @@ class Worker:
         for thread in self._workers:
             thread.join(timeout)
         finished = not any(thread.is_alive() for thread in self._workers)
+        if finished:
+            self._finished.set()
         if finished and not self._loop.is_closed():
             if self._loop_thread is None:  # never started (a bridge of its process failed to start first)
                 self._loop.close()
@@ -135,26 +244,70 @@ class Worker:
     def summary(self) -> str:
         c = self.dispatcher.counters
         return (f"{c.consumed} consumed, {c.errors} consumer errors, {c.unrouted} unrouted, "
-                f"{c.requeued} requeued, {c.gave_up} given up, {c.undelivered} sends undelivered")
+                f"{c.requeued} requeued, {c.gave_up} given up, {c.undelivered} sends undelivered, "
+                f"{c.slow} slow consumers reported")
 
-    def _serve(self, control: str) -> None:
-        listen = [*self.channels, control]
+    def _serve(self, index: int, channels: list[str]) -> None:
+        control = self.controls[index]
+        listen = [*channels, control]
         batch, per_message = 1, HOLD  # nothing is known of the consumers yet: one message at first
         while not self._stopping.is_set():
             taken = self.sync.receive_many(listen, batch, timeout=FALLBACK_TIMEOUT)
             started = time.perf_counter()
             for channel, content in taken:
                 if not channel.startswith(control):
-                    self._run(channel, content)
+                    self._run(index, channel, content)
             if taken:  # a moving average, so one slow message does not make the next batches tiny
                 per_message = 0.7 * per_message + 0.3 * (time.perf_counter() - started) / len(taken)
-                batch = max(1, min(MAX_BATCH, int(HOLD / max(per_message, 1e-9))))
+                batch = max(1, min(self.prefetch, int(HOLD / max(per_message, 1e-9))))
 
-    def _run(self, channel: str, content: dict) -> None:
+    def _run(self, index: int, channel: str, content: dict) -> None:
         prepared = self.dispatcher.prepare(channel, content)
         if prepared is None:
             return
-        if self.dispatcher.is_async(prepared[0]):
-            asyncio.run_coroutine_threadsafe(self.dispatcher.handle_async(*prepared), self._loop).result()
-        else:
-            self.dispatcher.run(*prepared)
+        consumer = prepared[0]
+        try:
+            if self.dispatcher.is_async(consumer):
+                coroutine = self.dispatcher.handle_async(*prepared)
+                self._running[index] = _Running(channel, consumer, coroutine)
+                asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+            else:
+                self._running[index] = _Running(channel, consumer)
+                self.dispatcher.run(*prepared)
+        finally:
+            self._running[index] = None
+
+    # -- the slow consumer report --
+
+    def _watch(self) -> None:
+        # A tick of a quarter of the threshold reports a consumer between 1 and 1.25 times it; when nothing is
+        # slow a tick costs one look at each thread's slot.
+        tick = min(1.0, self.slow_consumer / 4)
+        while not self._finished.wait(tick):
+            self.report_slow()
+            self.watchdog_scans += 1
+
+    def report_slow(self) -> int:
+        """Log (once per message) and count every consumer running past ``slow_consumer``; how many were new."""
+        now = time.monotonic()
+        frames: dict[int, Any] | None = None
+        reported = 0
+        for thread, running in zip(self._workers, list(self._running), strict=False):
+            if running is None or running.reported or now - running.started < self.slow_consumer:
+                continue
+            running.reported = True
+            reported += 1
+            self.dispatcher.counters.slow += 1
+            if running.coroutine is not None:
+                where, stack = "the coroutine", coroutine_stack(running.coroutine)
+            else:
+                if frames is None:
+                    frames = sys._current_frames()
+                frame = frames.get(thread.ident) if thread.ident is not None else None
+                where = f"thread {thread.name}"
+                stack = "".join(traceback.format_stack(frame)) if frame is not None else "  (thread gone)\n"
+            log.warning("slow consumer: %s has been running for %.1fs on a message on %s (more than [worker] "
+                        "slow_consumer = %gs); it holds a thread of its pool until it returns. Reported once per "
+                        "message and counted. The stack of %s:\n%s", consumer_name(running.consumer),
+                        now - running.started, running.channel, self.slow_consumer, where, stack.rstrip("\n"))
+        return reported

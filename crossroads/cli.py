@@ -169,11 +169,35 @@ def cmd_check(args: argparse.Namespace) -> int:
         print("  routing: none set ([routing] app); `crossroads run` serves its bundled example")
     else:
         print(f"  routing: {config.routing_app} consumes {', '.join(sorted(router.channels)) or 'nothing'}")
+        for line in worker_pools(config, router):
+            print(f"  {line}")
         for warning in unanswered_bridges(config, router):
             print(f"warning: {warning}", file=sys.stderr)
     enabled = config.enabled_bridges()
     print(f"  bridges: {', '.join(f'{b.name} ({b.type})' for b in enabled) or 'none enabled'}")
     return 0
+
+
+def worker_pools(config: Config, router: Any) -> list[str]:
+    """What each worker pool serves, for `crossroads check`; a channel two pools' patterns match is a config error."""
+    from crossroads.consumers.worker import Pool, assign_pools, select_channels
+
+    if not config.worker.pools:
+        return []
+    channels = select_channels(router.channels, config.worker.only_channels, config.worker.exclude_channels)
+    try:
+        assigned = assign_pools(channels, {name: Pool(*pool) for name, pool in config.worker.pools.items()},
+                                config.worker.threads)
+    except ValueError as exc:
+        raise CommandError(f"{where(config)}: [worker] pools: {exc}", code=2) from None
+    lines = []
+    for name, threads in [*((name, pool[1]) for name, pool in config.worker.pools.items()),
+                          ("default", config.worker.threads)]:
+        if assigned.get(name, ((), 0))[0]:
+            lines.append(f"worker pool {name}: {', '.join(assigned[name][0])} ({threads} thread(s))")
+        elif name != "default":
+            lines.append(f"worker pool {name}: none of its channels is routed (no threads)")
+    return lines
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -185,9 +209,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     try:
         worker = Worker(router, channel_layer, threads=args.threads or config.worker.threads,
                         only_channels=args.only_channels or config.worker.only_channels,
-                        exclude_channels=args.exclude_channels or config.worker.exclude_channels)
+                        exclude_channels=args.exclude_channels or config.worker.exclude_channels,
+                        pools=config.worker.pools, prefetch=args.prefetch or config.worker.prefetch,
+                        slow_consumer=config.worker.slow_consumer)
     except ValueError as exc:
-        raise CommandError(str(exc), code=2) from None
+        raise CommandError(f"{where(config)}: [worker] {exc}", code=2) from None
     worker.run(on_ready=lambda: notify("READY=1"), on_stopping=lambda: notify("STOPPING=1"))
     channel_layer.sync.close()
     return 0
@@ -472,7 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     bridge.add_argument("name", metavar="NAME", help="the bridge's table name: [bridges.NAME]")
     command("check", cmd_check, "validate the config and the routing import; name every mistake")
     worker = command("worker", cmd_worker, "run consumers for messages on the layer (a daemon)")
-    worker.add_argument("--threads", type=int, metavar="N", help="consumer threads (default: [worker] threads)")
+    worker.add_argument("--threads", type=int, metavar="N",
+                        help="threads of the default pool (default: [worker] threads)")
+    worker.add_argument("--prefetch", type=int, metavar="N",
+                        help="messages a thread takes per receive, at most; a killed worker loses them "
+                             "(default: [worker] prefetch)")
     worker.add_argument("--only-channels", nargs="+", metavar="PATTERN",
                         help="serve only channels matching these patterns ('*' is the wildcard)")
     worker.add_argument("--exclude-channels", nargs="+", metavar="PATTERN",

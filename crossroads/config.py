@@ -41,7 +41,10 @@ DOCS = "docs/configuration.md"
 LAYER_KEYS = ("url", "capacity", "process_capacity", "channel_capacity", "expiry", "group_expiry", "prefix",
               "hosts", "symmetric_encryption_keys")
 ROUTING_KEYS = ("app",)
-WORKER_KEYS = ("threads", "only_channels", "exclude_channels")
+WORKER_KEYS = ("threads", "only_channels", "exclude_channels", "pools", "prefetch", "slow_consumer")
+POOL_KEYS = ("channels", "threads")
+DEFAULT_PREFETCH = 64  # consumers.worker.PREFETCH (this module does not import the worker)
+DEFAULT_SLOW_CONSUMER = 10.0  # consumers.worker.SLOW_CONSUMER
 BRIDGE_KEYS = ("type", "enabled")
 TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS}
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -96,6 +99,10 @@ class WorkerConfig:
     threads: int = DEFAULT_THREADS
     only_channels: tuple[str, ...] | None = None  # None: every channel the router knows
     exclude_channels: tuple[str, ...] = ()
+    # name -> (channel patterns, threads): threads of their own for those channels; the rest get `threads`.
+    pools: dict[str, tuple[tuple[str, ...], int]] = field(default_factory=dict)
+    prefetch: int = DEFAULT_PREFETCH
+    slow_consumer: float | None = DEFAULT_SLOW_CONSUMER  # None: never report (the file said 0)
 
 
 @dataclass(frozen=True)
@@ -350,8 +357,8 @@ class _Loader:
                 good = False
         return list(value) if good else None
 
-    def patterns(self, path: tuple, value: Any, only: bool) -> tuple[str, ...] | None:
-        what = "channel patterns (leave it out to serve every channel)" if only else "channel patterns"
+    def patterns(self, path: tuple, value: Any, only: bool, what: str = "") -> tuple[str, ...] | None:
+        what = what or ("channel patterns (leave it out to serve every channel)" if only else "channel patterns")
         patterns = self.string_list(path, value, what, empty=not only)
         if patterns is None:
             return None
@@ -530,7 +537,76 @@ class _Loader:
         for key in ("only_channels", "exclude_channels"):
             if key in values and not contains_unresolved(values[key]):
                 settings[key] = self.patterns(("worker", key), values[key], key == "only_channels")
-        return WorkerConfig(**{key: value for key, value in settings.items() if value is not None})
+        if "prefetch" in values and values["prefetch"] is not UNRESOLVED:
+            settings["prefetch"] = self.integer(("worker", "prefetch"), values["prefetch"], 1)
+        if "slow_consumer" in values and values["slow_consumer"] is not UNRESOLVED:
+            settings["slow_consumer"] = self.slow_consumer(("worker", "slow_consumer"), values["slow_consumer"])
+        if "pools" in values and not contains_unresolved(values["pools"]):
+            settings["pools"] = self.pools(("worker", "pools"), values["pools"])
+        chosen = {key: value for key, value in settings.items() if value is not None}
+        if chosen.get("slow_consumer") == 0:
+            chosen["slow_consumer"] = None
+        return WorkerConfig(**chosen)
+
+    def slow_consumer(self, path: tuple, value: Any) -> float | None:
+        value, hint = self.scalar(path, value, lambda text: int(text) if text.isdigit() else float(text))
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < float("inf"):
+            return value
+        self.problem(path, f"must be a number of seconds (0 never reports a slow consumer), got {_show(value)}{hint}")
+        return None
+
+    def pools(self, path: tuple, value: Any) -> dict[str, tuple[tuple[str, ...], int]] | None:
+        """``{ NAME = { channels = [...], threads = N }, ... }``: every pattern in one pool only."""
+        example = 'like { slow = { channels = ["http.request"], threads = 4 } }'
+        if not isinstance(value, dict):
+            self.problem(path, f"must be a table of pool name -> {{ channels, threads }}, {example}, "
+                               f"got {_show(value)}")
+            return None
+        pools: dict[str, tuple[tuple[str, ...], int]] = {}
+        owner: dict[str, str] = {}  # pattern -> the pool that named it first
+        good = True
+        for name, pool in value.items():
+            where = path + (name,)
+            if name == "default":
+                self.problem(where, 'a pool may not be named "default": the default pool is the channels no pool '
+                                    "names, served by [worker] threads")
+                good = False
+                continue
+            if not _BRIDGE_NAME.fullmatch(name):
+                self.problem(where, "a pool's name may hold only lowercase letters, digits, '_' and '-' (it names "
+                                    "its threads in logs)")
+                good = False
+            if not isinstance(pool, dict):
+                self.problem(where, f"must be a table {{ channels = [...], threads = N }}, {example}, "
+                                    f"got {_show(pool)}")
+                good = False
+                continue
+            suggested = set()  # a misspelt key is named once, as unknown, not again as missing
+            for key in pool:
+                if key not in POOL_KEYS:
+                    close = difflib.get_close_matches(key, POOL_KEYS, n=1)
+                    suggested.update(close)
+                    hint = f'; did you mean "{close[0]}"?' if close else "."
+                    self.problem(where + (key,), f"unknown key{hint} A pool's keys are: {', '.join(POOL_KEYS)}")
+                    good = False
+            for key in POOL_KEYS:
+                if key not in pool and key not in suggested:
+                    self.problem(where + (key,), f"missing: every pool needs channels and threads, {example}")
+                    good = False
+            channels = self.patterns(where + ("channels",), pool["channels"], True,
+                                     "channel patterns") if "channels" in pool else None
+            threads = self.integer(where + ("threads",), pool["threads"], 1) if "threads" in pool else None
+            for index, pattern in enumerate(channels or ()):
+                if owner.get(pattern, name) != name:
+                    self.problem(where + ("channels", index), f"{_show(pattern)} is in pool {owner[pattern]} too: a "
+                                                              "channel is served by one pool")
+                    good = False
+                owner.setdefault(pattern, name)
+            if channels is None or threads is None:
+                good = False
+            else:
+                pools[name] = (channels, threads)
+        return pools if good else None
 
     def check_bridges(self, values: dict, bridge_validator: BridgeValidator | None) -> dict[str, BridgeConfig]:
         bridges = {}

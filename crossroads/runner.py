@@ -74,8 +74,13 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
     if router is not None:
         from crossroads.consumers.worker import Worker
 
-        worker = Worker(router, channel_layer, threads=threads, only_channels=config.worker.only_channels,
-                        exclude_channels=config.worker.exclude_channels)
+        try:
+            worker = Worker(router, channel_layer, threads=threads, only_channels=config.worker.only_channels,
+                            exclude_channels=config.worker.exclude_channels, pools=config.worker.pools,
+                            prefetch=config.worker.prefetch, slow_consumer=config.worker.slow_consumer)
+        except ValueError as exc:
+            log.error("[worker] %s", exc)
+            return 2
     failures: list[BaseException] = []
     tasks: list[asyncio.Task] = []
 

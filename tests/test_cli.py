@@ -253,3 +253,23 @@ def test_worker_daemon_serves_notifies_and_drains_on_sigterm(tmp_path, redis_ser
     assert "worker received SIGTERM: finishing the messages in hand" in stderr
     assert "worker stopped: 2 consumed" in stderr
     json.dumps(stderr)  # the log is plain text lines
+
+
+def test_check_shows_the_worker_pools_and_names_a_channel_two_pools_take(tmp_path):
+    config = write_config(tmp_path, '[routing]\napp = "apps.slow:routes"\n[worker]\nthreads = 2\n'
+                                    'pools = { slow = { channels = ["test.hold*"], threads = 3 }, '
+                                    'mqtt = { channels = ["mqtt.*"], threads = 1 } }\n')
+    result = run("check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "worker pool slow: test.hold, test.hold_async (3 thread(s))" in result.stdout
+    assert "worker pool mqtt: none of its channels is routed (no threads)" in result.stdout
+    assert "worker pool default: test.echo, test.shout, test.tick (2 thread(s))" in result.stdout
+    # Patterns that differ as text but match one channel: only the routing table can tell.
+    config = write_config(tmp_path, '[routing]\napp = "apps.slow:routes"\n[worker]\n'
+                                    'pools = { a = { channels = ["test.*"], threads = 1 }, '
+                                    'b = { channels = ["test.hold"], threads = 1 } }\n')
+    result = run("check", "--config", str(config))
+    assert result.returncode == 2
+    assert "[worker] pools: the channel test.hold is in pools a and b" in result.stderr
+    result = run("check", "--config", str(write_config(tmp_path, '[worker]\nprefetch = 0\n')))
+    assert result.returncode == 2 and "[worker] prefetch: must be an integer of at least 1, got 0" in result.stderr

@@ -135,6 +135,21 @@ def test_a_full_file(tmp_path):
     assert config.warnings == []
 
 
+def test_worker_pools_prefetch_and_slow_consumer(tmp_path):
+    config = load(tmp_path, """
+        [worker]
+        threads = 2
+        prefetch = 1
+        slow_consumer = 2.5
+        pools = { slow = { channels = ["http.request"], threads = 4 }, mail = { channels = ["email.*"], threads = 1 } }
+    """)
+    assert config.worker.pools == {"slow": (("http.request",), 4), "mail": (("email.*",), 1)}
+    assert (config.worker.threads, config.worker.prefetch, config.worker.slow_consumer) == (2, 1, 2.5)
+    assert load(tmp_path, "[worker]\nslow_consumer = 0\n").worker.slow_consumer is None  # 0: never report
+    defaults = load(tmp_path, "").worker
+    assert (defaults.pools, defaults.prefetch, defaults.slow_consumer) == ({}, 64, 10.0)
+
+
 def test_layer_options_hold_only_the_keys_given_so_the_layer_keeps_its_own_defaults(tmp_path):
     config = load(tmp_path, "[layer]\ncapacity = 5\n")
     assert config.layer == LayerConfig("memory://", {"capacity": 5})
@@ -382,6 +397,28 @@ def test_a_failed_interpolation_is_reported_once(tmp_path):
     ('[worker]\nonly_channels = []', "worker", "only_channels", "leave it out to serve every channel"),
     ('[worker]\nonly_channels = ["chat room"]', "worker", "only_channels[0]", "the wildcard"),
     ('[worker]\nexclude_channels = "chat.*"', "worker", "exclude_channels", "must be a list of channel patterns"),
+    ('[worker]\nprefetch = 0', "worker", "prefetch", "at least 1, got 0"),
+    ('[worker]\nslow_consumer = -1', "worker", "slow_consumer", "0 never reports a slow consumer"),
+    ('[worker]\nslow_consumer = "10"', "worker", "slow_consumer", "(write it without quotes)"),
+    ('[worker]\npools = ["http.request"]', "worker", "pools", "must be a table of pool name"),
+    ('[worker]\npools = { slow = 4 }', "worker", "pools.slow", "must be a table { channels"),
+    ('[worker]\npools = { slow = { channels = ["http.request"] } }', "worker", "pools.slow.threads",
+     "missing: every pool needs channels and threads"),
+    ('[worker]\npools = { slow = { channels = [], threads = 2 } }', "worker", "pools.slow.channels",
+     "must be a non-empty list of channel patterns, got []"),
+    ('[worker]\npools = { slow = { channels = ["http request"], threads = 2 } }', "worker",
+     "pools.slow.channels[0]", "the wildcard"),
+    ('[worker]\npools = { slow = { channels = ["http.request"], threads = 0 } }', "worker", "pools.slow.threads",
+     "at least 1, got 0"),
+    ('[worker]\npools = { slow = { channels = ["http.request"], thread = 2 } }', "worker", "pools.slow.thread",
+     'unknown key; did you mean "threads"?'),
+    ('[worker]\npools = { default = { channels = ["http.request"], threads = 2 } }', "worker", "pools.default",
+     'may not be named "default"'),
+    ('[worker]\npools = { Slow = { channels = ["http.request"], threads = 2 } }', "worker", "pools.Slow",
+     "a pool's name may hold only lowercase letters"),
+    ('[worker]\npools = { a = { channels = ["http.request"], threads = 2 }, b = { channels = ["chat.*", '
+     '"http.request"], threads = 1 } }', "worker", "pools.b.channels[1]",
+     '"http.request" is in pool a too: a channel is served by one pool'),
     ('[layer]\ncapasity = 5', "layer", "capasity", 'unknown key; did you mean "capacity"?'),
     ('[worker]\ncapacity = 5', "worker", "capacity", "unknown key; it belongs in [layer]."),
     ('[routing]\nzzz = 5', "routing", "zzz", "unknown key. The keys of [routing] are: app"),

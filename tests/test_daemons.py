@@ -15,6 +15,8 @@ import pytest
 from servers import MosquittoServer, NgircdServer, free_port, wait_for_port, wait_until
 from test_cli import CROSSROADS, ENV, run, write_config
 
+from crossroads import layer
+
 BUNDLED_CHAT = Path(__file__).resolve().parent.parent / "examples" / "chat" / "crossroads.toml"
 
 
@@ -217,3 +219,101 @@ def test_the_bundled_chat_names_a_wrong_address(tmp_path):
     result = subprocess.run([CROSSROADS, "run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "CROSSROADS_CHAT_BROKER='127.0.0.1:1883': broker: must be mqtt://host:port" in result.stderr, result.stderr
+
+
+# -- the worker under slow consumers and SIGKILL (issue 14 §5 and §6) --
+
+CAPACITY = 5000  # room for the bursts below; the sender's layer enforces it, so both sides set it
+
+
+def worker_config(tmp_path, redis_url: str, prefix: str, worker_table: str) -> str:
+    return str(write_config(tmp_path, f'[layer]\nurl = "{redis_url}"\nprefix = "{prefix}"\ncapacity = {CAPACITY}\n'
+                                      f'[routing]\napp = "apps.slow:routes"\n[worker]\n{worker_table}\n'))
+
+
+def collect(sync, channel: str, count: int) -> list[dict]:
+    got: list[dict] = []
+    while len(got) < count:
+        batch = sync.receive_many([channel], count - len(got), timeout=30)
+        assert batch, f"only {len(got)} of {count} messages arrived on {channel}"
+        got += [message for _, message in batch]
+    return got
+
+
+def test_a_worker_process_with_a_slow_pool_answers_fast_requests_while_slow_ones_run(tmp_path, redis_server,
+                                                                                     daemons):
+    """The 5-slow-requests finding, on a real `crossroads worker`: slow messages fill their pool's threads (and
+    more wait for them), a fast one is answered meanwhile; each slow one is reported once, with its stack."""
+    config = worker_config(tmp_path, redis_server.url, "slowpool", 'threads = 1\nslow_consumer = 0.2\n'
+                           'pools = { slow = { channels = ["test.hold"], threads = 2 } }')
+    sync = layer.from_url(redis_server.url, prefix="slowpool", capacity=CAPACITY).sync
+    sync.flush()
+    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    daemons.append(worker)
+    worker.wait_ready()
+    try:
+        reply = sync.new_channel("client?")
+        sync.send_many([("test.hold", {"n": n, "reply_channel": reply}) for n in range(5)])
+        assert sorted(m["n"] for m in collect(sync, "test.started", 2)) == [0, 1]
+        sync.send("test.echo", {"text": "fast", "n": 99, "reply_channel": reply})
+        assert collect(sync, reply, 1) == [{"text": "fast", "n": 99}]  # no slow one has been released
+        wait_until(lambda: worker.log().count("slow consumer: apps.slow.hold") == 2, "two slow consumer reports")
+        sync.send_many([("test.release", {})] * 5)
+        assert sorted(m["finished"] for m in collect(sync, reply, 5)) == [0, 1, 2, 3, 4]
+        log = worker.terminate()
+    finally:
+        sync.close()
+    assert "worker pool slow listening on test.hold with 2 thread(s)" in log
+    assert "worker pool default listening on test.echo" in log
+    # Once per message: the three that waited in the layer found their release there and ran quickly.
+    assert log.count("slow consumer: apps.slow.hold has been running") == 2
+    assert 'apps/slow.py", line' in log and "in hold" in log  # with the stack
+    assert "2 slow consumers reported" in log
+
+
+@pytest.mark.parametrize("prefetch", [1, None])
+def test_a_killed_worker_loses_at_most_prefetch_messages_a_thread(tmp_path, redis_server, daemons, prefetch):
+    """SIGKILL loses what the worker holds (at-most-once): with prefetch = 1 the message each thread runs, no
+    more; with the default a thread that has seen quick consumers holds a batch, and all of it is lost."""
+    threads, holds = 2, 300
+    prefix = f"killed{prefetch or 'default'}"
+    config = worker_config(tmp_path, redis_server.url, prefix,
+                           f"threads = {threads}\n" + (f"prefetch = {prefetch}\n" if prefetch else ""))
+    sync = layer.from_url(redis_server.url, prefix=prefix, capacity=CAPACITY).sync
+    sync.flush()
+    worker = Daemon(tmp_path, "worker", "worker", "--config", config)
+    daemons.append(worker)
+    worker.wait_ready()
+    try:
+        reply = sync.new_channel("client?")
+        # Quick consumers first, so the threads take as much per receive as prefetch lets them.
+        sync.send_many([("test.tick", {"n": n}) for n in range(2000)]
+                       + [("test.tick", {"n": n, "reply_channel": reply}) for n in range(threads)])
+        collect(sync, reply, threads)
+        sync.send_many([("test.hold", {"n": n, "reply_channel": reply}) for n in range(holds)])
+        started = collect(sync, "test.started", threads)  # every thread runs one and holds what it took
+        worker.process.kill()  # SIGKILL
+        worker.process.wait()
+        left = sync.stats()["pending"].get("test.hold", 0)
+    finally:
+        sync.close()
+    lost = holds - left
+    limit = threads * (prefetch or 64)
+    assert len(started) == threads
+    assert threads <= lost <= limit, f"{lost} lost of {holds}, prefetch {prefetch or 'default'} promises {limit}"
+    if prefetch == 1:
+        assert lost == threads  # exactly the messages being run
+    else:
+        assert lost > threads, "a thread that saw quick consumers should have taken a batch"
+
+
+def test_run_all_in_one_gives_the_worker_its_pools(tmp_path, daemons):
+    port = free_port()
+    config = toy_config(tmp_path, "[worker]\nthreads = 1\nprefetch = 1\n"
+                                  'pools = { toys = { channels = ["toy.*"], threads = 2 } }', port)
+    daemon = Daemon(tmp_path, "run", "run", "--config", config)
+    daemons.append(daemon)
+    daemon.wait_ready()
+    assert talk(port, "pooled") == "POOLED"
+    log = daemon.terminate()
+    assert re.search(r"worker pool toys listening on toy\.\S+ with 2 thread\(s\)", log), log

@@ -1,10 +1,12 @@
-"""The worker in-process: threads, async consumers, channel selection, graceful stop."""
+"""The worker in-process: threads, pools, async consumers, channel selection, slow consumer reports, stop."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
+from servers import wait_until
 
 from crossroads import layer
 from crossroads.consumers.worker import Worker, select_channels
@@ -91,3 +93,118 @@ def test_channel_selection():
     assert select_channels(channels, exclude=["websocket.*", "http.*"]) == ["mqtt.receive"]
     with pytest.raises(ValueError, match="no channels to listen on"):
         Worker("apps.slow:routes", layer.from_url("memory://"), only_channels=["nothing.*"])
+
+
+# -- pools: a slow route cannot take the threads of others (issue 14 §5) --
+
+
+def hold_both_threads(sync, reply: str, count: int) -> None:
+    """``count`` holds in hand at once (each announces itself before it waits to be released)."""
+    sync.send_many([("test.hold", {"n": n, "reply_channel": reply}) for n in range(count)])
+    assert sorted(m["n"] for m in collect(sync, "test.started", count)) == list(range(count))
+
+
+def test_with_one_pool_slow_consumers_take_every_thread_and_a_fast_request_waits(channel_layer):
+    """The finding, as it was: both threads hold a slow message, so an echo is answered only after one returns."""
+    worker = Worker("apps.slow:routes", channel_layer, threads=2)
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    worker.start()
+    try:
+        hold_both_threads(sync, reply, 2)
+        sync.send("test.echo", {"text": "fast", "n": 99, "reply_channel": reply})
+        sync.send("test.release", {})
+        first, second = collect(sync, reply, 2)
+        assert "finished" in first and second == {"text": "fast", "n": 99}  # the echo came after a slow one ended
+        sync.send("test.release", {})
+        assert "finished" in collect(sync, reply, 1)[0]
+    finally:
+        worker.stop()
+        assert worker.join(30)
+
+
+def test_a_slow_route_in_a_pool_of_its_own_does_not_delay_a_fast_route(channel_layer):
+    worker = Worker("apps.slow:routes", channel_layer, threads=1, pools={"slow": (["test.hold"], 2)})
+    assert worker.threads == 3
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    worker.start()
+    try:
+        hold_both_threads(sync, reply, 2)  # the slow pool's two threads are busy...
+        sync.send("test.hold", {"n": 2, "reply_channel": reply})  # ...and a third slow one waits for them
+        sync.send("test.echo", {"text": "fast", "n": 99, "reply_channel": reply})
+        # Answered while every slow message is still held: nothing has been released yet.
+        assert collect(sync, reply, 1) == [{"text": "fast", "n": 99}]
+        sync.send_many([("test.release", {})] * 3)
+        assert sorted(m["finished"] for m in collect(sync, reply, 3)) == [0, 1, 2]
+    finally:
+        worker.stop()
+        assert worker.join(30)
+
+
+def test_pools_assign_each_channel_once():
+    memory = layer.from_url("memory://")
+    worker = Worker("apps.slow:routes", memory, threads=2, pools={"slow": (["test.hold*"], 3), "mqtt": (["mqtt.*"], 1)})
+    assert worker.pools == {"slow": (["test.hold", "test.hold_async"], 3),
+                            "default": (["test.echo", "test.shout", "test.tick"], 2)}
+    assert worker.idle_pools == ["mqtt"]  # none of its channels is routed here: no threads
+    assert worker.threads == 5
+    with pytest.raises(ValueError, match="the channel test.hold is in pools a and b"):
+        Worker("apps.slow:routes", memory, pools={"a": (["test.*"], 1), "b": (["test.hold"], 1)})
+    with pytest.raises(ValueError, match='may not be named "default"'):
+        Worker("apps.slow:routes", memory, pools={"default": (["test.hold"], 1)})
+    everything = Worker("apps.slow:routes", memory, threads=2, pools={"all": (["test.*"], 1)})
+    assert everything.pools == {"all": (sorted(everything.channels), 1)}  # no channel left: no default threads
+    assert everything.threads == 1
+
+
+# -- the slow consumer report --
+
+
+def slow_reports(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("slow consumer:")]
+
+
+@pytest.mark.parametrize("channel, consumer, frame", [
+    ("test.hold", "apps.slow.hold", "in hold\n"),
+    ("test.hold_async", "apps.slow.hold_async", "in hold_async\n"),
+])
+def test_a_slow_consumer_is_reported_once_with_its_stack_and_counted(channel_layer, caplog, channel, consumer,
+                                                                     frame):
+    worker = Worker("apps.slow:routes", channel_layer, threads=2, slow_consumer=0.05)
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    with caplog.at_level(logging.WARNING, logger="crossroads.worker"):
+        worker.start()
+        try:
+            sync.send("test.echo", {"text": "quick", "n": 1, "reply_channel": reply})
+            assert collect(sync, reply, 1) == [{"text": "quick", "n": 1}]
+            sync.send(channel, {"n": 7, "reply_channel": reply})
+            collect(sync, "test.started", 1)
+            wait_until(lambda: slow_reports(caplog), "the slow consumer report")
+            scans = worker.watchdog_scans
+            wait_until(lambda: worker.watchdog_scans >= scans + 3, "three more looks of the watchdog")
+            sync.send("test.release", {})
+            assert collect(sync, reply, 1) == [{"finished": 7, "released": True}]
+        finally:
+            worker.stop()
+            assert worker.join(30)
+    (record,) = slow_reports(caplog)  # once for the message, however long it ran
+    text = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert f"{consumer} has been running for" in text and f"on a message on {channel}" in text
+    assert "slow_consumer = 0.05s" in text
+    assert "apps/slow.py" in text and frame in text  # the stack says where it waits
+    assert "sync.receive" in text or "to_thread" in text
+    assert worker.dispatcher.counters.slow == 1
+    assert "1 slow consumers reported" in worker.summary()
+
+
+def test_no_watchdog_when_slow_consumer_is_off(channel_layer):
+    worker = Worker("apps.slow:routes", channel_layer, threads=1, slow_consumer=0)
+    worker.start()
+    try:
+        assert "worker-watchdog" not in [thread.name for thread in threading.enumerate()]
+    finally:
+        worker.stop()
+        assert worker.join(30)
