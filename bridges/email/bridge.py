@@ -310,18 +310,33 @@ class EmailBridge(ListeningBridge):
         except m.MailRefused as exc:
             self.refused_mail(server.peer_name, exc)
             return exc.smtp_reply
+        # The thread is known before the layer has the mail: over Redis a worker's reply can reach the reply loop
+        # before this coroutine resumes from the send. Taken back if the layer does not take the mail.
+        previous = self.threads.get(received.local_id)
+        self._remember(received.local_id, received.thread)
         try:
             stored = await self.send_to_layer(m.RECEIVE, received.message)
         except MessageTooLarge:  # receive_message kept within the budget; the layer's own count is the last word
+            self._take_back(received.local_id, previous)
             refusal = m.MailRefused(552, "5.3.4", "message too big for the channel layer once decoded", "oversized")
             self.refused_mail(server.peer_name, refusal)
             return refusal.smtp_reply
         if not stored:  # full or unreachable: the sender keeps the mail and retries
+            self._take_back(received.local_id, previous)
             return TRY_LATER
-        for forgotten in self.threads.remember(received.local_id, received.thread):
-            self.unregister(forgotten)
-        self.register(received.thread, received.local_id)
         return "250 2.0.0 OK: queued"
+
+    def _remember(self, local_id: str, thread: m.Thread) -> None:
+        for forgotten in self.threads.remember(local_id, thread):
+            self.unregister(forgotten)
+        self.register(thread, local_id)
+
+    def _take_back(self, local_id: str, previous: m.Thread | None) -> None:
+        """Replies answer the thread's mail before this one again (none: they are unknown, as before it came)."""
+        if previous is not None:
+            self._remember(local_id, previous)
+        else:
+            self.unregister(local_id)  # its entry in threads is left to age out: nothing routes to it
 
     async def handle_exception(self, error: Exception) -> str:
         """A failure of ours while serving a peer (aiosmtpd would answer 500 with the exception's text): logged and
