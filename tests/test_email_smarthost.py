@@ -280,19 +280,24 @@ def test_a_4xx_answer_is_retried_and_a_5xx_answer_dropped_and_counted(run, smart
     assert "554 5.7.1 not from you" in caplog.text and "gone@example.org (550)" in caplog.text
 
 
-def test_the_queue_is_bounded_and_its_overflow_counted(run, smarthost, certificates, caplog):
+@pytest.mark.parametrize(("limit", "kept"), [({"outbound_queue_limit": 2}, 2),
+                                             ({"outbound_queue_bytes": 1}, 1)])  # one mail may always wait
+def test_the_queue_is_bounded_and_its_overflow_counted(run, smarthost, certificates, caplog, limit, kept):
     async def scenario():
-        async with serving(through(smarthost, certificates, outbound_queue_limit=2)) as bridge:
+        async with serving(through(smarthost, certificates, **limit)) as bridge:
             thread = (await receive(bridge, mail()))["reply_channel"]
             for number in range(5):
                 await bridge.layer.send(thread, {"text": f"reply {number}"})
-            await wait_until_async(lambda: bridge.counters.get("outbound_dropped", 0) == 3, "the overflow")
+            await wait_until_async(lambda: bridge.counters.get("outbound_dropped", 0) == 5 - kept, "the overflow")
             smarthost.start()
-            return bridge, await received(smarthost, 2)
+            mails = await received(smarthost, kept)
+            await wait_until_async(lambda: bridge.counters.get("mails_sent") == kept, "the mails to be sent")
+            return bridge, mails
 
     with caplog.at_level(logging.WARNING, "crossroads.bridges.email"):
         bridge, mails = run(scenario())
-    assert [m.get_content().strip() for m in mails] == ["reply 3", "reply 4"]  # the oldest went first
+    assert [m.get_content().strip() for m in mails] == [f"reply {n}" for n in range(5 - kept, 5)]  # oldest dropped
+    assert bridge.counters["outbound_dropped"] == 5 - kept and len(bridge.sending.outbox) == 0
     assert caplog.text.count("the outbound queue is full") == 1
 
 

@@ -253,6 +253,7 @@ class EmailBridge(ListeningBridge):
 
     async def open_protocol(self) -> None:
         _quiet_aiosmtpd()
+        self.sending.prepare()
         if uses_tls(self.options):
             self.tls_context = server_ssl_context(self.options)
         implicit = self.tls_context if self.options["tls"] == "implicit" else None

@@ -130,13 +130,15 @@ class Outbox:
     def label(self) -> str:
         return f"{self.bridge.label}: smarthost {self.smarthost}"
 
-    def start(self) -> None:
-        """Start the sender; ``OptionError`` naming ``smarthost_ca_file`` when it cannot be read."""
+    def prepare(self) -> None:
+        """Read the CAs the smarthost's certificate is verified with; ``OptionError`` naming ``smarthost_ca_file``."""
         ca_file = self.options["smarthost_ca_file"] or None
         try:  # verified by default: a smarthost's certificate is checked against the system's CAs or ca_file
             self.tls_context = ssl.create_default_context(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise OptionError("smarthost_ca_file", f"cannot read {ca_file!r}: {exc}") from None
+
+    def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
 
     def put(self, outgoing: m.Outgoing) -> None:
@@ -144,6 +146,11 @@ class Outbox:
         self.queue.append(outgoing)
         self.queued_bytes += len(outgoing.data)
         self._idle.clear()
+        self._trim()
+        self._wake.set()
+
+    def _trim(self) -> None:
+        """Drop the oldest mails while the queue is over a limit (one mail, however big, may always wait)."""
         dropped = 0
         while len(self.queue) > 1 and (len(self.queue) > self.options["outbound_queue_limit"]
                                        or self.queued_bytes > self.options["outbound_queue_bytes"]):
@@ -158,7 +165,6 @@ class Outbox:
                     "%s: the outbound queue is full (outbound_queue_limit %d, outbound_queue_bytes %d): dropping "
                     "the oldest mails; they are counted in outbound_dropped", self.label,
                     self.options["outbound_queue_limit"], self.options["outbound_queue_bytes"])
-        self._wake.set()
 
     async def close(self) -> None:
         """Send what the smarthost is answering for a few seconds more, then stop; log what is left unsent."""
@@ -218,6 +224,7 @@ class Outbox:
                 continue
             self.queue.appendleft(retry)  # order kept: the same mail goes first on the next try
             self.queued_bytes += len(retry.data)
+            self._trim()  # the queue filled while it was out: it is the oldest
             await self._disconnect()
             self.failures += 1
             self.bridge.count("smarthost_retries")
@@ -319,6 +326,11 @@ class Sending:
         self._limited_logged: OrderedDict[str, None] = OrderedDict()
         self._consumer: asyncio.Task | None = None
         self._no_smarthost_logged = False
+
+    def prepare(self) -> None:
+        """What can fail on the bridge's options (``OptionError``), before the bridge opens anything."""
+        if self.outbox is not None:
+            self.outbox.prepare()
 
     def start(self) -> None:
         if self.outbox is None:
