@@ -280,6 +280,24 @@ def test_a_4xx_answer_is_retried_and_a_5xx_answer_dropped_and_counted(run, smart
     assert "554 5.7.1 not from you" in caplog.text and "gone@example.org (550)" in caplog.text
 
 
+def test_a_recipient_deferred_with_4xx_is_retried_alone(run, smarthost, certificates):
+    async def scenario():
+        smarthost.refuse = {"busy@example.org": "450 4.2.1 mailbox busy, try later"}
+        smarthost.start()
+        async with serving(through(smarthost, certificates)) as bridge:
+            await bridge.layer.send("email.send", {"to": ["ann@example.org", "busy@example.org"], "text": "both"})
+            (first,) = await received(smarthost, 1)
+            await wait_until_async(lambda: bridge.counters.get("smarthost_retries", 0) >= 1, "a retry")
+            del smarthost.refuse["busy@example.org"]  # the mailbox is free again
+            (_, second) = await received(smarthost, 2)
+            return bridge, first, second
+
+    bridge, first, second = run(scenario())
+    assert first.envelope["rcpt_tos"] == ["ann@example.org"] and second.envelope["rcpt_tos"] == ["busy@example.org"]
+    assert first["Message-ID"] == second["Message-ID"]  # the same mail, to the one who had to wait
+    assert bridge.counters["mails_sent"] == 2 and bridge.counters.get("not_delivered", 0) == 0
+
+
 @pytest.mark.parametrize(("limit", "kept"), [({"outbound_queue_limit": 2}, 2),
                                              ({"outbound_queue_bytes": 1}, 1)])  # one mail may always wait
 def test_the_queue_is_bounded_and_its_overflow_counted(run, smarthost, certificates, caplog, limit, kept):
