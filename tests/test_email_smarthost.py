@@ -259,6 +259,22 @@ def test_replies_wait_while_the_smarthost_is_down_and_flow_in_order_when_it_star
     assert bridge.counters["mails_sent"] == 3 and bridge.counters.get("outbound_dropped", 0) == 0
 
 
+def test_replies_in_hand_when_the_bridge_stops_are_still_sent(run, smarthost, certificates):
+    async def scenario():
+        smarthost.start()
+        async with serving(through(smarthost, certificates)) as bridge:
+            thread = (await receive(bridge, mail()))["reply_channel"]
+            for text in ("last words", "and these"):
+                await bridge.layer.send(thread, {"text": text})
+        return bridge  # stopped: its replies were queued, then sent while the smarthost answered
+
+    bridge = run(scenario())
+    bodies = [message_from_bytes(entry["data"], policy=policy.default).get_content().strip()
+              for entry in smarthost.received]
+    assert bodies == ["last words", "and these"]
+    assert bridge.counters["mails_sent"] == 2 and bridge.counters.get("outbound_dropped", 0) == 0
+
+
 def test_a_4xx_answer_is_retried_and_a_5xx_answer_dropped_and_counted(run, smarthost, certificates, caplog):
     async def scenario():
         smarthost.answers = ["451 4.3.0 busy, try again", "", "554 5.7.1 not from you"]
