@@ -368,3 +368,109 @@ class MosquittoServer(ServerProcess):
     @property
     def version(self) -> str:
         return self.first_line_of("-h").replace("mosquitto version", "").strip()
+
+
+class Smarthost:
+    """A real SMTP server for a bridge to send to: aiosmtpd's ``Controller`` (its own loop, in a thread) on a free
+    port, recording every mail it takes; the tests' stand-in for the relay a user's bridge sends through.
+
+    ``tls`` ({"cert", "key"}) offers STARTTLS and requires it (``require_starttls``), or with ``implicit`` serves
+    TLS from the first byte (SMTPS); ``users`` ({login: password}) requires AUTH (after TLS). ``answers`` scripts
+    the answers to the next DATAs ("451 4.3.0 busy"; a mail answered so is not recorded; "" takes it), ``refuse``
+    answers RCPT TO of the addresses it names. ``stop()`` then ``start()`` serves again on the same port, what it
+    recorded kept.
+    """
+
+    def __init__(self, *, tls: dict[str, str] | None = None, users: dict[str, str] | None = None,
+                 implicit: bool = False, port: int | None = None) -> None:
+        import threading
+
+        self.port = port or free_port()
+        self.tls, self.users, self.implicit = tls, users, implicit
+        self.received: list[dict[str, Any]] = []  # {"mail_from", "rcpt_tos", "data", "tls", "login"}
+        self.answers: list[str] = []
+        self.refuse: dict[str, str] = {}  # address -> RCPT TO answer
+        self.sessions = 0  # connections it served (counted at EHLO)
+        self._changed = threading.Condition()
+        self._controller: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"{'smtps' if self.implicit else 'smtp'}://127.0.0.1:{self.port}"
+
+    def start(self) -> Smarthost:
+        import ssl
+        import warnings
+
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.tls["cert"], self.tls["key"])
+        sink = self
+
+        class Handler:
+            async def handle_EHLO(self, server, session, envelope, hostname, responses):  # noqa: N802
+                session.host_name = hostname
+                with sink._changed:
+                    sink.sessions += 1
+                return responses
+
+            async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # noqa: N802
+                if address in sink.refuse:
+                    return sink.refuse[address]
+                envelope.rcpt_tos.append(address)
+                return "250 OK"
+
+            async def handle_DATA(self, server, session, envelope):  # noqa: N802
+                with sink._changed:
+                    answer = sink.answers.pop(0) if sink.answers else ""
+                    if answer:
+                        return answer
+                    sink.received.append({
+                        "mail_from": envelope.mail_from, "rcpt_tos": list(envelope.rcpt_tos),
+                        "data": envelope.original_content, "tls": session.ssl is not None or sink.implicit,
+                        "login": session.auth_data.login.decode() if session.authenticated else None})
+                    sink._changed.notify_all()
+                return "250 2.0.0 OK"
+
+        def authenticate(server, session, envelope, mechanism, auth_data):
+            if isinstance(auth_data, LoginPassword) and sink.users is not None and \
+                    sink.users.get(auth_data.login.decode()) == auth_data.password.decode():
+                return AuthResult(success=True, auth_data=auth_data)
+            return AuthResult(success=False, handled=False)
+
+        parameters: dict[str, Any] = {"hostname": "127.0.0.1", "port": self.port, "server_hostname": "smarthost.test"}
+        if self.tls and self.implicit:
+            parameters["ssl_context"] = context
+        elif self.tls:
+            parameters.update(tls_context=context, require_starttls=True)
+        if self.users is not None:
+            parameters.update(authenticator=authenticate, auth_required=True,
+                              auth_require_tls=not self.implicit)  # implicit TLS: aiosmtpd cannot tell
+        if self.implicit and self.users is not None:  # aiosmtpd warns on every connection: it cannot see the TLS
+            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
+        self._controller = Controller(Handler(), **parameters)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def __enter__(self) -> Smarthost:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The first ``count`` mails received, once there are that many (blocking: call it in a thread)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.received) >= count, timeout):
+                raise AssertionError(f"the smarthost received {len(self.received)} mail(s), not {count}, "
+                                     f"within {timeout} s")
+            return list(self.received[:count])

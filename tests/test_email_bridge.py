@@ -573,19 +573,6 @@ def test_an_idle_connection_is_closed(run):
     assert greeting.startswith(b"220") and after == b""
 
 
-def test_a_reply_is_counted_and_dropped_until_sending_exists(run):
-    async def scenario():
-        async with serving() as bridge:
-            await in_thread(send, bridge, mail())
-            message = await take(bridge.layer, "email.receive")
-            await bridge.layer.send(message["reply_channel"], {"text": "thanks"})
-            await wait_until_async(lambda: bridge.counters.get("replies_not_sent") == 1, "the reply to be handled")
-            return bridge
-
-    bridge = run(scenario())
-    assert bridge.counters["dropped"] == 1 and bridge.counters["unknown_replies"] == 0
-
-
 def test_systemd_socket_activation(tmp_path, redis_server):
     """systemd-socket-activate holds port 25's stand-in and passes it, named, to `crossroads bridge mail`."""
     port = free_port()

@@ -12,9 +12,9 @@ it (``bridges/base.py``). docs/spec/email.md is the contract with consumers.
 
 Why aiosmtpd's protocol and not its ``Controller``: the Controller runs its own
 loop in a thread (and cannot bind port 0); the protocol runs on our loop, next
-to the layer's client, through ``loop.create_server``. Replies and the
-smarthost are not built yet: a reply on a thread's channel is counted and
-dropped (``replies_not_sent``), logged once.
+to the layer's client, through ``loop.create_server``. What consumers send
+back (replies on a thread's channel, ``email.send``) is ``smarthost.py``'s:
+this module only hands it over.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from crossroads.layer import MessageTooLarge
 from crossroads.layer.base import MAX_MESSAGE_SIZE
 
 from . import messages as m
+from .smarthost import OPTIONS as SENDING_OPTIONS
+from .smarthost import Sending
 
 TRY_LATER = "451 4.3.0 the gateway cannot take mail right now, try again later"
 STOPPING = "421 4.3.2 the gateway is shutting down, try again later"
@@ -213,6 +215,7 @@ class EmailBridge(ListeningBridge):
         "idle_timeout": Option(float, 300.0, "seconds a connection may wait between commands (RFC 5321 "
                                              "section 4.5.3.2.7: at least 5 minutes)", positive_seconds,
                                from_string=True),
+        **SENDING_OPTIONS,  # replies and email.send, through the smarthost
     }
 
     def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
@@ -228,12 +231,12 @@ class EmailBridge(ListeningBridge):
                                options["max_depth"], options["max_attachment_content"])
         self.own_addresses = sorted(self.recipients)
         self.tls_context = None
-        self.threads = m.ThreadMemory()
+        self.threads = m.ThreadMemory(options["threads"])
         self.accepting = False
         self.connections: set[SmtpConnection] = set()
         self.server: asyncio.Server | None = None
         self.port: int | None = 0  # the TCP port listened on, once open (None on a Unix socket)
-        self._replies_logged = False
+        self.sending = Sending(self, options, self.domains, self.recipients)
 
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -250,17 +253,20 @@ class EmailBridge(ListeningBridge):
 
     async def open_protocol(self) -> None:
         _quiet_aiosmtpd()
+        self.sending.prepare()
         if uses_tls(self.options):
             self.tls_context = server_ssl_context(self.options)
         implicit = self.tls_context if self.options["tls"] == "implicit" else None
         self.accepting = True
         self.server = await listen_asyncio(lambda: SmtpConnection(self), self.options, implicit)
         self.port = asyncio_tcp_port(self.server)
+        self.sending.start()
 
     async def stop_accepting(self) -> None:
         self.accepting = False  # a DATA finishing from now on is answered 451: the sender retries elsewhere or later
         if self.server is not None:
             self.server.close()
+        await self.sending.stop_consuming()
 
     async def close_protocol(self) -> None:
         busy = [c.in_data for c in self.connections if c.in_data is not None]
@@ -276,6 +282,7 @@ class EmailBridge(ListeningBridge):
                 connection.transport.abort()
         if self.server is not None:
             await self.server.wait_closed()
+        await self.sending.close()  # after the replies in hand were queued: it sends or logs what is left
 
     # -- aiosmtpd's handler hooks (SMTP calls them with itself, the session and the envelope) --
 
@@ -310,18 +317,33 @@ class EmailBridge(ListeningBridge):
         except m.MailRefused as exc:
             self.refused_mail(server.peer_name, exc)
             return exc.smtp_reply
+        # The thread is known before the layer has the mail: over Redis a worker's reply can reach the reply loop
+        # before this coroutine resumes from the send. Taken back if the layer does not take the mail.
+        previous = self.threads.get(received.local_id)
+        self._remember(received.local_id, received.thread)
         try:
             stored = await self.send_to_layer(m.RECEIVE, received.message)
         except MessageTooLarge:  # receive_message kept within the budget; the layer's own count is the last word
+            self._take_back(received.local_id, previous)
             refusal = m.MailRefused(552, "5.3.4", "message too big for the channel layer once decoded", "oversized")
             self.refused_mail(server.peer_name, refusal)
             return refusal.smtp_reply
         if not stored:  # full or unreachable: the sender keeps the mail and retries
+            self._take_back(received.local_id, previous)
             return TRY_LATER
-        for forgotten in self.threads.remember(received.local_id, received.thread):
-            self.unregister(forgotten)
-        self.register(received.thread, received.local_id)
         return "250 2.0.0 OK: queued"
+
+    def _remember(self, local_id: str, thread: m.Thread) -> None:
+        for forgotten in self.threads.remember(local_id, thread):
+            self.unregister(forgotten)
+        self.register(thread, local_id)
+
+    def _take_back(self, local_id: str, previous: m.Thread | None) -> None:
+        """Replies answer the thread's mail before this one again (none: they are unknown, as before it came)."""
+        if previous is not None:
+            self._remember(local_id, previous)
+        else:
+            self.unregister(local_id)  # its entry in threads is left to age out: nothing routes to it
 
     async def handle_exception(self, error: Exception) -> str:
         """A failure of ours while serving a peer (aiosmtpd would answer 500 with the exception's text): logged and
@@ -370,11 +392,4 @@ class EmailBridge(ListeningBridge):
     # -- replies --
 
     def handle_reply(self, local_id: str, message: dict) -> None:
-        self.count("replies_not_sent")
-        self.count("dropped")
-        if not self._replies_logged:
-            self._replies_logged = True
-            self.log.warning("%s: dropped a reply to thread %s: sending replies is not built yet (the smarthost "
-                             "client comes next); further replies are counted in replies_not_sent", self.label,
-                             local_id)
-
+        self.sending.reply(local_id, self.threads.get(local_id), message)
