@@ -40,6 +40,7 @@ from crossroads.bridges.protocol import describe_peer, each, positive, positive_
 from crossroads.layer import MessageTooLarge
 from crossroads.layer.base import MAX_MESSAGE_SIZE
 
+from . import imap
 from . import messages as m
 
 TRY_LATER = "451 4.3.0 the gateway cannot take mail right now, try again later"
@@ -183,6 +184,7 @@ class EmailBridge(ListeningBridge):
     type_name = "email"
     OPTIONS = {
         **listen_options(2525),
+        "smtp": Option(bool, True, "serve SMTP on host/port; false: only read the imap mailbox", from_string=True),
         "tls": Option(str, "starttls", "\"starttls\": plain SMTP offering STARTTLS when tls_cert is set; "
                                        "\"implicit\": TLS from the first byte (SMTPS)", _tls_mode),
         "require_starttls": Option(bool, False, "refuse every command but EHLO, NOOP, STARTTLS and QUIT before TLS",
@@ -213,6 +215,7 @@ class EmailBridge(ListeningBridge):
         "idle_timeout": Option(float, 300.0, "seconds a connection may wait between commands (RFC 5321 "
                                              "section 4.5.3.2.7: at least 5 minutes)", positive_seconds,
                                from_string=True),
+        **imap.OPTIONS,  # reading a mailbox: bridges/email/imap.py
     }
 
     def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
@@ -234,11 +237,13 @@ class EmailBridge(ListeningBridge):
         self.server: asyncio.Server | None = None
         self.port: int | None = 0  # the TCP port listened on, once open (None on a Unix socket)
         self._replies_logged = False
+        self.imap = imap.ImapReader(self) if options["imap"] else None
 
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         checked = super().validate_options(options)
-        if not checked["domains"] and not checked["recipients"]:
+        imap.check_options(checked)
+        if checked["smtp"] and not checked["domains"] and not checked["recipients"]:
             raise OptionError("domains", "set domains or recipients: the addresses this bridge takes mail for")
         if checked["tls"] == "implicit" and not uses_tls(checked):
             raise OptionError("tls", "tls = \"implicit\" needs tls_cert and tls_key")
@@ -249,6 +254,11 @@ class EmailBridge(ListeningBridge):
     # -- the server --
 
     async def open_protocol(self) -> None:
+        if self.imap is not None:
+            self.imap.start()
+        if not self.options["smtp"]:
+            self.port = None
+            return
         _quiet_aiosmtpd()
         if uses_tls(self.options):
             self.tls_context = server_ssl_context(self.options)
@@ -261,8 +271,12 @@ class EmailBridge(ListeningBridge):
         self.accepting = False  # a DATA finishing from now on is answered 451: the sender retries elsewhere or later
         if self.server is not None:
             self.server.close()
+        if self.imap is not None:
+            await self.imap.stop_accepting()
 
     async def close_protocol(self) -> None:
+        if self.imap is not None:
+            await self.imap.close()
         busy = [c.in_data for c in self.connections if c.in_data is not None]
         if busy:  # let each transaction in DATA end with its 451 rather than a cut connection
             await asyncio.wait(busy, timeout=_CLOSE_WAIT)
