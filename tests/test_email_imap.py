@@ -158,6 +158,22 @@ def test_mail_in_the_box_and_new_mail_through_idle_arrive_and_are_marked_seen(ru
     assert bridge.port is None  # smtp = false: no SMTP server
 
 
+def test_idle_is_renewed_on_the_same_connection_and_still_hears_new_mail(run, dovecot, certs):
+    other = OtherClient(dovecot, certs)
+
+    async def scenario():
+        async with reading(options(dovecot, certs, imap_idle_renew=0.2)) as bridge:
+            await wait_until_async(lambda: bridge.imap.idles >= 3, "two IDLE renewals")
+            uid = await in_thread(other.append, mail(subject="after renewals"))
+            message = await take(bridge.layer, "email.receive")
+            await flags_become(other, uid, {"\\Seen"})
+            return bridge, message
+
+    bridge, message = run(scenario())
+    assert message["subject"] == "after renewals"
+    assert bridge.counters["connects"] == 1 and bridge.counters["connect_failures"] == 0  # renewed, not reconnected
+
+
 def test_starttls_on_imap_and_polling_without_idle(run, tmp_path, certs):
     server = DovecotServer(tmp_path / "no-idle", users={"bot": PASSWORD}, tls=certs, idle=False).start()
     other = OtherClient(server, certs)
@@ -248,6 +264,24 @@ def test_seen_only_after_the_layer_took_the_mail(run, tmp_path, dovecot, certs):
     assert unread == set()  # not \Seen while the layer could not take it
     assert message["subject"] == "kept in the box"
     assert bridge.counters["imap_delivered"] == 1 and bridge.counters["sent"] == 1
+
+
+def test_a_full_channel_leaves_mail_unread_and_it_follows_in_uid_order(run, dovecot, certs):
+    other = OtherClient(dovecot, certs)
+
+    async def scenario():
+        uids = [await in_thread(other.append, mail(subject=f"mail {n}", message_id=f"<f{n}@x.org>"))
+                for n in (1, 2, 3)]
+        async with reading(options(dovecot, certs), layer.from_url("memory://", capacity=1)) as bridge:
+            await wait_until_async(lambda: bridge.counters["refused"] >= 1, "the full channel to refuse mail 2")
+            while_full = await in_thread(other.flags)
+            got = [(await take(bridge.layer, "email.receive"))["subject"] for _ in uids]  # room again, one by one
+            await flags_become(other, uids[2], {"\\Seen"})
+            return uids, while_full, got
+
+    uids, while_full, got = run(scenario(), timeout=60)
+    assert while_full[uids[0]] == {"\\Seen"} and while_full[uids[1]] == while_full[uids[2]] == set()
+    assert got == ["mail 1", "mail 2", "mail 3"]
 
 
 def test_a_changed_uidvalidity_reads_the_unseen_mail_again(run, dovecot, certs, caplog):

@@ -119,7 +119,9 @@ class ImapReader:
         self.client: aioimaplib.IMAP4 | None = None
         self.session: asyncio.Task | None = None
         self.stopping = False
+        self._stopped = asyncio.Event()  # set by stop_accepting(): ends a wait between looks at once
         self.idling = False
+        self.idles = 0  # IDLE commands issued: one per look at the mailbox, and one per renewal
         self._cursor_problem_logged = False
         self.reconnector = bridge.reconnector(self._connect, self.describe)
 
@@ -170,7 +172,7 @@ class ImapReader:
         if lost.get("gone"):
             raise ConnectionError("the server closed the connection while logging in")
         self.client = client
-        session = asyncio.ensure_future(self._serve(client, uidvalidity))
+        session = self.session = asyncio.ensure_future(self._serve(client, uidvalidity))
         lost["session"] = session
         session.add_done_callback(lambda task: self._ended(task, None))
         return client
@@ -223,6 +225,7 @@ class ImapReader:
     async def stop_accepting(self) -> None:
         """Take no more mail: the one in hand finishes (delivered and marked, or left unread), IDLE ends."""
         self.stopping = True
+        self._stopped.set()
         session = self.session
         if session is None:
             return
@@ -245,7 +248,6 @@ class ImapReader:
     # -- the session: read what is new, then wait for more --
 
     async def _serve(self, client: aioimaplib.IMAP4, uidvalidity: int) -> None:
-        self.session = asyncio.current_task()
         retry = None  # backoff delays while the layer refuses
         while not self.stopping:
             if await self._read_new(client, uidvalidity):
@@ -255,10 +257,17 @@ class ImapReader:
                 if client.has_capability("IDLE"):
                     await self._idle(client)
                 else:
-                    await asyncio.sleep(self.options["imap_poll_interval"])
+                    await self._nap(self.options["imap_poll_interval"])
             else:  # the layer is full or down: the mail stays unread and is tried again, first in line
                 retry = retry or backoff_delays(0.5, 30.0)
-                await asyncio.sleep(next(retry))
+                await self._nap(next(retry))
+
+    async def _nap(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the bridge stops meanwhile."""
+        try:
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+        except TimeoutError:
+            pass
 
     async def _idle(self, client: aioimaplib.IMAP4) -> None:
         """IDLE until the server says a mail arrived, or ``imap_idle_renew`` passed (then the caller looks and IDLEs
@@ -266,6 +275,7 @@ class ImapReader:
         renew = self.options["imap_idle_renew"]
         idle = await client.idle_start(timeout=renew)
         self.idling = True
+        self.idles += 1
         try:
             while not self.stopping:
                 pushed = await client.wait_server_push(timeout=renew + self.options["imap_timeout"])
