@@ -408,6 +408,8 @@ def test_a_wrong_password_is_a_clear_problem_retried_with_backoff(run, dovecot, 
     ({"smtp": False, "imap": "imaps://mail.example/INBOX", "imap_password": "x"}, "imap", "no user"),
     ({"smtp": False, "imap": "pop3://bot@mail.example", "imap_password": "x"}, "imap", "imaps://"),
     ({"imap": "imaps://bot@mail.example/INBOX", "imap_password": "x"}, "domains", "domains"),
+    ({"smtp": False, "imap": "imaps://bot@mail.example/Bot", "imap_password": "x", "imap_move_to": "Bot"},
+     "imap_move_to", "another folder"),
 ])
 def test_option_errors(given, key, words):
     with pytest.raises(OptionError) as error:

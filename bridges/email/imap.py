@@ -70,6 +70,11 @@ def check_options(checked: dict[str, Any]) -> None:
     if not checked["imap_password"]:
         raise OptionError("imap_password", "reading the imap mailbox needs its password "
                                            "(\"${credential:imap-password}\")")
+    mailbox = mb.parse_imap_url(checked["imap"]).mailbox
+    for key in ("imap_move_to", "imap_refused_folder"):
+        if checked[key] == mailbox:
+            raise OptionError(key, f"must be another folder than the one read ({mailbox}): a mail moved there "
+                                   "would come back as new")
 
 
 OPTIONS = {
@@ -115,6 +120,9 @@ class ImapReader:
         self.options = options
         self.describe = f"IMAP {self.url}"
         self.key = mb.cursor_key(bridge.name, self.url)
+        # the mailbox's own address is ours too: mail from it is "own" (never answered automatically)
+        self.own_addresses = sorted({*bridge.own_addresses, *([self.url.user.lower()] if "@" in self.url.user
+                                                                else [])})
         self.cursor: mb.Cursor | None = None  # None until read from the layer
         self.client: aioimaplib.IMAP4 | None = None
         self.session: asyncio.Task | None = None
@@ -357,7 +365,7 @@ class ImapReader:
             raise m.MailRefused(554, "5.6.0", "message could not be read", "unreadable") from None
         return m.receive_message(mail, envelope_from=envelope_from, envelope_to=envelope_to,
                                  reply_prefix=self.bridge.prefix, limits=limits, budget=MAX_MESSAGE_SIZE - _HEADROOM,
-                                 authenticated=m.authentication(), own_addresses=self.bridge.own_addresses)
+                                 authenticated=m.authentication(), own_addresses=self.own_addresses)
 
     async def _set_aside(self, client: aioimaplib.IMAP4, uid: int, peer: str, refusal: m.MailRefused) -> bool:
         """A mail that will never be taken: counted, logged, and marked (or moved) so it is not read again."""
