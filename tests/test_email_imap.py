@@ -16,6 +16,7 @@ import asyncio
 import imaplib
 import logging
 import re
+import smtplib
 import ssl
 from contextlib import asynccontextmanager
 from email import policy
@@ -156,6 +157,27 @@ def test_mail_in_the_box_and_new_mail_through_idle_arrive_and_are_marked_seen(ru
     assert pushed["subject"] == "new" and pushed["text"] == "a new one"
     assert bridge.counters["imap_delivered"] == 2 and bridge.counters["sent"] == 2
     assert bridge.port is None  # smtp = false: no SMTP server
+
+
+def test_one_bridge_serves_smtp_and_reads_a_mailbox(run, dovecot, certs):
+    other = OtherClient(dovecot, certs)
+
+    def by_smtp(port: int) -> dict:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            return smtp.sendmail("carl@example.org", ["lobby@chat.example"], mail(subject="by smtp"))
+
+    async def scenario():
+        both = options(dovecot, certs, smtp=True, port=0, domains=["chat.example"])
+        async with reading(both) as bridge:
+            await in_thread(other.append, mail(subject="by imap"))
+            first = await take(bridge.layer, "email.receive")
+            refused = await in_thread(by_smtp, bridge.port)
+            second = await take(bridge.layer, "email.receive")
+            return first, refused, second
+
+    first, refused, second = run(scenario())
+    assert first["subject"] == "by imap" and first["from"] == "ann@example.org"
+    assert refused == {} and second["subject"] == "by smtp" and second["from"] == "carl@example.org"
 
 
 def test_idle_is_renewed_on_the_same_connection_and_still_hears_new_mail(run, dovecot, certs):
