@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ INSTALL_HINT = {
     "mosquitto_pub": "apt-get install -y mosquitto-clients",
     "mosquitto_sub": "apt-get install -y mosquitto-clients",
     "ngircd": "apt-get install -y ngircd",
+    "dovecot": "apt-get install -y dovecot-imapd",
 }
 
 
@@ -474,3 +476,131 @@ class Smarthost:
                 raise AssertionError(f"the smarthost received {len(self.received)} mail(s), not {count}, "
                                      f"within {timeout} s")
             return list(self.received[:count])
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (from /proc: each process's parent)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class DovecotServer(ServerProcess):
+    """One Dovecot IMAP server (Debian's ``dovecot-imapd``) in the foreground, with a scratch config on free ports.
+
+    No system service and nothing outside its own folder: the config, the
+    passwd-file with the test users (``users``, {name: password}, PLAIN), the
+    maildirs, Dovecot's runtime sockets and its log. ``port`` is plain IMAP
+    (with STARTTLS when ``tls`` is given: {"cert", "key"}), ``tls_port`` IMAPS.
+    Dovecot never lets a user read mail as root, so run as root everything
+    runs as ``nobody``, in a folder of its own under the system's temporary
+    folder (``nobody`` cannot reach into pytest's, which is root's alone); as
+    any other user, everything runs as that user. ``stop()`` kills it
+    (SIGKILL); ``start()`` again serves the same mailboxes on the same ports.
+    """
+
+    def __init__(self, workdir: Path, *, users: dict[str, str], tls: dict[str, str] | None = None,
+                 idle: bool = True) -> None:
+        self.binary = require_binary("dovecot")
+        self.users = users
+        self.tls = tls
+        self.idle = idle  # False: a server without IDLE (the capability is left out), for the polling fallback
+        self.port = free_port()
+        self.tls_port = free_port() if tls else None
+        self.process: subprocess.Popen | None = None
+        self.as_root = os.getuid() == 0
+        if self.as_root:  # a folder nobody can reach, removed by cleanup()
+            self.workdir = Path(tempfile.mkdtemp(prefix="crossroads-dovecot-"))
+        else:
+            self.workdir = workdir
+        self.log_path = self.workdir / "dovecot.log"
+
+    def _account(self) -> tuple[str, int, int, str]:
+        import grp
+        import pwd
+
+        entry = pwd.getpwnam("nobody") if self.as_root else pwd.getpwuid(os.getuid())
+        group = grp.getgrgid(entry.pw_gid).gr_name
+        return entry.pw_name, entry.pw_uid, entry.pw_gid, group
+
+    def config(self) -> str:
+        user, uid, gid, group = self._account()
+        folder = self.workdir
+        lines = [
+            f"base_dir = {folder}/run", f"state_dir = {folder}/state", f"log_path = {self.log_path}",
+            "protocols = imap", "listen = 127.0.0.1", "disable_plaintext_auth = no", "auth_mechanisms = plain login",
+            f"default_internal_user = {user}", f"default_internal_group = {group}", f"default_login_user = {user}",
+            f"first_valid_uid = {uid}", f"last_valid_uid = {uid}", f"first_valid_gid = {gid}",
+            f"last_valid_gid = {gid}", f"mail_location = maildir:{folder}/mail/%u",
+            "mail_debug = no", "auth_verbose = yes", "login_trusted_networks =", "ssl_client_require_valid_cert = no",
+            "passdb {", "  driver = passwd-file", f"  args = scheme=PLAIN username_format=%u {folder}/users", "}",
+            "userdb {", "  driver = static", f"  args = uid={uid} gid={gid} home={folder}/home/%u", "}",
+            "service imap-login {", "  chroot =", "  inet_listener imap {", f"    port = {self.port}", "  }",
+            "  inet_listener imaps {", f"    port = {self.tls_port or 0}", "    ssl = yes", "  }", "}",
+            "service anvil {", "  chroot =", "}", "service stats {", "  unix_listener stats-reader {",
+            f"    user = {user}", "  }", "  unix_listener stats-writer {", f"    user = {user}", "  }", "}",
+        ]
+        if self.tls:
+            lines += ["ssl = yes", f"ssl_cert = <{self.tls['cert']}", f"ssl_key = <{self.tls['key']}"]
+        else:
+            lines += ["ssl = no"]
+        if not self.idle:  # the capability list written out without IDLE: clients must poll
+            lines += ["imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE LITERAL+ UIDPLUS MOVE "
+                      "NAMESPACE UNSELECT CHILDREN SPECIAL-USE"]
+        return "\n".join(line for line in lines if line is not None) + "\n"
+
+    def start(self) -> DovecotServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.tls and self.as_root:  # copies dovecot's config reader can open (it reads them as root anyway)
+            for kind in ("cert", "key"):
+                copy = self.workdir / f"imap-{kind}.pem"
+                if Path(self.tls[kind]) != copy:  # (started again: the copies are there)
+                    shutil.copyfile(self.tls[kind], copy)
+                    self.tls = {**self.tls, kind: str(copy)}
+        (self.workdir / "users").write_text("".join(f"{name}:{password}\n" for name, password in self.users.items()))
+        config = self.workdir / "dovecot.conf"
+        config.write_text(self.config())
+        if self.as_root:
+            _, uid, gid, _ = self._account()
+            for path in [self.workdir, *self.workdir.rglob("*")]:
+                os.chown(path, uid, gid)
+        self.launch([self.binary, "-F", "-c", str(config)], "dovecot.out", self.port, self.tls_port)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        """SIGKILL to the master and every process it started (its login and mail processes would otherwise
+        linger, serving their connections, until they noticed the master was gone): a crash of the whole server."""
+        if self.process is None or self.process.poll() is not None:
+            self.process = None
+            return
+        family = _descendants(self.process.pid)
+        super().stop()
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def cleanup(self) -> None:
+        """Stop it and, run as root, remove its folder outside pytest's."""
+        self.stop()
+        if self.as_root:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+    @property
+    def version(self) -> str:
+        return self.first_line_of("--version")

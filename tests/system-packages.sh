@@ -13,6 +13,7 @@ declare -A NEEDED=(
   [mosquitto_pub]=mosquitto-clients
   [ngircd]=ngircd
   [swaks]=swaks
+  [dovecot]=dovecot-imapd
 )
 
 missing=()

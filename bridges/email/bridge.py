@@ -40,6 +40,7 @@ from crossroads.bridges.protocol import describe_peer, each, positive, positive_
 from crossroads.layer import MessageTooLarge
 from crossroads.layer.base import MAX_MESSAGE_SIZE
 
+from . import imap
 from . import messages as m
 from .smarthost import OPTIONS as SENDING_OPTIONS
 from .smarthost import Sending
@@ -185,6 +186,7 @@ class EmailBridge(ListeningBridge):
     type_name = "email"
     OPTIONS = {
         **listen_options(2525),
+        "smtp": Option(bool, True, "serve SMTP on host/port; false: only read the imap mailbox", from_string=True),
         "tls": Option(str, "starttls", "\"starttls\": plain SMTP offering STARTTLS when tls_cert is set; "
                                        "\"implicit\": TLS from the first byte (SMTPS)", _tls_mode),
         "require_starttls": Option(bool, False, "refuse every command but EHLO, NOOP, STARTTLS and QUIT before TLS",
@@ -216,6 +218,7 @@ class EmailBridge(ListeningBridge):
                                              "section 4.5.3.2.7: at least 5 minutes)", positive_seconds,
                                from_string=True),
         **SENDING_OPTIONS,  # replies and email.send, through the smarthost
+        **imap.OPTIONS,  # reading a mailbox: bridges/email/imap.py
     }
 
     def __init__(self, name: str, options: dict[str, Any], layer: Any) -> None:
@@ -237,11 +240,13 @@ class EmailBridge(ListeningBridge):
         self.server: asyncio.Server | None = None
         self.port: int | None = 0  # the TCP port listened on, once open (None on a Unix socket)
         self.sending = Sending(self, options, self.domains, self.recipients)
+        self.imap = imap.ImapReader(self) if options["imap"] else None
 
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         checked = super().validate_options(options)
-        if not checked["domains"] and not checked["recipients"]:
+        imap.check_options(checked)
+        if checked["smtp"] and not checked["domains"] and not checked["recipients"]:
             raise OptionError("domains", "set domains or recipients: the addresses this bridge takes mail for")
         if checked["tls"] == "implicit" and not uses_tls(checked):
             raise OptionError("tls", "tls = \"implicit\" needs tls_cert and tls_key")
@@ -252,8 +257,13 @@ class EmailBridge(ListeningBridge):
     # -- the server --
 
     async def open_protocol(self) -> None:
+        self.sending.prepare()  # replies go out whichever way mail came in
+        if self.imap is not None:
+            self.imap.start()
+        if not self.options["smtp"]:
+            self.port = None
+            return
         _quiet_aiosmtpd()
-        self.sending.prepare()
         if uses_tls(self.options):
             self.tls_context = server_ssl_context(self.options)
         implicit = self.tls_context if self.options["tls"] == "implicit" else None
@@ -267,8 +277,12 @@ class EmailBridge(ListeningBridge):
         if self.server is not None:
             self.server.close()
         await self.sending.stop_consuming()
+        if self.imap is not None:
+            await self.imap.stop_accepting()
 
     async def close_protocol(self) -> None:
+        if self.imap is not None:
+            await self.imap.close()
         busy = [c.in_data for c in self.connections if c.in_data is not None]
         if busy:  # let each transaction in DATA end with its 451 rather than a cut connection
             await asyncio.wait(busy, timeout=_CLOSE_WAIT)
@@ -317,21 +331,33 @@ class EmailBridge(ListeningBridge):
         except m.MailRefused as exc:
             self.refused_mail(server.peer_name, exc)
             return exc.smtp_reply
-        # The thread is known before the layer has the mail: over Redis a worker's reply can reach the reply loop
-        # before this coroutine resumes from the send. Taken back if the layer does not take the mail.
-        previous = self.threads.get(received.local_id)
-        self._remember(received.local_id, received.thread)
         try:
-            stored = await self.send_to_layer(m.RECEIVE, received.message)
+            stored = await self.store_received(received)
         except MessageTooLarge:  # receive_message kept within the budget; the layer's own count is the last word
-            self._take_back(received.local_id, previous)
             refusal = m.MailRefused(552, "5.3.4", "message too big for the channel layer once decoded", "oversized")
             self.refused_mail(server.peer_name, refusal)
             return refusal.smtp_reply
         if not stored:  # full or unreachable: the sender keeps the mail and retries
-            self._take_back(received.local_id, previous)
             return TRY_LATER
         return "250 2.0.0 OK: queued"
+
+    async def store_received(self, received: m.Received) -> bool:
+        """Send a mail's ``email.receive`` into the layer (SMTP and IMAP alike); whether the layer took it.
+
+        The thread is known before the layer has the mail: over Redis a worker's
+        reply can reach the reply loop before the send returns. It is taken back
+        if the layer does not take the mail (refused, or ``MessageTooLarge``).
+        """
+        previous = self.threads.get(received.local_id)
+        self._remember(received.local_id, received.thread)
+        try:
+            stored = await self.send_to_layer(m.RECEIVE, received.message)
+        except MessageTooLarge:
+            self._take_back(received.local_id, previous)
+            raise
+        if not stored:
+            self._take_back(received.local_id, previous)
+        return stored
 
     def _remember(self, local_id: str, thread: m.Thread) -> None:
         for forgotten in self.threads.remember(local_id, thread):
