@@ -412,6 +412,11 @@ class SlackEmulator:
         self.disconnects.append(reason)
         self._changed()
 
+    async def close_connections(self) -> None:
+        """Close every live socket with a WebSocket close frame, as Slack does when it goes away without warning."""
+        for ws in list(self._sockets):
+            await ws.close()
+
     def drop_silently(self) -> None:
         """The newest socket goes dead without a word: nothing read (so no pong), nothing sent, no FIN."""
         ws = self._sockets.pop()

@@ -186,18 +186,38 @@ def test_a_socket_recycled_mid_stream_loses_and_doubles_nothing(run):
 def test_a_silently_dead_socket_is_caught_by_the_watchdog(run):
     async def scenario():
         async with SlackEmulator() as emulator, bridging(emulator, {"ping_interval": 0.2}) as bridge:
+            states = []
+            bridge.health_listeners.append(lambda health: states.append(health["state"]))
             emulator.drop_silently()
             waiting = await emulator.send_event(post("while dead", "1700000001.000100"))
             lost = await take(bridge.layer, "slack.disconnect", timeout=15)
             again = await take(bridge.layer, "slack.connect", timeout=15)
             await emulator.wait_for(lambda: waiting in emulator.acks, what="the envelope on the new socket")
             got = await take(bridge.layer, "slack.receive")
-            return bridge, emulator, lost, again, got
+            await wait_until_async(lambda: bridge.health["state"] == "connected", "health to say connected")
+            return bridge, emulator, lost, again, got, states
 
-    bridge, emulator, lost, again, got = run(scenario())
+    bridge, emulator, lost, again, got, states = run(scenario())
+    assert "degraded" in states  # while the dead socket was being replaced, not before
     assert lost["reason"] == "ping timeout" and again["transport"] == "socket"
     assert got["text"] == "while dead"
     assert len(emulator.calls_to("apps.connections.open")) == 2 and bridge.counters["connects"] == 2
+
+
+def test_a_connection_slack_closes_is_made_again_with_a_fresh_url(run):
+    async def scenario():
+        async with SlackEmulator() as emulator, bridging(emulator, {"reconnect_initial": 0.05}) as bridge:
+            await emulator.close_connections()
+            lost = await take(bridge.layer, "slack.disconnect")
+            await take(bridge.layer, "slack.connect")
+            await emulator.send_event(post("after", "1700000001.000100"))
+            got = await take(bridge.layer, "slack.receive")
+            return bridge, emulator, lost, got
+
+    bridge, emulator, lost, got = run(scenario())
+    assert lost["reason"] == "connection lost" and got["text"] == "after"
+    assert emulator.hellos == 2 and len(emulator.calls_to("apps.connections.open")) == 2
+    assert len(emulator.calls_to("auth.test")) == 1 and bridge.counters["connects"] == 2
 
 
 # -- posting -------------------------------------------------------------------------------------------------------
@@ -276,6 +296,122 @@ def test_malformed_envelopes_are_acknowledged_counted_and_skipped(run):
     bridge, got = run(scenario())
     assert got["text"] == "good"
     assert bridge.counters["bad_input"] == 2 and bridge.counters["skipped"] == 1
+
+
+def test_richer_replies_ephemeral_reaction_update_blocks_and_threads(run):
+    async def scenario():
+        async with SlackEmulator(posts_per_window=100) as emulator, bridging(emulator, {"burst": 100}) as bridge:
+            await emulator.send_event(post("parent", "1700000001.000100"))
+            await emulator.send_event(post("child", "1700000002.000100", thread_ts="1700000001.000100"))
+            in_channel, in_thread = [await take(bridge.layer, "slack.receive") for _ in range(2)]
+            await reply(bridge, in_channel, {"mrkdwn": "*bold* <@U222>"})
+            await emulator.wait_for(lambda: texts(emulator, "C111"), what="the first post")
+            ours = emulator.history["C111"][0]["ts"]
+            await reply(bridge, in_channel, {"type": "reaction", "name": ":thumbsup:", "ts": ours})
+            await reply(bridge, in_channel, {"type": "update", "ts": ours, "text": "edited"})
+            await reply(bridge, in_channel, {"type": "ephemeral", "user": "U222", "text": "only you"})
+            await reply(bridge, in_channel, {"blocks": [{"type": "section", "text": {"type": "mrkdwn",
+                                                                                      "text": "*hi*"}}],
+                                             "text": "hi"})
+            await reply(bridge, in_thread, {"text": "in the thread", "broadcast": True})
+            await reply(bridge, in_thread, {"text": "in the channel", "thread": False})
+            await emulator.wait_for(lambda: len(emulator.history["C111"]) == 4 and emulator.ephemeral
+                                    and emulator.reactions, what="every reply")
+            return emulator, ours
+
+    emulator, ours = run(scenario())
+    history = emulator.history["C111"]
+    assert history[0]["text"] == "edited" and history[0]["ts"] == ours  # mrkdwn as written, then updated
+    assert [c.args["text"] for c in emulator.calls_to("chat.postMessage")][0] == "*bold* <@U222>"
+    assert history[1]["blocks"][0]["type"] == "section" and history[1]["text"] == "hi"
+    assert (history[2]["text"], history[2]["thread_ts"], history[2]["reply_broadcast"]) == (
+        "in the thread", "1700000001.000100", True)
+    assert history[3]["text"] == "in the channel" and "thread_ts" not in history[3]
+    assert emulator.reactions == [("C111", ours, "thumbsup")]
+    assert (emulator.ephemeral[0]["user"], emulator.ephemeral[0]["text"]) == ("U222", "only you")
+
+
+def test_edits_are_delivered_marked_and_previews_skipped(run):
+    async def scenario():
+        async with SlackEmulator() as emulator, bridging(emulator) as bridge:
+            original = {"type": "message", "user": "U222", "text": "teh plan", "ts": "1700000001.000100"}
+            edit = {"type": "message", "subtype": "message_changed", "channel": "C111", "hidden": True,
+                    "ts": "1700000005.000100", "event_ts": "1700000005.000100",
+                    "message": {**original, "text": "the plan", "edited": {"user": "U222"}},
+                    "previous_message": original}
+            preview = {**edit, "ts": "1700000006.000100", "message": {**original, "attachments": [{}]}}
+            await emulator.send_event(preview)
+            await emulator.send_event(edit)
+            got = await take(bridge.layer, "slack.receive")
+            return bridge, got
+
+    bridge, got = run(scenario())
+    assert (got["edited"], got["text"], got["ts"]) == (True, "the plan", "1700000001.000100")
+    assert bridge.counters["skipped"] == 1
+
+
+def test_a_failed_name_lookup_never_holds_an_event_back(run):
+    async def scenario():
+        async with SlackEmulator() as emulator, bridging(emulator) as bridge:
+            await emulator.send_event(post("who am I", "1700000001.000100", user="U999", channel="C999"))
+            got = await take(bridge.layer, "slack.receive")
+            await wait_until_async(lambda: bridge.counters["lookup_failures"] == 2, "both lookups to fail")
+            await emulator.send_event(post("still here", "1700000002.000100", user="U999", channel="C999"))
+            again = await take(bridge.layer, "slack.receive")
+            return bridge, emulator, got, again
+
+    bridge, emulator, got, again = run(scenario())
+    assert (got["sender"], got["room"], again["sender"], again["text"]) == ("U999", "C999", "U999", "still here")
+    assert len(emulator.calls_to("users.info")) == 1  # not asked again at once: a minute later at the earliest
+
+
+def test_a_token_slack_refuses_is_reported_and_retried(run, caplog):
+    async def scenario():
+        async with SlackEmulator() as emulator:
+            channel_layer = layer.from_url("memory://")
+            bridge = SlackBridge("work", {"bot_token": "xoxb-wrong", "app_token": emulator.app_token,
+                                          "api_url": emulator.api_url, "reconnect_initial": 0.05}, channel_layer)
+            async with running_in_process(bridge, None):
+                await emulator.wait_for(lambda: len(emulator.calls_to("auth.test")) >= 2, what="a second attempt")
+                await wait_until_async(lambda: bridge.health["state"] == "degraded", "health to say degraded")
+                return bridge.health, emulator
+
+    health, emulator = run(scenario())
+    assert "Slack refused the bot token (invalid_auth): check bot_token" in health["reason"]
+    assert emulator.calls_to("apps.connections.open") == []
+    assert "xoxb-wrong" not in caplog.text
+
+
+def test_posts_beyond_max_queued_are_dropped_oldest_first_and_counted(run, caplog):
+    async def scenario():
+        async with SlackEmulator(posts_per_window=1, window=2.0) as emulator, \
+                bridging(emulator, {"max_queued": 2, "burst": 100, "rate": 100}) as bridge:
+            await emulator.send_event(post("hi", "1700000001.000100"))
+            got = await take(bridge.layer, "slack.receive")
+            await reply(bridge, got, {"text": "first"})
+            await emulator.wait_for(lambda: texts(emulator, "C111"), what="the first post")
+            for n in range(5):  # the channel is held by a 429's Retry-After meanwhile
+                await reply(bridge, got, {"text": str(n)})
+            await wait_until_async(lambda: bridge.counters["outbound_dropped"] == 3, "the overflow")
+            await emulator.wait_for(lambda: len(texts(emulator, "C111")) == 3, timeout=15, what="the rest")
+            return bridge, emulator
+
+    bridge, emulator = run(scenario(), timeout=40)
+    assert texts(emulator, "C111") == ["first", "3", "4"]
+    assert "over max_queued (2)" in caplog.text
+
+
+def test_events_api_bad_bodies_are_answered_and_counted(run):
+    async def scenario():
+        async with SlackEmulator() as emulator, events_bridge(emulator) as (bridge, url):
+            not_json = await emulator.deliver(url, b"{not json", retries=0)
+            unknown = await emulator.deliver(url, {"type": "something_new"}, retries=0)
+            elsewhere = await emulator.deliver(url.replace("/slack/events", "/other"), {"type": "x"}, retries=0)
+            return bridge, not_json, unknown, elsewhere
+
+    bridge, not_json, unknown, elsewhere = run(scenario())
+    assert [a.status for a in not_json + unknown + elsewhere] == [200, 200, 404]
+    assert bridge.counters["bad_input"] == 2
 
 
 # -- slash commands ------------------------------------------------------------------------------------------------

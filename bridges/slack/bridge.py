@@ -62,6 +62,7 @@ LOOKUP_RETRY = 60.0  # seconds before an id whose lookup failed is looked up aga
 BODY_LIMIT = 1024 * 1024  # aiohttp's client_max_size: a larger Events API body is refused (413); Slack's are KiBs
 BODY_TIME = 10.0  # seconds a client has to send its request body
 CONNECT_TIMEOUT = 10.0  # seconds for apps.connections.open, the WebSocket handshake and Slack's hello
+DRAIN_TIME = 2.0  # seconds a stopping bridge lets queued posts go before dropping (and counting) the rest
 POST_ATTEMPTS = 3  # a post that fails for a network error is tried this often before it is given up
 # Counted from the start, so `crossroads status` shows them at 0 (docs/spec/slack.md, "Counters and logs").
 COUNTERS = ("repeats", "skipped", "bad_signatures", "app_rate_limited", "lookup_failures", "oversized", "posted",
@@ -289,7 +290,7 @@ class SlackBridge(ListeningBridge):
 
     async def close_protocol(self) -> None:
         if self.senders:  # replies handed over before the stop: let their posts go, within bounds
-            await asyncio.wait(set(self.senders.values()), timeout=5.0)
+            await asyncio.wait(set(self.senders.values()), timeout=DRAIN_TIME)
         left = sum(len(q) for q in self.queues.values())
         senders = list(self.senders.values())
         for task in senders:
@@ -394,6 +395,9 @@ class SlackBridge(ListeningBridge):
                 return
 
     def _socket_lost(self, client: _SocketClient, reason: str) -> None:
+        if not client.hello.done():  # lost before Slack's hello: the attempt fails now, not at its timeout
+            client.hello.set_exception(ConnectionError(f"the connection closed before Slack's hello ({reason})"))
+            client.hello.exception()  # retrieved: an attempt already given up must not log it as forgotten
         if not client.closed:
             self.spawn(client.shut(), "closing a Socket Mode connection")
         if client is not self.socket:
