@@ -597,6 +597,11 @@ api_url = "{emulator.api_url}"
         slack.call(emulator.wait_for(lambda: len(texts(emulator, "C111")) == 3, timeout=20, what="three echoes"))
         assert sorted(texts(emulator, "C111")) == [f"echo: hello {n}" for n in range(3)]
         slack.call(emulator.wait_for(lambda: not emulator.unacked(), what="every ack"))
+        command = slack.call(emulator.send_envelope("slash_commands", command_payload(emulator, "9.9.d")))
+        # The worker's answer goes in the ack when it is in time (command_wait), else to response_url: one of them.
+        ack = slack.call(emulator.wait_for(lambda: emulator.acks.get(command), what="the command's ack"))
+        answer = ack.get("payload") or slack.call(emulator.wait_for(lambda: emulator.responses, what="an answer"))[0][1]
+        assert answer["text"] == "ran /deploy prod"
         for daemon in started:
             log = daemon.terminate()
             assert emulator.app_token not in log and emulator.bot_token not in log  # never printed
