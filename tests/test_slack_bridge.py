@@ -185,7 +185,7 @@ def test_a_socket_recycled_mid_stream_loses_and_doubles_nothing(run):
 
 def test_a_silently_dead_socket_is_caught_by_the_watchdog(run):
     async def scenario():
-        async with SlackEmulator() as emulator, bridging(emulator, {"ping_interval": 0.2}) as bridge:
+        async with SlackEmulator() as emulator, bridging(emulator, {"ping_interval": 0.5}) as bridge:
             states = []
             bridge.health_listeners.append(lambda health: states.append(health["state"]))
             emulator.drop_silently()
