@@ -17,7 +17,9 @@ bridge's health and counters) and hands frames to listeners in tasks of their
 own, in no guaranteed order. Here one client is one connection: ``connect``
 makes one attempt, and every frame comes to ``SlackBridge._frame`` in the
 order it was read. Its receive loop, ping handling (``last_ping_pong_time``)
-and acknowledgement sending are the SDK's.
+and acknowledgement sending are the SDK's. ``enqueue_message``,
+``receive_messages`` and those attributes are slack-sdk 3.x internals
+(setup.cfg pins ``<4``); tests/test_slack_bridge.py covers them.
 """
 
 from __future__ import annotations
