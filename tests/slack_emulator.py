@@ -112,6 +112,7 @@ class SlackEmulator:
         self.rate_limited: list[str] = []  # channels that got a 429, once per 429
         self.acks: dict[str, dict[str, Any]] = {}  # envelope_id -> the ack frame
         self.hellos = 0  # hello frames sent: one per Socket Mode connection
+        self.peak_connections = 0  # the most Socket Mode connections live at once
         self.disconnects: list[str] = []  # reasons of the disconnect frames sent
         self.deliveries: list[Delivery] = []
         self.responses: list[tuple[str, dict[str, Any]]] = []  # (path, JSON body) POSTed to a response_url
@@ -326,6 +327,7 @@ class SlackEmulator:
             "debug_info": {"host": "emulator", "build_number": 1, "approximate_connection_time": 18060},
             "connection_info": {"app_id": self.app_id}}))
         self._sockets.append(ws)
+        self.peak_connections = max(self.peak_connections, len(self._sockets))
         self.hellos += 1
         self._changed()
         await self._flush()

@@ -179,6 +179,7 @@ def test_a_socket_recycled_mid_stream_loses_and_doubles_nothing(run):
     bridge, emulator, got, last = run(scenario())
     assert sorted(int(m["text"]) for m in got) == list(range(40)) and last["text"] == "last"
     assert emulator.hellos == 2 and len(emulator.calls_to("apps.connections.open")) == 2
+    assert emulator.peak_connections == 2  # the next connection was opened before the old one was let go
     assert emulator.connections == 0  # the old connection was let go (and the bridge has stopped)
     assert bridge.counters["connects"] == 1  # a recycle is not a reconnect: no slack.disconnect either
 
