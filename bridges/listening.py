@@ -1,4 +1,4 @@
-"""How a bridge that waits for clients listens (HTTP, WebSocket and SMTP now; the Slack Events listener later).
+"""How a bridge that waits for clients listens (HTTP, WebSocket, SMTP and the Slack Events API listener).
 
 Owns the listening options every such bridge declares (``listen_options``:
 host and port, a Unix socket, a socket passed by systemd, TLS, the backlog),

@@ -112,8 +112,10 @@ class SlackEmulator:
         self.rate_limited: list[str] = []  # channels that got a 429, once per 429
         self.acks: dict[str, dict[str, Any]] = {}  # envelope_id -> the ack frame
         self.hellos = 0  # hello frames sent: one per Socket Mode connection
+        self.peak_connections = 0  # the most Socket Mode connections live at once
         self.disconnects: list[str] = []  # reasons of the disconnect frames sent
         self.deliveries: list[Delivery] = []
+        self.responses: list[tuple[str, dict[str, Any]]] = []  # (path, JSON body) POSTed to a response_url
         self._recent_posts: dict[str, deque[float]] = {}
         self._pending: list[Envelope] = []  # in the order queued; not acked yet
         self._sockets: list[web.WebSocketResponse] = []  # live, oldest first
@@ -130,6 +132,7 @@ class SlackEmulator:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/link/", self._link)
+        app.router.add_post("/commands/{rest:.*}", self._response_url)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -299,6 +302,15 @@ class SlackEmulator:
         return self._ok(channel={"id": channel, "name": self.channels[channel], "is_channel": True,
                                  "is_private": False, "is_im": False, "is_member": True})
 
+    def response_url(self, trigger: str = "1") -> str:
+        """A slash command's ``response_url`` on the emulator: what is POSTed to it lands in ``responses``."""
+        return f"http://127.0.0.1:{self.port}/commands/{self.team}/{trigger}/x"
+
+    async def _response_url(self, request: web.Request) -> web.Response:
+        self.responses.append((request.path, await request.json()))
+        self._changed()
+        return web.Response(text="ok")
+
     # -- Socket Mode -------------------------------------------------------------------------------------------
 
     async def _link(self, request: web.Request) -> web.WebSocketResponse:
@@ -315,6 +327,7 @@ class SlackEmulator:
             "debug_info": {"host": "emulator", "build_number": 1, "approximate_connection_time": 18060},
             "connection_info": {"app_id": self.app_id}}))
         self._sockets.append(ws)
+        self.peak_connections = max(self.peak_connections, len(self._sockets))
         self.hellos += 1
         self._changed()
         await self._flush()
@@ -401,6 +414,11 @@ class SlackEmulator:
         self.disconnects.append(reason)
         self._changed()
 
+    async def close_connections(self) -> None:
+        """Close every live socket with a WebSocket close frame, as Slack does when it goes away without warning."""
+        for ws in list(self._sockets):
+            await ws.close()
+
     def drop_silently(self) -> None:
         """The newest socket goes dead without a word: nothing read (so no pong), nothing sent, no FIN."""
         ws = self._sockets.pop()
@@ -413,13 +431,16 @@ class SlackEmulator:
 
     async def deliver(self, url: str, payload: dict[str, Any] | bytes, *, retries: int = 3,
                       timestamp: int | None = None, signing_secret: str | None = None,
-                      content_type: str = "application/json") -> list[Delivery]:
+                      content_type: str = "application/json", headers: dict[str, str] | None = None
+                      ) -> list[Delivery]:
         """POST ``payload`` to ``url`` signed as Slack signs it; again with ``X-Slack-Retry-Num`` while the answer is
-        not a 2xx, at most ``retries`` times, unless it says ``X-Slack-No-Retry: 1``. The attempts, in order."""
+        not a 2xx, at most ``retries`` times, unless it says ``X-Slack-No-Retry: 1``. The attempts, in order.
+        ``headers`` are added to every attempt (``X-Slack-Retry-Num`` to play a retry after a lost answer)."""
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         stamp = str(int(time.time()) if timestamp is None else timestamp)
         headers = {"Content-Type": content_type, "X-Slack-Request-Timestamp": stamp,
-                   "X-Slack-Signature": slack_signature(signing_secret or self.signing_secret, stamp, body)}
+                   "X-Slack-Signature": slack_signature(signing_secret or self.signing_secret, stamp, body),
+                   **(headers or {})}
         attempts: list[Delivery] = []
         async with aiohttp.ClientSession() as session:
             for attempt in range(retries + 1):
