@@ -196,15 +196,74 @@ def _refused(bridge: Bridge, limit: int) -> None:
                            "(%d so far)", bridge.label, limit, refused)
 
 
-async def listen_asyncio(protocol_factory: Any, options: dict[str, Any],
-                         tls: ssl.SSLContext | None = None) -> asyncio.Server:
+class _CountedProtocol(asyncio.Protocol):
+    """An asyncio protocol, passed every event, holding one of its bridge's ``max_connections`` slots until it closes.
+
+    (A wrapper, not a patched ``connection_lost``: aiohttp's handler has ``__slots__``.)
+    """
+
+    def __init__(self, inner: asyncio.BaseProtocol, bridge: ListeningBridge) -> None:
+        self.inner, self.bridge = inner, bridge
+        bridge.open_connections += 1
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.bridge.open_connections -= 1
+        self.inner.connection_lost(exc)
+
+
+class _RefusingProtocol(asyncio.Protocol):
+    def __init__(self, refusal: bytes) -> None:
+        self.refusal = refusal
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.refusal:
+            transport.write(self.refusal)
+        transport.close()
+
+
+def _capped_asyncio(protocol_factory: Any, options: dict[str, Any], bridge: ListeningBridge,
+                    refusal: bytes) -> Any:
+    limit, lowered = connection_cap(options)
+    if lowered:
+        bridge.log.warning("%s: %s", bridge.label, lowered)
+
+    def make() -> asyncio.BaseProtocol:
+        if bridge.open_connections >= limit:
+            _refused(bridge, limit)
+            return _RefusingProtocol(refusal)
+        return _CountedProtocol(protocol_factory(), bridge)
+
+    return make
+
+
+async def listen_asyncio(protocol_factory: Any, options: dict[str, Any], tls: ssl.SSLContext | None = None,
+                         bridge: ListeningBridge | None = None, refusal: bytes = b"") -> asyncio.Server:
     """``listen`` for an asyncio protocol factory (aiosmtpd's ``SMTP``), on the reactor's own loop.
 
     The same options in the same precedence; ``tls`` (from ``server_ssl_context``)
     wraps every connection from its first byte. A protocol that upgrades later
-    (SMTP's STARTTLS) gets the context itself and passes no ``tls`` here.
+    (SMTP's STARTTLS) gets the context itself and passes no ``tls`` here. With
+    ``bridge``, ``max_connections`` holds as in ``listen`` (``refusal`` written to
+    one past it); without, the bridge keeps its own count (the SMTP server answers 421).
     ``OSError`` when the port is taken.
     """
+    if bridge is not None:
+        protocol_factory = _capped_asyncio(protocol_factory, options, bridge, refusal)
     loop = asyncio.get_running_loop()
     backlog = options["backlog"]
     if options["systemd_socket"]:

@@ -454,10 +454,27 @@ def test_a_slash_command_is_answered_in_the_ack_and_after_it(run):
 
 
 @asynccontextmanager
-async def events_bridge(emulator: SlackEmulator, channel_layer=None):
-    options = {"transport": "events", "app_token": "", "signing_secret": emulator.signing_secret, "port": 0}
+async def events_bridge(emulator: SlackEmulator, channel_layer=None, **extra):
+    options = {"transport": "events", "app_token": "", "signing_secret": emulator.signing_secret, "port": 0,
+               **extra}
     async with bridging(emulator, options, channel_layer=channel_layer) as bridge:
         yield bridge, f"http://127.0.0.1:{bridge.port}/slack/events"
+
+
+def test_events_api_listener_holds_max_connections(run):
+    async def scenario():
+        async with SlackEmulator() as emulator, events_bridge(emulator, max_connections=1) as (bridge, url):
+            _, idle = await asyncio.open_connection("127.0.0.1", bridge.port)
+            await wait_until_async(lambda: bridge.open_connections == 1, "the idle connection to be counted")
+            refused = await emulator.deliver(url, {"type": "url_verification", "challenge": "c-1"}, retries=0)
+            idle.close()
+            await wait_until_async(lambda: bridge.open_connections == 0, "its slot to be freed")
+            served = await emulator.deliver(url, {"type": "url_verification", "challenge": "c-2"}, retries=0)
+            return bridge, refused, served
+
+    bridge, refused, served = run(scenario())
+    assert [a.status for a in refused] == [503] and [a.status for a in served] == [200]
+    assert bridge.counters["connections_refused"] == 1
 
 
 def test_events_api_checks_signatures_and_recognises_retries(run):

@@ -44,6 +44,7 @@ from crossroads.bridges.base import REQUIRED, Inlet, Option, OptionError
 from crossroads.bridges.listening import (
     ListeningBridge,
     asyncio_tcp_port,
+    busy_response,
     listen_asyncio,
     listen_options,
     server_ssl_context,
@@ -272,7 +273,7 @@ class SlackBridge(ListeningBridge):
             tls = server_ssl_context(options) if uses_tls(options) else None
             self.http = web.Server(self._http, access_log=None)  # bodies over BODY_LIMIT (aiohttp's 1 MiB): 413
             try:
-                self.server = await listen_asyncio(self.http, options, tls)
+                self.server = await listen_asyncio(self.http, options, tls, self, busy_response())
             except BaseException:
                 await self.session.close()
                 raise
