@@ -23,7 +23,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from .base import Bridge, Option, OptionError, as_future, get_reactor
-from .protocol import port_number, positive
+from .protocol import check_allowed_host, each, effective_allowed_hosts, port_number, positive
 
 # Connections the kernel may hold for us before we accept them. Twisted's default, 50, overflows when a
 # page reloads for hundreds of clients at once (the kernel then drops handshakes, and clients wait
@@ -55,6 +55,19 @@ def listen_options(default_port: int) -> dict[str, Option]:
                                                         "answered 503 (Retry-After) and closed, and counted",
                                   positive, from_string=True),
     }
+
+
+# HTTP and WebSocket bridges answer only the Host names they are meant to: a DNS-rebinding page (evil.example
+# resolving to 127.0.0.1) sends its own name as Host, and the same-origin check alone would let it in.
+ALLOWED_HOSTS = Option(list, [], "Host names answered ('chat.example.com', '*.example.com', '*'); others get 400. "
+                                 "Empty: the loopback names on a loopback listener (any host behind proxy_headers), "
+                                 "any host elsewhere", each(check_allowed_host))
+
+
+def allowed_hosts(options: dict[str, Any], listen_options: dict[str, Any], behind_proxy: bool = False) -> tuple:
+    """What ``allowed_hosts`` in ``options`` means where ``listen_options`` listen (see ``ALLOWED_HOSTS``)."""
+    bind = None if listen_options["unix_socket"] or listen_options["systemd_socket"] else listen_options["host"]
+    return effective_allowed_hosts(options["allowed_hosts"], None if behind_proxy else bind)
 
 
 def uses_tls(options: dict[str, Any]) -> bool:

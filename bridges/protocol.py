@@ -13,6 +13,7 @@ passed in by the caller, never copied here.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -141,6 +142,72 @@ class FairQueue:
         self._queues.clear()
         self._turns.clear()
         return dropped
+
+
+# -- which Host a listener answers to --------------------------------------------------------------------------
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address only takes connections from this machine (127.0.0.0/8, ::1, localhost)."""
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def check_allowed_host(entry: Any) -> str | None:
+    """The problem with one ``allowed_hosts`` entry, or None: ``"*"``, a name or address, or ``"*.example.com"``."""
+    if not isinstance(entry, str):
+        return f"entries must be strings, not {entry!r}"
+    if entry == "*" or re.fullmatch(r"(\*\.)?[A-Za-z0-9.-]+|[0-9A-Fa-f:]+", entry):
+        return None
+    return f"{entry!r} is not '*', a host name or address (no port), or '*.example.com'"
+
+
+def effective_allowed_hosts(allowed: Sequence[str], bind_host: str | None) -> tuple[str, ...]:
+    """What ``allowed_hosts`` means for a listener on ``bind_host`` (None: a Unix or systemd socket): as set, or
+    when empty, the loopback names for a loopback listener (a DNS-rebinding page names its own host, and the
+    browser then sends it) and any host otherwise (the bridge cannot know the names it is reached by)."""
+    if allowed:
+        return tuple(entry.lower() for entry in allowed)
+    if bind_host is not None and is_loopback(bind_host):
+        return LOOPBACK_NAMES
+    return ("*",)
+
+
+def host_refused(host: bytes | None) -> str:
+    """The 400's reason for a Host that ``host_allowed`` refused, saying what to change."""
+    shown = (host or b"").decode("latin-1")[:100]
+    return (f"Host {shown!r} is not served here: add its name to allowed_hosts (on a loopback listener only "
+            f"localhost, 127.0.0.1 and ::1 are, unless proxy_headers is on)")
+
+
+def host_allowed(host: bytes | None, allowed: Sequence[str]) -> bool:
+    """Whether a request's ``Host`` header (host[:port], IPv6 in brackets) names a host in ``allowed``.
+
+    A request without Host (HTTP/1.0) has nothing to rebind and is allowed; a
+    Host that cannot be read is not.
+    """
+    if "*" in allowed or host is None:
+        return True
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        name, _, rest = text[1:].partition("]")
+        if rest and not re.fullmatch(r":\d{1,5}", rest):
+            return False
+    else:
+        name, _, port = text.partition(":")
+        if port and not port.isdigit():
+            return False
+    name = name.rstrip(".")
+    if not name:
+        return False
+    for entry in allowed:
+        if entry.startswith("*."):
+            if name.endswith(entry[1:]) and len(name) > len(entry) - 1:
+                return True
+        elif name == entry:
+            return True
+    return False
 
 
 # -- scheme://host[:port] ------------------------------------------------------------------------------------------

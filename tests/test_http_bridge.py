@@ -124,7 +124,7 @@ def decode(value):
 
 def test_a_request_carries_every_key(run, channel_layer, worker):
     async def scenario():
-        async with serving(channel_layer, root_path="/app") as bridge:
+        async with serving(channel_layer, root_path="/app", allowed_hosts=["example.test"]) as bridge:
             status, headers, body = await fetch(
                 bridge.port, "/inspect/caf%C3%A9%20au%2Flait?a=1&b=%20x", "POST", body="héllo".encode(),
                 headers=[("X-Dup", "one"), ("X-Other", "2"), ("X-Dup", "two"), ("X_Forwarded_For", "6.6.6.6"),
@@ -221,7 +221,7 @@ def test_response_header_injection_is_refused(run, channel_layer, worker, caplog
 def test_an_invalid_part_of_a_streamed_response_cuts_the_connection(run, channel_layer, worker):
     async def scenario():
         async with serving(channel_layer) as bridge:
-            return bridge, await raw(bridge.port, b"GET /bad-stream HTTP/1.1\r\nHost: h\r\n\r\n")
+            return bridge, await raw(bridge.port, b"GET /bad-stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
 
     bridge, response = run(scenario())
     assert status_of(response) == 200 and b"part one" in response
@@ -236,7 +236,7 @@ async def open_slow_reader(port: int, path: bytes) -> tuple[asyncio.StreamReader
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
     reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
-    writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     return reader, writer
 
 
@@ -409,10 +409,11 @@ def test_a_head_trickled_a_line_at_a_time_is_408_at_header_timeout(run, channel_
 def test_a_body_trickled_below_min_body_rate_is_408_and_a_steady_one_is_served(run, channel_layer, worker):
     async def scenario():
         async with serving(channel_layer, header_timeout=1, min_body_rate=1000) as bridge:
-            head = b"POST /inspect HTTP/1.1\r\nHost: x\r\nContent-Length: 400000\r\n\r\n"
+            head = b"POST /inspect HTTP/1.1\r\nHost: localhost\r\nContent-Length: 400000\r\n\r\n"
             slow = await asyncio.gather(*(trickle(bridge.port, head, [b"x"] * 40, 0.3) for _ in range(10)))
             # 40,000 bytes in pieces of 4,000 every 0.25 s: 16,000 bytes/s, well over the rate.
-            steady_head = b"POST /inspect HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 40000\r\n\r\n"
+            steady_head = (b"POST /inspect HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                           b"Content-Length: 40000\r\n\r\n")
             steady = await trickle(bridge.port, steady_head, [b"y" * 4000] * 10, 0.25)
             return slow, steady, bridge.counters
 
@@ -423,14 +424,38 @@ def test_a_body_trickled_below_min_body_rate_is_408_and_a_steady_one_is_served(r
     assert counters["slow_requests"] == 10
 
 
+def test_a_dns_rebinding_host_is_refused_on_a_loopback_listener(run, channel_layer, worker, caplog):
+    """A page on evil.example that rebinds its name to 127.0.0.1 sends Host: evil.example (and a matching Origin)."""
+
+    async def scenario():
+        async with serving(channel_layer) as bridge:  # host 127.0.0.1 and no allowed_hosts: the loopback names
+            ours = [await fetch(bridge.port, "/text", headers=[("Host", host)])
+                    for host in (f"127.0.0.1:{bridge.port}", f"localhost:{bridge.port}", "[::1]")]
+            evil = await raw(bridge.port, b"GET /text HTTP/1.1\r\nHost: evil.example\r\n"
+                                          b"Origin: http://evil.example\r\n\r\n")
+        async with serving(channel_layer, allowed_hosts=["chat.example.com"]) as bridge:
+            named = await fetch(bridge.port, "/text", headers=[("Host", "chat.example.com")])
+            unnamed = await raw(bridge.port, b"GET /text HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        async with serving(channel_layer, proxy_headers=True) as bridge:  # behind a proxy, the proxy decides
+            proxied = await fetch(bridge.port, "/text", headers=[("Host", "chat.example.com")])
+        return ours, evil, named, unnamed, proxied
+
+    ours, evil, named, unnamed, proxied = run(scenario())
+    assert [status for status, _, _ in ours] == [200, 200, 200]
+    assert status_of(evil) == 400 and b"not served here: add its name to allowed_hosts" in evil
+    assert (named[0], status_of(unnamed), proxied[0]) == (200, 400, 200)
+    assert "Host 'evil.example' is not served here" in caplog.text
+
+
 def test_body_over_max_body_is_413_without_reading_it(run, channel_layer):
     async def scenario():
         async with serving(channel_layer, max_body=100) as bridge:
             # Only the headers are sent: the answer must not wait for the body.
-            announced = await raw(bridge.port, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 5000000\r\n"
+            announced = await raw(bridge.port, b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000000\r\n"
                                                b"Expect: 100-continue\r\n\r\n")
             # The whole chunked body, end included, in one read: it must not reach the layer cut short.
-            chunked = await raw(bridge.port, b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+            chunked = await raw(bridge.port, b"POST /x HTTP/1.1\r\nHost: localhost\r\n"
+                                             b"Transfer-Encoding: chunked\r\n\r\n"
                                              b"50\r\n" + b"a" * 80 + b"\r\n50\r\n" + b"b" * 80 + b"\r\n0\r\n\r\n")
             return bridge, announced, chunked
 
@@ -489,7 +514,7 @@ def test_client_leaving_early_sends_http_disconnect(run, channel_layer, worker):
     async def scenario():
         async with serving(channel_layer) as bridge:
             reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-            writer.write(b"GET /hold HTTP/1.1\r\nHost: h\r\n\r\n")
+            writer.write(b"GET /hold HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert await channel_layer.receive(["test.held"], timeout=10) == ("test.held", {"path": "/hold"})
             writer.close()
             await writer.wait_closed()
@@ -599,7 +624,7 @@ def test_requests_arriving_while_stopping_are_503(run, channel_layer, worker):
         bridge.health_listeners.append(lambda health: health["state"] == "stopping" and seen_stopping.set())
         stopping = asyncio.ensure_future(bridge.stop(timeout=10))
         await asyncio.wait_for(seen_stopping.wait(), 5)
-        writer.write(b"GET /text HTTP/1.1\r\nHost: h\r\n\r\n")
+        writer.write(b"GET /text HTTP/1.1\r\nHost: localhost\r\n\r\n")
         late = await asyncio.wait_for(reader.read(), 10)  # read() ends: the bridge closes after answering
         writer.close()
         await writer.wait_closed()
@@ -721,7 +746,7 @@ def test_a_burst_of_connections_waits_in_the_listen_queue_while_the_bridge_is_bu
             bridge.listening.startReading()
             statuses = []
             for reader, writer in (c for c in clients if not isinstance(c, BaseException)):
-                writer.write(b"GET /text HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+                writer.write(b"GET /text HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                 statuses.append(status_of(await asyncio.wait_for(reader.read(), 10)))
                 writer.close()
             return refused, statuses

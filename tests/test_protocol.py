@@ -314,3 +314,42 @@ def test_fair_queue_refuses_past_each_bound_and_says_which():
     assert queue.clear() == 3 and not queue and queue.waiting("#a") == 0
     with pytest.raises(IndexError):
         queue.take()
+
+
+# -- allowed hosts -----------------------------------------------------------------------------------------------
+
+
+def test_an_empty_allowed_hosts_means_loopback_names_on_loopback_and_any_host_elsewhere():
+    assert protocol.effective_allowed_hosts([], "127.0.0.1") == ("localhost", "127.0.0.1", "::1")
+    assert protocol.effective_allowed_hosts([], "::1") == ("localhost", "127.0.0.1", "::1")
+    assert protocol.effective_allowed_hosts([], "0.0.0.0") == ("*",)
+    assert protocol.effective_allowed_hosts([], None) == ("*",)  # a Unix socket: a proxy in front says
+    assert protocol.effective_allowed_hosts(["Chat.Example"], "127.0.0.1") == ("chat.example",)
+
+
+@pytest.mark.parametrize("host, allowed", [
+    (b"127.0.0.1:8000", True), (b"localhost:8000", True), (b"LOCALHOST", True), (b"[::1]:8000", True),
+    (b"localhost.", True), (None, True),
+    (b"evil.example", False), (b"evil.example:8000", False), (b"127.0.0.1.evil.example", False),
+    (b"localhost:80x", False), (b"[::1]x", False), (b"", False), (b":8000", False),
+])
+def test_host_allowed_on_a_loopback_listener(host, allowed):
+    assert protocol.host_allowed(host, protocol.LOOPBACK_NAMES) is allowed
+
+
+def test_host_allowed_by_name_and_subdomain_pattern():
+    allowed = ("chat.example.com", "*.internal.example")
+    assert protocol.host_allowed(b"chat.example.com:443", allowed)
+    assert protocol.host_allowed(b"a.internal.example", allowed)
+    assert not protocol.host_allowed(b"internal.example", allowed)  # the pattern is for subdomains
+    assert not protocol.host_allowed(b"xinternal.example", allowed)
+    assert not protocol.host_allowed(b"example.com", allowed)
+    assert protocol.host_allowed(b"anything", ("*",))
+
+
+def test_allowed_host_entries_are_checked():
+    assert protocol.check_allowed_host("chat.example.com") is None
+    assert protocol.check_allowed_host("*.example.com") is None
+    assert protocol.check_allowed_host("::1") is None
+    assert "no port" in protocol.check_allowed_host("example.com:8000")
+    assert "must be strings" in protocol.check_allowed_host(8000)

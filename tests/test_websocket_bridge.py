@@ -226,6 +226,33 @@ def test_origins(run):
     assert bridge.counters["bad_input"] == 3
 
 
+async def upgrade_status(port: int, host: bytes, origin: bytes) -> int:
+    """The HTTP status answering a raw upgrade request with this Host and Origin."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /echo/ HTTP/1.1\r\nHost: " + host + b"\r\nOrigin: " + origin + b"\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        status_line = await asyncio.wait_for(reader.readline(), 10)
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+
+
+def test_a_dns_rebinding_page_is_refused_though_its_origin_matches_its_host(run, caplog):
+    async def scenario():
+        async with serving() as bridge:  # on 127.0.0.1, no allowed_hosts: only the loopback names
+            evil = await upgrade_status(bridge.port, b"evil.example", b"http://evil.example")
+            here = b"localhost:%d" % bridge.port
+            ours = await upgrade_status(bridge.port, here, b"http://" + here)
+        async with serving({"allowed_hosts": ["evil.example"]}) as bridge:  # named: then it is the site's own
+            named = await upgrade_status(bridge.port, b"evil.example", b"http://evil.example")
+        return evil, ours, named
+
+    assert run(scenario()) == (400, 101, 101)
+    assert "Host 'evil.example' is not served here" in caplog.text
+
+
 def test_options_are_checked():
     memory = layer.from_url("memory://")
     with pytest.raises(OptionError, match="allowed_origins"):

@@ -32,8 +32,10 @@ from twisted.web import http
 from crossroads.bridges.base import Bridge, Option, OptionError, as_future, get_reactor
 from crossroads.bridges.flow import HeldWrites, buffer_limit
 from crossroads.bridges.listening import (
+    ALLOWED_HOSTS,
     ListeningBridge,
     address_of,
+    allowed_hosts,
     busy_response,
     listen,
     listen_options,
@@ -41,7 +43,7 @@ from crossroads.bridges.listening import (
     tcp_port,
     uses_tls,
 )
-from crossroads.bridges.protocol import positive_seconds, zero_or_more
+from crossroads.bridges.protocol import host_allowed, host_refused, positive_seconds, zero_or_more
 from crossroads.layer import MessageTooLarge
 
 from . import messages
@@ -364,6 +366,7 @@ class HttpBridge(ListeningBridge):
                                 from_string=True),
         "idle_timeout": Option(float, 60.0, "seconds an idle keep-alive connection, or a slow request, is kept",
                                positive_seconds, from_string=True),
+        "allowed_hosts": ALLOWED_HOSTS,
         "proxy_headers": Option(bool, False, "trust X-Forwarded-For/-Port/-Proto for the client and scheme",
                                 from_string=True),
         "max_response_buffer": Option(int, 4 * 1024 * 1024, "the most bytes of a streamed response held for a "
@@ -381,6 +384,7 @@ class HttpBridge(ListeningBridge):
         self.listening: Any = None
         self.port: int | None = None  # the TCP port listened on, once open (useful with port = 0)
         self.scheme = "https" if uses_tls(self.options) else "http"
+        self.allowed_hosts = allowed_hosts(self.options, self.options, behind_proxy=self.options["proxy_headers"])
         self._idle: asyncio.Event | None = None
         self._disconnects: set[asyncio.Task] = set()  # close_protocol() lets them reach the layer
         for counter in ("timeouts", "bad_replies", "slow_clients"):  # HTTP's own, shown from the start
@@ -449,6 +453,12 @@ class HttpBridge(ListeningBridge):
         request.client_host = client[0] if client else None
         if not self.accepting:
             self.respond_error(request, 503, "shutting down, try again", retry_after=messages.RETRY_AFTER, close=True)
+            return
+        host = next((value for name, value in request.raw_headers if name.lower() == b"host"), None)
+        if not host_allowed(host, self.allowed_hosts):
+            problem = host_refused(host)
+            self.bad_input(request.channel.peer, problem)
+            self.respond_error(request, 400, problem, close=True)
             return
         request.local_id = self.register(request)
         self._idle.clear()

@@ -28,8 +28,10 @@ from twisted.internet.defer import Deferred
 from crossroads.bridges.base import Inlet, Option, as_future, get_reactor
 from crossroads.bridges.flow import HeldWrites, buffer_limit
 from crossroads.bridges.listening import (
+    ALLOWED_HOSTS,
     ListeningBridge,
     address_of,
+    allowed_hosts,
     busy_response,
     listen,
     listen_options,
@@ -37,7 +39,15 @@ from crossroads.bridges.listening import (
     tcp_port,
     uses_tls,
 )
-from crossroads.bridges.protocol import describe_peer, each, payload_limit, positive_seconds, seconds_or_off
+from crossroads.bridges.protocol import (
+    describe_peer,
+    each,
+    host_allowed,
+    host_refused,
+    payload_limit,
+    positive_seconds,
+    seconds_or_off,
+)
 from crossroads.layer.base import MAX_MESSAGE_SIZE
 
 from . import messages as m
@@ -122,6 +132,11 @@ class WebsocketConnection(WebSocketServerProtocol):
         except m.BadHandshake as exc:
             bridge.bad_input(self.peer_name, exc.reason)
             raise ConnectionDeny(exc.status, exc.reason) from None
+        host = handshake.header(b"host")
+        if not host_allowed(host, bridge.allowed_hosts):
+            problem = host_refused(host)
+            bridge.bad_input(self.peer_name, problem)
+            raise ConnectionDeny(m.BAD_REQUEST, problem)
         origin = handshake.header(b"origin")
         if not m.origin_allowed(origin, handshake.header(b"host"), bridge.options["allowed_origins"]):
             bridge.bad_input(self.peer_name, f"origin {origin.decode('latin-1')!r} is not allowed "
@@ -328,6 +343,7 @@ class WebsocketBridge(ListeningBridge):
     OPTIONS = {
         **listen_options(8001),
         "root_path": Option(str, "", "the path prefix the app is mounted at behind a proxy, passed as root_path"),
+        "allowed_hosts": ALLOWED_HOSTS,
         "allowed_origins": Option(list, [], "origins allowed besides the same origin: '*', 'null', "
                                             "'https://host[:port]', 'host', '*.host'", each(_origin)),
         "max_message_size": Option(int, 1_000_000, "the largest message (bytes) a client may send; "
@@ -351,6 +367,7 @@ class WebsocketBridge(ListeningBridge):
         super().__init__(name, options, layer)
         self.secure = uses_tls(self.options)
         self.listen_options = self.options  # whose listening options are in force: the HTTP bridge's on its port
+        self.allowed_hosts = allowed_hosts(self.options, self.listen_options)
         self.accepting = False
         self.connections: set[WebsocketConnection] = set()
         self.listening: Any = None
@@ -366,6 +383,8 @@ class WebsocketBridge(ListeningBridge):
         """
         self.shares_port_of = http_bridge
         self.listen_options = http_bridge.options
+        self.allowed_hosts = allowed_hosts(self.options, self.listen_options,
+                                           behind_proxy=http_bridge.options["proxy_headers"])
         self.secure = uses_tls(http_bridge.options)
         self.factory = self.make_factory()
 
