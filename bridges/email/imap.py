@@ -104,6 +104,7 @@ class ImapError(Exception):
 
 
 def _ok(response: Any, what: str) -> Any:
+    """``response`` if it is OK; ``ImapError`` saying what was refused otherwise."""
     if response.result != "OK":
         text = b" ".join(bytes(line) for line in response.lines if isinstance(line, (bytes, bytearray)))
         raise ImapError(f"{what} refused: {response.result} {text.decode('utf-8', 'replace')[:200]}")
@@ -129,6 +130,7 @@ class ImapReader:
         self.stopping = False
         self._stopped = asyncio.Event()  # set by stop_accepting(): ends a wait between looks at once
         self.idling = False
+        self.mail_arrived = False  # an EXISTS came in the answer to a command, not in IDLE
         self.idles = 0  # IDLE commands issued: one per look at the mailbox, and one per renewal
         self._cursor_problem_logged = False
         self.reconnector = bridge.reconnector(self._connect, self.describe)
@@ -156,6 +158,7 @@ class ImapReader:
 
         client = aioimaplib.IMAP4(host=url.host, port=url.port, timeout=timeout, conn_lost_cb=connection_lost,
                                   ssl_context=self._tls_context() if url.implicit_tls else None)
+        self._hear_exists(client)
         try:
             await client.wait_hello_from_server()
             if not url.implicit_tls:
@@ -184,6 +187,20 @@ class ImapReader:
         lost["session"] = session
         session.add_done_callback(lambda task: self._ended(task, None))
         return client
+
+    def _hear_exists(self, client: aioimaplib.IMAP4) -> None:
+        """Note every ``EXISTS`` the server sends, also between commands, where aioimaplib drops it ("ignored
+        untagged response"). Dovecot sends a mail's EXISTS there when it arrives just after a SEARCH and before
+        our IDLE; missed, the mail would wait for the next IDLE renewal (25 minutes)."""
+        protocol = client.protocol
+        untagged = protocol._untagged_response
+
+        def hear(line: bytes) -> Any:
+            if line.endswith(b" EXISTS"):
+                self.mail_arrived = True
+            return untagged(line)
+
+        protocol._untagged_response = hear
 
     async def _starttls(self, client: aioimaplib.IMAP4) -> None:
         protocol = client.protocol
@@ -262,6 +279,8 @@ class ImapReader:
                 retry = None
                 if self.stopping:
                     break
+                if self.mail_arrived:
+                    continue  # told of a mail while looking: look again rather than IDLE past it
                 if client.has_capability("IDLE"):
                     await self._idle(client)
                 else:
@@ -285,7 +304,7 @@ class ImapReader:
         self.idling = True
         self.idles += 1
         try:
-            while not self.stopping:
+            while not self.stopping and not self.mail_arrived:  # told before the IDLE began: look again now
                 pushed = await client.wait_server_push(timeout=renew + self.options["imap_timeout"])
                 if pushed == aioimaplib.STOP_WAIT_SERVER_PUSH:
                     break
@@ -298,6 +317,7 @@ class ImapReader:
         _ok(await asyncio.wait_for(idle, self.options["imap_timeout"]), "IDLE")
 
     async def _read_new(self, client: aioimaplib.IMAP4, uidvalidity: int) -> bool:
+        self.mail_arrived = False  # from here on an EXISTS means: look again before IDLE
         """Deliver every new unseen mail in UID order; False when the layer refused one (the rest wait too)."""
         searched = _ok(await client.uid_search("UNSEEN", charset=None), "UID SEARCH UNSEEN")
         plan = mb.plan(self.cursor or mb.Cursor(), uidvalidity, mb.uids_of_search(searched.lines))
