@@ -86,10 +86,13 @@ ROOM_ADDRESS = re.compile(rf"^(?P<room>{ROOM})@chat\.localhost$", re.IGNORECASE)
 def mail(message):
     """A mail to ROOM@chat.localhost: its thread joins the room (the first such recipient's), and its text is said.
 
-    The mail's reply channel is its thread's, so the room's lines come back as replies in that thread; the email
-    bridge never answers automatic mail (bounces, vacation notices, lists), so a vacation notice cannot echo the
-    room back at itself.
+    The mail's reply channel is its thread's, so the room's lines come back as replies in that thread. Automatic
+    mail (a bounce, a vacation notice, a list: ``auto``) is no line anyone said: it is not relayed, and the email
+    bridge does not answer it either (it answers a thread's latest mail), so the thread hears nothing more until
+    its person writes again.
     """
+    if message.get("auto"):
+        return None
     for address in message.get("to") or []:
         found = ROOM_ADDRESS.match(address)
         if found:
