@@ -141,6 +141,7 @@ def chat_config(workdir: Path, layer_url: str, web_port: int, broker: MosquittoS
     text = (CHAT / "crossroads.toml").read_text()
     for old, new in (("port = 8000", f"port = {web_port}"), ("mqtt://127.0.0.1:1883", f"mqtt://127.0.0.1:{broker.port}"),
                      ("irc://127.0.0.1:6667", f"irc://127.0.0.1:{irc.port}"),
+                     ("port = 2525", f"port = {free_port()}"),  # the chat's email bridge, idle here
                      ('nick = "crossroads"', 'nick = "crossroads"\nflood_burst = 1000\nflood_rate = 1000.0'),
                      ("[routing]", f'[layer]\nurl = "{layer_url}"\nprefix = "benchchat{free_port()}"\n\n[routing]')):
         if old not in text:

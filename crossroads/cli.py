@@ -326,6 +326,8 @@ BUNDLED_ADDRESSES = {
     "CROSSROADS_CHAT_PORT": ("web", "port"),
     "CROSSROADS_CHAT_BROKER": ("mqtt", "broker"),
     "CROSSROADS_CHAT_IRC": ("irc", "server"),
+    "CROSSROADS_CHAT_SMTP": ("email", "port"),
+    "CROSSROADS_CHAT_SMARTHOST": ("email", "smarthost"),
 }
 
 
@@ -350,11 +352,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.config is None and not Path(DEFAULT_PATH).exists() and BUNDLED_EXAMPLE.exists():
         args.config = BUNDLED_EXAMPLE
         config = bundled_chat(load(args))
-        web, mqtt, irc = (config.bridges[name].options for name in ("web", "mqtt", "irc"))
+        web, mqtt, irc, email = (config.bridges[name].options for name in ("web", "mqtt", "irc", "email"))
         print(f"No ./{DEFAULT_PATH} here: serving the bundled chat example ({BUNDLED_EXAMPLE}); open "
               f"http://127.0.0.1:{web['port']}/ in two windows. Its MQTT and IRC bridges look for a broker at "
-              f"{mqtt['broker']} and an IRC server at {irc['server']} (docs/chat.md). Write a crossroads.toml "
-              "(docs/configuration.md) to serve your own consumers.", file=sys.stderr, flush=True)
+              f"{mqtt['broker']} and an IRC server at {irc['server']}; mail to lobby@chat.localhost on "
+              f"smtp://127.0.0.1:{email['port']} is answered through a smarthost at {email['smarthost']} "
+              "(docs/chat.md). Write a crossroads.toml (docs/configuration.md) to serve your own consumers.",
+              file=sys.stderr, flush=True)
     else:
         config = load(args)
     router = router_of(config, required=False)
@@ -492,8 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how often to log the layer's counters (default 60)")
     run.epilog = ("With no --config and no ./crossroads.toml it serves the bundled chat example on "
                   "http://127.0.0.1:8000/, with a broker at mqtt://127.0.0.1:1883 and an IRC server at "
-                  "irc://127.0.0.1:6667; set CROSSROADS_CHAT_PORT, CROSSROADS_CHAT_BROKER or CROSSROADS_CHAT_IRC "
-                  "to use others.")
+                  "irc://127.0.0.1:6667, mail on port 2525 answered through smtp://127.0.0.1:2526; set "
+                  "CROSSROADS_CHAT_PORT, CROSSROADS_CHAT_BROKER, CROSSROADS_CHAT_IRC, CROSSROADS_CHAT_SMTP (a port) "
+                  "or CROSSROADS_CHAT_SMARTHOST to use others.")
     bridge = command("bridge", cmd_bridge, "run one bridge instance as its own daemon")
     bridge.add_argument("name", metavar="NAME", help="the bridge's table name: [bridges.NAME]")
     command("check", cmd_check, "validate the config and the routing import; name every mistake")

@@ -26,10 +26,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 def chat_server(tmp_path, monkeypatch):
     web = free_port()
     config = tmp_path / "crossroads.toml"
-    # The page and its WebSocket only: the MQTT and IRC parts have tests of their own (test_chat_example.py).
+    # The page and its WebSocket only: the MQTT, IRC and mail parts have tests of their own (test_chat_example.py).
     config.write_text((CHAT / "crossroads.toml").read_text().replace("port = 8000", f"port = {web}")
                       .replace('type = "mqtt"', 'type = "mqtt"\nenabled = false')
-                      .replace('type = "irc"', 'type = "irc"\nenabled = false'))
+                      .replace('type = "irc"', 'type = "irc"\nenabled = false')
+                      .replace('type = "email"', 'type = "email"\nenabled = false'))
     monkeypatch.setitem(ENV, "PYTHONPATH", os.pathsep.join([str(CHAT), ENV["PYTHONPATH"]]))
     daemon = Daemon(tmp_path, "chat", "run", "--config", str(config))
     try:

@@ -200,7 +200,7 @@ def test_run_with_no_config_serves_the_bundled_chat(tmp_path, daemons):
     with MosquittoServer(tmp_path / "mosquitto") as mosquitto, NgircdServer(tmp_path / "ngircd") as irc:
         daemon = Daemon(tmp_path, "bundled", "run",  # cwd: the test's, which has no crossroads.toml
                         env={"CROSSROADS_CHAT_PORT": str(port), "CROSSROADS_CHAT_BROKER": mosquitto.url,
-                             "CROSSROADS_CHAT_IRC": irc.url})
+                             "CROSSROADS_CHAT_IRC": irc.url, "CROSSROADS_CHAT_SMTP": str(free_port())})
         daemons.append(daemon)
         daemon.wait_ready()
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:

@@ -90,6 +90,55 @@ def test_chat_broadcasts_with_names_across_protocols(chat):
     assert client.receive(alice) == {"text": "[websocket] alice: lobby only"}
 
 
+def test_chat_takes_mail_to_a_room_address_and_slack_channels_by_name(chat):
+    client = Client(chat.routes)
+    alice = client.reply_channel
+    thread, other_thread = "email.chat?thread1", "email.chat?thread2"
+    lobby_slack, unnamed_slack, dm = "slack.chat?C1", "slack.chat?C9", "slack.chat?D1"
+    client.send_and_consume("websocket.connect", {"path": "/chat/lobby/", "query_string": b"name=alice"})
+    assert client.receive(alice) == {"accept": True}
+
+    def mail(text: str, to: list[str], reply_channel: str = thread, **more) -> None:
+        client.send_and_consume("email.receive", {"to": to, "text": text, "sender": "erin@example.org",
+                                                  "protocol": "email", "auto": None, **more},
+                                reply_channel=reply_channel)
+
+    def slack(text: str, reply_channel: str = lobby_slack, **more) -> None:
+        client.send_and_consume("slack.receive", {"channel_name": "lobby", "text": text, "sender": "frank",
+                                                  "protocol": "slack", "private": False, **more},
+                                reply_channel=reply_channel)
+
+    # The room is the local part of the first address at chat.localhost, whatever its case; the thread joins.
+    mail("hello by mail", ["someone@elsewhere.example", "Lobby@Chat.Localhost"])
+    assert client.receive(alice) == {"text": "[email] erin@example.org: hello by mail"}
+    assert client.receive(thread) is None  # erin's own line is not mailed back to her
+    client.send_and_consume("websocket.receive", {"path": "/chat/lobby/", "text": "hi erin", "protocol": "websocket"})
+    assert client.receive(thread) == {"text": "[websocket] alice: hi erin"} == client.receive(alice)
+    # Automatic mail is nobody's line: not relayed, and the thread it came in does not join.
+    mail("I am away", ["lobby@chat.localhost"], other_thread, auto="auto-replied")
+    mail("a list post", ["kitchen@chat.localhost"], other_thread, auto="list")
+    assert client.receive(alice) is None
+    # A mail to another address of the bridge's domains is not the chat's.
+    mail("to nobody", ["postmaster@chat.localhost"], other_thread)
+    assert client.receive(alice) is None
+    # A named Slack channel is the room of its name; it joins by speaking, and does not hear its own line.
+    slack("hello from Slack")
+    assert client.receive(alice) == {"text": "[slack] frank: hello from Slack"}
+    assert client.receive(thread) == {"text": "[slack] frank: hello from Slack"}
+    assert client.receive(lobby_slack) is None
+    mail("and mail again", ["lobby@chat.localhost"])
+    assert client.receive(lobby_slack) == {"text": "[email] erin@example.org: and mail again"} == client.receive(alice)
+    assert client.receive(thread) is None
+    # A channel whose name is not known yet is asked to say it again; a DM gets the hint; neither is relayed.
+    slack("too early", unnamed_slack, channel_name=None)
+    assert "say that again" in client.receive(unnamed_slack)["text"]
+    slack("hi bot", dm, channel_name=None, private=True)
+    assert "join #lobby" in client.receive(dm)["text"]
+    slack("in #random-ish", "slack.chat?C5", channel_name="not a room")  # a name no room has: nothing
+    assert client.receive("slack.chat?C5") is None
+    assert client.receive(alice) is None and client.receive(thread) is None
+
+
 def test_echo_answers_every_protocol():
     echo = load("echo")
     client = Client(echo.routes)
