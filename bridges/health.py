@@ -61,6 +61,7 @@ class Health:
             self._refresh()
 
     def clear_problem(self, source: str, note: str = "") -> None:
+        """``note`` follows "SOURCE recovered" as it is: start it with a separator (" after ...", ": ...")."""
         if self.problems.pop(source, None) is not None:
             self.log.info("%s: %s recovered%s", self.label, source, note)
             self._refresh()

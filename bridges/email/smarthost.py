@@ -219,7 +219,7 @@ class Outbox:
             if retry is None:
                 if self.failures:
                     self.failures = 0
-                    self.bridge.clear_problem("smarthost", "mail flows again")
+                    self.bridge.clear_problem("smarthost", ": mail flows again")
                 delays = None
                 continue
             self.queue.appendleft(retry)  # order kept: the same mail goes first on the next try
