@@ -482,6 +482,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
                        label=f"{LABELS[setup].split(',')[0]}: {name}")
             bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
         cpu_ax.bar_label(cpu_ax.containers[-1], labels=[f"{b:,.0f}" for b in bottoms], fontsize=8, padding=2)
+    costs = results.get("reading_cost_us", {})
+    for x, size in zip(xs, SIZES, strict=True):  # the bridge's share that is reading the mail, timed alone
+        if str(size) in costs:
+            base = results["floods"][str(size)]["redis"]["cpu_us_per_mail"].get("worker", 0.0)
+            cpu_ax.hlines(base + costs[str(size)], x - width / 2, x + width / 2, colors="black", linestyles=":",
+                          label="redis:// bridge: of which reading the mail (timed alone)" if x == 0 else None)
     for ax in (rate_ax, cpu_ax):
         ax.set_xticks(list(xs), [f"{size_label(size)} mails" for size in SIZES])
         ax.set_ylim(top=ax.get_ylim()[1] * 1.12)  # room for the labels over the tallest bar
@@ -520,10 +526,14 @@ def reading(results: dict[str, Any]) -> str:
                      f"{2e6 / bare['mail_per_s']:,.0f} µs for the bridge and the worker together.")
         if str(size) in costs:
             bridge = rows["redis"]["cpu_us_per_mail"].get("bridge", 0.0)
+            cost, room = costs[str(size)], 2e6 / bare["mail_per_s"]
             lines.append(f"- {label}: reading the mail into its `email.receive` (`messages.read_mail` and "
-                         f"`receive_message`, timed alone in one process) costs {costs[str(size)]:,.0f} µs: "
-                         f"{costs[str(size)] / bridge:.0%} of the redis:// bridge's {bridge:,.0f} µs per mail; "
-                         f"aiosmtpd's SMTP itself costs the bare server {bare_cpu:,.0f}.")
+                         f"`receive_message`, timed alone in one process) costs {cost:,.0f} µs: "
+                         f"{cost / bridge:.0%} of the redis:// bridge's {bridge:,.0f} µs per mail; the rest is "
+                         f"SMTP (aiosmtpd's costs the bare server {bare_cpu:,.0f}), the hand-off to the executor "
+                         "thread and back, and the layer"
+                         + (f". Reading alone is over the {room:,.0f} µs the target leaves: no change elsewhere "
+                            "meets it." if cost > room else "."))
         busy, server = bare["load_core_busy"], bare["server_core_busy"]
         verdict = (": the bare server's core was full, so it, not the load, set the pace." if server > 0.85 else
                    ": the clients' core was nearly full, so the bare figure is partly the load's, and ratios "
@@ -533,10 +543,10 @@ def reading(results: dict[str, Any]) -> str:
         lines.append(f"- {label}, is the load the bottleneck? Against the bare server the {CLIENT_COUNT} clients "
                      f"used {busy:.0%} of their core ({bare['client_cpu_us_per_mail']:,.0f} µs per mail) and the "
                      f"server {server:.0%} of its own{verdict}")
-    lines.append("- Where the reading goes (cProfile of `read_mail` + `receive_message` on the 256-byte mail, at "
-                 "425af96): about 80% is the standard library's `email.headerregistry` parsing header values "
-                 "(`policy.default`: every `Message.get` parses the header again); more than half of that is "
-                 "`get_content_type()`, called 10 times per single-part mail, each parsing Content-Type anew.")
+    lines.append("- Where the reading goes (cProfile of `read_mail` + `receive_message` on the 256-byte mail, "
+                 "bridges/email at 425af96): about 80% is the standard library's `email.headerregistry` parsing "
+                 "header values (`policy.default`: every `Message.get` parses the header again); more than half "
+                 "of that is `get_content_type()`, called 10 times per single-part mail, each parsing it anew.")
     temporary = {setup: sum(results["floods"][str(size)][setup]["temporary_all_runs"] for size in SIZES)
                  for setup in ("redis", "memory")}
     full = {setup: sum(n for text, n in results["log_warnings"].get(setup, {}).items() if "is full" in text)
