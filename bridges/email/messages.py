@@ -669,6 +669,10 @@ def new_text(body: str) -> str:
     Inline answers between quoted lines are kept. Linear in ``body``.
     """
     lines = body.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    # A plain line cannot be a separator ("-----"), a header field or an attribution (":", "："), nor quoted (">"):
+    # most lines of a long body. One followed by another plain line (no wrapped attribution) is only kept or not.
+    plain = [not ("-----" in line or ":" in line or ">" in line or "：" in line) for line in lines]
+    plain.append(True)
     kept: list[str] = []
     i = 0
     while i < len(lines):
@@ -676,8 +680,13 @@ def new_text(body: str) -> str:
         end = line.rstrip()
         if end == "--":  # the signature delimiter "-- " (RFC 3676 4.3), often sent without its space
             break
+        if plain[i] and plain[i + 1]:
+            if end or (kept and kept[-1]):  # one blank line where quotes were cut
+                kept.append(end)
+            i += 1
+            continue
         # Each test below runs only on a line that could pass it ("-----" in a separator, ":" in a header field, a
-        # line ending in a colon for an attribution): most lines of a long body are none of them.
+        # line ending in a colon for an attribution).
         if ("-----" in line and _separator(line)) or (":" in line and _outlook_block(lines, i)):
             while kept and (not kept[-1].strip() or set(kept[-1].strip()) <= {"_", "-"}):
                 kept.pop()  # Outlook's line of underscores above its header block
