@@ -546,6 +546,10 @@ def test_dashes_in_a_body_are_not_parts():
     ("I wrote:\nthis quotes nothing\n", "I wrote:\nthis quotes nothing"),  # a weak attribution needs quotes below
     ("From: the team\nwe say hello\n", "From: the team\nwe say hello"),  # a From: line alone is not Outlook's block
     ("On Monday we meet:\n- at 9\n", "On Monday we meet:\n- at 9"),  # an attribution needs its marker word
+    # plain lines (nothing a rule looks for) are kept as they are, blank runs as one, up to the signature
+    ("Plain line one\nplain two\n\n\n\nthree   \n--\nsig", "Plain line one\nplain two\n\nthree"),
+    # a wrapped attribution whose first line is plain: the next line (ending in ":") still joins it
+    ("Danke!\n\nAm Dienstag, 1. Dezember 2026 schrieb Ann\nExample <ann@example.org>:\n> Hallo\n>\n", "Danke!"),
 ])
 def test_new_text(body, text):
     assert m.new_text(body) == text
