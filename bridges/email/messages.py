@@ -369,6 +369,7 @@ _ADDR_SPEC = rf"{_DOT_ATOM}@{_DOT_ATOM}"
 _PLAIN_MAILBOX_RE = re.compile(rf"(?:(?P<name>{_ATEXT}(?: {_ATEXT})*) <(?P<named>{_ADDR_SPEC})>"
                                rf"|<(?P<angled>{_ADDR_SPEC})>|(?P<bare>{_ADDR_SPEC}))")
 _PLAIN_MSG_ID_RE = re.compile(rf"<{_ADDR_SPEC}>")
+PLAIN_PATH_RE = re.compile(rf"<({_ADDR_SPEC})>")  # an SMTP path <a@b> of atoms only (the bridge's MAIL FROM, RCPT TO)
 _ADDRESS_NAMES = frozenset(name for name, kind in _REGISTRY.registry.items() if issubclass(kind, AddressHeader))
 _DATE_NAMES = frozenset(name for name, kind in _REGISTRY.registry.items() if issubclass(kind, DateHeader))
 _MSG_ID_NAMES = frozenset(name for name, kind in _REGISTRY.registry.items() if issubclass(kind, MessageIDHeader))
