@@ -23,7 +23,15 @@ from email import policy
 from email.message import EmailMessage
 
 import pytest
-from servers import DovecotServer, RedisServer, running_in_process, take, wait_until_async, write_test_certificates
+from servers import (
+    DovecotServer,
+    RedisServer,
+    Smarthost,
+    running_in_process,
+    take,
+    wait_until_async,
+    write_test_certificates,
+)
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
@@ -378,6 +386,24 @@ def test_moved_to_folders_instead_of_flags(run, dovecot, certs):
 
 
 # -- the connection ----------------------------------------------------------------------------------------------
+
+
+def test_a_mail_read_from_the_mailbox_is_answered_in_its_thread_through_the_smarthost(run, dovecot, certs):
+    """A bridge that only reads a mailbox (smtp = false) still sends its replies."""
+    other = OtherClient(dovecot, certs)
+
+    async def scenario():
+        with Smarthost() as smarthost:
+            async with reading({**options(dovecot, certs), "smarthost": smarthost.url}) as bridge:
+                await in_thread(other.append, mail(subject="Question", message_id="<q1@example.org>"))
+                got = await take(bridge.layer, "email.receive")
+                await bridge.layer.send(got["reply_channel"], {"text": "an answer"})
+                return await in_thread(smarthost.wait_for, 1)
+
+    (sent,) = run(scenario())
+    assert sent["rcpt_tos"] == ["ann@example.org"]
+    data = sent["data"].decode()
+    assert "In-Reply-To: <q1@example.org>" in data and "Subject: Re: Question" in data and "an answer" in data
 
 
 def test_dovecot_restarted_the_bridge_reconnects_and_goes_on(run, dovecot, certs):

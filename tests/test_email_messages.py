@@ -330,6 +330,80 @@ def test_headers_the_stdlib_parser_chokes_on_are_given_raw():
         f"header {name}: could not be parsed, given as it came" for name in ("To", "Cc", "Message-ID")]
 
 
+def registry_reading(name: str, raw: str) -> tuple[str, str, list[str]]:
+    """A header as the stdlib's header registry (policy.default) reads it: what parsed_headers gave before its
+    shortcuts for plain values, which must give exactly this."""
+    try:
+        value = policy.default.header_fetch_parse(name, raw)
+        return name, m.header_text(str(value)), [str(defect) for defect in value.defects]
+    except Exception:  # noqa: BLE001 - as parsed_headers: the header given raw
+        return name, m.header_text(raw), ["could not be parsed, given as it came"]
+
+
+PLAIN_LOOKING = {
+    "from": ["Ann <ann@example.org>", "ann@example.org", "<ann@example.org>", "Ann  Example <ann@example.org>",
+             "Ann Example <ann@example.org> ", "Ann.Example <a@b>", "\"Smith, Ann\" <ann@example.org>", "a@b, c@d",
+             "ann@example.org (Ann)", "Ann<ann@example.org>", "<a.@b>", "<.a@b>", "a..b@c", "a@b.", "<a@[1.2.3.4]>",
+             "=?utf-8?q?J=C3=BCrgen?= <j@x.y>", "a=?b@c.d", "Ann <a@b", "a@", "@b", "<>", "", " ann@example.org",
+             "undisclosed-recipients:;", "Ann\t<ann@example.org>", "Ann <ann@EXAMPLE.org>", "j\udcc3\udcbcrgen@x.de",
+             "jürgen@bücher.de", "Ann\r\n <ann@example.org>", "o'brien+tag@example.org", "{x}|y~@ex-ample.org"],
+    "date": ["Tue, 01 Dec 2026 12:00:00 +0000", "Tue, 1 Dec 2026 12:00:00 +0100", "1 Dec 2026 12:00 -0500",
+             "Tue, 1 Dec 26 12:00:00 GMT", "Tue, 1 Dec 2026 12:00:00 -0000", "Tue, 1 Dec 2026 12:00:00 EST",
+             "Tue, 1 Dec 2026 12:00:00", "garbage", "", "Tue, 31 Feb 2026 12:00:00 +0000",
+             "Tue,\r\n 1 Dec 2026 12:00:00 +0000", "Tue, 1 Dec 2026 25:00:00 +0000"],
+    "message-id": ["<a@b>", "<1.cost@client.example>", "<CAF=x+y@mail.gmail.com>", "a@b", "<a@b> ", " <a@b>",
+                   "<a b@c>", "<.a@b>", "<a..b@c>", "<a@[1.2.3.4]>", "<@>", "<a@b><c@d>", "<a@b> (comment)", ""],
+    "subject": ["Lunch?", "Re: Lunch?", "  two  spaces  ", "tab\there", "folded\r\n line", "=?utf-8?q?x?=",
+                "a=?b", "ctl\x01x", "caf\udcc3\udca9", "é", "", "trailing  ", "a\x0bb", "\x1c"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN_LOOKING))
+def test_header_values_read_exactly_as_the_header_registry_reads_them(name):
+    values = PLAIN_LOOKING[name]
+    for header in (name.title(), "To", "Reply-To", "Cc") if name == "from" else (name.title(),):
+        for value in values:
+            part = email.message.EmailMessage(policy=policy.default)
+            part._headers.append((header, value))  # as the parser stores it: the raw value, parsed when read
+            assert list(m.parsed_headers(part)) == [registry_reading(header, value)], value
+
+
+def test_random_plain_header_values_read_exactly_as_the_header_registry_reads_them():
+    import random
+
+    rng = random.Random(12)
+    pieces = ["ann", "Bob", "x", "o'b", "a+b", "{}", "1", ".", " ", "  ", "\t", "@", "<", ">", ",", ";", ":", '"',
+              "(", ")", "[", "]", "\\", "=", "?", "=?", "-", "example.org", "\r\n "]
+    for _ in range(3000):
+        value = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8))).lstrip(" \t\r\n")
+        for header in ("From", "To", "Message-ID", "Date", "Subject", "References", "X-Mailer"):
+            part = email.message.EmailMessage(policy=policy.default)
+            part._headers.append((header, value))
+            assert list(m.parsed_headers(part)) == [registry_reading(header, value)], (header, value)
+
+
+def test_a_mail_reads_the_same_whether_its_mime_headers_were_seen_before():
+    # the MIME headers' short values are remembered across mails: a second mail, and one with the same values in
+    # another case or with other parameters, reads as if it came first
+    first = crlf("From: a@b\nContent-Type: text/plain; charset=iso-8859-1\n\ncaf\xe9\n".replace("\xe9", "=E9")
+                 ).replace(b"\r\n\r\n", b"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n")
+    assert receive(first).message["text"] == receive(first).message["text"] == "café"
+    other = first.replace(b"iso-8859-1", b"utf-8")
+    assert receive(other).message["text"] == "caf\ufffd"
+    assert receive(first.replace(b"text/plain", b"TEXT/PLAIN")).message["content"]["content-type"] == "text/plain"
+
+
+def test_the_prescan_finds_boundaries_in_any_case_and_keeps_their_case():
+    head = b"From: a@b\r\nCONTENT-TYPE: Multipart/Mixed; BOUNDARY=\"XyZ\"\r\n\r\n"
+    with pytest.raises(m.MailRefused) as refused:
+        m.prescan(head + b"--XyZ\r\n\r\np\r\n" * 100 + b"--XyZ--\r\n", LIMITS)
+    assert refused.value.counter == "too_many_parts"
+    m.prescan(head + b"--xyz\r\n\r\np\r\n" * 100 + b"--XyZ--\r\n", LIMITS)  # not its boundary: one part, no refusal
+    with pytest.raises(m.MailRefused) as refused:
+        m.prescan(b"From: a@b\r\n" + b"Content-Type: MESSAGE/rfc822\r\n\r\n" * 101 + b"x\r\n", LIMITS)
+    assert refused.value.counter == "too_many_parts"
+
+
 def test_a_header_the_stdlib_raises_on_wherever_it_is_read_refuses_the_mail_instead_of_crashing():
     raw = b"From: a@b\r\nContent-Type: text/plain; charset*=idna''%FF\r\n\r\nx\r\n"
     with pytest.raises(m.MailRefused) as refused:
@@ -472,6 +546,10 @@ def test_dashes_in_a_body_are_not_parts():
     ("I wrote:\nthis quotes nothing\n", "I wrote:\nthis quotes nothing"),  # a weak attribution needs quotes below
     ("From: the team\nwe say hello\n", "From: the team\nwe say hello"),  # a From: line alone is not Outlook's block
     ("On Monday we meet:\n- at 9\n", "On Monday we meet:\n- at 9"),  # an attribution needs its marker word
+    # plain lines (nothing a rule looks for) are kept as they are, blank runs as one, up to the signature
+    ("Plain line one\nplain two\n\n\n\nthree   \n--\nsig", "Plain line one\nplain two\n\nthree"),
+    # a wrapped attribution whose first line is plain: the next line (ending in ":") still joins it
+    ("Danke!\n\nAm Dienstag, 1. Dezember 2026 schrieb Ann\nExample <ann@example.org>:\n> Hallo\n>\n", "Danke!"),
 ])
 def test_new_text(body, text):
     assert m.new_text(body) == text
