@@ -62,6 +62,8 @@ IDLE = 5.0  # seconds without a new ack or post after which what is missing coun
 SETUPS = ("raw", "bare", "echo", "redis", "memory", "quiet")
 CROSSROADS = ("redis", "memory", "quiet")
 POSTING = ("echo", "redis", "memory")  # the receivers that post every event back
+SHORT = {"raw": "raw aiohttp\n(ceiling)", "bare": "bare\nslack-sdk", "echo": "slack-sdk\necho bot",
+         "redis": "crossroads\nredis://", "memory": "crossroads\nmemory://", "quiet": "crossroads\nredis://\nno reply"}
 LABELS = {"raw": "raw aiohttp acker, no SDK (the emulator's ceiling)", "bare": "bare slack-sdk client, 1 process",
           "echo": "bare slack-sdk echo bot (ack, then chat.postMessage), 1 process",
           "redis": "crossroads redis://, bridge + worker, 2 processes",
@@ -82,7 +84,7 @@ class Config:
     def make(cls, quick: bool) -> Config:
         if quick:
             return cls(count=1000, window=100, rounds=1, paced=200, rate=200.0, warmup=100)
-        return cls(count=6000, window=100, rounds=3, paced=1500, rate=200.0, warmup=300)
+        return cls(count=4000, window=100, rounds=3, paced=1000, rate=200.0, warmup=300)
 
 
 # -- the processes --
@@ -152,6 +154,9 @@ class Crossroads(ProcessGroup):
     def cpu(self) -> dict[str, float]:
         return {name: process_cpu(p.pid) for name, p in self.processes.items()}
 
+    def waited(self) -> dict[str, float]:
+        return {name: process_waited(p.pid) for name, p in self.processes.items()}
+
 
 class Client:
     """A bench/slack_clients.py process (``sdk`` or ``raw``) on SERVER_CORE; stdin closed stops it."""
@@ -169,6 +174,9 @@ class Client:
 
     def cpu(self) -> dict[str, float]:
         return {"client": process_cpu(self.process.pid)}
+
+    def waited(self) -> dict[str, float]:
+        return {"client": process_waited(self.process.pid)}
 
     def alive(self) -> None:
         if self.process.poll() is not None:
@@ -221,15 +229,27 @@ PROFILE = (
     "given (slack_sdk/web/async_internal_utils.py), and the bridge hands it the child logger "
     "`crossroads.bridges.slack.sdk`, whose own level is NOTSET (0), so every request and answer builds its debug "
     "f-strings. The worker spends most of its samples waiting on Redis: it is not the limit. So the one place to "
-    "win is the post: each `chat.postMessage` costs the bridge about as much CPU as the bare client spends on five "
-    "whole events, and a post per event is what this benchmark asks."
+    "win is the post, and a post per event is what this benchmark asks."
 )
 
 # -- the scenarios --
 
 
-def figures(got: dict[str, Any], cpu: dict[str, float], posts: bool) -> dict[str, Any]:
+def process_waited(pid: int) -> float:
+    """Seconds the threads of process ``pid`` have waited runnable for a core (schedstat's second field)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that just ended
+            continue
+    return total / 1e9
+
+
+def figures(got: dict[str, Any], cpu: dict[str, float], posts: bool,
+            waited: dict[str, float] | None = None) -> dict[str, Any]:
     start, count = got["start_ns"], got["count"]
+    wall = got["emulator_wall_s"]
     span = (got["last_ack_ns"] - start) / 1e9
     row = {"count": count, "acked": got["acked"], "lost_acks": count - got["acked"], "stray_acks": got["stray_acks"],
            "events_per_s": got["acked"] / span if span > 0 else 0.0,
@@ -240,6 +260,9 @@ def figures(got: dict[str, Any], cpu: dict[str, float], posts: bool) -> dict[str
            "emulator_busy": got["emulator_cpu_s"] / got["emulator_wall_s"] if got["emulator_wall_s"] else 0.0,
            # the share it spent runnable but waiting for a core (other engineers' work on this shared machine)
            "emulator_waited": got["emulator_waited_s"] / got["emulator_wall_s"] if got["emulator_wall_s"] else 0.0,
+           # each receiver process's share of its core over the run, and the share it waited runnable for one
+           "busy": {name: used / wall for name, used in cpu.items()} if wall else {},
+           "waited": {name: w / wall for name, w in (waited or {}).items()} if wall else {},
            "ack_ms": [round(n / 1e6, 3) for n in got["ack_ns"]]}
     if posts:
         post_span = (got["last_post_ns"] - start) / 1e9
@@ -253,11 +276,12 @@ def figures(got: dict[str, Any], cpu: dict[str, float], posts: bool) -> dict[str
 def measure_one(setup: str, receiver: Any, peer: Peer, run: str, count: int, window: int,
                 rate: float | None = None, idle: float = IDLE) -> dict[str, Any]:
     receiver.alive()
-    before = receiver.cpu()
+    before, waited_before = receiver.cpu(), receiver.waited()
     got = peer.flood(run, count, window, setup in POSTING, rate, idle)
     cpu = {name: used - before[name] for name, used in receiver.cpu().items()}
+    waited = {name: w - waited_before[name] for name, w in receiver.waited().items()}
     receiver.alive()
-    return figures(got, cpu, setup in POSTING)
+    return figures(got, cpu, setup in POSTING, waited)
 
 
 def show(setup: str, row: dict[str, Any]) -> None:
@@ -275,7 +299,9 @@ def show(setup: str, row: dict[str, Any]) -> None:
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(runs, key=lambda run: run["events_per_s"])
-    found = {**ordered[len(ordered) // 2], "runs_events_per_s": [run["events_per_s"] for run in runs],
+    # Each event's latency is kept for the paced runs (the plot's); a flood's is its window's queue.
+    median = {key: value for key, value in ordered[len(ordered) // 2].items() if not key.endswith("_ms")}
+    found = {**median, "runs_events_per_s": [run["events_per_s"] for run in runs],
              "lost_acks_all_runs": sum(run["lost_acks"] for run in runs),
              "sent_all_runs": sum(run["count"] for run in runs)}
     if "posts" in found:
@@ -453,9 +479,9 @@ def flood_table(results: dict[str, Any]) -> str:
     rows = results["floods"]
     bare = rows["bare"]["events_per_s"]
     lines = ["| receiver | events/s acked (median) | runs, min–max | × bare slack-sdk | posts/s back | "
-             "ack p50 ms | ack p99 ms | lost, all runs | receiver CPU µs/event | emulator CPU µs/event, busy, "
-             "waiting for a core |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+             "ack p50 ms | ack p99 ms | lost, all runs | receiver CPU µs/event | receiver busy, waiting for a core | "
+             "emulator CPU µs/event, busy, waiting for a core |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for setup in SETUPS:
         row = rows[setup]
         runs = row["runs_events_per_s"]
@@ -467,7 +493,9 @@ def flood_table(results: dict[str, Any]) -> str:
                      f"{row['events_per_s'] / bare:.2f}× | "
                      f"{format(row['posts_per_s'], ',.0f') if 'posts' in row else '—'} | "
                      f"{cell(row['ack'], 'p50_ms')} | {cell(row['ack'], 'p99_ms')} | {lost} of "
-                     f"{row['sent_all_runs']:,} | {cpu} | {row['emulator_cpu_us_per_event']:.0f}, "
+                     f"{row['sent_all_runs']:,} | {cpu} | "
+                     + " + ".join(f"{row['busy'][n]:.0%}, {row['waited'][n]:.0%}" for n in row["busy"])
+                     + f" | {row['emulator_cpu_us_per_event']:.0f}, "
                      f"{row['emulator_busy']:.0%}, {row['emulator_waited']:.0%} |")
     return "\n".join(lines)
 
@@ -507,8 +535,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
 def chart(results: dict[str, Any], path: Path) -> None:
     """Left: events/s per receiver in the flood (and posts/s back). Right: ack and round-trip latency, paced."""
     plt, ticker = pyplot()
-    colors = {"raw": "#bbbbbb", "bare": "#7f7f7f", "redis": "#6baed6", "memory": "#1f77b4"}
-    fig, (bars_ax, cdf_ax) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.2]})
+    colors = {"raw": "#bbbbbb", "bare": "#7f7f7f", "echo": "#333333", "redis": "#6baed6", "memory": "#1f77b4",
+              "quiet": "#2ca02c"}
+    fig, (bars_ax, cdf_ax) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1, 1.1]})
     floods = results["floods"]
     xs = range(len(SETUPS))
     acked = [floods[s]["events_per_s"] for s in SETUPS]
@@ -519,9 +548,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
                        edgecolor="white", label="posts back/s (event → consumer → chat.postMessage)")
     bars_ax.bar_label(back, labels=[f"{v:,.0f}" if v else "" for v in posted], fontsize=8, padding=2)
     bars_ax.set_ylim(top=bars_ax.get_ylim()[1] * 1.1)
-    bars_ax.set_xticks(list(xs), ["raw aiohttp\n(ceiling)", "bare\nslack-sdk",
-                                  "slack-sdk\necho bot", "crossroads\nredis://", "crossroads\nmemory://",
-                                  "crossroads redis://\nno reply"])
+    bars_ax.set_xticks(list(xs), [SHORT[s] for s in SETUPS], fontsize=8)
     bars_ax.set_ylabel("per second")
     bars_ax.set_title(f"Flood, {results['config']['count']:,} events, ≤ {results['config']['window']} un-acked "
                       "(higher is better)", fontsize=10)
@@ -533,7 +560,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
             if row.get(key):
                 ms = sorted(row[key])
                 cdf_ax.plot(ms, [(i + 1) / len(ms) for i in range(len(ms))], color=colors[setup], linestyle=style,
-                            label=f"{LABELS[setup].split(',')[0]}: {what}")
+                            label=f"{SHORT[setup].replace(chr(10), ' ')}: {what}")
     cdf_ax.set_xscale("log")
     cdf_ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     cdf_ax.set_xlabel("ms after the emulator sent the envelope (log scale)")
@@ -564,14 +591,29 @@ def reading(results: dict[str, Any]) -> str:
                      f"{row['posts_per_s']:,.0f} posts/s back; {cpu:.0f} µs of CPU per event "
                      f"({', '.join(f'{name} {us:.0f}' for name, us in row['cpu_us_per_event'].items())}) against "
                      f"the bare client's {sum(bare['cpu_us_per_event'].values()):.0f} µs, which only acks.")
-    post_cost = floods["redis"]["cpu_us_per_event"]["bridge"] - quiet["cpu_us_per_event"]["bridge"]
+    redis = floods["redis"]
+    lines.append(f"- Counted at the far end, the posts back, redis:// completes {redis['posts_per_s']:,.0f} round "
+                 f"trips/s ({redis['posts_per_s'] / bare['events_per_s']:.0%} of the bare client's acks/s): the "
+                 "bridge acks an event as soon as the layer took it, and the replies follow, so in a flood the acks "
+                 "run ahead of the posts.")
+    full = sum(count for found in results["log_warnings"].values() for text, count in found.items()
+               if "is full" in text)
+    if full:
+        lost = sum(floods[s]["lost_acks_all_runs"] + floods[s].get("lost_posts_all_runs", 0) for s in CROSSROADS)
+        lines.append(f"- The {full:,} `channel 'slack.receive' is full` warnings are backpressure: when the worker "
+                     "falls behind, the layer refuses, and the bridge holds the events unacknowledged and offers them "
+                     f"again; the emulator counted {lost:,} lost (acks or posts) over every crossroads run.")
+    post_cost = redis["cpu_us_per_event"]["bridge"] - quiet["cpu_us_per_event"]["bridge"]
     lines.append(f"- Without the replies (the consumer answers nothing) redis:// acks {quiet['events_per_s']:,.0f} "
                  f"events/s, {quiet['events_per_s'] / bare['events_per_s']:.0%} of the bare client, the bridge "
                  f"spending {quiet['cpu_us_per_event']['bridge']:.0f} µs per event: taking the envelope, building the "
-                 f"`slack.receive`, the layer, the ack. Posting the reply costs the bridge another {post_cost:.0f} µs "
-                 "per event (the `chat.postMessage`: slack-sdk's AsyncWebClient on aiohttp, an HTTP request and its "
-                 "JSON answer), on the same core as the intake: with replies on, the bridge's one thread is what "
-                 "limits both figures.")
+                 f"`slack.receive`, the layer, the ack. Posting the reply (the `chat.postMessage`: slack-sdk's "
+                 f"AsyncWebClient on aiohttp, an HTTP request and its JSON answer) costs the bridge another "
+                 f"{post_cost:.0f} µs per event, {post_cost / sum(bare['cpu_us_per_event'].values()):.0f}× what the "
+                 "bare client spends on a whole event, on the one thread that also takes the events in. In the flood "
+                 f"with replies the bridge used {redis['busy']['bridge']:.0%} of its core and waited for it "
+                 f"{redis['waited']['bridge']:.0%} of the time (the worker: {redis['busy']['worker']:.0%} and "
+                 f"{redis['waited']['worker']:.0%}).")
     lines.append(f"- The fair competitor for the round trip is the hand-written echo bot (slack-sdk, one shared "
                  f"aiohttp session, acking then posting from the request listener): "
                  f"{echo['posts_per_s']:,.0f} posts/s at {sum(echo['cpu_us_per_event'].values()):.0f} µs per event; "
@@ -641,8 +683,11 @@ at {m['commit']} with {mine}. A shared machine: load average {m['load_before'][0
 ### Method
 
 - **Receivers.** A raw aiohttp WebSocket that acks every frame, no SDK: the emulator's ceiling. The bare
-  slack-sdk client (acks and counts; posts nothing). crossroads redis://: `crossroads bridge slack` and
-  `crossroads worker`, two processes; crossroads memory://: `crossroads run`. crossroads keeps its defaults
+  slack-sdk client (acks and counts; posts nothing). A slack-sdk echo bot: the same client, whose listener
+  acks, then posts the event's text back with `chat_postMessage` (one shared aiohttp session): the
+  hand-written equivalent of the round trip. crossroads redis://: `crossroads bridge slack` and
+  `crossroads worker`, two processes; crossroads memory://: `crossroads run`; and crossroads redis:// again
+  with a consumer that answers nothing (`BENCH_SLACK_QUIET=1`): the intake alone. crossroads keeps its defaults
   (layer capacity 100, 4 worker threads) but for the bridge's post limiter (`rate`, `burst`, `max_queued`
   raised to 1,000,000): Slack's one post a second per channel would measure Slack's policy; the emulator
   answers no 429 either. The events are `message` posts by a user, spread over {len(CHANNELS)} channels.
@@ -655,8 +700,9 @@ at {m['commit']} with {mine}. A shared machine: load average {m['load_before'][0
   interleaved, the median shown, after {cfg['warmup']} unmeasured events. events/s = acks ÷ the time from the
   first envelope sent to the last ack; posts/s = posts ÷ the time from the first envelope to the last post.
   What has not come {IDLE:g} s after the last arrival is lost. CPU per event: the receiver processes' user +
-  system time over the run ÷ events (redis-server excluded); the emulator's likewise, and "busy" is its CPU
-  time ÷ the run's wall time.
+  system time over the run ÷ events (redis-server excluded); the emulator's likewise. "busy" is a process's
+  CPU time ÷ the run's wall time; "waiting for a core" is the time its threads were runnable but not running
+  (`/proc/…/schedstat`) ÷ the wall time: on this shared machine, the time other engineers' work took from it.
 - **(b) Paced**: {cfg['paced']:,} events at {cfg['rate']:g} per second, well under every receiver's rate: ack
   latency = the emulator's clock from sending the envelope to reading its ack (Slack's budget: 3 s); round trip
   = from sending the envelope to receiving the `chat.postMessage` with the echo.
