@@ -29,10 +29,12 @@ import importlib.metadata
 import json
 import os
 import platform
+import queue
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,19 +93,28 @@ class Config:
 
 
 class Peer:
-    """One emulator process (bench/slack_peer.py), pinned to LOAD_CORE, spoken to in JSON lines."""
+    """One emulator process (bench/slack_peer.py), pinned to LOAD_CORE, spoken to in JSON lines. A thread reads its
+    stdout into a queue, so that every answer is waited for with a deadline."""
 
     def __init__(self, setup: str) -> None:
         self.setup = setup
         self.process = subprocess.Popen([*cpu_pin(LOAD_CORE), sys.executable, str(PEER), json.dumps(CHANNELS)],
                                         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
         ready = self.answer(30)
         self.api_url, self.bot_token, self.app_token = ready["api_url"], ready["bot_token"], ready["app_token"]
 
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # it exited
+
     def answer(self, timeout: float) -> dict[str, Any]:
-        """The peer's next line. A flood ends by itself (its idle rule), so the timeout is a safety net: a thread
-        would be needed to enforce it on a blocking read, and a peer that hangs is a bug to see, not to hide."""
-        line = self.process.stdout.readline()
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise BenchError(f"the emulator for {self.setup} did not answer in {timeout:g} s") from None
         if not line:
             raise BenchError(f"the emulator for {self.setup} exited {self.process.wait()} (its errors are above)")
         got = json.loads(line)
@@ -117,7 +128,7 @@ class Peer:
         return self.answer(timeout)
 
     def wait_connected(self, what: str) -> None:
-        if not self.command(cmd="connected", timeout=60)["connected"]:
+        if not self.command(70, cmd="connected")["connected"]:  # the peer gives up after 60 s
             raise BenchError(f"{what} did not connect to the emulator in 60 s")
 
     def flood(self, run: str, count: int, window: int, posts: bool, rate: float | None = None,
@@ -128,10 +139,12 @@ class Peer:
     def stop(self) -> None:
         if self.process.poll() is None:
             try:
-                self.process.communicate('{"cmd": "stop"}\n', timeout=10)
-            except subprocess.TimeoutExpired:
+                self.process.stdin.write('{"cmd": "stop"}\n')
+                self.process.stdin.close()
+                self.process.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
                 self.process.kill()
-                self.process.communicate()
+                self.process.wait()
 
 
 class Crossroads(ProcessGroup):
