@@ -1,0 +1,220 @@
+"""The Slack side of ``bench/slack.py``: the tests' emulator in a process of its own, driven over stdin/stdout.
+
+Owns the load and every measurement of the Slack benchmark: it sends the envelopes, sees the acks and the
+posts that come back, and times both on its clock. Run as ``python bench/slack_peer.py`` with ``.venv``'s
+interpreter (it imports ``tests/slack_emulator.py``), pinned by the harness to the load core.
+
+``BenchEmulator`` is tests/slack_emulator.py's ``SlackEmulator`` (its Web API, tokens, ``apps.connections.open``
+tickets, ``hello``) with two paths replaced for speed, so that the emulator is not what is measured: the
+tests' Socket Mode handler keeps its pending envelopes in a list it scans on every ack and every send (fine for
+a test's dozen, quadratic for a flood of thousands), and ``chat.postMessage`` records every call and the
+channel's history. Here un-acked envelopes sit in a dict by id, and a post is a timestamp by sequence number.
+
+The protocol, one JSON object a line: it prints ``{"ready": true, "api_url": ...}`` once it listens; then for
+each command on stdin one answer on stdout:
+
+- ``{"cmd": "connected", "timeout": s}``: waits until a Socket Mode client said hello (``{"connected": true}``);
+- ``{"cmd": "flood", "run": name, "count": n, "window": w, "rate": r or null, "channels": [...],
+  "posts": bool, "idle": s}``: sends ``n`` ``message`` events as ``events_api`` envelopes on the newest socket,
+  never more than ``w`` un-acked at once, paced at ``r`` per second when given, each channel in turn; then
+  waits for every ack and, with ``posts``, every post back (a post's text is the event's, ``"<run> <seq>"``),
+  giving up on what has not come ``idle`` seconds after the last arrival. Answers the timings in ns;
+- ``{"cmd": "stop"}``: exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from slack_emulator import SlackEmulator  # noqa: E402  (after the sys.path fix)
+
+USER = "U222"  # who posts the events: a user other than the bot, so the bridge does not skip them
+
+
+class BenchEmulator(SlackEmulator):
+    def __init__(self, channels: dict[str, str]) -> None:
+        # No rate limit on chat.postMessage: the bridge's own limiter is opened wide by the harness, and a 429
+        # would measure Slack's policy, not the bridge.
+        super().__init__(posts_per_window=10**9, users={USER: "alice"}, channels=channels)
+        self.ws: web.WebSocketResponse | None = None
+        self.connected = asyncio.Event()
+        self.waiting: dict[str, int] = {}  # envelope_id -> seq, sent and not acked
+        self.window_open = asyncio.Event()
+        self.progress = asyncio.Event()  # set on every ack and post
+        self.run = ""
+        self.sent_ns: list[int] = []
+        self.acked_ns: list[int] = []
+        self.posted_ns: list[int] = []
+        self.acks = 0  # type: ignore[assignment]  (a count here; the base's dict of ack frames is not kept)
+        self.posts = 0
+        self.stray_acks = 0  # acks of envelopes not waiting (a repeat, or an earlier run's)
+
+    async def _link(self, request: web.Request) -> web.WebSocketResponse:
+        ticket = request.query.get("ticket", "")
+        if ticket not in self._tickets:
+            raise web.HTTPUnauthorized(text="unknown or used ticket")
+        self._tickets.discard(ticket)
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        await ws.send_str(json.dumps({
+            "type": "hello", "num_connections": 1,
+            "debug_info": {"host": "emulator", "build_number": 1, "approximate_connection_time": 18060},
+            "connection_info": {"app_id": self.app_id}}))
+        self.ws = ws
+        self.hellos += 1
+        self.connected.set()
+        async for frame in ws:
+            if frame.type == aiohttp.WSMsgType.TEXT:
+                now = time.monotonic_ns()
+                seq = self.waiting.pop(json.loads(frame.data).get("envelope_id"), None)
+                if seq is None:
+                    self.stray_acks += 1
+                    continue
+                self.acked_ns[seq] = now
+                self.acks += 1
+                self.window_open.set()
+                self.progress.set()
+        if self.ws is ws:
+            self.ws = None
+            self.connected.clear()
+        return ws
+
+    def _chat_postMessage(self, args: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        now = time.monotonic_ns()
+        run, _, seq = str(args.get("text", "")).partition(" ")
+        if run == self.run and seq.isdigit() and int(seq) < len(self.posted_ns) and not self.posted_ns[int(seq)]:
+            self.posted_ns[int(seq)] = now
+            self.posts += 1
+            self.progress.set()
+        return self._ok(channel=args.get("channel"), ts=self._next_ts())
+
+    async def _api(self, request: web.Request) -> web.Response:
+        response = await super()._api(request)
+        if self.calls and self.calls[-1].method == "chat.postMessage":
+            self.calls.pop()  # only the timestamps are kept: a flood's calls would be memory for nothing
+        return response
+
+    def frames(self, run: str, count: int, channels: list[str]) -> list[tuple[str, str]]:
+        """(envelope id, frame) of every event of a run, built before the clock starts."""
+        built = []
+        for seq in range(count):
+            envelope_id = f"{run}-{seq}"
+            ts = f"{1700000000 + seq}.{abs(hash(run)) % 1000000:06d}"
+            event = {"type": "message", "channel": channels[seq % len(channels)], "user": USER, "text": f"{run} {seq}",
+                     "ts": ts, "event_ts": ts, "channel_type": "channel"}
+            payload = self.event_callback(event, event_id=f"Ev{run}{seq}")
+            built.append((envelope_id, json.dumps({"envelope_id": envelope_id, "payload": payload,
+                                                   "type": "events_api", "accepts_response_payload": False,
+                                                   "retry_attempt": 0, "retry_reason": ""})))
+        return built
+
+    async def flood(self, spec: dict[str, Any]) -> dict[str, Any]:
+        count, window, rate = spec["count"], spec["window"], spec.get("rate")
+        frames = self.frames(spec["run"], count, spec["channels"])
+        self.run = spec["run"]
+        self.sent_ns, self.acked_ns, self.posted_ns = [0] * count, [0] * count, [0] * count
+        self.acks = self.posts = self.stray_acks = 0
+        self.waiting.clear()
+        ws = self.ws
+        if ws is None:
+            raise RuntimeError("no Socket Mode connection")
+        cpu_before, wall_before, waited_before = time.process_time(), time.monotonic(), waited_ns()
+        start = time.monotonic_ns()
+        for seq, (envelope_id, frame) in enumerate(frames):
+            while len(self.waiting) >= window:
+                self.window_open.clear()
+                await self.window_open.wait()
+            if rate:
+                due = start + int(seq * 1e9 / rate)
+                ahead = due - time.monotonic_ns()
+                if ahead > 0:
+                    await asyncio.sleep(ahead / 1e9)
+            self.waiting[envelope_id] = seq
+            self.sent_ns[seq] = time.monotonic_ns()
+            await ws.send_str(frame)
+        sent_all_ns = time.monotonic_ns()
+        want_posts = spec.get("posts", False)
+        while self.acks < count or (want_posts and self.posts < count):
+            self.progress.clear()
+            try:
+                await asyncio.wait_for(self.progress.wait(), spec.get("idle", 5.0))
+            except TimeoutError:
+                break  # nothing new for idle seconds: what is missing is lost
+        cpu, wall = time.process_time() - cpu_before, time.monotonic() - wall_before
+        waited = (waited_ns() - waited_before) / 1e9
+        acked = [i for i in range(count) if self.acked_ns[i]]
+        posted = [i for i in range(count) if self.posted_ns[i]]
+        return {"count": count, "window": window, "rate": rate, "start_ns": start, "sent_all_ns": sent_all_ns,
+                "acked": len(acked), "posts": len(posted), "stray_acks": self.stray_acks,
+                "last_ack_ns": max((self.acked_ns[i] for i in acked), default=0),
+                "last_post_ns": max((self.posted_ns[i] for i in posted), default=0),
+                "ack_ns": [self.acked_ns[i] - self.sent_ns[i] for i in acked],
+                "round_trip_ns": [self.posted_ns[i] - self.sent_ns[i] for i in posted],
+                "emulator_cpu_s": cpu, "emulator_wall_s": wall,
+                "emulator_waited_s": waited}
+
+
+def waited_ns() -> int:
+    """Nanoseconds this thread (the loop's) has waited runnable for a core: on a shared machine, the time others
+    took from the emulator (the second field of /proc/thread-self/schedstat; 0 where there is none)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def emit(line: dict[str, Any]) -> None:
+    print(json.dumps(line), flush=True)
+
+
+async def serve(channels: dict[str, str]) -> None:
+    emulator = await BenchEmulator(channels).start()
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue = asyncio.Queue()
+
+    def read() -> None:  # stdin in a thread: the loop stays free for the sockets
+        for line in sys.stdin:
+            loop.call_soon_threadsafe(commands.put_nowait, line)
+        loop.call_soon_threadsafe(commands.put_nowait, '{"cmd": "stop"}')
+
+    threading.Thread(target=read, daemon=True).start()
+    emit({"ready": True, "api_url": emulator.api_url, "bot_token": emulator.bot_token,
+          "app_token": emulator.app_token})
+    try:
+        while True:
+            command = json.loads(await commands.get())
+            if command["cmd"] == "stop":
+                return
+            if command["cmd"] == "connected":
+                try:
+                    await asyncio.wait_for(emulator.connected.wait(), command.get("timeout", 60))
+                    emit({"connected": True})
+                except TimeoutError:
+                    emit({"connected": False})
+            elif command["cmd"] == "flood":
+                try:
+                    emit(await emulator.flood(command))
+                except (RuntimeError, ConnectionError) as exc:
+                    emit({"error": str(exc)})
+    finally:
+        await emulator.stop()
+
+
+def main() -> None:
+    channels = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
+    asyncio.run(serve(channels))
+
+
+if __name__ == "__main__":
+    main()
