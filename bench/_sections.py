@@ -13,6 +13,7 @@ next section marker, or the end of the file.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections.abc import Callable
@@ -72,6 +73,47 @@ def save_run(name: str, results: dict[str, Any], *, doc: Path, chart_path: Path,
     root = doc.parent.parent
     print(f"wrote {', '.join(str(path.relative_to(root)) for path in [*written, chart_path])} and the {name} "
           f"section of {doc.relative_to(root)}")
+
+
+def print_blocks(*blocks: str) -> None:
+    """A benchmark's report on the terminal: each block (a table, the targets, the reading) after a blank line."""
+    for block in blocks:
+        print()
+        print(block)
+
+
+def bench_main(name: str, argv: list[str] | None, *, description: str, run: Callable[[Any], dict[str, Any] | None],
+               config: Callable[[bool], Any], report: Callable[[dict[str, Any]], None], doc: Path,
+               chart_path: Path, chart: Callable[[dict[str, Any], Path], Any],
+               document: Callable[[dict[str, Any]], str], results_path: Path,
+               extra: Callable[[Any], Any] | None = None) -> int:
+    """The command line every section-writing benchmark shares: a full run writes the raw figures, the plot and
+    section ``name``; ``--quick`` is a smoke run that writes nothing; ``--report`` redraws from the raw figures.
+    ``run(config)`` returns None when it failed (``bench.layer.timed_run``). ``extra(parser)`` adds the
+    benchmark's own flags and returns a function of the parsed arguments that handles them (an exit code), or None."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run that writes no file")
+    parser.add_argument("--report", action="store_true",
+                        help=f"measure nothing: rewrite the doc section and the plot from {results_path.name}")
+    handle = extra(parser) if extra is not None else None
+    args = parser.parse_args(argv)
+    if handle is not None:
+        code = handle(args)
+        if code is not None:
+            return code
+    if args.report:
+        save_run(name, json.loads(results_path.read_text()), doc=doc, chart_path=chart_path, chart=chart,
+                 document=document, results_path=None)
+        return 0
+    results = run(config(args.quick))
+    if results is None:
+        return 1
+    report(results)
+    print(f"\ntook {results['seconds']} s")
+    if not args.quick:
+        save_run(name, results, doc=doc, chart_path=chart_path, chart=chart, document=document,
+                 results_path=results_path)
+    return 0
 
 
 def targets_markdown(found: list[tuple[str, str, bool]], heading: str = "target") -> str:

@@ -27,7 +27,6 @@ Usage: ``.venv/bin/python bench/mqtt.py [--quick | --report]``; ``--quick`` is a
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -46,7 +45,7 @@ sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench pac
 sys.path.append(str(ROOT / "tests"))  # tests/servers.py: the server launchers the tests and benchmarks share
 
 from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
-from _sections import pyplot, save_run, targets_markdown  # noqa: E402
+from _sections import bench_main, print_blocks, pyplot, targets_markdown  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
 from servers import MosquittoServer  # noqa: E402
 
@@ -680,38 +679,14 @@ run beside it (load average {m['load_before'][0]:.2f} when it started).
 
 
 def print_report(results: dict[str, Any]) -> None:
-    for qos in (0, 1):
-        print()
-        print(flood_table(results, qos))
-    print()
-    print(trip_table(results))
-    print()
-    print(targets_markdown(targets(results)))
-    print()
-    print(reading(results))
-    print()
-    print(problems(results))
+    print_blocks(*(flood_table(results, qos) for qos in (0, 1)), trip_table(results),
+                 targets_markdown(targets(results)), reading(results), problems(results))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run that writes no file")
-    parser.add_argument("--report", action="store_true",
-                        help="measure nothing: rewrite the doc section and the plot from bench/results/mqtt.json")
-    args = parser.parse_args(argv)
-    if args.report:
-        save_run("mqtt", json.loads(RESULTS.read_text()), doc=DOC, chart_path=CHART, chart=chart,
-                 document=document, results_path=None)
-        return 0
-    results = timed_run(run_all, Config.make(args.quick))
-    if results is None:
-        return 1
-    print_report(results)
-    print(f"\ntook {results['seconds']} s")
-    if not args.quick:
-        save_run("mqtt", results, doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS)
-    return 0
-
+    return bench_main("mqtt", argv, description=__doc__.split("\n\n")[0], run=lambda config: timed_run(run_all, config),
+                      config=Config.make, report=print_report, doc=DOC, chart_path=CHART, chart=chart,
+                      document=document, results_path=RESULTS)
 
 if __name__ == "__main__":
     sys.exit(main())

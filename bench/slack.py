@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench pac
 sys.path.append(str(ROOT / "tests"))
 
 from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
-from _sections import pyplot, save_run, targets_markdown  # noqa: E402
+from _sections import bench_main, print_blocks, pyplot, targets_markdown  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
 
 from bench.layer import BenchError, BenchRedis, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
@@ -800,41 +800,20 @@ at {m['commit']} with {mine}. A shared machine: load average {m['load_before'][0
 
 
 def print_report(results: dict[str, Any]) -> None:
-    print()
-    print(flood_table(results))
-    print()
-    print(paced_table(results))
-    print()
-    print(targets_markdown(targets(results)))
-    print()
-    print(reading(results))
-    print()
-    print(problems(results))
+    print_blocks(flood_table(results), paced_table(results), targets_markdown(targets(results)), reading(results),
+                 problems(results))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run that writes no file")
-    parser.add_argument("--report", action="store_true",
-                        help="measure nothing: rewrite the doc section and the plot from bench/results/slack.json")
-    parser.add_argument("--profile", action="store_true",
-                        help="only crossroads redis://, flooded while py-spy samples its processes; writes nothing")
-    args = parser.parse_args(argv)
-    if args.profile:
-        return profile(Config.make(quick=False))
-    if args.report:
-        save_run("slack", json.loads(RESULTS.read_text()), doc=DOC, chart_path=CHART, chart=chart,
-                 document=document, results_path=None)
-        return 0
-    results = timed_run(run_all, Config.make(args.quick))
-    if results is None:
-        return 1
-    print_report(results)
-    print(f"\ntook {results['seconds']} s")
-    if not args.quick:
-        save_run("slack", results, doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS)
-    return 0
+    def profile_flag(parser: argparse.ArgumentParser) -> Any:
+        parser.add_argument("--profile", action="store_true",
+                            help="only crossroads redis://, flooded while py-spy samples its processes; writes nothing")
+        return lambda args: profile(Config.make(quick=False)) if args.profile else None
 
+    return bench_main("slack", argv, description=__doc__.split("\n\n")[0],
+                      run=lambda config: timed_run(run_all, config), config=Config.make, report=print_report,
+                      doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS,
+                      extra=profile_flag)
 
 if __name__ == "__main__":
     sys.exit(main())
