@@ -26,8 +26,8 @@ from typing import Any
 from crossroads import layer
 
 from . import __version__
-from .config import DEFAULT_PATH, BridgeConfig, Config, ConfigError, load_config
-from .daemon import notify, raise_open_files_limit, setup_logging
+from .config import DEFAULT_PATH, BridgeConfig, Config, ConfigError, MetricsConfig, load_config, parse_listen
+from .daemon import notify, raise_open_files_limit, setup_logging, watchdog_interval
 
 log = logging.getLogger("crossroads")
 
@@ -57,6 +57,13 @@ def load(args: argparse.Namespace) -> Config:
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     check_companions(config)
+    listen = getattr(args, "metrics_listen", None)
+    if listen:  # one config for every unit, a port for each process: the flag beats [metrics] listen
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise CommandError(f"--metrics-listen: {exc}", code=2) from None
+        config = dataclasses.replace(config, metrics=MetricsConfig(listen=listen))
     return config
 
 
@@ -214,7 +221,43 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         slow_consumer=config.worker.slow_consumer)
     except ValueError as exc:
         raise CommandError(f"{where(config)}: [worker] {exc}", code=2) from None
-    worker.run(on_ready=lambda: notify("READY=1"), on_stopping=lambda: notify("STOPPING=1"))
+    metrics = None
+    if config.metrics.listen:
+        from .metrics import LayerCollector, MetricsServer, WorkerCollector, readiness
+
+        def healthz() -> tuple[bool, dict]:
+            problem = worker.stuck(config.worker.stuck_after)
+            return (False, {"alive": False, "reason": problem}) if problem else (True, {"alive": True})
+
+        metrics = MetricsServer(config.metrics.listen, "worker", healthz, lambda: readiness([], worker))
+        metrics.register(WorkerCollector(worker))
+        metrics.register(LayerCollector(channel_layer))
+        try:
+            metrics.start()
+        except OSError as exc:
+            raise CommandError(f"[metrics] listen = {config.metrics.listen!r}: cannot listen there: "
+                               f"{exc.strerror or exc}") from None
+    interval = watchdog_interval()
+    held: list[str | None] = [None]
+    pinged = [0.0]
+
+    def watch() -> None:  # on the main thread, every tick: only a worker that is not stuck feeds systemd
+        if time.monotonic() - pinged[0] < interval:
+            return
+        problem = worker.stuck(config.worker.stuck_after)
+        if problem is None:
+            notify("WATCHDOG=1")
+            pinged[0] = time.monotonic()
+            if held[0]:
+                log.info("watchdog: pinging systemd again")
+        elif problem != held[0]:
+            log.error("watchdog: not pinging systemd, which restarts the service after WatchdogSec=: %s", problem)
+        held[0] = problem
+
+    worker.run(on_ready=lambda: notify("READY=1"), on_stopping=lambda: notify("STOPPING=1"),
+               on_tick=watch if interval else None, tick=min(1.0, interval or 1.0))
+    if metrics is not None:
+        metrics.stop()
     channel_layer.sync.close()
     return 0
 
@@ -382,7 +425,8 @@ def cmd_bridge(args: argparse.Namespace) -> int:
         raise CommandError(f"[bridges.{args.name}] serves the port of [bridges.{owner.name}]: run `crossroads bridge "
                            f"{owner.name}`, which runs both", code=2)
     channel_layer = open_layer(config, shared=True)
-    return serve(config, channel_layer, [chosen, *(config.bridges[name] for name in companions_of(chosen))])
+    return serve(config, channel_layer, [chosen, *(config.bridges[name] for name in companions_of(chosen))],
+                 command=f"bridge {args.name}")
 
 
 def units_of(config: Config) -> dict[str, list[BridgeConfig]]:
@@ -466,6 +510,11 @@ def warn_about_sandbox(config: Config, executable: str, files: list[str]) -> Non
               "/etc/crossroads (docs/running.md, \"Installing for systemd\")", file=sys.stderr)
 
 
+def add_metrics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve /metrics, /healthz and /readyz there (default: [metrics] listen; off if unset)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crossroads",
@@ -494,10 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
                   "http://127.0.0.1:8000/, with a broker at mqtt://127.0.0.1:1883 and an IRC server at "
                   "irc://127.0.0.1:6667; set CROSSROADS_CHAT_PORT, CROSSROADS_CHAT_BROKER or CROSSROADS_CHAT_IRC "
                   "to use others.")
+    add_metrics_flag(run)
     bridge = command("bridge", cmd_bridge, "run one bridge instance as its own daemon")
+    add_metrics_flag(bridge)
     bridge.add_argument("name", metavar="NAME", help="the bridge's table name: [bridges.NAME]")
     command("check", cmd_check, "validate the config and the routing import; name every mistake")
     worker = command("worker", cmd_worker, "run consumers for messages on the layer (a daemon)")
+    add_metrics_flag(worker)
     worker.add_argument("--threads", type=int, metavar="N",
                         help="threads of the default pool (default: [worker] threads)")
     worker.add_argument("--prefetch", type=int, metavar="N",

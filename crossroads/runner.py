@@ -24,7 +24,7 @@ from typing import Any
 from crossroads.layer import mask_url
 
 from .config import BridgeConfig, Config
-from .daemon import notify
+from .daemon import notify, watchdog_interval
 
 log = logging.getLogger("crossroads")
 
@@ -51,8 +51,13 @@ def read_health(channel_layer: Any) -> dict[str, dict]:
 
 
 def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig], router: Any = None,
-          threads: int = 4, stats_interval: float | None = None) -> int:
-    """Run the bridges (and a worker for ``router``) until SIGTERM/SIGINT; the exit status."""
+          threads: int = 4, stats_interval: float | None = None, command: str = "run") -> int:
+    """Run the bridges (and a worker for ``router``) until SIGTERM/SIGINT; the exit status.
+
+    With ``[metrics] listen`` it serves /metrics, /healthz and /readyz (crossroads/metrics.py). Under a
+    systemd ``WatchdogSec=`` it sends ``WATCHDOG=1`` from the event loop itself, so a blocked loop stops
+    the pings, and holds them while every worker thread is stuck (``Worker.stuck``).
+    """
     from crossroads.bridges.options import OptionError
     from crossroads.bridges.reactor import as_deferred, install_reactor
     from crossroads.bridges.registry import load_bridge_class
@@ -83,6 +88,14 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
             return 2
     failures: list[BaseException] = []
     tasks: list[asyncio.Task] = []
+    loops: list[asyncio.AbstractEventLoop] = []  # the running loop, once it runs (for /healthz's thread)
+    metrics = None
+    if config.metrics.listen:
+        metrics = start_metrics(config.metrics.listen, command, channel_layer, bridges, worker, loops,
+                                config.worker.stuck_after)
+        if metrics is None:
+            return 2
+    watchdog = watchdog_interval()
 
     async def start() -> None:
         for bridge in bridges:
@@ -92,6 +105,8 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
         parts = [f"{b.name} ({b.type_name})" for b in bridges] + (["a worker"] if worker else [])
         log.info("serving: %s", ", ".join(parts) or "nothing yet (no bridges enabled, no [routing] app)")
         notify("READY=1")
+        if watchdog:
+            tasks.append(asyncio.ensure_future(keep_pinging(watchdog)))
         if bridges:
             tasks.append(asyncio.ensure_future(keep_publishing()))
         if stats_interval:
@@ -104,6 +119,22 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
             except Exception as exc:  # the layer being down is the bridges' problem to report, not ours
                 log.debug("could not publish health: %s", exc)
             await asyncio.sleep(HEALTH_INTERVAL)
+
+    async def keep_pinging(interval: float) -> None:
+        held = None
+        while True:
+            # The worker's check waits on its threads' slots and its own loop: off this loop, which it must
+            # not block; this loop being blocked stops the pings by itself.
+            problem = await asyncio.to_thread(worker.stuck, config.worker.stuck_after) if worker else None
+            if problem is None:
+                notify("WATCHDOG=1")
+                if held:
+                    log.info("watchdog: pinging systemd again")
+            elif problem != held:
+                log.error("watchdog: not pinging systemd, which restarts the service after WatchdogSec=: %s",
+                          problem)
+            held = problem
+            await asyncio.sleep(interval)
 
     async def log_stats() -> None:
         while True:
@@ -129,8 +160,11 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
             except Exception as exc:
                 log.debug("could not publish the final health: %s", exc)
         await channel_layer.close()
+        if metrics is not None:
+            metrics.stop()
 
     def begin() -> None:
+        loops.append(asyncio.get_event_loop())
         task = asyncio.ensure_future(start())
 
         def started(done: asyncio.Task) -> None:
@@ -145,3 +179,36 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
     reactor.addSystemEventTrigger("before", "shutdown", lambda: as_deferred(shutdown()))
     reactor.run()
     return 1 if failures else 0
+
+
+def start_metrics(listen: str, command: str, channel_layer: Any, bridges: list[Any], worker: Any,
+                  loops: list[asyncio.AbstractEventLoop], stuck_after: float | None) -> Any:
+    """The process's metrics server, listening; None (the error logged) when it cannot listen."""
+    from .metrics import BridgeCollector, LayerCollector, MetricsServer, WorkerCollector, readiness
+
+    def healthz() -> tuple[bool, dict[str, Any]]:
+        if not loops:
+            return False, {"alive": False, "reason": "starting: the event loop does not run yet"}
+        try:  # the loop answers: a coroutine scheduled from here runs
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loops[0]).result(LOOP_ANSWER)
+        except Exception:
+            return False, {"alive": False, "reason": f"the event loop did not answer within {LOOP_ANSWER:g} s"}
+        problem = worker.stuck(stuck_after) if worker is not None else None
+        if problem:
+            return False, {"alive": False, "reason": problem}
+        return True, {"alive": True}
+
+    server = MetricsServer(listen, command, healthz, lambda: readiness(bridges, worker))
+    server.register(BridgeCollector(lambda: bridges))
+    server.register(LayerCollector(channel_layer))
+    if worker is not None:
+        server.register(WorkerCollector(worker))
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("[metrics] listen = %r: cannot listen there: %s", listen, exc.strerror or exc)
+        return None
+    return server
+
+
+LOOP_ANSWER = 2.0  # seconds /healthz waits for the event loop to run a coroutine

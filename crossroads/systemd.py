@@ -11,8 +11,8 @@ Owns the text of the units; ``crossroads systemd`` writes them for a config, and
   layer, which cannot be shared between processes;
 - ``crossroads.target``: starts and stops the set together.
 
-All are ``Type=notify`` (the daemons send READY=1 once serving), restart on
-failure, run as a dynamic user with a hardened sandbox, and get secrets with
+All are ``Type=notify`` (the daemons send READY=1 once serving, and WATCHDOG=1
+while alive: ``WatchdogSec=``), restart on failure, run as a dynamic user with a hardened sandbox, and get secrets with
 ``LoadCredential=``: each ``${credential:NAME}`` the config uses is loaded from
 ``/etc/crossroads/credentials/NAME``.
 
@@ -39,6 +39,7 @@ _FILE_RE = re.compile(r"(?<!\$)\$\{file:([^}]+)\}")
 # One client, one file descriptor: systemd's default soft limit (1024) caps a listening bridge at about a
 # thousand connections. 65536 is what nginx and most servers' units ask for.
 LISTENING_NOFILE = 65536
+WATCHDOG_SEC = 30  # how long a hung daemon may go unpinged before systemd restarts it
 NOFILE_RESERVE = 1024  # descriptors besides the clients': the layer's connections, logs, the bridges' own clients
 
 
@@ -155,6 +156,9 @@ ExecStart={executable} {command} --config {config}
 Restart=on-failure
 RestartSec=2
 TimeoutStopSec=60
+# The daemon sends WATCHDOG=1 every WatchdogSec/2 while its event loop turns and its worker threads are not all
+# stuck ([worker] stuck_after); a hung process is killed (SIGABRT) and restarted.
+WatchdogSec={WATCHDOG_SEC}
 {loads}{HARDENING}
 [Install]
 WantedBy=crossroads.target

@@ -155,3 +155,11 @@ def test_the_python_a_console_script_starts_is_checked_too(tmp_path):
     assert hidden_by(interpreter_of(script)["the Python it starts"]) == "ProtectHome=yes"
     (tmp_path / "binary").write_bytes(b"\x7fELF\x02")
     assert interpreter_of(tmp_path / "binary") == {} and interpreter_of(tmp_path / "missing") == {}
+
+
+def test_every_service_has_a_watchdog_the_daemons_feed():
+    """WatchdogSec= makes systemd restart a daemon that stops sending WATCHDOG=1 (tests/test_operations.py shows a
+    daemon stops when its loop or its worker threads hang)."""
+    for name, text in render_units().items():
+        if name.endswith(".service"):
+            assert "\nWatchdogSec=30\n" in text and "\nType=notify\n" in text, name
