@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CommandError(f"[metrics] listen = {config.metrics.listen!r}: cannot listen there: "
                                f"{exc.strerror or exc}") from None
+    def recheck() -> None:  # SIGHUP: threads and routes cannot change under running consumers
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            load(args)
+        except CommandError as exc:
+            for line in str(exc).splitlines():
+                if line.strip():
+                    log.error("reload refused, the running config stays: %s", line)
+        else:
+            log.warning("reload: a worker applies a new config when it restarts (systemctl restart); it keeps "
+                        "running as it is")
+        notify("READY=1")
+
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=recheck, daemon=True).start())
     interval = watchdog_interval()
     held: list[str | None] = [None]
     pinged = [0.0]
@@ -405,28 +421,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     if router is None and not config.enabled_bridges():
         log.warning("nothing to serve yet: no bridges enabled and no [routing] app in %s; the layer's counters "
                     "are logged every %.0fs (see docs/configuration.md)", where(config), args.interval)
+    def reload() -> tuple[Config, list[BridgeConfig]]:
+        again = load(args)
+        if args.config == BUNDLED_EXAMPLE:
+            again = bundled_chat(again)
+        return again, again.enabled_bridges()
+
     return serve(config, channel_layer, config.enabled_bridges(), router=router,
-                 threads=config.worker.threads, stats_interval=args.interval)
+                 threads=config.worker.threads, stats_interval=args.interval, reload=reload)
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
     from .runner import serve
 
     config = load(args)
-    chosen = config.bridges.get(args.name)
+    bridges = bridge_and_companions(config, args.name)
+    channel_layer = open_layer(config, shared=True)
+
+    def reload() -> tuple[Config, list[BridgeConfig]]:
+        again = load(args)
+        return again, bridge_and_companions(again, args.name)
+
+    return serve(config, channel_layer, bridges, command=f"bridge {args.name}", reload=reload)
+
+
+def bridge_and_companions(config: Config, name: str) -> list[BridgeConfig]:
+    """What `crossroads bridge NAME` runs: [bridges.NAME] and the bridges sharing its port."""
+    chosen = config.bridges.get(name)
     if chosen is None:
         names = ", ".join(sorted(config.bridges)) or "none"
-        raise CommandError(f"{where(config)} has no [bridges.{args.name}] table (configured bridges: {names})", code=2)
+        raise CommandError(f"{where(config)} has no [bridges.{name}] table (configured bridges: {names})", code=2)
     if not chosen.enabled:
-        raise CommandError(f"{where(config)}: [bridges.{args.name}] has enabled = false; set it to true to run it",
+        raise CommandError(f"{where(config)}: [bridges.{name}] has enabled = false; set it to true to run it",
                            code=2)
-    owner = owner_of(config, args.name)
+    owner = owner_of(config, name)
     if owner is not None:
-        raise CommandError(f"[bridges.{args.name}] serves the port of [bridges.{owner.name}]: run `crossroads bridge "
+        raise CommandError(f"[bridges.{name}] serves the port of [bridges.{owner.name}]: run `crossroads bridge "
                            f"{owner.name}`, which runs both", code=2)
-    channel_layer = open_layer(config, shared=True)
-    return serve(config, channel_layer, [chosen, *(config.bridges[name] for name in companions_of(chosen))],
-                 command=f"bridge {args.name}")
+    return [chosen, *(config.bridges[companion] for companion in companions_of(chosen))]
 
 
 def units_of(config: Config) -> dict[str, list[BridgeConfig]]:

@@ -153,6 +153,8 @@ PartOf=crossroads.target
 Type=notify
 NotifyAccess=main
 ExecStart={executable} {command} --config {config}
+# SIGHUP re-reads the config: bridges whose tables did not change keep their connections (docs/running.md).
+ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=2
 TimeoutStopSec=60

@@ -4,6 +4,7 @@ HTTP and parsed with prometheus_client's own parser, and the systemd watchdog fe
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -277,4 +278,79 @@ listen = "127.0.0.1:{metrics}"
         assert health(metrics, "/healthz") == (200, {"alive": True})
     finally:
         sync.close()
+    daemon.terminate()
+
+
+# -- reload (SIGHUP) --
+
+
+def toy_tables(metrics: int, bridges: dict[str, int], extra: str = "") -> str:
+    tables = "".join(f'\n[bridges.{name}]\ntype = "toy_bridge:ToyBridge"\nport = {port}\n'
+                     for name, port in bridges.items())
+    return f'[routing]\napp = "apps.toy_echo:routes"\n\n[metrics]\nlisten = "127.0.0.1:{metrics}"\n{tables}{extra}'
+
+
+def reload(daemon: Daemon) -> None:
+    """SIGHUP, and the RELOADING=1 then READY=1 systemd expects of a reload."""
+    daemon.process.send_signal(signal.SIGHUP)
+    said = daemon.notify.recv(200)
+    assert said.startswith(b"RELOADING=1\nMONOTONIC_USEC="), said
+    assert daemon.notify.recv(200) == b"READY=1"
+
+
+def refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=30).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_reload_keeps_unchanged_bridges_connected_and_stops_starts_and_restarts_the_others(tmp_path, daemons):
+    metrics = free_port()
+    a, b, c, d, d2 = (free_port() for _ in range(5))
+    path = write_config(tmp_path, toy_tables(metrics, {"a": a, "b": b, "d": d}))
+    daemon = Daemon(tmp_path, "run", "run", "--config", str(path))
+    daemons.append(daemon)
+    daemon.wait_ready()
+    with socket.create_connection(("127.0.0.1", a), timeout=30) as client:
+        lines = client.makefile("rb")
+        client.sendall(b"before\n")
+        assert lines.readline() == b"BEFORE\n"
+        path.write_text(toy_tables(metrics, {"a": a, "c": c, "d": d2}))
+        reload(daemon)
+        client.sendall(b"after\n")  # the same connection, still served
+        assert lines.readline() == b"AFTER\n"
+        assert talk(c, "new") == "NEW" and talk(d2, "moved") == "MOVED"
+        assert refused(b) and refused(d)
+        assert "reloaded: kept a; stopped b; restarted d; started c" in daemon.log()
+        status, ready = health(metrics, "/readyz")
+        assert status == 200 and sorted(ready["bridges"]) == ["a", "c", "d"]
+        assert sample(scrape(metrics), "crossroads_bridge_received_total", bridge="a", type="toy") == 2
+
+        path.write_text(toy_tables(metrics, {"a": a}, extra="colour = 1\n"))  # a mistake: refused, all stays
+        checked = run("check", "--config", str(path))
+        assert checked.returncode == 2
+        reload(daemon)
+        log = daemon.log()
+        problems = [line.removeprefix("crossroads check: ") for line in checked.stderr.splitlines()
+                    if line.strip() and not line.startswith("warning:")]
+        assert problems and all(f"reload refused, the running config stays: {line}" in log for line in problems)
+        client.sendall(b"still\n")
+        assert lines.readline() == b"STILL\n"
+        assert talk(c, "kept") == "KEPT"
+    daemon.terminate()
+
+
+def test_a_worker_rechecks_its_config_on_sighup_and_keeps_running(tmp_path, redis_server, daemons):
+    config = write_config(tmp_path, f'[layer]\nurl = "{redis_server.url}"\nprefix = "opshup"\n\n'
+                                    '[routing]\napp = "apps.slow:routes"\n')
+    daemon = Daemon(tmp_path, "worker", "worker", "--config", str(config))
+    daemons.append(daemon)
+    daemon.wait_ready()
+    reload(daemon)
+    wait_until(lambda: "a worker applies a new config when it restarts" in daemon.log(), "the reload logged")
+    config.write_text(config.read_text() + "[worker]\nthreads = 0\n")
+    reload(daemon)
+    wait_until(lambda: "reload refused, the running config stays" in daemon.log(), "the refusal logged")
     daemon.terminate()
