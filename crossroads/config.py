@@ -50,7 +50,8 @@ DEFAULT_SLOW_CONSUMER = 10.0  # consumers.worker.SLOW_CONSUMER
 DEFAULT_STUCK_AFTER = 300.0
 BRIDGE_KEYS = ("type", "enabled")
 TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS, "metrics": METRICS_KEYS}
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # layer.redis.SENTINEL_SCHEMES
+REDIS_SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 
 BridgeValidator = Callable[[str, dict], dict]
 
@@ -431,8 +432,8 @@ class _Loader:
         owners = [name for name, keys in TABLES.items() if key in keys]
         if owners:
             return f"not in any table: it belongs in [{owners[0]}]"
-        return "unknown key outside any table: every key belongs in [layer], [routing], [worker], [metrics] or "
-        "[bridges.NAME]"
+        return ("unknown key outside any table: every key belongs in [layer], [routing], [worker], [metrics] or "
+                "[bridges.NAME]")
 
     def check_layer(self, values: dict) -> LayerConfig:
         self.unknown_keys("layer", values, LAYER_KEYS)
@@ -490,9 +491,19 @@ class _Loader:
         """Check a layer URL's shape and return its scheme (None if it is not a URL crossroads knows)."""
         scheme = _scheme(url)
         if scheme not in ("memory",) + REDIS_SCHEMES:
-            self.problem(path, "must be memory://, redis://[:password@]host:port/db, rediss://... (TLS) or "
-                               f"unix:///path/to/redis.sock, got {_show(url)}")
+            self.problem(path, "must be memory://, redis://[:password@]host:port/db, rediss://... (TLS), "
+                               "unix:///path/to/redis.sock or redis+sentinel://host:26379,host2:26379/SERVICE/db, "
+                               f"got {_show(url)}")
             return None
+        if scheme in SENTINEL_SCHEMES:
+            from crossroads.layer.redis import parse_sentinel_url
+
+            try:
+                parse_sentinel_url(url)
+            except ValueError as exc:
+                self.problem(path, f"{exc}, got {_show(url)}")
+                return None
+            return scheme
         parts = urlsplit(url)
         try:
             parts.port  # noqa: B018 - urlsplit checks the port only when asked

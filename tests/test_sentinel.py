@@ -1,0 +1,97 @@
+"""The Redis layer over Sentinel (issue 16 §3): redis+sentinel:// finds the primary through real sentinels
+(redis-server --sentinel), and after the primary is killed and a replica promoted, the same layer object sends
+and receives on the new primary, a receive blocked across the failover included, without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from servers import SentinelGroup, wait_until
+from test_cli import run, write_config
+
+from crossroads import layer
+from crossroads.layer.redis import parse_sentinel_url, public_url
+
+
+@pytest.fixture
+def sentinels(tmp_path):
+    with SentinelGroup(tmp_path / "sentinel") as group:
+        yield group
+
+
+def test_a_sentinel_url_names_the_sentinels_service_db_and_secrets():
+    parsed = parse_sentinel_url("rediss+sentinel://:pw%40x@h1:26380,h2,[::1]:26381/mymaster/3"
+                                "?sentinel_password=sp&ssl_ca_certs=/ca.pem")
+    assert parsed.sentinels == [("h1", 26380), ("h2", 26379), ("::1", 26381)]
+    assert (parsed.service, parsed.db, parsed.password) == ("mymaster", 3, "pw@x")
+    assert parsed.query == {"sentinel_password": "sp", "ssl_ca_certs": "/ca.pem"}
+    assert parse_sentinel_url("redis+sentinel://h1/mymaster").db == 0
+    assert public_url("redis+sentinel://:pw@h1:1,h2:2/m/0?sentinel_password=sp") == "redis+sentinel://h1:1,h2:2/m/0"
+    for bad, says in [("redis+sentinel://h1:26379", "names no service"),
+                      ("redis+sentinel://h1:x/m/0", "not a sentinel's host:port"),
+                      ("redis+sentinel://h1/m/zero", "database number")]:
+        with pytest.raises(ValueError, match=says):
+            parse_sentinel_url(bad)
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis+sentinel://127.0.0.1:26379", "names no service"),
+    ("redis+sentinel://:secret@127.0.0.1:99999/m/0", "not a sentinel's host:port"),
+])
+def test_check_names_a_bad_sentinel_url_without_its_password(tmp_path, url, says):
+    checked = run("check", "--config", str(write_config(tmp_path, f'[layer]\nurl = "{url}"\n')))
+    assert checked.returncode == 2
+    assert says in checked.stderr and "secret" not in checked.stderr
+
+
+def test_check_accepts_sentinel_urls_and_shards_over_sentinel_groups(tmp_path):
+    checked = run("check", "--config", str(write_config(tmp_path, """[layer]
+url = "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/one/0"
+hosts = ["redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/one/0", "redis+sentinel://127.0.0.1:26381/two/0"]
+""")))
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_the_layer_follows_a_failover_to_the_promoted_replica_without_a_restart(sentinels):
+    channel_layer = layer.from_url(sentinels.url, prefix="failover")
+    sync = channel_layer.sync
+    try:
+        sync.send_many([("before", {"n": n}) for n in range(100)])
+        # Replication is asynchronous: WAIT makes these 100 acknowledged by the replica, the bound the spec offers.
+        assert sentinels.primary.command("WAIT", 1, 5000) == 1
+        got: list = []
+        blocked = threading.Thread(target=lambda: got.append(sync.receive(["after"], timeout=60)), daemon=True)
+        blocked.start()
+        old = sentinels.primary.port
+        sentinels.primary.stop()
+        wait_until(lambda: sentinels.primary_port() == sentinels.replica.port, "the sentinels to promote the replica",
+                   timeout=60)
+        assert sentinels.primary_port() != old
+        received = []
+        while len(received) < 100:
+            received += [message["n"] for _, message in sync.receive_many(["before"], 100, timeout=30)]
+        assert received == list(range(100))  # acknowledged by the replica: none lost, none twice, in order
+        # The receive blocked on the dead primary resumes on the new one (the layer waits an outage out).
+        wait_until(lambda: _send_or_retry(sync, "after", {"text": "on the new primary"}), "a send to the new primary",
+                   timeout=30)
+        blocked.join(60)
+        assert got == [("after", {"text": "on the new primary"})]
+        assert sentinels.replica.command("INFO", "replication")["role"] == "master"
+
+        async def round_trip() -> tuple:  # the async face, which the bridges use, finds the new primary too
+            await channel_layer.send("async", {"text": "bridged"})
+            return await channel_layer.receive(["async"], timeout=30)
+
+        assert asyncio.run(round_trip()) == ("async", {"text": "bridged"})
+    finally:
+        sync.close()
+
+
+def _send_or_retry(sync, channel: str, message: dict) -> bool:
+    try:
+        sync.send(channel, message)
+    except layer.LayerUnavailable:
+        return False
+    return True
