@@ -316,8 +316,41 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_over_http(config: Config, as_json: bool) -> int:
+    """`crossroads status` for a memory:// process: its /readyz (and the layer's depths from its /metrics)."""
+    import urllib.error
+    import urllib.request
+
+    from .config import parse_listen
+
+    host, port = parse_listen(config.metrics.listen)
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 503: not ready, with the same body
+        body = json.loads(exc.read())
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot read {base}/readyz ([metrics] listen): {exc}; is `crossroads run` running with "
+                           "this config?") from None
+    if as_json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+        return 0
+    print(f"process at {base}: {'ready' if body.get('ready') else 'not ready: ' + body.get('reason', '')}")
+    print("bridges")
+    for name in sorted(body.get("bridges", {})):
+        status = body["bridges"][name]
+        print(f"  {name}: {status['state']}" + (f": {status['reason']}" if status.get("reason") else ""))
+    if "worker" in body:
+        worker = body["worker"]
+        print(f"worker: {'serving' if worker['serving'] else 'not serving'} with {worker['threads']} thread(s)")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     config = load(args)
+    if config.layer.url.startswith("memory://") and config.metrics.listen:
+        return status_over_http(config, args.json)
     channel_layer = open_layer(config, shared=True)
     from .runner import read_health
 
@@ -328,6 +361,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read the layer: {exc}") from None
     finally:
         channel_layer.sync.close()
+    health = {name: status for name, status in health.items() if name in config.bridges}
     if args.json:
         print(json.dumps({"layer": stats, "bridges": health}, indent=2, sort_keys=True))
         return 0
@@ -338,7 +372,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for queue, count in sorted(pending.items(), key=lambda item: -item[1]):
         print(f"  {count:>8}  {queue}")
     print("bridges")
-    for name in sorted(set(config.bridges) | set(health)):
+    for name in sorted(config.bridges):  # another config's bridges on the same layer are not this deployment's
         status = health.get(name)
         if status is None:
             state = "never reported (not started?)"

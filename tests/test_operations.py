@@ -84,6 +84,11 @@ def test_run_serves_every_counter_state_and_health_of_its_bridges_worker_and_lay
     assert status == 200 and ready["ready"] is True
     assert ready["bridges"]["toy"]["state"] == "connected" and ready["worker"]["serving"] is True
     assert get(metrics, "/nothing")[0] == 404
+    shown = run("status", "--config", str(tmp_path / "crossroads.toml"))  # memory://: read over HTTP
+    assert shown.returncode == 0, shown.stderr
+    assert "toy: connected: running" in shown.stdout and "ready" in shown.stdout.split("\n")[0]
+    as_json = run("status", "--json", "--config", str(tmp_path / "crossroads.toml"))
+    assert json.loads(as_json.stdout)["bridges"]["toy"]["state"] == "connected"
     daemon.terminate()
 
 
