@@ -105,6 +105,7 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
         if metrics is None:
             return 2
     watchdog = watchdog_interval()
+    phase = ["starting"]  # starting, serving, stopping: a SIGHUP reloads only while serving
 
     async def start() -> None:
         for bridge in bridges:
@@ -114,6 +115,7 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
         parts = [f"{b.name} ({b.type_name})" for b in bridges] + (["a worker"] if worker else [])
         log.info("serving: %s", ", ".join(parts) or "nothing yet (no bridges enabled, no [routing] app)")
         notify("READY=1")
+        phase[0] = "serving"
         if watchdog:
             tasks.append(asyncio.ensure_future(keep_pinging(watchdog)))
         tasks.append(asyncio.ensure_future(keep_publishing()))  # a reload may add bridges to a process with none
@@ -153,6 +155,9 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
                      stats["expired"])
 
     async def shutdown() -> None:
+        phase[0] = "stopping"
+        if reloading and not reloading[-1].done():  # let a reload finish, so nothing it starts outlives us
+            await asyncio.wait([reloading[-1]], timeout=30)
         notify("STOPPING=1")
         log.info("stopping: draining bridges and finishing the messages in hand")
         for task in tasks:
@@ -202,7 +207,9 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
     def on_hangup() -> None:
         if reload is None:
             log.warning("SIGHUP: this process cannot reload; restart it to apply a new config")
-        elif loops and not (reloading and not reloading[-1].done()):  # one reload at a time
+        elif phase[0] != "serving":
+            log.warning("SIGHUP while %s: not reloading", phase[0])
+        elif not (reloading and not reloading[-1].done()):  # one reload at a time
             reloading[:] = [asyncio.ensure_future(reload_config())]
 
     def begin() -> None:
