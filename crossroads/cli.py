@@ -539,8 +539,13 @@ def cmd_systemd(args: argparse.Namespace) -> int:
                 for b in bridges if "max_connections" in load_bridge_class(b.type).OPTIONS]
         if caps:
             listening[instance] = sum(int(cap) for cap in caps)
+    metrics = {}
+    if config.metrics.listen:  # a port for each process, counted up from the config's
+        from .systemd import metrics_ports
+
+        metrics = metrics_ports(config.metrics.listen, [i for i in instances if i != "crossroads.target"])
     units = render_units(executable=executable, config=str(config.path.resolve()), credentials=used,
-                         wants=instances, listening=listening)
+                         wants=instances, listening=listening, metrics=metrics)
     for path in write_units(args.output, units):
         print(f"wrote {path}")
     warn_about_sandbox(config, executable, files_used(config_text))
@@ -548,6 +553,8 @@ def cmd_systemd(args: argparse.Namespace) -> int:
     print(f"    cp -r {args.output}/crossroads* /etc/systemd/system/")
     print("    systemctl daemon-reload")
     print(f"    systemctl enable --now crossroads.target {' '.join(instances)}")
+    for instance, address in metrics.items():
+        print(f"{instance} serves /metrics on http://{address}/metrics")
     for name in used:
         print(f"\nThe config reads ${{credential:{name}}}: put the secret in /etc/crossroads/credentials/{name} "
               "(mode 0600, owned by root).")
@@ -577,8 +584,9 @@ def warn_about_sandbox(config: Config, executable: str, files: list[str]) -> Non
 
 
 def add_metrics_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
-                        help="serve /metrics, /healthz and /readyz there (default: [metrics] listen; off if unset)")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT", default=os.environ.get("CROSSROADS_METRICS_LISTEN"),
+                        help="serve /metrics, /healthz and /readyz there (default: $CROSSROADS_METRICS_LISTEN, "
+                             "else [metrics] listen; off if neither is set)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -169,11 +169,13 @@ WantedBy=crossroads.target
 
 def render_units(executable: str = DEFAULT_EXECUTABLE, config: str = DEFAULT_CONFIG,
                  credentials: list[str] | None = None, wants: list[str] | None = None,
-                 listening: dict[str, int] | None = None) -> dict[str, str]:
+                 listening: dict[str, int] | None = None, metrics: dict[str, str] | None = None) -> dict[str, str]:
     """File name -> text of every unit; ``wants`` lists the instances the target starts.
 
     ``listening`` maps the instances that take clients to the connections their bridges may hold together
-    (``max_connections``); each gets a drop-in raising ``LimitNOFILE`` to make room for them.
+    (``max_connections``); each gets a drop-in raising ``LimitNOFILE`` to make room for them. ``metrics`` maps
+    instances to the ``host:port`` of their /metrics: one config, a port per process, through a drop-in
+    setting ``CROSSROADS_METRICS_LISTEN`` (which ``--metrics-listen`` defaults to).
     """
     credentials = credentials or []
     target_wants = f"Wants={' '.join(wants)}\n" if wants else ""
@@ -192,7 +194,16 @@ WantedBy=multi-user.target
     }
     for instance, connections in (listening or {}).items():
         units[f"{instance}.d/limits.conf"] = f"[Service]\nLimitNOFILE={nofile_for(connections)}\n"
+    for instance, address in (metrics or {}).items():
+        units[f"{instance}.d/metrics.conf"] = f"[Service]\nEnvironment=CROSSROADS_METRICS_LISTEN={address}\n"
     return units
+
+
+def metrics_ports(listen: str, instances: list[str]) -> dict[str, str]:
+    """Each instance's ``host:port`` for /metrics: ``[metrics] listen``'s port for the first, the next for each
+    one after it, in the order given."""
+    host, _, port = listen.rpartition(":")
+    return {instance: f"{host}:{int(port) + index}" for index, instance in enumerate(instances)}
 
 
 def write_units(directory: Path, units: dict[str, str]) -> list[Path]:

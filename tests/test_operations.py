@@ -95,16 +95,15 @@ def test_run_serves_every_counter_state_and_health_of_its_bridges_worker_and_lay
 def test_readyz_says_which_bridge_is_not_connected_until_its_broker_is_there(tmp_path, daemons):
     broker = MosquittoServer(tmp_path / "mosquitto")  # its port chosen, the broker not started yet
     metrics = free_port()
-    config = write_config(tmp_path, f"""[metrics]
-listen = "127.0.0.1:{metrics}"
-
-[bridges.mq]
+    config = write_config(tmp_path, f"""[bridges.mq]
 type = "mqtt"
 broker = "{broker.url}"
 subscribe = [{{ topic = "chat/#", qos = 1 }}]
 reconnect_max = 0.5
 """)
-    daemon = Daemon(tmp_path, "run", "run", "--config", str(config))
+    # no [metrics] table: the variable the systemd drop-ins set gives the address
+    daemon = Daemon(tmp_path, "run", "run", "--config", str(config),
+                    env={"CROSSROADS_METRICS_LISTEN": f"127.0.0.1:{metrics}"})
     daemons.append(daemon)
     daemon.wait_ready()
     wait_for_port(metrics, daemon.process)
