@@ -127,7 +127,8 @@ def open_layer(config: Config, shared: bool) -> Any:
     if shared and config.layer.url.startswith("memory://"):
         raise CommandError(f"{where(config)}: [layer] url is memory://, which lives inside one process; this command "
                            "talks to other processes: set [layer] url = \"redis://...\" (or use `crossroads run`, "
-                           "which runs everything in one process)", code=2)
+                           "which runs everything in one process; with [metrics] listen set, `crossroads status` "
+                           "reads its /readyz)", code=2)
     try:
         return layer.from_url(config.layer.url, **config.layer.options)
     except (ValueError, TypeError, ImportError) as exc:

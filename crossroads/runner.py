@@ -10,7 +10,12 @@ Health is published as the layer's key/value record ``health`` (field =
 bridge name, value = ``Bridge.status()`` plus the time and pid), merged every
 ``HEALTH_INTERVAL`` seconds, so ``crossroads status`` run anywhere sees every
 bridge process of a Redis layer. A memory:// layer lives in one process, so
-there only that process could read it.
+there only that process could read it: ``crossroads status`` reads its
+``/readyz`` instead (``[metrics] listen``, crossroads/metrics.py).
+
+Also here: the process's metrics server (``start_metrics``), the systemd
+watchdog's pings (from the loop, held while the worker is stuck), and reload on
+SIGHUP (``apply_reload``: unchanged bridges keep their connections).
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ class SentinelGroup:
     its redis-sentinel package runs) on free ports, the sentinels quick to fail over (a primary is down after
     ``down_after`` ms unanswered; two of three must agree). ``url`` is the layer's redis+sentinel:// URL."""
 
-    def __init__(self, workdir: Path, service: str = "mymaster", down_after: int = 1000) -> None:
+    def __init__(self, workdir: Path, service: str = "mymaster", down_after: int = 2000) -> None:
         self.workdir = workdir
         self.service = service
         self.down_after = down_after
