@@ -218,11 +218,13 @@ class Worker:
                 self._loop.close()
         return finished
 
-    def run(self, on_ready: Callable[[], Any] | None = None, on_stopping: Callable[[], Any] | None = None) -> None:
+    def run(self, on_ready: Callable[[], Any] | None = None, on_stopping: Callable[[], Any] | None = None,
+            on_tick: Callable[[], Any] | None = None, tick: float = 1.0) -> None:
         """Start, stop on SIGTERM or SIGINT, and return once every thread has finished.
 
         ``on_ready`` is called once serving and ``on_stopping`` once a stop begins
-        (the daemon tells systemd through them).
+        (the daemon tells systemd through them); ``on_tick`` every ``tick`` seconds
+        while serving (the daemon's systemd watchdog).
         """
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -230,12 +232,47 @@ class Worker:
         self.start()
         if on_ready:
             on_ready()
-        while not self._stopping.wait(1.0):  # a timed wait keeps the main thread responsive to signals
-            pass
+        while not self._stopping.wait(tick):  # a timed wait keeps the main thread responsive to signals
+            if on_tick:
+                on_tick()
         if on_stopping:
             on_stopping()
         self.join()
         log.info("worker stopped: %s", self.summary())
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def thread_report(self) -> list[tuple[str, int, int]]:
+        """(pool, threads, threads running a consumer now) for each pool, for the metrics."""
+        running = list(self._running)
+        report = []
+        first = 0
+        for name, (_, count) in self.pools.items():
+            report.append((name, count, sum(slot is not None for slot in running[first:first + count])))
+            first += count
+        return report
+
+    def stuck(self, limit: float | None, loop_timeout: float = 5.0) -> str | None:
+        """Why this worker is hung, or None: every thread dead or on one message for more than ``limit`` seconds
+        (None: never judged stuck), or the event loop of ``async def`` consumers not answering. A busy worker,
+        where any thread still moves on, is not stuck."""
+        if self._loop_thread is not None:
+            if not self._loop_thread.is_alive():
+                return "the event loop of async consumers has stopped"
+            try:
+                asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self._loop).result(loop_timeout)
+            except Exception:
+                return f"the event loop of async consumers did not answer within {loop_timeout:g} s"
+        if not limit or not self._workers:
+            return None
+        now = time.monotonic()
+        for thread, running in zip(self._workers, list(self._running), strict=False):
+            if thread.is_alive() and (running is None or now - running.started <= limit):
+                return None
+        return (f"all {self.threads} worker thread(s) have been on one message for more than {limit:g} s "
+                "([worker] stuck_after), or have died")
 
     def _on_signal(self, signum: int) -> None:
         log.info("worker received %s: finishing the messages in hand", signal.Signals(signum).name)

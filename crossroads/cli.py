@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from typing import Any
 from crossroads import layer
 
 from . import __version__
-from .config import DEFAULT_PATH, BridgeConfig, Config, ConfigError, load_config
-from .daemon import notify, raise_open_files_limit, setup_logging
+from .config import DEFAULT_PATH, BridgeConfig, Config, ConfigError, MetricsConfig, load_config, parse_listen
+from .daemon import notify, raise_open_files_limit, setup_logging, watchdog_interval
 
 log = logging.getLogger("crossroads")
 
@@ -57,6 +58,13 @@ def load(args: argparse.Namespace) -> Config:
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     check_companions(config)
+    listen = getattr(args, "metrics_listen", None)
+    if listen:  # one config for every unit, a port for each process: the flag beats [metrics] listen
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise CommandError(f"--metrics-listen: {exc}", code=2) from None
+        config = dataclasses.replace(config, metrics=MetricsConfig(listen=listen))
     return config
 
 
@@ -119,7 +127,8 @@ def open_layer(config: Config, shared: bool) -> Any:
     if shared and config.layer.url.startswith("memory://"):
         raise CommandError(f"{where(config)}: [layer] url is memory://, which lives inside one process; this command "
                            "talks to other processes: set [layer] url = \"redis://...\" (or use `crossroads run`, "
-                           "which runs everything in one process)", code=2)
+                           "which runs everything in one process; with [metrics] listen set, `crossroads status` "
+                           "reads its /readyz)", code=2)
     try:
         return layer.from_url(config.layer.url, **config.layer.options)
     except (ValueError, TypeError, ImportError) as exc:
@@ -214,7 +223,58 @@ def cmd_worker(args: argparse.Namespace) -> int:
                         slow_consumer=config.worker.slow_consumer)
     except ValueError as exc:
         raise CommandError(f"{where(config)}: [worker] {exc}", code=2) from None
-    worker.run(on_ready=lambda: notify("READY=1"), on_stopping=lambda: notify("STOPPING=1"))
+    metrics = None
+    if config.metrics.listen:
+        from .metrics import LayerCollector, MetricsServer, WorkerCollector, readiness
+
+        def healthz() -> tuple[bool, dict]:
+            problem = worker.stuck(config.worker.stuck_after)
+            return (False, {"alive": False, "reason": problem}) if problem else (True, {"alive": True})
+
+        metrics = MetricsServer(config.metrics.listen, "worker", healthz, lambda: readiness([], worker))
+        metrics.register(WorkerCollector(worker))
+        metrics.register(LayerCollector(channel_layer))
+        try:
+            metrics.start()
+        except OSError as exc:
+            raise CommandError(f"[metrics] listen = {config.metrics.listen!r}: cannot listen there: "
+                               f"{exc.strerror or exc}") from None
+    def recheck() -> None:  # SIGHUP: threads and routes cannot change under running consumers
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            load(args)
+        except CommandError as exc:
+            for line in str(exc).splitlines():
+                if line.strip():
+                    log.error("reload refused, the running config stays: %s", line)
+        else:
+            log.warning("reload: a worker applies a new config when it restarts (systemctl restart); it keeps "
+                        "running as it is")
+        notify("READY=1")
+
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=recheck, daemon=True).start())
+    interval = watchdog_interval()
+    held: list[str | None] = [None]
+    pinged = [0.0]
+
+    def watch() -> None:  # on the main thread, every tick: only a worker that is not stuck feeds systemd
+        if time.monotonic() - pinged[0] < interval:
+            return
+        problem = worker.stuck(config.worker.stuck_after)
+        if problem is None:
+            notify("WATCHDOG=1")
+            pinged[0] = time.monotonic()
+            if held[0]:
+                log.info("watchdog: pinging systemd again")
+        elif problem != held[0]:
+            log.error("watchdog: not pinging systemd, which restarts the service after WatchdogSec=: %s", problem)
+        held[0] = problem
+
+    worker.run(on_ready=lambda: notify("READY=1"), on_stopping=lambda: notify("STOPPING=1"),
+               on_tick=watch if interval else None, tick=min(1.0, interval or 1.0))
+    if metrics is not None:
+        metrics.stop()
     channel_layer.sync.close()
     return 0
 
@@ -257,8 +317,41 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_over_http(config: Config, as_json: bool) -> int:
+    """`crossroads status` for a memory:// process: its /readyz (and the layer's depths from its /metrics)."""
+    import urllib.error
+    import urllib.request
+
+    from .config import parse_listen
+
+    host, port = parse_listen(config.metrics.listen)
+    base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 503: not ready, with the same body
+        body = json.loads(exc.read())
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"cannot read {base}/readyz ([metrics] listen): {exc}; is `crossroads run` running with "
+                           "this config?") from None
+    if as_json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+        return 0
+    print(f"process at {base}: {'ready' if body.get('ready') else 'not ready: ' + body.get('reason', '')}")
+    print("bridges")
+    for name in sorted(body.get("bridges", {})):
+        status = body["bridges"][name]
+        print(f"  {name}: {status['state']}" + (f": {status['reason']}" if status.get("reason") else ""))
+    if "worker" in body:
+        worker = body["worker"]
+        print(f"worker: {'serving' if worker['serving'] else 'not serving'} with {worker['threads']} thread(s)")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     config = load(args)
+    if config.layer.url.startswith("memory://") and config.metrics.listen:
+        return status_over_http(config, args.json)
     channel_layer = open_layer(config, shared=True)
     from .runner import read_health
 
@@ -269,6 +362,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read the layer: {exc}") from None
     finally:
         channel_layer.sync.close()
+    health = {name: status for name, status in health.items() if name in config.bridges}
     if args.json:
         print(json.dumps({"layer": stats, "bridges": health}, indent=2, sort_keys=True))
         return 0
@@ -279,7 +373,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for queue, count in sorted(pending.items(), key=lambda item: -item[1]):
         print(f"  {count:>8}  {queue}")
     print("bridges")
-    for name in sorted(set(config.bridges) | set(health)):
+    for name in sorted(config.bridges):  # another config's bridges on the same layer are not this deployment's
         status = health.get(name)
         if status is None:
             state = "never reported (not started?)"
@@ -366,27 +460,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     if router is None and not config.enabled_bridges():
         log.warning("nothing to serve yet: no bridges enabled and no [routing] app in %s; the layer's counters "
                     "are logged every %.0fs (see docs/configuration.md)", where(config), args.interval)
+    def reload() -> tuple[Config, list[BridgeConfig]]:
+        again = load(args)
+        if args.config == BUNDLED_EXAMPLE:
+            again = bundled_chat(again)
+        return again, again.enabled_bridges()
+
     return serve(config, channel_layer, config.enabled_bridges(), router=router,
-                 threads=config.worker.threads, stats_interval=args.interval)
+                 threads=config.worker.threads, stats_interval=args.interval, reload=reload)
 
 
 def cmd_bridge(args: argparse.Namespace) -> int:
     from .runner import serve
 
     config = load(args)
-    chosen = config.bridges.get(args.name)
+    bridges = bridge_and_companions(config, args.name)
+    channel_layer = open_layer(config, shared=True)
+
+    def reload() -> tuple[Config, list[BridgeConfig]]:
+        again = load(args)
+        return again, bridge_and_companions(again, args.name)
+
+    return serve(config, channel_layer, bridges, command=f"bridge {args.name}", reload=reload)
+
+
+def bridge_and_companions(config: Config, name: str) -> list[BridgeConfig]:
+    """What `crossroads bridge NAME` runs: [bridges.NAME] and the bridges sharing its port."""
+    chosen = config.bridges.get(name)
     if chosen is None:
         names = ", ".join(sorted(config.bridges)) or "none"
-        raise CommandError(f"{where(config)} has no [bridges.{args.name}] table (configured bridges: {names})", code=2)
+        raise CommandError(f"{where(config)} has no [bridges.{name}] table (configured bridges: {names})", code=2)
     if not chosen.enabled:
-        raise CommandError(f"{where(config)}: [bridges.{args.name}] has enabled = false; set it to true to run it",
+        raise CommandError(f"{where(config)}: [bridges.{name}] has enabled = false; set it to true to run it",
                            code=2)
-    owner = owner_of(config, args.name)
+    owner = owner_of(config, name)
     if owner is not None:
-        raise CommandError(f"[bridges.{args.name}] serves the port of [bridges.{owner.name}]: run `crossroads bridge "
+        raise CommandError(f"[bridges.{name}] serves the port of [bridges.{owner.name}]: run `crossroads bridge "
                            f"{owner.name}`, which runs both", code=2)
-    channel_layer = open_layer(config, shared=True)
-    return serve(config, channel_layer, [chosen, *(config.bridges[name] for name in companions_of(chosen))])
+    return [chosen, *(config.bridges[companion] for companion in companions_of(chosen))]
 
 
 def units_of(config: Config) -> dict[str, list[BridgeConfig]]:
@@ -433,8 +544,13 @@ def cmd_systemd(args: argparse.Namespace) -> int:
                 for b in bridges if "max_connections" in load_bridge_class(b.type).OPTIONS]
         if caps:
             listening[instance] = sum(int(cap) for cap in caps)
+    metrics = {}
+    if config.metrics.listen:  # a port for each process, counted up from the config's
+        from .systemd import metrics_ports
+
+        metrics = metrics_ports(config.metrics.listen, [i for i in instances if i != "crossroads.target"])
     units = render_units(executable=executable, config=str(config.path.resolve()), credentials=used,
-                         wants=instances, listening=listening)
+                         wants=instances, listening=listening, metrics=metrics)
     for path in write_units(args.output, units):
         print(f"wrote {path}")
     warn_about_sandbox(config, executable, files_used(config_text))
@@ -442,6 +558,8 @@ def cmd_systemd(args: argparse.Namespace) -> int:
     print(f"    cp -r {args.output}/crossroads* /etc/systemd/system/")
     print("    systemctl daemon-reload")
     print(f"    systemctl enable --now crossroads.target {' '.join(instances)}")
+    for instance, address in metrics.items():
+        print(f"{instance} serves /metrics on http://{address}/metrics")
     for name in used:
         print(f"\nThe config reads ${{credential:{name}}}: put the secret in /etc/crossroads/credentials/{name} "
               "(mode 0600, owned by root).")
@@ -468,6 +586,12 @@ def warn_about_sandbox(config: Config, executable: str, files: list[str]) -> Non
         print("warning: these units cannot start as they are: install crossroads where a service can read it "
               "(a virtualenv under /opt, or system-wide) and keep the config and the files it reads under "
               "/etc/crossroads (docs/running.md, \"Installing for systemd\")", file=sys.stderr)
+
+
+def add_metrics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT", default=os.environ.get("CROSSROADS_METRICS_LISTEN"),
+                        help="serve /metrics, /healthz and /readyz there (default: $CROSSROADS_METRICS_LISTEN, "
+                             "else [metrics] listen; off if neither is set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -499,10 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
                   "irc://127.0.0.1:6667, mail on port 2525 answered through smtp://127.0.0.1:2526; set "
                   "CROSSROADS_CHAT_PORT, CROSSROADS_CHAT_BROKER, CROSSROADS_CHAT_IRC, CROSSROADS_CHAT_SMTP (a port) "
                   "or CROSSROADS_CHAT_SMARTHOST to use others.")
+    add_metrics_flag(run)
     bridge = command("bridge", cmd_bridge, "run one bridge instance as its own daemon")
+    add_metrics_flag(bridge)
     bridge.add_argument("name", metavar="NAME", help="the bridge's table name: [bridges.NAME]")
     command("check", cmd_check, "validate the config and the routing import; name every mistake")
     worker = command("worker", cmd_worker, "run consumers for messages on the layer (a daemon)")
+    add_metrics_flag(worker)
     worker.add_argument("--threads", type=int, metavar="N",
                         help="threads of the default pool (default: [worker] threads)")
     worker.add_argument("--prefetch", type=int, metavar="N",

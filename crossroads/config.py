@@ -41,13 +41,17 @@ DOCS = "docs/configuration.md"
 LAYER_KEYS = ("url", "capacity", "process_capacity", "channel_capacity", "expiry", "group_expiry", "prefix",
               "hosts", "symmetric_encryption_keys")
 ROUTING_KEYS = ("app",)
-WORKER_KEYS = ("threads", "only_channels", "exclude_channels", "pools", "prefetch", "slow_consumer")
+WORKER_KEYS = ("threads", "only_channels", "exclude_channels", "pools", "prefetch", "slow_consumer", "stuck_after")
+METRICS_KEYS = ("listen",)
 POOL_KEYS = ("channels", "threads")
 DEFAULT_PREFETCH = 64  # consumers.worker.PREFETCH (this module does not import the worker)
 DEFAULT_SLOW_CONSUMER = 10.0  # consumers.worker.SLOW_CONSUMER
+# Seconds every worker thread may spend on one message before the systemd watchdog stops being fed.
+DEFAULT_STUCK_AFTER = 300.0
 BRIDGE_KEYS = ("type", "enabled")
-TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS}
-REDIS_SCHEMES = ("redis", "rediss", "unix")
+TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS, "metrics": METRICS_KEYS}
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # layer.redis.SENTINEL_SCHEMES
+REDIS_SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 
 BridgeValidator = Callable[[str, dict], dict]
 
@@ -103,6 +107,12 @@ class WorkerConfig:
     pools: dict[str, tuple[tuple[str, ...], int]] = field(default_factory=dict)
     prefetch: int = DEFAULT_PREFETCH
     slow_consumer: float | None = DEFAULT_SLOW_CONSUMER  # None: never report (the file said 0)
+    stuck_after: float | None = DEFAULT_STUCK_AFTER  # None: never judged stuck (the file said 0)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None  # host:port of /metrics, /healthz and /readyz; None: not served
 
 
 @dataclass(frozen=True)
@@ -120,6 +130,7 @@ class Config:
     layer: LayerConfig = field(default_factory=LayerConfig)
     routing_app: str | None = None
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     bridges: dict[str, BridgeConfig] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -402,15 +413,16 @@ class _Loader:
         layer = self.check_layer(table("layer"))
         routing_app = self.check_routing(table("routing"))
         worker = self.check_worker(table("worker"))
+        metrics = self.check_metrics(table("metrics"))
         bridges = self.check_bridges(table("bridges"), bridge_validator)
         if self.found:
             self.found.sort(key=lambda found: self.position(found[0]))  # stable: one key's problems keep their order
             raise ConfigError([problem for _, problem in self.found], self.warnings)
-        return Config(path=file, layer=layer, routing_app=routing_app, worker=worker, bridges=bridges,
-                      warnings=self.warnings)
+        return Config(path=file, layer=layer, routing_app=routing_app, worker=worker, metrics=metrics,
+                      bridges=bridges, warnings=self.warnings)
 
     def unknown_table_message(self, key: str) -> str:
-        tables = "The tables are [layer], [routing], [worker] and [bridges.NAME]"
+        tables = "The tables are [layer], [routing], [worker], [metrics] and [bridges.NAME]"
         if key in BUILTIN_BRIDGE_TYPES:
             return f'unknown table; did you mean [bridges.{key}] (with type = "{key}")? {tables}'
         close = difflib.get_close_matches(key, [*TABLES, "bridges"], n=1)
@@ -420,7 +432,8 @@ class _Loader:
         owners = [name for name, keys in TABLES.items() if key in keys]
         if owners:
             return f"not in any table: it belongs in [{owners[0]}]"
-        return "unknown key outside any table: every key belongs in [layer], [routing], [worker] or [bridges.NAME]"
+        return ("unknown key outside any table: every key belongs in [layer], [routing], [worker], [metrics] or "
+                "[bridges.NAME]")
 
     def check_layer(self, values: dict) -> LayerConfig:
         self.unknown_keys("layer", values, LAYER_KEYS)
@@ -478,9 +491,19 @@ class _Loader:
         """Check a layer URL's shape and return its scheme (None if it is not a URL crossroads knows)."""
         scheme = _scheme(url)
         if scheme not in ("memory",) + REDIS_SCHEMES:
-            self.problem(path, "must be memory://, redis://[:password@]host:port/db, rediss://... (TLS) or "
-                               f"unix:///path/to/redis.sock, got {_show(url)}")
+            self.problem(path, "must be memory://, redis://[:password@]host:port/db, rediss://... (TLS), "
+                               "unix:///path/to/redis.sock or redis+sentinel://host:26379,host2:26379/SERVICE/db, "
+                               f"got {_show(url)}")
             return None
+        if scheme in SENTINEL_SCHEMES:
+            from crossroads.layer.redis import parse_sentinel_url
+
+            try:
+                parse_sentinel_url(url)
+            except ValueError as exc:
+                self.problem(path, f"{exc}, got {_show(url)}")
+                return None
+            return scheme
         parts = urlsplit(url)
         try:
             parts.port  # noqa: B018 - urlsplit checks the port only when asked
@@ -541,12 +564,36 @@ class _Loader:
             settings["prefetch"] = self.integer(("worker", "prefetch"), values["prefetch"], 1)
         if "slow_consumer" in values and values["slow_consumer"] is not UNRESOLVED:
             settings["slow_consumer"] = self.slow_consumer(("worker", "slow_consumer"), values["slow_consumer"])
+        if "stuck_after" in values and values["stuck_after"] is not UNRESOLVED:
+            settings["stuck_after"] = self.stuck_after(("worker", "stuck_after"), values["stuck_after"])
         if "pools" in values and not contains_unresolved(values["pools"]):
             settings["pools"] = self.pools(("worker", "pools"), values["pools"])
         chosen = {key: value for key, value in settings.items() if value is not None}
-        if chosen.get("slow_consumer") == 0:
-            chosen["slow_consumer"] = None
+        for key in ("slow_consumer", "stuck_after"):
+            if chosen.get(key) == 0:
+                chosen[key] = None
         return WorkerConfig(**chosen)
+
+    def stuck_after(self, path: tuple, value: Any) -> float | None:
+        value, hint = self.scalar(path, value, lambda text: int(text) if text.isdigit() else float(text))
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < float("inf"):
+            return value
+        self.problem(path, f"must be a number of seconds (0: never judge the worker stuck), got {_show(value)}{hint}")
+        return None
+
+    def check_metrics(self, values: dict) -> MetricsConfig:
+        self.unknown_keys("metrics", values, METRICS_KEYS)
+        listen = values.get("listen")
+        if listen is None or listen is UNRESOLVED:
+            return MetricsConfig()
+        if self.text(("metrics", "listen"), listen) is None:
+            return MetricsConfig()
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            self.problem(("metrics", "listen"), str(exc))
+            return MetricsConfig()
+        return MetricsConfig(listen=listen)
 
     def slow_consumer(self, path: tuple, value: Any) -> float | None:
         value, hint = self.scalar(path, value, lambda text: int(text) if text.isdigit() else float(text))
@@ -676,6 +723,14 @@ class _Loader:
                 self.problem(("bridges", name, *key_parts), message or type(error).__name__)
             return options
         return options if checked is None else dict(checked)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9464`` for IPv6) as (host, port); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port (e.g. \"127.0.0.1:9464\", or \"[::1]:9464\" for IPv6)")
+    return host.strip("[]"), int(port)
 
 
 def _scheme(url: str) -> str:

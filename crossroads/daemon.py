@@ -8,6 +8,9 @@ Owns the process-level plumbing shared by ``crossroads run``, ``worker`` and
   into the entry's level; elsewhere lines carry a timestamp and the level name.
 - ``notify("READY=1")`` tells systemd (``Type=notify``) the daemon is serving;
   ``STOPPING=1`` that it is draining. Without ``$NOTIFY_SOCKET`` it does nothing.
+- ``watchdog_interval()`` is how often to send ``WATCHDOG=1`` when the unit has ``WatchdogSec=``
+  (systemd sets ``$WATCHDOG_USEC``): half of it, as sd_watchdog_enabled(3) advises. Who pings, and
+  on what condition, is the daemon's: the pings must stop when the process hangs.
 - ``raise_open_files_limit()`` raises the soft ``RLIMIT_NOFILE`` to the hard one at start, as Go's
   runtime does: a listening bridge holds a descriptor per peer (two per proxied WebSocket), and the
   soft default of 1,024 for a user's shell is far below what the hard limit allows.
@@ -57,6 +60,16 @@ def notify(state: str) -> bool:
             logging.getLogger("crossroads").warning("could not notify systemd at %s: %s", address, exc)
             return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings, or None when systemd watches nothing (or watches another pid)."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and pid.isdigit() and int(pid) != os.getpid():  # meant for a parent that exec'd us differently
+        return None
+    return int(usec) / 2e6
 
 
 def raise_open_files_limit() -> tuple[int, int]:

@@ -10,21 +10,29 @@ Health is published as the layer's key/value record ``health`` (field =
 bridge name, value = ``Bridge.status()`` plus the time and pid), merged every
 ``HEALTH_INTERVAL`` seconds, so ``crossroads status`` run anywhere sees every
 bridge process of a Redis layer. A memory:// layer lives in one process, so
-there only that process could read it.
+there only that process could read it: ``crossroads status`` reads its
+``/readyz`` instead (``[metrics] listen``, crossroads/metrics.py).
+
+Also here: the process's metrics server (``start_metrics``), the systemd
+watchdog's pings (from the loop, held while the worker is stuck), and reload on
+SIGHUP (``apply_reload``: unchanged bridges keep their connections).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from crossroads.layer import mask_url
 
 from .config import BridgeConfig, Config
-from .daemon import notify
+from .daemon import notify, watchdog_interval
 
 log = logging.getLogger("crossroads")
 
@@ -51,14 +59,25 @@ def read_health(channel_layer: Any) -> dict[str, dict]:
 
 
 def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig], router: Any = None,
-          threads: int = 4, stats_interval: float | None = None) -> int:
-    """Run the bridges (and a worker for ``router``) until SIGTERM/SIGINT; the exit status."""
+          threads: int = 4, stats_interval: float | None = None, command: str = "run",
+          reload: Callable[[], tuple[Config, list[BridgeConfig]]] | None = None) -> int:
+    """Run the bridges (and a worker for ``router``) until SIGTERM/SIGINT; the exit status.
+
+    With ``[metrics] listen`` it serves /metrics, /healthz and /readyz (crossroads/metrics.py). Under a
+    systemd ``WatchdogSec=`` it sends ``WATCHDOG=1`` from the event loop itself, so a blocked loop stops
+    the pings, and holds them while every worker thread is stuck (``Worker.stuck``).
+
+    SIGHUP calls ``reload`` (in a thread: it reads files and imports) for the new config and the bridges
+    this process should run, and applies the difference (``apply_reload``); ``reload`` raising leaves the
+    running bridges alone, its message logged.
+    """
     from crossroads.bridges.options import OptionError
     from crossroads.bridges.reactor import as_deferred, install_reactor
     from crossroads.bridges.registry import load_bridge_class
 
     reactor = install_reactor()
     bridges = [load_bridge_class(b.type)(b.name, b.options, channel_layer) for b in bridge_configs]
+    running_configs = {b.name: b for b in bridge_configs}  # what each running bridge was made from
     by_name = {bridge.name: bridge for bridge in bridges}
     for bridge in bridges:
         try:
@@ -83,6 +102,15 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
             return 2
     failures: list[BaseException] = []
     tasks: list[asyncio.Task] = []
+    loops: list[asyncio.AbstractEventLoop] = []  # the running loop, once it runs (for /healthz's thread)
+    metrics = None
+    if config.metrics.listen:
+        metrics = start_metrics(config.metrics.listen, command, channel_layer, bridges, worker, loops,
+                                config.worker.stuck_after)
+        if metrics is None:
+            return 2
+    watchdog = watchdog_interval()
+    phase = ["starting"]  # starting, serving, stopping: a SIGHUP reloads only while serving
 
     async def start() -> None:
         for bridge in bridges:
@@ -92,8 +120,10 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
         parts = [f"{b.name} ({b.type_name})" for b in bridges] + (["a worker"] if worker else [])
         log.info("serving: %s", ", ".join(parts) or "nothing yet (no bridges enabled, no [routing] app)")
         notify("READY=1")
-        if bridges:
-            tasks.append(asyncio.ensure_future(keep_publishing()))
+        phase[0] = "serving"
+        if watchdog:
+            tasks.append(asyncio.ensure_future(keep_pinging(watchdog)))
+        tasks.append(asyncio.ensure_future(keep_publishing()))  # a reload may add bridges to a process with none
         if stats_interval:
             tasks.append(asyncio.ensure_future(log_stats()))
 
@@ -105,6 +135,22 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
                 log.debug("could not publish health: %s", exc)
             await asyncio.sleep(HEALTH_INTERVAL)
 
+    async def keep_pinging(interval: float) -> None:
+        held = None
+        while True:
+            # The worker's check waits on its threads' slots and its own loop: off this loop, which it must
+            # not block; this loop being blocked stops the pings by itself.
+            problem = await asyncio.to_thread(worker.stuck, config.worker.stuck_after) if worker else None
+            if problem is None:
+                notify("WATCHDOG=1")
+                if held:
+                    log.info("watchdog: pinging systemd again")
+            elif problem != held:
+                log.error("watchdog: not pinging systemd, which restarts the service after WatchdogSec=: %s",
+                          problem)
+            held = problem
+            await asyncio.sleep(interval)
+
     async def log_stats() -> None:
         while True:
             await asyncio.sleep(stats_interval)
@@ -114,6 +160,9 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
                      stats["expired"])
 
     async def shutdown() -> None:
+        phase[0] = "stopping"
+        if reloading and not reloading[-1].done():  # let a reload finish, so nothing it starts outlives us
+            await asyncio.wait([reloading[-1]], timeout=30)
         notify("STOPPING=1")
         log.info("stopping: draining bridges and finishing the messages in hand")
         for task in tasks:
@@ -129,8 +178,49 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
             except Exception as exc:
                 log.debug("could not publish the final health: %s", exc)
         await channel_layer.close()
+        if metrics is not None:
+            metrics.stop()
+
+    reloading: list[asyncio.Task] = []
+
+    async def reload_config() -> None:
+        nonlocal config
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        log.info("reloading the config (SIGHUP)")
+        try:
+            new_config, new_configs = await asyncio.to_thread(reload)
+        except Exception as exc:  # the messages `crossroads check` prints, and the running config stays
+            for line in str(exc).splitlines():
+                if line.strip():
+                    log.error("reload refused, the running config stays: %s", line)
+            notify("READY=1")
+            return
+        for part in ("layer", "routing_app", "worker", "metrics"):
+            if getattr(new_config, part) != getattr(config, part):
+                shown = "[routing]" if part == "routing_app" else f"[{part}]"
+                log.warning("reload: %s changed; it takes effect when the process restarts", shown)
+        try:
+            summary = await apply_reload(bridges, running_configs, new_configs, channel_layer)
+        except Exception:
+            log.exception("reload: applying the new bridges failed")
+            summary = "failed (see above)"
+        config = dataclasses.replace(new_config, layer=config.layer, routing_app=config.routing_app,
+                                     worker=config.worker, metrics=config.metrics)
+        log.info("reloaded: %s", summary)
+        notify("READY=1")
+
+    def on_hangup() -> None:
+        if reload is None:
+            log.warning("SIGHUP: this process cannot reload; restart it to apply a new config")
+        elif phase[0] != "serving":
+            log.warning("SIGHUP while %s: not reloading", phase[0])
+        elif not (reloading and not reloading[-1].done()):  # one reload at a time
+            reloading[:] = [asyncio.ensure_future(reload_config())]
 
     def begin() -> None:
+        loops.append(asyncio.get_event_loop())
+        # Twisted's way for a signal handler: callFromThread is safe there and runs on the loop.
+        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(on_hangup))
         task = asyncio.ensure_future(start())
 
         def started(done: asyncio.Task) -> None:
@@ -145,3 +235,102 @@ def serve(config: Config, channel_layer: Any, bridge_configs: list[BridgeConfig]
     reactor.addSystemEventTrigger("before", "shutdown", lambda: as_deferred(shutdown()))
     reactor.run()
     return 1 if failures else 0
+
+
+def start_metrics(listen: str, command: str, channel_layer: Any, bridges: list[Any], worker: Any,
+                  loops: list[asyncio.AbstractEventLoop], stuck_after: float | None) -> Any:
+    """The process's metrics server, listening; None (the error logged) when it cannot listen."""
+    from .metrics import BridgeCollector, LayerCollector, MetricsServer, WorkerCollector, readiness
+
+    def healthz() -> tuple[bool, dict[str, Any]]:
+        if not loops:
+            return False, {"alive": False, "reason": "starting: the event loop does not run yet"}
+        try:  # the loop answers: a coroutine scheduled from here runs
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loops[0]).result(LOOP_ANSWER)
+        except Exception:
+            return False, {"alive": False, "reason": f"the event loop did not answer within {LOOP_ANSWER:g} s"}
+        problem = worker.stuck(stuck_after) if worker is not None else None
+        if problem:
+            return False, {"alive": False, "reason": problem}
+        return True, {"alive": True}
+
+    server = MetricsServer(listen, command, healthz, lambda: readiness(bridges, worker))
+    server.register(BridgeCollector(lambda: bridges))
+    server.register(LayerCollector(channel_layer))
+    if worker is not None:
+        server.register(WorkerCollector(worker))
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("[metrics] listen = %r: cannot listen there: %s", listen, exc.strerror or exc)
+        return None
+    return server
+
+
+LOOP_ANSWER = 2.0  # seconds /healthz waits for the event loop to run a coroutine
+
+
+def companion_groups(configs: dict[str, BridgeConfig]) -> dict[str, set[str]]:
+    """Each bridge -> the bridges that run with it on one port (its owner and companions, itself included)."""
+    from crossroads.bridges.registry import load_bridge_class
+
+    groups = {name: {name} for name in configs}
+    for name, bridge in configs.items():
+        for companion in load_bridge_class(bridge.type).companions(bridge.options):
+            group = groups[name] | groups.get(companion, {companion})
+            for member in group:
+                groups[member] = group
+    return groups
+
+
+async def apply_reload(bridges: list[Any], running: dict[str, BridgeConfig], wanted: list[BridgeConfig],
+                       channel_layer: Any) -> str:
+    """Make ``bridges`` (changed in place) the ``wanted`` ones: a bridge whose table is the same keeps running and
+    its connections; a removed one stops gracefully; a new one starts; a changed one (or one whose companion
+    changed: they share a port) is stopped, then started anew. A bridge that fails to start is logged and left
+    out. What was done, in words."""
+    from crossroads.bridges.registry import load_bridge_class
+
+    new = {bridge.name: bridge for bridge in wanted}
+    changed = {name for name, old in running.items()
+               if name not in new or (new[name].type, new[name].options) != (old.type, old.options)}
+    changed |= {name for name in new if name not in running}
+    for groups in (companion_groups(running), companion_groups(new)):
+        for name in list(changed):
+            changed |= groups.get(name, set())
+    stopping = [bridge for bridge in bridges if bridge.name in changed]
+    for bridge in reversed(stopping):  # companions last, as at shutdown
+        await bridge.stop()
+    if stopping:
+        try:
+            await publish_health(channel_layer, stopping)  # record "stopped" for the ones gone
+        except Exception as exc:
+            log.debug("could not publish health: %s", exc)
+    bridges[:] = [bridge for bridge in bridges if bridge.name not in changed]
+    for name in [name for name in running if name in changed]:
+        del running[name]
+    made = [load_bridge_class(b.type)(b.name, b.options, channel_layer) for b in wanted if b.name in changed]
+    by_name = {bridge.name: bridge for bridge in [*bridges, *made]}
+    companions = {name for bridge in made for name in bridge.companions(bridge.options)}
+    made.sort(key=lambda bridge: bridge.name not in companions)
+    failed = []
+    for bridge in made:
+        try:
+            bridge.attach_companions(by_name)
+            await bridge.start()
+        except Exception as exc:  # OptionError from attach_companions, or the start itself
+            log.error("reload: [bridges.%s] could not start: %s", bridge.name, mask_url(str(exc)))
+            failed.append(bridge.name)
+            continue
+        bridges.append(bridge)
+        running[bridge.name] = new[bridge.name]
+    kept = sorted(set(new) - changed)
+    started = [b.name for b in made if b.name not in failed]
+    restarted = sorted(name for name in started if name in {b.name for b in stopping})
+    parts = [f"kept {', '.join(kept)}" if kept else "",
+             f"stopped {', '.join(sorted(b.name for b in stopping if b.name not in new))}"
+             if any(b.name not in new for b in stopping) else "",
+             f"restarted {', '.join(restarted)}" if restarted else "",
+             f"started {', '.join(sorted(set(started) - set(restarted)))}" if set(started) - set(restarted) else "",
+             f"failed to start {', '.join(failed)}" if failed else ""]
+    return "; ".join(part for part in parts if part) or "no bridges"

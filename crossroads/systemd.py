@@ -11,8 +11,8 @@ Owns the text of the units; ``crossroads systemd`` writes them for a config, and
   layer, which cannot be shared between processes;
 - ``crossroads.target``: starts and stops the set together.
 
-All are ``Type=notify`` (the daemons send READY=1 once serving), restart on
-failure, run as a dynamic user with a hardened sandbox, and get secrets with
+All are ``Type=notify`` (the daemons send READY=1 once serving, and WATCHDOG=1
+while alive: ``WatchdogSec=``), restart on failure, run as a dynamic user with a hardened sandbox, and get secrets with
 ``LoadCredential=``: each ``${credential:NAME}`` the config uses is loaded from
 ``/etc/crossroads/credentials/NAME``.
 
@@ -39,6 +39,7 @@ _FILE_RE = re.compile(r"(?<!\$)\$\{file:([^}]+)\}")
 # One client, one file descriptor: systemd's default soft limit (1024) caps a listening bridge at about a
 # thousand connections. 65536 is what nginx and most servers' units ask for.
 LISTENING_NOFILE = 65536
+WATCHDOG_SEC = 30  # how long a hung daemon may go unpinged before systemd restarts it
 NOFILE_RESERVE = 1024  # descriptors besides the clients': the layer's connections, logs, the bridges' own clients
 
 
@@ -152,9 +153,14 @@ PartOf=crossroads.target
 Type=notify
 NotifyAccess=main
 ExecStart={executable} {command} --config {config}
+# SIGHUP re-reads the config: bridges whose tables did not change keep their connections (docs/running.md).
+ExecReload=/bin/kill -HUP $MAINPID
 Restart=on-failure
 RestartSec=2
 TimeoutStopSec=60
+# The daemon sends WATCHDOG=1 every WatchdogSec/2 while its event loop turns and its worker threads are not all
+# stuck ([worker] stuck_after); a hung process is killed (SIGABRT) and restarted.
+WatchdogSec={WATCHDOG_SEC}
 {loads}{HARDENING}
 [Install]
 WantedBy=crossroads.target
@@ -163,11 +169,13 @@ WantedBy=crossroads.target
 
 def render_units(executable: str = DEFAULT_EXECUTABLE, config: str = DEFAULT_CONFIG,
                  credentials: list[str] | None = None, wants: list[str] | None = None,
-                 listening: dict[str, int] | None = None) -> dict[str, str]:
+                 listening: dict[str, int] | None = None, metrics: dict[str, str] | None = None) -> dict[str, str]:
     """File name -> text of every unit; ``wants`` lists the instances the target starts.
 
     ``listening`` maps the instances that take clients to the connections their bridges may hold together
-    (``max_connections``); each gets a drop-in raising ``LimitNOFILE`` to make room for them.
+    (``max_connections``); each gets a drop-in raising ``LimitNOFILE`` to make room for them. ``metrics`` maps
+    instances to the ``host:port`` of their /metrics: one config, a port per process, through a drop-in
+    setting ``CROSSROADS_METRICS_LISTEN`` (which ``--metrics-listen`` defaults to).
     """
     credentials = credentials or []
     target_wants = f"Wants={' '.join(wants)}\n" if wants else ""
@@ -186,7 +194,16 @@ WantedBy=multi-user.target
     }
     for instance, connections in (listening or {}).items():
         units[f"{instance}.d/limits.conf"] = f"[Service]\nLimitNOFILE={nofile_for(connections)}\n"
+    for instance, address in (metrics or {}).items():
+        units[f"{instance}.d/metrics.conf"] = f"[Service]\nEnvironment=CROSSROADS_METRICS_LISTEN={address}\n"
     return units
+
+
+def metrics_ports(listen: str, instances: list[str]) -> dict[str, str]:
+    """Each instance's ``host:port`` for /metrics: ``[metrics] listen``'s port for the first, the next for each
+    one after it, in the order given."""
+    host, _, port = listen.rpartition(":")
+    return {instance: f"{host}:{int(port) + index}" for index, instance in enumerate(instances)}
 
 
 def write_units(directory: Path, units: dict[str, str]) -> list[Path]:

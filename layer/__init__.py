@@ -46,7 +46,7 @@ def from_url(url: str = "memory://", **options: Any):
         from .memory import MemoryLayer
 
         return MemoryLayer(**options)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel"):
         from .redis import RedisLayer
 
         hosts = options.pop("hosts", None) or [url]

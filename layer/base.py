@@ -306,7 +306,7 @@ def unpack_fields(packed: Mapping[str, bytes]) -> dict[str, Any]:
 
 
 # The password in scheme://user:password@host, or in a ?password= query (redis-py reads both).
-URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*?:([^/?#@\s]+)@|[?&]password=([^&#\s]+)")
+URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*?:([^/?#@\s]+)@|[?&](?:sentinel_)?password=([^&#\s]+)")
 
 
 def mask_url(text: str) -> str:

@@ -1,4 +1,4 @@
-"""The Redis channel layer (``redis://``, ``rediss://``, sharded with ``hosts=[...]``).
+"""The Redis channel layer (``redis://``, ``rediss://``, ``redis+sentinel://``, sharded with ``hosts=[...]``).
 
 Owns how channels, groups and waiting map onto Redis. What a message is and
 which names are valid belongs to ``base.py``; this module must not re-decide it.
@@ -34,6 +34,14 @@ Faults: connection errors become ``LayerUnavailable`` at once (redis-py's own
 retries are off, because retrying a send that may have run would deliver it
 twice). A blocking receive instead waits out the outage with exponential
 backoff and jitter and resumes.
+
+Sentinel: a shard named ``redis+sentinel://[:password@]host:26379,host2:26379/SERVICE/DB``
+(``rediss+sentinel://`` for TLS to the sentinels and the primary) asks the sentinels for
+SERVICE's primary each time it connects (redis-py's ``SentinelConnectionPool``), so after a
+failover the next connection goes to the promoted replica; a connection to a primary that was
+demoted fails (``READONLY``) and is dropped. The shard's name on the ring is the URL without
+credentials, so it does not change when the primary does. docs/spec/layer.md says what a
+failover loses.
 """
 
 from __future__ import annotations
@@ -50,11 +58,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError as RedisAuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -188,8 +198,76 @@ def glob_to_lua(pattern: str) -> str:
     return "^" + ".*".join(parts) + "$"
 
 
+SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+SENTINEL_PORT = 26379
+
+
+class SentinelURL(NamedTuple):
+    scheme: str
+    sentinels: list[tuple[str, int]]
+    service: str  # the name the sentinels monitor the primary as (`sentinel monitor NAME ...`)
+    db: int
+    username: str
+    password: str  # the primary's (requirepass); the sentinels' is the query's sentinel_password
+    query: dict[str, str]
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """``redis+sentinel://[[user]:password@]host[:port],host2[:port]/SERVICE[/DB][?sentinel_password=..&ssl_..]``;
+    a ValueError says what is wrong."""
+    example = "like redis+sentinel://host1:26379,host2:26379/mymaster/0"
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+        raise ValueError(f"a Sentinel URL starts redis+sentinel:// or rediss+sentinel://, {example}")
+    netloc, _, path = rest.partition("/")
+    path, _, query = path.partition("?")
+    credentials, at, hosts = netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if at else ("", "", "")
+    sentinels = []
+    for host in hosts.split(","):
+        name, colon, port = host.rpartition(":")
+        if not colon or name.endswith(":"):  # no port (or a bare IPv6 address): the sentinels' default
+            name, port = host, str(SENTINEL_PORT)
+        name = name.strip("[]")
+        if not name or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{host!r} is not a sentinel's host:port, {example}")
+        sentinels.append((name, int(port)))
+    service, _, db = path.partition("/")
+    db = db.strip("/") or "0"
+    if not service:
+        raise ValueError(f"names no service (the name the sentinels monitor the primary as), {example}")
+    if not db.isdigit():
+        raise ValueError(f"the part after the service is the database number, got {db!r}, {example}")
+    return SentinelURL(scheme.lower(), sentinels, unquote(service), int(db), unquote(username), unquote(password),
+                       dict(parse_qsl(query)))
+
+
+def make_pool(url: str, asynchronous: bool, options: dict[str, Any]) -> Any:
+    """A redis-py connection pool for one shard's URL: a plain one, or one that asks the sentinels for the primary."""
+    if url.split("://", 1)[0].lower() not in SENTINEL_SCHEMES:
+        return (redis.asyncio.ConnectionPool if asynchronous else redis.ConnectionPool).from_url(url, **options)
+    parsed = parse_sentinel_url(url)
+    tls = {key: value for key, value in parsed.query.items() if key.startswith("ssl_")}
+    secure = parsed.scheme == "rediss+sentinel"
+    sentinel_options: dict[str, Any] = {"socket_connect_timeout": CONNECT_TIMEOUT, "socket_timeout": COMMAND_TIMEOUT,
+                                        "retry": Retry(NoBackoff(), 0)}
+    if parsed.query.get("sentinel_password"):
+        sentinel_options["password"] = parsed.query["sentinel_password"]
+    if secure:
+        sentinel_options.update(ssl=True, **tls)
+    module = redis.asyncio.sentinel if asynchronous else redis.sentinel
+    manager = module.Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_options)
+    return module.SentinelConnectionPool(parsed.service, manager, db=parsed.db, username=parsed.username or None,
+                                         password=parsed.password or None, ssl=secure, **(tls if secure else {}),
+                                         **options)
+
+
 def public_url(url: str) -> str:
     """The URL without its credentials and query: a shard's name on the ring (which must not change) and in logs."""
+    if url.split("://", 1)[0].lower() in SENTINEL_SCHEMES:
+        parsed = parse_sentinel_url(url)
+        hosts = ",".join(f"{host}:{port}" for host, port in parsed.sentinels)
+        return f"{parsed.scheme}://{hosts}/{parsed.service}/{parsed.db}"
     parts = urlsplit(url)
     netloc = parts.hostname or ""
     if parts.port:
@@ -493,8 +571,7 @@ class RedisLayer(base.LayerErrors):
             self._async_loop = loop
             # No socket timeout here: redis-py would wrap every write in a wait_for Task.
             # _commands bounds each command with one asyncio.timeout instead.
-            self._async_pools = [redis.asyncio.ConnectionPool.from_url(url, **self._pool_options(None))
-                                 for url in self.hosts]
+            self._async_pools = [make_pool(url, True, self._pool_options(None)) for url in self.hosts]
             self._send_batch = _SendBatch(self, loop)
         return self._async_pools
 
@@ -745,7 +822,7 @@ class _SyncRedis(base.LayerErrors):
 
     def __init__(self, layer: RedisLayer) -> None:
         self.layer = layer
-        self._pools = [redis.ConnectionPool.from_url(url, **layer._pool_options()) for url in layer.hosts]
+        self._pools = [make_pool(url, False, layer._pool_options()) for url in layer.hosts]
 
     def _commands(self, shard: int, commands: list[tuple], read_timeout: Any = _DEFAULT) -> list:
         """Send commands in one write, read their replies; ``read_timeout=None`` waits forever."""

@@ -193,8 +193,9 @@ class RedisServer(ServerProcess):
     """One ``redis-server`` process on a free port, in its own directory, persisting nothing."""
 
     def __init__(self, workdir: Path, port: int | None = None, tls: dict[str, str] | None = None,
-                 password: str = "") -> None:
+                 password: str = "", extra: tuple[str, ...] = ()) -> None:
         self.binary = require_binary("redis-server")
+        self.extra = extra  # more redis-server arguments (--replicaof HOST PORT for a replica)
         self.workdir = workdir
         self.port = port or free_port()
         self.tls = tls  # {"cert": path, "key": path, "ca": path}: serve TLS only
@@ -217,7 +218,8 @@ class RedisServer(ServerProcess):
         if self.password:
             listen += ["--requirepass", self.password]
         self.launch([self.binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                     "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")], "redis.out", self.port)
+                     "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"), *self.extra],
+                    "redis.out", self.port)
         return self
 
     def command(self, *args: str | int) -> object:
@@ -233,6 +235,79 @@ class RedisServer(ServerProcess):
     @property
     def version(self) -> str:
         return self.command("INFO", "server")["redis_version"]
+
+
+class SentinelGroup:
+    """A Redis primary, its replica and three sentinels (Debian's redis-server in --sentinel mode, which is what
+    its redis-sentinel package runs) on free ports, the sentinels quick to fail over (a primary is down after
+    ``down_after`` ms unanswered; two of three must agree). ``url`` is the layer's redis+sentinel:// URL."""
+
+    def __init__(self, workdir: Path, service: str = "mymaster", down_after: int = 2000) -> None:
+        self.workdir = workdir
+        self.service = service
+        self.down_after = down_after
+        self.primary = RedisServer(workdir / "primary")
+        self.replica = RedisServer(workdir / "replica", extra=("--replicaof", "127.0.0.1", str(self.primary.port)))
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen] = []
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def start(self) -> SentinelGroup:
+        self.primary.start()
+        self.replica.start()
+        wait_until(lambda: self.primary.command("INFO", "replication")["connected_slaves"] == 1,
+                   "the replica to connect to the primary", timeout=30)
+        binary = require_binary("redis-server")
+        for index, port in enumerate(self.sentinel_ports):
+            folder = self.workdir / f"sentinel{index}"
+            folder.mkdir(parents=True, exist_ok=True)
+            conf = folder / "sentinel.conf"  # a sentinel rewrites its config as it learns: a file of its own
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
+                            f"sentinel monitor {self.service} 127.0.0.1 {self.primary.port} 2\n"
+                            f"sentinel down-after-milliseconds {self.service} {self.down_after}\n"
+                            f"sentinel failover-timeout {self.service} 10000\n"
+                            f"sentinel parallel-syncs {self.service} 1\n")
+            with open(folder / "sentinel.out", "ab") as out:
+                process = subprocess.Popen([binary, str(conf), "--sentinel"], stdout=out, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL)
+            self.sentinels.append(process)
+            wait_for_port(port, process)
+        wait_until(lambda: all(self.sentinel_command(port, "SENTINEL", "REPLICAS", self.service)
+                               for port in self.sentinel_ports), "every sentinel to see the replica", timeout=30)
+        return self
+
+    def sentinel_command(self, port: int, *args: str) -> object:
+        import redis
+
+        client = redis.Redis(port=port, socket_timeout=5)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+    def primary_port(self) -> int:
+        """The primary's port as the first sentinel says it now."""
+        host, port = self.sentinel_command(self.sentinel_ports[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        return int(port)
+
+    def __enter__(self) -> SentinelGroup:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for process in self.sentinels:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        self.sentinels = []
+        self.replica.stop()
+        self.primary.stop()
 
 
 class NgircdServer(ServerProcess):

@@ -155,3 +155,40 @@ def test_the_python_a_console_script_starts_is_checked_too(tmp_path):
     assert hidden_by(interpreter_of(script)["the Python it starts"]) == "ProtectHome=yes"
     (tmp_path / "binary").write_bytes(b"\x7fELF\x02")
     assert interpreter_of(tmp_path / "binary") == {} and interpreter_of(tmp_path / "missing") == {}
+
+
+def test_every_service_has_a_watchdog_the_daemons_feed():
+    """WatchdogSec= makes systemd restart a daemon that stops sending WATCHDOG=1 (tests/test_operations.py shows a
+    daemon stops when its loop or its worker threads hang)."""
+    for name, text in render_units().items():
+        if name.endswith(".service"):
+            assert "\nWatchdogSec=30\n" in text and "\nType=notify\n" in text, name
+
+
+def test_each_instance_gets_a_metrics_port_of_its_own(tmp_path, redis_server):
+    """One config for every unit, a port per process: drop-ins set CROSSROADS_METRICS_LISTEN, counted up from
+    [metrics] listen (tests/test_operations.py shows a daemon serving where that variable says)."""
+    config = write_config(tmp_path, f"""
+[layer]
+url = "{redis_server.url}"
+[routing]
+app = "apps.toy_echo:routes"
+[metrics]
+listen = "127.0.0.1:9464"
+[bridges.one]
+type = "toy_bridge:ToyBridge"
+[bridges.two]
+type = "toy_bridge:ToyBridge"
+""")
+    out = tmp_path / "units"
+    result = run("systemd", "--config", str(config), "--output", str(out), "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    expected = {"crossroads-bridge@one.service": 9464, "crossroads-bridge@two.service": 9465,
+                "crossroads-worker@1.service": 9466, "crossroads-worker@2.service": 9467}
+    for instance, port in expected.items():
+        assert (out / f"{instance}.d" / "metrics.conf").read_text() == \
+            f"[Service]\nEnvironment=CROSSROADS_METRICS_LISTEN=127.0.0.1:{port}\n"
+        assert f"{instance} serves /metrics on http://127.0.0.1:{port}/metrics" in result.stdout
+    for instance, template in [("crossroads-bridge@one.service", "crossroads-bridge@.service")]:
+        (out / instance).write_text((out / template).read_text())
+    assert verify(out, ["crossroads-bridge@one.service"]) == ""
