@@ -42,7 +42,7 @@ from crossroads.bridges.listening import (
     uses_tls,
 )
 from crossroads.bridges.protocol import positive_seconds, zero_or_more
-from crossroads.layer import MessageTooLarge
+from crossroads.layer import ChannelFull, LayerUnavailable, MessageTooLarge
 
 from . import messages
 
@@ -66,15 +66,26 @@ class ResponseFlow(HeldWrites):
     off (logged, counted in ``slow_clients``); its consumer hears ``http.disconnect``.
     """
 
-    def __init__(self, bridge: HttpBridge, request: HttpRequest) -> None:
+    def __init__(self, bridge: HttpBridge, request: HttpRequest, flow_channel: str | None = None,
+                 written: int = 0) -> None:
         self.bridge, self.request = bridge, request
         self.complete = False  # the last part has come: finish once it is written
+        # With a flow_channel the consumer waits for these reports instead of sending every part at once.
+        self.flow_channel = flow_channel
+        self.written = self.reported = written  # body bytes handed to the transport; the last count reported
         options = bridge.options
-        super().__init__(request.write, self.cut_off, limit=options["max_response_buffer"],
+        super().__init__(self._send, self.cut_off, limit=options["max_response_buffer"],
                          timeout=options["idle_timeout"], limit_name="max_response_buffer",
                          timeout_name="idle_timeout", on_resume=self._written)
         if getattr(request.channel, "_waitingForTransport", False):  # already full: twisted.web will not tell us
             self.pauseProducing()
+
+    def _send(self, content: bytes) -> None:
+        self.request.write(content)
+        self.written += len(content)
+        if self.flow_channel is not None and self.written - self.reported >= messages.FLOW_STEP:
+            self.reported = self.written
+            self.bridge.tell_flow(self.flow_channel, {"written": self.written})
 
     def write_part(self, content: bytes, last: bool) -> None:
         self.complete = last
@@ -497,10 +508,24 @@ class HttpBridge(ListeningBridge):
         local_id = request.local_id
         if local_id is None:
             return
+        flow = request.flow
+        if flow is not None and flow.flow_channel is not None and not (flow.complete and not flow.held):
+            self.tell_flow(flow.flow_channel, {"gone": True})
         self._release(request)
         task = self.spawn(self._disconnect(request, self.reply_channel(local_id)), "sending http.disconnect")
         self._disconnects.add(task)
         task.add_done_callback(self._disconnects.discard)
+
+    def tell_flow(self, channel: str, report: dict) -> None:
+        """Tell a streaming consumer how far its client read (or that it left); a lost report only slows it."""
+        async def send() -> None:
+            try:
+                await self.layer.send(channel, report)
+            except (ChannelFull, LayerUnavailable) as exc:
+                self.count("flow_reports_lost")
+                self.log.debug("%s: a flow report to %s was not sent: %s", self.label, channel, exc)
+
+        self.spawn(send(), "reporting a streamed response's progress")
 
     async def _disconnect(self, request: HttpRequest, reply_channel: str) -> None:
         if request.sending is None or not await request.sending:  # its request never reached the layer
@@ -544,7 +569,7 @@ class HttpBridge(ListeningBridge):
         if not response.more_content:
             self._finish(request)
         elif not request._disconnected:
-            request.flow = ResponseFlow(self, request)
+            request.flow = ResponseFlow(self, request, response.flow_channel, len(response.content))
             request.registerProducer(request.flow, True)
 
     def _finish(self, request: HttpRequest) -> None:
