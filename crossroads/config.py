@@ -45,8 +45,9 @@ WORKER_KEYS = ("threads", "only_channels", "exclude_channels", "pools", "prefetc
 POOL_KEYS = ("channels", "threads")
 DEFAULT_PREFETCH = 64  # consumers.worker.PREFETCH (this module does not import the worker)
 DEFAULT_SLOW_CONSUMER = 10.0  # consumers.worker.SLOW_CONSUMER
+DJANGO_KEYS = ("settings",)
 BRIDGE_KEYS = ("type", "enabled")
-TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS}
+TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS, "django": DJANGO_KEYS}
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 BridgeValidator = Callable[[str, dict], dict]
@@ -106,6 +107,13 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class DjangoConfig:
+    """``[django]``: the project to set up; ``settings`` None means ``$DJANGO_SETTINGS_MODULE``."""
+
+    settings: str | None = None
+
+
+@dataclass(frozen=True)
 class BridgeConfig:
     name: str
     type: str
@@ -120,6 +128,7 @@ class Config:
     layer: LayerConfig = field(default_factory=LayerConfig)
     routing_app: str | None = None
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    django: DjangoConfig | None = None  # None: no [django] table, crossroads does not set Django up
     bridges: dict[str, BridgeConfig] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -402,15 +411,16 @@ class _Loader:
         layer = self.check_layer(table("layer"))
         routing_app = self.check_routing(table("routing"))
         worker = self.check_worker(table("worker"))
+        django = self.check_django(table("django")) if isinstance(document.get("django"), dict) else None
         bridges = self.check_bridges(table("bridges"), bridge_validator)
         if self.found:
             self.found.sort(key=lambda found: self.position(found[0]))  # stable: one key's problems keep their order
             raise ConfigError([problem for _, problem in self.found], self.warnings)
-        return Config(path=file, layer=layer, routing_app=routing_app, worker=worker, bridges=bridges,
-                      warnings=self.warnings)
+        return Config(path=file, layer=layer, routing_app=routing_app, worker=worker, django=django,
+                      bridges=bridges, warnings=self.warnings)
 
     def unknown_table_message(self, key: str) -> str:
-        tables = "The tables are [layer], [routing], [worker] and [bridges.NAME]"
+        tables = "The tables are [layer], [routing], [worker], [django] and [bridges.NAME]"
         if key in BUILTIN_BRIDGE_TYPES:
             return f'unknown table; did you mean [bridges.{key}] (with type = "{key}")? {tables}'
         close = difflib.get_close_matches(key, [*TABLES, "bridges"], n=1)
@@ -420,7 +430,8 @@ class _Loader:
         owners = [name for name, keys in TABLES.items() if key in keys]
         if owners:
             return f"not in any table: it belongs in [{owners[0]}]"
-        return "unknown key outside any table: every key belongs in [layer], [routing], [worker] or [bridges.NAME]"
+        return "unknown key outside any table: every key belongs in [layer], [routing], [worker], [django] or " \
+               "[bridges.NAME]"
 
     def check_layer(self, values: dict) -> LayerConfig:
         self.unknown_keys("layer", values, LAYER_KEYS)
@@ -528,6 +539,19 @@ class _Loader:
                                              f'"myproject.routing:router", got {_show(value)}')
             return None
         return value
+
+    def check_django(self, values: dict) -> DjangoConfig:
+        """The shape of ``settings`` only: importing it and setting Django up is the caller's (crossroads.django)."""
+        self.unknown_keys("django", values, DJANGO_KEYS)
+        value = values.get("settings")
+        if value is None or value is UNRESOLVED:
+            return DjangoConfig()
+        if not isinstance(value, str) or not re.fullmatch(_DOTTED, value) \
+                or any(keyword.iskeyword(part) for part in value.split(".")):
+            self.problem(("django", "settings"), 'must be the import path of your settings module, like '
+                                                 f'"mysite.settings", got {_show(value)}')
+            return DjangoConfig()
+        return DjangoConfig(settings=value)
 
     def check_worker(self, values: dict) -> WorkerConfig:
         self.unknown_keys("worker", values, WORKER_KEYS)
