@@ -45,7 +45,7 @@ WORKER_KEYS = ("threads", "only_channels", "exclude_channels", "pools", "prefetc
 POOL_KEYS = ("channels", "threads")
 DEFAULT_PREFETCH = 64  # consumers.worker.PREFETCH (this module does not import the worker)
 DEFAULT_SLOW_CONSUMER = 10.0  # consumers.worker.SLOW_CONSUMER
-DJANGO_KEYS = ("settings",)
+DJANGO_KEYS = ("settings", "identify")
 BRIDGE_KEYS = ("type", "enabled")
 TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS, "django": DJANGO_KEYS}
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -111,6 +111,7 @@ class DjangoConfig:
     """``[django]``: the project to set up; ``settings`` None means ``$DJANGO_SETTINGS_MODULE``."""
 
     settings: str | None = None
+    identify: str | None = None  # "module:function": who a message without cookies (MQTT, IRC, ...) is from
 
 
 @dataclass(frozen=True)
@@ -543,15 +544,24 @@ class _Loader:
     def check_django(self, values: dict) -> DjangoConfig:
         """The shape of ``settings`` only: importing it and setting Django up is the caller's (crossroads.django)."""
         self.unknown_keys("django", values, DJANGO_KEYS)
+        chosen: dict[str, str] = {}
         value = values.get("settings")
-        if value is None or value is UNRESOLVED:
-            return DjangoConfig()
-        if not isinstance(value, str) or not re.fullmatch(_DOTTED, value) \
-                or any(keyword.iskeyword(part) for part in value.split(".")):
-            self.problem(("django", "settings"), 'must be the import path of your settings module, like '
-                                                 f'"mysite.settings", got {_show(value)}')
-            return DjangoConfig()
-        return DjangoConfig(settings=value)
+        if value is not None and value is not UNRESOLVED:
+            if not isinstance(value, str) or not re.fullmatch(_DOTTED, value) \
+                    or any(keyword.iskeyword(part) for part in value.split(".")):
+                self.problem(("django", "settings"), 'must be the import path of your settings module, like '
+                                                     f'"mysite.settings", got {_show(value)}')
+            else:
+                chosen["settings"] = value
+        value = values.get("identify")
+        if value is not None and value is not UNRESOLVED:
+            shape = _APP.fullmatch(value) if isinstance(value, str) else None
+            if not shape or any(keyword.iskeyword(part) for part in re.split(r"[.:]", value)):
+                self.problem(("django", "identify"), 'must be "module:function", the import path of your identity '
+                                                     f'hook, like "myapp.identity:identify", got {_show(value)}')
+            else:
+                chosen["identify"] = value
+        return DjangoConfig(**chosen)
 
     def check_worker(self, values: dict) -> WorkerConfig:
         self.unknown_keys("worker", values, WORKER_KEYS)

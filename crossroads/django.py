@@ -6,6 +6,15 @@ starts), and ``django_view``, the ``http.request`` consumer that runs a request 
 own views. It must not know the HTTP bridge's internals: it reads ``http.request`` as docs/spec/http.md
 defines it and answers on the reply channel in that spec's response messages.
 
+It also owns Django's sessions and users in every other consumer (Channels 1.x's names and meaning):
+``http_session`` and ``http_session_user`` read the session from the cookie of an ``http.request`` or
+``websocket.connect``; ``channel_session_user_from_http`` copies the login into crossroads' channel
+session on connect, and ``channel_session_user`` reads it back on later frames; for protocols without
+cookies, the ``[django] identify`` hook names the user. Setting Django up also hangs
+``close_old_connections`` on ``consumer_started`` and ``consumer_finished``, so every consumer's ORM
+use gets the connection hygiene of a Django request (before as well as after: Channels 2 leaked
+connections without the "before").
+
 Why Django's WSGI handler, not its ASGI handler. Our consumers are synchronous and each runs on a
 worker thread of its own (docs/consumers.md), which is a WSGI server's model exactly: calling
 ``WSGIHandler`` with a PEP 3333 environ built from the message, and closing what it returns, is what
@@ -30,16 +39,23 @@ closes the view's iterator or file and fires ``request_finished``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import inspect
 import io
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from crossroads.consumers.message import Message
+from crossroads.consumers.routing import import_object
+from crossroads.consumers.sessions import Session, channel_session
+from crossroads.consumers.signals import consumer_finished, consumer_started
 from crossroads.layer import base
 
 log = logging.getLogger("crossroads.django")
@@ -53,6 +69,8 @@ _setup_lock = threading.Lock()
 _set_up: str | None = None  # the settings module this process was set up with
 _handler: Any = None
 _handler_lock = threading.Lock()
+_identify: Any = None  # the [django] identify hook, once imported
+_identify_path: str | None = None
 
 
 class DjangoSetupError(Exception):
@@ -98,6 +116,44 @@ def setup_django(settings: str) -> None:
         except Exception as exc:  # ImproperlyConfigured, an app that fails to import, ...
             raise DjangoSetupError(f"Django refused the settings {settings!r}: {type(exc).__name__}: {exc}") from None
         _set_up = settings
+        consumer_started.connect(_close_old_connections)
+        consumer_finished.connect(_close_old_connections)
+
+
+def _close_old_connections(**signal: Any) -> None:
+    # Connections belong to threads; an async consumer's signals come on the event loop's thread, which
+    # holds none (the ORM refuses to run there), and Django refuses to close one from a running loop.
+    try:
+        asyncio.get_running_loop()
+        return
+    except RuntimeError:
+        pass
+    from django.db import close_old_connections
+
+    close_old_connections()
+
+
+@contextlib.contextmanager
+def connections_kept() -> Iterator[None]:
+    """Leave database connections open around consumers, as ``django.test.TestCase`` needs (its transaction
+    lives on the connection), the way Django's own test client disconnects ``close_old_connections``."""
+    consumer_started.disconnect(_close_old_connections)
+    consumer_finished.disconnect(_close_old_connections)
+    try:
+        yield
+    finally:
+        if _set_up is not None:
+            consumer_started.connect(_close_old_connections)
+            consumer_finished.connect(_close_old_connections)
+
+
+def set_identify(path: str | None) -> None:
+    """The ``[django] identify`` hook, ``"module:function"``; imported now (Django must be set up)."""
+    global _identify, _identify_path
+    _identify = import_object(path) if path else None
+    _identify_path = path
+    if _identify is not None and not callable(_identify):
+        raise TypeError(f"{path} is not callable: identify(protocol, sender, message) returns a user or None")
 
 
 def system_check_problems() -> tuple[list[str], list[str]]:
@@ -266,3 +322,157 @@ def django_view(message: Message) -> None:
         close = getattr(result, "close", None)
         if close is not None:
             close()  # fires request_finished (close_old_connections) and closes files and iterators
+
+
+# -- sessions and users in every consumer -----------------------------------------------------------------------
+
+
+def _sync_only(func: Callable, decorator: str) -> None:
+    if inspect.iscoroutinefunction(func):
+        raise TypeError(f"@{decorator} needs a synchronous consumer: Django's sessions and the ORM refuse to run "
+                        f"on an event loop. Make {func.__qualname__} a plain def, or call the ORM through "
+                        "asgiref.sync.sync_to_async")
+
+
+def _cookie(message: Message, name: str) -> str | None:
+    from django.http.cookie import parse_cookie
+
+    values = [value.decode("latin-1") for key, value in message.content.get("headers") or ()
+              if key.lower() == b"cookie"]
+    return parse_cookie("; ".join(values)).get(name) if values else None
+
+
+def _session_engine() -> Any:
+    from importlib import import_module
+
+    from django.conf import settings
+
+    if settings.SESSION_ENGINE == "django.contrib.sessions.backends.signed_cookies":
+        raise ValueError("@http_session cannot use signed-cookie sessions: a consumer has no response to set the "
+                         "cookie on. Use a database, cache or file SESSION_ENGINE")
+    return import_module(settings.SESSION_ENGINE).SessionStore
+
+
+def http_session(func: Callable) -> Callable:
+    """``message.http_session``: the Django session named by the message's session cookie (an ``http.request``
+    or ``websocket.connect``), or None when it has none; saved after the consumer if it changed."""
+    _sync_only(func, "http_session")
+
+    @functools.wraps(func)
+    def inner(message: Message, *args: Any, **kwargs: Any) -> Any:
+        from django.conf import settings
+
+        if getattr(message, "http_session", None) is not None:  # an outer decorator loaded it
+            return func(message, *args, **kwargs)
+        key = _cookie(message, settings.SESSION_COOKIE_NAME)
+        session = message.http_session = _session_engine()(key) if key else None
+        try:
+            return func(message, *args, **kwargs)
+        finally:
+            if session is not None and session.modified:
+                session.save()
+    return inner
+
+
+class _AuthRequest:
+    """What ``django.contrib.auth.get_user`` reads: an object with a ``session``."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+
+class _ChannelAuthSession:
+    """A channel session as ``get_user`` uses a Django session: its three login keys, and ``flush`` (a password
+    changed since the login) forgets them."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def __getitem__(self, key: str) -> Any:
+        return self._session[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._session[key] = value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._session.get(key, default)
+
+    def flush(self) -> None:
+        for key in _auth_keys():
+            self._session.pop(key, None)
+
+    def cycle_key(self) -> None:
+        pass  # a channel session's key is its reply channel: there is no cookie to rotate
+
+
+def _auth_keys() -> tuple[str, str, str]:
+    from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
+
+    return SESSION_KEY, BACKEND_SESSION_KEY, HASH_SESSION_KEY
+
+
+def _anonymous() -> Any:
+    from django.contrib.auth.models import AnonymousUser
+
+    return AnonymousUser()
+
+
+def identify(message: Message) -> Any:
+    """The ``[django] identify`` hook's user for this message (AnonymousUser when it says None, or there is no
+    hook), asked once per message."""
+    if "_crossroads_identity" in message.__dict__:
+        return message.__dict__["_crossroads_identity"]
+    user = None
+    if _identify is not None:
+        user = _identify(message.protocol, message.sender, message)
+    message.__dict__["_crossroads_identity"] = user = user if user is not None else _anonymous()
+    return user
+
+
+def http_session_user(func: Callable) -> Callable:
+    """``@http_session``, and ``message.user``: the user logged in on that session, or AnonymousUser."""
+    _sync_only(func, "http_session_user")
+
+    @functools.wraps(func)
+    def with_user(message: Message, *args: Any, **kwargs: Any) -> Any:
+        from django.contrib.auth import get_user
+
+        message.user = get_user(_AuthRequest(message.http_session)) if message.http_session is not None \
+            else _anonymous()
+        return func(message, *args, **kwargs)
+    return http_session(with_user)
+
+
+def channel_session_user(func: Callable) -> Callable:
+    """``@channel_session``, and ``message.user``: the user ``@channel_session_user_from_http`` stored in it on
+    connect; for a channel session without a login (MQTT, IRC, email, Slack), the ``[django] identify`` hook's
+    user; else AnonymousUser."""
+    _sync_only(func, "channel_session_user")
+
+    @functools.wraps(func)
+    def with_user(message: Message, *args: Any, **kwargs: Any) -> Any:
+        from django.contrib.auth import SESSION_KEY, get_user
+
+        if SESSION_KEY in message.channel_session:
+            message.user = get_user(_AuthRequest(_ChannelAuthSession(message.channel_session)))
+        else:
+            message.user = identify(message)
+        return func(message, *args, **kwargs)
+    return channel_session(with_user)
+
+
+def channel_session_user_from_http(func: Callable) -> Callable:
+    """For a ``websocket.connect`` consumer: ``@http_session_user`` and ``@channel_session``, with the login of
+    the HTTP session copied into the channel session (or a stale one removed), so ``@channel_session_user``
+    knows the user on every later frame of the connection."""
+    _sync_only(func, "channel_session_user_from_http")
+
+    @functools.wraps(func)
+    def transfer(message: Message, *args: Any, **kwargs: Any) -> Any:
+        for key in _auth_keys():
+            if message.user.is_authenticated and key in message.http_session:
+                message.channel_session[key] = message.http_session[key]
+            else:
+                message.channel_session.pop(key, None)
+        return func(message, *args, **kwargs)
+    return channel_session(http_session_user(transfer))

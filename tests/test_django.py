@@ -24,11 +24,22 @@ from servers import free_port, wait_for_port
 from test_cli import CROSSROADS, ENV, write_config
 from test_daemons import Daemon
 from test_http_bridge import serving
+from websockets.asyncio.client import connect
 
-from crossroads import layer, route
+from crossroads import layer
+from crossroads.bridges.http.bridge import HttpBridge
+from crossroads.bridges.websocket.bridge import WebsocketBridge
 from crossroads.config import ConfigError, load_config
 from crossroads.consumers.worker import Worker
-from crossroads.django import PART_SIZE, django_view, setup_django, wsgi_environ
+from crossroads.django import (
+    PART_SIZE,
+    channel_session_user,
+    connections_kept,
+    set_identify,
+    setup_django,
+    wsgi_environ,
+)
+from crossroads.testing import Client
 
 FILE_SIZE = 20 * 1024 * 1024
 
@@ -49,6 +60,8 @@ def djsite(tmp_path_factory):
 
     call_command("migrate", verbosity=0)
     User.objects.create_user("alice", password="wonderland")
+    User.objects.create_user("bob", password="builder")
+    set_identify("djsite.identity:identify")
     return {"env": env, "file": big, "marks": folder / "marks"}
 
 
@@ -61,7 +74,7 @@ def channel_layer(run):
 
 @pytest.fixture
 def worker(djsite, channel_layer):
-    started = Worker([route("http.request", django_view)], channel_layer, threads=4)
+    started = Worker("djsite.routing:routes", channel_layer, threads=4)
     started.start()
     yield started
     started.stop()
@@ -278,6 +291,132 @@ def test_a_client_gone_mid_stream_stops_the_iteration(run, channel_layer, worker
     assert after[0] == 200, "the worker thread was freed for the next request"
 
 
+# -- users and the ORM in other consumers ---------------------------------------------------------------
+
+
+def login(browser: Browser, username: str, password: str) -> None:
+    token = browser.csrf_token("/login/")
+    status, _, body = browser.request(
+        "POST", "/login/", f"username={username}&password={password}&csrfmiddlewaretoken={token}".encode())
+    assert status == 302, body
+
+
+def test_a_login_reaches_the_websocket_consumer_and_logout_ends_it(run, channel_layer, worker):
+    from django.contrib.auth.models import User
+
+    async def talk(port, cookies, text):
+        origin = f"http://127.0.0.1:{port}"
+        header = "; ".join(f"{name}={value}" for name, value in cookies.items())
+        async with connect(f"ws://127.0.0.1:{port}/chat/", origin=origin, open_timeout=10,
+                           additional_headers={"Cookie": header} if header else {}) as ws:
+            greeting = await asyncio.wait_for(ws.recv(), 10)
+            answers = []
+            for line in text:
+                if callable(line):  # something to do between two frames of the one connection
+                    await asyncio.to_thread(line)
+                    continue
+                await ws.send(line)
+                answers.append(await asyncio.wait_for(ws.recv(), 10))
+            return greeting, answers
+
+    def change_bobs_password():
+        bob = User.objects.get(username="bob")
+        bob.set_password("another")
+        bob.save()
+
+    async def scenario():
+        web = HttpBridge("web", {"port": 0, "websocket": "ws"}, channel_layer)
+        ws = WebsocketBridge("ws", {"port": 1}, channel_layer)
+        web.attach_companions({"web": web, "ws": ws})
+        await ws.start()
+        await web.start()
+        try:
+            alice = Browser(web.port)
+            await asyncio.to_thread(login, alice, "alice", "wonderland")
+            logged_in = await talk(web.port, alice.cookies, ["hi", "again"])
+            token = await asyncio.to_thread(alice.csrf_token, "/logout/")
+            await asyncio.to_thread(alice.request, "POST", "/logout/", f"csrfmiddlewaretoken={token}".encode())
+            logged_out = await talk(web.port, alice.cookies, ["hi"])
+            bob = Browser(web.port)
+            await asyncio.to_thread(login, bob, "bob", "builder")
+            changed = await talk(web.port, bob.cookies, ["before", change_bobs_password, "after"])
+            return logged_in, logged_out, changed
+        finally:
+            await web.stop(timeout=5)
+            await ws.stop(timeout=5)
+
+    logged_in, logged_out, changed = run(scenario())
+    assert logged_in == ("hello alice", ["alice: hi", "alice: again"]), "later frames did not know the user"
+    assert logged_out == ("hello anonymous", ["anonymous: hi"])
+    assert changed == ("hello bob", ["bob: before", "anonymous: after"]), \
+        "a password change must end the logins of other sessions, as in Django"
+
+
+def test_http_session_user_in_a_plain_http_consumer(run, channel_layer, worker):
+    def scenario(browser):
+        before = browser.request("GET", "/crossroads/whoami/")[2]
+        login(browser, "alice", "wonderland")
+        return before, browser.request("GET", "/crossroads/whoami/")[2]
+
+    _, (before, after) = serve(run, channel_layer, scenario)
+    assert (before, after) == (b"anonymous", b"alice")
+
+
+def test_the_identify_hook_names_the_user_of_an_mqtt_message(djsite):
+    from djsite import identity
+
+    client = Client("djsite.routing:routes")
+    identity.asked.clear()
+    for sender in ("alice", "mallory"):
+        client.send_and_consume("mqtt.receive", {"protocol": "mqtt", "sender": sender, "text": "hi",
+                                                 "topic": f"chat/{sender}"})
+    assert [reply["text"] for reply in client.receive_all()] == ["alice said hi", "anonymous said hi"]
+    assert identity.asked == [("mqtt", "alice"), ("mqtt", "mallory")], "asked once per message"
+
+
+def test_a_consumer_gets_django_connection_hygiene(djsite, run, channel_layer):
+    from django.db import connections
+
+    worker = Worker("djsite.routing:routes", channel_layer, threads=1)  # one thread: one connection to watch
+    worker.start()
+    answers = channel_layer.sync.new_channel("test.answers?")
+
+    def ask():
+        channel_layer.sync.send("test.db", {"reply_to": answers})
+        got, answer = channel_layer.sync.receive([answers], timeout=10)
+        assert got is not None, "the consumer did not answer"
+        return answer
+
+    settings = connections.settings["default"]
+    try:
+        ask()
+        assert ask()["closed_at_start"], "CONN_MAX_AGE = 0: the connection is closed after every consumer"
+        settings["CONN_MAX_AGE"] = 60
+        ask()
+        first, second = ask(), ask()
+        assert not second["closed_at_start"] and first["connection"] == second["connection"], \
+            "CONN_MAX_AGE = 60: one connection, kept across consumers"
+        settings["CONN_MAX_AGE"] = 0
+        with connections_kept():  # what a django.test.TestCase needs
+            ask()
+            assert not ask()["closed_at_start"]
+    finally:
+        settings["CONN_MAX_AGE"] = 0
+        worker.stop()
+        assert worker.join(10)
+
+
+def test_the_orm_in_an_async_consumer_fails_with_djangos_error(djsite, caplog):
+    client = Client("djsite.routing:routes")
+    client.send_and_consume("test.async", {})
+    assert client.counters.errors == 1
+    assert "SynchronousOnlyOperation" in caplog.text
+    with pytest.raises(TypeError, match="sync_to_async"):
+        @channel_session_user
+        async def consumer(message):
+            pass
+
+
 # -- config and check --------------------------------------------------------------------------------------
 
 
@@ -287,8 +426,9 @@ def test_the_django_table_is_checked(tmp_path):
     assert load_config(write_config(tmp_path, "[django]\n")).django.settings is None  # DJANGO_SETTINGS_MODULE
     assert load_config(write_config(tmp_path, "[layer]\n")).django is None
     with pytest.raises(ConfigError) as caught:
-        load_config(write_config(tmp_path, '[django]\nsettings = "my site"\nsetting = 1\n'))
+        load_config(write_config(tmp_path, '[django]\nsettings = "my site"\nsetting = 1\nidentify = "a.b"\n'))
     text = str(caught.value)
+    assert '[django] identify: must be "module:function"' in text
     assert '[django] settings: must be the import path of your settings module' in text
     assert '[django] setting: unknown key; did you mean "settings"?' in text
 
@@ -316,6 +456,11 @@ def test_crossroads_check_sets_django_up_and_names_what_is_wrong(tmp_path, djsit
     assert unset.returncode == 2 and "[django] settings: not set, and DJANGO_SETTINGS_MODULE is empty" in unset.stderr
     from_environment = check(tmp_path, "", {**djsite["env"], "DJANGO_SETTINGS_MODULE": "djsite.settings"})
     assert from_environment.returncode == 0, from_environment.stderr
+    hook = check(tmp_path, 'settings = "djsite.settings"\nidentify = "djsite.identity:nobody"', djsite["env"])
+    assert hook.returncode == 2 and "[django] identify: module 'djsite.identity' has no attribute 'nobody'" \
+        in hook.stderr
+    good_hook = check(tmp_path, 'settings = "djsite.settings"\nidentify = "djsite.identity:identify"', djsite["env"])
+    assert good_hook.returncode == 0, good_hook.stderr
 
 
 # -- as daemons over Redis ---------------------------------------------------------------------------------
