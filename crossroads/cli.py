@@ -104,7 +104,7 @@ def django_of(config: Config) -> str | None:
     the settings module, or None without the table."""
     if config.django is None:
         return None
-    from .django import DjangoSetupError, set_identify, settings_module, setup_django
+    from .django import DjangoSetupError, set_identify, set_static, settings_module, setup_django
 
     settings = settings_module(config.django.settings)
     if settings is None:
@@ -121,6 +121,10 @@ def django_of(config: Config) -> str | None:
         set_identify(config.django.identify)
     except Exception as exc:  # RouteError (not importable), TypeError (not callable), or the module raised
         raise CommandError(f"{where(config)}: [django] identify: {exc}", code=2) from None
+    try:
+        set_static(config.django.static)
+    except ValueError as exc:
+        raise CommandError(f"{where(config)}: [django] static: {exc}", code=2) from None
     return settings
 
 

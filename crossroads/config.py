@@ -45,7 +45,7 @@ WORKER_KEYS = ("threads", "only_channels", "exclude_channels", "pools", "prefetc
 POOL_KEYS = ("channels", "threads")
 DEFAULT_PREFETCH = 64  # consumers.worker.PREFETCH (this module does not import the worker)
 DEFAULT_SLOW_CONSUMER = 10.0  # consumers.worker.SLOW_CONSUMER
-DJANGO_KEYS = ("settings", "identify")
+DJANGO_KEYS = ("settings", "identify", "static")
 BRIDGE_KEYS = ("type", "enabled")
 TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS, "django": DJANGO_KEYS}
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -112,6 +112,7 @@ class DjangoConfig:
 
     settings: str | None = None
     identify: str | None = None  # "module:function": who a message without cookies (MQTT, IRC, ...) is from
+    static: bool | None = None  # serve STATIC_URL through Django's StaticFilesHandler; None: when DEBUG is on
 
 
 @dataclass(frozen=True)
@@ -561,7 +562,10 @@ class _Loader:
                                                      f'hook, like "myapp.identity:identify", got {_show(value)}')
             else:
                 chosen["identify"] = value
-        return DjangoConfig(**chosen)
+        static = None
+        if "static" in values and values["static"] is not UNRESOLVED:
+            static = self.boolean(("django", "static"), values["static"])
+        return DjangoConfig(**chosen, static=static)
 
     def check_worker(self, values: dict) -> WorkerConfig:
         self.unknown_keys("worker", values, WORKER_KEYS)

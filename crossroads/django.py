@@ -69,6 +69,7 @@ _setup_lock = threading.Lock()
 _set_up: str | None = None  # the settings module this process was set up with
 _handler: Any = None
 _handler_lock = threading.Lock()
+_static: bool | None = None  # [django] static: serve STATIC_URL from the worker; None: when DEBUG is on
 _identify: Any = None  # the [django] identify hook, once imported
 _identify_path: str | None = None
 
@@ -145,6 +146,26 @@ def connections_kept() -> Iterator[None]:
         if _set_up is not None:
             consumer_started.connect(_close_old_connections)
             consumer_finished.connect(_close_old_connections)
+
+
+def set_static(value: bool | None) -> None:
+    """``[django] static``: serve static files through Django's ``StaticFilesHandler`` (``None``: only with
+    ``DEBUG``, as ``runserver`` does). A handler made already is dropped, so the next request uses the choice."""
+    global _static, _handler
+    from django.conf import settings
+
+    if value and "django.contrib.staticfiles" not in settings.INSTALLED_APPS:
+        raise ValueError("static = true serves static files through django.contrib.staticfiles, which is not in "
+                         "INSTALLED_APPS: add it, or set static = false")
+    with _handler_lock:
+        _static, _handler = value, None
+
+
+def serves_static() -> bool:
+    from django.conf import settings
+
+    wanted = settings.DEBUG if _static is None else _static
+    return bool(wanted) and "django.contrib.staticfiles" in settings.INSTALLED_APPS
 
 
 def set_identify(path: str | None) -> None:
@@ -265,6 +286,11 @@ def _handler_for_process() -> Any:
             from django.core.handlers.wsgi import WSGIHandler
 
             _handler = WSGIHandler()  # loads the middleware once; it serves every thread
+            if serves_static():
+                # Development's answer (what runserver does); in production whitenoise or the proxy serves them.
+                from django.contrib.staticfiles.handlers import StaticFilesHandler
+
+                _handler = StaticFilesHandler(_handler)
         return _handler
 
 

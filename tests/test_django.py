@@ -36,6 +36,7 @@ from crossroads.django import (
     channel_session_user,
     connections_kept,
     set_identify,
+    set_static,
     setup_django,
     wsgi_environ,
 )
@@ -291,6 +292,21 @@ def test_a_client_gone_mid_stream_stops_the_iteration(run, channel_layer, worker
     assert after[0] == 200, "the worker thread was freed for the next request"
 
 
+def test_static_files_are_served_only_when_asked(run, channel_layer, worker):
+    def fetch_css(browser):
+        return browser.request("GET", "/static/site.css")
+
+    try:
+        set_static(True)
+        _, (status, headers, body) = serve(run, channel_layer, fetch_css)
+        assert status == 200 and body == b"body { color: teal; }\n" and headers["Content-Type"].startswith("text/css")
+        set_static(None)  # the default: only with DEBUG, which the test project has off
+        _, (status, _, _) = serve(run, channel_layer, fetch_css)
+        assert status == 404
+    finally:
+        set_static(None)
+
+
 # -- users and the ORM in other consumers ---------------------------------------------------------------
 
 
@@ -429,6 +445,8 @@ def test_the_django_table_is_checked(tmp_path):
         load_config(write_config(tmp_path, '[django]\nsettings = "my site"\nsetting = 1\nidentify = "a.b"\n'))
     text = str(caught.value)
     assert '[django] identify: must be "module:function"' in text
+    with pytest.raises(ConfigError, match=r"\[django\] static: must be true or false"):
+        load_config(write_config(tmp_path, '[django]\nstatic = "sometimes"\n'))
     assert '[django] settings: must be the import path of your settings module' in text
     assert '[django] setting: unknown key; did you mean "settings"?' in text
 
@@ -459,6 +477,10 @@ def test_crossroads_check_sets_django_up_and_names_what_is_wrong(tmp_path, djsit
     hook = check(tmp_path, 'settings = "djsite.settings"\nidentify = "djsite.identity:nobody"', djsite["env"])
     assert hook.returncode == 2 and "[django] identify: module 'djsite.identity' has no attribute 'nobody'" \
         in hook.stderr
+    (tmp_path / "plainsite.py").write_text('SECRET_KEY = "x"\nINSTALLED_APPS = []\n')
+    static = check(tmp_path, 'settings = "plainsite"\nstatic = true')
+    assert static.returncode == 2 and "[django] static: static = true serves static files through " \
+        "django.contrib.staticfiles, which is not in INSTALLED_APPS" in static.stderr
     good_hook = check(tmp_path, 'settings = "djsite.settings"\nidentify = "djsite.identity:identify"', djsite["env"])
     assert good_hook.returncode == 0, good_hook.stderr
 

@@ -1,6 +1,7 @@
 """Settings of the test project: SQLite at $CROSSROADS_DJANGO_DB (the tests put it in a scratch folder)."""
 
 import os
+from pathlib import Path
 
 SECRET_KEY = "test-only-not-secret"
 DEBUG = False
@@ -10,7 +11,10 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.staticfiles",
 ]
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [Path(__file__).resolve().parent / "static"]
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
