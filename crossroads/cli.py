@@ -129,6 +129,16 @@ def django_of(config: Config) -> str | None:
 
 
 def router_of(config: Config, required: bool = True) -> Any:
+    """The routing table of [routing] app; with a [django] table, ending with django_view for http.request."""
+    router = _router_of(config, required and not (config.django and config.django.view))
+    if config.django is not None and config.django.view:
+        from .django import with_django_view
+
+        return with_django_view(router)
+    return router
+
+
+def _router_of(config: Config, required: bool) -> Any:
     from crossroads.consumers.routing import RouteError, Router
 
     if not config.routing_app:
@@ -215,7 +225,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if router is None:
         print("  routing: none set ([routing] app); `crossroads run` serves its bundled example")
     else:
-        print(f"  routing: {config.routing_app} consumes {', '.join(sorted(router.channels)) or 'nothing'}")
+        source = config.routing_app or "django_view alone ([django])"
+        print(f"  routing: {source} consumes {', '.join(sorted(router.channels)) or 'nothing'}")
         for line in worker_pools(config, router):
             print(f"  {line}")
         for warning in unanswered_bridges(config, router):

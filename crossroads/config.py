@@ -45,7 +45,7 @@ WORKER_KEYS = ("threads", "only_channels", "exclude_channels", "pools", "prefetc
 POOL_KEYS = ("channels", "threads")
 DEFAULT_PREFETCH = 64  # consumers.worker.PREFETCH (this module does not import the worker)
 DEFAULT_SLOW_CONSUMER = 10.0  # consumers.worker.SLOW_CONSUMER
-DJANGO_KEYS = ("settings", "identify", "static")
+DJANGO_KEYS = ("settings", "identify", "static", "view")
 BRIDGE_KEYS = ("type", "enabled")
 TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS, "django": DJANGO_KEYS}
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -113,6 +113,7 @@ class DjangoConfig:
     settings: str | None = None
     identify: str | None = None  # "module:function": who a message without cookies (MQTT, IRC, ...) is from
     static: bool | None = None  # serve STATIC_URL through Django's StaticFilesHandler; None: when DEBUG is on
+    view: bool = True  # end the routing table with route("http.request", django_view)
 
 
 @dataclass(frozen=True)
@@ -565,7 +566,10 @@ class _Loader:
         static = None
         if "static" in values and values["static"] is not UNRESOLVED:
             static = self.boolean(("django", "static"), values["static"])
-        return DjangoConfig(**chosen, static=static)
+        view = True
+        if "view" in values and values["view"] is not UNRESOLVED:
+            view = self.boolean(("django", "view"), values["view"])
+        return DjangoConfig(**chosen, static=static, view=True if view is None else view)
 
     def check_worker(self, values: dict) -> WorkerConfig:
         self.unknown_keys("worker", values, WORKER_KEYS)

@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from crossroads.consumers.message import Message
-from crossroads.consumers.routing import import_object
+from crossroads.consumers.routing import Router, import_object, route
 from crossroads.consumers.sessions import Session, channel_session
 from crossroads.consumers.signals import consumer_finished, consumer_started
 from crossroads.layer import base
@@ -502,3 +502,9 @@ def channel_session_user_from_http(func: Callable) -> Callable:
                 message.channel_session.pop(key, None)
         return func(message, *args, **kwargs)
     return channel_session(http_session_user(transfer))
+
+
+def with_django_view(router: Router | None) -> Router:
+    """``router`` with ``route("http.request", django_view)`` last, as Channels 1.x appended its view consumer:
+    an HTTP request no earlier route takes goes to Django's URLconf (which answers 404 for what it lacks)."""
+    return Router([*(router.routes if router is not None else []), route("http.request", django_view)])

@@ -485,6 +485,21 @@ def test_crossroads_check_sets_django_up_and_names_what_is_wrong(tmp_path, djsit
     assert good_hook.returncode == 0, good_hook.stderr
 
 
+def test_a_django_table_routes_unmatched_requests_to_django_view(tmp_path, djsite):
+    from crossroads.consumers.routing import Router
+    from crossroads.django import django_view, with_django_view
+
+    router = with_django_view(Router("djsite.consumers_only:routes"))
+    assert router.match("http.request", {"path": "/crossroads/whoami/"})[0].__name__ == "http_whoami"
+    assert router.match("http.request", {"path": "/anything/"})[0] is django_view
+    alone = check(tmp_path, 'settings = "djsite.settings"', djsite["env"])
+    assert "routing: django_view alone ([django]) consumes http.request" in alone.stdout, alone.stderr
+    config = write_config(tmp_path, '[django]\nsettings = "djsite.settings"\nview = false\n')
+    result = subprocess.run([CROSSROADS, "check", "--config", str(config)], capture_output=True, text=True,
+                            timeout=60, env={**ENV, **djsite["env"]})
+    assert result.returncode == 0 and "routing: none set" in result.stdout, result.stderr
+
+
 # -- as daemons over Redis ---------------------------------------------------------------------------------
 
 
@@ -494,7 +509,7 @@ url = "{url}"
 prefix = "django"
 
 [routing]
-app = "djsite.routing:routes"
+app = "djsite.consumers_only:routes"   # django_view is appended by [django]
 
 [django]
 settings = "djsite.settings"
@@ -524,5 +539,6 @@ def test_bridge_and_worker_as_daemons_over_redis(tmp_path, redis_server, daemons
     assert status == 200 and body == djsite["file"].read_bytes()
     assert browser.request("GET", "/boom/")[0] == 500
     assert browser.request("GET", "/stream/?n=3&size=2")[2] == b"001122"
+    assert browser.request("GET", "/crossroads/whoami/")[2] == b"alice", "the routing table's own route first"
     started[0].terminate()
     started[1].terminate()
