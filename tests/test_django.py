@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -234,6 +235,34 @@ def test_a_file_response_of_20_mb_arrives_whole_in_large_blocks(run, channel_lay
     assert headers["Content-Length"] == str(FILE_SIZE)
     assert headers["Content-Disposition"] == 'attachment; filename="big.bin"'
     assert bridge.counters["replies"] == FILE_SIZE // PART_SIZE, "the file went out in 256 KiB blocks"
+
+
+def test_a_slow_client_takes_the_whole_file_without_being_cut_off(run, channel_layer, worker, djsite):
+    """The flow reports' reason to be: without them the view pushes 20 MB at the bridge at once, and a client
+    reading slower than the disk is cut off at max_response_buffer (4 MiB) behind."""
+    def slow_download(browser):
+        conn = http.client.HTTPConnection("127.0.0.1", browser.port, timeout=60)
+        conn.connect()
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a small window, as over a slow link
+        conn.request("GET", "/file/")
+        response = conn.getresponse()
+        digest, size = hashlib.sha256(), 0
+        while block := response.read(65536):
+            digest.update(block)
+            size += len(block)
+            time.sleep(0.002)  # a client slower than the disk: this is the scenario, not a wait for a condition
+        conn.close()
+        return response.status, size, digest.digest()
+
+    bridge, (status, size, digest) = serve(run, channel_layer, slow_download)
+    assert status == 200 and size == FILE_SIZE
+    assert digest == hashlib.sha256(djsite["file"].read_bytes()).digest()
+    assert bridge.counters.get("slow_clients", 0) == 0
+
+
+def test_head_of_a_file_response_has_its_length_and_no_body(run, channel_layer, worker):
+    _, (status, headers, body) = serve(run, channel_layer, lambda browser: browser.request("HEAD", "/file/"))
+    assert status == 200 and headers["Content-Length"] == str(FILE_SIZE) and body == b""
 
 
 def test_a_raising_view_gets_djangos_500_and_the_worker_carries_on(run, channel_layer, worker):
