@@ -52,6 +52,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from crossroads.consumers.body import RequestBody
 from crossroads.consumers.message import Message
 from crossroads.consumers.routing import Router, import_object, route
 from crossroads.consumers.sessions import Session, channel_session
@@ -195,11 +196,13 @@ def _wsgi_str(text: str) -> str:
     return text.encode("utf-8").decode("latin-1")
 
 
-def wsgi_environ(message: dict) -> dict[str, Any]:
-    """The PEP 3333 environ of an ``http.request`` message (docs/spec/http.md)."""
+def wsgi_environ(message: dict, channel_layer: Any = None) -> dict[str, Any]:
+    """The PEP 3333 environ of an ``http.request`` message (docs/spec/http.md); a body streamed on its
+    ``body_channel`` is read from ``channel_layer`` as Django reads ``wsgi.input``."""
     server = message.get("server") or ["localhost", None]
     client = message.get("client")
     body = message.get("body") or b""
+    streamed = message.get("body_channel") is not None
     environ: dict[str, Any] = {
         "REQUEST_METHOD": message["method"],
         "SCRIPT_NAME": _wsgi_str(message.get("root_path") or ""),
@@ -208,11 +211,12 @@ def wsgi_environ(message: dict) -> dict[str, Any]:
         "SERVER_NAME": server[0] if server[1] is not None else "localhost",  # a Unix socket has a path, no name
         "SERVER_PORT": str(server[1] if server[1] is not None else 0),
         "SERVER_PROTOCOL": f"HTTP/{message.get('http_version', '1.1')}",
-        # The bridge has de-chunked the body: its length is known even when the client sent none.
+        # The bridge has de-chunked a whole body: its length is known even when the client sent none. A streamed
+        # body always came with a Content-Length, which the headers below set.
         "CONTENT_LENGTH": str(len(body)),
         "wsgi.version": (1, 0),
         "wsgi.url_scheme": message.get("scheme", "http"),
-        "wsgi.input": io.BytesIO(body),
+        "wsgi.input": RequestBody(_Streamed(message, channel_layer)) if streamed else io.BytesIO(body),
         "wsgi.errors": sys.stderr,
         "wsgi.multithread": True,
         "wsgi.multiprocess": True,
@@ -225,12 +229,21 @@ def wsgi_environ(message: dict) -> dict[str, Any]:
         name = raw_name.decode("latin-1").upper().replace("-", "_")
         value = raw_value.decode("latin-1")
         if name == "CONTENT_LENGTH":
+            if streamed:
+                environ["CONTENT_LENGTH"] = value
             continue
         key = name if name == "CONTENT_TYPE" else f"HTTP_{name}"
         if key in environ:  # repeated headers are one, comma-separated (RFC 9110); cookies with "; " (RFC 6265)
             value = environ[key] + ("; " if key == "HTTP_COOKIE" else ",") + value
         environ[key] = value
     return environ
+
+
+class _Streamed:
+    """What ``RequestBody`` reads: a message's content and the layer its body_channel is on."""
+
+    def __init__(self, content: dict, channel_layer: Any) -> None:
+        self.content, self.channel_layer = content, channel_layer
 
 
 class FileParts:
@@ -304,7 +317,7 @@ def django_view(message: Message) -> None:
         # Django writes Set-Cookie values as Morsel.output(header=""), which starts with a space.
         started["headers"] = [[name, value.strip()] for name, value in headers]
 
-    result = handler(wsgi_environ(message.content), start_response)
+    result = handler(wsgi_environ(message.content, message.channel_layer), start_response)
     streamed = False
     try:
         parts = _parts(result)

@@ -19,9 +19,10 @@ import subprocess
 import threading
 import time
 from http.cookies import SimpleCookie
+from pathlib import Path
 
 import pytest
-from servers import free_port, wait_for_port
+from servers import free_port, wait_for_port, wait_until
 from test_cli import CROSSROADS, ENV, write_config
 from test_daemons import Daemon
 from test_http_bridge import serving
@@ -310,9 +311,7 @@ def test_a_client_gone_mid_stream_stops_the_iteration(run, channel_layer, worker
         assert response.status == 200 and response.read(65536) == b"x" * 65536
         conn.sock.close()  # the client leaves mid-stream
         conn.close()
-        deadline = time.monotonic() + 30
-        while not closed.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling a file another thread writes: the deadline, not the sleep, bounds the wait
+        wait_until(closed.exists, "the view's iterator to be closed", timeout=30)
         return browser.request("GET", "/")
 
     _, after = serve(run, channel_layer, scenario)
@@ -546,7 +545,42 @@ settings = "djsite.settings"
 [bridges.web]
 type = "http"
 port = {port}
+max_upload = 104857600
 """
+
+UPLOAD_SIZE = 50 * 1024 * 1024
+
+
+def multipart_upload(port: int) -> tuple[int, bytes, str]:
+    """POST a 50 MB file as multipart/form-data, generated as it is sent; (status, body, its SHA-256)."""
+    boundary = "crossroads-upload-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    block = hashlib.sha256(b"seed").digest() * 32768  # 1 MiB
+    digest = hashlib.sha256()
+
+    def body():
+        yield head
+        for _ in range(UPLOAD_SIZE // len(block)):
+            digest.update(block)
+            yield block
+        yield tail
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("POST", "/upload/", body=body(), headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(head) + UPLOAD_SIZE + len(tail))})
+    response = conn.getresponse()
+    answer = response.read()
+    conn.close()
+    return response.status, answer, digest.hexdigest()
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far, in bytes (VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
 
 
 def test_bridge_and_worker_as_daemons_over_redis(tmp_path, redis_server, daemons, djsite):
@@ -569,5 +603,12 @@ def test_bridge_and_worker_as_daemons_over_redis(tmp_path, redis_server, daemons
     assert browser.request("GET", "/boom/")[0] == 500
     assert browser.request("GET", "/stream/?n=3&size=2")[2] == b"001122"
     assert browser.request("GET", "/crossroads/whoami/")[2] == b"alice", "the routing table's own route first"
+    peaks = [peak_rss(daemon.process.pid) for daemon in started]
+    status, answer, digest = multipart_upload(port)
+    assert status == 200, answer
+    assert answer.decode() == f"{UPLOAD_SIZE} {digest} TemporaryUploadedFile"
+    for daemon, before in zip(started, peaks, strict=True):
+        grown = peak_rss(daemon.process.pid) - before
+        assert grown < UPLOAD_SIZE // 4, f"crossroads {daemon.name} grew {grown} bytes for a 50 MB upload"
     started[0].terminate()
     started[1].terminate()

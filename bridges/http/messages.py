@@ -36,6 +36,7 @@ TEXT_PLAIN = b"text/plain; charset=utf-8"
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # A single-reader channel of the layer (docs/spec/layer.md: names under 100 characters).
 _FLOW_CHANNEL_RE = re.compile(r"^[a-zA-Z\d\-_.]+\?[\w\-.]*$", re.ASCII)
+BODY_PART = 256 * 1024  # bytes of a streamed request body per message on its body_channel (about: reads add up)
 FLOW_STEP = 256 * 1024  # body bytes written to a client between two reports on a response's flow_channel
 _FORBIDDEN_IN_VALUE = b"\r\n\x00"  # a value with these would split the response or truncate it in C parsers
 

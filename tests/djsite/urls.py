@@ -14,4 +14,5 @@ urlpatterns = [
     path("endless/", views.endless),
     path("file/", views.file),
     path("boom/", views.boom),
+    path("upload/", views.upload),
 ]

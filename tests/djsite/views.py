@@ -1,5 +1,6 @@
 """The test project's views: each exercises one thing a Django developer relies on."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from django.contrib.auth import authenticate, login, logout
 from django.http import FileResponse, HttpResponse, HttpResponseForbidden, StreamingHttpResponse
 from django.middleware.csrf import get_token
 from django.shortcuts import redirect
+from django.views.decorators.csrf import csrf_exempt
 
 
 def hello(request):
@@ -91,3 +93,13 @@ def file(request):
 
 def boom(request):
     raise ValueError("this view fails on purpose")
+
+
+@csrf_exempt
+def upload(request):
+    """A multipart upload: its size, SHA-256 and where Django kept it (a file on disk past 2.5 MB)."""
+    uploaded = request.FILES["file"]
+    digest = hashlib.sha256()
+    for chunk in uploaded.chunks():
+        digest.update(chunk)
+    return HttpResponse(f"{uploaded.size} {digest.hexdigest()} {type(uploaded).__name__}")
