@@ -34,7 +34,9 @@ a ``flow_channel`` of its own, on which the HTTP bridge reports how much of the 
 the client, and that the client left: the view runs at most ``FLOW_WINDOW`` bytes ahead of its
 client (so neither the bridge nor the layer holds a 20 MB file, and a slow client is not cut off for
 falling behind a fast disk), and stops iterating when the client is gone. Closing the response then
-closes the view's iterator or file and fires ``request_finished``.
+closes the view's iterator or file and fires ``request_finished``. A request body the bridge streams
+on a ``body_channel`` (over its ``max_body``) is Django's ``wsgi.input`` through
+``consumers.body.RequestBody``, read part by part as Django's parsers ask.
 """
 
 from __future__ import annotations

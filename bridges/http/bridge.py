@@ -16,6 +16,13 @@ first reply starts the response; with ``more_content`` the request stays
 registered for the chunks. A request leaves the targets when its response is
 complete, when the bridge answered it itself, or when its client left (then
 ``http.disconnect`` follows its ``http.request`` into the layer).
+
+Two flows are paced between bridge and consumer. A body over ``max_body`` (up to ``max_upload``)
+does not wait for the whole request: ``http.request`` goes when the head is in, with a
+``body_channel``, and the body follows one part at a time, reading from the client paused while a
+part waits for the layer; replies wait until the request is whole (twisted.web writes no response
+before). A streamed response that names a ``flow_channel`` hears how far its client has read
+(``ResponseFlow``), so its consumer need not outrun ``max_response_buffer``.
 """
 
 from __future__ import annotations
