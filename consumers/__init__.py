@@ -4,9 +4,11 @@ Users import these names from ``crossroads`` (``from crossroads import route, Gr
 this package holds them: ``Message`` (message.py), ``Channel``/``Group`` and the
 send buffer (channel.py), routing (routing.py), sessions and ordering
 (sessions.py), class-based consumers (generic.py), running one message
-(dispatch.py), the worker (worker.py) and the test client (testing.py).
+(dispatch.py), the worker (worker.py), the test client (testing.py) and a request body
+read as a file, streamed when large (body.py).
 """
 
+from .body import BodyUnavailable, RequestBody
 from .channel import Channel, Group, set_default_layer
 from .exceptions import ConsumeLater, DenyConnection, RouteError
 from .generic import BaseConsumer, ChatConsumer, JsonWebsocketConsumer, WebsocketConsumer, room_group
@@ -17,6 +19,7 @@ from .signals import consumer_finished, consumer_started
 
 __all__ = [
     "BaseConsumer",
+    "BodyUnavailable",
     "Channel",
     "ChatConsumer",
     "ConsumeLater",
@@ -24,6 +27,7 @@ __all__ = [
     "Group",
     "JsonWebsocketConsumer",
     "Message",
+    "RequestBody",
     "RouteError",
     "Router",
     "WebsocketConsumer",

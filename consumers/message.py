@@ -25,6 +25,8 @@ class Message(Mapping):
         reply = content.get("reply_channel")
         self.reply_channel = Channel(reply, channel_layer) if reply else None
         self.channel_session: Any = None  # set by @channel_session
+        self.http_session: Any = None  # set by crossroads.django's @http_session (a Django session)
+        self.user: Any = None  # set by crossroads.django's @http_session_user and @channel_session_user
 
     def __getitem__(self, key: str) -> Any:
         return self.content[key]

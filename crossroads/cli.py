@@ -101,7 +101,52 @@ def where(config: Config) -> str:
     return str(config.path) if config.path else "(no config file: defaults)"
 
 
+def importable_next_to(config: Config) -> None:
+    if config.path is not None and str(config.path.parent.resolve()) not in sys.path:
+        # Like a Django project's manage.py: modules next to the config import without installing them.
+        sys.path.insert(0, str(config.path.parent.resolve()))
+
+
+def django_of(config: Config) -> str | None:
+    """With a [django] table, set Django up (once per process, before the router imports views or models);
+    the settings module, or None without the table."""
+    if config.django is None:
+        return None
+    from .django import DjangoSetupError, set_identify, set_static, settings_module, setup_django
+
+    settings = settings_module(config.django.settings)
+    if settings is None:
+        raise CommandError(f"{where(config)}: [django] settings: not set, and DJANGO_SETTINGS_MODULE is empty; add\n\n"
+                           '    [django]\n    settings = "mysite.settings"\n\nnaming your settings module '
+                           "(docs/django.md)", code=2)
+    importable_next_to(config)
+    try:
+        setup_django(settings)
+    except DjangoSetupError as exc:
+        source = "[django] settings" if config.django.settings else "[django] (DJANGO_SETTINGS_MODULE)"
+        raise CommandError(f"{where(config)}: {source}: {exc}", code=2) from None
+    try:
+        set_identify(config.django.identify)
+    except Exception as exc:  # RouteError (not importable), TypeError (not callable), or the module raised
+        raise CommandError(f"{where(config)}: [django] identify: {exc}", code=2) from None
+    try:
+        set_static(config.django.static)
+    except ValueError as exc:
+        raise CommandError(f"{where(config)}: [django] static: {exc}", code=2) from None
+    return settings
+
+
 def router_of(config: Config, required: bool = True) -> Any:
+    """The routing table of [routing] app; with a [django] table, ending with django_view for http.request."""
+    router = _router_of(config, required and not (config.django and config.django.view))
+    if config.django is not None and config.django.view:
+        from .django import with_django_view
+
+        return with_django_view(router)
+    return router
+
+
+def _router_of(config: Config, required: bool) -> Any:
     from crossroads.consumers.routing import RouteError, Router
 
     if not config.routing_app:
@@ -110,9 +155,7 @@ def router_of(config: Config, required: bool = True) -> Any:
         raise CommandError(f"{where(config)}: [routing] app is not set; add\n\n    [routing]\n    "
                            'app = "yourpackage.routing:routes"\n\nnaming your routing table (docs/consumers.md)',
                            code=2)
-    if config.path is not None and str(config.path.parent.resolve()) not in sys.path:
-        # Like a Django project's manage.py: modules next to the config import without installing them.
-        sys.path.insert(0, str(config.path.parent.resolve()))
+    importable_next_to(config)
     try:
         return Router(config.routing_app)
     except RouteError as exc:
@@ -171,13 +214,28 @@ def unanswered_bridges(config: Config, router: Any) -> list[str]:
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load(args)
+    settings = django_of(config)
+    if settings is not None:
+        from .django import system_check_problems
+
+        errors, warnings = system_check_problems()
+        for warning in warnings:
+            print(f"warning: Django: {warning}", file=sys.stderr)
+        if errors:
+            raise CommandError(f"{where(config)}: [django] settings {settings}: Django's system checks found "
+                               f"{len(errors)} error(s):\n" + "\n".join(f"  {error}" for error in errors), code=2)
     router = router_of(config, required=False)
     print(f"{where(config)}: ok")
     print(f"  layer: {layer.from_url(config.layer.url, **config.layer.options)!r}")
+    if settings is not None:
+        import django
+
+        print(f"  django: {settings} (Django {django.get_version()}), system checks passed")
     if router is None:
         print("  routing: none set ([routing] app); `crossroads run` serves its bundled example")
     else:
-        print(f"  routing: {config.routing_app} consumes {', '.join(sorted(router.channels)) or 'nothing'}")
+        source = config.routing_app or "django_view alone ([django])"
+        print(f"  routing: {source} consumes {', '.join(sorted(router.channels)) or 'nothing'}")
         for line in worker_pools(config, router):
             print(f"  {line}")
         for warning in unanswered_bridges(config, router):
@@ -213,6 +271,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from crossroads.consumers.worker import Worker
 
     config = load(args)
+    django_of(config)
     router = router_of(config)
     channel_layer = open_layer(config, shared=True)
     try:
@@ -455,6 +514,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
     else:
         config = load(args)
+    django_of(config)
     router = router_of(config, required=False)
     channel_layer = open_layer(config, shared=False)
     if router is None and not config.enabled_bridges():

@@ -48,8 +48,10 @@ DEFAULT_PREFETCH = 64  # consumers.worker.PREFETCH (this module does not import 
 DEFAULT_SLOW_CONSUMER = 10.0  # consumers.worker.SLOW_CONSUMER
 # Seconds every worker thread may spend on one message before the systemd watchdog stops being fed.
 DEFAULT_STUCK_AFTER = 300.0
+DJANGO_KEYS = ("settings", "identify", "static", "view")
 BRIDGE_KEYS = ("type", "enabled")
-TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS, "metrics": METRICS_KEYS}
+TABLES = {"layer": LAYER_KEYS, "routing": ROUTING_KEYS, "worker": WORKER_KEYS, "metrics": METRICS_KEYS,
+          "django": DJANGO_KEYS}
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")  # layer.redis.SENTINEL_SCHEMES
 REDIS_SCHEMES = ("redis", "rediss", "unix", *SENTINEL_SCHEMES)
 
@@ -116,6 +118,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class DjangoConfig:
+    """``[django]``: the project to set up; ``settings`` None means ``$DJANGO_SETTINGS_MODULE``."""
+
+    settings: str | None = None
+    identify: str | None = None  # "module:function": who a message without cookies (MQTT, IRC, ...) is from
+    static: bool | None = None  # serve STATIC_URL through Django's StaticFilesHandler; None: when DEBUG is on
+    view: bool = True  # end the routing table with route("http.request", django_view)
+
+
+@dataclass(frozen=True)
 class BridgeConfig:
     name: str
     type: str
@@ -131,6 +143,7 @@ class Config:
     routing_app: str | None = None
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    django: DjangoConfig | None = None  # None: no [django] table, crossroads does not set Django up
     bridges: dict[str, BridgeConfig] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -414,15 +427,16 @@ class _Loader:
         routing_app = self.check_routing(table("routing"))
         worker = self.check_worker(table("worker"))
         metrics = self.check_metrics(table("metrics"))
+        django = self.check_django(table("django")) if isinstance(document.get("django"), dict) else None
         bridges = self.check_bridges(table("bridges"), bridge_validator)
         if self.found:
             self.found.sort(key=lambda found: self.position(found[0]))  # stable: one key's problems keep their order
             raise ConfigError([problem for _, problem in self.found], self.warnings)
         return Config(path=file, layer=layer, routing_app=routing_app, worker=worker, metrics=metrics,
-                      bridges=bridges, warnings=self.warnings)
+                      django=django, bridges=bridges, warnings=self.warnings)
 
     def unknown_table_message(self, key: str) -> str:
-        tables = "The tables are [layer], [routing], [worker], [metrics] and [bridges.NAME]"
+        tables = "The tables are [layer], [routing], [worker], [metrics], [django] and [bridges.NAME]"
         if key in BUILTIN_BRIDGE_TYPES:
             return f'unknown table; did you mean [bridges.{key}] (with type = "{key}")? {tables}'
         close = difflib.get_close_matches(key, [*TABLES, "bridges"], n=1)
@@ -432,8 +446,8 @@ class _Loader:
         owners = [name for name, keys in TABLES.items() if key in keys]
         if owners:
             return f"not in any table: it belongs in [{owners[0]}]"
-        return ("unknown key outside any table: every key belongs in [layer], [routing], [worker], [metrics] or "
-                "[bridges.NAME]")
+        return ("unknown key outside any table: every key belongs in [layer], [routing], [worker], [metrics], "
+                "[django] or [bridges.NAME]")
 
     def check_layer(self, values: dict) -> LayerConfig:
         self.unknown_keys("layer", values, LAYER_KEYS)
@@ -551,6 +565,34 @@ class _Loader:
                                              f'"myproject.routing:router", got {_show(value)}')
             return None
         return value
+
+    def check_django(self, values: dict) -> DjangoConfig:
+        """The shape of ``settings`` only: importing it and setting Django up is the caller's (crossroads.django)."""
+        self.unknown_keys("django", values, DJANGO_KEYS)
+        chosen: dict[str, str] = {}
+        value = values.get("settings")
+        if value is not None and value is not UNRESOLVED:
+            if not isinstance(value, str) or not re.fullmatch(_DOTTED, value) \
+                    or any(keyword.iskeyword(part) for part in value.split(".")):
+                self.problem(("django", "settings"), 'must be the import path of your settings module, like '
+                                                     f'"mysite.settings", got {_show(value)}')
+            else:
+                chosen["settings"] = value
+        value = values.get("identify")
+        if value is not None and value is not UNRESOLVED:
+            shape = _APP.fullmatch(value) if isinstance(value, str) else None
+            if not shape or any(keyword.iskeyword(part) for part in re.split(r"[.:]", value)):
+                self.problem(("django", "identify"), 'must be "module:function", the import path of your identity '
+                                                     f'hook, like "myapp.identity:identify", got {_show(value)}')
+            else:
+                chosen["identify"] = value
+        static = None
+        if "static" in values and values["static"] is not UNRESOLVED:
+            static = self.boolean(("django", "static"), values["static"])
+        view = True
+        if "view" in values and values["view"] is not UNRESOLVED:
+            view = self.boolean(("django", "view"), values["view"])
+        return DjangoConfig(**chosen, static=static, view=True if view is None else view)
 
     def check_worker(self, values: dict) -> WorkerConfig:
         self.unknown_keys("worker", values, WORKER_KEYS)

@@ -42,11 +42,17 @@ def check_example(tmp_path: Path, example: str) -> subprocess.CompletedProcess:
         module.with_suffix(".py").write_text(
             "from crossroads import route\n\n\ndef answer(message):\n    pass\n\n\n"
             f"{app[1]} = [route(channel, answer) for channel in ('http.request', 'websocket.connect')]\n")
+    for settings in re.findall(r'^settings = "([\w.]+)"', example, re.MULTILINE):
+        # a [django] table's project: the least settings Django sets up with
+        for package in [tmp_path.joinpath(*settings.split(".")[:i]) for i in range(1, settings.count(".") + 1)]:
+            package.mkdir(exist_ok=True)
+            (package / "__init__.py").touch()
+        tmp_path.joinpath(*settings.split(".")).with_suffix(".py").write_text('SECRET_KEY = "stand-in"\n')
     return subprocess.run([CROSSROADS, "check", "--config", str(tmp_path / "crossroads.toml")], capture_output=True,
                           text=True, timeout=60, env=environ, cwd=tmp_path)
 
 
-PAGES = ["configuration.md", "running.md", "chat.md", "spec/http.md", "spec/websocket.md", "spec/mqtt.md",
+PAGES = ["configuration.md", "running.md", "chat.md", "django.md", "spec/http.md", "spec/websocket.md", "spec/mqtt.md",
          "spec/irc.md", "spec/email.md", "spec/slack.md"]
 
 

@@ -12,6 +12,7 @@ real redis-server. Waits have deadlines; nothing sleeps.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.client
 import json
 import logging
@@ -20,7 +21,7 @@ import socket
 from contextlib import asynccontextmanager
 
 import pytest
-from servers import free_port, wait_for_port
+from servers import free_port, wait_for_port, wait_until_async
 from test_cli import run as run_cli
 from test_cli import write_config
 from test_daemons import Daemon, bridge_and_worker
@@ -754,3 +755,57 @@ def test_a_burst_of_connections_waits_in_the_listen_queue_while_the_bridge_is_bu
     refused, statuses = run(scenario())
     assert not refused, f"{len(refused)} of 300 connections were not taken into the listen queue"
     assert statuses == [200] * 300
+
+
+# -- request bodies over max_body, streamed on a body_channel ------------------------------------------------
+
+
+def test_a_body_over_max_body_is_streamed_to_the_consumer_in_parts(run, channel_layer, worker):
+    body = bytes(range(256)) * (12 * 1024)  # 3 MiB
+
+    async def scenario():
+        async with serving(channel_layer, max_body=1000, max_upload=10_000_000) as bridge:
+            large = await fetch(bridge.port, "/upload", "POST", body=body)
+            small = await fetch(bridge.port, "/upload", "POST", body=b"tiny")
+            over = await raw(bridge.port, b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10000001\r\n\r\n")
+            return large, small, over
+
+    large, small, over = run(scenario())
+    answer = json.loads(large[2])
+    assert large[0] == 200 and answer["size"] == len(body) and answer["streamed"]
+    assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+    # parts of 256 KiB plus what one read of the socket adds (64 KiB): never the body whole
+    assert answer["parts"] >= len(body) // (320 * 1024), "the body came in parts of about 256 KiB"
+    assert json.loads(small[2]) == {"size": 4, "sha256": hashlib.sha256(b"tiny").hexdigest(), "parts": 0,
+                                    "streamed": False}
+    assert status_of(over) == 413 and b"max_upload (10000000 bytes)" in over, "refused before the body was read"
+
+
+def test_a_consumer_may_answer_before_reading_a_streamed_body(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer, max_body=1000, max_upload=10_000_000) as bridge:
+            refused = await fetch(bridge.port, "/upload-refused", "POST", body=b"x" * 3_000_000)
+            after = await fetch(bridge.port, "/text")
+            return refused, after
+
+    refused, after = run(scenario())
+    assert refused[0] == 403 and refused[2] == b"not wanted"
+    assert after[0] == 200
+
+
+def test_a_client_leaving_mid_upload_ends_the_consumers_read(run, channel_layer, worker):
+    async def scenario():
+        async with serving(channel_layer, max_body=1000, max_upload=10_000_000) as bridge:
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n" + b"x" * 600_000)
+            await writer.drain()
+            await wait_until_async(lambda: bridge.counters["sent"] >= 1, "the request to reach the layer")
+            writer.close()
+            await writer.wait_closed()
+            await wait_until_async(lambda: worker.dispatcher.counters.errors >= 1,
+                                   "the consumer's read to end with BodyUnavailable")
+            return await fetch(bridge.port, "/text")
+
+    after = run(scenario())
+    assert worker.dispatcher.counters.errors == 1, "the consumer's read did not end when its client left"
+    assert after[0] == 200, "the worker thread was freed"

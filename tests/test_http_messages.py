@@ -247,6 +247,10 @@ def test_content_length_must_match_unless_streaming():
     ({"text": b"bytes"}, "text must be str"),
     ({"more_content": 1}, "more_content must be true or false"),
     ({"more_content": "yes"}, "more_content"),
+    ({"more_content": True, "flow_channel": 5}, "flow_channel must be a single-reader channel name"),
+    ({"more_content": True, "flow_channel": "http.flow"}, "flow_channel must be a single-reader channel name"),
+    ({"more_content": True, "flow_channel": "http.flow!abc"}, "flow_channel must be a single-reader channel name"),
+    ({"more_content": True, "flow_channel": "http flow?abc"}, "flow_channel must be a single-reader channel name"),
 ])
 def test_invalid_responses(message, problem):
     with pytest.raises(BadReply, match=problem):
@@ -352,3 +356,9 @@ def test_head_end(data, end):
 ])
 def test_is_websocket_upgrade(head, upgrade):
     assert messages.is_websocket_upgrade(head) is upgrade
+
+
+def test_a_streamed_response_may_name_its_flow_channel():
+    response = messages.response_from_message({"more_content": True, "flow_channel": "crossroads.http.flow?Ab3"})
+    assert response.flow_channel == "crossroads.http.flow?Ab3"
+    assert messages.response_from_message({}).flow_channel is None

@@ -16,6 +16,13 @@ first reply starts the response; with ``more_content`` the request stays
 registered for the chunks. A request leaves the targets when its response is
 complete, when the bridge answered it itself, or when its client left (then
 ``http.disconnect`` follows its ``http.request`` into the layer).
+
+Two flows are paced between bridge and consumer. A body over ``max_body`` (up to ``max_upload``)
+does not wait for the whole request: ``http.request`` goes when the head is in, with a
+``body_channel``, and the body follows one part at a time, reading from the client paused while a
+part waits for the layer; replies wait until the request is whole (twisted.web writes no response
+before). A streamed response that names a ``flow_channel`` hears how far its client has read
+(``ResponseFlow``), so its consumer need not outrun ``max_response_buffer``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from crossroads.bridges.listening import (
     uses_tls,
 )
 from crossroads.bridges.protocol import host_allowed, host_refused, positive_seconds, zero_or_more
-from crossroads.layer import MessageTooLarge
+from crossroads.layer import ChannelFull, LayerUnavailable, MessageTooLarge
+from crossroads.layer.base import backoff_delays, new_channel_name
 
 from . import messages
 
@@ -68,15 +76,26 @@ class ResponseFlow(HeldWrites):
     off (logged, counted in ``slow_clients``); its consumer hears ``http.disconnect``.
     """
 
-    def __init__(self, bridge: HttpBridge, request: HttpRequest) -> None:
+    def __init__(self, bridge: HttpBridge, request: HttpRequest, flow_channel: str | None = None,
+                 written: int = 0) -> None:
         self.bridge, self.request = bridge, request
         self.complete = False  # the last part has come: finish once it is written
+        # With a flow_channel the consumer waits for these reports instead of sending every part at once.
+        self.flow_channel = flow_channel
+        self.written = self.reported = written  # body bytes handed to the transport; the last count reported
         options = bridge.options
-        super().__init__(request.write, self.cut_off, limit=options["max_response_buffer"],
+        super().__init__(self._send, self.cut_off, limit=options["max_response_buffer"],
                          timeout=options["idle_timeout"], limit_name="max_response_buffer",
                          timeout_name="idle_timeout", on_resume=self._written)
         if getattr(request.channel, "_waitingForTransport", False):  # already full: twisted.web will not tell us
             self.pauseProducing()
+
+    def _send(self, content: bytes) -> None:
+        self.request.write(content)
+        self.written += len(content)
+        if self.flow_channel is not None and self.written - self.reported >= messages.FLOW_STEP:
+            self.reported = self.written
+            self.bridge.tell_flow(self.flow_channel, {"written": self.written})
 
     def write_part(self, content: bytes, last: bool) -> None:
         self.complete = last
@@ -120,11 +139,25 @@ class HttpRequest(http.Request):
         self.sending: asyncio.Task | None = None  # the task storing http.request, awaited before http.disconnect
         self.path_text = ""
         self.client_host: str | None = None  # for the access log; the proxy's client when proxy_headers is on
+        # A body over max_body (up to max_upload) streamed on body_channel as it arrives:
+        self.body_channel: str | None = None
+        self.body_pending = bytearray()  # arrived, not yet sent: at most about one part
+        self.body_sending: asyncio.Task | None = None  # the part on its way to the layer
+        self.body_complete = False  # the whole body has arrived (twisted.web called process())
+        self.body_unwanted = False  # the consumer answered before the body was complete: the rest is dropped
+        self.early_replies: list[dict] = []  # replies that came before the request was complete
 
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()  # max_body bounds it, so never a temporary file
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self.body_channel is not None:
+            self.body_size += len(data)
+            if not self.body_unwanted:
+                self.body_pending += data
+                if len(self.body_pending) >= messages.BODY_PART:
+                    self.bridge.push_body(self)
+            return
         self.body_size += len(data)
         if self.body_size > self.bridge.options["max_body"]:  # a chunked body, whose size was not announced
             self.channel.refuse(413, f"body over max_body ({self.bridge.options['max_body']} bytes)")
@@ -132,7 +165,11 @@ class HttpRequest(http.Request):
         self.content.write(data)
 
     def process(self) -> None:
-        if not self.channel.refused:  # a chunked body's end may be parsed in the same read as its refusal
+        if self.channel.refused:  # a chunked body's end may be parsed in the same read as its refusal
+            return
+        if self.body_channel is not None:
+            self.bridge.streamed_body_complete(self)
+        else:
             self.bridge.request_received(self)
 
     def connectionLost(self, reason: Any) -> None:
@@ -155,6 +192,7 @@ class HttpChannel(http.HTTPChannel):
         self.head_timer: Any = None  # from a request head's first byte until its last: header_timeout
         self.body_timer: Any = None  # every header_timeout while a body arrives: is it at min_body_rate?
         self.body_bytes = 0  # of the body arriving now, at the last check
+        self.paused_for_layer = False  # reading paused while a streamed body's part waits for the layer
         self.bridge.channels.add(self)
         super().connectionMade()
 
@@ -185,6 +223,9 @@ class HttpChannel(http.HTTPChannel):
             return  # the body is in: nothing to watch until the next one
         options = self.bridge.options
         window, rate = options["header_timeout"], options["min_body_rate"]
+        if self.paused_for_layer:  # we stopped reading, not the client: measure the next window afresh
+            self.body_timer = get_reactor().callLater(window, self._check_body_rate, self.body_bytes)
+            return
         if self.body_bytes - before < rate * window:
             self.bridge.count("slow_requests")
             self.refuse(408, f"request body arriving slower than min_body_rate ({rate} bytes/s over {window:g} s)")
@@ -227,23 +268,28 @@ class HttpChannel(http.HTTPChannel):
         if options["min_body_rate"] and (self.length or self._transferDecoder is not None):
             self.body_bytes = 0
             self.body_timer = get_reactor().callLater(options["header_timeout"], self._check_body_rate, 0)
-        limit = self.bridge.options["max_body"]
+        limit, upload = options["max_body"], options["max_upload"]
         if self.length is not None and self.length > limit:
             # Before twisted.web answers "Expect: 100-continue", and before reading any of the body.
-            self.refuse(413, f"content-length {self.length} is over max_body ({limit} bytes)")
-            return
+            if self.length > upload:
+                over = f"max_upload ({upload} bytes)" if upload else f"max_body ({limit} bytes)"
+                self.refuse(413, f"content-length {self.length} is over {over}")
+                return
+            if not self.bridge.start_streamed_request(self, self.requests[-1]):
+                return
         super().allHeadersReceived()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # twisted.web's one answer to everything it cannot parse; ours says so in words and is counted.
         self.refuse(400, "malformed HTTP request")
 
-    def refuse(self, status: int, problem: str) -> None:
+    def refuse(self, status: int, problem: str, bad_input: bool = True) -> None:
         """Answer with an error before (or instead of) a request reaching the layer, and close."""
         if self.refused:
             return
         self.refused = True
-        self.bridge.bad_input(self.peer, problem)
+        if bad_input:
+            self.bridge.bad_input(self.peer, problem)
         data = messages.error_bytes(status, problem)
         self.transport.write(data)
         request = self.requests[-1] if self.requests else None
@@ -356,6 +402,9 @@ class HttpBridge(ListeningBridge):
                                positive_seconds, from_string=True),
         "max_body": Option(int, 500_000, "the largest request body accepted, in bytes (413 above it)",
                            lambda v: None if v >= 0 else "must be 0 or more", from_string=True),
+        "max_upload": Option(int, 0, "the largest request body streamed to the consumer in parts on a "
+                                     "body_channel, when over max_body (413 above it); 0: none",
+                             lambda v: None if v >= 0 else "must be 0 or more", from_string=True),
         "max_header_bytes": Option(int, 16384, "the largest request line plus headers, in bytes (431 above it)",
                                    _header_limit, from_string=True),
         "header_timeout": Option(float, 10.0, "seconds from a request head's first byte to its last (else 408); "
@@ -479,6 +528,86 @@ class HttpBridge(ListeningBridge):
         request.timeout_call = get_reactor().callLater(self.options["http_timeout"], self._timed_out, request)
         request.sending = self.spawn(self._forward(request, message), f"forwarding a request from {message['sender']}")
 
+    # -- request bodies over max_body, streamed on a body_channel --
+
+    def start_streamed_request(self, channel: HttpChannel, request: HttpRequest) -> bool:
+        """Send ``http.request`` now, with a ``body_channel`` for the body to come; False if refused instead."""
+        self.count("received")
+        transport = channel.transport
+        client = address_of(transport.getPeer())
+        request.client_host = client[0] if client else None
+        if not self.accepting:
+            channel.refuse(503, "shutting down, try again", bad_input=False)
+            return False
+        try:
+            message = messages.request_message(
+                reply_channel="http.pending!", method=channel._command, target=channel._path,
+                version=channel._version, headers=request.raw_headers, body=b"", client=client,
+                server=server_address(transport.getHost(), self.options), scheme=self.scheme,
+                root_path=self.options["root_path"], proxy_headers=self.options["proxy_headers"])
+        except messages.HttpError as exc:
+            channel.refuse(exc.status, exc.detail)
+            return False
+        request.local_id = self.register(request)
+        self._idle.clear()
+        request.body_channel = new_channel_name(f"http.body.{self.name}?")
+        message["reply_channel"] = self.reply_channel(request.local_id)
+        message["body_channel"] = request.body_channel
+        request.path_text = message["path"]
+        if message["client"]:
+            request.client_host = message["client"][0]
+        request.sending = self.spawn(self._forward_streamed(channel, request, message),
+                                     f"forwarding a request from {message['sender']}")
+        return True
+
+    async def _forward_streamed(self, channel: HttpChannel, request: HttpRequest, message: dict) -> bool:
+        accepted = await self.send_to_layer(messages.REQUEST_CHANNEL, message)
+        if not accepted:
+            self._release(request)
+            channel.refuse(503, "busy, try again", bad_input=False)
+        return accepted
+
+    def push_body(self, request: HttpRequest) -> None:
+        """Send what arrived of a streamed body; one part at a time, reading paused while one waits."""
+        if request.body_sending is not None and not request.body_sending.done():
+            if len(request.body_pending) >= messages.BODY_PART and not request.channel.paused_for_layer:
+                request.channel.paused_for_layer = True
+                request.channel.transport.pauseProducing()
+            return
+        last = request.body_complete
+        part = bytes(request.body_pending)
+        request.body_pending.clear()
+        request.body_sending = self.spawn(self._send_body(request, part, last), "sending a part of a request body")
+
+    async def _send_body(self, request: HttpRequest, part: bytes, last: bool) -> None:
+        if request.sending is None or not await request.sending:
+            return
+        for delay in backoff_delays(0.01, 1.0):
+            if request.body_unwanted or request._disconnected:
+                return
+            try:
+                await self.layer.send(request.body_channel, {"content": part, "more_content": not last})
+                break
+            except (ChannelFull, LayerUnavailable):  # the consumer reads slower than the client sends
+                await asyncio.sleep(delay)
+        request.body_sending = None  # this task is done sending: push_body must not wait for it
+        if request.channel is not None and request.channel.paused_for_layer:
+            request.channel.paused_for_layer = False
+            request.channel.transport.resumeProducing()
+        if not last and (request.body_pending or request.body_complete):
+            self.push_body(request)
+
+    def streamed_body_complete(self, request: HttpRequest) -> None:
+        """twisted.web has the whole request: the last part goes out, and the response may be written now."""
+        request.body_complete = True
+        if not request.body_unwanted:
+            self.push_body(request)
+        request.timeout_call = get_reactor().callLater(self.options["http_timeout"], self._timed_out, request)
+        early, request.early_replies = request.early_replies, []
+        for reply in early:
+            if request.local_id is not None:
+                self.handle_reply(request.local_id, reply)
+
     async def _forward(self, request: HttpRequest, message: dict) -> bool:
         try:
             accepted = await self.send_to_layer(messages.REQUEST_CHANNEL, message)
@@ -507,10 +636,26 @@ class HttpBridge(ListeningBridge):
         local_id = request.local_id
         if local_id is None:
             return
+        flow = request.flow
+        if flow is not None and flow.flow_channel is not None and not (flow.complete and not flow.held):
+            self.tell_flow(flow.flow_channel, {"gone": True})
+        if request.body_channel is not None and not request.body_complete and not request.body_unwanted:
+            self.tell_flow(request.body_channel, {"closed": True})  # the consumer reading it stops waiting
         self._release(request)
         task = self.spawn(self._disconnect(request, self.reply_channel(local_id)), "sending http.disconnect")
         self._disconnects.add(task)
         task.add_done_callback(self._disconnects.discard)
+
+    def tell_flow(self, channel: str, report: dict) -> None:
+        """Tell a streaming consumer how far its client read (or that it left); a lost report only slows it."""
+        async def send() -> None:
+            try:
+                await self.layer.send(channel, report)
+            except (ChannelFull, LayerUnavailable) as exc:
+                self.count("flow_reports_lost")
+                self.log.debug("%s: a flow report to %s was not sent: %s", self.label, channel, exc)
+
+        self.spawn(send(), "reporting a streamed response's progress")
 
     async def _disconnect(self, request: HttpRequest, reply_channel: str) -> None:
         if request.sending is None or not await request.sending:  # its request never reached the layer
@@ -554,7 +699,7 @@ class HttpBridge(ListeningBridge):
         if not response.more_content:
             self._finish(request)
         elif not request._disconnected:
-            request.flow = ResponseFlow(self, request)
+            request.flow = ResponseFlow(self, request, response.flow_channel, len(response.content))
             request.registerProducer(request.flow, True)
 
     def _finish(self, request: HttpRequest) -> None:
@@ -566,6 +711,19 @@ class HttpBridge(ListeningBridge):
         request: HttpRequest = self.targets[local_id]
         if request.finished or request._disconnected:
             self._release(request)
+            return
+        if request.body_channel is not None and not request.body_complete:
+            # twisted.web writes a response only once the request is whole: the reply waits for the body's end.
+            # A consumer that answers first reads no more of it, so the rest is read and dropped, not sent.
+            request.early_replies.append(message)
+            if len(request.early_replies) > 1000:  # a consumer streaming its answer to a stalled upload
+                request.channel.transport.abortConnection()
+                return
+            request.body_unwanted = True
+            request.body_pending.clear()
+            if request.channel.paused_for_layer:
+                request.channel.paused_for_layer = False
+                request.channel.transport.resumeProducing()
             return
         if not request.response_started:
             try:

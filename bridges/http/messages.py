@@ -34,6 +34,10 @@ TEXT_PLAIN = b"text/plain; charset=utf-8"
 
 # RFC 9110 5.6.2: a header name (and a method) is a token.
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# A single-reader channel of the layer (docs/spec/layer.md: names under 100 characters).
+_FLOW_CHANNEL_RE = re.compile(r"^[a-zA-Z\d\-_.]+\?[\w\-.]*$", re.ASCII)
+BODY_PART = 256 * 1024  # bytes of a streamed request body per message on its body_channel (about: reads add up)
+FLOW_STEP = 256 * 1024  # body bytes written to a client between two reports on a response's flow_channel
 _FORBIDDEN_IN_VALUE = b"\r\n\x00"  # a value with these would split the response or truncate it in C parsers
 
 
@@ -205,6 +209,7 @@ class Response:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     content: bytes = b""
     more_content: bool = False
+    flow_channel: str | None = None  # where the bridge reports how far the client read a streamed body
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header, whatever the case the consumer wrote its name in."""
@@ -288,7 +293,11 @@ def response_from_message(message: Any) -> Response:
         raise BadReply(f"status must be a whole number from 200 to 599, not {status!r}")
     headers = response_headers(message.get("headers") or [])
     content, from_text = _content(message)
-    response = Response(status, headers, content, _more_content(message))
+    flow_channel = message.get("flow_channel")
+    if flow_channel is not None and (not isinstance(flow_channel, str) or not _FLOW_CHANNEL_RE.match(flow_channel)):
+        raise BadReply(f"flow_channel must be a single-reader channel name (like 'http.flow?a1b2'), "
+                       f"not {flow_channel!r:.60}")
+    response = Response(status, headers, content, _more_content(message), flow_channel)
     if from_text and response.header(b"content-type") is None:
         response.headers.append((b"content-type", TEXT_PLAIN))
     length = response.header(b"content-length")

@@ -1,8 +1,9 @@
 """Consumers for the HTTP bridge tests (tests/test_http_bridge.py): one per behaviour the tests look at."""
 
+import hashlib
 import json
 
-from crossroads import Channel, route
+from crossroads import Channel, RequestBody, route
 
 
 def _plain(value):
@@ -84,7 +85,25 @@ def disconnected(message):
     Channel("test.disconnects").send(dict(message.content), immediately=True)
 
 
+def upload(message):
+    """Read the body as a file (streamed on its body_channel when large) and say what arrived."""
+    body = RequestBody(message)
+    digest, size = hashlib.sha256(), 0
+    while block := body.read(65536):
+        digest.update(block)
+        size += len(block)
+    message.reply_channel.send({"text": json.dumps({"size": size, "sha256": digest.hexdigest(),
+                                                    "parts": body.parts, "streamed": body.streamed})})
+
+
+def upload_refused(message):
+    """Answer without reading the body."""
+    message.reply_channel.send({"status": 403, "text": "not wanted"})
+
+
 routes = [
+    route("http.request", upload, path=r"^/upload$"),
+    route("http.request", upload_refused, path=r"^/upload-refused$"),
     route("http.request", inspect, path=r"^/inspect"),
     route("http.request", text, path=r"^/text$"),
     route("http.request", not_found, path=r"^/missing$"),
