@@ -177,9 +177,9 @@ def test_pipelined_requests_are_answered_in_order_and_lf_in_bodies_is_data(run, 
     async def scenario():
         async with serving(channel_layer) as bridge:
             return bridge, await raw(bridge.port, (
-                b"PUT /inspect HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\na\nb\n\n"
-                b"PUT /inspect HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nc\n\nd\r\n0\r\n\r\n"
-                b"GET /text HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"))
+                b"PUT /inspect HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 5\r\n\r\na\nb\n\n"
+                b"PUT /inspect HTTP/1.1\r\nHost: [::1]\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nc\n\nd\r\n0\r\n\r\n"
+                b"GET /text HTTP/1.1\r\nHost: [::1]\r\nConnection: close\r\n\r\n"))
 
     bridge, answer = run(scenario())
     assert answer.count(b"HTTP/1.1 200 OK\r\n") == 3, answer
