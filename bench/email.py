@@ -315,7 +315,8 @@ def reading_cost(size: int, repeat: int) -> float:
 
     options = EmailBridge.validate_options({"domains": [DOMAIN]})
     limits = m.Limits(options["max_message_size"], options["max_header_bytes"], options["max_parts"],
-                      options["max_depth"], options["max_attachment_content"])
+                      options["max_depth"], options["max_attachment_content"],
+                      options["max_address_header_bytes"])
     raw = mail("cost", 1, size, RECIPIENT)
     started = time.process_time()
     for _ in range(repeat):
