@@ -18,10 +18,17 @@ Receivers, each pinned to one core, each sent the same mails by 4 smtplib client
   counting consumer (two processes);
 - crossroads memory://: ``crossroads run`` (bridge and worker threads in one process), the same consumer.
 
-Scenario: the flood, 256-byte and 20 KiB mails, rounds interleaved receiver by receiver, the median: mails/s
-answered 250, the 4xx answers (451: the layer is full; the client sends the mail again), and for crossroads that
-every accepted mail reached the consumer once. A scenario is a function of (setup, servers) returning a row, like
-``flood``; the DATA-to-reply latency (issue 12) is one more, once the bridge sends replies through a smarthost.
+Scenarios:
+
+- the flood, 256-byte and 20 KiB mails, rounds interleaved receiver by receiver, the median: mails/s answered 250,
+  the 4xx answers (451: the layer is full; the client sends the mail again), and for crossroads that every
+  accepted mail reached the consumer once;
+- the reply latency (issue 12): sequential 256-byte mails from this process (on the load core), each answered by
+  a consumer on its ``reply_channel``; the time from the client's end of DATA (its ``.`` sent) to the reply
+  arriving at a recording smarthost (a bare aiosmtpd process pinned to the load core), p50/p99 per setup. Against
+  the bare row: a hand-written aiosmtpd handler sending the reply itself with aiosmtplib. crossroads is
+  configured with ``smarthost`` and its per-recipient reply limit lifted (``reply_rate``/``reply_burst``: every
+  reply goes to the benchmark's one sender, and the defaults would hold back all but 5 a minute).
 
 Usage: ``.venv/bin/python bench/email.py [--quick | --report]``; ``--quick`` is a smoke run that writes nothing,
 ``--report`` rewrites the doc section and the plot from the last full run's JSON without measuring.
@@ -43,9 +50,12 @@ import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import queue  # noqa: E402
+import smtplib  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from typing import Any  # noqa: E402
@@ -82,6 +92,10 @@ CALM_BARE = {256: 1807, 20 * 1024: 481}  # the bare server's mails/s in the run 
 LABELS = {"bare": "bare aiosmtpd, handler answers 250, 1 process",
           "redis": "crossroads redis://, bridge + worker, 2 processes",
           "memory": "crossroads memory://, crossroads run, 1 process"}
+LATENCY_SIZE = 256  # bytes per mail of the reply-latency scenario
+REPLY_TIMEOUT = 30.0  # seconds a reply may take to reach the smarthost before it counts as missing
+LATENCY_LABELS = {"bare": "bare aiosmtpd handler, replies itself with aiosmtplib.send, 1 process",
+                  "redis": LABELS["redis"], "memory": LABELS["memory"]}
 
 
 @dataclass(frozen=True)
@@ -89,12 +103,14 @@ class Config:
     counts: dict[str, int]  # mails per flood, per size (str: JSON keys), shared among the clients
     rounds: int  # floods per receiver and size, interleaved receiver by receiver; the median is reported
     warmup: int  # mails sent to each receiver first and not measured
+    replies: int  # reply-latency mails measured per setup, over ``rounds`` interleaved rounds
+    reply_warmup: int  # reply-latency mails sent to each setup first and not measured
 
     @classmethod
     def make(cls, quick: bool) -> Config:
         if quick:
-            return cls(counts={"256": 400, "20480": 200}, rounds=1, warmup=40)
-        return cls(counts={"256": 2500, "20480": 1200}, rounds=3, warmup=200)
+            return cls(counts={"256": 400, "20480": 200}, rounds=1, warmup=40, replies=60, reply_warmup=10)
+        return cls(counts={"256": 2500, "20480": 1200}, rounds=3, warmup=200, replies=600, reply_warmup=50)
 
 
 def size_label(size: int) -> str:
@@ -154,14 +170,73 @@ class BareServer(Receiver):
         self.ready()
 
 
-class Crossroads(Receiver):
-    """crossroads (redis: ``bridge mail`` + ``worker``; memory: ``run``), counting into its own state file."""
+class BareReplier(Receiver):
+    """The reply-latency competitor: aiosmtpd + a handler sending each reply itself with aiosmtplib."""
 
-    def __init__(self, setup: str, redis_url: str, workdir: Path) -> None:
+    def __init__(self, workdir: Path, smarthost_port: int) -> None:
+        super().__init__("bare", workdir)
+        self.label = LATENCY_LABELS["bare"]
+        spec = {"mode": "replier", "host": "127.0.0.1", "port": self.port, "smarthost_host": "127.0.0.1",
+                "smarthost_port": smarthost_port}
+        self.start("server", [str(SMTPD_PYTHON), str(CLIENTS), json.dumps(spec)], dict(os.environ))
+        self.ready()
+
+
+class RecordingSmarthost:
+    """The smarthost replies go to: a bare aiosmtpd process on LOAD_CORE printing each mail's arrival time."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.log = open(workdir / "smarthost.log", "w+")  # noqa: SIM115  (closed in stop())
+        spec = {"mode": "smarthost", "host": "127.0.0.1", "port": self.port}
+        self.process = subprocess.Popen([*cpu_pin(LOAD_CORE), str(SMTPD_PYTHON), str(CLIENTS), json.dumps(spec)],
+                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.arrivals: queue.Queue[dict[str, Any]] = queue.Queue()
+        try:
+            json_line(self.process, "recording smarthost")  # {"ready": true}: listening
+        except BenchError:
+            self.log.seek(0)
+            raise BenchError(f"recording smarthost: not started; log:\n{self.log.read()[-3000:]}") from None
+        threading.Thread(target=self._read, name="smarthost-arrivals", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                self.arrivals.put(json.loads(line))
+
+    def wait(self, run: str, seq: int, timeout: float) -> int | None:
+        """The arrival time (monotonic ns) of the reply to ``run seq``, or None after ``timeout`` seconds. Replies
+        to other mails (the readiness checks', one that came too late) are passed over."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got = self.arrivals.get(timeout=left)
+            except queue.Empty:
+                break
+            if got.get("run") == run and got.get("seq") == seq:
+                return got["ns"]
+        return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+class Crossroads(Receiver):
+    """crossroads (redis: ``bridge mail`` + ``worker``; memory: ``run``), counting into its own state file, its
+    replies sent through ``smarthost_port``."""
+
+    def __init__(self, setup: str, redis_url: str, workdir: Path, smarthost_port: int) -> None:
         super().__init__(setup, workdir)
         self.state = workdir / f"state-{setup}.json"
         config = workdir / f"crossroads-{setup}.toml"
-        config.write_text(crossroads_toml(setup, redis_url, self.port))
+        config.write_text(crossroads_toml(setup, redis_url, self.port, smarthost_port))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_EMAIL_STATE": str(self.state)}
         self.start_crossroads(setup, config, {"bridge": "mail"}, env)
         self.ready()
@@ -191,8 +266,9 @@ class Crossroads(Receiver):
             time.sleep(0.02)
 
 
-def crossroads_toml(setup: str, redis_url: str, port: int) -> str:
-    """Defaults everywhere (layer capacity 100, 4 worker threads, max_message_size 512 KiB), one domain."""
+def crossroads_toml(setup: str, redis_url: str, port: int, smarthost_port: int) -> str:
+    """Defaults everywhere (layer capacity 100, 4 worker threads, max_message_size 512 KiB), one domain; replies
+    through the recording smarthost, the per-recipient reply limit lifted (the one sender gets every reply)."""
     url = "memory://" if setup == "memory" else redis_url
     return f"""[layer]
 url = "{url}"
@@ -204,6 +280,9 @@ app = "bench.email_consumers:routes"
 type = "email"
 port = {port}
 domains = ["{DOMAIN}"]
+smarthost = "smtp://127.0.0.1:{smarthost_port}"
+reply_rate = 1000000.0
+reply_burst = 1000000
 """
 
 
@@ -282,6 +361,73 @@ def flood(setup: str, receivers: dict[str, Receiver], size: int, count: int, run
             "server_core_busy": sum(cpu.values()) / ((done_ns - sent["start_ns"]) / 1e9)}
 
 
+def reply_latency(receiver: Receiver, smarthost: RecordingSmarthost, run: str, count: int,
+                  warmup: int) -> dict[str, Any]:
+    """``warmup + count`` mails to ``receiver`` one after the other over one connection, each sent once the reply to
+    the one before reached the smarthost; the latencies (ms) of the last ``count``: from the moment the client
+    sends the mail's end (DATA's ``.``; 256 bytes go in one write) to the reply's arrival at the smarthost."""
+    from email_clients import SENDER, mail
+
+    bodies = [mail(run, seq, LATENCY_SIZE, RECIPIENT) + b".\r\n" for seq in range(warmup + count)]
+    latencies: list[float] = []
+    answers: dict[str, int] = {}  # DATA's answers other than 250
+    missing = 0
+    before = receiver.cpu()
+    client = smtplib.SMTP("127.0.0.1", receiver.port, timeout=30)
+    try:
+        client.ehlo("load.client.example")
+        for seq, body in enumerate(bodies):
+            for command, ok in ((lambda: client.mail(SENDER), (250,)), (lambda: client.rcpt(RECIPIENT), (250, 251)),
+                                (lambda: client.docmd("DATA"), (354,))):
+                code, text = command()
+                if code not in ok:
+                    raise BenchError(f"{receiver.label}: answered {code} {text!r} in the reply scenario")
+            start = time.monotonic_ns()
+            client.send(body)
+            code, _ = client.getreply()
+            if code != 250:
+                answers[str(code)] = answers.get(str(code), 0) + 1
+                continue
+            arrived = smarthost.wait(run, seq, REPLY_TIMEOUT)
+            if arrived is None:
+                missing += 1
+            elif seq >= warmup:
+                latencies.append((arrived - start) / 1e6)
+    finally:
+        client.quit()
+    cpu = sum(used - before[name] for name, used in receiver.cpu().items())
+    return {"latencies_ms": latencies, "answers": answers, "missing": missing, "sent": len(bodies),
+            "cpu_us_per_mail": cpu / len(bodies) * 1e6}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile ``q`` (0-100) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))] if ordered else 0.0
+
+
+def latency_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    latencies = [ms for got in rounds for ms in got["latencies_ms"]]
+    answers: dict[str, int] = {}
+    for got in rounds:
+        for code, n in got["answers"].items():
+            answers[code] = answers.get(code, 0) + n
+    return {"count": len(latencies), "p50_ms": percentile(latencies, 50), "p90_ms": percentile(latencies, 90),
+            "p99_ms": percentile(latencies, 99), "max_ms": max(latencies, default=0.0),
+            "mean_ms": sum(latencies) / len(latencies) if latencies else 0.0,
+            "missing": sum(got["missing"] for got in rounds), "answers": answers,
+            "sent": sum(got["sent"] for got in rounds),
+            "cpu_us_per_mail": sorted(got["cpu_us_per_mail"] for got in rounds)[len(rounds) // 2],
+            "latencies_ms": latencies}
+
+
+def show_latency(setup: str, got: dict[str, Any]) -> None:
+    print(f"  reply latency p50 {percentile(got['latencies_ms'], 50):.2f} ms, p99 "
+          f"{percentile(got['latencies_ms'], 99):.2f} ms over {len(got['latencies_ms'])}, {got['missing']} missing, "
+          f"{sum(got['answers'].values())} not 250 (CPU {got['cpu_us_per_mail']:.0f} µs/mail)  {LATENCY_LABELS[setup]}",
+          flush=True)
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median mails/s, with every run's rate, and the answers and losses over all runs beside it."""
     ordered = sorted(runs, key=lambda run: run["mail_per_s"])
@@ -330,10 +476,13 @@ def reading_cost(size: int, repeat: int) -> float:
 
 def measure(config: Config, redis: BenchRedis, workdir: Path) -> dict[str, Any]:
     receivers: dict[str, Receiver] = {}
+    smarthost = replier = None
     try:
+        smarthost = RecordingSmarthost(workdir)
         for setup in SETUPS:
             started = time.monotonic()
-            receivers[setup] = BareServer(workdir) if setup == "bare" else Crossroads(setup, redis.url, workdir)
+            receivers[setup] = (BareServer(workdir) if setup == "bare"
+                                else Crossroads(setup, redis.url, workdir, smarthost.port))
             print(f"{LABELS[setup]}: ready in {time.monotonic() - started:.1f} s", flush=True)
         for setup in SETUPS:  # warm-up: first connections, code paths, allocator
             for size in SIZES:
@@ -350,33 +499,50 @@ def measure(config: Config, redis: BenchRedis, workdir: Path) -> dict[str, Any]:
                     runs[setup].append(got := flood(setup, receivers, size, count, f"s{size}-r{round_}"))
                     show_flood(setup, size, got)
             floods[str(size)] = {setup: median_run(runs[setup]) for setup in SETUPS}
+        replier = BareReplier(workdir, smarthost.port)
+        repliers = {"bare": replier, "redis": receivers["redis"], "memory": receivers["memory"]}
+        print(f"reply latency: {config.replies:,} sequential mails of {size_label(LATENCY_SIZE)} per setup over "
+              f"{config.rounds} interleaved rounds, after {config.reply_warmup} unmeasured", flush=True)
+        latency_runs: dict[str, list[dict[str, Any]]] = {setup: [] for setup in repliers}
+        for round_ in range(config.rounds):
+            share = config.replies // config.rounds + (round_ < config.replies % config.rounds)
+            for setup, receiver in repliers.items():
+                got = reply_latency(receiver, smarthost, f"rt-{setup}-r{round_}", share,
+                                    config.reply_warmup if round_ == 0 else 0)
+                latency_runs[setup].append(got)
+                show_latency(setup, got)
+        latency = {setup: latency_summary(runs) for setup, runs in latency_runs.items()}
         costs = {str(size): reading_cost(size, config.warmup) for size in SIZES}
         logs = {}
-        for setup, receiver in receivers.items():
+        for setup, receiver in [*receivers.items(), ("bare-reply", replier)]:
             receiver.alive()
             logs[setup] = warnings(receiver.text())
-        return {"floods": floods, "reading_cost_us": costs, "log_warnings": logs}
+        return {"floods": floods, "reply_latency": latency, "reading_cost_us": costs, "log_warnings": logs}
     finally:
-        for receiver in receivers.values():
+        for receiver in [*receivers.values(), *([replier] if replier else [])]:
             receiver.stop()
+        if smarthost is not None:
+            smarthost.stop()
 
 
 # -- set-up --
 
 
 def ensure_smtpd_venv() -> str:
-    """``.bench-venvs/aiosmtpd`` with aiosmtpd at ``.venv``'s version (the receivers differ, not the library)."""
-    version = importlib.metadata.version("aiosmtpd")
+    """``.bench-venvs/aiosmtpd`` with aiosmtpd and aiosmtplib at ``.venv``'s versions (the receivers differ, not the
+    libraries: the bare replier sends with the aiosmtplib the bridge sends with)."""
+    wanted = {name: importlib.metadata.version(name) for name in ("aiosmtpd", "aiosmtplib")}
     if SMTPD_PYTHON.exists():
         found = subprocess.run([str(SMTPD_PYTHON), str(CLIENTS), json.dumps({"mode": "versions",
-                                                                             "packages": ["aiosmtpd"]})],
+                                                                             "packages": list(wanted)})],
                                capture_output=True, text=True)
-        if found.returncode == 0 and json.loads(found.stdout.splitlines()[-1]) == {"aiosmtpd": version}:
-            return version
-    print(f"installing aiosmtpd {version} into {SMTPD_VENV.relative_to(ROOT)} ...", flush=True)
+        if found.returncode == 0 and json.loads(found.stdout.splitlines()[-1]) == wanted:
+            return wanted["aiosmtpd"]
+    pins = [f"{name}=={version}" for name, version in wanted.items()]
+    print(f"installing {', '.join(pins)} into {SMTPD_VENV.relative_to(ROOT)} ...", flush=True)
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(SMTPD_VENV)], check=True)
-    subprocess.run([str(SMTPD_PYTHON), "-m", "pip", "install", "-q", f"aiosmtpd=={version}"], check=True)
-    return version
+    subprocess.run([str(SMTPD_PYTHON), "-m", "pip", "install", "-q", *pins], check=True)
+    return wanted["aiosmtpd"]
 
 
 def machine(redis: BenchRedis, aiosmtpd: str) -> dict[str, Any]:
@@ -391,8 +557,8 @@ def machine(redis: BenchRedis, aiosmtpd: str) -> dict[str, Any]:
         "redis_server": redis.version,
         "pinned": bool(cpu_pin(0)),
         "aiosmtpd": aiosmtpd,
-        "crossroads_venv": {name: importlib.metadata.version(name) for name in ("aiosmtpd", "Twisted", "redis",
-                                                                                "hiredis", "msgpack")},
+        "crossroads_venv": {name: importlib.metadata.version(name) for name in ("aiosmtpd", "aiosmtplib", "Twisted",
+                                                                                "redis", "hiredis", "msgpack")},
         # Other engineers share this machine: its load before we start says how quiet it was.
         "load_before": os.getloadavg(),
         "commit": (commit.stdout.strip() or "no commit yet")
@@ -444,6 +610,19 @@ def flood_table(results: dict[str, Any], size: int) -> str:
     return "\n".join(lines)
 
 
+def latency_table(results: dict[str, Any]) -> str:
+    rows = results["reply_latency"]
+    bare = rows["bare"]["p50_ms"]
+    lines = ["| setup | p50 ms | p90 ms | p99 ms | max ms | mean ms | p50 × bare | replies timed | missing / not 250 | "
+             "receiver CPU µs per mail and reply |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for setup, row in rows.items():
+        lines.append(f"| {LATENCY_LABELS[setup]} | {row['p50_ms']:.2f} | {row['p90_ms']:.2f} | {row['p99_ms']:.2f} | "
+                     f"{row['max_ms']:.2f} | {row['mean_ms']:.2f} | {ratio(row['p50_ms'], bare)} | {row['count']:,} | "
+                     f"{row['missing']:,} / {sum(row['answers'].values()):,} | {row['cpu_us_per_mail']:,.0f} |")
+    return "\n".join(lines)
+
+
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     found = []
     for size in SIZES:
@@ -459,6 +638,14 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         found.append((f"{setup}://: every mail answered 250 reaches the consumer, once",
                       f"{lost:,} lost, {twice:,} twice, {extra:,} not answered 250 of {accepted:,} accepted",
                       lost == twice == extra == 0))
+    if "reply_latency" in results:
+        bare = results["reply_latency"]["bare"]
+        for setup in ("redis", "memory"):
+            row = results["reply_latency"][setup]
+            found.append((f"{setup}://: DATA-to-reply latency at the smarthost, p50/p99, recorded (bare handler "
+                          f"{bare['p50_ms']:.2f}/{bare['p99_ms']:.2f} ms)",
+                          f"{row['p50_ms']:.2f} / {row['p99_ms']:.2f} ms over {row['count']:,} replies, "
+                          f"{row['missing']} missing", row["count"] > 0 and row["missing"] == 0))
     return found
 
 
@@ -466,7 +653,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
     """Left: mails/s per receiver and size. Right: CPU per mail, stacked per process."""
     plt, ticker = pyplot()
     colors = {"bare": "#7f7f7f", "redis": "#6baed6", "memory": "#1f77b4"}
-    fig, (rate_ax, cpu_ax) = plt.subplots(1, 2, figsize=(14, 6))
+    latency = results.get("reply_latency")
+    fig, axes = plt.subplots(1, 3 if latency else 2, figsize=(20 if latency else 14, 6))
+    rate_ax, cpu_ax = axes[0], axes[1]
     width = 0.27
     xs = range(len(SIZES))
     for i, setup in enumerate(SETUPS):
@@ -500,6 +689,22 @@ def chart(results: dict[str, Any], path: Path) -> None:
     cpu_ax.set_ylabel("CPU µs per mail accepted")
     cpu_ax.set_title("Receiver CPU per mail, per process (lower is better)", fontsize=10)
     cpu_ax.legend(fontsize=8, loc="upper left")
+    if latency:
+        lat_ax = axes[2]
+        setups = list(latency)
+        for i, (key, name) in enumerate((("p50_ms", "p50"), ("p99_ms", "p99"))):
+            values = [latency[setup][key] for setup in setups]
+            bars = lat_ax.bar([x + (i - 0.5) * 0.4 for x in range(len(setups))], values, 0.4,
+                              color=[colors[setup] for setup in setups], edgecolor="black",
+                              hatch="//" if i else None, label=name)
+            lat_ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=8, padding=2)
+        lat_ax.set_xticks(range(len(setups)), [LATENCY_LABELS[setup].split(",")[0].replace("bare aiosmtpd handler",
+                                                                                            "bare handler")
+                                               for setup in setups], fontsize=8)
+        lat_ax.set_ylabel("ms, end of DATA to the reply at the smarthost")
+        lat_ax.set_title("Reply latency, sequential 256 B mails: p50 (plain), p99 (hatched); lower is better",
+                         fontsize=10)
+        lat_ax.set_ylim(top=lat_ax.get_ylim()[1] * 1.12)
     fig.suptitle("crossroads email bridge vs a bare aiosmtpd server (2 cores: receivers on one, load on the other)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -615,6 +820,26 @@ def document(results: dict[str, Any]) -> str:
                "redis-server is not pinned. So each receiver gets one core, whatever its number of processes: "
                "crossroads' two redis:// processes share it."
                if m["pinned"] else "Processes are not pinned (no taskset, or a single core).")
+    latency_method = (
+        f"{cfg['replies']:,} mails of {size_label(LATENCY_SIZE)} per setup, one after the other over one SMTP "
+        f"connection from the benchmark's own process (on core {LOAD_CORE}), each sent once the reply to the one "
+        f"before has arrived, in {cfg['rounds']} rounds interleaved setup by setup, after {cfg['reply_warmup']} "
+        "unmeasured. The latency runs from the moment the client writes the mail's end (DATA's `.`: the 256 bytes "
+        "go in one write) to the moment the reply's DATA is in at a recording smarthost: a bare aiosmtpd process on "
+        f"core {LOAD_CORE} timing each mail first thing in its `handle_DATA` (one clock, `time.monotonic_ns()`, for "
+        "every process). crossroads: the same receivers as above, with `smarthost` set to it; a consumer answers "
+        "each mail on `message.reply_channel` with one line of text (`bench/email_consumers.py`), the bridge builds "
+        "the reply (`In-Reply-To`, `References`, a Message-ID of its own) and sends it with aiosmtplib. **The "
+        "per-recipient reply limit is lifted** (`reply_rate = 1000000.0`, `reply_burst = 1000000`): every reply "
+        "goes to the benchmark's one sender, and the defaults (5 at once, then one a minute) would drop all but "
+        "the first 5 (`rate_limited`): this measures the latency, not the limiter. Bare row: aiosmtpd with a "
+        "hand-written `handle_DATA` that parses the mail (`policy.default`), answers 250 and sends the reply itself "
+        f"with `aiosmtplib.send` (aiosmtplib {m['crossroads_venv'].get('aiosmtplib', '?')}, as the bridge's) in a "
+        f"task, on core {SERVER_CORE}. A reply not at the smarthost {REPLY_TIMEOUT:g} s after its 250 counts as "
+        "missing."
+        if "reply_latency" in results else "not measured in this run.")
+    latency_section = (f"### Reply latency, {size_label(LATENCY_SIZE)} mails, {cfg['replies']:,} per setup\n\n"
+                       f"{latency_table(results)}" if "reply_latency" in results else "")
     tables = "\n\n".join(f"### {size_label(size)} mails, {cfg['counts'][str(size)]:,} per round\n\n"
                          f"{flood_table(results, size)}" for size in SIZES)
     return f"""## Email (SMTP inbound)
@@ -656,13 +881,11 @@ average {m['load_before'][0]:.2f} when this run started).
 - **CPU per mail**: each receiver process's user + system time over the round (from /proc; for crossroads until
   the last mail is consumed) ÷ mails accepted; redis-server excluded. The clients' CPU per mail and how busy their
   core was say whether the load, not the receiver, set the pace.
-- **DATA-to-reply latency (issue 12): not measured yet.** It is the time from the end of DATA to the consumer's
-  reply arriving at the smarthost, p50/p99. The bridge does not send replies yet (no smarthost client: a reply is
-  counted in `replies_not_sent` and dropped), so there is nothing to time; this benchmark measures it once the
-  smarthost lands: a consumer answering on `message.reply_channel`, and a recording aiosmtpd smarthost
-  (`bench/email_clients.py`) timing each reply's arrival.
+- **DATA-to-reply latency** (issue 12): {latency_method}
 
 {tables}
+
+{latency_section}
 
 ![Email benchmark]({rel(CHART, DOC.parent)})
 
@@ -684,6 +907,9 @@ def print_report(results: dict[str, Any]) -> None:
     for size in SIZES:
         print()
         print(flood_table(results, size))
+    if "reply_latency" in results:
+        print()
+        print(latency_table(results))
     print()
     print(targets_markdown(targets(results)))
     print()
