@@ -18,7 +18,9 @@ Timestamps are ``time.monotonic_ns()``, one clock for every process on Linux.
 The reply-latency scenario (from the end of DATA to the reply arriving at the smarthost) adds two:
 
 - ``smarthost``: the recording smarthost, a bare aiosmtpd server that takes every mail and prints, the moment
-  its DATA is in, ``{"run", "seq", "ns"}`` read from the reply's Subject (``Re: <run> <seq>``);
+  its DATA is in, ``{"run", "seq", "ns", "ehlo_ns"}``: the run and sequence number from the reply's Subject
+  (``Re: <run> <seq>``), when its DATA was in and when its session's EHLO came (the sender's SMTP session
+  with the smarthost, from its greeting to the end of the mail, is ``ns - ehlo_ns`` and a bit);
 - ``replier``: the hand-written competitor: aiosmtpd's ``SMTP`` whose ``handle_DATA`` parses the mail
   (``policy.default``), answers ``250 OK`` and sends the reply itself with ``aiosmtplib.send`` (one connection
   per reply, as that call does; a task, so the 250 does not wait on the smarthost).
@@ -157,10 +159,18 @@ def smarthost(spec: dict[str, Any]) -> dict[str, Any]:
     subject = re.compile(rb"^Subject: (?:Re: )?(\S+) (\d+)\r?$", re.MULTILINE | re.IGNORECASE)
 
     class Handler:
+        async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,  # noqa: N802
+                              responses: list[str]) -> list[str]:
+            session.host_name = hostname
+            session.ehlo_ns = time.monotonic_ns()
+            return responses
+
         async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's)
             now = time.monotonic_ns()
             found = subject.search(envelope.original_content or envelope.content)
-            emit({"run": found[1].decode(), "seq": int(found[2]), "ns": now} if found else {"unknown": True, "ns": now})
+            ehlo = getattr(session, "ehlo_ns", None)
+            emit({"run": found[1].decode(), "seq": int(found[2]), "ns": now, "ehlo_ns": ehlo} if found
+                 else {"unknown": True, "ns": now})
             return "250 OK"
 
     async def main() -> None:
