@@ -15,8 +15,15 @@ lost mail from one delivered twice. ``send`` prints ``{"ready": true}`` once con
 for a line on stdin (the harness starts every client at once), then prints its result as a JSON line.
 Timestamps are ``time.monotonic_ns()``, one clock for every process on Linux.
 
-A "reply latency" scenario (DATA to the consumer's reply at the smarthost) would add a ``smarthost`` mode here:
-the same bare server, recording when each reply arrives, by its ``In-Reply-To``.
+The reply-latency scenario (from the end of DATA to the reply arriving at the smarthost) adds two:
+
+- ``smarthost``: the recording smarthost, a bare aiosmtpd server that takes every mail and prints, the moment
+  its DATA is in, ``{"run", "seq", "ns", "ehlo_ns"}``: the run and sequence number from the reply's Subject
+  (``Re: <run> <seq>``), when its DATA was in and when its session's EHLO came (the sender's SMTP session
+  with the smarthost, from its greeting to the end of the mail, is ``ns - ehlo_ns`` and a bit);
+- ``replier``: the hand-written competitor: aiosmtpd's ``SMTP`` whose ``handle_DATA`` parses the mail
+  (``policy.default``), answers ``250 OK`` and sends the reply itself with ``aiosmtplib.send`` (one connection
+  per reply, as that call does; a task, so the 250 does not wait on the smarthost).
 """
 
 from __future__ import annotations
@@ -142,13 +149,97 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
     return {"stopped": True}
 
 
+def smarthost(spec: dict[str, Any]) -> dict[str, Any]:
+    """The recording smarthost, until SIGTERM: one line per mail taken, timed first thing in ``handle_DATA``."""
+    import asyncio
+    import re
+
+    from aiosmtpd.smtp import SMTP
+
+    subject = re.compile(rb"^Subject: (?:Re: )?(\S+) (\d+)\r?$", re.MULTILINE | re.IGNORECASE)
+
+    class Handler:
+        async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,  # noqa: N802
+                              responses: list[str]) -> list[str]:
+            session.host_name = hostname
+            session.ehlo_ns = time.monotonic_ns()
+            return responses
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's)
+            now = time.monotonic_ns()
+            found = subject.search(envelope.original_content or envelope.content)
+            ehlo = getattr(session, "ehlo_ns", None)
+            emit({"run": found[1].decode(), "seq": int(found[2]), "ns": now, "ehlo_ns": ehlo} if found
+                 else {"unknown": True, "ns": now})
+            return "250 OK"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        handler = Handler()
+        server = await loop.create_server(lambda: SMTP(handler, hostname="smarthost.bench.example", loop=loop),
+                                          spec["host"], spec["port"])
+        emit({"ready": True})
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+    return {"stopped": True}
+
+
+def replier(spec: dict[str, Any]) -> dict[str, Any]:
+    """The bare replying receiver, until SIGTERM: what a hand-written aiosmtpd + aiosmtplib program does."""
+    import asyncio
+    from email import policy
+    from email.message import EmailMessage
+    from email.parser import BytesParser
+    from email.utils import make_msgid
+
+    import aiosmtplib
+    from aiosmtpd.smtp import SMTP
+
+    sending: set[asyncio.Task] = set()
+    parser = BytesParser(policy=policy.default)
+
+    async def send_reply(reply: EmailMessage) -> None:
+        try:
+            await aiosmtplib.send(reply, hostname=spec["smarthost_host"], port=spec["smarthost_port"])
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            print(f"bench replier ERROR reply not sent: {exc}", file=sys.stderr, flush=True)
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's)
+            mail = parser.parsebytes(envelope.original_content or envelope.content)
+            reply = EmailMessage()
+            reply["From"], reply["To"] = envelope.rcpt_tos[0], mail["Reply-To"] or mail["From"]
+            reply["Subject"] = f"Re: {mail['Subject']}"
+            reply["Message-ID"] = make_msgid(domain=envelope.rcpt_tos[0].rpartition("@")[2])
+            reply["In-Reply-To"] = reply["References"] = mail["Message-ID"]
+            reply.set_content(f"Re {mail['Subject']}\n")
+            task = asyncio.create_task(send_reply(reply))
+            sending.add(task)
+            task.add_done_callback(sending.discard)
+            return "250 OK"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        handler = Handler()
+        server = await loop.create_server(lambda: SMTP(handler, hostname="replier.bench.example", loop=loop),
+                                          spec["host"], spec["port"])
+        emit({"ready": True})
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+    return {"stopped": True}
+
+
 def versions(spec: dict[str, Any]) -> dict[str, Any]:
     from importlib.metadata import version
 
     return {name: version(name) for name in spec["packages"]}
 
 
-MODES = {"send": send, "serve": serve, "versions": versions}
+MODES = {"send": send, "serve": serve, "smarthost": smarthost, "replier": replier, "versions": versions}
 
 if __name__ == "__main__":
     given = json.loads(sys.argv[1])

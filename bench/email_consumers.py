@@ -7,8 +7,9 @@ root on ``PYTHONPATH``, so ``bench`` imports as a package). The load and the bar
 - ``email.receive`` with a Subject ``<run> <seq>``: count per run (mails, distinct sequence numbers, first and
   last arrival), so every run has its own counters and a mail delivered twice shows.
 
-A "reply latency" scenario would route its own subjects (``rt <seq>``, say) to a consumer answering on
-``message.reply_channel``, the bridge sending that reply through a recording smarthost (once it can).
+- ``email.receive`` with a Subject ``rt-<...> <seq>`` (the reply-latency scenario): answered at once on
+  ``message.reply_channel`` with one line of text; the bridge sends the reply through the smarthost, where the
+  harness times its arrival. Nothing is counted here.
 
 Reporting: a daemon thread writes the counters as JSON to the file named by ``BENCH_EMAIL_STATE`` (atomically:
 a temporary file, then a rename) whenever they changed, at most every 50 ms. The harness reads that file
@@ -72,6 +73,11 @@ def _writer(path: str) -> None:
 if STATE_PATH:  # only where the harness asked for it: importing the routing table elsewhere starts nothing
     threading.Thread(target=_writer, args=(STATE_PATH,), name="bench-email-state", daemon=True).start()
 
+def answer(message) -> None:
+    message.reply_channel.send({"text": f"Re {message['subject']}\n"})
+
+
 routes = [
+    route("email.receive", answer, subject=r"^rt-\S* \d+$"),  # first: the route that matches first wins
     route("email.receive", count, subject=r"^\S+ \d+$"),
 ]

@@ -457,6 +457,30 @@ def test_mime_bombs_are_refused_and_the_bridge_keeps_serving(run):
     assert counters["bad_input"] == 3 and counters["errors"] == 0
 
 
+def test_a_mail_with_too_many_addresses_is_refused_and_the_bridge_keeps_serving(run):
+    # ~22 KiB, folded (SMTP lines end at 1,000 bytes): over the 16 KiB default
+    cc = ",\r\n ".join(f'"Member {n}" <member{n}@example.org>' for n in range(600))
+    crowded = mail(subject="crowded").replace(b"Subject: crowded", b"Cc: " + cc.encode() + b"\r\nSubject: crowded")
+
+    def refusal(bridge, raw):
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            send(bridge, raw)
+        return refused.value.smtp_code, refused.value.smtp_error
+
+    async def scenario():
+        async with serving() as bridge:
+            answer = await in_thread(refusal, bridge, crowded)
+            await in_thread(send, bridge, mail(subject="after the crowd"))
+            message = await take(bridge.layer, "email.receive")
+            await nothing_more(bridge.layer)
+            return bridge, answer, message
+
+    bridge, answer, message = run(scenario())
+    assert answer[0] == 552 and answer[1].startswith(b"5.3.4 address headers too large: more than 16384 bytes")
+    assert message["subject"] == "after the crowd"
+    assert bridge.counters["address_headers_too_large"] == 1 and bridge.counters["bad_input"] == 1
+
+
 def test_syntax_errors_are_answered_counted_and_the_session_goes_on(run):
     def session(bridge):
         with client(bridge) as smtp:

@@ -345,23 +345,27 @@ def test_a_mime_bomb_is_set_aside_and_the_next_mail_delivered(run, dovecot, cert
             + b"".join(f"--b{n}\r\nContent-Type: multipart/mixed; boundary=b{n + 1}\r\n\r\n".encode()
                        for n in range(1000)) + b"--b1000--\r\n")
     big = mail(subject="big", text=("x" * 70 + "\n") * 8000)  # 568 KB: over max_message_size, never fetched
+    cc = ",\r\n ".join(f'"Member {n}" <member{n}@example.org>' for n in range(600))  # over max_address_header_bytes
+    crowded = b"Cc: " + cc.encode() + b"\r\nSubject: crowded\r\n\r\nhi\r\n"
 
     async def scenario():
         bomb = await in_thread(other.append, deep)
         oversized = await in_thread(other.append, big)
+        crowd = await in_thread(other.append, crowded)
         fine = await in_thread(other.append, mail(subject="after the bomb"))
         async with reading(options(dovecot, certs)) as bridge:
             message = await take(bridge.layer, "email.receive")
             await flags_become(other, fine, {"\\Seen"})
             await nothing_more(bridge.layer)
         flags = await in_thread(other.flags)
-        return bridge, message, flags[bomb], flags[oversized]
+        return bridge, message, flags[bomb], flags[oversized], flags[crowd]
 
-    bridge, message, bomb_flags, big_flags = run(scenario())
+    bridge, message, bomb_flags, big_flags, crowd_flags = run(scenario())
     assert message["subject"] == "after the bomb"
-    assert bomb_flags == big_flags == {"\\Seen", "\\Flagged"}  # set aside: not read again, easy to find
+    assert bomb_flags == big_flags == crowd_flags == {"\\Seen", "\\Flagged"}  # set aside: not read again
     counters = bridge.counters
-    assert counters["imap_set_aside"] == 2 and counters["too_deep"] == 1 and counters["oversized"] == 1
+    assert counters["imap_set_aside"] == 3 and counters["too_deep"] == 1 and counters["oversized"] == 1
+    assert counters["address_headers_too_large"] == 1
     assert counters["imap_delivered"] == 1 and counters["errors"] == 0
 
 

@@ -511,6 +511,63 @@ def test_an_oversized_mail_is_refused_on_its_size():
     assert refused.value.smtp_reply.startswith("552 5.3.4 message too big") and refused.value.counter == "oversized"
 
 
+def address_list(size: int) -> str:
+    """Quoted names, as a mailing list's Cc has them: the slow path of the stdlib's address parser."""
+    addresses, n = [], 0
+    while len(", ".join(addresses)) < size:
+        addresses.append(f'"Member {n}" <member{n}@example.org>')
+        n += 1
+    return ", ".join(addresses)[:size].rstrip(", ")
+
+
+def refused_unparsed(monkeypatch, raw: bytes, limits: m.Limits) -> m.MailRefused:
+    """The refusal ``read_mail`` raises for ``raw``, checked to come before any address was parsed."""
+    from email import headerregistry
+
+    parsed = []
+    real_parse = headerregistry.AddressHeader.parse.__func__
+
+    def counting_parse(cls, value, kwds):
+        parsed.append(value)
+        return real_parse(cls, value, kwds)
+
+    monkeypatch.setattr(headerregistry.AddressHeader, "parse", classmethod(counting_parse))
+    with pytest.raises(m.MailRefused) as refused:
+        m.read_mail(raw, limits)
+    assert parsed == []  # refused from the raw headers: what the cap saves is the parser's CPU
+    return refused.value
+
+
+def test_a_mail_over_the_address_header_cap_is_refused_before_its_addresses_are_read(monkeypatch):
+    raw = crlf(f"From: Ann <ann@example.org>\nTo: lobby@chat.example\nCc: {address_list(40_000)}\n"
+               "Subject: everyone\n\nhi\n")
+    refusal = refused_unparsed(monkeypatch, raw, LIMITS)
+    assert refusal.smtp_reply.startswith("552 5.3.4 address headers too large: more than 16384 bytes")
+    assert refusal.counter == "address_headers_too_large"
+
+
+def test_the_address_header_cap_counts_every_header_of_every_part(monkeypatch):
+    # each header well under the cap (and each header block under max_header_bytes), 64 KiB of them in all
+    cc = address_list(4000)
+    parts = "".join(f"--x\nContent-Type: message/rfc822\n\nFrom: a@b.example\nTo: {cc}\nCc: {cc}\n\nhi\n"
+                    for _ in range(8))
+    raw = crlf(f"From: a@b.example\nContent-Type: multipart/mixed; boundary=x\n\n{parts}--x--\n")
+    refusal = refused_unparsed(monkeypatch, raw, LIMITS)
+    assert refusal.counter == "address_headers_too_large" and refusal.code == 552
+
+
+def test_address_headers_up_to_the_cap_are_read():
+    cc = address_list(8000)
+    raw = crlf(f"From: Ann <ann@example.org>\nTo: {cc}\nCc: {cc}\nSubject: s\n\nhi\n")
+    assert len(cc) * 2 <= LIMITS.max_address_header_bytes
+    mail = m.read_mail(raw, LIMITS)
+    assert len(m.addresses_of(str(mail["cc"]))) == cc.count("@")
+    with pytest.raises(m.MailRefused):  # the cap is the option's: a lower one refuses the same mail
+        m.read_mail(raw, m.Limits(max_address_header_bytes=len(cc) * 2 - 1))
+    # other headers do not count: 30 KiB of Subject is within max_header_bytes and has no address to parse
+    assert m.read_mail(crlf(f"From: a@b.example\nSubject: {'s' * 30_000}\n\nhi\n"), LIMITS)["from"] == "a@b.example"
+
+
 def test_dashes_in_a_body_are_not_parts():
     raw = crlf("From: a@b\nContent-Type: text/plain\n\n" + "--x\n-- \n--\n" * 5000)
     assert m.read_mail(raw, BIG).get_content_type() == "text/plain"

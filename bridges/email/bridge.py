@@ -230,6 +230,9 @@ class EmailBridge(ListeningBridge):
                                    _message_size, from_string=True),
         "max_header_bytes": Option(int, 65536, "the largest header block of the mail or of a part", positive,
                                    from_string=True),
+        "max_address_header_bytes": Option(int, 16384, "bytes of address headers (From, To, Cc, Reply-To, ...) in one "
+                                                        "mail, its parts included; more is refused 552", positive,
+                                           from_string=True),
         "max_parts": Option(int, 100, "MIME parts, containers and the mail included", positive, from_string=True),
         "max_depth": Option(int, 20, "nesting of multipart and message/* parts", positive, from_string=True),
         "max_attachment_content": Option(int, 65536, "attachments up to this size carry their bytes",
@@ -255,7 +258,8 @@ class EmailBridge(ListeningBridge):
         self.hostname = (options["hostname"] or options["authserv_id"] or next(iter(options["domains"]), "")
                          or "localhost")  # never socket.getfqdn(): a DNS lookup on the loop
         self.limits = m.Limits(options["max_message_size"], options["max_header_bytes"], options["max_parts"],
-                               options["max_depth"], options["max_attachment_content"])
+                               options["max_depth"], options["max_attachment_content"],
+                               options["max_address_header_bytes"])
         self.own_addresses = sorted(self.recipients)
         self.tls_context = None
         self.threads = m.ThreadMemory(options["threads"])
