@@ -46,7 +46,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/worker.py
 	$(BIN)/python bench/web.py
 	$(BIN)/python bench/mqtt.py
-	$(BIN)/python bench/email.py
+	$(BIN)/python bench/mail.py
 	$(BIN)/python bench/slack.py
 	$(BIN)/python bench/chat.py
 

@@ -1,4 +1,4 @@
-"""The plain sides of ``bench/email.py``: the SMTP load (stdlib smtplib) and the competitor, a bare aiosmtpd server.
+"""The plain sides of ``bench/mail.py``: the SMTP load (stdlib smtplib) and the competitor, a bare aiosmtpd server.
 
 Owns these modes, run as ``python bench/email_clients.py '<json spec>'`` with the ``.bench-venvs/aiosmtpd``
 interpreter (aiosmtpd alone, at ``.venv``'s version, so the bare server and the bridge speak SMTP with the same
@@ -28,20 +28,11 @@ The reply-latency scenario (from the end of DATA to the reply arriving at the sm
 
 from __future__ import annotations
 
-import os
+import json
+import smtplib
 import sys
-
-# Run as a script, this folder comes first on sys.path, and bench/email.py would shadow the standard library's
-# ``email`` (smtplib and aiosmtpd import it): take the folder off, nothing here imports from it. (Imported by
-# bench/email.py, which did the same for itself, sys.path is left alone.)
-if __name__ == "__main__":
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
-import json  # noqa: E402
-import smtplib  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import time
+from typing import Any
 
 SENDER = "load@client.example"
 LINE = 76  # body line length: under SMTP's 998 and the 78 of RFC 5322's advice

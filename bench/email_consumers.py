@@ -1,4 +1,4 @@
-"""crossroads' side of ``bench/email.py``: the consumer behind the email bridge, and how it reports.
+"""crossroads' side of ``bench/mail.py``: the consumer behind the email bridge, and how it reports.
 
 Routed from the generated config as ``bench.email_consumers:routes`` (the daemons run with the repository
 root on ``PYTHONPATH``, so ``bench`` imports as a package). The load and the bare server are

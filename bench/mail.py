@@ -32,42 +32,34 @@ Scenarios:
   configured with ``smarthost`` and its per-recipient reply limit lifted (``reply_rate``/``reply_burst``: every
   reply goes to the benchmark's one sender, and the defaults would hold back all but 5 a minute).
 
-Usage: ``.venv/bin/python bench/email.py [--quick | --report]``; ``--quick`` is a smoke run that writes nothing,
+Usage: ``.venv/bin/python bench/mail.py [--quick | --report]``; ``--quick`` is a smoke run that writes nothing,
 ``--report`` rewrites the doc section and the plot from the last full run's JSON without measuring.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import os
+import platform
+import queue
+import smtplib
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-
-# This file is named email.py, and Python puts its folder first on sys.path: ``import email`` (the standard
-# library's, imported by redis, smtplib, http...) would find this file. Its folder goes last instead, where the
-# helpers (_processes, _sections, ...) are still found.
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(_HERE)] + [_HERE]
-
-import argparse  # noqa: E402
-import importlib.metadata  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import queue  # noqa: E402
-import smtplib  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench package; bench/ stays for the helpers
 sys.path.append(str(ROOT / "tests"))  # tests/servers.py: the server launchers the tests and benchmarks share
 
 from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
-from _sections import pyplot, save_run, targets_markdown  # noqa: E402
+from _sections import bench_main, print_blocks, pyplot, targets_markdown  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
 from servers import free_port  # noqa: E402
 
@@ -942,7 +934,7 @@ answers `250 OK` and does nothing else. Both get the same mails from the same 4 
 consumer counts `email.receive` by its Subject (`bench/email_consumers.py`); the clients and the bare server:
 `bench/email_clients.py`.
 
-Reproduce with `.venv/bin/python bench/email.py` (took {results['seconds'] / 60:.1f} min; `--quick` is a smoke run
+Reproduce with `.venv/bin/python bench/mail.py` (took {results['seconds'] / 60:.1f} min; `--quick` is a smoke run
 that writes nothing, `--report` redraws from the JSON). It starts its own redis-server and every SMTP server on a
 free port, and installs aiosmtpd {m['aiosmtpd']} into `.bench-venvs/aiosmtpd` for the bare server and the load.
 Raw figures: [`bench/results/email.json`]({rel(RESULTS, DOC.parent)}).
@@ -997,41 +989,15 @@ average {m['load_before'][0]:.2f} when this run started).
 
 
 def print_report(results: dict[str, Any]) -> None:
-    for size in SIZES:
-        print()
-        print(flood_table(results, size))
-    if "reply_latency" in results:
-        print()
-        print(latency_table(results))
-        print()
-        print(latency_reading(results))
-    print()
-    print(targets_markdown(targets(results)))
-    print()
-    print(reading(results))
-    print()
-    print(problems(results))
+    latency = [latency_table(results), latency_reading(results)] if "reply_latency" in results else []
+    print_blocks(*(flood_table(results, size) for size in SIZES), *latency, targets_markdown(targets(results)),
+                 reading(results), problems(results))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a short smoke run that writes no file")
-    parser.add_argument("--report", action="store_true",
-                        help="measure nothing: rewrite the doc section and the plot from bench/results/email.json")
-    args = parser.parse_args(argv)
-    if args.report:
-        save_run("email", json.loads(RESULTS.read_text()), doc=DOC, chart_path=CHART, chart=chart,
-                 document=document, results_path=None)
-        return 0
-    results = timed_run(run_all, Config.make(args.quick))
-    if results is None:
-        return 1
-    print_report(results)
-    print(f"\ntook {results['seconds']} s")
-    if not args.quick:
-        save_run("email", results, doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS)
-    return 0
-
+    return bench_main("email", argv, description=__doc__.split("\n\n")[0],
+                      run=lambda config: timed_run(run_all, config), config=Config.make, report=print_report,
+                      doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS)
 
 if __name__ == "__main__":
     sys.exit(main())
