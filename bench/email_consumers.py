@@ -11,67 +11,24 @@ root on ``PYTHONPATH``, so ``bench`` imports as a package). The load and the bar
   ``message.reply_channel`` with one line of text; the bridge sends the reply through the smarthost, where the
   harness times its arrival. Nothing is counted here.
 
-Reporting: a daemon thread writes the counters as JSON to the file named by ``BENCH_EMAIL_STATE`` (atomically:
-a temporary file, then a rename) whenever they changed, at most every 50 ms. The harness reads that file
-with a deadline; nothing rides on the layer or SMTP, which are what is being measured. Counting costs a lock
-and a set insert per mail.
+Reporting: ``bench/_arrivals.py`` writes the counters to the file named by ``BENCH_EMAIL_STATE``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-import time
-from typing import Any
 
+from bench._arrivals import Arrivals
 from crossroads import route
 
-STATE_PATH = os.environ.get("BENCH_EMAIL_STATE")
-WRITE_EVERY = 0.05
-
-_lock = threading.Lock()
-_counts: dict[str, dict[str, Any]] = {}
-_seen: dict[str, set[int]] = {}
-_version = 0
+arrivals = Arrivals()
+arrivals.report_to(os.environ.get("BENCH_EMAIL_STATE"), "bench-email-state")
 
 
 def count(message) -> None:
-    now = time.monotonic_ns()
     run, _, seq = message["subject"].rpartition(" ")
-    global _version
-    with _lock:  # the worker runs 4 consumer threads by default
-        counters = _counts.get(run)
-        if counters is None:
-            counters = _counts[run] = {"received": 0, "first_ns": now, "last_ns": now}
-            _seen[run] = set()
-        counters["received"] += 1
-        counters["last_ns"] = now
-        _seen[run].add(int(seq))
-        _version += 1
+    arrivals.count(run, int(seq))
 
-
-def snapshot() -> dict[str, Any]:
-    with _lock:
-        return {run: {**c, "distinct": len(_seen[run])} for run, c in _counts.items()}
-
-
-def _writer(path: str) -> None:
-    written = 0
-    while True:
-        time.sleep(WRITE_EVERY)
-        if _version == written:
-            continue
-        written = _version
-        state = snapshot()
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w") as out:
-            json.dump(state, out)
-        os.replace(temporary, path)
-
-
-if STATE_PATH:  # only where the harness asked for it: importing the routing table elsewhere starts nothing
-    threading.Thread(target=_writer, args=(STATE_PATH,), name="bench-email-state", daemon=True).start()
 
 def answer(message) -> None:
     message.reply_channel.send({"text": f"Re {message['subject']}\n"})

@@ -279,6 +279,26 @@ def ensure_channels_redis() -> None:
                    check=True)
 
 
+def machine_facts(redis_server: Any, measured: list[str], packages: tuple[str, ...], **own: Any) -> dict[str, Any]:
+    """What a benchmark records of the machine and the code it measured: cores, CPU, Python, redis-server, whether
+    pinning works, the crossroads venv's ``packages``, the load before the run (other engineers share the machine),
+    and the commit, with a note when the ``measured`` paths had uncommitted changes; ``own`` adds the benchmark's."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", *measured], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "redis_server": redis_server.version,
+        "pinned": bool(cpu_pin(0)),
+        **own,
+        "crossroads_venv": {name: importlib.metadata.version(name) for name in packages},
+        "load_before": os.getloadavg(),
+        "commit": (commit.stdout.strip() or "no commit yet")
+        + (f" + uncommitted changes in {', '.join(measured)}" if dirty.stdout.strip() else ""),
+    }
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, or "unknown"."""
     with contextlib.suppress(OSError):

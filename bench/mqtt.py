@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from _sections import bench_main, print_blocks, pyplot, targets_markdown  # noqa
 from _worker_load import process_cpu  # noqa: E402
 from servers import MosquittoServer  # noqa: E402
 
-from bench.layer import BenchError, BenchRedis, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
+from bench.layer import BenchError, BenchRedis, cpu_pin, latency_summary, machine_facts, timed_run  # noqa: E402
 from bench.web import warnings  # noqa: E402
 
 CLIENTS = ROOT / "bench" / "mqtt_clients.py"
@@ -363,24 +362,9 @@ def ensure_paho_venv() -> str:
 
 
 def machine(redis: BenchRedis, paho: str) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     measured = ["bridges/base.py", "bridges/inlet.py", "bridges/health.py", "bridges/reconnect.py", "bridges/mqtt",
                 "layer", "consumers", "crossroads"]
-    dirty = subprocess.run(["git", "status", "--porcelain", *measured], cwd=ROOT, capture_output=True, text=True)
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "redis_server": redis.version,
-        "pinned": bool(cpu_pin(0)),
-        "paho": paho,
-        "crossroads_venv": {name: importlib.metadata.version(name) for name in ("paho-mqtt", "Twisted", "redis",
-                                                                                "hiredis", "msgpack")},
-        # Other engineers share this machine: its load before we start says how quiet it was.
-        "load_before": os.getloadavg(),
-        "commit": (commit.stdout.strip() or "no commit yet")
-        + (f" + uncommitted changes in {', '.join(measured)}" if dirty.stdout.strip() else ""),
-    }
+    return machine_facts(redis, measured, ("paho-mqtt", "Twisted", "redis", "hiredis", "msgpack"), paho=paho)
 
 
 def run_all(config: Config) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import queue
 import re
 import subprocess
@@ -47,7 +46,7 @@ from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
 from _sections import bench_main, print_blocks, pyplot, targets_markdown  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
 
-from bench.layer import BenchError, BenchRedis, cpu_model, cpu_pin, latency_summary, timed_run  # noqa: E402
+from bench.layer import BenchError, BenchRedis, cpu_pin, latency_summary, machine_facts, timed_run  # noqa: E402
 from bench.web import warnings  # noqa: E402
 
 PEER = ROOT / "bench" / "slack_peer.py"
@@ -399,23 +398,9 @@ def ensure_slack_venv() -> dict[str, str]:
 
 
 def machine(redis: BenchRedis, sdk: dict[str, str]) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     measured = ["bridges/base.py", "bridges/inlet.py", "bridges/slack", "layer", "consumers", "crossroads"]
-    dirty = subprocess.run(["git", "status", "--porcelain", *measured], cwd=ROOT, capture_output=True, text=True)
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu_model(),
-        "python": platform.python_version(),
-        "redis_server": redis.version,
-        "pinned": bool(cpu_pin(0)),
-        "bare_venv": sdk,
-        "crossroads_venv": {name: importlib.metadata.version(name) for name in ("slack_sdk", "aiohttp", "Twisted",
-                                                                                "redis", "hiredis", "msgpack")},
-        # Other engineers share this machine: its load before and after says how quiet it was.
-        "load_before": os.getloadavg(),
-        "commit": (commit.stdout.strip() or "no commit yet")
-        + (f" + uncommitted changes in {', '.join(measured)}" if dirty.stdout.strip() else ""),
-    }
+    return machine_facts(redis, measured, ("slack_sdk", "aiohttp", "Twisted", "redis", "hiredis", "msgpack"),
+                         bare_venv=sdk)
 
 
 def run_all(config: Config) -> dict[str, Any]:
