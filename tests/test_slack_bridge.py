@@ -68,10 +68,8 @@ def test_receive_and_reply_in_channel_and_thread(run):
                                               event_id="Ev1")
             got = await take(bridge.layer, "slack.receive")
             await emulator.wait_for(lambda: first in emulator.acks, what="the ack")
-            # Names are looked up for the next event, never waited for: this one carries the ids.
-            assert (got["user_name"], got["sender"], got["room"]) == (None, "U222", "C111")
-            await emulator.wait_for(lambda: emulator.calls_to("users.info") and emulator.calls_to("conversations.info"))
-            await wait_until_async(lambda: not bridge.lookups, "the lookups to finish")
+            # The first post of a user and a channel waits for their names' lookups (at most lookup_wait).
+            assert (got["user_name"], got["sender"], got["room"]) == ("alice", "alice", "general")
             await emulator.send_event(post("in thread", "1700000002.000100", thread_ts="1700000001.000100"))
             threaded = await take(bridge.layer, "slack.receive")
             await emulator.send_event(post("again", "1700000003.000100"))
@@ -349,6 +347,35 @@ def test_edits_are_delivered_marked_and_previews_skipped(run):
     bridge, got = run(scenario())
     assert (got["edited"], got["text"], got["ts"]) == (True, "the plan", "1700000001.000100")
     assert bridge.counters["skipped"] == 1
+
+
+def test_with_lookup_wait_0_an_event_never_waits_for_names_and_the_order_is_kept(run):
+    async def scenario():
+        async with SlackEmulator(users=USERS, channels=CHANNELS) as emulator, \
+                bridging(emulator, {"lookup_wait": 0}) as bridge:
+            await emulator.send_event(post("first", "1700000001.000100"))
+            first = await take(bridge.layer, "slack.receive")
+            await wait_until_async(lambda: not bridge.lookups and bridge.names.get("c:C111", time.monotonic()),
+                                   "the lookups to finish")
+            await emulator.send_event(post("second", "1700000002.000100"))
+            second = await take(bridge.layer, "slack.receive")
+            return first, second
+
+    first, second = run(scenario())
+    assert (first["sender"], first["room"]) == ("U222", "C111")  # looked up for the next event, not waited for
+    assert (second["sender"], second["room"]) == ("alice", "general")
+
+
+def test_events_behind_one_waiting_for_names_keep_slacks_order(run):
+    async def scenario():
+        async with SlackEmulator(users=USERS, channels=CHANNELS) as emulator, bridging(emulator) as bridge:
+            for n in range(5):  # the first waits for U222's and C111's names; the rest queue behind it
+                await emulator.send_event(post(f"line {n}", f"170000000{n + 1}.000100"))
+            return [await take(bridge.layer, "slack.receive") for _ in range(5)]
+
+    got = run(scenario())
+    assert [m["text"] for m in got] == [f"line {n}" for n in range(5)]
+    assert {(m["sender"], m["room"]) for m in got} == {("alice", "general")}
 
 
 def test_a_failed_name_lookup_never_holds_an_event_back(run):

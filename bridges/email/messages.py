@@ -15,10 +15,11 @@ the caps are checked on the raw bytes before the stdlib parser builds a tree
 (a 1,000-deep nesting would raise RecursionError inside it, 100,000 parts take
 seconds of CPU); so are the bytes of its address headers, all parts together,
 before any is parsed (the stdlib's address parser costs ~6 ms a KiB); a mail
-beyond them raises ``MailRefused`` carrying the SMTP reply and the counter. Nothing a consumer sends can add a header: every header
-value is checked for CR, LF and every other control character (``HeaderInjection``),
-and a consumer may set only the headers of ``ALLOWED_HEADERS``. And no reply
-goes to an automatic mail unless the consumer forces it.
+beyond them raises ``MailRefused`` carrying the SMTP reply and the counter.
+Nothing a consumer sends can add a header: every header value is checked for
+CR, LF and every other control character (``HeaderInjection``), and a consumer
+may set only the headers of ``ALLOWED_HEADERS``. And no reply goes to an
+automatic mail unless the consumer forces it.
 
 The new text is cut by our own line rules (``new_text``), not a library:
 email-reply-parser (PyPI 0.5.12, 2020) is unmaintained and English only; talon

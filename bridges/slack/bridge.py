@@ -50,7 +50,7 @@ from crossroads.bridges.listening import (
     server_ssl_context,
     uses_tls,
 )
-from crossroads.bridges.protocol import positive
+from crossroads.bridges.protocol import positive, seconds_or_off
 from crossroads.layer.base import backoff_delays
 
 from . import messages as m
@@ -203,6 +203,9 @@ class SlackBridge(ListeningBridge):
         "names_cache": Option(int, 10_000, "user and channel names kept", positive, from_string=True),
         "names_max_age": Option(float, 3600.0, "seconds a name is kept before it is looked up again", positive,
                                 from_string=True),
+        "lookup_wait": Option(float, 1.0, "seconds an event waits for the lookup of its user's or channel's name "
+                                          "(users.info, conversations.info) so it carries names; 0 never waits",
+                              seconds_or_off, from_string=True),
         "command_wait": Option(float, 2.5, "seconds a slash command waits for an answer to put in its ack",
                                _command_wait, from_string=True),
         "ping_interval": Option(float, 5.0, "Socket Mode: seconds between pings; 4 without a pong replace the socket",
@@ -246,7 +249,10 @@ class SlackBridge(ListeningBridge):
         self.in_flight: dict[str, _Pending] = {}  # repeat key -> the event waiting for the layer
         self.reply_targets: OrderedDict[str, None] = OrderedDict()  # local ids, least recently used first
         self.commands: OrderedDict[str, _Command] = OrderedDict()
-        self.lookups: set[str] = set()
+        self.lookups: dict[str, asyncio.Task] = {}  # "u:U1" / "c:C1" -> its users.info / conversations.info call
+        # Events held (in order) until the lookups of their names end or lookup_wait passes; (pending, payload, retry).
+        self.naming: deque[tuple[_Pending, dict[str, Any], int, float]] = deque()
+        self._namer: asyncio.Task | None = None
         self.lookup_failed: OrderedDict[str, float] = OrderedDict()
         self.queues: dict[str, deque[tuple[str, dict[str, Any], int]]] = {}  # channel -> (method, args, attempts)
         self.senders: dict[str, asyncio.Task] = {}
@@ -586,8 +592,7 @@ class SlackBridge(ListeningBridge):
             return
         if failed is not None and time.monotonic() - failed < LOOKUP_RETRY:
             return
-        self.lookups.add(key)
-        self.spawn(self._look_up(kind, an_id, key), "looking up a name")
+        self.lookups[key] = self.spawn(self._look_up(kind, an_id, key), "looking up a name")
 
     async def _look_up(self, kind: str, an_id: str, key: str) -> None:
         try:
@@ -610,7 +615,7 @@ class SlackBridge(ListeningBridge):
             self.names.put(key, name, time.monotonic())
             self.lookup_failed.pop(key, None)
         finally:
-            self.lookups.discard(key)
+            self.lookups.pop(key, None)
 
     def _take_event(self, payload: Any, retry: int, answer: Callable[..., None]) -> None:
         """An ``event_callback`` from either transport: a repeat, skipped, bad, or queued for the layer."""
@@ -634,7 +639,47 @@ class SlackBridge(ListeningBridge):
             answer("done")
             return
         self._route(message["reply_channel"][len(self.prefix):])
-        self._queue(m.RECEIVE, _Pending(keys, message, [answer]))
+        pending = _Pending(keys, message, [answer])
+        wait = self.options["lookup_wait"]
+        if (self.naming or (wait > 0 and self._naming_wanted(payload))) and len(self.naming) < IN_FLIGHT_LIMIT:
+            # A name being looked up for this event (or an earlier one still held): it waits for the lookup, at most
+            # lookup_wait, so the first post of a new user or channel carries names, not ids; later events queue
+            # behind it, so the order stays Slack's. A failed lookup ends the wait at once.
+            for key in keys:
+                self.in_flight[key] = pending  # a redelivery meanwhile joins it
+            self.naming.append((pending, payload, retry, time.monotonic() + wait))
+            if self._namer is None or self._namer.done():
+                self._namer = self.spawn(self._name_and_queue(), "waiting for names")
+            return
+        self._queue(m.RECEIVE, pending)
+
+    def _naming_wanted(self, payload: dict[str, Any]) -> bool:
+        event = payload.get("event") if isinstance(payload.get("event"), dict) else {}
+        wanted = [f"u:{event.get('user')}", f"c:{event.get('channel')}"]
+        return any(key in self.lookups for key in wanted)
+
+    async def _name_and_queue(self) -> None:
+        while self.naming:
+            pending, payload, retry, deadline = self.naming[0]
+            event = payload.get("event") or {}
+            tasks = [task for key in (f"u:{event.get('user')}", f"c:{event.get('channel')}")
+                     if (task := self.lookups.get(key)) is not None]
+            left = deadline - time.monotonic()
+            if tasks and left > 0:
+                await asyncio.wait(tasks, timeout=left)
+            self.naming.popleft()
+            try:  # again, with what the lookups found (the same event: it parsed before)
+                message = m.event_message(payload, self.me, self.name, self.prefix, users=self._lookup("u"),
+                                          channels=self._lookup("c"), threading=self.options["threading"],
+                                          retry_attempt=retry)
+            except m.BadInput:
+                message = pending.message
+            if isinstance(message, dict):
+                pending.message = message
+            for key in pending.keys:
+                if self.in_flight.get(key) is pending:
+                    del self.in_flight[key]  # _queue registers it again, with the limit checked
+            self._queue(m.RECEIVE, pending)
 
     def _take_command(self, payload: Any, retry: int, answer: Callable[..., None]) -> None:
         try:
