@@ -465,13 +465,13 @@ def test_headers_over_the_limit_are_431(run, channel_layer):
 
 @pytest.mark.parametrize("request_bytes", [
     b"GARBAGE\r\n\r\n",
-    b"GET / HTTP/1.1\r\nno colon here\r\n\r\n",
-    b"GET / HTTP/1.1\r\nContent-Length: twelve\r\n\r\n",
-    b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    b"GET / HTTP/1.1\r\nHost: h\r\nno colon here\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: twelve\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
     b"GET / HTTP/3.0\r\n\r\n",
-    b"GET noslash HTTP/1.1\r\n\r\n",
-    b"GET /%FF%FE HTTP/1.1\r\n\r\n",
-    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET noslash HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /%FF%FE HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
 ], ids=["request-line", "header-line", "content-length", "two-lengths", "version", "target", "not-utf8", "chunk"])
 def test_malformed_requests_are_400(run, channel_layer, request_bytes, caplog):
     async def scenario():
@@ -483,6 +483,50 @@ def test_malformed_requests_are_400(run, channel_layer, request_bytes, caplog):
     assert status_of(response) == 400
     assert bridge.counters["bad_input"] == 1 and bridge.counters["sent"] == 0
     assert any("bad input from 127.0.0.1:" in r.getMessage() for r in caplog.records)
+
+
+# Each is read by the client without closing its side: a request the bridge would wait on fails the test (10 s).
+@pytest.mark.parametrize("request_bytes, problem", [
+    (b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n"
+     b"5\r\nhello\r\n0\r\n\r\n", b"more than one Transfer-Encoding header"),
+    (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+     b"Transfer-Encoding in an HTTP/1.0 request"),
+    (b"GET /text HTTP/1.1\r\n\r\n", b"no Host header in an HTTP/1.1 request"),
+    (b"GET /text HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n", b"more than one Host header"),
+    (b"GET /text HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n  Transfer-Encoding: chunked\r\n\r\n",
+     b"a header continuation line (obs-fold)"),
+    (b"GET /text HTTP/1.1\nHost: h\n\n", b"ended by a bare LF"),
+    (b"GET /text HTTP/1.1\r\nHost: h\nX-A: 1\r\n\r\n", b"ended by a bare LF"),
+], ids=["two-transfer-encodings", "transfer-encoding-on-1.0", "no-host", "two-hosts", "obs-fold", "bare-lf",
+        "bare-lf-inside"])
+def test_what_could_smuggle_a_request_is_400_at_once(run, channel_layer, request_bytes, problem, caplog):
+    """Issue 14 §3: what twisted.web accepted (or waited on until a timeout) and llhttp refuses."""
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            return bridge, await raw(bridge.port, request_bytes)
+
+    with caplog.at_level(logging.WARNING, logger="crossroads.bridges.http"):
+        bridge, response = run(scenario())
+    assert status_of(response) == 400 and problem in response, response
+    assert bridge.counters["bad_input"] == 1 and bridge.counters["sent"] == 0
+    assert any(problem.decode() in r.getMessage() for r in caplog.records)
+
+
+def test_a_chunk_over_max_body_is_413_from_its_size_line(run, channel_layer):
+    """Only a size line is sent (and the client waits): the answer must not wait for the chunk's data."""
+    async def scenario():
+        async with serving(channel_layer, max_body=100) as bridge:
+            huge = await raw(bridge.port, b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                          b"ffffffffff\r\n")
+            # 64 bytes are within max_body, 64 more are not: refused at the second size line.
+            second = await raw(bridge.port, b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                            b"40\r\n" + b"a" * 64 + b"\r\n40\r\n")
+            return bridge, huge, second
+
+    bridge, huge, second = run(scenario())
+    assert status_of(huge) == 413 and b"a chunk of 1099511627775 bytes takes the body over max_body (100" in huge
+    assert status_of(second) == 413 and b"a chunk of 64 bytes" in second
+    assert bridge.counters["bad_input"] == 2 and bridge.counters["sent"] == 0
 
 
 def test_client_leaving_early_sends_http_disconnect(run, channel_layer, worker):

@@ -310,6 +310,30 @@ def test_invalid_utf8_text_closes_1007(run):
     assert disconnected["order"] == 1  # the bad frame never reached the layer
 
 
+@pytest.mark.parametrize("code", [999, 1005, 5000])
+def test_a_close_code_not_allowed_is_answered_1002_not_reset(run, code):
+    """Issue 14 §3: Autobahn answered 1002 and reset the connection at once, so the client never read the 1002."""
+
+    async def scenario():
+        async with serving() as bridge:
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            writer.write(b"GET /echo/ HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 101")
+            # A masked close frame (FIN + opcode 8), its payload the code; mask 0 leaves the payload as it is.
+            writer.write(b"\x88\x82\x00\x00\x00\x00" + code.to_bytes(2, "big"))
+            answer = await asyncio.wait_for(reader.read(), 10)  # ConnectionResetError here was the bug
+            writer.close()
+            disconnected = await take(bridge.layer, "test.disconnects")
+            return bridge, answer, disconnected
+
+    bridge, answer, disconnected = run(scenario())
+    assert answer[:2] == b"\x88" + bytes([len(answer) - 2]) and answer[2:4] == (1002).to_bytes(2, "big"), answer
+    assert b"invalid close code %d" % code in answer
+    assert disconnected["code"] == 1002 and bridge.counters["bad_input"] == 1
+
+
 def test_idle_timeout_closes_1001(run):
     async def scenario():
         async with serving({"idle_timeout": 0.3}) as bridge:

@@ -1,4 +1,4 @@
-"""The HTTP bridge: twisted.web's HTTP/1.x parser in front, the channel layer behind.
+"""The HTTP bridge: twisted.web's HTTP/1.x parser (made strict) in front, the channel layer behind.
 
 This module owns the I/O of HTTP: the limits
 twisted.web does not enforce the way users expect (413, 431, 504, 503), the
@@ -118,6 +118,7 @@ class HttpRequest(http.Request):
         self.sending: asyncio.Task | None = None  # the task storing http.request, awaited before http.disconnect
         self.path_text = ""
         self.client_host: str | None = None  # for the access log; the proxy's client when proxy_headers is on
+        self.transfer_encoding = False  # a Transfer-Encoding header was received: a second one is refused
 
     def gotLength(self, length: int | None) -> None:
         self.content = io.BytesIO()  # max_body bounds it, so never a temporary file
@@ -129,6 +130,10 @@ class HttpRequest(http.Request):
             return
         self.content.write(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self.channel.refused:  # a head refused at its end (no Host) still ends in here when it has no body
+            super().requestReceived(command, path, version)
+
     def process(self) -> None:
         if not self.channel.refused:  # a chunked body's end may be parsed in the same read as its refusal
             self.bridge.request_received(self)
@@ -138,8 +143,36 @@ class HttpRequest(http.Request):
         self.bridge.request_lost(self)
 
 
+class BoundedChunkedDecoder(http._ChunkedTransferDecoder):
+    """twisted.web's de-chunker, refusing a chunk larger than what is left of ``max_body`` from its size line.
+
+    twisted.web would read such a chunk (up to ~512 KB of it) before the
+    body's size, counted in ``handleContentChunk``, crossed the limit.
+    """
+
+    def __init__(self, channel: HttpChannel, request: HttpRequest) -> None:
+        super().__init__(request.handleContentChunk, channel._finishRequestBody)
+        self.channel, self.request = channel, request
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        if not super()._dataReceived_CHUNK_LENGTH():
+            return False
+        limit = self.channel.bridge.options["max_body"]
+        if self.request.body_size + self.length > limit:
+            self.channel.refuse(413, f"a chunk of {self.length} bytes takes the body over max_body ({limit} bytes)")
+            self._buffer.clear()  # nothing more of this body is read
+            return False
+        return True
+
+
 class HttpChannel(http.HTTPChannel):
-    """twisted.web's parser, with our answers to what it refuses and to the limits it lacks."""
+    """twisted.web's parser, made strict (issue 14 §3), with our answers to what it refuses and to the limits it lacks.
+
+    Stricter than twisted.web, as llhttp (Node's parser) is against request
+    smuggling: a line ended by a bare LF, an obs-fold continuation line, a
+    second ``Transfer-Encoding``, ``Transfer-Encoding`` on HTTP/1.0, and an
+    HTTP/1.1 request without exactly one ``Host`` are 400.
+    """
 
     requestFactory = HttpRequest
 
@@ -165,6 +198,10 @@ class HttpChannel(http.HTTPChannel):
         if self.line_mode and self.head_timer is None and data:
             self.head_timer = get_reactor().callLater(self.bridge.options["header_timeout"], self._head_too_slow)
         super().dataReceived(data)
+        # What is left unparsed of a head holds no CRLF: an LF in it ends a line with a bare LF, which twisted.web
+        # would wait on (for a CRLF that never comes) until a timeout. A CR at its end may be the first of a CRLF.
+        if self.line_mode and not self.refused and b"\n" in self._buffer:
+            self.refuse(400, "a request line or header line ended by a bare LF (not CRLF)")
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.refused:
@@ -202,6 +239,13 @@ class HttpChannel(http.HTTPChannel):
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
             self.refuse(431, f"request line and headers over max_header_bytes ({self.totalHeadersSize} bytes)")
             return
+        if b"\n" in line:
+            self.refuse(400, "a request line or header line ended by a bare LF (not CRLF)")
+            return
+        if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:  # twisted.web's state: a header line
+            # RFC 9112 5.2: obs-fold is refused; a proxy joining it differently would see other headers than we do.
+            self.refuse(400, "a header continuation line (obs-fold)")
+            return
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -213,14 +257,32 @@ class HttpChannel(http.HTTPChannel):
         if self._receivedHeaderCount >= self.maxHeaders:
             self.refuse(431, f"more than {self.maxHeaders} header lines")
             return False
+        name, colon, value = line.partition(b":")
+        if colon and name.lower() == b"transfer-encoding":
+            # Smuggling: twisted.web took "chunked" then "identity" as chunked, a proxy may honour the last one.
+            # HTTP/1.0 has no Transfer-Encoding (RFC 9112 6.1): a 1.0 proxy would frame the body by closing.
+            if self.requests[-1].transfer_encoding:
+                self.refuse(400, "more than one Transfer-Encoding header")
+                return False
+            if self._version == b"HTTP/1.0":
+                self.refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
+                return False
+            self.requests[-1].transfer_encoding = True
         if not super().headerReceived(line):
             return False
-        name, value = line.split(b":", 1)
+        if isinstance(self._transferDecoder, http._ChunkedTransferDecoder) and \
+                not isinstance(self._transferDecoder, BoundedChunkedDecoder):
+            self._transferDecoder = BoundedChunkedDecoder(self, self.requests[-1])
         self.requests[-1].raw_headers.append((name, value.strip(b" \t")))
         return True
 
     def allHeadersReceived(self) -> None:
         self._stop_timers()
+        if self._version == b"HTTP/1.1":
+            hosts = self.requests[-1].requestHeaders.getRawHeaders(b"host", [])
+            if len(hosts) != 1:  # RFC 9112 3.2: a server MUST answer 400
+                self.refuse(400, "no Host header in an HTTP/1.1 request" if not hosts else "more than one Host header")
+                return
         options = self.bridge.options
         if options["min_body_rate"] and (self.length or self._transferDecoder is not None):
             self.body_bytes = 0

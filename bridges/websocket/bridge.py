@@ -108,6 +108,7 @@ class WebsocketConnection(WebSocketServerProtocol):
         self.idle_timer = None
         self.flow: HeldWrites | None = None  # what waits for a client that reads slower than its consumer writes
         self.too_slow = False  # cut off for not reading: its consumer hears 1008
+        self.bad_close = False  # the client closed with a code no endpoint may send: it got 1002, so does its consumer
 
     # -- the handshake --
 
@@ -289,6 +290,20 @@ class WebsocketConnection(WebSocketServerProtocol):
 
     # -- the end --
 
+    def onCloseFrame(self, code: int | None, reasonRaw: bytes | None) -> bool | None:  # noqa: N803
+        # A code an endpoint may not send (999, 1005, 5000, ...): Autobahn answers 1002, then takes the client's frame
+        # for the reply to its own and aborts the TCP connection, so the 1002 was lost in a reset. Answer 1002 and
+        # close once it is written (the client has closed its side already: the handshake is complete).
+        refused = code is not None and not (code in self.CLOSE_STATUS_CODES_ALLOWED or 3000 <= code <= 4999)
+        if not refused or self.state != self.STATE_OPEN:  # (in reply to our close, Autobahn closes gracefully)
+            return super().onCloseFrame(code, reasonRaw)
+        self.bad_close = True
+        self.bridge.bad_input(self.peer_name, f"closed with code {code}, which is not allowed: answered 1002")
+        self.close_with(m.PROTOCOL_ERROR, f"invalid close code {code}")
+        self.wasClean = True
+        self.dropConnection(abort=False)  # after the close frame
+        return True
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N803
         if self.asgi is not None:
             self.asgi.closed()
@@ -299,6 +314,8 @@ class WebsocketConnection(WebSocketServerProtocol):
         if self.held is not None and self.local_id is not None:
             if self.too_slow:
                 code = m.POLICY_VIOLATION  # we closed it, whether or not the client answered
+            elif self.bad_close:
+                code = m.PROTOCOL_ERROR
             elif not wasClean:
                 code = 1006  # RFC 6455: closed abnormally, without a close frame
             self.inlet.put(m.DISCONNECT, code if code is not None else 1005)
