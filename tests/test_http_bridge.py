@@ -171,6 +171,23 @@ def test_binary_body_has_no_text_and_keep_alive_serves_several_requests(run, cha
     assert first["client"] == second["client"], "the second request did not reuse the connection"
 
 
+def test_pipelined_requests_are_answered_in_order_and_lf_in_bodies_is_data(run, channel_layer, worker):
+    """Three requests in one write; LFs inside the bodies are not the bare LF line ends the parser refuses."""
+    async def scenario():
+        async with serving(channel_layer) as bridge:
+            return bridge, await raw(bridge.port, (
+                b"PUT /inspect HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\na\nb\n\n"
+                b"PUT /inspect HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nc\n\nd\r\n0\r\n\r\n"
+                b"GET /text HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"))
+
+    bridge, answer = run(scenario())
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 3, answer
+    first, second, third = (answer.index(b'"body": {"bytes": "a\\nb\\n\\n"}'),
+                            answer.index(b'"body": {"bytes": "c\\n\\nd"}'), answer.index("héllo".encode()))
+    assert first < second < third
+    assert bridge.counters["bad_input"] == 0 and bridge.counters["received"] == 3
+
+
 def test_text_replies_are_plain_utf8(run, channel_layer, worker):
     async def scenario():
         async with serving(channel_layer) as bridge:

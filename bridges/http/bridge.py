@@ -198,10 +198,15 @@ class HttpChannel(http.HTTPChannel):
         if self.line_mode and self.head_timer is None and data:
             self.head_timer = get_reactor().callLater(self.bridge.options["header_timeout"], self._head_too_slow)
         super().dataReceived(data)
-        # What is left unparsed of a head holds no CRLF: an LF in it ends a line with a bare LF, which twisted.web
-        # would wait on (for a CRLF that never comes) until a timeout. A CR at its end may be the first of a CRLF.
-        if self.line_mode and not self.refused and b"\n" in self._buffer:
-            self.refuse(400, "a request line or header line ended by a bare LF (not CRLF)")
+        # What is left unparsed of a head, after its last CRLF, is a line still arriving: an LF in it ends that line
+        # with a bare LF, which twisted.web would wait on (for a CRLF that never comes) until a timeout. A CR at its
+        # end may be the first of a CRLF. (Inside a nested call, from a response finished while a request was being
+        # parsed, the buffer is the outer call's to parse: the outer call checks it.)
+        if self.line_mode and not self.refused and not self._busyReceiving and b"\n" in self._buffer:
+            buffer = self._buffer
+            end = buffer.rfind(b"\r\n")
+            if b"\n" in buffer[end + 2 if end >= 0 else 0:] and not self.transport.disconnecting:
+                self.refuse(400, "a request line or header line ended by a bare LF (not CRLF)")
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self.refused:
