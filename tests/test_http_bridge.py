@@ -449,6 +449,30 @@ def test_a_head_trickled_a_line_at_a_time_is_408_at_header_timeout(run, channel_
     assert "request head not complete within header_timeout (1 s)" in caplog.text
 
 
+def test_quick_requests_on_one_connection_for_longer_than_header_timeout_are_all_served(run, channel_layer, worker):
+    """header_timeout bounds each head, not the connection: one timer per connection follows the head arriving."""
+    async def scenario():
+        async with serving(channel_layer, header_timeout=1) as bridge:
+            reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+            statuses = []
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while loop.time() - started < 2.5:  # a new head every 0.3 s, each begun in a second half-written
+                writer.write(b"GET /text HTTP/1.1\r\nHost: h\r\n")
+                await asyncio.sleep(0.3)
+                writer.write(b"\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+                await asyncio.wait_for(reader.readexactly(length), 10)
+                statuses.append(status_of(head))
+            writer.close()
+            return bridge, statuses
+
+    bridge, statuses = run(scenario())
+    assert len(statuses) >= 5 and set(statuses) == {200}
+    assert bridge.counters.get("slow_requests", 0) == 0
+
+
 def test_a_body_trickled_below_min_body_rate_is_408_and_a_steady_one_is_served(run, channel_layer, worker):
     async def scenario():
         async with serving(channel_layer, header_timeout=1, min_body_rate=1000) as bridge:
