@@ -228,6 +228,7 @@ class HttpChannel(protocol.Protocol):
     """
 
     PIPELINE_BUFFER = 16384  # bytes read ahead of the request being answered before the client is not read
+    ABORT_AFTER = 15.0  # seconds an idle connection being closed may take to read what it was sent (twisted.web's)
     MAX_HEADERS = 500
 
     def connectionMade(self) -> None:
@@ -455,7 +456,11 @@ class HttpChannel(protocol.Protocol):
         idle = self.bridge.options["idle_timeout"]
         quiet = self.reactor.seconds() - self.last_data
         if quiet >= idle:
-            self.transport.loseConnection()  # as twisted.web: an idle connection is closed, not answered
+            # As twisted.web: an idle connection is closed, not answered, and aborted if what it was sent last
+            # is still unread ABORT_AFTER later (a client that reads nothing would hold the socket otherwise).
+            self.closing = True
+            self.transport.loseConnection()
+            self.idle_call = self.reactor.callLater(self.ABORT_AFTER, self.transport.abortConnection)
         else:
             self.idle_call = self.reactor.callLater(idle - quiet, self._idle_check)
 
