@@ -1,40 +1,45 @@
-"""The HTTP bridge: twisted.web's HTTP/1.x parser (made strict) in front, the channel layer behind.
+"""The HTTP bridge: llhttp (httptools) parsing inside our own Twisted protocol in front, the channel layer behind.
 
-This module owns the I/O of HTTP: the limits
-twisted.web does not enforce the way users expect (413, 431, 504, 503), the
-reply channel of each request, writing responses (streamed ones too), and the
-access log (logger ``crossroads.http.access``). What a request or a reply
-means belongs to ``messages.py``; replies, counters and stopping belong to
-``bridges.base``; how it listens (TCP, a Unix socket, a socket from systemd, TLS)
-to ``bridges.listening``. docs/spec/http.md is the contract.
+This module owns the I/O of HTTP: framing each connection's requests (llhttp
+checks every head, strictly: see ``HttpChannel``), the limits (413, 431, 408,
+504, 503), the reply channel of each request, writing responses (streamed
+ones too, under ``max_response_buffer``), and the access log (logger
+``crossroads.http.access``). What a request or a reply means belongs to
+``messages.py``; replies, counters and stopping belong to ``bridges.base``;
+how it listens (TCP, a Unix socket, a socket from systemd, TLS) to
+``bridges.listening``. docs/spec/http.md is the contract.
 
-Theory of operation: twisted.web's ``HTTPChannel`` parses each connection and
-hands one complete request at a time (it buffers pipelined ones) to
-``HttpRequest.process``. The bridge registers the request as a reply target,
-sends ``http.request`` from a spawned task, and arms the ``http_timeout``. The
-first reply starts the response; with ``more_content`` the request stays
-registered for the chunks. A request leaves the targets when its response is
-complete, when the bridge answered it itself, or when its client left (then
-``http.disconnect`` follows its ``http.request`` into the layer).
+Theory of operation: ``HttpChannel`` parses a connection and hands one
+complete request at a time to ``HttpBridge.request_received`` (what the
+client pipelines behind it waits, unparsed). The bridge registers the
+request as a reply target, sends ``http.request`` from a spawned task, and
+arms the ``http_timeout``. The first reply starts the response; with
+``more_content`` the request stays registered for the chunks. A request
+leaves the targets when its response is complete, when the bridge answered
+it itself, or when its client left (then ``http.disconnect`` follows its
+``http.request`` into the layer). twisted.web is no longer used but for its
+chunked-body decoder: its parser and Request objects cost about 28 us a
+request where llhttp takes 2 (see the commit that made the change).
 
 Two flows are paced between bridge and consumer. A body over ``max_body`` (up to ``max_upload``)
 does not wait for the whole request: ``http.request`` goes when the head is in, with a
 ``body_channel``, and the body follows one part at a time, reading from the client paused while a
-part waits for the layer; replies wait until the request is whole (twisted.web writes no response
-before). A streamed response that names a ``flow_channel`` hears how far its client has read
-(``ResponseFlow``), so its consumer need not outrun ``max_response_buffer``.
+part waits for the layer; replies wait until the request is whole (as twisted.web wrote no response
+before, and a client still sending may not be reading). A streamed response that names a ``flow_channel``
+hears how far its client has read (``ResponseFlow``), so its consumer need not outrun ``max_response_buffer``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 from typing import Any
 
+import httptools
 from twisted.internet import protocol
-from twisted.web import http
+from twisted.internet.interfaces import ITCPTransport
+from twisted.web import http  # only its chunked decoder
 
 from crossroads.bridges.base import Bridge, Option, OptionError, as_future, get_reactor
 from crossroads.bridges.flow import HeldWrites, buffer_limit
@@ -69,7 +74,7 @@ class ResponseFlow(HeldWrites):
     """A streamed response's parts, held while its client does not read, up to ``max_response_buffer`` bytes.
 
     ASGI 1.0 gives a consumer no way to wait for a slow client: it sends
-    every part at once. twisted.web pauses this producer when the socket's
+    every part at once. The transport pauses this producer when the socket's
     send buffer is full; the parts that come meanwhile wait (bridges/flow.py)
     and are written as the client reads. A client further behind than
     ``max_response_buffer``, or reading nothing for ``idle_timeout``, is cut
@@ -87,8 +92,6 @@ class ResponseFlow(HeldWrites):
         super().__init__(self._send, self.cut_off, limit=options["max_response_buffer"],
                          timeout=options["idle_timeout"], limit_name="max_response_buffer",
                          timeout_name="idle_timeout", on_resume=self._written)
-        if getattr(request.channel, "_waitingForTransport", False):  # already full: twisted.web will not tell us
-            self.pauseProducing()
 
     def _send(self, content: bytes) -> None:
         self.request.write(content)
@@ -110,7 +113,7 @@ class ResponseFlow(HeldWrites):
 
     def done(self) -> None:
         self._stop_timer()
-        self.request.unregisterProducer()
+        self.request.channel.transport.unregisterProducer()
         self.bridge._finish(self.request)
 
     def cut_off(self, why: str) -> None:
@@ -121,17 +124,27 @@ class ResponseFlow(HeldWrites):
         request.channel.transport.abortConnection()
 
 
-class HttpRequest(http.Request):
-    """One request of a connection, and the reply target of its reply channel."""
+_NO_BODY_STATUSES = frozenset((204, 304))
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-    _parsePOSTFormSubmission = False  # the body goes to the consumer as it came
-    defaultContentType = None  # the consumer decides the content type; twisted.web would say text/html
 
-    def __init__(self, channel: HttpChannel, *args: Any, **kwargs: Any) -> None:
-        super().__init__(channel, *args, **kwargs)
+class _Refused(Exception):
+    """Raised from a parser callback after the connection refused the request: stops llhttp at once."""
+
+
+class HttpRequest:
+    """One request of a connection, and the reply target of its reply channel; it writes its own response."""
+
+    def __init__(self, channel: HttpChannel) -> None:
+        self.channel = channel
         self.bridge: HttpBridge = channel.bridge
-        self.raw_headers: list[tuple[bytes, bytes]] = []  # as received: twisted.web's Headers merge duplicates
+        self.method = b""
+        self.uri = b""
+        self.clientproto = b"HTTP/1.1"
+        self.raw_headers: list[tuple[bytes, bytes]] = []  # as received, in order, duplicates kept
+        self.body: list[bytes] = []
         self.body_size = 0
+        self.persistent = True  # the connection stays open after the response
         self.local_id: str | None = None  # set while replies for it are expected
         self.response_started = False
         self.flow: ResponseFlow | None = None  # while a streamed response is being written
@@ -139,59 +152,78 @@ class HttpRequest(http.Request):
         self.sending: asyncio.Task | None = None  # the task storing http.request, awaited before http.disconnect
         self.path_text = ""
         self.client_host: str | None = None  # for the access log; the proxy's client when proxy_headers is on
+        self.finished = False  # its response is complete
+        self.disconnected = False  # its client left first
+        self.code = 0
+        self.chunked = False  # the response is sent with Transfer-Encoding: chunked
+        self.body_allowed = True  # not for HEAD, 204, 304
+        self.sent_length = 0  # body bytes written, for the access log
         # A body over max_body (up to max_upload) streamed on body_channel as it arrives:
         self.body_channel: str | None = None
         self.body_pending = bytearray()  # arrived, not yet sent: at most about one part
         self.body_sending: asyncio.Task | None = None  # the part on its way to the layer
-        self.body_complete = False  # the whole body has arrived (twisted.web called process())
+        self.body_complete = False  # the whole body has arrived
         self.body_unwanted = False  # the consumer answered before the body was complete: the rest is dropped
         self.early_replies: list[dict] = []  # replies that came before the request was complete
-        self.transfer_encoding = False  # a Transfer-Encoding header was received: a second one is refused
 
-    def gotLength(self, length: int | None) -> None:
-        self.content = io.BytesIO()  # max_body bounds it, so never a temporary file
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a request header (``name`` lowercase)."""
+        for key, value in self.raw_headers:
+            if key.lower() == name:
+                return value
+        return None
 
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_channel is not None:
-            self.body_size += len(data)
-            if not self.body_unwanted:
-                self.body_pending += data
-                if len(self.body_pending) >= messages.BODY_PART:
-                    self.bridge.push_body(self)
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Write the status line and headers: chunked to HTTP/1.1 when the length is not known, as twisted.web did."""
+        self.code = status
+        self.body_allowed = self.method != b"HEAD" and status not in _NO_BODY_STATUSES
+        has_length = any(name.lower() == b"content-length" for name, _ in headers)
+        lines = [b"%s %d %s\r\n" % (self.clientproto, status, messages.reason(status).encode("latin-1"))]
+        lines += [b"%s: %s\r\n" % pair for pair in headers]
+        if self.clientproto == b"HTTP/1.1" and not has_length and self.body_allowed:
+            self.chunked = True
+            lines.append(b"transfer-encoding: chunked\r\n")
+        if not self.persistent and self.clientproto == b"HTTP/1.1" and not any(
+                name.lower() == b"connection" for name, _ in headers):
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        self.channel.transport.write(b"".join(lines))
+
+    def write(self, data: bytes) -> None:
+        if self.disconnected or not data or not self.body_allowed:
             return
-        self.body_size += len(data)
-        if self.body_size > self.bridge.options["max_body"]:  # a chunked body, whose size was not announced
-            self.channel.refuse(413, f"body over max_body ({self.bridge.options['max_body']} bytes)")
-            return
-        self.content.write(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if not self.channel.refused:  # a head refused at its end (no Host) still ends in here when it has no body
-            super().requestReceived(command, path, version)
-
-    def process(self) -> None:
-        if self.channel.refused:  # a chunked body's end may be parsed in the same read as its refusal
-            return
-        if self.body_channel is not None:
-            self.bridge.streamed_body_complete(self)
+        self.sent_length += len(data)
+        if self.chunked:
+            self.channel.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
         else:
-            self.bridge.request_received(self)
+            self.channel.transport.write(data)
 
-    def connectionLost(self, reason: Any) -> None:
-        super().connectionLost(reason)
-        self.bridge.request_lost(self)
+    def finish(self) -> None:
+        if self.finished or self.disconnected:
+            return
+        self.finished = True
+        if self.chunked:
+            self.channel.transport.write(b"0\r\n\r\n")
+        self.bridge.log_access(self, self.code, self.sent_length)
+        self.channel.request_done(self)
 
 
 class BoundedChunkedDecoder(http._ChunkedTransferDecoder):
     """twisted.web's de-chunker, refusing a chunk larger than what is left of ``max_body`` from its size line.
 
-    twisted.web would read such a chunk (up to ~512 KB of it) before the
-    body's size, counted in ``handleContentChunk``, crossed the limit.
+    (llhttp reports a chunk's start but not its size, so chunked bodies are de-chunked here.)
     """
 
     def __init__(self, channel: HttpChannel, request: HttpRequest) -> None:
-        super().__init__(request.handleContentChunk, channel._finishRequestBody)
+        super().__init__(self._data, self._finished)
         self.channel, self.request = channel, request
+
+    def _data(self, data: bytes) -> None:
+        self.request.body_size += len(data)
+        self.request.body.append(data)
+
+    def _finished(self, rest: bytes) -> None:
+        self.channel.chunked_rest = rest
 
     def _dataReceived_CHUNK_LENGTH(self) -> bool:
         if not super()._dataReceived_CHUNK_LENGTH():
@@ -204,75 +236,304 @@ class BoundedChunkedDecoder(http._ChunkedTransferDecoder):
         return True
 
 
-class HttpChannel(http.HTTPChannel):
-    """twisted.web's parser, made strict (issue 14 §3), with our answers to what it refuses and to the limits it lacks.
+class HttpChannel(protocol.Protocol):
+    """One client connection: llhttp (httptools) parses, this protocol frames, limits and answers in order.
 
-    Stricter than twisted.web, as llhttp (Node's parser) is against request
-    smuggling: a line ended by a bare LF, an obs-fold continuation line, a
-    second ``Transfer-Encoding``, ``Transfer-Encoding`` on HTTP/1.0, and an
-    HTTP/1.1 request without exactly one ``Host`` are 400.
+    llhttp, Node's parser, is strict against request smuggling by design: it
+    refuses a line ended by a bare LF, obs-fold continuation lines, two
+    lengths, ``Transfer-Encoding`` with ``Content-Length`` or not ending in
+    ``chunked``. We add what it leaves to the server: HTTP versions other than
+    1.0/1.1, ``Transfer-Encoding`` on HTTP/1.0, a second ``Transfer-Encoding``,
+    an HTTP/1.1 request without exactly one ``Host``, and the limits.
+
+    llhttp sees each request head (we cut the bytes at the head's blank line,
+    so we always know where a body starts); a ``Content-Length`` body is fed
+    to it by the length, a chunked body is de-chunked here (twisted.web's
+    decoder, bounded), so a chunk over ``max_body`` is refused at its size line.
+    One request is answered at a time, as twisted.web did: what a client
+    pipelines behind it waits unparsed (reading stops past 16 KiB) until its
+    response is complete, so responses go out in order.
     """
 
-    requestFactory = HttpRequest
+    PIPELINE_BUFFER = 16384  # bytes read ahead of the request being answered before the client is not read
+    ABORT_AFTER = 15.0  # seconds an idle connection being closed may take to read what it was sent (twisted.web's)
+    MAX_HEADERS = 500
 
     def connectionMade(self) -> None:
         self.bridge: HttpBridge = self.factory.bridge
-        self.totalHeadersSize = self.MAX_LENGTH = self.bridge.options["max_header_bytes"]
-        self.timeOut = self.bridge.options["idle_timeout"]
+        options = self.bridge.options
+        self.max_head = options["max_header_bytes"]
         self.refused = False
         self.peer = messages.describe_peer(address_of(self.transport.getPeer()))
         self.closed = asyncio.get_running_loop().create_future()  # close_protocol() waits for it
-        self.head_timer: Any = None  # from a request head's first byte until its last: header_timeout
+        self.reactor = get_reactor()
+        # header_timeout, from a head's first byte to its last: one timer per connection, not per request (arming
+        # and cancelling one per request was a quarter of the parsing's cost). It checks head_began when it fires.
+        self.head_timer: Any = None
+        self.head_began: float | None = None  # while a head is arriving
         self.body_timer: Any = None  # every header_timeout while a body arrives: is it at min_body_rate?
-        self.body_bytes = 0  # of the body arriving now, at the last check
+        self.body_bytes = 0  # of the body arriving now
+        self.parser = httptools.HttpRequestParser(self)
+        self.request: HttpRequest | None = None  # the one being parsed
+        self.active: HttpRequest | None = None  # the one being answered; bytes after it wait in pending
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.reading_paused = False  # past PIPELINE_BUFFER bytes pipelined behind the request being answered
         self.paused_for_layer = False  # reading paused while a streamed body's part waits for the layer
+        self.body_left = 0  # of a Content-Length body
+        self.decoder: BoundedChunkedDecoder | None = None  # while a chunked body arrives
+        self.chunked_rest: bytes | None = None  # what followed a chunked body's end
+        self.head_size = 0  # bytes of the head being parsed so far
+        self.head_tail = b""  # the last bytes of a head arriving in parts, where its blank line may begin
+        self.headers_done = False
+        self.completed = False  # the message fed to llhttp just completed
+        self.header_count = 0
+        self.hosts = 0
+        self.transfer_encodings = 0
+        self.closing = False
+        self.last_data = self.reactor.seconds()
+        self.idle_call: Any = self.reactor.callLater(options["idle_timeout"], self._idle_check)
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
         self.bridge.channels.add(self)
-        super().connectionMade()
 
-    # Once refused, nothing more of this connection is parsed: what it still sends is dropped until it closes.
+    # -- bytes in --
+
     def dataReceived(self, data: bytes) -> None:
-        if self.refused:
+        if self.refused or self.closing:
             return
-        # idle_timeout restarts with every byte, so a head trickled a byte at a time would never end: the whole
-        # head must come within header_timeout of its first byte (line mode: a head, not a body, is arriving).
-        if self.line_mode and self.head_timer is None and data:
-            self.head_timer = get_reactor().callLater(self.bridge.options["header_timeout"], self._head_too_slow)
-        super().dataReceived(data)
-        # What is left unparsed of a head, after its last CRLF, is a line still arriving: an LF in it ends that line
-        # with a bare LF, which twisted.web would wait on (for a CRLF that never comes) until a timeout. A CR at its
-        # end may be the first of a CRLF. (Inside a nested call, from a response finished while a request was being
-        # parsed, the buffer is the outer call's to parse: the outer call checks it.)
-        if self.line_mode and not self.refused and not self._busyReceiving and b"\n" in self._buffer:
-            buffer = self._buffer
-            end = buffer.rfind(b"\r\n")
-            if b"\n" in buffer[end + 2 if end >= 0 else 0:] and not self.transport.disconnecting:
-                self.refuse(400, "a request line or header line ended by a bare LF (not CRLF)")
+        self.last_data = self.reactor.seconds()
+        if self.active is not None:  # pipelined behind the request being answered: parsed once it is
+            self.pending.append(data)
+            self.pending_size += len(data)
+            if self.pending_size > self.PIPELINE_BUFFER and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pauseProducing()
+            return
+        self._parse(data)
 
-    def rawDataReceived(self, data: bytes) -> None:
-        if not self.refused:
-            self.body_bytes += len(data)
-            super().rawDataReceived(data)
+    def _parse(self, data: bytes) -> None:
+        while data and not (self.refused or self.closing):
+            if self.active is not None:  # a request completed in this read: the rest waits for its response
+                self.pending.append(data)
+                self.pending_size += len(data)
+                return
+            if self.decoder is not None:  # a chunked body
+                self.body_bytes += len(data)
+                self.chunked_rest = None
+                try:
+                    self.decoder.dataReceived(data)
+                except http._MalformedChunkedDataError as exc:
+                    self.refuse(400, f"malformed HTTP request: bad chunked framing ({str(exc).rstrip('.')})")
+                    return
+                if self.refused or self.chunked_rest is None:
+                    return
+                data, self.decoder = self.chunked_rest, None
+                self.parser = httptools.HttpRequestParser(self)  # llhttp never saw the chunked body
+                self._complete()
+            elif self.headers_done:  # a Content-Length body
+                piece, data = data[:self.body_left], data[self.body_left:]
+                self.body_left -= len(piece)
+                self.body_bytes += len(piece)
+                self._feed(piece)
+            else:  # a head: llhttp gets it up to its blank line, so where the body starts is known
+                if self.head_began is None:  # a head begins: it has header_timeout to end
+                    self.head_began = self.reactor.seconds()
+                    if self.head_timer is None:
+                        self.head_timer = self.reactor.callLater(self.bridge.options["header_timeout"],
+                                                                 self._head_check)
+                joined = self.head_tail + data
+                end = joined.find(b"\r\n\r\n")
+                cut = len(data) if end < 0 else end + 4 - len(self.head_tail)
+                if self.head_size + cut > self.max_head:
+                    self.refuse(431, f"request line and headers over max_header_bytes ({self.max_head} bytes)")
+                    return
+                self.head_size += cut
+                self.head_tail = joined[-3:] if end < 0 else b""
+                piece, data = data[:cut], data[cut:]
+                self._feed(piece)
+            if self.completed and not self.refused:
+                self._complete()
 
-    def _head_too_slow(self) -> None:
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade (or CONNECT) asked of the HTTP bridge: it is answered as a request, then the connection ends.
+            if self.request is not None:
+                self.request.persistent = False
+            self.parser = httptools.HttpRequestParser(self)
+        except httptools.HttpParserCallbackError:
+            if not self.refused:
+                raise
+        except httptools.HttpParserError as exc:
+            if not self.refused:
+                self.refuse(400, f"malformed HTTP request: {str(exc).rstrip('.')}")
+
+    # -- llhttp's callbacks --
+
+    def on_message_begin(self) -> None:
+        self.request = HttpRequest(self)
+        self.headers_done = False
+        self.header_count = self.hosts = self.transfer_encodings = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.request.uri += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        if self.header_count > self.MAX_HEADERS:
+            self.refuse(431, f"more than {self.MAX_HEADERS} header lines")
+            raise _Refused
+        lowered = name.lower()
+        if lowered == b"host":
+            self.hosts += 1
+        elif lowered == b"transfer-encoding":
+            # Smuggling: a proxy may honour another one of several. llhttp refuses most such pairs, not all.
+            self.transfer_encodings += 1
+            if self.transfer_encodings > 1:
+                self.refuse(400, "more than one Transfer-Encoding header")
+                raise _Refused
+        self.request.raw_headers.append((name, value.strip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        request, parser = self.request, self.parser
+        self.head_began = None  # (its timer stays, for the next head)
+        self.headers_done = True
+        version = parser.get_http_version()
+        request.method = parser.get_method()
+        if version not in ("1.1", "1.0"):
+            self.refuse(400, f"HTTP version {version} is not served (1.0 and 1.1 are)")
+            raise _Refused
+        request.clientproto = b"HTTP/" + version.encode()
+        request.persistent = version == "1.1" and parser.should_keep_alive()  # HTTP/1.0: closed after, as before
+        if version == "1.1" and self.hosts != 1:  # RFC 9112 3.2: a server MUST answer 400
+            self.refuse(400, "no Host header in an HTTP/1.1 request" if not self.hosts else "more than one Host header")
+            raise _Refused
+        options = self.bridge.options
+        limit, upload = options["max_body"], options["max_upload"]
+        length = request.header(b"content-length")
+        if self.transfer_encodings:
+            if version == "1.0":  # HTTP/1.0 has none (RFC 9112 6.1): a 1.0 proxy would frame the body by closing
+                self.refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
+                raise _Refused
+            self.decoder = BoundedChunkedDecoder(self, request)  # llhttp accepts only "..., chunked" here
+        elif length is not None and int(length) > limit:
+            # Before answering "Expect: 100-continue", and before reading any of the body.
+            if int(length) > upload:
+                over = f"max_upload ({upload} bytes)" if upload else f"max_body ({limit} bytes)"
+                self.refuse(413, f"content-length {int(length)} is over {over}")
+                raise _Refused
+            if not self.bridge.start_streamed_request(self, request):
+                raise _Refused
+            self.body_left = int(length)
+        else:
+            self.body_left = int(length) if length is not None else 0
+        has_body = self.decoder is not None or self.body_left > 0
+        if has_body and options["min_body_rate"]:
+            self.body_bytes = 0
+            self.body_timer = self.reactor.callLater(options["header_timeout"], self._check_body_rate, 0)
+        expect = request.header(b"expect")
+        if expect is not None and expect.lower() == b"100-continue" and version == "1.1":
+            self.transport.write(_CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        request = self.request
+        request.body_size += len(body)
+        if request.body_channel is not None:
+            if not request.body_unwanted:
+                request.body_pending += body
+                if len(request.body_pending) >= messages.BODY_PART:
+                    self.bridge.push_body(request)
+            return
+        request.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.completed = True  # answered by _parse once llhttp returns, not from inside its callback
+
+    def _complete(self) -> None:
+        """The request being parsed is whole: answer it (the bytes after it wait until it is answered)."""
+        request, self.request = self.request, None
+        if self.body_timer is not None:
+            if self.body_timer.active():
+                self.body_timer.cancel()
+            self.body_timer = None
+        self.headers_done = False
+        self.head_size = 0
+        self.head_tail = b""
+        self.completed = False
+        self.active = request
+        if request.body_channel is not None:
+            self.bridge.streamed_body_complete(request)
+        else:
+            self.bridge.request_received(request)
+
+    # -- answering, in order --
+
+    def request_done(self, request: HttpRequest) -> None:
+        """The response to the request being answered is complete: close, or parse what the client sent next."""
+        if request is not self.active:
+            return
+        self.active = None
+        if not request.persistent:
+            self.closing = True
+            self.transport.loseConnection()
+            return
+        self.last_data = self.reactor.seconds()
+        if self.idle_call is None:
+            self.idle_call = self.reactor.callLater(self.bridge.options["idle_timeout"], self._idle_check)
+        if self.reading_paused:
+            self.reading_paused = False
+            if not self.paused_for_layer:
+                self.transport.resumeProducing()
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending, self.pending_size = [], 0
+            self._parse(data)
+
+    # -- timers --
+
+    def _idle_check(self) -> None:
+        self.idle_call = None
+        if self.active is not None:
+            return  # a request is being answered: request_done starts idle_timeout again
+        idle = self.bridge.options["idle_timeout"]
+        quiet = self.reactor.seconds() - self.last_data
+        if quiet >= idle:
+            # As twisted.web: an idle connection is closed, not answered, and aborted if what it was sent last
+            # is still unread ABORT_AFTER later (a client that reads nothing would hold the socket otherwise).
+            self.closing = True
+            self.transport.loseConnection()
+            self.idle_call = self.reactor.callLater(self.ABORT_AFTER, self.transport.abortConnection)
+        else:
+            self.idle_call = self.reactor.callLater(idle - quiet, self._idle_check)
+
+    def _head_check(self) -> None:
         self.head_timer = None
-        self.bridge.count("slow_requests")
+        if self.head_began is None or self.refused:
+            return  # no head arriving: the next one arms it again
         timeout = self.bridge.options["header_timeout"]
+        left = self.head_began + timeout - self.reactor.seconds()
+        if left > 0:  # a later head than the one it was armed for
+            self.head_timer = self.reactor.callLater(left, self._head_check)
+            return
+        self.bridge.count("slow_requests")
         self.refuse(408, f"request head not complete within header_timeout ({timeout:g} s)")
 
     def _check_body_rate(self, before: int) -> None:
         self.body_timer = None
-        if self.line_mode or self.refused:
+        if not self.headers_done or self.refused or self.active is not None:
             return  # the body is in: nothing to watch until the next one
         options = self.bridge.options
         window, rate = options["header_timeout"], options["min_body_rate"]
         if self.paused_for_layer:  # we stopped reading, not the client: measure the next window afresh
-            self.body_timer = get_reactor().callLater(window, self._check_body_rate, self.body_bytes)
+            self.body_timer = self.reactor.callLater(window, self._check_body_rate, self.body_bytes)
             return
         if self.body_bytes - before < rate * window:
             self.bridge.count("slow_requests")
             self.refuse(408, f"request body arriving slower than min_body_rate ({rate} bytes/s over {window:g} s)")
             return
-        self.body_timer = get_reactor().callLater(window, self._check_body_rate, self.body_bytes)
+        self.body_timer = self.reactor.callLater(window, self._check_body_rate, self.body_bytes)
 
     def _stop_timers(self) -> None:
         for name in ("head_timer", "body_timer"):
@@ -281,94 +542,56 @@ class HttpChannel(http.HTTPChannel):
                 call.cancel()
             setattr(self, name, None)
 
-    def lineReceived(self, line: bytes) -> None:
-        if self.refused:
-            return
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self.refuse(431, f"request line and headers over max_header_bytes ({self.totalHeadersSize} bytes)")
-            return
-        if b"\n" in line:
-            self.refuse(400, "a request line or header line ended by a bare LF (not CRLF)")
-            return
-        if line[:1] in (b" ", b"\t") and not self._HTTPChannel__first_line:  # twisted.web's state: a header line
-            # RFC 9112 5.2: obs-fold is refused; a proxy joining it differently would see other headers than we do.
-            self.refuse(400, "a header continuation line (obs-fold)")
-            return
-        super().lineReceived(line)
+    # -- the end --
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self.refuse(431, f"a request or header line over max_header_bytes ({self.MAX_LENGTH} bytes)")
+    def pause_for_layer(self) -> None:
+        """Stop reading while a streamed body's part waits for the layer."""
+        if not self.paused_for_layer:
+            self.paused_for_layer = True
+            self.transport.pauseProducing()
 
-    def headerReceived(self, line: bytes) -> bool:
-        if self.refused:
-            return False
-        if self._receivedHeaderCount >= self.maxHeaders:
-            self.refuse(431, f"more than {self.maxHeaders} header lines")
-            return False
-        name, colon, value = line.partition(b":")
-        if colon and name.lower() == b"transfer-encoding":
-            # Smuggling: twisted.web took "chunked" then "identity" as chunked, a proxy may honour the last one.
-            # HTTP/1.0 has no Transfer-Encoding (RFC 9112 6.1): a 1.0 proxy would frame the body by closing.
-            if self.requests[-1].transfer_encoding:
-                self.refuse(400, "more than one Transfer-Encoding header")
-                return False
-            if self._version == b"HTTP/1.0":
-                self.refuse(400, "Transfer-Encoding in an HTTP/1.0 request")
-                return False
-            self.requests[-1].transfer_encoding = True
-        if not super().headerReceived(line):
-            return False
-        if isinstance(self._transferDecoder, http._ChunkedTransferDecoder) and \
-                not isinstance(self._transferDecoder, BoundedChunkedDecoder):
-            self._transferDecoder = BoundedChunkedDecoder(self, self.requests[-1])
-        self.requests[-1].raw_headers.append((name, value.strip(b" \t")))
-        return True
-
-    def allHeadersReceived(self) -> None:
-        self._stop_timers()
-        if self._version == b"HTTP/1.1":
-            hosts = self.requests[-1].requestHeaders.getRawHeaders(b"host", [])
-            if len(hosts) != 1:  # RFC 9112 3.2: a server MUST answer 400
-                self.refuse(400, "no Host header in an HTTP/1.1 request" if not hosts else "more than one Host header")
-                return
-        options = self.bridge.options
-        if options["min_body_rate"] and (self.length or self._transferDecoder is not None):
-            self.body_bytes = 0
-            self.body_timer = get_reactor().callLater(options["header_timeout"], self._check_body_rate, 0)
-        limit, upload = options["max_body"], options["max_upload"]
-        if self.length is not None and self.length > limit:
-            # Before twisted.web answers "Expect: 100-continue", and before reading any of the body.
-            if self.length > upload:
-                over = f"max_upload ({upload} bytes)" if upload else f"max_body ({limit} bytes)"
-                self.refuse(413, f"content-length {self.length} is over {over}")
-                return
-            if not self.bridge.start_streamed_request(self, self.requests[-1]):
-                return
-        super().allHeadersReceived()
-
-    def _respondToBadRequestAndDisconnect(self) -> None:
-        # twisted.web's one answer to everything it cannot parse; ours says so in words and is counted.
-        self.refuse(400, "malformed HTTP request")
+    def resume_for_layer(self) -> None:
+        """Read again once the layer took the part (unless pipelined bytes hold reading too)."""
+        if self.paused_for_layer:
+            self.paused_for_layer = False
+            if not self.reading_paused:
+                self.transport.resumeProducing()
 
     def refuse(self, status: int, problem: str, bad_input: bool = True) -> None:
         """Answer with an error before (or instead of) a request reaching the layer, and close."""
         if self.refused:
             return
         self.refused = True
+        self._stop_timers()
         if bad_input:
             self.bridge.bad_input(self.peer, problem)
         data = messages.error_bytes(status, problem)
         self.transport.write(data)
-        request = self.requests[-1] if self.requests else None
-        command = getattr(self, "_command", None)
-        self.bridge.log_access(request, status, len(data), client_host=self.peer.rsplit(":", 1)[0].strip("[]"),
-                               method=command, target=getattr(self, "_path", None),
-                               version=getattr(self, "_version", None))
-        self.loseConnection()
+        request = self.request
+        if request is not None and not request.method and request.uri:  # the request line was read
+            request.method = self.parser.get_method()
+            request.clientproto = b"HTTP/" + self.parser.get_http_version().encode()
+        self.bridge.log_access(request, status, len(data), client_host=self.peer.rsplit(":", 1)[0].strip("[]"))
+        self.transport.loseConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def loseConnection(self) -> None:
+        self.closing = True
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
         self._stop_timers()
-        super().connectionLost(reason)
+        if self.idle_call is not None and self.idle_call.active():
+            self.idle_call.cancel()
+        self.idle_call = None
+        self.decoder = None
+        active, self.active = self.active, None
+        if active is not None and not active.finished:
+            active.disconnected = True  # (the transport stops a streamed response's producer itself)
+            self.bridge.request_lost(active)
+        parsing, self.request = self.request, None
+        if parsing is not None and parsing.local_id is not None:  # a streamed body was still arriving
+            parsing.disconnected = True
+            self.bridge.request_lost(parsing)
         self.bridge.channels.discard(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -379,10 +602,6 @@ class HttpFactory(protocol.ServerFactory):
 
     def __init__(self, bridge: HttpBridge) -> None:
         self.bridge = bridge
-
-    def log(self, request: HttpRequest) -> None:
-        """Called by twisted.web when a response is finished: one access log line."""
-        self.bridge.log_access(request, request.code, request.sentLength)
 
 
 class PortSplitter(protocol.Protocol):
@@ -562,15 +781,14 @@ class HttpBridge(ListeningBridge):
 
     def request_received(self, request: HttpRequest) -> None:
         self.count("received")
-        request.content.seek(0)
-        body = request.content.read()
+        body = b"".join(request.body)
         transport = request.channel.transport
         client = address_of(transport.getPeer())
         request.client_host = client[0] if client else None
         if not self.accepting:
             self.respond_error(request, 503, "shutting down, try again", retry_after=messages.RETRY_AFTER, close=True)
             return
-        host = next((value for name, value in request.raw_headers if name.lower() == b"host"), None)
+        host = request.header(b"host")
         if not host_allowed(host, self.allowed_hosts):
             problem = host_refused(host)
             self.bad_input(request.channel.peer, problem)
@@ -606,10 +824,14 @@ class HttpBridge(ListeningBridge):
         if not self.accepting:
             channel.refuse(503, "shutting down, try again", bad_input=False)
             return False
+        host = request.header(b"host")
+        if not host_allowed(host, self.allowed_hosts):  # as request_received checks a whole request
+            channel.refuse(400, host_refused(host))
+            return False
         try:
             message = messages.request_message(
-                reply_channel="http.pending!", method=channel._command, target=channel._path,
-                version=channel._version, headers=request.raw_headers, body=b"", client=client,
+                reply_channel="http.pending!", method=request.method, target=request.uri,
+                version=request.clientproto, headers=request.raw_headers, body=b"", client=client,
                 server=server_address(transport.getHost(), self.options), scheme=self.scheme,
                 root_path=self.options["root_path"], proxy_headers=self.options["proxy_headers"])
         except messages.HttpError as exc:
@@ -637,9 +859,8 @@ class HttpBridge(ListeningBridge):
     def push_body(self, request: HttpRequest) -> None:
         """Send what arrived of a streamed body; one part at a time, reading paused while one waits."""
         if request.body_sending is not None and not request.body_sending.done():
-            if len(request.body_pending) >= messages.BODY_PART and not request.channel.paused_for_layer:
-                request.channel.paused_for_layer = True
-                request.channel.transport.pauseProducing()
+            if len(request.body_pending) >= messages.BODY_PART:
+                request.channel.pause_for_layer()
             return
         last = request.body_complete
         part = bytes(request.body_pending)
@@ -650,7 +871,7 @@ class HttpBridge(ListeningBridge):
         if request.sending is None or not await request.sending:
             return
         for delay in backoff_delays(0.01, 1.0):
-            if request.body_unwanted or request._disconnected:
+            if request.body_unwanted or request.disconnected:
                 return
             try:
                 await self.layer.send(request.body_channel, {"content": part, "more_content": not last})
@@ -658,14 +879,12 @@ class HttpBridge(ListeningBridge):
             except (ChannelFull, LayerUnavailable):  # the consumer reads slower than the client sends
                 await asyncio.sleep(delay)
         request.body_sending = None  # this task is done sending: push_body must not wait for it
-        if request.channel is not None and request.channel.paused_for_layer:
-            request.channel.paused_for_layer = False
-            request.channel.transport.resumeProducing()
+        request.channel.resume_for_layer()
         if not last and (request.body_pending or request.body_complete):
             self.push_body(request)
 
     def streamed_body_complete(self, request: HttpRequest) -> None:
-        """twisted.web has the whole request: the last part goes out, and the response may be written now."""
+        """The whole request has arrived: the last part goes out, and the response may be written now."""
         request.body_complete = True
         if not request.body_unwanted:
             self.push_body(request)
@@ -747,50 +966,49 @@ class HttpBridge(ListeningBridge):
                       close: bool = False) -> None:
         """Answer a request with one of the bridge's own error pages, unless its response already started."""
         self._release(request)
-        if request.response_started or request.finished or request._disconnected:
+        if request.response_started or request.finished or request.disconnected:
             return
         response = messages.error_response(status, detail, retry_after=retry_after)
         if close:
-            request.channel.persistent = False  # twisted.web closes after the response
+            request.persistent = False  # the connection closes after the response
             response.headers.append((b"connection", b"close"))
         self._write(request, response)
 
     def _write(self, request: HttpRequest, response: messages.Response) -> None:
         request.response_started = True
-        request.setResponseCode(response.status)
-        for name, value in response.headers:
-            request.responseHeaders.addRawHeader(name, value)
+        headers = response.headers
         if not response.more_content and response.header(b"content-length") is None:
-            request.responseHeaders.setRawHeaders(b"content-length", [str(len(response.content)).encode()])
-        request.write(response.content)
+            headers = [*headers, (b"content-length", b"%d" % len(response.content))]
+        request.start(response.status, headers)
         if not response.more_content:
+            request.write(response.content)
             self._finish(request)
-        elif not request._disconnected:
-            request.flow = ResponseFlow(self, request, response.flow_channel, len(response.content))
-            request.registerProducer(request.flow, True)
+            return
+        # The producer is registered before the first part is written, so a transport it fills pauses it.
+        request.flow = ResponseFlow(self, request, response.flow_channel, len(response.content))
+        request.channel.transport.registerProducer(request.flow, True)
+        request.write(response.content)
 
     def _finish(self, request: HttpRequest) -> None:
         self._release(request)
-        if not request._disconnected:
+        if not request.disconnected:
             request.finish()
 
     def handle_reply(self, local_id: str, message: dict) -> None:
         request: HttpRequest = self.targets[local_id]
-        if request.finished or request._disconnected:
+        if request.finished or request.disconnected:
             self._release(request)
             return
         if request.body_channel is not None and not request.body_complete:
-            # twisted.web writes a response only once the request is whole: the reply waits for the body's end.
-            # A consumer that answers first reads no more of it, so the rest is read and dropped, not sent.
+            # The response is written only once the request is whole (as twisted.web did): the reply waits for
+            # the body's end. A consumer that answers first reads no more of it, so the rest is read and dropped.
             request.early_replies.append(message)
             if len(request.early_replies) > 1000:  # a consumer streaming its answer to a stalled upload
                 request.channel.transport.abortConnection()
                 return
             request.body_unwanted = True
             request.body_pending.clear()
-            if request.channel.paused_for_layer:
-                request.channel.paused_for_layer = False
-                request.channel.transport.resumeProducing()
+            request.channel.resume_for_layer()
             return
         if not request.response_started:
             try:
@@ -822,19 +1040,16 @@ class HttpBridge(ListeningBridge):
 
     # -- the access log --
 
-    def log_access(self, request: HttpRequest | None, status: int, length: int, *, client_host: str | None = None,
-                   method: bytes | None = None, target: bytes | None = None, version: bytes | None = None) -> None:
+    def log_access(self, request: HttpRequest | None, status: int, length: int, *,
+                   client_host: str | None = None) -> None:
         if not access_log.isEnabledFor(logging.INFO):
             return
-        headers = request.requestHeaders if request is not None else None
-
-        def header(name: bytes) -> bytes | None:
-            values = headers.getRawHeaders(name) if headers is not None else None
-            return values[0] if values else None
-
-        if request is not None and request.method is not http.Request.method:  # twisted.web has parsed it
-            method, target, version = request.method, request.uri, request.clientproto
+        method = target = version = referer = user_agent = None
+        if request is not None:
+            if request.method:  # the request line has been read
+                method, target, version = request.method, request.uri, request.clientproto
             client_host = request.client_host or client_host
+            referer, user_agent = request.header(b"referer"), request.header(b"user-agent")
         access_log.info("%s", messages.access_log_line(
             client_host=client_host, when=time.time(), method=method, target=target, version=version, status=status,
-            length=length, referer=header(b"referer"), user_agent=header(b"user-agent")))
+            length=length, referer=referer, user_agent=user_agent))

@@ -4,7 +4,7 @@ This module owns the shape of ``http.request`` and ``http.disconnect`` (ASGI
 1.0's keys plus the shared ``protocol``/``sender``/``room``/``text``), the
 rules a reply on the reply channel must keep, the bridge's own error pages and
 the access log line. It must not touch sockets, the reactor or the layer:
-``bridge.py`` parses the wire with twisted.web and feeds this module plain
+``bridge.py`` parses the wire with llhttp (httptools) and feeds this module plain
 bytes, and writes out what it returns. docs/spec/http.md is its contract.
 
 Two rules run through it. Everything a peer sends is checked here, and a
@@ -178,7 +178,7 @@ def disconnect_message(reply_channel: str, path: str) -> dict[str, Any]:
 
 def head_end(data: bytes) -> int:
     """Where the request head in ``data`` ends (after its blank line); -1 while it is incomplete."""
-    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")  # twisted.web accepts bare LF line ends too
+    crlf, lf = data.find(b"\r\n\r\n"), data.find(b"\n\n")  # a bare-LF head goes to HTTP too, which refuses it
     ends = [at + size for at, size in ((crlf, 4), (lf, 2)) if at >= 0]
     return min(ends) if ends else -1
 
@@ -338,7 +338,7 @@ def error_response(status: int, detail: str, *, retry_after: int | None = None) 
 
 
 def error_bytes(status: int, detail: str) -> bytes:
-    """A whole ``Connection: close`` response, for errors found before twisted.web has a request to answer."""
+    """A whole ``Connection: close`` response, for errors found before there is a request to answer."""
     response = error_response(status, detail)
     head = [f"HTTP/1.1 {status} {reason(status)}".encode()]
     head += [name + b": " + value for name, value in response.headers]
