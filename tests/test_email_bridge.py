@@ -10,6 +10,7 @@ stop. Waits have deadlines; none is a bare sleep.
 from __future__ import annotations
 
 import asyncio
+import select
 import shutil
 import signal
 import smtplib
@@ -595,6 +596,37 @@ def test_an_idle_connection_is_closed(run):
 
     greeting, after = run(scenario())
     assert greeting.startswith(b"220") and after == b""
+
+
+def test_a_mail_trickled_a_line_at_a_time_is_cut_off_at_idle_timeout(run):
+    """idle_timeout bounds a whole command or DATA, not the gap between bytes: aiosmtpd restarts it only at a
+    valid command, so a DATA trickled a line every 0.3 s ends at 1 s (the hardening issue's slow-request finding)."""
+
+    def trickle(bridge) -> tuple[int, bool]:
+        sock, _ = start_data(bridge.port)
+        sent, closed = 0, False
+        with sock:
+            for n in range(60):  # 18 s at most, against an idle_timeout of 1 s
+                try:
+                    sock.sendall(b"line %d\r\n" % n)
+                except OSError:
+                    closed = True
+                    break
+                sent += 1
+                readable, _, _ = select.select([sock], [], [], 0.3)
+                if readable and not sock.recv(1024):
+                    closed = True
+                    break
+        return sent, closed
+
+    async def scenario():
+        async with serving({"idle_timeout": 1}) as bridge:
+            sent, closed = await in_thread(trickle, bridge)
+            got, _ = await bridge.layer.receive(["email.receive"], timeout=0)
+            return sent, closed, got
+
+    sent, closed, got = run(scenario())
+    assert closed and sent < 20 and got is None, (sent, closed)
 
 
 def test_systemd_socket_activation(tmp_path, redis_server):
