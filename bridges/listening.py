@@ -137,21 +137,32 @@ class CappedFactory:
         if built is None:
             return None
         bridge.open_connections += 1
-        make = built.makeConnection
-
-        def make_connection(transport: Any) -> None:
-            lost = transport.connectionLost
-
-            def connection_lost(reason: Any = None) -> None:
-                bridge.open_connections -= 1
-                transport.connectionLost = lost  # once: the transport may be asked twice
-                lost(reason)
-
-            transport.connectionLost = connection_lost
-            make(transport)
-
-        built.makeConnection = make_connection
+        built.makeConnection = _Slot(bridge, built.makeConnection).make_connection
         return built
+
+
+class _Slot:
+    """One connection's place under ``max_connections``, given back where its transport closes (see ``CappedFactory``).
+
+    A slotted object with two bound methods, not two closures: there is one per open connection."""
+
+    __slots__ = ("bridge", "lost", "make")
+
+    def __init__(self, bridge: ListeningBridge, make: Any) -> None:
+        self.bridge: ListeningBridge | None = bridge
+        self.make, self.lost = make, None
+
+    def make_connection(self, transport: Any) -> None:
+        make, self.make = self.make, None  # it holds the protocol: not kept past this call
+        self.lost = transport.connectionLost
+        transport.connectionLost = self.connection_lost
+        make(transport)
+
+    def connection_lost(self, reason: Any = None) -> None:
+        if self.bridge is not None:  # once: the transport may be asked twice
+            self.bridge.open_connections -= 1
+            self.bridge = None
+        self.lost(reason)
 
 
 class _Refusal(Protocol):

@@ -55,6 +55,7 @@ from . import messages as m
 _CLOSE_WAIT = 5.0  # close_protocol() waits this long for peers to answer our close frames
 RETRY_AFTER = "5"  # seconds, on a 503: when a client (or a proxy) should try the upgrade again
 INLET_HIGH, INLET_LOW = 32, 8  # frames of one client waiting for the layer: stop reading it / read it again
+_LAYER_BEHIND, _CLIENT_BEHIND = 1, 2  # why a client is not read: its frames wait for the layer / its answers for it
 
 _message_size = payload_limit(MAX_MESSAGE_SIZE, 4096)  # leave room for the message's other keys
 
@@ -89,6 +90,11 @@ class _ExactTimers:
 class WebsocketConnection(WebSocketServerProtocol):
     """One WebSocket peer: its held handshake, its queue into the layer, its timers."""
 
+    # Set on the instance only when they change: an idle connection's attribute dict stays smaller.
+    flow: HeldWrites | None = None  # what waits for a client that reads slower than its consumer writes (once open)
+    too_slow = False  # cut off for not reading: its consumer hears 1008
+    reading_held = 0  # why the client is not read: _LAYER_BEHIND | _CLIENT_BEHIND
+
     def connectionMade(self) -> None:
         super().connectionMade()
         self.bridge: WebsocketBridge = self.factory.bridge
@@ -106,8 +112,7 @@ class WebsocketConnection(WebSocketServerProtocol):
         self.inlet = Inlet(self.bridge, f"forwarding messages from {self.peer_name}", build=self._message,
                            stored=self._stored, refused=self._refused, too_large=self._too_large,
                            persistent=(m.DISCONNECT,), high=INLET_HIGH, low=INLET_LOW,
-                           on_full=lambda: self._hold_reading("layer"), on_room=lambda: self._release_reading("layer"))
-        self.reading_held: set[str] = set()  # why the client is not read: "layer" (behind), "client" (not reading)
+                           on_full=self._layer_behind, on_room=self._layer_caught_up)
         self.connect_stored = False
         self.refusing = False  # the layer refused a frame: later frames are not sent (no gap in their order)
         self.last_activity = time.monotonic()
@@ -116,8 +121,6 @@ class WebsocketConnection(WebSocketServerProtocol):
         reactor = get_reactor()
         self.handshake_timer = reactor.callLater(self.bridge.options["handshake_timeout"], self._handshake_timed_out)
         self.idle_timer = None
-        self.flow: HeldWrites | None = None  # what waits for a client that reads slower than its consumer writes
-        self.too_slow = False  # cut off for not reading: its consumer hears 1008
         self.bad_close = False  # the client closed with a code no endpoint may send: it got 1002, so does its consumer
 
     # -- the handshake --
@@ -189,8 +192,8 @@ class WebsocketConnection(WebSocketServerProtocol):
         options = self.bridge.options
         self.flow = HeldWrites(self._send_frame, self._cut_off, limit=options["max_send_buffer"],
                                timeout=options["send_timeout"], limit_name="max_send_buffer",
-                               timeout_name="send_timeout", on_pause=lambda: self._hold_reading("client"),
-                               on_resume=lambda: self._release_reading("client"))
+                               timeout_name="send_timeout", on_pause=self._client_behind,
+                               on_resume=self._client_caught_up)
         self.registerProducer(self.flow, True)
         if self.bridge.options["idle_timeout"] > 0:
             self.idle_timer = get_reactor().callLater(self.bridge.options["idle_timeout"], self._check_idle)
@@ -254,16 +257,28 @@ class WebsocketConnection(WebSocketServerProtocol):
         elif isinstance(action, m.Close):
             self.close_with(action.code, "")
 
-    def _hold_reading(self, why: str) -> None:
+    def _hold_reading(self, why: int) -> None:
         if not self.reading_held and self.transport is not None:
             self.transport.pauseProducing()
-        self.reading_held.add(why)
+        self.reading_held |= why
 
-    def _release_reading(self, why: str) -> None:
-        if why in self.reading_held:
-            self.reading_held.discard(why)
+    def _release_reading(self, why: int) -> None:
+        if self.reading_held & why:
+            self.reading_held &= ~why
             if not self.reading_held and self.transport is not None:
                 self.transport.resumeProducing()
+
+    def _layer_behind(self) -> None:
+        self._hold_reading(_LAYER_BEHIND)
+
+    def _layer_caught_up(self) -> None:
+        self._release_reading(_LAYER_BEHIND)
+
+    def _client_behind(self) -> None:
+        self._hold_reading(_CLIENT_BEHIND)
+
+    def _client_caught_up(self) -> None:
+        self._release_reading(_CLIENT_BEHIND)
 
     def _send_frame(self, frame: tuple[bytes, bool]) -> None:
         if self.state == self.STATE_OPEN:
