@@ -19,6 +19,7 @@ import time
 import pytest
 from servers import free_port
 from test_daemons import bridge_and_worker
+from test_websocket_bridge import daemon_config
 
 from crossroads import layer
 
@@ -39,24 +40,9 @@ def rss(pid: int) -> int:
 
 
 def config(tmp_path, redis_url: str, prefix: str, port: int) -> str:
-    from test_cli import write_config
-
-    return str(write_config(tmp_path, f"""[layer]
-url = "{redis_url}"
-prefix = "{prefix}"
-
-[routing]
-app = "apps.ws_echo:routes"
-
-[worker]
-threads = 1
-
-[bridges.ws]
-type = "websocket"
-port = {port}
-max_send_buffer = {SEND_BUFFER}
-send_timeout = 3
-"""))
+    """The echo app's daemons (tests/test_websocket_bridge.py), this bridge bounded tighter than its defaults."""
+    bounds = f"port = {port}\nmax_send_buffer = {SEND_BUFFER}\nsend_timeout = 3"
+    return daemon_config(tmp_path, redis_url, prefix, bounds)
 
 
 def frame(opcode: int, payload: bytes) -> bytes:
