@@ -117,35 +117,38 @@ def send(spec: dict[str, Any]) -> dict[str, Any]:
             "end_ns": end, "cpu_s": cpu, "count": count}
 
 
-def serve(spec: dict[str, Any]) -> dict[str, Any]:
-    """The bare receiver, until SIGTERM."""
+def serve_until_stopped(handler: Any, hostname: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """aiosmtpd's SMTP with ``handler`` on ``spec``'s host and port, on this process's own loop, until SIGTERM."""
     import asyncio
 
     from aiosmtpd.smtp import SMTP
 
-    class Handler:
-        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's)
-            return "250 OK"
-
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        handler = Handler()
-        server = await loop.create_server(lambda: SMTP(handler, hostname="bare.bench.example", loop=loop),
-                                          spec["host"], spec["port"])
+        server = await loop.create_server(lambda: SMTP(handler, hostname=hostname, loop=loop), spec["host"],
+                                          spec["port"])
         emit({"ready": True})
         async with server:
-            await server.serve_forever()  # until the harness's SIGTERM
+            await server.serve_forever()
 
     asyncio.run(main())
     return {"stopped": True}
 
 
+def serve(spec: dict[str, Any]) -> dict[str, Any]:
+    """The bare receiver, until SIGTERM."""
+
+    class Handler:
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's)
+            return "250 OK"
+
+    return serve_until_stopped(Handler(), "bare.bench.example", spec)
+
+
 def smarthost(spec: dict[str, Any]) -> dict[str, Any]:
     """The recording smarthost, until SIGTERM: one line per mail taken, timed first thing in ``handle_DATA``."""
-    import asyncio
     import re
 
-    from aiosmtpd.smtp import SMTP
 
     subject = re.compile(rb"^Subject: (?:Re: )?(\S+) (\d+)\r?$", re.MULTILINE | re.IGNORECASE)
 
@@ -164,17 +167,7 @@ def smarthost(spec: dict[str, Any]) -> dict[str, Any]:
                  else {"unknown": True, "ns": now})
             return "250 OK"
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        handler = Handler()
-        server = await loop.create_server(lambda: SMTP(handler, hostname="smarthost.bench.example", loop=loop),
-                                          spec["host"], spec["port"])
-        emit({"ready": True})
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
-    return {"stopped": True}
+    return serve_until_stopped(Handler(), "smarthost.bench.example", spec)
 
 
 def replier(spec: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +179,6 @@ def replier(spec: dict[str, Any]) -> dict[str, Any]:
     from email.utils import make_msgid
 
     import aiosmtplib
-    from aiosmtpd.smtp import SMTP
 
     sending: set[asyncio.Task] = set()
     parser = BytesParser(policy=policy.default)
@@ -211,17 +203,7 @@ def replier(spec: dict[str, Any]) -> dict[str, Any]:
             task.add_done_callback(sending.discard)
             return "250 OK"
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        handler = Handler()
-        server = await loop.create_server(lambda: SMTP(handler, hostname="replier.bench.example", loop=loop),
-                                          spec["host"], spec["port"])
-        emit({"ready": True})
-        async with server:
-            await server.serve_forever()
-
-    asyncio.run(main())
-    return {"stopped": True}
+    return serve_until_stopped(Handler(), "replier.bench.example", spec)
 
 
 def versions(spec: dict[str, Any]) -> dict[str, Any]:

@@ -61,16 +61,7 @@ class BenchEmulator(SlackEmulator):
         self.stray_acks = 0  # acks of envelopes not waiting (a repeat, or an earlier run's)
 
     async def _link(self, request: web.Request) -> web.WebSocketResponse:
-        ticket = request.query.get("ticket", "")
-        if ticket not in self._tickets:
-            raise web.HTTPUnauthorized(text="unknown or used ticket")
-        self._tickets.discard(ticket)
-        ws = web.WebSocketResponse(autoping=True)
-        await ws.prepare(request)
-        await ws.send_str(json.dumps({
-            "type": "hello", "num_connections": 1,
-            "debug_info": {"host": "emulator", "build_number": 1, "approximate_connection_time": 18060},
-            "connection_info": {"app_id": self.app_id}}))
+        ws = await self._open_link(request, 1)
         self.ws = ws
         self.hellos += 1
         self.connected.set()

@@ -99,11 +99,6 @@ class HeldWrites:
         self.held = None
         self.held_bytes = 0
 
-    @property
-    def waiting(self) -> bool:
-        """Something is held for the client."""
-        return bool(self.held)
-
     def _cut(self, why: str) -> None:
         self.stopProducing()
         self.cut(why)

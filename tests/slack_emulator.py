@@ -313,7 +313,8 @@ class SlackEmulator:
 
     # -- Socket Mode -------------------------------------------------------------------------------------------
 
-    async def _link(self, request: web.Request) -> web.WebSocketResponse:
+    async def _open_link(self, request: web.Request, connections: int) -> web.WebSocketResponse:
+        """A Socket Mode connection for a ticket ``apps.connections.open`` gave out, up to its ``hello``."""
         ticket = request.query.get("ticket", "")
         if ticket not in self._tickets:
             raise web.HTTPUnauthorized(text="unknown or used ticket")
@@ -323,9 +324,13 @@ class SlackEmulator:
         if request.transport is not None:
             self._transports[ws] = request.transport
         await ws.send_str(json.dumps({
-            "type": "hello", "num_connections": len(self._sockets) + 1,
+            "type": "hello", "num_connections": connections,
             "debug_info": {"host": "emulator", "build_number": 1, "approximate_connection_time": 18060},
             "connection_info": {"app_id": self.app_id}}))
+        return ws
+
+    async def _link(self, request: web.Request) -> web.WebSocketResponse:
+        ws = await self._open_link(request, len(self._sockets) + 1)
         self._sockets.append(ws)
         self.peak_connections = max(self.peak_connections, len(self._sockets))
         self.hellos += 1
