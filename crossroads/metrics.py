@@ -26,11 +26,12 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import __version__
 from .config import parse_listen
+from .consumers.dispatch import DURATION_BUCKETS
 
 log = logging.getLogger("crossroads.metrics")
 
@@ -122,6 +123,7 @@ class WorkerCollector:
             family = CounterMetricFamily(f"crossroads_worker_{name}", help_text)
             family.add_metric([], getattr(counters, field))
             yield family
+        yield from consumer_families(counters.by_consumer)
         threads = GaugeMetricFamily("crossroads_worker_threads", "Threads serving the pool's channels.",
                                     labels=["pool"])
         busy = GaugeMetricFamily("crossroads_worker_busy_threads", "Threads running a consumer now.", labels=["pool"])
@@ -130,6 +132,30 @@ class WorkerCollector:
             busy.add_metric([pool], running)
         yield threads
         yield busy
+
+
+BUCKET_LABELS = [*(repr(bound) for bound in DURATION_BUCKETS), "+Inf"]
+
+
+def consumer_families(by_consumer: dict[Any, Any]) -> Iterable[Any]:
+    """Messages run and the duration histogram, by channel and consumer (``DispatchCounters.by_consumer``)."""
+    labels = ["channel", "consumer"]
+    messages = CounterMetricFamily("crossroads_worker_messages", "Messages consumers ran on, by channel and consumer.",
+                                   labels=labels)
+    durations = HistogramMetricFamily("crossroads_worker_consumer_duration_seconds",
+                                      "How long a consumer ran on one message (not the flush of what it sent).",
+                                      labels=labels)
+    for stats in list(by_consumer.values()):  # a copy: a worker thread may add a pair meanwhile
+        values = [stats.channel, stats.consumer]
+        counts, total, cumulative = list(stats.buckets), stats.seconds, 0
+        buckets = []
+        for label, count in zip(BUCKET_LABELS, counts, strict=True):
+            cumulative += count
+            buckets.append((label, cumulative))
+        messages.add_metric(values, stats.count)
+        durations.add_metric(values, buckets, sum_value=total)
+    yield messages
+    yield durations
 
 
 class LayerCollector:

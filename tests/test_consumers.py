@@ -54,6 +54,24 @@ def test_sends_are_buffered_until_the_consumer_returns(channel_layer):
     assert client.receive() == {"text": "buffered"}
 
 
+def test_runs_are_counted_by_channel_and_consumer_with_their_durations_raising_ones_too():
+    def fine(message):
+        pass
+
+    def broken(message):
+        raise RuntimeError("boom")
+
+    client = Client([route("a", fine), route("b", broken)])
+    for channel in ("a", "a", "b"):
+        client.send_and_consume(channel, {})
+    runs = {(stats.channel, stats.consumer): stats for stats in client.counters.by_consumer.values()}
+    prefix = "test_consumers.test_runs_are_counted_by_channel_and_consumer_with_their_durations_raising_ones_too"
+    assert {key: stats.count for key, stats in runs.items()} == {
+        ("a", f"{prefix}.<locals>.fine"): 2, ("b", f"{prefix}.<locals>.broken"): 1}
+    for stats in runs.values():
+        assert sum(stats.buckets) == stats.count and stats.seconds > 0
+
+
 def test_buffered_sends_leave_even_when_the_consumer_raises(channel_layer, caplog):
     def consumer(message):
         message.reply_channel.send({"text": "before the error"})

@@ -75,6 +75,11 @@ def test_run_serves_every_counter_state_and_health_of_its_bridges_worker_and_lay
     assert sample(samples, "crossroads_bridge_state", state="degraded", **bridge) == 0
     assert sample(samples, "crossroads_worker_consumer_errors_total") == 0
     assert sample(samples, "crossroads_worker_threads", pool="default") == 4
+    shout = {"channel": "toy.receive", "consumer": "apps.toy_echo.shout"}
+    assert sample(samples, "crossroads_worker_messages_total", **shout) == 1
+    assert sample(samples, "crossroads_worker_consumer_duration_seconds_count", **shout) == 1
+    assert sample(samples, "crossroads_worker_consumer_duration_seconds_bucket", le="+Inf", **shout) == 1
+    assert sample(samples, "crossroads_worker_consumer_duration_seconds_sum", **shout) > 0
     assert sample(samples, "crossroads_layer_sent_total") == 2  # the line in, the reply out
     assert sample(samples, "crossroads_layer_received_total") == 2
     assert sample(samples, "crossroads_info", command="run", version=__import__("crossroads").__version__) == 1
