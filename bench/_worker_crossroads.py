@@ -4,10 +4,10 @@ the timing of one message through the dispatcher against the same work done by h
 Imported by ``bench/worker.py`` (memory:// in one process, the sender for redis://, the overhead
 timing), and run as the worker process for redis://::
 
-    python bench/_worker_crossroads.py serve redis://127.0.0.1:PORT/0 THREADS [PREFETCH]
+    python bench/_worker_crossroads.py serve redis://127.0.0.1:PORT/0 THREADS [PREFETCH] [--metrics]
 
-which prints ``{"ready": true}`` once its threads listen, serves until its standard input closes,
-then prints its counters as one JSON line.
+which prints ``{"ready": true}`` once its threads listen (with ``--metrics``, also the port its /metrics
+listens on), serves until its standard input closes, then prints its counters as one JSON line.
 """
 
 from __future__ import annotations
@@ -169,10 +169,22 @@ def time_overhead(batches: int, per_batch: int) -> dict[str, list[float]]:
     return times
 
 
-def serve(url: str, threads: int, prefetch: int = PREFETCH) -> None:
-    worker = Worker(routes, layer.from_url(url), threads=threads, prefetch=prefetch)
+def serve(url: str, threads: int, prefetch: int = PREFETCH, metrics: bool = False) -> None:
+    """The worker process for redis://; with ``metrics``, serving /metrics as ``crossroads worker`` does."""
+    channel_layer = layer.from_url(url)
+    worker = Worker(routes, channel_layer, threads=threads, prefetch=prefetch)
     worker.start()
-    print(json.dumps({"ready": True}), flush=True)
+    ready: dict[str, Any] = {"ready": True}
+    if metrics:
+        from crossroads.metrics import LayerCollector, MetricsServer, WorkerCollector, readiness
+
+        server = MetricsServer("127.0.0.1:0", "worker", lambda: (True, {"alive": True}),
+                               lambda: readiness([], worker))
+        server.register(WorkerCollector(worker))
+        server.register(LayerCollector(channel_layer))
+        server.start()
+        ready["metrics_port"] = server.port
+    print(json.dumps(ready), flush=True)
     sys.stdin.read()  # the benchmark closes our standard input when it is done
     worker.stop()
     finished = worker.join(10)
@@ -180,6 +192,8 @@ def serve(url: str, threads: int, prefetch: int = PREFETCH) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (4, 5) or sys.argv[1] != "serve":
-        sys.exit(f"usage: {sys.argv[0]} serve REDIS_URL THREADS [PREFETCH]")
-    serve(sys.argv[2], int(sys.argv[3]), *(int(arg) for arg in sys.argv[4:]))
+    flags = [arg for arg in sys.argv[1:] if arg.startswith("--")]
+    args = [arg for arg in sys.argv[1:] if not arg.startswith("--")]
+    if len(args) not in (3, 4) or args[0] != "serve" or set(flags) - {"--metrics"}:
+        sys.exit(f"usage: {sys.argv[0]} serve REDIS_URL THREADS [PREFETCH] [--metrics]")
+    serve(args[1], int(args[2]), *(int(arg) for arg in args[3:]), metrics="--metrics" in flags)

@@ -28,6 +28,7 @@ Usage: ``.venv/bin/python bench/worker.py [--quick]``; ``--quick`` is a smoke ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -36,7 +37,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +74,8 @@ CHANNELS_PINS = {"channels": "4.3.2", "Django": "5.2.19"}
 SENDER_CORE, WORKER_CORE = 0, 1
 MEMORY_TARGET = 20_000  # round trips/s, memory://
 OVERHEAD_TARGET_US = 20.0  # framework cost per message
+METRICS_TARGET = 0.97  # round trips/s with /metrics served and scraped ÷ without (issue 16: within 3%)
+METRICS_SCRAPE_INTERVAL = 1.0  # seconds; 15x Prometheus' default, so that any cost of a scrape shows
 
 
 @dataclass(frozen=True)
@@ -82,14 +88,15 @@ class Config:
     overhead_batches: int
     overhead_per_batch: int
     overhead_warmup: float  # seconds of untimed dispatching before the overhead timing
+    metrics_rounds: int  # rounds of metrics off/on, the order alternating
 
     @classmethod
     def make(cls, quick: bool) -> Config:
         if quick:
             return cls(warmup=0.3, seconds=0.5, windows=2, in_flight=(1, 64), threads=(1, 4),
-                       overhead_batches=100, overhead_per_batch=100, overhead_warmup=0.3)
+                       overhead_batches=100, overhead_per_batch=100, overhead_warmup=0.3, metrics_rounds=2)
         return cls(warmup=1.0, seconds=2.0, windows=5, in_flight=(1, 64), threads=(1, 4),
-                   overhead_batches=2000, overhead_per_batch=100, overhead_warmup=2.0)
+                   overhead_batches=2000, overhead_per_batch=100, overhead_warmup=2.0, metrics_rounds=4)
 
 
 @dataclass(frozen=True)
@@ -180,29 +187,39 @@ def run_memory(config: Config, results: list[dict[str, Any]]) -> None:
         results.append(report(summarize(case, raw)))
 
 
+@contextlib.contextmanager
+def crossroads_worker(server: BenchRedis, threads: int, *extra: str) -> Iterator[tuple[Background, dict[str, Any]]]:
+    """A crossroads worker process (``_worker_crossroads.py serve``) on a flushed server: (it, its ready line).
+
+    On the way out its standard input is closed, which stops it; its last line, its counters, is checked."""
+    server.flush()
+    worker = Background([sys.executable, str(CROSSROADS_SIDE), "serve", server.url, str(threads), *extra],
+                        f"crossroads worker ({threads} threads{', ' if extra else ''}{' '.join(extra)})", stdin=True)
+    try:
+        ready = worker.process.stdout.readline()
+        if not ready:
+            raise worker.fail("did not start")
+        yield worker, json.loads(ready)
+        out, _ = worker.process.communicate(input="", timeout=30)  # closing stdin stops it
+    except subprocess.TimeoutExpired:
+        raise worker.fail("did not stop") from None
+    finally:
+        if worker.process.poll() is None:  # the sender failed: leave no worker behind
+            worker.process.kill()
+            worker.process.wait()
+    check_worker(Case("redis", "crossroads", threads, 0), json.loads(out.splitlines()[-1]))
+
+
 def run_redis(server: BenchRedis, config: Config, results: list[dict[str, Any]]) -> None:
     """redis://: the worker in a process of its own on WORKER_CORE, the sender on SENDER_CORE."""
     for threads in config.threads:
-        server.flush()
-        worker = Background([sys.executable, str(CROSSROADS_SIDE), "serve", server.url, str(threads)],
-                            f"crossroads worker ({threads} threads)", stdin=True)
-        try:
-            if not worker.process.stdout.readline():
-                raise worker.fail("did not start")
+        with crossroads_worker(server, threads) as (worker, _):
             for window in config.in_flight:
                 case = Case("redis", "crossroads", threads, window)
                 raw = ours.run_sender(server.url, window, config.warmup, config.seconds, config.windows,
                                       {"worker": worker.process.pid, "redis": server.process.pid})
                 worker.alive()
                 results.append(report(summarize(case, raw)))
-            out, _ = worker.process.communicate(input="", timeout=30)  # closing stdin stops it
-        except subprocess.TimeoutExpired:
-            raise worker.fail("did not stop") from None
-        finally:
-            if worker.process.poll() is None:  # the sender failed: leave no worker behind
-                worker.process.kill()
-                worker.process.wait()
-        check_worker(Case("redis", "crossroads", threads, 0), json.loads(out.splitlines()[-1]))
     server.flush()
     worker = Background([str(CR_PYTHON), str(CHANNELS_SIDE), "worker", server.url], "Channels runworker")
     try:
@@ -215,6 +232,56 @@ def run_redis(server: BenchRedis, config: Config, results: list[dict[str, Any]])
     finally:
         worker.process.terminate()
         worker.process.wait(10)
+
+
+class Scraper(threading.Thread):
+    """GETs a worker's /metrics every ``interval`` seconds, as Prometheus would (its default is every 15 s)."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        super().__init__(name="scraper", daemon=True)
+        self.url, self.interval = f"http://127.0.0.1:{port}/metrics", interval
+        self.scrapes, self.failures = 0, 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    body = response.read()
+                self.scrapes += b"crossroads_worker_consumed_total" in body
+            except OSError:
+                self.failures += 1
+
+
+def run_metrics(server: BenchRedis, config: Config) -> dict[str, Any]:
+    """redis://, 4 threads, the largest window: the worker with /metrics scraped every second, and without,
+    round by round, the order alternating."""
+    window, threads = max(config.in_flight), max(config.threads)
+    got: dict[str, Any] = {"window": window, "threads": threads, "interval": METRICS_SCRAPE_INTERVAL,
+                           "rounds": config.metrics_rounds, "scrapes": 0, "scrape_failures": 0,
+                           **{mode: {"rates": [], "worker_cpu_us": []} for mode in ("off", "on")}}
+    for round_ in range(config.metrics_rounds):
+        for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+            with crossroads_worker(server, threads, *(["--metrics"] if mode == "on" else [])) as (worker, ready):
+                scraper = Scraper(ready["metrics_port"], METRICS_SCRAPE_INTERVAL) if mode == "on" else None
+                if scraper:
+                    scraper.start()
+                raw = ours.run_sender(server.url, window, config.warmup, config.seconds, config.windows,
+                                      {"worker": worker.process.pid})
+                if scraper:
+                    scraper.stopping.set()
+                    scraper.join()
+                    got["scrapes"] += scraper.scrapes
+                    got["scrape_failures"] += scraper.failures
+                worker.alive()
+            row = summarize(Case("redis", "crossroads", threads, window), raw)
+            got[mode]["rates"].append(row["rt_per_s"])
+            got[mode]["worker_cpu_us"].append(row["cpu_us_per_rt"].get("worker", 0.0))
+            print(f"metrics {mode:>3}, round {round_ + 1}: {row['rt_per_s']:>9,.0f} rt/s, worker "
+                  f"{got[mode]['worker_cpu_us'][-1]:.1f} µs CPU per round trip", flush=True)
+    if got["scrape_failures"] or not got["scrapes"]:
+        raise BenchError(f"the worker's /metrics answered {got['scrapes']} scrapes, failed {got['scrape_failures']}")
+    return got
 
 
 def phases(config: Config, window: int) -> list[str]:
@@ -297,6 +364,7 @@ def run_all(config: Config) -> dict[str, Any]:
         results["overhead"] = run_overhead(config)
         run_memory(config, results["cases"])
         run_redis(server, config, results["cases"])
+        results["metrics"] = run_metrics(server, config)
         return results
     finally:
         server.stop()
@@ -350,6 +418,23 @@ def overhead_table(results: dict[str, Any]) -> str:
     ])
 
 
+def metrics_ratio(results: dict[str, Any]) -> float:
+    """Round trips/s with metrics on ÷ off, the median of the rounds' ratios (each round's pair ran back to back)."""
+    m = results["metrics"]
+    return statistics.median(on / off for on, off in zip(m["on"]["rates"], m["off"]["rates"], strict=True))
+
+
+def metrics_table(results: dict[str, Any]) -> str:
+    m = results["metrics"]
+    lines = ["| worker | round trips/s (median of rounds) | rounds | worker CPU µs per round trip (median) |",
+             "|---|--:|--:|--:|"]
+    for mode, label in (("off", "no [metrics]"), ("on", f"/metrics served, scraped every {m['interval']:g} s")):
+        rates = m[mode]["rates"]
+        lines.append(f"| {label} | {statistics.median(rates):,.0f} | {', '.join(f'{r:,.0f}' for r in rates)} "
+                     f"| {statistics.median(m[mode]['worker_cpu_us']):.1f} |")
+    return "\n".join(lines)
+
+
 def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     found = []
     window = max(results["config"]["in_flight"])
@@ -360,6 +445,11 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     overhead = results["overhead"]["overhead_us"]
     found.append((f"framework overhead < {OVERHEAD_TARGET_US:g} µs per message", f"{overhead:.2f} µs",
                   overhead < OVERHEAD_TARGET_US))
+    if "metrics" in results:
+        ratio = metrics_ratio(results)
+        found.append((f"redis://, metrics on: round trips/s ≥ {METRICS_TARGET:.0%} of metrics off (issue 16)",
+                      f"{ratio:.3f}× (median of {results['metrics']['rounds']} paired rounds)",
+                      ratio >= METRICS_TARGET))
     return found
 
 
@@ -420,6 +510,23 @@ def reading(results: dict[str, Any]) -> str:
                              f"{total_cpu(row):,.0f} µs against Channels' {total_cpu(theirs):,.0f} µs "
                              f"({total_cpu(theirs) / total_cpu(row):.1f}× less).")
     return "CPU per round trip, all processes together (what a deployment pays per message):\n\n" + "\n".join(lines)
+
+
+def metrics_section(results: dict[str, Any]) -> str:
+    if "metrics" not in results:
+        return "Not measured in this run."
+    m = results["metrics"]
+    return f"""What serving Prometheus metrics costs the worker (issue 16: within 3%): the redis:// worker with
+{m['threads']} threads and {m['window']} requests in flight, as above, started once with its `/metrics` endpoint (the
+`MetricsServer` and collectors `crossroads worker` uses with a `[metrics]` table) and once without, in
+{m['rounds']} rounds, the order alternating round by round; with metrics on, a thread of the benchmark GETs
+`/metrics` every {m['interval']:g} s ({m['scrapes']} scrapes in all, 15× Prometheus' default rate). What is always
+paid, metrics or not, is counted inside "Consumer overhead per message" above: the dispatcher's counters and the
+per-consumer duration histogram (two `perf_counter` calls and a bisect per message).
+
+{metrics_table(results)}
+
+Metrics on ÷ off: {metrics_ratio(results):.3f}× (the median of the rounds' ratios)."""
 
 
 def document(results: dict[str, Any]) -> str:
@@ -499,6 +606,10 @@ crossroads at {m['commit']} with {mine}; Channels venv: {theirs}.
 
 {overhead_table(results)}
 
+### Metrics on and off
+
+{metrics_section(results)}
+
 ### Targets
 
 {targets_table(results)}
@@ -519,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     print(roundtrip_table(results))
     print()
     print(overhead_table(results))
+    print()
+    print(metrics_table(results))
     print()
     print(targets_table(results))
     print(f"\ntook {results['seconds']} s")

@@ -32,7 +32,7 @@ import _worker_crossroads as ours  # noqa: E402  (after the sys.path fix, on pur
 from _sections import write_section  # noqa: E402
 
 from bench.layer import BenchError, BenchRedis, cpu_model, latency_summary, timed_run  # noqa: E402
-from bench.worker import CROSSROADS_SIDE, Background, check_worker, pin_self  # noqa: E402
+from bench.worker import check_worker, crossroads_worker, pin_self  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "worker_prefetch.json"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -48,22 +48,9 @@ def measure_memory(window: int, prefetch: int, warmup: float, seconds: float) ->
 
 
 def measure_redis(server: BenchRedis, window: int, prefetch: int, warmup: float, seconds: float) -> dict[str, Any]:
-    server.flush()
-    worker = Background([sys.executable, str(CROSSROADS_SIDE), "serve", server.url, str(THREADS), str(prefetch)],
-                        f"crossroads worker (prefetch {prefetch})", stdin=True)
-    try:
-        if not worker.process.stdout.readline():
-            raise worker.fail("did not start")
+    with crossroads_worker(server, THREADS, str(prefetch)) as (worker, _):
         raw = ours.run_sender(server.url, window, warmup, seconds, 1, {"worker": worker.process.pid})
         worker.alive()
-        out, _ = worker.process.communicate(input="", timeout=30)
-    except subprocess.TimeoutExpired:
-        raise worker.fail("did not stop") from None
-    finally:
-        if worker.process.poll() is None:
-            worker.process.kill()
-            worker.process.wait()
-    check_worker(f"redis:// prefetch {prefetch}", json.loads(out.splitlines()[-1]))
     return raw
 
 
