@@ -1,7 +1,7 @@
 # The two set-up commands of the README, and the benchmark.
 #   make run    create .venv, install crossroads, serve the chat example on http://127.0.0.1:8000/
 #   make test   create .venv, install the test extras and system servers, run every test
-#   make bench  the channel-layer, worker, web, MQTT, email, Slack and cross-protocol chat benchmarks (docs/benchmarks.md)
+#   make bench  the channel-layer, worker, web, MQTT, email, Slack, cross-protocol chat and failover benchmarks (docs/benchmarks.md)
 
 PYTHON ?= python3
 VENV := .venv
@@ -49,6 +49,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/mail.py
 	$(BIN)/python bench/slack.py
 	$(BIN)/python bench/chat.py
+	$(BIN)/python bench/failover.py
 
 clean:
 	rm -rf $(VENV) .bench-venvs .pytest_cache .ruff_cache *.egg-info
