@@ -13,6 +13,11 @@ Because the hand-off is decided under the lock, a message can neither be
 delivered twice nor vanish between a timeout and a wake-up: a receiver that
 times out or is cancelled checks, under the lock, whether it was handed
 something, and returns it or puts it back at the head of its queue.
+
+Expiry is checked where an item is read, and swept once in a while (at most every
+``SWEEP_EVERY`` seconds, by whoever adds a record, a group member or a queue): a
+process that runs for weeks would otherwise keep every channel session of every
+connection it ever had, and every member of a group nobody sends to.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .base import ChannelFull, Counters, GroupSendResult, LayerOptions
 log = logging.getLogger("crossroads.layer.memory")
 
 Entry = tuple[float, str, bytes]  # (expires_at, channel, body)
+SWEEP_EVERY = 30.0  # seconds between sweeps of what expired unread
 
 
 class _Waiter:
@@ -54,6 +60,8 @@ class MemoryLayer(base.LayerErrors):
         self._waiters: dict[str, deque[_Waiter]] = {}
         self._groups: dict[str, dict[str, float]] = {}
         self._records: dict[str, tuple[float, dict[str, bytes]]] = {}  # key -> (expires_at, packed fields)
+        self.sweep_every = SWEEP_EVERY
+        self._swept = time.time()
         self.sync = _SyncFace(self)
 
     def __repr__(self) -> str:
@@ -77,6 +85,7 @@ class MemoryLayer(base.LayerErrors):
             return True
         items = self._queues.get(queue)
         if items is None:
+            self._maybe_sweep_locked()
             items = self._queues[queue] = deque()
         if not front and len(items) >= self.options.capacity_for(entry[1]):
             self._expire_locked(items)
@@ -93,6 +102,28 @@ class MemoryLayer(base.LayerErrors):
         while items and items[0][0] < now:
             items.popleft()
             self.counters.expired += 1
+
+    def _maybe_sweep_locked(self) -> None:
+        now = time.time()
+        if now >= self._swept + self.sweep_every:
+            self._swept = now
+            self._sweep_locked(now)
+
+    def _sweep_locked(self, now: float) -> None:
+        """Drop what expired unread: records, group members (and groups left empty), queued messages."""
+        for key in [key for key, (expires_at, _) in self._records.items() if expires_at < now]:
+            del self._records[key]
+        for group in list(self._groups):
+            members = self._groups[group]
+            for channel in [channel for channel, expires_at in members.items() if expires_at < now]:
+                del members[channel]
+            if not members:
+                del self._groups[group]
+        for queue in list(self._queues):
+            items = self._queues[queue]
+            self._expire_locked(items)
+            if not items:
+                del self._queues[queue]
 
     def _take_locked(self, queues: list[str], limit: int) -> list[Entry]:
         """Pop up to ``limit`` unexpired entries; the starting queue is random for fairness."""
@@ -229,6 +260,7 @@ class MemoryLayer(base.LayerErrors):
         base.check_group_name(group)
         base.check_channel_name(channel)
         with self._lock:
+            self._maybe_sweep_locked()
             self._groups.setdefault(group, {})[channel] = time.time() + self.options.group_expiry
 
     def _group_discard(self, group: str, channel: str) -> None:
@@ -289,6 +321,7 @@ class MemoryLayer(base.LayerErrors):
         packed = base.pack_fields(fields)
         expires_at = time.time() + base.check_ttl(ttl)
         with self._lock:
+            self._maybe_sweep_locked()
             found = self._records.get(key)
             if not replace and found is not None and found[0] >= time.time():
                 packed = {**found[1], **packed}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -43,3 +44,36 @@ def test_a_thread_and_a_coroutine_wait_on_one_layer():
     from_loop = asyncio.run(scenario())
     thread.join(30)
     assert sorted([from_loop[1]["n"], from_thread[0][1]["n"]]) == [1, 2]
+
+
+def test_what_expires_unread_is_swept_so_a_long_running_process_does_not_keep_it():
+    """A channel session per connection, members of groups nobody sends to, messages nobody reads: each expires,
+    and without a sweep an all-in-one process would hold them for as long as it runs."""
+    L = layer.from_url("memory://", expiry=0.05, group_expiry=0.05)
+    L.sweep_every = 0.0  # every addition sweeps, instead of every 30 s
+    sync = L.sync
+    for n in range(200):
+        sync.kv_set(f"session:{n}", {"user": "ann"}, ttl=0.05)
+        sync.group_add(f"room{n}", f"member{n}")
+        sync.send(f"nobody.reads{n}", {"n": n})
+    assert len(L._records) == 200 and len(L._groups) == 200 and len(L._queues) == 200
+    expired_at = time.time() + 0.05
+    while time.time() <= expired_at:  # their deadlines pass: waiting on the clock itself, not on a guess
+        time.sleep(0.01)
+    sync.kv_set("session:new", {"user": "bob"}, ttl=60)  # any addition sweeps
+    assert list(L._records) == ["session:new"] and L._groups == {} and L._queues == {}
+    assert sync.kv_get("session:new") == {"user": "bob"}
+    assert L.sync.stats()["expired"] == 200  # the messages count as expired, as when read late
+
+
+def test_the_sweep_keeps_what_has_not_expired():
+    L = layer.from_url("memory://")
+    L.sweep_every = 0.0
+    sync = L.sync
+    sync.kv_set("session:a", {"user": "ann"}, ttl=60)
+    sync.group_add("room", "member!1")
+    sync.send("queue", {"n": 1})
+    sync.kv_set("session:b", {"user": "bob"}, ttl=60)  # sweeps
+    assert sync.kv_get("session:a") == {"user": "ann"}
+    assert sync.group_channels("room") == ["member!1"]
+    assert sync.receive(["queue"], timeout=1) == ("queue", {"n": 1})
