@@ -784,8 +784,9 @@ def reading(results: dict[str, Any]) -> str:
                         "the worker lags behind the bridge's 250s (the channel holds the difference)."))
     load = results["machine"]["load_before"]
     lines.append(f"- Load average before the run: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min) on "
-                 f"{results['machine']['nproc']} cores: the machine is shared with three other engineers' tests, "
-                 "which may have run beside this one; the *runs* column shows the spread.")
+                 f"{results['machine']['nproc']} cores"
+                 + (": other engineers' tests were running on this shared machine; the *runs* column shows the "
+                    "spread." if load[0] > 0.3 else ": the machine was quiet."))
     return "\n".join(lines)
 
 
@@ -925,8 +926,8 @@ free port, and installs aiosmtpd {m['aiosmtpd']} into `.bench-venvs/aiosmtpd` fo
 Raw figures: [`bench/results/email.json`]({rel(RESULTS, DOC.parent)}).
 
 **Machine**: {m['nproc']} cores, {m['cpu']}; Python {m['python']}; redis-server {m['redis_server']}; crossroads
-at {m['commit']} with {mine}. A shared machine: three other engineers' tests ran on it that evening (load
-average {m['load_before'][0]:.2f} when this run started).
+at {m['commit']} with {mine}. Load average {m['load_before'][0]:.2f} when this run started (a shared machine:
+other engineers' tests may run beside it).
 
 ### Method
 
