@@ -3,8 +3,10 @@
 `crossroads run` serves the example's crossroads.toml (only its addresses changed) with a mosquitto and an
 ngircd the tests start: headless Chromium (Playwright, Debian's /usr/bin/chromium) logs in on the login page
 and talks on the chat page, an MQTT client publishes and subscribes with mosquitto_pub/mosquitto_sub, an IRC
-user (a raw socket) talks in #lobby, and http.client with a session cookie reads the admin. The last test runs
-`crossroads bridge web` and `crossroads worker` as processes over a real redis-server.
+user (a raw socket) talks in #lobby, and http.client with a session cookie reads the admin. Then `crossroads
+bridge web` and `crossroads worker` run as processes over a real redis-server, and the last test puts the
+broker's logins and docs/django.md's ACL in front of the MQTT side, which is what makes its topics worth the
+identify hook's trust.
 
 The example's database is SQLite in a scratch folder ($DJANGO_CHAT_DB), migrated once for the module. This
 pytest process has Django set up already with another project (tests/djsite, test_django.py), and one process
@@ -248,3 +250,54 @@ def test_the_websocket_path_with_bridge_and_worker_over_redis(tmp_path, redis_se
     assert site.saved("over redis") == [["websocket", "alice", "alice"]] and site.saved("me too") == []
     for daemon in reversed(started):
         daemon.terminate()
+
+
+BROKER_ACL = """# docs/django.md's ACL: every user says things on chat/from/<own name> and hears the lobby
+pattern write chat/from/%u
+pattern read chat/lobby
+user crossroads
+topic read chat/from/#
+topic write chat/lobby
+"""
+
+
+@pytest.mark.timeout(180)
+def test_with_the_brokers_acl_an_mqtt_client_cannot_speak_as_another_user(tmp_path, site):
+    """What makes the topic worth the identify hook's trust: the broker lets alice publish on her topic only."""
+    logins = {"alice": "alice-broker-password", "crossroads": "bridge-broker-password", "dave": "dave-password"}
+    (tmp_path / "acl").write_text(BROKER_ACL)
+    mosquitto = MosquittoServer(tmp_path / "mosquitto", users=logins, extra=f"acl_file {tmp_path / 'acl'}").start()
+    web_port = free_port()
+    config = example_config(tmp_path, web_port, (
+        ('broker = "mqtt://127.0.0.1:1883"',
+         f'broker = "{mosquitto.url}"\nusername = "crossroads"\npassword = "${{BROKER_PASSWORD}}"'),
+        ('type = "irc"', 'type = "irc"\nenabled = false')))
+    daemon = Daemon(tmp_path, "django_chat", "run", "--config", config,
+                    env={**site.env, "BROKER_PASSWORD": logins["crossroads"]})
+    listener = None
+    try:
+        daemon.wait_ready(60)
+        mosquitto.wait_for_log("Sending SUBACK to crossroads-mqtt", 20)
+        listener = subprocess.Popen([require_binary("mosquitto_sub"), "-p", str(mosquitto.port), "-V", "5",
+                                     "-u", "dave", "-P", logins["dave"], "-i", "dave-sub", "-t", "chat/lobby"],
+                                    stdout=subprocess.PIPE, text=True)
+        lines = Lines(listener)
+        mosquitto.wait_for_log("Sending SUBACK to dave-sub", 20)
+
+        def publish_as_alice(topic: str, text: str) -> None:
+            subprocess.run([require_binary("mosquitto_pub"), "-p", str(mosquitto.port), "-V", "5", "-q", "1",
+                            "-u", "alice", "-P", logins["alice"], "-t", topic, "-m", text],
+                           timeout=20, capture_output=True)  # the refused one may exit non-zero: the broker said no
+
+        publish_as_alice("chat/from/bob", "alice pretending to be bob")
+        publish_as_alice("chat/from/alice", "alice as herself")
+        assert lines.next("alice's own line") == "[mqtt] alice: alice as herself"  # the first the lobby heard
+        assert site.saved("alice as herself") == [["mqtt", "alice", "alice"]]
+        assert site.saved("alice pretending to be bob") == []
+        daemon.terminate()
+    finally:
+        if listener is not None:
+            listener.kill()
+            listener.wait()
+        daemon.close()
+        mosquitto.stop()
