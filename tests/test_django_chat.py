@@ -40,7 +40,7 @@ class Site:
     """The example's database in ``folder``, and its ORM through ``manage.py`` in a subprocess."""
 
     def __init__(self, folder: Path) -> None:
-        self.env = {"DJANGO_CHAT_DB": str(folder / "db.sqlite3"),
+        self.env = {"DJANGO_CHAT_DB": str(folder / "db.sqlite3"), "DJANGO_SETTINGS_MODULE": "chatsite.settings",
                     "PYTHONPATH": os.pathsep.join([str(EXAMPLE), ENV["PYTHONPATH"]])}
 
     def manage(self, *args: str) -> str:
