@@ -1,12 +1,18 @@
-"""The examples' consumers, through the test Client (the daemons that serve them are tested with the bridges)."""
+"""The examples' consumers, through the test Client (the daemons that serve them are tested with the bridges).
+
+The Django chat's consumers are tested by its own ``manage.py test`` (in a subprocess: this process may have
+Django set up with another project already), the way docs/django.md shows for a Django project.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_cli import CROSSROADS, ENV
 
 from crossroads.bridges.irc import messages as irc_messages
 from crossroads.bridges.mqtt import messages as mqtt_messages
@@ -152,3 +158,17 @@ def test_echo_answers_every_protocol():
         assert client.receive() == {"text": f"via {channel}"}
     client.send_and_consume("websocket.receive", {"bytes": b"\x00\x01"})
     assert client.receive() == {"bytes": b"\x00\x01"}
+
+
+def test_django_chat_passes_crossroads_check_and_its_own_django_tests(tmp_path):
+    folder = EXAMPLES / "django_chat"
+    # The config's folder is on the import path (crossroads) and manage.py's (Python): no PYTHONPATH for the project.
+    env = {**ENV, "DJANGO_CHAT_DB": str(tmp_path / "db.sqlite3")}  # never the repository's db.sqlite3
+    checked = subprocess.run([CROSSROADS, "check", "--config", str(folder / "crossroads.toml")], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stderr
+    assert "django: chatsite.settings" in checked.stdout and "system checks passed" in checked.stdout
+    assert "routing: chatroom.consumers:routes consumes http.request" in checked.stdout  # django_view appended
+    tested = subprocess.run([sys.executable, "manage.py", "test", "chatroom"], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert tested.returncode == 0 and "Ran 2 tests" in tested.stderr, tested.stderr
