@@ -2,7 +2,7 @@
 one machine, the worker on another and Redis on a third, each machine a network namespace of its own.
 
 The three namespaces share one LAN, 10.77.0.0/24: a Linux bridge in the Redis host's namespace, with a veth link
-to each of the two other hosts, and tc netem delaying every packet that enters a link by 20 ms (20 ms each way
+to each of the two other hosts, and tc netem delaying every packet put on a link by 20 ms (20 ms each way
 between a host and Redis). Redis (servers.RedisServer) serves TLS only, with a password, on 10.77.0.1:6379; the
 bridge host (10.77.0.2) runs `crossroads bridge web` (HTTP and its WebSocket bridge on port 8000) and `crossroads
 bridge mqtt` beside a mosquitto on its loopback; the worker host (10.77.0.3) runs `crossroads worker`. Every
