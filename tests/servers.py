@@ -33,6 +33,8 @@ INSTALL_HINT = {
     "mosquitto_sub": "apt-get install -y mosquitto-clients",
     "ngircd": "apt-get install -y ngircd",
     "dovecot": "apt-get install -y dovecot-imapd",
+    "ip": "apt-get install -y iproute2",
+    "tc": "apt-get install -y iproute2",
 }
 
 
@@ -111,13 +113,13 @@ async def running_in_process(bridge: Any, app: str | None, threads: int = 1) -> 
         await bridge.layer.close()
 
 
-def write_test_certificates(folder: Path) -> dict[str, str]:
-    """A test CA and a server certificate for 127.0.0.1 and localhost (trustme), as PEM files in ``folder``:
-    {"cert", "key", "ca"} paths."""
+def write_test_certificates(folder: Path, *names: str) -> dict[str, str]:
+    """A test CA and a server certificate for ``names`` (default 127.0.0.1 and localhost) (trustme), as PEM files in
+    ``folder``: {"cert", "key", "ca"} paths."""
     import trustme
 
     ca = trustme.CA()
-    issued = ca.issue_cert("127.0.0.1", "localhost")
+    issued = ca.issue_cert(*(names or ("127.0.0.1", "localhost")))
     paths = {"cert": str(folder / "cert.pem"), "key": str(folder / "key.pem"), "ca": str(folder / "ca.pem")}
     issued.cert_chain_pems[0].write_to_path(paths["cert"])
     issued.private_key_pem.write_to_path(paths["key"])
@@ -125,14 +127,14 @@ def write_test_certificates(folder: Path) -> dict[str, str]:
     return paths
 
 
-def wait_for_port(port: int, process: subprocess.Popen, deadline: float = 10.0) -> None:
-    """Wait until something accepts connections on ``port``; fail if the process died."""
+def wait_for_port(port: int, process: subprocess.Popen, deadline: float = 10.0, host: str = "127.0.0.1") -> None:
+    """Wait until something accepts connections on ``host:port``; fail if the process died."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if process.poll() is not None:
             raise ServerError(f"server on port {port} exited with {process.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.02)
@@ -145,14 +147,16 @@ class ServerProcess:
     ``stop()`` is SIGKILL, like a crash: a bridge sees its connection drop as
     it would in production; ``start()`` again serves on the same ports.
     ``command_prefix`` goes before the command (a benchmark pins a server to a
-    core with ``taskset -c N``). ``with Server(...) as server:`` starts it and
-    stops it at the end.
+    core with ``taskset -c N``, a test runs it on another host with ``ip netns
+    exec NAME``); ``host`` is the address its ports are waited on. ``with
+    Server(...) as server:`` starts it and stops it at the end.
     """
 
     workdir: Path
     binary: str
     process: subprocess.Popen | None = None
     command_prefix: tuple[str, ...] = ()
+    host = "127.0.0.1"
 
     def launch(self, args: list[str], log_name: str, *ports: int | None) -> None:
         """Start ``args`` with its output in ``workdir/log_name``; return once every port accepts connections."""
@@ -163,7 +167,7 @@ class ServerProcess:
         for port in ports:
             if port:
                 try:
-                    wait_for_port(port, self.process)
+                    wait_for_port(port, self.process, host=self.host)
                 except ServerError as exc:
                     self.stop()
                     raise ServerError(f"{' '.join(args)}: {exc}; its output is in {self.workdir / log_name}") from None
@@ -193,8 +197,9 @@ class RedisServer(ServerProcess):
     """One ``redis-server`` process on a free port, in its own directory, persisting nothing."""
 
     def __init__(self, workdir: Path, port: int | None = None, tls: dict[str, str] | None = None,
-                 password: str = "", extra: tuple[str, ...] = ()) -> None:
+                 password: str = "", extra: tuple[str, ...] = (), host: str = "127.0.0.1") -> None:
         self.binary = require_binary("redis-server")
+        self.host = host  # the one address it listens on (a test's other host has its own)
         self.extra = extra  # more redis-server arguments (--replicaof HOST PORT for a replica)
         self.workdir = workdir
         self.port = port or free_port()
@@ -206,8 +211,8 @@ class RedisServer(ServerProcess):
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         if self.tls:
-            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls['ca']}"
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+            return f"rediss://{auth}{self.host}:{self.port}/0?ssl_ca_certs={self.tls['ca']}"
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self) -> RedisServer:
         listen = ["--port", str(self.port)]
@@ -217,7 +222,7 @@ class RedisServer(ServerProcess):
                       "--tls-auth-clients", "no"]
         if self.password:
             listen += ["--requirepass", self.password]
-        self.launch([self.binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        self.launch([self.binary, *listen, "--bind", self.host, "--save", "", "--appendonly", "no",
                      "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"), *self.extra],
                     "redis.out", self.port)
         return self

@@ -14,13 +14,17 @@ declare -A NEEDED=(
   [ngircd]=ngircd
   [swaks]=swaks
   [dovecot]=dovecot-imapd
+  [ip]=iproute2   # tests/test_several_hosts.py: network namespaces, veth links
+  [tc]=iproute2   # and netem latency (the kernel's sch_netem)
 )
 
 missing=()
 for binary in "${!NEEDED[@]}"; do
-  command -v "$binary" >/dev/null 2>&1 || missing+=("${NEEDED[$binary]}")
+  # /usr/sbin and /sbin too (ngircd, ip, tc live there), which a normal user's PATH may lack
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$binary" >/dev/null 2>&1 || missing+=("${NEEDED[$binary]}")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)   # ip and tc are one package
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing missing system packages: ${missing[*]}"

@@ -28,7 +28,9 @@ class Daemon:
     which pytest shows for a test that failed in any other way.
     """
 
-    def __init__(self, tmp_path, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp_path, name: str, *args: str, env: dict[str, str] | None = None,
+                 command_prefix: tuple[str, ...] = ()) -> None:
+        # command_prefix goes before the command: ``ip netns exec NAME`` runs it on another (simulated) host.
         path = str(tmp_path / f"{name}.notify")
         self.name = name
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -36,9 +38,9 @@ class Daemon:
         self.notify.settimeout(30)
         self.log_path = tmp_path / f"{name}.log"
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen([CROSSROADS, *args], env={**ENV, **(env or {}), "NOTIFY_SOCKET": path},
-                                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen([*command_prefix, CROSSROADS, *args],
+                                            env={**ENV, **(env or {}), "NOTIFY_SOCKET": path}, cwd=tmp_path,
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.printed = False
 
     def log(self) -> str:
