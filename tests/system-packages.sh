@@ -20,6 +20,10 @@ missing=()
 for binary in "${!NEEDED[@]}"; do
   command -v "$binary" >/dev/null 2>&1 || missing+=("${NEEDED[$binary]}")
 done
+# Debian keeps PostgreSQL's server programs off PATH, in /usr/lib/postgresql/VERSION/bin (tests/servers.py looks
+# there); the ORM tests start their own server from them (tests/test_django_postgres.py).
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || command -v postgres >/dev/null 2>&1 \
+  || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
