@@ -695,11 +695,14 @@ class DovecotServer(ServerProcess):
         return self.first_line_of("--version")
 
 
+POSTGRES_LIB = Path("/usr/lib/postgresql")  # where Debian's postgresql-VERSION packages put their programs
+
+
 def postgres_binary(name: str) -> str:
     """A PostgreSQL server program (``postgres``, ``initdb``): Debian keeps them off PATH, in
     /usr/lib/postgresql/VERSION/bin (the newest installed version is taken), else PATH; ``ServerError`` naming it
     and the package that installs it if there is none."""
-    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+    versions = sorted(POSTGRES_LIB.glob(f"*/bin/{name}"),
                       key=lambda path: [int(part) for part in path.parts[-3].split(".") if part.isdigit()])
     return str(versions[-1]) if versions else require_binary(name)
 

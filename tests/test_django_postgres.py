@@ -51,9 +51,7 @@ prefetch = 1            # one message per thread at a time: a burst spreads over
 @pytest.fixture(scope="module")
 def postgres(tmp_path_factory):
     """The scratch PostgreSQL server, the test project migrated into its database."""
-    server = PostgresServer(tmp_path_factory.mktemp("postgres"), database="djsite")
-    with server:
-        server.start()
+    with PostgresServer(tmp_path_factory.mktemp("postgres"), database="djsite") as server:
         migrated = subprocess.run([sys.executable, "-m", "django", "migrate", "--verbosity", "0"],
                                   env={**ENV, "DJANGO_SETTINGS_MODULE": "djsite.settings",
                                        "CROSSROADS_DJANGO_PG": server.url},
