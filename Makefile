@@ -45,6 +45,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/layer.py
 	$(BIN)/python bench/worker.py
 	$(BIN)/python bench/web.py
+	$(BIN)/python bench/django_views.py
 	$(BIN)/python bench/mqtt.py
 	$(BIN)/python bench/mail.py
 	$(BIN)/python bench/slack.py

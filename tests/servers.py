@@ -35,6 +35,8 @@ INSTALL_HINT = {
     "dovecot": "apt-get install -y dovecot-imapd",
     "ip": "apt-get install -y iproute2",
     "tc": "apt-get install -y iproute2",
+    "postgres": "apt-get install -y postgresql",
+    "initdb": "apt-get install -y postgresql",
 }
 
 
@@ -141,6 +143,17 @@ def wait_for_port(port: int, process: subprocess.Popen, deadline: float = 10.0, 
     raise ServerError(f"server on port {port} did not accept connections within {deadline}s")
 
 
+def _as_user(user: str | None) -> dict[str, Any]:
+    """Popen's arguments that run a process as ``user`` (its own group, none of ours); none for None."""
+    if user is None:
+        return {}
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [],
+            "env": {**os.environ, "HOME": entry.pw_dir, "USER": user, "LOGNAME": user}}
+
+
 class ServerProcess:
     """What every server here shares: one process in ``workdir``, its output in a log file, killed by ``stop()``.
 
@@ -158,12 +171,13 @@ class ServerProcess:
     command_prefix: tuple[str, ...] = ()
     host = "127.0.0.1"
 
-    def launch(self, args: list[str], log_name: str, *ports: int | None) -> None:
-        """Start ``args`` with its output in ``workdir/log_name``; return once every port accepts connections."""
+    def launch(self, args: list[str], log_name: str, *ports: int | None, user: str | None = None) -> None:
+        """Start ``args`` with its output in ``workdir/log_name``; return once every port accepts connections.
+        ``user``: run it as that user (the tests run as root, and some servers refuse root)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.workdir / log_name, "ab") as log:
             self.process = subprocess.Popen([*self.command_prefix, *args], stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, **_as_user(user))
         for port in ports:
             if port:
                 try:
@@ -676,6 +690,126 @@ class DovecotServer(ServerProcess):
         """Stop it and, run as root, remove its folder outside pytest's."""
         self.stop()
         if self.as_root:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+    @property
+    def version(self) -> str:
+        return self.first_line_of("--version")
+
+
+POSTGRES_LIB = Path("/usr/lib/postgresql")  # where Debian's postgresql-VERSION packages put their programs
+
+
+def postgres_binary(name: str) -> str:
+    """A PostgreSQL server program (``postgres``, ``initdb``): Debian keeps them off PATH, in
+    /usr/lib/postgresql/VERSION/bin (the newest installed version is taken), else PATH; ``ServerError`` naming it
+    and the package that installs it if there is none."""
+    versions = sorted(POSTGRES_LIB.glob(f"*/bin/{name}"),
+                      key=lambda path: [int(part) for part in path.parts[-3].split(".") if part.isdigit()])
+    return str(versions[-1]) if versions else require_binary(name)
+
+
+class PostgresServer(ServerProcess):
+    """One PostgreSQL server (Debian's ``postgresql`` binaries, not its system service) on a free port, its cluster
+    made by ``initdb`` in a scratch folder: TCP on 127.0.0.1 only (no Unix socket, so nothing touches the system
+    server's /var/run/postgresql), trust authentication for the superuser ``postgres``, no fsync.
+
+    ``initdb`` and ``postgres`` refuse to run as root, so run as root both run as the ``postgres`` user, in a folder
+    of its own under the system's temporary folder (``postgres`` cannot reach into pytest's, which is root's
+    alone), removed by ``cleanup()``; as any other user, as that user, in ``workdir``. ``stop()`` is an immediate
+    shutdown (SIGQUIT: no checkpoint, as in a crash; the postmaster takes its backends down with it, which a
+    SIGKILL would leave behind); ``start()`` again serves the same cluster on the same port. ``connect()`` opens a
+    psycopg connection of the test's own, beside whatever the code under test opens.
+    """
+
+    def __init__(self, workdir: Path, *, database: str = "crossroads", port: int | None = None) -> None:
+        self.binary = postgres_binary("postgres")
+        self.initdb = postgres_binary("initdb")
+        self.port = port or free_port()
+        self.database = database  # created by start(), empty, owned by postgres
+        self.process: subprocess.Popen | None = None
+        self.user = "postgres" if os.getuid() == 0 else None
+        if self.user:  # a folder only postgres reaches, removed by cleanup()
+            self.workdir = Path(tempfile.mkdtemp(prefix="crossroads-postgres-"))
+            entry = _as_user(self.user)
+            os.chown(self.workdir, entry["user"], entry["group"])
+        else:
+            self.workdir = workdir
+        self.data = self.workdir / "data"
+
+    @property
+    def url(self) -> str:
+        """A libpq URL of ``database``, which psycopg and the tests' Django settings read."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{self.database}"
+
+    def start(self) -> PostgresServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not (self.data / "PG_VERSION").exists():
+            made = subprocess.run([self.initdb, "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                                   "--locale=C", "--no-sync"], capture_output=True, text=True, timeout=120,
+                                  **_as_user(self.user))
+            if made.returncode != 0:
+                raise ServerError(f"{self.initdb} exited {made.returncode}: {made.stderr.strip()[-2000:]}")
+            fresh = True
+        else:
+            fresh = False
+        self.launch([self.binary, "-D", str(self.data), "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+                     "-c", "unix_socket_directories=", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                     "-c", "full_page_writes=off", "-c", "max_connections=50"], "postgres.out", self.port,
+                    user=self.user)
+        self._wait_accepting()
+        if fresh:
+            with self.connect("postgres") as conn:
+                conn.autocommit = True
+                conn.execute(f'CREATE DATABASE "{self.database}"')
+        return self
+
+    def _wait_accepting(self, timeout: float = 30.0) -> None:
+        """Until a connection is accepted: the port opens before recovery ends ("the database system is starting
+        up")."""
+        import psycopg
+
+        def accepting() -> bool:
+            try:
+                psycopg.connect(self.url.rsplit("/", 1)[0] + "/postgres", connect_timeout=2).close()
+                return True
+            except psycopg.OperationalError as exc:
+                if self.process is None or self.process.poll() is not None:
+                    raise ServerError(f"postgres exited {self.process and self.process.returncode}: {exc}; its "
+                                      f"output is in {self.workdir / 'postgres.out'}") from None
+                return False
+
+        wait_until(accepting, f"postgres on port {self.port} to accept connections", timeout)
+
+    def connect(self, database: str | None = None) -> Any:
+        """A psycopg connection (autocommit) of the test's own to ``database`` (default: ``self.database``)."""
+        import psycopg
+
+        return psycopg.connect(f"postgresql://postgres@127.0.0.1:{self.port}/{database or self.database}",
+                               autocommit=True, connect_timeout=5)
+
+    def query(self, sql: str, *params: Any) -> list[tuple]:
+        """The rows of one statement, on a connection opened and closed for it."""
+        with self.connect() as conn:
+            return conn.execute(sql, params or None).fetchall()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)  # immediate shutdown: the postmaster ends its backends too
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+
+    def cleanup(self) -> None:
+        """Stop it and, run as root, remove its folder outside pytest's."""
+        self.stop()
+        if self.user:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __exit__(self, *exc_info: object) -> None:

@@ -23,6 +23,10 @@ for binary in "${!NEEDED[@]}"; do
   # /usr/sbin and /sbin too (ngircd, ip, tc live there), which a normal user's PATH may lack
   PATH="$PATH:/usr/sbin:/sbin" command -v "$binary" >/dev/null 2>&1 || missing+=("${NEEDED[$binary]}")
 done
+# Debian keeps PostgreSQL's server programs off PATH, in /usr/lib/postgresql/VERSION/bin (tests/servers.py looks
+# there); the ORM tests start their own server from them (tests/test_django_postgres.py).
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || command -v postgres >/dev/null 2>&1 \
+  || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)   # ip and tc are one package
 

@@ -3,7 +3,7 @@
 from crossroads import route
 from crossroads.django import django_view
 
-from .consumers import async_orm, db_state, http_whoami, mqtt_receive, ws_connect, ws_receive
+from .consumers import async_orm, db_state, http_whoami, mqtt_receive, note, pg_backend, ws_connect, ws_receive
 
 routes = [
     route("websocket.connect", ws_connect),
@@ -11,6 +11,8 @@ routes = [
     route("mqtt.receive", mqtt_receive),
     route("test.db", db_state),
     route("test.async", async_orm),
+    route("test.note", note),
+    route("test.pg", pg_backend),
     route("http.request", http_whoami, path=r"^/crossroads/whoami/$"),
     route("http.request", django_view),
 ]
