@@ -168,7 +168,7 @@ def test_django_chat_passes_crossroads_check_and_its_own_django_tests(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0, checked.stderr
     assert "django: chatsite.settings" in checked.stdout and "system checks passed" in checked.stdout
-    assert "routing: chatroom.consumers:routes consumes http.request" in checked.stdout  # django_view appended
+    assert "routing: chatroom.consumers:routes consumes http.disconnect, http.request" in checked.stdout  # appended
     tested = subprocess.run([sys.executable, "manage.py", "test", "chatroom"], cwd=folder, env=env,
                             capture_output=True, text=True, timeout=180)
     assert tested.returncode == 0 and "Ran 2 tests" in tested.stderr, tested.stderr
