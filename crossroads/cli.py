@@ -137,13 +137,34 @@ def django_of(config: Config) -> str | None:
 
 
 def router_of(config: Config, required: bool = True) -> Any:
-    """The routing table of [routing] app; with a [django] table, ending with django_view for http.request."""
+    """The routing table of [routing] app; with a [django] table, ending with django_view for http.request; and
+    ending with ``unheeded`` for the disconnects no route takes (``with_unheeded``)."""
     router = _router_of(config, required and not (config.django and config.django.view))
     if config.django is not None and config.django.view:
         from .django import with_django_view
 
-        return with_django_view(router)
-    return router
+        router = with_django_view(router)
+    return with_unheeded(router)
+
+
+# Events a bridge sends whatever the consumers do, given that they consume its connections: a table routing the
+# first channel gets a do-nothing route for the second unless it routes it. Left unconsumed, thousands of clients
+# leaving within the layer's expiry would fill its channel, and the bridge, refused, would take the layer for its
+# problem (degraded, /readyz failing) while nothing is wrong.
+UNHEEDED = {"http.request": "http.disconnect", "websocket.connect": "websocket.disconnect"}
+
+
+def unheeded(message: Any) -> None:
+    """The consumer of the disconnects no route of the table takes: nothing to do."""
+
+
+def with_unheeded(router: Any) -> Any:
+    if router is None:
+        return None
+    from crossroads.consumers.routing import Router, route
+
+    missing = sorted({then for first, then in UNHEEDED.items() if first in router.channels} - router.channels)
+    return Router([*router.routes, route(missing, unheeded)]) if missing else router
 
 
 def _router_of(config: Config, required: bool) -> Any:

@@ -519,15 +519,7 @@ def channel_session_user_from_http(func: Callable) -> Callable:
     return channel_session(http_session_user(transfer))
 
 
-def request_gone(message: Message) -> None:
-    """``http.disconnect`` for a Django request: nothing to do (a streamed response learns of it by its flow channel).
-    Routed so that the worker takes these off their channel: unconsumed, they would fill it, and the HTTP bridge
-    would log every one after that as refused."""
-
-
 def with_django_view(router: Router | None) -> Router:
     """``router`` with ``route("http.request", django_view)`` last, as Channels 1.x appended its view consumer:
-    an HTTP request no earlier route takes goes to Django's URLconf (which answers 404 for what it lacks); and
-    ``http.disconnect`` to ``request_gone``, unless an earlier route takes it."""
-    return Router([*(router.routes if router is not None else []), route("http.request", django_view),
-                   route("http.disconnect", request_gone)])
+    an HTTP request no earlier route takes goes to Django's URLconf (which answers 404 for what it lacks)."""
+    return Router([*(router.routes if router is not None else []), route("http.request", django_view)])

@@ -514,14 +514,15 @@ def test_crossroads_check_sets_django_up_and_names_what_is_wrong(tmp_path, djsit
 
 
 def test_a_django_table_routes_unmatched_requests_to_django_view(tmp_path, djsite):
+    from crossroads.cli import unheeded, with_unheeded
     from crossroads.consumers.routing import Router
-    from crossroads.django import django_view, request_gone, with_django_view
+    from crossroads.django import django_view, with_django_view
 
     router = with_django_view(Router("djsite.consumers_only:routes"))
     assert router.match("http.request", {"path": "/crossroads/whoami/"})[0].__name__ == "http_whoami"
     assert router.match("http.request", {"path": "/anything/"})[0] is django_view
     # A client gone before its response: taken off its channel, which would otherwise fill and refuse the rest.
-    assert router.match("http.disconnect", {"path": "/anything/"})[0] is request_gone
+    assert with_unheeded(router).match("http.disconnect", {"path": "/anything/"})[0] is unheeded
     alone = check(tmp_path, 'settings = "djsite.settings"', djsite["env"])
     assert "routing: django_view alone ([django]) consumes http.disconnect, http.request" in alone.stdout, alone.stderr
     config = write_config(tmp_path, '[django]\nsettings = "djsite.settings"\nview = false\n')

@@ -97,6 +97,48 @@ def test_run_serves_every_counter_state_and_health_of_its_bridges_worker_and_lay
     daemon.terminate()
 
 
+def test_clients_leaving_before_their_answer_neither_fill_http_disconnect_nor_degrade_the_bridge(tmp_path, daemons):
+    """A table routing http.request and not http.disconnect: the worker still takes the disconnects off their
+    channel (crossroads.cli.unheeded). Unconsumed, the 6th would find the channel full (capacity 5 here) and the
+    bridge, refused, would call the layer its problem: degraded, /readyz failing, for clients merely leaving."""
+    metrics, port = free_port(), free_port()
+    config = write_config(tmp_path, f"""[layer]
+url = "memory://"
+capacity = 5
+
+[routing]
+app = "apps.http_unanswered:routes"
+
+[metrics]
+listen = "127.0.0.1:{metrics}"
+
+[bridges.web]
+type = "http"
+host = "127.0.0.1"
+port = {port}
+""")
+    daemon = Daemon(tmp_path, "run", "run", "--config", str(config))
+    daemons.append(daemon)
+    daemon.wait_ready()
+    wait_for_port(metrics, daemon.process)
+    requests = {"channel": "http.request", "consumer": "apps.http_unanswered.unanswered"}
+    for n in range(1, 21):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            wait_until(lambda n=n: sample(scrape(metrics), "crossroads_worker_messages_total", **requests) == n,
+                       f"request {n} at its consumer")
+        # closed before any answer: the bridge sends http.disconnect
+    gone = {"channel": "http.disconnect", "consumer": "crossroads.cli.unheeded"}
+    wait_until(lambda: sample(scrape(metrics), "crossroads_worker_messages_total", **gone) == 20,
+               "every disconnect taken off its channel")
+    samples = scrape(metrics)
+    web = {"bridge": "web", "type": "http"}
+    assert sample(samples, "crossroads_bridge_refused_total", **web) == 0
+    assert sample(samples, "crossroads_bridge_state", state="connected", **web) == 1
+    assert health(metrics, "/readyz")[0] == 200
+    daemon.terminate()
+
+
 def test_readyz_says_which_bridge_is_not_connected_until_its_broker_is_there(tmp_path, daemons):
     broker = MosquittoServer(tmp_path / "mosquitto")  # its port chosen, the broker not started yet
     metrics = free_port()
