@@ -404,6 +404,41 @@ def test_the_prescan_finds_boundaries_in_any_case_and_keeps_their_case():
     assert refused.value.counter == "too_many_parts"
 
 
+QUICK_HEAD = (b"From: Ann <ann@example.org>\r\nTo: lobby@chat.example\r\nSubject: Hello\r\n"
+              b"Message-ID: <1@example.org>\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n")
+
+
+@pytest.mark.parametrize("head, body", [
+    (QUICK_HEAD + b"Content-Type: text/plain; charset=us-ascii\r\n", b"Hi.\r\n"),
+    (QUICK_HEAD, b"no Content-Type: text/plain in us-ascii\r\n"),
+    (QUICK_HEAD + b"CONTENT-TYPE: Text/Plain; Charset=\"UTF-8\"\r\nContent-Transfer-Encoding: base64\r\n",
+     b"SGk=\r\n"),
+    (QUICK_HEAD + b"DKIM-Signature: v=1; b=" + b"A" * 4000 + b"\r\n", b"unstructured headers are cheap\r\n"),
+    (QUICK_HEAD, b"x" * 60000 + b"\r\n"),
+])
+def test_a_small_plain_text_mail_is_quick_to_read(head, body):
+    assert m.quick_to_read(head + b"\r\n" + body)
+
+
+@pytest.mark.parametrize("head, body", [
+    (QUICK_HEAD, b"x" * (m.QUICK_MAIL_BYTES + 1)),  # too big
+    (QUICK_HEAD + b"X-Long: " + b"y" * m.QUICK_HEADER_BYTES + b"\r\n", b"Hi.\r\n"),  # header block too big
+    (QUICK_HEAD[:-2], b""),  # no end of headers
+    (QUICK_HEAD + b"Content-Type: multipart/mixed; boundary=b\r\n", b"--b\r\n\r\nHi.\r\n--b--\r\n"),
+    (QUICK_HEAD + b"Content-Type: message/rfc822\r\n", QUICK_HEAD + b"\r\nHi.\r\n"),
+    (QUICK_HEAD + b"Content-Type: text/html\r\n", b"<p>Hi.</p>\r\n"),
+    (QUICK_HEAD + b"Content-Type:\r\n text/plain\r\n", b"Hi.\r\n"),  # folded where the check does not look
+    (QUICK_HEAD + b"Content-Type: text/plain; charset=punycode\r\n", b"Hi.\r\n"),  # a charset decoded in Python
+    (QUICK_HEAD + b"Content-Type: text/plain; charset*=utf-8''utf-8\r\n", b"Hi.\r\n"),  # RFC 2231
+    (QUICK_HEAD.replace(b"Subject: Hello", b"Subject: =?utf-8?q?caf=C3=A9?="), b"Hi.\r\n"),  # an encoded word
+    (QUICK_HEAD + b"Cc: " + b", ".join(b'"Q %d (c)" <u%d@example.org>' % (i, i) for i in range(40)) + b"\r\n",
+     b"Hi.\r\n"),  # over 1 KiB of structured headers: the address parser's, milliseconds a KiB
+    (QUICK_HEAD + b"cc : " + b"u@example.org, " * 80 + b"\r\n", b"Hi.\r\n"),  # so too with a space before the colon
+])
+def test_a_mail_that_may_cost_much_to_read_is_not_quick(head, body):
+    assert not m.quick_to_read(head + b"\r\n" + body)
+
+
 def test_a_header_the_stdlib_raises_on_wherever_it_is_read_refuses_the_mail_instead_of_crashing():
     raw = b"From: a@b\r\nContent-Type: text/plain; charset*=idna''%FF\r\n\r\nx\r\n"
     with pytest.raises(m.MailRefused) as refused:
