@@ -350,7 +350,12 @@ PLAIN_LOOKING = {
     "date": ["Tue, 01 Dec 2026 12:00:00 +0000", "Tue, 1 Dec 2026 12:00:00 +0100", "1 Dec 2026 12:00 -0500",
              "Tue, 1 Dec 26 12:00:00 GMT", "Tue, 1 Dec 2026 12:00:00 -0000", "Tue, 1 Dec 2026 12:00:00 EST",
              "Tue, 1 Dec 2026 12:00:00", "garbage", "", "Tue, 31 Feb 2026 12:00:00 +0000",
-             "Tue,\r\n 1 Dec 2026 12:00:00 +0000", "Tue, 1 Dec 2026 25:00:00 +0000"],
+             "Tue,\r\n 1 Dec 2026 12:00:00 +0000", "Tue, 1 Dec 2026 25:00:00 +0000",
+             # the canonical form format_datetime writes, read without parsing: only when it gives it back
+             "Mon, 01 Dec 2026 12:00:00 +0000", "Tue, 01 Dec 2026 23:59:59 -0000", "Tue, 01 Dec 2026 00:00:00 +2359",
+             "Sun, 29 Feb 2026 12:00:00 +0000", "Sat, 29 Feb 2020 12:00:00 -0530", "Tue, 01 dec 2026 12:00:00 +0000",
+             "Tue, 01 Dec 2026 12:00:60 +0000", "Tue, 00 Dec 2026 12:00:00 +0000", "Tue, 01 Dec 0999 12:00:00 +0000",
+             "Fri, 01 Jan 1000 12:00:00 +0000", "Tue, 01 Dec 2026 12:00:00 +0000 ", "Tue, 01 Dec 2026 12:00:00 +0060"],
     "message-id": ["<a@b>", "<1.cost@client.example>", "<CAF=x+y@mail.gmail.com>", "a@b", "<a@b> ", " <a@b>",
                    "<a b@c>", "<.a@b>", "<a..b@c>", "<a@[1.2.3.4]>", "<@>", "<a@b><c@d>", "<a@b> (comment)", ""],
     "subject": ["Lunch?", "Re: Lunch?", "  two  spaces  ", "tab\there", "folded\r\n line", "=?utf-8?q?x?=",
@@ -380,6 +385,76 @@ def test_random_plain_header_values_read_exactly_as_the_header_registry_reads_th
             part = email.message.EmailMessage(policy=policy.default)
             part._headers.append((header, value))
             assert list(m.parsed_headers(part)) == [registry_reading(header, value)], (header, value)
+
+
+def test_random_dates_in_the_canonical_form_read_exactly_as_the_header_registry_reads_them():
+    import random
+    from datetime import datetime, timedelta
+
+    rng = random.Random(7)
+    days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+    for _ in range(3000):
+        moment = datetime(1000, 1, 1) + timedelta(seconds=rng.randrange(9000 * 365 * 86400))
+        weekday = days[moment.weekday()] if rng.random() < 0.8 else rng.choice(days)
+        zone = rng.choice(["+", "-"]) + f"{rng.randrange(25):02d}{rng.choice([0, 30, 45, 59, 60]):02d}"
+        value = f"{weekday}, {moment:%d %b} {moment.year:04d} {moment:%H:%M:%S} {zone}"
+        part = email.message.EmailMessage(policy=policy.default)
+        part._headers.append(("Date", value))
+        assert list(m.parsed_headers(part)) == [registry_reading("Date", value)], value
+
+
+def test_addresses_of_from_like_values_read_as_parseaddr_reads_them():
+    import random
+    from email.utils import parseaddr
+
+    rng = random.Random(5)
+    pieces = ["ann", "Bob", "x", "o'b", "a+b", "{}", "1", ".", " ", "@", "<", ">", ",", '"', "(", ")", "[", "]",
+              "\\", "example.org", "\t"]
+    values = PLAIN_LOOKING["from"] + ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+                                      for _ in range(5000)]
+    for value in values:
+        assert m.address_of(value) == parseaddr(value)[1], value
+
+
+MIME_HEADERS = [
+    None, "", "text/plain", "TEXT/PLAIN", "text/plain; charset=us-ascii", 'text/plain; charset="UTF-8"',
+    "text/plain;charset=Latin1", "text/plain; CHARSET=x-mac-roman", "charset=utf-8", "text/plain; charset=",
+    "text/plain; charset*=utf-8''utf-8", 'text/plain; charset="utf-8', 'text/plain; charset="a\\"b"',
+    "text/plain; format=flowed; charset=utf-8", "text/plain; charset=utf-8; charset=latin1", " text/plain; charset=x",
+    "text/plain; charset = utf-8", "text/plain; charset=utf-8 ", "text/plain; name=a.txt", "application/pdf; NAME=x",
+    "application/pdf; name*=utf-8''%C3%A9.pdf", "text/plain; filename=a.txt", "text/plain; charset=caf\udcc3\udca9",
+    "text/plain; charset=é",
+]
+
+
+@pytest.mark.parametrize("disposition", [None, "inline", "attachment", 'attachment; filename="a b.pdf"',
+                                         "attachment; filename*=utf-8''%C3%A9.pdf", "inline; name=x"])
+def test_charsets_and_filenames_read_as_the_stdlib_reads_them(disposition):
+    for content_type in MIME_HEADERS:
+        part = email.message.EmailMessage(policy=policy.default)
+        if content_type is not None:
+            part._headers.append(("Content-Type", content_type))
+        if disposition is not None:
+            part._headers.append(("Content-Disposition", disposition))
+        assert m._charset_of(part) == part.get_content_charset(), content_type
+        try:
+            expected = part.get_filename()
+        except Exception:  # noqa: BLE001 - filename_of gives None for a parameter the stdlib cannot read
+            expected = None
+        assert m.filename_of(part) == expected, (content_type, disposition)
+
+
+def test_a_read_mail_forgets_its_content_type_when_its_headers_change():
+    mail = m.read_mail(crlf("From: a@b\nContent-Type: text/plain\n\nhi\n"), LIMITS)
+    assert mail.get_content_type() == "text/plain"
+    mail.replace_header("Content-Type", "text/html")
+    assert mail.get_content_type() == "text/html"
+    del mail["Content-Type"]
+    assert mail.get_content_type() == "text/plain"
+    mail.set_default_type("message/rfc822")
+    assert mail.get_content_type() == "message/rfc822"
+    mail["Content-Type"] = "image/png"
+    assert mail.get_content_maintype() == "image"
 
 
 def test_a_mail_reads_the_same_whether_its_mime_headers_were_seen_before():
