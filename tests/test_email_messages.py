@@ -479,6 +479,14 @@ def test_the_prescan_finds_boundaries_in_any_case_and_keeps_their_case():
     assert refused.value.counter == "too_many_parts"
 
 
+def test_a_plain_text_mail_quoting_mime_lines_is_one_part_not_a_bomb():
+    body = b"--b\r\nContent-Type: message/rfc822\r\n\r\n" * 200  # a MIME bomb pasted as text
+    raw = b"From: a@b\r\nContent-Type: text/plain; boundary=b\r\n\r\n" + body
+    m.prescan(raw, LIMITS)
+    message = receive(raw).message
+    assert message["body_text"] == body.decode().replace("\r\n", "\n") and message["attachments"] == []
+
+
 QUICK_HEAD = (b"From: Ann <ann@example.org>\r\nTo: lobby@chat.example\r\nSubject: Hello\r\n"
               b"Message-ID: <1@example.org>\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n")
 

@@ -175,7 +175,9 @@ def _header_block_size(raw: bytes, start: int, cap: int) -> int:
 def prescan(raw: bytes, limits: Limits) -> None:
     """Refuse a mail beyond ``limits`` from its bytes alone, before any tree is built; raises ``MailRefused``.
 
-    Linear in the mail and stops at the first cap crossed. Each multipart part
+    Linear in the mail and stops at the first cap crossed. A mail whose own header
+    block names no multipart or message/* type is one part (the parser takes its
+    body as it is), so its body is not scanned. Each multipart part
     declares its ``boundary=``; every line ``--boundary`` opens a part of it,
     and the order of those lines gives the nesting. The parsed tree is checked
     again exactly (``check_tree``): this scan is what keeps the parser from
@@ -183,8 +185,11 @@ def prescan(raw: bytes, limits: Limits) -> None:
     """
     if len(raw) > limits.max_message_size:
         raise _too_big(f"message too big: {len(raw)} bytes, at most {limits.max_message_size}", "oversized")
-    if _header_block_size(raw, 0, limits.max_header_bytes) > limits.max_header_bytes:
+    head_size = _header_block_size(raw, 0, limits.max_header_bytes)
+    if head_size > limits.max_header_bytes:
         raise _too_big(f"header too large: more than {limits.max_header_bytes} bytes", "headers_too_large")
+    if _single_part(raw[:head_size].lower()):
+        return  # the parser reads the body as one payload: nothing in it can open a part
     # message/* parts nest without boundaries; at most max_parts of them keep the parser's recursion shallow
     # (it fails near 1,000 levels), and check_tree then finds their exact depth.
     lowered = raw.lower()
@@ -221,6 +226,13 @@ def prescan(raw: bytes, limits: Limits) -> None:
             raise _bad_mime(f"MIME parts nested too deep: more than {limits.max_depth}", "too_deep")
         if line_end >= 0 and _header_block_size(raw, line_end + 1, limits.max_header_bytes) > limits.max_header_bytes:
             raise _too_big(f"header too large: more than {limits.max_header_bytes} bytes", "headers_too_large")
+
+
+def _single_part(head: bytes) -> bool:
+    """Whether a mail whose header block is ``head`` (lowercased) is one part: no multipart or message/* type in
+    it, nor an encoded word that could hide one (the type is read from the header's text, unfolded: a type folded
+    or commented apart, ``multi(c)part``, is no multipart type to the parser either)."""
+    return b"=?" not in head and b"multipart" not in head and b"message/" not in head
 
 
 def _children(part: Message) -> list[Message]:
@@ -386,8 +398,6 @@ QUICK_STRUCTURED_BYTES = 1024
 _QUICK_CHARSETS = frozenset({b"us-ascii", b"ascii", b"utf-8", b"utf8", b"latin1", b"latin-1", b"iso-8859-15",
                              *(b"iso-8859-%d" % n for n in range(1, 11)),
                              *(b"windows-%d" % n for n in range(1250, 1259))})
-_FIELD_START_RE = re.compile(rb"(?:^|\n)([^ \t\r\n:][^:\r\n]*):")
-_CONTENT_TYPE_RE = re.compile(rb"(?:^|\n)content-type[ \t]*:[ \t]*([^;\s]*)")
 _CHARSET_RE = re.compile(rb"charset[ \t]*(\*?)[ \t]*=[ \t]*\"?([^\s;\"]*)")
 
 
@@ -402,18 +412,22 @@ def quick_to_read(raw: bytes) -> bool:
     if end is None:
         return False
     head = raw[:end.start()].lower()
-    if b"=?" in head or b"multipart" in head or b"message/" in head:
+    if not _single_part(head):
         return False
-    types = _CONTENT_TYPE_RE.findall(head)
-    if any(kind != b"text/plain" for kind in types) or len(types) != head.count(b"content-type"):
-        return False  # another type, or a Content-Type written in a way the pattern does not see
     if any(star or charset not in _QUICK_CHARSETS for star, charset in _CHARSET_RE.findall(head)):
         return False
-    fields = list(_FIELD_START_RE.finditer(head))
     structured = 0
-    for found, following in zip(fields, [*fields[1:], None], strict=True):
-        if found.group(1).rstrip(b" \t").decode("latin-1") in _STRUCTURED:
-            structured += (following.start() if following is not None else len(head)) - found.start()
+    counting = False  # the field the line belongs to is a structured one
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t"):  # a folded field's next line
+            structured += len(line) + 1 if counting else 0
+            continue
+        name, _, value = line.partition(b":")
+        name = name.rstrip(b" \t")
+        counting = name.decode("latin-1") in _STRUCTURED
+        structured += len(line) + 1 if counting else 0
+        if name == b"content-type" and value.lstrip(b" \t").split(b";", 1)[0].rstrip() != b"text/plain":
+            return False  # another type, or one folded onto the next line
     return structured <= QUICK_STRUCTURED_BYTES
 
 
