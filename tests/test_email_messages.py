@@ -487,6 +487,20 @@ def test_a_plain_text_mail_quoting_mime_lines_is_one_part_not_a_bomb():
     assert message["body_text"] == body.decode().replace("\r\n", "\n") and message["attachments"] == []
 
 
+def test_the_end_of_a_header_block_is_where_the_blank_line_pattern_finds_it():
+    import random
+    import re
+
+    pattern = re.compile(rb"\r?\n\r?\n")
+    rng = random.Random(1)
+    for _ in range(20000):
+        raw = bytes(rng.choice(b"ab\r\n:") for _ in range(rng.randint(0, 14)))
+        start = rng.randint(0, len(raw))
+        stop = rng.randint(start, len(raw) + 2)
+        found = pattern.search(raw, start, stop)
+        assert m._header_end(raw, start, stop) == (found.start() if found else -1), (raw, start, stop)
+
+
 QUICK_HEAD = (b"From: Ann <ann@example.org>\r\nTo: lobby@chat.example\r\nSubject: Hello\r\n"
               b"Message-ID: <1@example.org>\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n")
 
