@@ -501,6 +501,39 @@ def test_the_end_of_a_header_block_is_where_the_blank_line_pattern_finds_it():
         assert m._header_end(raw, start, stop) == (found.start() if found else -1), (raw, start, stop)
 
 
+def test_a_one_part_mail_is_built_exactly_as_the_parser_builds_it():
+    import random
+    from email.parser import BytesParser
+
+    rng = random.Random(11)
+    lines = [b"From: Ann <ann@example.org>", b"To: lobby@chat.example", b"Subject: Hello", b"Subject: a\r b",
+             b"Date: Tue, 01 Dec 2026 12:00:00 +0000", b"Content-Type: text/plain; charset=utf-8", b" folded",
+             b"\tfolded too", b"X-Empty:", b"X-Colons: a: b: c", b"no colon here", b":no name", b"From someone",
+             b"Content-Type: multipart/mixed; boundary=b", b"Content-Type: message/rfc822", b"X-8bit: caf\xc3\xa9",
+             b"Subject: =?utf-8?q?caf=C3=A9?=", b"X-Odd\x0bName: x", b"X-Sp ace: x", b"Content-Transfer-Encoding: 8bit",
+             b"X-CR: a\rb"]
+    bodies = [b"", b"Hi.\r\n", b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n", b"a\rb\nc\r\n", b"\xff\xfe"]
+    policy_ = policy.default.clone(header_factory=m._Headers())
+    built = 0
+    for _ in range(3000):
+        end = rng.choice([b"\r\n", b"\n"])
+        head = [rng.choice(lines) for _ in range(rng.randint(0, 6))]
+        raw = b"".join(line + rng.choice([end, end, b"\r\n", b"\n"]) for line in head) + rng.choice([end, b"\r\n"])
+        raw += rng.choice(bodies)
+        direct = m._one_part(raw, policy_)
+        if direct is None:
+            continue
+        built += 1
+        parsed = BytesParser(m._ReadPart, policy=policy_).parsebytes(raw)
+        assert list(direct.raw_items()) == list(parsed.raw_items()), raw
+        assert direct.get_payload() == parsed.get_payload() and direct.get_unixfrom() == parsed.get_unixfrom(), raw
+        assert [type(d) for d in direct.defects] == [type(d) for d in parsed.defects] == [], raw
+        assert receive(raw).message == m.receive_message(parsed, envelope_from="ann@example.org",
+                                                         envelope_to=["lobby@chat.test"], reply_prefix=PREFIX,
+                                                         limits=LIMITS, budget=BUDGET).message, raw
+    assert built > 300  # the shortcut ran for a good share of them
+
+
 QUICK_HEAD = (b"From: Ann <ann@example.org>\r\nTo: lobby@chat.example\r\nSubject: Hello\r\n"
               b"Message-ID: <1@example.org>\r\nDate: Tue, 01 Dec 2026 12:00:00 +0000\r\nMIME-Version: 1.0\r\n")
 
