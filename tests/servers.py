@@ -474,7 +474,9 @@ class Smarthost:
     TLS from the first byte (SMTPS); ``users`` ({login: password}) requires AUTH (after TLS). ``answers`` scripts
     the answers to the next DATAs ("451 4.3.0 busy"; a mail answered so is not recorded; "" takes it), ``refuse``
     answers RCPT TO of the addresses it names. ``stop()`` then ``start()`` serves again on the same port, what it
-    recorded kept.
+    recorded kept. ``connections`` counts the connections it accepted (aiosmtpd's ``Controller`` makes one of its
+    own at ``start()`` to see it serves), ``open_connections`` those still open; ``drop_connections()`` closes them
+    from its side (a smarthost ending idle connections).
     """
 
     def __init__(self, *, tls: dict[str, str] | None = None, users: dict[str, str] | None = None,
@@ -487,6 +489,8 @@ class Smarthost:
         self.answers: list[str] = []
         self.refuse: dict[str, str] = {}  # address -> RCPT TO answer
         self.sessions = 0  # connections it served (counted at EHLO)
+        self.connections = 0  # connections it accepted
+        self._open: set[Any] = set()  # the transports of those still open
         self._changed = threading.Condition()
         self._controller: Any = None
 
@@ -499,7 +503,7 @@ class Smarthost:
         import warnings
 
         from aiosmtpd.controller import Controller
-        from aiosmtpd.smtp import AuthResult, LoginPassword
+        from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
         context = None
         if self.tls:
@@ -548,9 +552,47 @@ class Smarthost:
                               auth_require_tls=not self.implicit)  # implicit TLS: aiosmtpd cannot tell
         if self.implicit and self.users is not None:  # aiosmtpd warns on every connection: it cannot see the TLS
             warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
-        self._controller = Controller(Handler(), **parameters)
+        class Counted(SMTP):
+            def connection_made(self, transport):
+                if self.transport is None:  # the connection itself, not its STARTTLS upgrade
+                    with sink._changed:
+                        sink.connections += 1
+                        sink._open.add(transport)
+                        sink._changed.notify_all()
+                super().connection_made(transport)
+
+            def connection_lost(self, error):
+                with sink._changed:
+                    sink._open.discard(self._original_transport or self.transport)
+                    sink._changed.notify_all()
+                super().connection_lost(error)
+
+        class CountingController(Controller):
+            def factory(self):
+                return Counted(self.handler, **self.SMTP_kwargs)
+
+        self._controller = CountingController(Handler(), **parameters)
         self._controller.start()
         return self
+
+    @property
+    def open_connections(self) -> int:
+        with self._changed:
+            return len(self._open)
+
+    def wait_open_connections(self, count: int, timeout: float = 10.0) -> None:
+        """Until exactly ``count`` connections are open (blocking: call it in a thread)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self._open) == count, timeout):
+                raise AssertionError(f"the smarthost has {len(self._open)} connection(s) open, not {count}, "
+                                     f"after {timeout} s")
+
+    def drop_connections(self) -> None:
+        """Close every open connection from the smarthost's side, as one ending idle connections does."""
+        with self._changed:
+            transports = list(self._open)
+        for transport in transports:
+            self._controller.loop.call_soon_threadsafe(transport.close)
 
     def stop(self) -> None:
         if self._controller is not None:
@@ -562,6 +604,13 @@ class Smarthost:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def received_mails(self) -> list[Any]:
+        """What it took so far, parsed (``policy.default``)."""
+        from email import message_from_bytes, policy
+
+        with self._changed:
+            return [message_from_bytes(entry["data"], policy=policy.default) for entry in self.received]
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """The first ``count`` mails received, once there are that many (blocking: call it in a thread)."""

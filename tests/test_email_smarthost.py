@@ -235,6 +235,71 @@ def test_replies_to_one_recipient_are_rate_limited(run, smarthost, certificates)
     assert bridge.counters["rate_limited"] == 1
 
 
+# -- the connection to the smarthost ---------------------------------------------------------------------------
+
+
+def test_replies_one_after_the_other_share_one_connection(run, smarthost, certificates):
+    async def scenario():
+        smarthost.start()
+        async with serving(through(smarthost, certificates, smarthost_idle_timeout=60.0)) as bridge:
+            thread = (await receive(bridge, mail()))["reply_channel"]
+            before = smarthost.connections  # the Controller's own check that it serves
+            for number in range(1, 4):  # each sent once the one before arrived: the queue is empty in between
+                await bridge.layer.send(thread, {"text": f"reply {number}"})
+                await received(smarthost, number)
+            opened, open_while_serving = smarthost.connections - before, smarthost.open_connections
+        await asyncio.to_thread(smarthost.wait_open_connections, 0)  # the bridge stopped: closed
+        return bridge, opened, open_while_serving
+
+    bridge, opened, open_while_serving = run(scenario())
+    assert [m.get_content().strip() for m in smarthost.received_mails()] == ["reply 1", "reply 2", "reply 3"]
+    assert opened == 1 and open_while_serving == 1  # one connect, STARTTLS and AUTH for all three
+    assert bridge.counters["mails_sent"] == 3
+
+
+def test_the_connection_is_closed_after_the_idle_timeout_and_opened_again_for_the_next_reply(run, smarthost,
+                                                                                             certificates):
+    async def scenario():
+        smarthost.start()
+        async with serving(through(smarthost, certificates, smarthost_idle_timeout=0.2)) as bridge:
+            thread = (await receive(bridge, mail()))["reply_channel"]
+            before = smarthost.connections
+            await bridge.layer.send(thread, {"text": "first"})
+            await received(smarthost, 1)
+            await asyncio.to_thread(smarthost.wait_open_connections, 0)  # while the bridge serves on
+            await bridge.layer.send(thread, {"text": "second"})
+            await received(smarthost, 2)
+            return bridge, smarthost.connections - before
+
+    bridge, opened = run(scenario())
+    assert [m.get_content().strip() for m in smarthost.received_mails()] == ["first", "second"]
+    assert opened == 2 and bridge.counters.get("smarthost_retries", 0) == 0
+
+
+@pytest.mark.parametrize("seen", [True, False], ids=["close-seen", "close-maybe-unseen"])
+def test_a_kept_connection_the_smarthost_dropped_is_opened_again_without_losing_the_reply(run, smarthost,
+                                                                                          certificates, seen):
+    async def scenario():
+        smarthost.start()
+        async with serving(through(smarthost, certificates, smarthost_idle_timeout=60.0)) as bridge:
+            thread = (await receive(bridge, mail()))["reply_channel"]
+            before = smarthost.connections
+            await bridge.layer.send(thread, {"text": "before"})
+            await received(smarthost, 1)
+            smarthost.drop_connections()  # a smarthost ending idle connections on its own schedule
+            if seen:
+                await wait_until_async(lambda: not bridge.sending.outbox._client.is_connected,
+                                       "the bridge to see the connection closed")
+            await bridge.layer.send(thread, {"text": "after"})  # unseen: it may find the connection closing
+            await received(smarthost, 2)
+            return bridge, smarthost.connections - before
+
+    bridge, opened = run(scenario())
+    assert [m.get_content().strip() for m in smarthost.received_mails()] == ["before", "after"]
+    assert opened == 2
+    assert bridge.counters.get("smarthost_retries", 0) == 0  # no backoff, no degraded health: not an outage
+
+
 # -- the smarthost's answers and outages -----------------------------------------------------------------------
 
 

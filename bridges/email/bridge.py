@@ -356,10 +356,13 @@ class EmailBridge(ListeningBridge):
             return TRY_LATER
         relay = self._relay_of(session.peer)
         login = session.auth_data.login.decode("utf-8", "replace") if session.authenticated else None
-        try:  # parsing is bounded, but a 512 KB mail can still cost milliseconds: off the loop
-            received = await asyncio.get_running_loop().run_in_executor(
-                self.reader, self._read, envelope.original_content, envelope.mail_from, list(envelope.rcpt_tos), relay,
-                login)
+        raw, rcpt_tos = envelope.original_content, list(envelope.rcpt_tos)
+        try:
+            if m.quick_to_read(raw):  # a few ms at most (messages.QUICK_*): the hand-off would cost more than it saves
+                received = self._read(raw, envelope.mail_from, rcpt_tos, relay, login)
+            else:  # parsing is bounded, but a 512 KB mail can still cost milliseconds: off the loop
+                received = await asyncio.get_running_loop().run_in_executor(
+                    self.reader, self._read, raw, envelope.mail_from, rcpt_tos, relay, login)
         except m.MailRefused as exc:
             self.refused_mail(server.peer_name, exc)
             return exc.smtp_reply
@@ -412,7 +415,8 @@ class EmailBridge(ListeningBridge):
 
     def _read(self, raw: bytes, mail_from: str, rcpt_tos: list[str], relay: str | None,
               login: str | None) -> m.Received:
-        """Read one mail into its message (in an executor thread: pure code, no bridge state but reads)."""
+        """Read one mail into its message (on the loop or in the reading thread: pure code, no bridge state but
+        reads)."""
         mail = m.read_mail(raw, self.limits)
         authenticated = m.authentication(smtp_login=login, relay=relay, authserv_id=self.options["authserv_id"],
                                          headers=[(k, str(v)) for k, v in mail.raw_items()] if relay else ())

@@ -7,7 +7,8 @@ mail and over the per-recipient rate limit, and hands it to the ``Outbox``: a
 bounded queue (mails and bytes) and the one task that sends it, in order, over
 one aiosmtplib connection on the bridge's loop (STARTTLS when offered or
 required, implicit TLS for ``smtps://``, AUTH only over TLS, the certificate
-verified). A 4xx answer or a smarthost that cannot be reached keeps the mail at
+verified), kept open for ``smarthost_idle_timeout`` seconds once the queue is
+empty. A 4xx answer or a smarthost that cannot be reached keeps the mail at
 the head of the queue and retries it with jittered backoff; a 5xx answer drops
 it, logged and counted. It must not touch the SMTP server (``bridge.py``) nor
 decide what a mail holds (``messages.py``). docs/spec/email.md is the contract.
@@ -75,6 +76,9 @@ OPTIONS: dict[str, Option] = {
                                          "system's"),
     "smarthost_timeout": Option(float, 30.0, "seconds to wait for the smarthost's answer to one command",
                                 positive_seconds, from_string=True),
+    "smarthost_idle_timeout": Option(float, 5.0, "seconds the connection to the smarthost stays open once no mail "
+                                                 "waits, for the next one; 0 closes it at once",
+                                     lambda v: None if v >= 0 else "must be 0 or more seconds", from_string=True),
     "smarthost_retry_max": Option(float, 60.0, "the longest wait between two tries of a mail the smarthost did not "
                                                "take (backoff with jitter, from 1 s)", positive_seconds,
                                   from_string=True),
@@ -194,10 +198,7 @@ class Outbox:
             if not self.queue:
                 self._idle.set()
                 self._overflowing = False
-                await self._disconnect()  # nothing to send: do not hold the smarthost's connection
-                self._wake.clear()
-                if not self.queue:  # put() may have run while disconnecting: its wake-up must not be lost
-                    await self._wake.wait()
+                await self._wait_for_mail()
                 continue
             outgoing = self.current = self.queue.popleft()
             self.queued_bytes -= len(outgoing.data)
@@ -235,7 +236,36 @@ class Outbox:
                                                  f"{len(self)} mail(s) queued, retrying in {delay:.1f} s")
             await asyncio.sleep(delay)
 
+    async def _wait_for_mail(self) -> None:
+        """Until ``put()`` queues a mail. The connection stays open ``smarthost_idle_timeout`` seconds of it, so
+        replies one after the other do not each pay a connection, the greeting, EHLO, STARTTLS, AUTH and QUIT;
+        then it is closed, so as not to hold the smarthost's connection while nothing is sent."""
+        self._wake.clear()
+        keep = self.options["smarthost_idle_timeout"]
+        if keep > 0 and self._client is not None and self._client.is_connected:
+            try:
+                await asyncio.wait_for(self._wake.wait(), keep)
+                return
+            except TimeoutError:
+                pass
+        await self._disconnect()
+        if not self.queue:  # put() may have run while disconnecting: its wake-up must not be lost
+            await self._wake.wait()
+
     async def _send(self, outgoing: m.Outgoing) -> m.Outgoing | None:
+        """One try of one mail (see ``_send_once``). A kept connection the smarthost closed as the mail went out
+        (it ends idle connections when it likes) is no failure of the smarthost's: the mail goes again at once
+        over a new connection, and only a failure there counts."""
+        kept = self._client is not None and self._client.is_connected
+        try:
+            return await self._send_once(outgoing)
+        except _TryLater as exc:
+            if not kept or not isinstance(exc.__cause__, ConnectionError):
+                raise
+        await self._disconnect()
+        return await self._send_once(outgoing)
+
+    async def _send_once(self, outgoing: m.Outgoing) -> m.Outgoing | None:
         """One try of one mail: None when it is done with (sent, or refused for good), else what to retry (the mail,
         or a copy for the recipients the smarthost deferred). Raises ``_TryLater`` for a failure of the connection."""
         try:
