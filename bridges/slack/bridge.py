@@ -8,7 +8,7 @@ watched by a ping/pong watchdog) or the Events API listener (aiohttp's
 low-level server through the shared ``listen_asyncio``, signatures checked on
 the raw body), passing events into the layer and acknowledging each only once
 the layer took it, the names cache's lookups, and posting replies through one
-rate-limited queue per channel. What an event or a reply means is
+rate-limited queue per channel (its calls through ``webapi.py``). What an event or a reply means is
 ``messages.py``'s; docs/spec/slack.md is the contract with consumers.
 
 Why slack-sdk's Socket Mode client is subclassed (``_SocketClient``): left to
@@ -20,6 +20,11 @@ order it was read. Its receive loop, ping handling (``last_ping_pong_time``)
 and acknowledgement sending are the SDK's. ``enqueue_message``,
 ``receive_messages`` and those attributes are slack-sdk 3.x internals
 (setup.cfg pins ``<4``); tests/test_slack_bridge.py covers them.
+
+Why replies are posted through ``webapi.WebAPI`` and not slack-sdk's ``AsyncWebClient``: a post is the one Web
+API call made per event, and the SDK's per-call machinery cost ~3x the CPU of that small keep-alive client
+(bench/slack_post.py; the reasons in webapi.py). The SDK still makes every other call (``auth.test``,
+``apps.connections.open``, ``users.info``, ``conversations.info``, response_url answers).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from crossroads.bridges.protocol import positive, seconds_or_off
 from crossroads.layer.base import backoff_delays
 
 from . import messages as m
+from .webapi import WebAPI
 
 FORWARD_BATCH = 100  # events sent into the layer at once (Slack's order kept)
 IN_FLIGHT_LIMIT = 1000  # events taken and not yet stored; beyond, an envelope is left unacknowledged (Slack resends)
@@ -67,6 +73,7 @@ BODY_TIME = 10.0  # seconds a client has to send its request body
 CONNECT_TIMEOUT = 10.0  # seconds for apps.connections.open, the WebSocket handshake and Slack's hello
 DRAIN_TIME = 2.0  # seconds a stopping bridge lets queued posts go before dropping (and counting) the rest
 POST_ATTEMPTS = 3  # a post that fails for a network error is tried this often before it is given up
+POST_TIMEOUT = 30.0  # seconds for one Web API call of a reply (slack-sdk's default)
 # Counted from the start, so `crossroads status` shows them at 0 (docs/spec/slack.md, "Counters and logs").
 COUNTERS = ("repeats", "skipped", "bad_signatures", "app_rate_limited", "lookup_failures", "oversized", "posted",
             "rate_limited", "outbound_dropped", "invalid_replies", "not_delivered")
@@ -269,6 +276,7 @@ class SlackBridge(ListeningBridge):
         self.sdk_log.setLevel(self.log.getEffectiveLevel())
         self.web = AsyncWebClient(token=options["bot_token"], base_url=options["api_url"], session=self.session,
                                   logger=self.sdk_log)
+        self.poster = WebAPI(options["api_url"], options["bot_token"], timeout=POST_TIMEOUT)
         # Events into the layer in the order Slack sent them, each acknowledged once stored. Socket Mode
         # holds what the layer refuses and tries it again (unacknowledged meanwhile: Slack's redelivery
         # joins the waiting copy); the Events API answers 503 at once, and Slack retries.
@@ -320,6 +328,7 @@ class SlackBridge(ListeningBridge):
             await socket.shut()
         if self.http is not None:
             await self.http.shutdown(1.0)
+        self.poster.close()
         await self.session.close()
 
     # -- the link: who we are --
@@ -798,7 +807,7 @@ class SlackBridge(ListeningBridge):
             return
         channel = target.channel
         if reply.kind == m.REACTION:
-            self._post(channel, "reactions_add", {"channel": channel, "timestamp": reply.ts, "name": reply.name})
+            self._post(channel, "reactions.add", {"channel": channel, "timestamp": reply.ts, "name": reply.name})
             return
         blocks = list(reply.blocks) if reply.blocks is not None else None
         for text in reply.texts:
@@ -808,18 +817,18 @@ class SlackBridge(ListeningBridge):
             if blocks is not None:
                 args["blocks"] = blocks
             if reply.kind == m.UPDATE:
-                self._post(channel, "chat_update", {**args, "ts": reply.ts})
+                self._post(channel, "chat.update", {**args, "ts": reply.ts})
                 continue
             if reply.thread_ts:
                 args["thread_ts"] = reply.thread_ts
             if reply.kind == m.EPHEMERAL:
-                self._post(channel, "chat_postEphemeral", {**args, "user": reply.user})
+                self._post(channel, "chat.postEphemeral", {**args, "user": reply.user})
                 continue
             if reply.broadcast:
                 args["reply_broadcast"] = True
             if not reply.unfurl:
                 args.update(unfurl_links=False, unfurl_media=False)
-            self._post(channel, "chat_postMessage", args)
+            self._post(channel, "chat.postMessage", args)
 
     def _invalid(self, local_id: str, exc: Exception) -> None:
         self.count("invalid_replies")
@@ -884,23 +893,7 @@ class SlackBridge(ListeningBridge):
                 method, args, attempts = queue[0]
                 self.limiter.take(channel, time.monotonic())
                 try:
-                    answer = await getattr(self.web, method)(**args)
-                except SlackApiError as exc:
-                    if exc.response.status_code == 429:
-                        self.count("rate_limited")
-                        try:
-                            held = float(exc.response.headers.get("Retry-After", "1"))
-                        except (TypeError, ValueError):
-                            held = 1.0
-                        self.limiter.retry_after(channel, held, time.monotonic())
-                        self.log.info("%s: Slack rate-limited posts to %s; holding them %.0f s", self.label, channel,
-                                      held)
-                        continue  # the same post again, after Retry-After: the order stays
-                    queue.popleft()
-                    self.count("not_delivered")
-                    self.log.warning("%s: %s to %s failed: %s", self.label, method, channel,
-                                     exc.response.get("error"))
-                    continue
+                    status, answer, retry_after = await self.poster.call(method, args)
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     if attempts + 1 >= POST_ATTEMPTS:
                         queue.popleft()
@@ -911,6 +904,21 @@ class SlackBridge(ListeningBridge):
                         queue[0] = (method, args, attempts + 1)
                         delays = delays or backoff_delays(0.5, 5.0)
                         await asyncio.sleep(next(delays))
+                    continue
+                if status == 429:
+                    self.count("rate_limited")
+                    try:
+                        held = float(retry_after or "1")
+                    except ValueError:
+                        held = 1.0
+                    self.limiter.retry_after(channel, held, time.monotonic())
+                    self.log.info("%s: Slack rate-limited posts to %s; holding them %.0f s", self.label, channel, held)
+                    continue  # the same post again, after Retry-After: the order stays
+                if status != 200 or answer.get("ok") is not True:
+                    queue.popleft()
+                    self.count("not_delivered")
+                    self.log.warning("%s: %s to %s failed: %s", self.label, method, channel,
+                                     answer.get("error") or f"HTTP {status}")
                     continue
                 delays = None
                 queue.popleft()
