@@ -445,8 +445,9 @@ def spy_summary(path: Path, top: int = 30) -> str:
     return f"  {total} samples\n  self:\n{rows(own)}\n  inclusive:\n{rows(inside)}"
 
 
-def profile(config: Config, seconds: float = 20.0) -> int:
-    """crossroads redis:// under floods while py-spy samples the bridge and the worker; prints where time goes."""
+def profile(config: Config, setup: str = "redis", seconds: float = 20.0) -> int:
+    """crossroads redis:// (``setup`` "redis", with replies, or "quiet", without) under floods while py-spy
+    samples the bridge and the worker; prints where time goes."""
     spy = Path(sys.executable).parent / "py-spy"
     if not spy.exists():
         print("py-spy is missing: .venv/bin/pip install py-spy", file=sys.stderr)
@@ -455,9 +456,10 @@ def profile(config: Config, seconds: float = 20.0) -> int:
         redis = BenchRedis()
         peer = crossroads = None
         try:
-            peer = Peer("redis")
-            crossroads = Crossroads("redis", redis.url, peer, Path(workdir))
-            peer.flood("warm", config.warmup, config.window, True, idle=60)
+            posts = setup in POSTING
+            peer = Peer(setup)
+            crossroads = Crossroads(setup, redis.url, peer, Path(workdir))
+            peer.flood("warm", config.warmup, config.window, posts, idle=60)
             outputs = {name: Path(workdir) / f"{name}.txt" for name in crossroads.pids}
             spies = [subprocess.Popen([*cpu_pin(LOAD_CORE), str(spy), "record", "--pid", str(pid), "--rate", "100",
                                        "--duration", str(int(seconds)), "--format", "raw", "-o", str(outputs[name])],
@@ -465,9 +467,9 @@ def profile(config: Config, seconds: float = 20.0) -> int:
                      for name, pid in crossroads.pids.items()]
             run = 0
             while any(process.poll() is None for process in spies):
-                got = figures(peer.flood(f"prof{run}", config.count, config.window, True), {}, True)
-                print(f"  flood {run}: {got['events_per_s']:,.0f} events/s acked, {got['posts_per_s']:,.0f} posts/s",
-                      flush=True)
+                got = figures(peer.flood(f"prof{run}", config.count, config.window, posts), {}, posts)
+                print(f"  flood {run}: {got['events_per_s']:,.0f} events/s acked, {got.get('posts_per_s', 0):,.0f} "
+                      "posts/s", flush=True)
                 run += 1
             for name, path in outputs.items():
                 print(f"\n{name} (pid {crossroads.pids[name]}):")
@@ -791,9 +793,10 @@ def print_report(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     def profile_flag(parser: argparse.ArgumentParser) -> Any:
-        parser.add_argument("--profile", action="store_true",
-                            help="only crossroads redis://, flooded while py-spy samples its processes; writes nothing")
-        return lambda args: profile(Config.make(quick=False)) if args.profile else None
+        parser.add_argument("--profile", nargs="?", const="redis", choices=("redis", "quiet"),
+                            help="only crossroads redis:// (with replies; \"quiet\": a consumer that answers "
+                                 "nothing), flooded while py-spy samples its processes; writes nothing")
+        return lambda args: profile(Config.make(quick=False), args.profile) if args.profile else None
 
     return bench_main("slack", argv, description=__doc__.split("\n\n")[0],
                       run=lambda config: timed_run(run_all, config), config=Config.make, report=print_report,

@@ -141,6 +141,8 @@ class _SocketClient(SocketModeClient):
         self.bridge = bridge
         self.hello: asyncio.Future = asyncio.get_running_loop().create_future()
         self.watchdog: asyncio.Task | None = None
+        self.acks: deque[str] = deque()  # ack frames to send, in the order the envelopes were stored
+        self.acker: asyncio.Task | None = None  # sends them; one task per connection, not one per ack
         self.on_close_listeners.append(self._closed)
         self.on_error_listeners.append(self._closed)
 
@@ -172,7 +174,7 @@ class _SocketClient(SocketModeClient):
 
     async def shut(self) -> None:
         """Close the connection and wait for its tasks (the watchdog, the SDK's receive and process loops)."""
-        tasks = [t for t in (self.watchdog, self.message_receiver, self.message_processor)
+        tasks = [t for t in (self.watchdog, self.acker, self.message_receiver, self.message_processor)
                  if t is not None and t is not asyncio.current_task()]
         try:
             await self.close()
@@ -509,17 +511,24 @@ class SlackBridge(ListeningBridge):
     def _ack(self, client: _SocketClient, envelope_id: str, payload: dict[str, Any] | None) -> None:
         if not client.is_open:
             return  # its socket is gone: Slack sends the envelope again, where it is a repeat
-        ack: dict[str, Any] = {"envelope_id": envelope_id}
-        if payload is not None:
-            ack["payload"] = payload
-        self.spawn(self._send_ack(client, json.dumps(ack)), "acknowledging an envelope")
+        if payload is None:
+            client.acks.append('{"envelope_id": ' + json.dumps(envelope_id) + "}")
+        else:
+            client.acks.append(json.dumps({"envelope_id": envelope_id, "payload": payload}))
+        if client.acker is None:  # a task per ack was ~10% of the bridge's CPU in a flood without replies
+            client.acker = self.spawn(self._send_acks(client), "acknowledging envelopes")
 
-    async def _send_ack(self, client: _SocketClient, ack: str) -> None:
+    async def _send_acks(self, client: _SocketClient) -> None:
+        acks = client.acks
         try:
-            await client.current_session.send_str(ack)
+            while acks:
+                await client.current_session.send_str(acks.popleft())
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
-            self.log.info("%s: an acknowledgement could not be sent (%s); Slack will send the envelope again",
-                          self.label, exc)
+            self.log.info("%s: %d acknowledgement(s) could not be sent (%s); Slack will send the envelopes again",
+                          self.label, len(acks) + 1, exc)
+            acks.clear()
+        finally:
+            client.acker = None
 
     # -- the Events API --
 

@@ -47,6 +47,7 @@ FILE_KEYS = ("id", "name", "mimetype", "size", "url_private")
 _CONTROL = re.compile(r"<([^<>]*)>")
 _TS = re.compile(r"^\d+\.\d+$")
 _LOCAL_SAFE = re.compile(r"[A-Za-z0-9-]")
+_ALL_SAFE = re.compile(r"[A-Za-z0-9-]*")
 LOCAL_ID_LIMIT = 60  # leaves room for the ``slack.{bridge}.{random}!`` prefix in a 99-character name
 
 
@@ -165,6 +166,8 @@ def _cut_point(line: str, limit: int) -> int:
 
 
 def _safe(part: str) -> str:
+    if _ALL_SAFE.fullmatch(part):  # Slack's ids always are: one match instead of one per character
+        return part
     return "".join(ch if _LOCAL_SAFE.fullmatch(ch) else "".join(f"_{b:02x}" for b in ch.encode()) for ch in part)
 
 
