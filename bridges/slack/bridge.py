@@ -672,6 +672,8 @@ class SlackBridge(ListeningBridge):
         self._queue(m.RECEIVE, pending)
 
     def _naming_wanted(self, payload: dict[str, Any]) -> bool:
+        if not self.lookups:
+            return False
         event = payload.get("event") if isinstance(payload.get("event"), dict) else {}
         wanted = [f"u:{event.get('user')}", f"c:{event.get('channel')}"]
         return any(key in self.lookups for key in wanted)

@@ -47,7 +47,6 @@ FILE_KEYS = ("id", "name", "mimetype", "size", "url_private")
 _CONTROL = re.compile(r"<([^<>]*)>")
 _TS = re.compile(r"^\d+\.\d+$")
 _LOCAL_SAFE = re.compile(r"[A-Za-z0-9-]")
-_ALL_SAFE = re.compile(r"[A-Za-z0-9-]*")
 LOCAL_ID_LIMIT = 60  # leaves room for the ``slack.{bridge}.{random}!`` prefix in a 99-character name
 
 
@@ -166,7 +165,7 @@ def _cut_point(line: str, limit: int) -> int:
 
 
 def _safe(part: str) -> str:
-    if _ALL_SAFE.fullmatch(part):  # Slack's ids always are: one match instead of one per character
+    if part.isascii() and part.replace("-", "").isalnum():  # Slack's ids always are: no look at each character
         return part
     return "".join(ch if _LOCAL_SAFE.fullmatch(ch) else "".join(f"_{b:02x}" for b in ch.encode()) for ch in part)
 
@@ -240,7 +239,9 @@ def _str(mapping: dict[str, Any], key: str, where: str, *, required: bool = True
 
 def files_of(event: dict[str, Any]) -> list[dict[str, Any]]:
     """The files of a message, as metadata only (the bridge never downloads them)."""
-    files = event.get("files") or []
+    files = event.get("files")
+    if not files:
+        return []
     if not isinstance(files, list):
         raise BadInput("the message's 'files' is not a list")
     return [{key: item.get(key) for key in FILE_KEYS} for item in files if isinstance(item, dict)]
