@@ -7,7 +7,7 @@ pinned to the other core. Both clients share one aiohttp session and the same lo
 slack-sdk formats no debug lines), and post the same arguments the bridge posts for a text reply.
 
 Usage: ``.venv/bin/python bench/slack_post.py [--calls N] [--rounds R]``; prints µs of CPU per call for each
-client, round by round, and the median ratio. Writes nothing.
+client, round by round, the emulator's per call, and the median ratios. Writes nothing.
 """
 
 from __future__ import annotations
@@ -52,11 +52,24 @@ class AiohttpPoster:
             return response.status, json.loads(await response.read())
 
 
-async def measure(api_url: str, token: str, calls: int, rounds: int) -> dict[str, list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """CPU time another process has used, in ns precision (schedstat, summed over its threads)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):  # a thread that just ended
+            continue
+    return total / 1e9
+
+
+async def measure(api_url: str, token: str, calls: int, rounds: int, emulator: int
+                  ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     logger = logging.getLogger("bench.slack_post.sdk")
     logger.setLevel(logging.WARNING)
     per_call: dict[str, list[float]] = {"slack-sdk AsyncWebClient": [], "aiohttp, headers built once": [],
                                         "crossroads WebAPI (bridges/slack/webapi.py)": []}
+    served: dict[str, list[float]] = {name: [] for name in per_call}  # the emulator's CPU per call
     async with aiohttp.ClientSession() as session:
         web = AsyncWebClient(token=token, base_url=api_url, session=session, logger=logger)
         poster = AiohttpPoster(session, api_url, token)
@@ -80,12 +93,13 @@ async def measure(api_url: str, token: str, calls: int, rounds: int) -> dict[str
                 await client()
         for _ in range(rounds):
             for name, client in clients.items():
-                start = time.process_time()
+                start, emulator_start = time.process_time(), cpu_seconds(emulator)
                 for _ in range(calls):
                     await client()
                 per_call[name].append((time.process_time() - start) / calls * 1e6)
+                served[name].append((cpu_seconds(emulator) - emulator_start) / calls * 1e6)
         ours.close()
-    return per_call
+    return per_call, served
 
 
 def main() -> int:
@@ -99,12 +113,12 @@ def main() -> int:
             os.sched_setaffinity(0, {SERVER_CORE})
         print(f"load average {os.getloadavg()[0]:.2f}; emulator on core {LOAD_CORE}, this process on {SERVER_CORE}; "
               f"{args.rounds} rounds × {args.calls} calls each, interleaved")
-        got = asyncio.run(measure(peer.api_url, peer.bot_token, args.calls, args.rounds))
+        got, served = asyncio.run(measure(peer.api_url, peer.bot_token, args.calls, args.rounds, peer.process.pid))
     finally:
         peer.stop()
     for name, values in got.items():
         print(f"  {name}: {statistics.median(values):.0f} µs CPU/call (rounds: "
-              f"{', '.join(f'{v:.0f}' for v in values)})")
+              f"{', '.join(f'{v:.0f}' for v in values)}); the emulator {statistics.median(served[name]):.0f} µs/call")
     sdk, *others = got.values()
     for name, values in zip(list(got)[1:], others, strict=True):
         print(f"  {name} ÷ slack-sdk (median of the rounds' ratios): "
