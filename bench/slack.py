@@ -231,17 +231,17 @@ max_queued = 1000000
 
 # Where the bridge's CPU goes: `bench/slack.py --profile` (py-spy on crossroads redis:// under floods), by hand.
 PROFILE = (
-    "- Where the bridge's CPU goes (py-spy at 100 Hz on the redis:// bridge and worker under floods with replies, "
-    "`bench/slack.py --profile`, at 27b7902): about 60% of the bridge's samples post the replies (`_send_channel` → "
-    "slack-sdk's `AsyncWebClient.chat_postMessage` → aiohttp's client: the request, its headers and form body, "
-    "reading and parsing the JSON answer into a `SlackResponse`); 9% slack-sdk's Socket Mode receive loop; 8% "
-    "`_frame` and `_take_event` (the envelope's JSON, `event_message`, the text made readable); 5% the layer "
-    "(one `send_many` to Redis per batch); the rest the event loop itself. About 6% of the bridge's samples are "
-    "slack-sdk formatting debug lines nobody reads: it tests `logger.level <= logging.DEBUG` on the logger it is "
-    "given (slack_sdk/web/async_internal_utils.py), and the bridge hands it the child logger "
-    "`crossroads.bridges.slack.sdk`, whose own level is NOTSET (0), so every request and answer builds its debug "
-    "f-strings. The worker spends most of its samples waiting on Redis: it is not the limit. So the one place to "
-    "win is the post, and a post per event is what this benchmark asks."
+    "- Where the bridge's CPU goes (py-spy at 100 Hz, `bench/slack.py --profile` for the redis:// bridge and worker "
+    "under floods with replies, `--profile quiet` without): at 27b7902, about 60% of the bridge's samples posted "
+    "the replies through slack-sdk's `AsyncWebClient.chat_postMessage` (its per-call argument, header and retry "
+    "machinery, aiohttp's client, a `SlackResponse` per answer; slack-sdk formatting debug lines too, through a "
+    "logger whose own level was NOTSET). Replies now go out on the bridge's own keep-alive HTTP/1.1 client "
+    "(bridges/slack/webapi.py: one pre-built request head, a JSON body, the answer parsed by llhttp), a fraction "
+    "of that per post (`bench/slack_post.py` measures the three ways side by side), and acks through one task "
+    "per connection instead of one per ack. Without replies, what is left is mostly I/O: the socket writes of the "
+    "acks (one WebSocket frame each) and of the layer's `send_many`, the envelope's JSON, `event_message`; "
+    "slack-sdk's own Socket Mode receive loop is ~2% (not worth replacing). The worker spends most of its samples "
+    "waiting on Redis."
 )
 
 # -- the scenarios --
@@ -646,8 +646,9 @@ def reading(results: dict[str, Any]) -> str:
     lines.append(f"- Without the replies (the consumer answers nothing) redis:// acks {quiet['events_per_s']:,.0f} "
                  f"events/s, {quiet['events_per_s'] / bare['events_per_s']:.0%} of the bare client, the bridge "
                  f"spending {quiet['cpu_us_per_event']['bridge']:.0f} µs per event: taking the envelope, building the "
-                 f"`slack.receive`, the layer, the ack. Posting the reply (the `chat.postMessage`: slack-sdk's "
-                 f"AsyncWebClient on aiohttp, an HTTP request and its JSON answer) costs the bridge another "
+                 f"`slack.receive`, the layer, the ack. Posting the reply (the `chat.postMessage`: an HTTP request "
+                 f"on the bridge's keep-alive client, bridges/slack/webapi.py, and its JSON answer) costs the "
+                 f"bridge another "
                  f"{post_cost:.0f} µs per event, {post_cost / sum(bare['cpu_us_per_event'].values()):.0f}× what the "
                  "bare client spends on a whole event, on the one thread that also takes the events in. In the flood "
                  f"with replies the bridge used {redis['busy']['bridge']:.0%} of its core and waited for it "
@@ -745,9 +746,11 @@ at {m['commit']} with {mine}. A shared machine: load average {m['load_before'][0
   raised to 1,000,000): Slack's one post a second per channel would measure Slack's policy; the emulator
   answers no 429 either. The events are `message` posts by a user, spread over {len(CHANNELS)} channels.
 - {pinning}
-- **The emulator** is tests/slack_emulator.py's Web API and `hello` with two paths replaced so that it is not
-  what is measured: un-acked envelopes in a dict (the tests' list is scanned on every ack) and a post recorded
-  as a timestamp. Each envelope is built before the clock starts.
+- **The emulator** is tests/slack_emulator.py's Web API and `hello` with three paths replaced so that it is not
+  what is measured: un-acked envelopes in a dict (the tests' list is scanned on every ack), a post recorded
+  as a timestamp (its token and arguments checked as the tests' emulator checks them), and every request
+  handed to one handler by aiohttp's low-level server (no `Application` router or middlewares). Each envelope
+  is built before the clock starts.
 - **(a) Flood**: {cfg['count']:,} events per run, never more than {cfg['window']} sent and not acked (Slack
   does not say how many it leaves in flight; a busy workspace has many), {cfg['rounds']} rounds per receiver,
   interleaved, the median shown, after {cfg['warmup']} unmeasured events. events/s = acks ÷ the time from the
