@@ -9,10 +9,11 @@ in ``not_delivered`` and the next one goes on (docs/spec/slack.md, "Rate limits 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 
 import pytest
-from servers import take
+from servers import take, write_test_certificates
 from slack_emulator import SlackEmulator
 from test_slack_bridge import bridging, post, reply, texts
 
@@ -45,8 +46,8 @@ def test_posts_errors_and_429_as_slack_answers_them(run):
     assert wrong[1]["error"] == "invalid_auth"
 
 
-async def serving(answer: Answer) -> tuple[asyncio.Server, str, list[bytes]]:
-    """A raw HTTP server on a free port: each request's head and body recorded, ``answer`` writes the answer."""
+async def serving(answer: Answer, tls: ssl.SSLContext | None = None) -> tuple[asyncio.Server, str, list[bytes]]:
+    """A raw HTTP(S) server on a free port: each request's head and body recorded, ``answer`` writes the answer."""
     requests: list[bytes] = []
 
     async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -62,9 +63,9 @@ async def serving(answer: Answer) -> tuple[asyncio.Server, str, list[bytes]]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(connection, "127.0.0.1", 0)
+    server = await asyncio.start_server(connection, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    return server, f"http://127.0.0.1:{port}/api/", requests
+    return server, f"{'https' if tls else 'http'}://127.0.0.1:{port}/api/", requests
 
 
 def json_answer(body: bytes = b'{"ok": true}', extra: bytes = b"") -> bytes:
@@ -161,6 +162,34 @@ def test_an_answer_cut_midway_or_never_sent_raises(run):
         return outcomes
 
     assert run(scenario()) == [ConnectionError, TimeoutError]
+
+
+def test_https_is_verified_against_the_trusted_cas(run, tmp_path):
+    certificates = write_test_certificates(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(certificates["cert"], certificates["key"])
+    trusting = ssl.create_default_context(cafile=certificates["ca"])
+
+    async def answer(reader, writer, n):
+        writer.write(json_answer())
+        await writer.drain()
+
+    async def scenario():
+        server, url, requests = await serving(answer, server_tls)
+        api = WebAPI(url, "xoxb-t", ssl_context=trusting)
+        got = [await api.call("chat.postMessage", {"n": n}) for n in range(2)]
+        api.close()
+        try:  # the system's CAs (the default) do not know the test CA: refused before a byte is sent
+            await WebAPI(url, "xoxb-t").call("chat.postMessage", {"n": 2})
+        except ssl.SSLCertVerificationError as exc:
+            got.append(exc)
+        server.close()
+        return got, requests
+
+    got, requests = run(scenario())
+    assert [g[:2] for g in got[:2]] == [(200, {"ok": True})] * 2
+    assert isinstance(got[2], ssl.SSLCertVerificationError) and isinstance(got[2], OSError)  # the bridge retries it
+    assert len(requests) == 2
 
 
 def test_a_refused_connection_raises_a_connection_error(run):

@@ -15,7 +15,9 @@ the HTTP bridge parses with already). bench/slack_post.py measures the three, in
 What it does not do (none of it is needed for Slack's Web API): proxies, redirects, compression, 1xx
 answers, an answer without a length that ends at the close. A request written on a kept-alive connection
 that the server has closed meanwhile is sent again once on a new one, as aiohttp does; every other failure
-(refused, reset, a bad answer, ``timeout`` passed) raises ``ConnectionError`` or ``TimeoutError``.
+raises an ``OSError`` (``ConnectionError`` when refused, reset or answered with what is not HTTP, an
+``ssl.SSLError`` for a certificate the system's CAs, or ``ssl_context``'s, do not trust) or ``TimeoutError``
+once ``timeout`` passed: the bridge tries those again, as network errors.
 """
 
 from __future__ import annotations
