@@ -22,9 +22,9 @@ and acknowledgement sending are the SDK's. ``enqueue_message``,
 (setup.cfg pins ``<4``); tests/test_slack_bridge.py covers them.
 
 Why replies are posted through ``webapi.WebAPI`` and not slack-sdk's ``AsyncWebClient``: a post is the one Web
-API call made per event, and the SDK's per-call machinery cost ~3x the CPU of that small keep-alive client
-(bench/slack_post.py; the reasons in webapi.py). The SDK still makes every other call (``auth.test``,
-``apps.connections.open``, ``users.info``, ``conversations.info``, response_url answers).
+API call made per event, and the SDK's per-call machinery cost ~4x the instructions of that small keep-alive
+client (bench/slack_post.py under callgrind; the reasons in webapi.py). The SDK still makes every other call
+(``auth.test``, ``apps.connections.open``, ``users.info``, ``conversations.info``, response_url answers).
 """
 
 from __future__ import annotations
