@@ -254,6 +254,7 @@ class SlackBridge(ListeningBridge):
         self.me: m.Identity | None = None
         self.window = m.RepeatWindow(options["repeat_window"])
         self.names = m.NamesCache(options["names_cache"], options["names_max_age"])
+        self.user_names, self.channel_names = self._lookup("u"), self._lookup("c")  # made once, not per event
         self.limiter = m.ChannelLimiter(options["rate"], options["burst"])
         self.in_flight: dict[str, _Pending] = {}  # repeat key -> the event waiting for the layer
         self.reply_targets: OrderedDict[str, None] = OrderedDict()  # local ids, least recently used first
@@ -645,8 +646,8 @@ class SlackBridge(ListeningBridge):
         if self._repeat(keys, answer):
             return
         try:
-            message = m.event_message(payload, self.me, self.name, self.prefix, users=self._lookup("u"),
-                                      channels=self._lookup("c"), threading=self.options["threading"],
+            message = m.event_message(payload, self.me, self.name, self.prefix, users=self.user_names,
+                                      channels=self.channel_names, threading=self.options["threading"],
                                       retry_attempt=retry)
         except m.BadInput as exc:
             self.bad_input("Slack", str(exc))
@@ -689,8 +690,8 @@ class SlackBridge(ListeningBridge):
                 await asyncio.wait(tasks, timeout=left)
             self.naming.popleft()
             try:  # again, with what the lookups found (the same event: it parsed before)
-                message = m.event_message(payload, self.me, self.name, self.prefix, users=self._lookup("u"),
-                                          channels=self._lookup("c"), threading=self.options["threading"],
+                message = m.event_message(payload, self.me, self.name, self.prefix, users=self.user_names,
+                                          channels=self.channel_names, threading=self.options["threading"],
                                           retry_attempt=retry)
             except m.BadInput:
                 message = pending.message
@@ -703,8 +704,8 @@ class SlackBridge(ListeningBridge):
 
     def _take_command(self, payload: Any, retry: int, answer: Callable[..., None]) -> None:
         try:
-            message = m.command_message(payload, self.name, self.prefix, users=self._lookup("u"),
-                                        channels=self._lookup("c"), retry_attempt=retry)
+            message = m.command_message(payload, self.name, self.prefix, users=self.user_names,
+                                        channels=self.channel_names, retry_attempt=retry)
         except m.BadInput as exc:
             self.bad_input("Slack", str(exc))
             answer("done")

@@ -93,6 +93,8 @@ def readable(body: str, users: Lookup = _no_name, channels: Lookup = _no_name) -
     ``users`` and ``channels`` give a name for an id, or None: then the label
     Slack sent, else the id itself, is shown.
     """
+    if "<" not in body and "&" not in body:  # most messages: nothing to make readable
+        return body
 
     def control(match: re.Match[str]) -> str:
         target, _, label = match.group(1).partition("|")
@@ -119,7 +121,7 @@ def readable(body: str, users: Lookup = _no_name, channels: Lookup = _no_name) -
 
 def mentions(body: str, user_id: str) -> bool:
     """Whether Slack's text @-mentions ``user_id`` (``<@U1>`` or ``<@U1|name>``)."""
-    return f"<@{user_id}>" in body or f"<@{user_id}|" in body
+    return "<@" in body and (f"<@{user_id}>" in body or f"<@{user_id}|" in body)
 
 
 def split_text(text: str, limit: int = SPLIT_AT) -> list[str]:
