@@ -18,8 +18,10 @@ events with at most ``window`` un-acked at once: events/s acked and, for crossro
 paced at a steady rate: ack latency (envelope sent -> ack received, at the emulator; Slack's budget is 3 s)
 and, for crossroads, the round trip event -> consumer -> ``chat.postMessage`` at the emulator.
 
-Usage: ``.venv/bin/python bench/slack.py [--quick | --report]``; ``--quick`` is a smoke run that writes nothing,
-``--report`` rewrites the doc section and the plot from the last full run's JSON without measuring.
+Usage: ``.venv/bin/python bench/slack.py [--quick | --report | --profile [quiet] | --callgrind [quiet]]``;
+``--quick`` is a smoke run that writes nothing, ``--report`` rewrites the doc section and the plot from the last
+full run's JSON without measuring; ``--profile`` samples crossroads redis:// with py-spy and ``--callgrind``
+counts its bridge's instructions per event (with replies, or ``quiet`` without), writing nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,9 +152,10 @@ class Peer:
 class Crossroads(ProcessGroup):
     """One crossroads setup (redis: ``bridge slack`` + ``worker``; memory: ``run``), pinned to SERVER_CORE."""
 
-    def __init__(self, setup: str, redis_url: str, peer: Peer, workdir: Path) -> None:
+    def __init__(self, setup: str, redis_url: str, peer: Peer, workdir: Path, callgrind: Path | None = None) -> None:
         super().__init__(LABELS[setup], workdir / f"crossroads-{setup}.log", SERVER_CORE, ROOT)
         self.peer = peer
+        self.callgrind = callgrind  # the bridge under valgrind's callgrind, writing there (--callgrind)
         config = workdir / f"crossroads-{setup}.toml"
         config.write_text(crossroads_toml(setup, redis_url, peer.api_url))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "SLACK_BOT_TOKEN": peer.bot_token,
@@ -162,6 +166,12 @@ class Crossroads(ProcessGroup):
     def wait_ready(self) -> None:
         self.peer.wait_connected(self.label)
         self.alive()
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        if self.callgrind is not None and name == "bridge":
+            command = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={self.callgrind}",
+                       sys.executable, *command]
+        super().start(name, command, env)
 
     def cpu(self) -> dict[str, float]:
         return {name: process_cpu(p.pid) for name, p in self.processes.items()}
@@ -474,6 +484,39 @@ def profile(config: Config, setup: str = "redis", seconds: float = 20.0) -> int:
             for name, path in outputs.items():
                 print(f"\n{name} (pid {crossroads.pids[name]}):")
                 print(spy_summary(path) if path.exists() else "  no profile written")
+        finally:
+            if crossroads is not None:
+                crossroads.stop()
+            if peer is not None:
+                peer.stop()
+            redis.stop()
+    return 0
+
+
+def callgrind(setup: str, count: int = 2000) -> int:
+    """The redis:// bridge (``setup`` "redis" or "quiet") under valgrind's callgrind: instructions per event of
+    one flood, counted from zeroed counters to a dump (callgrind_control), so start-up and warm-up are out.
+    Load-independent, unlike CPU time on a shared machine: the figure to compare two commits by."""
+    if not all(shutil.which(tool) for tool in ("valgrind", "callgrind_control")):
+        print("valgrind is missing: apt-get install valgrind", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="slack-callgrind-") as workdir:
+        out = Path(workdir) / "callgrind.out"
+        redis = BenchRedis()
+        peer = crossroads = None
+        try:
+            posts = setup in POSTING
+            peer = Peer(setup)
+            crossroads = Crossroads(setup, redis.url, peer, Path(workdir), callgrind=out)
+            peer.flood("warm", 300, 100, posts, idle=120)
+            pid = str(crossroads.pids["bridge"])
+            subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
+            got = peer.flood("counted", count, 100, posts, idle=120)
+            subprocess.run(["callgrind_control", "--dump=flood", pid], check=True, capture_output=True)
+            dump = Path(f"{out}.1")
+            summary = next(line for line in dump.read_text().splitlines() if line.startswith("summary:"))
+            print(f"{LABELS[setup]}: bridge {int(summary.split()[1]) / count:,.0f} instructions per event "
+                  f"({got['acked']:,} of {count:,} acked, {got.get('posts', 0):,} posts)")
         finally:
             if crossroads is not None:
                 crossroads.stop()
@@ -799,7 +842,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--profile", nargs="?", const="redis", choices=("redis", "quiet"),
                             help="only crossroads redis:// (with replies; \"quiet\": a consumer that answers "
                                  "nothing), flooded while py-spy samples its processes; writes nothing")
-        return lambda args: profile(Config.make(quick=False), args.profile) if args.profile else None
+        parser.add_argument("--callgrind", nargs="?", const="redis", choices=("redis", "quiet"),
+                            help="only crossroads redis://, its bridge under valgrind: instructions per event of a "
+                                 "2,000-event flood (load-independent); writes nothing")
+
+        def handle(args: Any) -> int | None:
+            if args.profile:
+                return profile(Config.make(quick=False), args.profile)
+            if args.callgrind:
+                return callgrind(args.callgrind)
+            return None
+        return handle
 
     return bench_main("slack", argv, description=__doc__.split("\n\n")[0],
                       run=lambda config: timed_run(run_all, config), config=Config.make, report=print_report,
