@@ -18,8 +18,10 @@ events with at most ``window`` un-acked at once: events/s acked and, for crossro
 paced at a steady rate: ack latency (envelope sent -> ack received, at the emulator; Slack's budget is 3 s)
 and, for crossroads, the round trip event -> consumer -> ``chat.postMessage`` at the emulator.
 
-Usage: ``.venv/bin/python bench/slack.py [--quick | --report]``; ``--quick`` is a smoke run that writes nothing,
-``--report`` rewrites the doc section and the plot from the last full run's JSON without measuring.
+Usage: ``.venv/bin/python bench/slack.py [--quick | --report | --profile [quiet] | --callgrind [quiet]]``;
+``--quick`` is a smoke run that writes nothing, ``--report`` rewrites the doc section and the plot from the last
+full run's JSON without measuring; ``--profile`` samples crossroads redis:// with py-spy and ``--callgrind``
+counts its bridge's instructions per event (with replies, or ``quiet`` without), writing nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,9 +152,10 @@ class Peer:
 class Crossroads(ProcessGroup):
     """One crossroads setup (redis: ``bridge slack`` + ``worker``; memory: ``run``), pinned to SERVER_CORE."""
 
-    def __init__(self, setup: str, redis_url: str, peer: Peer, workdir: Path) -> None:
+    def __init__(self, setup: str, redis_url: str, peer: Peer, workdir: Path, callgrind: Path | None = None) -> None:
         super().__init__(LABELS[setup], workdir / f"crossroads-{setup}.log", SERVER_CORE, ROOT)
         self.peer = peer
+        self.callgrind = callgrind  # the bridge under valgrind's callgrind, writing there (--callgrind)
         config = workdir / f"crossroads-{setup}.toml"
         config.write_text(crossroads_toml(setup, redis_url, peer.api_url))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "SLACK_BOT_TOKEN": peer.bot_token,
@@ -162,6 +166,12 @@ class Crossroads(ProcessGroup):
     def wait_ready(self) -> None:
         self.peer.wait_connected(self.label)
         self.alive()
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        if self.callgrind is not None and name == "bridge":
+            command = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={self.callgrind}",
+                       sys.executable, *command]
+        super().start(name, command, env)
 
     def cpu(self) -> dict[str, float]:
         return {name: process_cpu(p.pid) for name, p in self.processes.items()}
@@ -231,17 +241,17 @@ max_queued = 1000000
 
 # Where the bridge's CPU goes: `bench/slack.py --profile` (py-spy on crossroads redis:// under floods), by hand.
 PROFILE = (
-    "- Where the bridge's CPU goes (py-spy at 100 Hz on the redis:// bridge and worker under floods with replies, "
-    "`bench/slack.py --profile`, at 27b7902): about 60% of the bridge's samples post the replies (`_send_channel` → "
-    "slack-sdk's `AsyncWebClient.chat_postMessage` → aiohttp's client: the request, its headers and form body, "
-    "reading and parsing the JSON answer into a `SlackResponse`); 9% slack-sdk's Socket Mode receive loop; 8% "
-    "`_frame` and `_take_event` (the envelope's JSON, `event_message`, the text made readable); 5% the layer "
-    "(one `send_many` to Redis per batch); the rest the event loop itself. About 6% of the bridge's samples are "
-    "slack-sdk formatting debug lines nobody reads: it tests `logger.level <= logging.DEBUG` on the logger it is "
-    "given (slack_sdk/web/async_internal_utils.py), and the bridge hands it the child logger "
-    "`crossroads.bridges.slack.sdk`, whose own level is NOTSET (0), so every request and answer builds its debug "
-    "f-strings. The worker spends most of its samples waiting on Redis: it is not the limit. So the one place to "
-    "win is the post, and a post per event is what this benchmark asks."
+    "- Where the bridge's CPU goes (py-spy at 100 Hz, `bench/slack.py --profile` for the redis:// bridge and worker "
+    "under floods with replies, `--profile quiet` without): at 27b7902, about 60% of the bridge's samples posted "
+    "the replies through slack-sdk's `AsyncWebClient.chat_postMessage` (its per-call argument, header and retry "
+    "machinery, aiohttp's client, a `SlackResponse` per answer; slack-sdk formatting debug lines too, through a "
+    "logger whose own level was NOTSET). Replies now go out on the bridge's own keep-alive HTTP/1.1 client "
+    "(bridges/slack/webapi.py: one pre-built request head, a JSON body, the answer parsed by llhttp), a fraction "
+    "of that per post (`bench/slack_post.py` measures the three ways side by side), and acks through one task "
+    "per connection instead of one per ack. Without replies, what is left is mostly I/O: the socket writes of the "
+    "acks (one WebSocket frame each) and of the layer's `send_many`, the envelope's JSON, `event_message`; "
+    "slack-sdk's own Socket Mode receive loop is ~2% (not worth replacing). The worker spends most of its samples "
+    "waiting on Redis."
 )
 
 # -- the scenarios --
@@ -445,8 +455,9 @@ def spy_summary(path: Path, top: int = 30) -> str:
     return f"  {total} samples\n  self:\n{rows(own)}\n  inclusive:\n{rows(inside)}"
 
 
-def profile(config: Config, seconds: float = 20.0) -> int:
-    """crossroads redis:// under floods while py-spy samples the bridge and the worker; prints where time goes."""
+def profile(config: Config, setup: str = "redis", seconds: float = 20.0) -> int:
+    """crossroads redis:// (``setup`` "redis", with replies, or "quiet", without) under floods while py-spy
+    samples the bridge and the worker; prints where time goes."""
     spy = Path(sys.executable).parent / "py-spy"
     if not spy.exists():
         print("py-spy is missing: .venv/bin/pip install py-spy", file=sys.stderr)
@@ -455,9 +466,10 @@ def profile(config: Config, seconds: float = 20.0) -> int:
         redis = BenchRedis()
         peer = crossroads = None
         try:
-            peer = Peer("redis")
-            crossroads = Crossroads("redis", redis.url, peer, Path(workdir))
-            peer.flood("warm", config.warmup, config.window, True, idle=60)
+            posts = setup in POSTING
+            peer = Peer(setup)
+            crossroads = Crossroads(setup, redis.url, peer, Path(workdir))
+            peer.flood("warm", config.warmup, config.window, posts, idle=60)
             outputs = {name: Path(workdir) / f"{name}.txt" for name in crossroads.pids}
             spies = [subprocess.Popen([*cpu_pin(LOAD_CORE), str(spy), "record", "--pid", str(pid), "--rate", "100",
                                        "--duration", str(int(seconds)), "--format", "raw", "-o", str(outputs[name])],
@@ -465,13 +477,46 @@ def profile(config: Config, seconds: float = 20.0) -> int:
                      for name, pid in crossroads.pids.items()]
             run = 0
             while any(process.poll() is None for process in spies):
-                got = figures(peer.flood(f"prof{run}", config.count, config.window, True), {}, True)
-                print(f"  flood {run}: {got['events_per_s']:,.0f} events/s acked, {got['posts_per_s']:,.0f} posts/s",
-                      flush=True)
+                got = figures(peer.flood(f"prof{run}", config.count, config.window, posts), {}, posts)
+                print(f"  flood {run}: {got['events_per_s']:,.0f} events/s acked, {got.get('posts_per_s', 0):,.0f} "
+                      "posts/s", flush=True)
                 run += 1
             for name, path in outputs.items():
                 print(f"\n{name} (pid {crossroads.pids[name]}):")
                 print(spy_summary(path) if path.exists() else "  no profile written")
+        finally:
+            if crossroads is not None:
+                crossroads.stop()
+            if peer is not None:
+                peer.stop()
+            redis.stop()
+    return 0
+
+
+def callgrind(setup: str, count: int = 2000) -> int:
+    """The redis:// bridge (``setup`` "redis" or "quiet") under valgrind's callgrind: instructions per event of
+    one flood, counted from zeroed counters to a dump (callgrind_control), so start-up and warm-up are out.
+    Load-independent, unlike CPU time on a shared machine: the figure to compare two commits by."""
+    if not all(shutil.which(tool) for tool in ("valgrind", "callgrind_control")):
+        print("valgrind is missing: apt-get install valgrind", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="slack-callgrind-") as workdir:
+        out = Path(workdir) / "callgrind.out"
+        redis = BenchRedis()
+        peer = crossroads = None
+        try:
+            posts = setup in POSTING
+            peer = Peer(setup)
+            crossroads = Crossroads(setup, redis.url, peer, Path(workdir), callgrind=out)
+            peer.flood("warm", 300, 100, posts, idle=120)
+            pid = str(crossroads.pids["bridge"])
+            subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
+            got = peer.flood("counted", count, 100, posts, idle=120)
+            subprocess.run(["callgrind_control", "--dump=flood", pid], check=True, capture_output=True)
+            dump = Path(f"{out}.1")
+            summary = next(line for line in dump.read_text().splitlines() if line.startswith("summary:"))
+            print(f"{LABELS[setup]}: bridge {int(summary.split()[1]) / count:,.0f} instructions per event "
+                  f"({got['acked']:,} of {count:,} acked, {got.get('posts', 0):,} posts)")
         finally:
             if crossroads is not None:
                 crossroads.stop()
@@ -644,8 +689,9 @@ def reading(results: dict[str, Any]) -> str:
     lines.append(f"- Without the replies (the consumer answers nothing) redis:// acks {quiet['events_per_s']:,.0f} "
                  f"events/s, {quiet['events_per_s'] / bare['events_per_s']:.0%} of the bare client, the bridge "
                  f"spending {quiet['cpu_us_per_event']['bridge']:.0f} µs per event: taking the envelope, building the "
-                 f"`slack.receive`, the layer, the ack. Posting the reply (the `chat.postMessage`: slack-sdk's "
-                 f"AsyncWebClient on aiohttp, an HTTP request and its JSON answer) costs the bridge another "
+                 f"`slack.receive`, the layer, the ack. Posting the reply (the `chat.postMessage`: an HTTP request "
+                 f"on the bridge's keep-alive client, bridges/slack/webapi.py, and its JSON answer) costs the "
+                 f"bridge another "
                  f"{post_cost:.0f} µs per event, {post_cost / sum(bare['cpu_us_per_event'].values()):.0f}× what the "
                  "bare client spends on a whole event, on the one thread that also takes the events in. In the flood "
                  f"with replies the bridge used {redis['busy']['bridge']:.0%} of its core and waited for it "
@@ -743,9 +789,11 @@ at {m['commit']} with {mine}. A shared machine: load average {m['load_before'][0
   raised to 1,000,000): Slack's one post a second per channel would measure Slack's policy; the emulator
   answers no 429 either. The events are `message` posts by a user, spread over {len(CHANNELS)} channels.
 - {pinning}
-- **The emulator** is tests/slack_emulator.py's Web API and `hello` with two paths replaced so that it is not
-  what is measured: un-acked envelopes in a dict (the tests' list is scanned on every ack) and a post recorded
-  as a timestamp. Each envelope is built before the clock starts.
+- **The emulator** is tests/slack_emulator.py's Web API and `hello` with three paths replaced so that it is not
+  what is measured: un-acked envelopes in a dict (the tests' list is scanned on every ack), a post recorded
+  as a timestamp (its token and arguments checked as the tests' emulator checks them), and every request
+  handed to one handler by aiohttp's low-level server (no `Application` router or middlewares). Each envelope
+  is built before the clock starts.
 - **(a) Flood**: {cfg['count']:,} events per run, never more than {cfg['window']} sent and not acked (Slack
   does not say how many it leaves in flight; a busy workspace has many), {cfg['rounds']} rounds per receiver,
   interleaved, the median shown, after {cfg['warmup']} unmeasured events. events/s = acks ÷ the time from the
@@ -791,9 +839,20 @@ def print_report(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     def profile_flag(parser: argparse.ArgumentParser) -> Any:
-        parser.add_argument("--profile", action="store_true",
-                            help="only crossroads redis://, flooded while py-spy samples its processes; writes nothing")
-        return lambda args: profile(Config.make(quick=False)) if args.profile else None
+        parser.add_argument("--profile", nargs="?", const="redis", choices=("redis", "quiet"),
+                            help="only crossroads redis:// (with replies; \"quiet\": a consumer that answers "
+                                 "nothing), flooded while py-spy samples its processes; writes nothing")
+        parser.add_argument("--callgrind", nargs="?", const="redis", choices=("redis", "quiet"),
+                            help="only crossroads redis://, its bridge under valgrind: instructions per event of a "
+                                 "2,000-event flood (load-independent); writes nothing")
+
+        def handle(args: Any) -> int | None:
+            if args.profile:
+                return profile(Config.make(quick=False), args.profile)
+            if args.callgrind:
+                return callgrind(args.callgrind)
+            return None
+        return handle
 
     return bench_main("slack", argv, description=__doc__.split("\n\n")[0],
                       run=lambda config: timed_run(run_all, config), config=Config.make, report=print_report,

@@ -5,10 +5,12 @@ posts that come back, and times both on its clock. Run as ``python bench/slack_p
 interpreter (it imports ``tests/slack_emulator.py``), pinned by the harness to the load core.
 
 ``BenchEmulator`` is tests/slack_emulator.py's ``SlackEmulator`` (its Web API, tokens, ``apps.connections.open``
-tickets, ``hello``) with two paths replaced for speed, so that the emulator is not what is measured: the
+tickets, ``hello``) with three paths replaced for speed, so that the emulator is not what is measured: the
 tests' Socket Mode handler keeps its pending envelopes in a list it scans on every ack and every send (fine for
-a test's dozen, quadratic for a flood of thousands), and ``chat.postMessage`` records every call and the
-channel's history. Here un-acked envelopes sit in a dict by id, and a post is a timestamp by sequence number.
+a test's dozen, quadratic for a flood of thousands), ``chat.postMessage`` records every call and the
+channel's history, and every request goes through an aiohttp ``Application`` (router, middlewares). Here
+un-acked envelopes sit in a dict by id, a post is a timestamp by sequence number (its arguments and token
+checked as the base checks them), and aiohttp's low-level ``web.Server`` hands each request to one handler.
 
 The protocol, one JSON object a line: it prints ``{"ready": true, "api_url": ...}`` once it listens; then for
 each command on stdin one answer on stdout:
@@ -37,7 +39,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from slack_emulator import SlackEmulator  # noqa: E402  (after the sys.path fix)
+from slack_emulator import Call, SlackEmulator  # noqa: E402  (after the sys.path fix)
 
 USER = "U222"  # who posts the events: a user other than the bot, so the bridge does not skip them
 
@@ -90,11 +92,39 @@ class BenchEmulator(SlackEmulator):
             self.progress.set()
         return self._ok(channel=args.get("channel"), ts=self._next_ts())
 
-    async def _api(self, request: web.Request) -> web.Response:
-        response = await super()._api(request)
-        if self.calls and self.calls[-1].method == "chat.postMessage":
-            self.calls.pop()  # only the timestamps are kept: a flood's calls would be memory for nothing
-        return response
+    async def start(self) -> BenchEmulator:
+        """aiohttp's low-level server in front (one handler, no Application's router and middlewares per request)."""
+        self._runner = web.ServerRunner(web.Server(self._dispatch, access_log=None), handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path == "/api/chat.postMessage":
+            return await self._post(request)
+        if path.startswith("/api/"):
+            return await self._call(request, path[len("/api/"):])
+        if path == "/link/":
+            return await self._link(request)
+        return web.Response(status=404, text="not found")
+
+    async def _post(self, request: web.BaseRequest) -> web.Response:
+        """``chat.postMessage`` as the base answers it (its arguments merged, the token checked by ``_answer``), but
+        not recorded in ``calls``: only the timestamps are kept, a flood's calls would be memory for nothing."""
+        args: dict[str, Any] = dict(request.query) if request.query_string else {}
+        if request.can_read_body:
+            if request.content_type == "application/json":
+                args.update(json.loads(await request.read()))
+            else:
+                args.update(await request.post())
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else args.pop("token", None)
+        status, answer, headers = self._answer(Call("chat.postMessage", token, args))
+        return web.Response(body=json.dumps(answer).encode(), status=status, headers=headers,
+                            content_type="application/json")
 
     def frames(self, run: str, count: int, channels: list[str]) -> list[tuple[str, str]]:
         """(envelope id, frame) of every event of a run, built before the clock starts."""

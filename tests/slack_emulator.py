@@ -189,7 +189,10 @@ class SlackEmulator:
         return f"{1700000000 + next(self._clock)}.000100"
 
     async def _api(self, request: web.Request) -> web.Response:
-        method = request.match_info["method"]
+        return await self._call(request, request.match_info["method"])
+
+    async def _call(self, request: web.BaseRequest, method: str) -> web.Response:
+        """One Web API call of ``method``: recorded in ``calls``, answered by ``_answer``."""
         args: dict[str, Any] = dict(request.query)
         if request.can_read_body:
             if request.content_type == "application/json":

@@ -8,7 +8,7 @@ watched by a ping/pong watchdog) or the Events API listener (aiohttp's
 low-level server through the shared ``listen_asyncio``, signatures checked on
 the raw body), passing events into the layer and acknowledging each only once
 the layer took it, the names cache's lookups, and posting replies through one
-rate-limited queue per channel. What an event or a reply means is
+rate-limited queue per channel (its calls through ``webapi.py``). What an event or a reply means is
 ``messages.py``'s; docs/spec/slack.md is the contract with consumers.
 
 Why slack-sdk's Socket Mode client is subclassed (``_SocketClient``): left to
@@ -20,6 +20,11 @@ order it was read. Its receive loop, ping handling (``last_ping_pong_time``)
 and acknowledgement sending are the SDK's. ``enqueue_message``,
 ``receive_messages`` and those attributes are slack-sdk 3.x internals
 (setup.cfg pins ``<4``); tests/test_slack_bridge.py covers them.
+
+Why replies are posted through ``webapi.WebAPI`` and not slack-sdk's ``AsyncWebClient``: a post is the one Web
+API call made per event, and the SDK's per-call machinery cost ~4x the instructions of that small keep-alive
+client (bench/slack_post.py under callgrind; the reasons in webapi.py). The SDK still makes every other call
+(``auth.test``, ``apps.connections.open``, ``users.info``, ``conversations.info``, response_url answers).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from crossroads.bridges.protocol import positive, seconds_or_off
 from crossroads.layer.base import backoff_delays
 
 from . import messages as m
+from .webapi import WebAPI
 
 FORWARD_BATCH = 100  # events sent into the layer at once (Slack's order kept)
 IN_FLIGHT_LIMIT = 1000  # events taken and not yet stored; beyond, an envelope is left unacknowledged (Slack resends)
@@ -67,6 +73,7 @@ BODY_TIME = 10.0  # seconds a client has to send its request body
 CONNECT_TIMEOUT = 10.0  # seconds for apps.connections.open, the WebSocket handshake and Slack's hello
 DRAIN_TIME = 2.0  # seconds a stopping bridge lets queued posts go before dropping (and counting) the rest
 POST_ATTEMPTS = 3  # a post that fails for a network error is tried this often before it is given up
+POST_TIMEOUT = 30.0  # seconds for one Web API call of a reply (slack-sdk's default)
 # Counted from the start, so `crossroads status` shows them at 0 (docs/spec/slack.md, "Counters and logs").
 COUNTERS = ("repeats", "skipped", "bad_signatures", "app_rate_limited", "lookup_failures", "oversized", "posted",
             "rate_limited", "outbound_dropped", "invalid_replies", "not_delivered")
@@ -134,6 +141,8 @@ class _SocketClient(SocketModeClient):
         self.bridge = bridge
         self.hello: asyncio.Future = asyncio.get_running_loop().create_future()
         self.watchdog: asyncio.Task | None = None
+        self.acks: deque[str] = deque()  # ack frames to send, in the order the envelopes were stored
+        self.acker: asyncio.Task | None = None  # sends them; one task per connection, not one per ack
         self.on_close_listeners.append(self._closed)
         self.on_error_listeners.append(self._closed)
 
@@ -165,7 +174,7 @@ class _SocketClient(SocketModeClient):
 
     async def shut(self) -> None:
         """Close the connection and wait for its tasks (the watchdog, the SDK's receive and process loops)."""
-        tasks = [t for t in (self.watchdog, self.message_receiver, self.message_processor)
+        tasks = [t for t in (self.watchdog, self.acker, self.message_receiver, self.message_processor)
                  if t is not None and t is not asyncio.current_task()]
         try:
             await self.close()
@@ -245,6 +254,7 @@ class SlackBridge(ListeningBridge):
         self.me: m.Identity | None = None
         self.window = m.RepeatWindow(options["repeat_window"])
         self.names = m.NamesCache(options["names_cache"], options["names_max_age"])
+        self.user_names, self.channel_names = self._lookup("u"), self._lookup("c")  # made once, not per event
         self.limiter = m.ChannelLimiter(options["rate"], options["burst"])
         self.in_flight: dict[str, _Pending] = {}  # repeat key -> the event waiting for the layer
         self.reply_targets: OrderedDict[str, None] = OrderedDict()  # local ids, least recently used first
@@ -269,6 +279,7 @@ class SlackBridge(ListeningBridge):
         self.sdk_log.setLevel(self.log.getEffectiveLevel())
         self.web = AsyncWebClient(token=options["bot_token"], base_url=options["api_url"], session=self.session,
                                   logger=self.sdk_log)
+        self.poster = WebAPI(options["api_url"], options["bot_token"], timeout=POST_TIMEOUT)
         # Events into the layer in the order Slack sent them, each acknowledged once stored. Socket Mode
         # holds what the layer refuses and tries it again (unacknowledged meanwhile: Slack's redelivery
         # joins the waiting copy); the Events API answers 503 at once, and Slack retries.
@@ -320,6 +331,7 @@ class SlackBridge(ListeningBridge):
             await socket.shut()
         if self.http is not None:
             await self.http.shutdown(1.0)
+        self.poster.close()
         await self.session.close()
 
     # -- the link: who we are --
@@ -500,17 +512,24 @@ class SlackBridge(ListeningBridge):
     def _ack(self, client: _SocketClient, envelope_id: str, payload: dict[str, Any] | None) -> None:
         if not client.is_open:
             return  # its socket is gone: Slack sends the envelope again, where it is a repeat
-        ack: dict[str, Any] = {"envelope_id": envelope_id}
-        if payload is not None:
-            ack["payload"] = payload
-        self.spawn(self._send_ack(client, json.dumps(ack)), "acknowledging an envelope")
+        if payload is None:
+            client.acks.append('{"envelope_id": ' + json.dumps(envelope_id) + "}")
+        else:
+            client.acks.append(json.dumps({"envelope_id": envelope_id, "payload": payload}))
+        if client.acker is None:  # a task per ack was ~10% of the bridge's CPU in a flood without replies
+            client.acker = self.spawn(self._send_acks(client), "acknowledging envelopes")
 
-    async def _send_ack(self, client: _SocketClient, ack: str) -> None:
+    async def _send_acks(self, client: _SocketClient) -> None:
+        acks = client.acks
         try:
-            await client.current_session.send_str(ack)
+            while acks:
+                await client.current_session.send_str(acks.popleft())
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
-            self.log.info("%s: an acknowledgement could not be sent (%s); Slack will send the envelope again",
-                          self.label, exc)
+            self.log.info("%s: %d acknowledgement(s) could not be sent (%s); Slack will send the envelopes again",
+                          self.label, len(acks) + 1, exc)
+            acks.clear()
+        finally:
+            client.acker = None
 
     # -- the Events API --
 
@@ -627,8 +646,8 @@ class SlackBridge(ListeningBridge):
         if self._repeat(keys, answer):
             return
         try:
-            message = m.event_message(payload, self.me, self.name, self.prefix, users=self._lookup("u"),
-                                      channels=self._lookup("c"), threading=self.options["threading"],
+            message = m.event_message(payload, self.me, self.name, self.prefix, users=self.user_names,
+                                      channels=self.channel_names, threading=self.options["threading"],
                                       retry_attempt=retry)
         except m.BadInput as exc:
             self.bad_input("Slack", str(exc))
@@ -654,6 +673,8 @@ class SlackBridge(ListeningBridge):
         self._queue(m.RECEIVE, pending)
 
     def _naming_wanted(self, payload: dict[str, Any]) -> bool:
+        if not self.lookups:
+            return False
         event = payload.get("event") if isinstance(payload.get("event"), dict) else {}
         wanted = [f"u:{event.get('user')}", f"c:{event.get('channel')}"]
         return any(key in self.lookups for key in wanted)
@@ -669,8 +690,8 @@ class SlackBridge(ListeningBridge):
                 await asyncio.wait(tasks, timeout=left)
             self.naming.popleft()
             try:  # again, with what the lookups found (the same event: it parsed before)
-                message = m.event_message(payload, self.me, self.name, self.prefix, users=self._lookup("u"),
-                                          channels=self._lookup("c"), threading=self.options["threading"],
+                message = m.event_message(payload, self.me, self.name, self.prefix, users=self.user_names,
+                                          channels=self.channel_names, threading=self.options["threading"],
                                           retry_attempt=retry)
             except m.BadInput:
                 message = pending.message
@@ -683,8 +704,8 @@ class SlackBridge(ListeningBridge):
 
     def _take_command(self, payload: Any, retry: int, answer: Callable[..., None]) -> None:
         try:
-            message = m.command_message(payload, self.name, self.prefix, users=self._lookup("u"),
-                                        channels=self._lookup("c"), retry_attempt=retry)
+            message = m.command_message(payload, self.name, self.prefix, users=self.user_names,
+                                        channels=self.channel_names, retry_attempt=retry)
         except m.BadInput as exc:
             self.bad_input("Slack", str(exc))
             answer("done")
@@ -798,7 +819,7 @@ class SlackBridge(ListeningBridge):
             return
         channel = target.channel
         if reply.kind == m.REACTION:
-            self._post(channel, "reactions_add", {"channel": channel, "timestamp": reply.ts, "name": reply.name})
+            self._post(channel, "reactions.add", {"channel": channel, "timestamp": reply.ts, "name": reply.name})
             return
         blocks = list(reply.blocks) if reply.blocks is not None else None
         for text in reply.texts:
@@ -808,18 +829,18 @@ class SlackBridge(ListeningBridge):
             if blocks is not None:
                 args["blocks"] = blocks
             if reply.kind == m.UPDATE:
-                self._post(channel, "chat_update", {**args, "ts": reply.ts})
+                self._post(channel, "chat.update", {**args, "ts": reply.ts})
                 continue
             if reply.thread_ts:
                 args["thread_ts"] = reply.thread_ts
             if reply.kind == m.EPHEMERAL:
-                self._post(channel, "chat_postEphemeral", {**args, "user": reply.user})
+                self._post(channel, "chat.postEphemeral", {**args, "user": reply.user})
                 continue
             if reply.broadcast:
                 args["reply_broadcast"] = True
             if not reply.unfurl:
                 args.update(unfurl_links=False, unfurl_media=False)
-            self._post(channel, "chat_postMessage", args)
+            self._post(channel, "chat.postMessage", args)
 
     def _invalid(self, local_id: str, exc: Exception) -> None:
         self.count("invalid_replies")
@@ -884,23 +905,7 @@ class SlackBridge(ListeningBridge):
                 method, args, attempts = queue[0]
                 self.limiter.take(channel, time.monotonic())
                 try:
-                    answer = await getattr(self.web, method)(**args)
-                except SlackApiError as exc:
-                    if exc.response.status_code == 429:
-                        self.count("rate_limited")
-                        try:
-                            held = float(exc.response.headers.get("Retry-After", "1"))
-                        except (TypeError, ValueError):
-                            held = 1.0
-                        self.limiter.retry_after(channel, held, time.monotonic())
-                        self.log.info("%s: Slack rate-limited posts to %s; holding them %.0f s", self.label, channel,
-                                      held)
-                        continue  # the same post again, after Retry-After: the order stays
-                    queue.popleft()
-                    self.count("not_delivered")
-                    self.log.warning("%s: %s to %s failed: %s", self.label, method, channel,
-                                     exc.response.get("error"))
-                    continue
+                    status, answer, retry_after = await self.poster.call(method, args)
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     if attempts + 1 >= POST_ATTEMPTS:
                         queue.popleft()
@@ -911,6 +916,21 @@ class SlackBridge(ListeningBridge):
                         queue[0] = (method, args, attempts + 1)
                         delays = delays or backoff_delays(0.5, 5.0)
                         await asyncio.sleep(next(delays))
+                    continue
+                if status == 429:
+                    self.count("rate_limited")
+                    try:
+                        held = float(retry_after or "1")
+                    except ValueError:
+                        held = 1.0
+                    self.limiter.retry_after(channel, held, time.monotonic())
+                    self.log.info("%s: Slack rate-limited posts to %s; holding them %.0f s", self.label, channel, held)
+                    continue  # the same post again, after Retry-After: the order stays
+                if status != 200 or answer.get("ok") is not True:
+                    queue.popleft()
+                    self.count("not_delivered")
+                    self.log.warning("%s: %s to %s failed: %s", self.label, method, channel,
+                                     answer.get("error") or f"HTTP {status}")
                     continue
                 delays = None
                 queue.popleft()

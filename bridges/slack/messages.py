@@ -93,6 +93,8 @@ def readable(body: str, users: Lookup = _no_name, channels: Lookup = _no_name) -
     ``users`` and ``channels`` give a name for an id, or None: then the label
     Slack sent, else the id itself, is shown.
     """
+    if "<" not in body and "&" not in body:  # most messages: nothing to make readable
+        return body
 
     def control(match: re.Match[str]) -> str:
         target, _, label = match.group(1).partition("|")
@@ -119,7 +121,7 @@ def readable(body: str, users: Lookup = _no_name, channels: Lookup = _no_name) -
 
 def mentions(body: str, user_id: str) -> bool:
     """Whether Slack's text @-mentions ``user_id`` (``<@U1>`` or ``<@U1|name>``)."""
-    return f"<@{user_id}>" in body or f"<@{user_id}|" in body
+    return "<@" in body and (f"<@{user_id}>" in body or f"<@{user_id}|" in body)
 
 
 def split_text(text: str, limit: int = SPLIT_AT) -> list[str]:
@@ -165,6 +167,8 @@ def _cut_point(line: str, limit: int) -> int:
 
 
 def _safe(part: str) -> str:
+    if part.isascii() and part.replace("-", "").isalnum():  # Slack's ids always are: no look at each character
+        return part
     return "".join(ch if _LOCAL_SAFE.fullmatch(ch) else "".join(f"_{b:02x}" for b in ch.encode()) for ch in part)
 
 
@@ -237,7 +241,9 @@ def _str(mapping: dict[str, Any], key: str, where: str, *, required: bool = True
 
 def files_of(event: dict[str, Any]) -> list[dict[str, Any]]:
     """The files of a message, as metadata only (the bridge never downloads them)."""
-    files = event.get("files") or []
+    files = event.get("files")
+    if not files:
+        return []
     if not isinstance(files, list):
         raise BadInput("the message's 'files' is not a list")
     return [{key: item.get(key) for key in FILE_KEYS} for item in files if isinstance(item, dict)]

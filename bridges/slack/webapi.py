@@ -1,0 +1,176 @@
+"""The Web API calls of replies, on a small HTTP/1.1 client of our own: keep-alive connections, llhttp parsing.
+
+This module owns one thing: POSTing a JSON body to ``{api_url}{method}`` with the bot token and handing back
+what Slack answered (``status``, the parsed JSON object, ``Retry-After``), judging nothing; the bridge maps
+the answer as docs/spec/slack.md says. It is used for the calls made once per reply (``chat.postMessage``,
+``chat.update``, ``chat.postEphemeral``, ``reactions.add``); slack-sdk makes every other call.
+
+Why not slack-sdk's ``AsyncWebClient``, or aiohttp's client under it: a post is the one call made per event,
+and one ``chat.postMessage`` through the SDK took ~690,000 instructions of the client (callgrind,
+bench/slack_post.py: its argument and header building, the retry-state loop, aiohttp's ``ClientRequest`` and
+``ClientResponse``, a ``SlackResponse``), aiohttp's client alone with headers built once ~480,000, and this
+client ~160,000 (0.23x the SDK's): one pre-built request head and the body written to an idle connection,
+the answer fed to llhttp (httptools, which the HTTP bridge parses with already).
+
+What it does not do (none of it is needed for Slack's Web API): proxies, redirects, compression, 1xx
+answers, an answer without a length that ends at the close. A request written on a kept-alive connection
+that the server has closed meanwhile is sent again once on a new one, as aiohttp does; every other failure
+raises an ``OSError`` (``ConnectionError`` when refused, reset or answered with what is not HTTP, an
+``ssl.SSLError`` for a certificate the system's CAs, or ``ssl_context``'s, do not trust) or ``TimeoutError``
+once ``timeout`` passed: the bridge tries those again, as network errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+
+CONNECTIONS = 100  # calls in flight at once, each on its own connection (aiohttp's default pool size)
+
+
+class WebAPI:
+    """JSON POSTs to Slack's Web API with the bot token, on up to ``CONNECTIONS`` kept-alive connections."""
+
+    def __init__(self, api_url: str, token: str, *, timeout: float = 30.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        parts = urlsplit(api_url)
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname or ""
+        self.port = parts.port or (443 if self.tls else 80)
+        self.ssl = (ssl_context or ssl.create_default_context()) if self.tls else None
+        default_port = self.port == (443 if self.tls else 80)
+        host_header = self.host if default_port else f"{self.host}:{self.port}"
+        if ":" in self.host:  # an IPv6 literal
+            host_header = f"[{self.host}]" if default_port else f"[{self.host}]:{self.port}"
+        self.path = parts.path or "/"
+        # Everything of a request but its method's path, the body's length and the body, built once.
+        self.fields = (f"Host: {host_header}\r\nAuthorization: Bearer {token}\r\n"
+                       "Content-Type: application/json; charset=utf-8\r\nUser-Agent: crossroads\r\n"
+                       "Content-Length: ").encode("latin-1")
+        self.heads: dict[str, bytes] = {}
+        self.timeout = timeout
+        self.idle: list[_Connection] = []  # kept-alive, most recently used last
+        self.slots = asyncio.Semaphore(CONNECTIONS)
+        self.closed = False
+
+    async def call(self, method: str, args: dict[str, Any]) -> tuple[int, dict[str, Any], str | None]:
+        """POST ``args`` as JSON to ``method`` (``"chat.postMessage"``); Slack's status, JSON answer, Retry-After."""
+        head = self.heads.get(method)
+        if head is None:
+            head = self.heads[method] = f"POST {self.path}{method} HTTP/1.1\r\n".encode("latin-1") + self.fields
+        body = json.dumps(args).encode()
+        request = b"%s%d\r\n\r\n%s" % (head, len(body), body)
+        async with self.slots, asyncio.timeout(self.timeout):
+            while True:
+                connection = self.idle.pop() if self.idle else None
+                reused = connection is not None
+                if connection is None:
+                    connection = await self._connect()
+                try:
+                    status, raw, retry_after = await connection.request(request)
+                except _Stale:
+                    if reused:
+                        continue  # closed by the server while idle: once more on a fresh connection
+                    raise ConnectionError("the Web API closed the connection before answering") from None
+                except BaseException:
+                    connection.close()
+                    raise
+                if connection.keep_alive and not self.closed:
+                    self.idle.append(connection)
+                else:
+                    connection.close()
+                break
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):  # a proxy's error page, say
+            answer = {"ok": False, "error": f"HTTP {status} with an answer that is not a JSON object"}
+        return status, answer, retry_after
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(
+            _Connection, self.host, self.port, ssl=self.ssl, server_hostname=self.host if self.tls else None)
+        return connection
+
+    def close(self) -> None:
+        """Close the idle connections; calls in flight end with theirs."""
+        self.closed = True
+        for connection in self.idle:
+            connection.close()
+        self.idle.clear()
+
+
+class _Stale(ConnectionError):
+    """The connection closed before a byte of the answer came: the request may be sent again on another."""
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection: one request at a time, the answer parsed by llhttp as it arrives."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future | None = None
+        self.lost = False
+        self.keep_alive = True
+        self.started = False  # a byte of the current answer has come
+        self.body: list[bytes] = []
+        self.retry_after: str | None = None
+        self.header = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def request(self, data: bytes) -> asyncio.Future:
+        if self.lost:
+            raise _Stale()
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.started, self.body, self.retry_after = False, [], None
+        self.transport.write(data)
+        return self.waiter
+
+    def data_received(self, data: bytes) -> None:
+        self.started = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ConnectionError(f"a Web API answer that is not HTTP ({exc})"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.keep_alive = False
+        if self.started:
+            self._fail(ConnectionError(f"the Web API connection was lost mid-answer ({exc or 'closed'})"))
+        else:
+            self._fail(_Stale())
+
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    def close(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.close()
+
+    # llhttp's callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 11 and name.lower() == b"retry-after":
+            self.retry_after = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result((self.parser.get_status_code(), b"".join(self.body), self.retry_after))
