@@ -49,8 +49,7 @@ def test_a_thread_and_a_coroutine_wait_on_one_layer():
 def test_what_expires_unread_is_swept_so_a_long_running_process_does_not_keep_it():
     """A channel session per connection, members of groups nobody sends to, messages nobody reads: each expires,
     and without a sweep an all-in-one process would hold them for as long as it runs."""
-    L = layer.from_url("memory://", expiry=0.05, group_expiry=0.05)
-    L.sweep_every = 0.0  # every addition sweeps, instead of every 30 s
+    L = layer.from_url("memory://", expiry=0.05, group_expiry=0.05)  # no sweep for 30 s: the first is below
     sync = L.sync
     for n in range(200):
         sync.kv_set(f"session:{n}", {"user": "ann"}, ttl=0.05)
@@ -60,7 +59,8 @@ def test_what_expires_unread_is_swept_so_a_long_running_process_does_not_keep_it
     expired_at = time.time() + 0.05
     while time.time() <= expired_at:  # their deadlines pass: waiting on the clock itself, not on a guess
         time.sleep(0.01)
-    sync.kv_set("session:new", {"user": "bob"}, ttl=60)  # any addition sweeps
+    L.sweep_every = 0.0  # the next addition sweeps, instead of the first one 30 s after the layer was made
+    sync.kv_set("session:new", {"user": "bob"}, ttl=60)
     assert list(L._records) == ["session:new"] and L._groups == {} and L._queues == {}
     assert sync.kv_get("session:new") == {"user": "bob"}
     assert L.sync.stats()["expired"] == 200  # the messages count as expired, as when read late
