@@ -14,6 +14,9 @@ no thread sits on messages another thread is free to run. A thread runs its
 messages in the order the channel held them. What a thread took has left the
 layer: a worker killed (SIGKILL, OOM) loses it, up to ``prefetch`` messages a
 thread, which is why ``prefetch`` is an option (1 takes one at a time).
+What the consumers of one batch send (their buffered sends) leaves together
+when the batch is done, one ``send_many`` for the lot (``Dispatcher.holding``):
+a burst of HTTP requests costs one reply round trip, not one each.
 
 Pools: a thread serves the channels of one pool, so a consumer that blocks
 (a slow route) can hold only its own pool's threads; channels no pool names
@@ -44,6 +47,7 @@ from typing import Any, NamedTuple
 
 from crossroads.layer import base
 
+from .channel import release_held
 from .dispatch import Dispatcher, consumer_name
 
 log = logging.getLogger("crossroads.worker")
@@ -291,9 +295,10 @@ class Worker:
         while not self._stopping.is_set():
             taken = self.sync.receive_many(listen, batch, timeout=FALLBACK_TIMEOUT)
             started = time.perf_counter()
-            for channel, content in taken:
-                if not channel.startswith(control):
-                    self._run(index, channel, content)
+            with self.dispatcher.holding():  # the batch's replies leave together: one send_many, not one each
+                for channel, content in taken:
+                    if not channel.startswith(control):
+                        self._run(index, channel, content)
             if taken:  # a moving average, so one slow message does not make the next batches tiny
                 per_message = 0.7 * per_message + 0.3 * (time.perf_counter() - started) / len(taken)
                 batch = max(1, min(self.prefetch, int(HOLD / max(per_message, 1e-9))))
@@ -305,6 +310,7 @@ class Worker:
         consumer = prepared[0]
         try:
             if self.dispatcher.is_async(consumer):
+                release_held()  # it sends from the event loop's thread: what earlier messages sent goes first
                 coroutine = self.dispatcher.handle_async(*prepared)
                 self._running[index] = _Running(channel, consumer, coroutine)
                 asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
