@@ -136,8 +136,12 @@ class Setup:
 
     @property
     def scenarios(self) -> tuple[str, ...]:
-        """What is measured on this setup: the ceiling has no layer, so no broadcast, and no idle figure."""
-        return ("http", "echo") if self.system == "bare" else SCENARIOS
+        """What is measured on this setup: the ceiling has no layer, so no broadcast, and no idle figure; nor has
+        uvicorn + Channels an idle figure: opening 10,000 sockets to a Channels server takes up to two minutes
+        (Daphne's rows), the longest part of a full run, and Daphne's rows already give Channels' cost per socket."""
+        if self.system == "bare":
+            return ("http", "echo")
+        return ("http", "echo", "broadcast") if self.system == "uvicorn" else SCENARIOS
 
     @property
     def label(self) -> str:
@@ -832,7 +836,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         if "KiB" in title:
             ax.axhline(KIB_TARGET, color="crimson", linestyle="--", linewidth=1)
             ax.text(-0.4, KIB_TARGET * 1.02, f"target < {KIB_TARGET} KiB", color="crimson", fontsize=8)
-        ax.set_xticks(range(len(subset)), labels, fontsize=7)
+        ax.set_xticks(range(len(subset)), labels, fontsize=6.5)
         ax.set_title(title, fontsize=9.5)
         ax.set_ylim(top=(max(values) or 1) * 1.18)
     fig.suptitle("crossroads bridges vs Channels 4 on Daphne 4 and on uvicorn[standard]; bare uvicorn as the "
@@ -998,7 +1002,9 @@ Django, channels_redis and redis-py. Raw figures: [`bench/results/web.json`]({re
   same for both. crossroads is also run with its WebSocket bridge's reply queue raised to {TUNED_CAPACITY:,}
   (`channel_capacity = {{"websocket.sockets.*" = {TUNED_CAPACITY}}}`): every socket of one bridge process shares
   that queue, 100 messages by default.
-- **Memory**: {cfg['idle']:,} idle sockets to the echo consumer, opened from {IDLE_PROCESSES} client processes
+- **Memory** (crossroads and Daphne; not measured on uvicorn, to keep a full run near 9 minutes: opening
+  10,000 sockets to a Channels server takes up to two minutes): {cfg['idle']:,} idle sockets to the echo
+  consumer, opened from {IDLE_PROCESSES} client processes
   ({IDLE_CONCURRENCY} handshakes in flight each, under the connect channel's capacity), held {cfg['settle']:g} s;
   KiB per socket is the growth of the RSS of every server process (redis-server excluded) ÷ sockets, measured
   first, on servers that have served nothing but a readiness probe. The soft `ulimit -n` is raised to the hard
