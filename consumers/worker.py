@@ -16,7 +16,12 @@ layer: a worker killed (SIGKILL, OOM) loses it, up to ``prefetch`` messages a
 thread, which is why ``prefetch`` is an option (1 takes one at a time).
 What the consumers of one batch send (their buffered sends) leaves together
 when the batch is done, one ``send_many`` for the lot (``Dispatcher.holding``):
-a burst of HTTP requests costs one reply round trip, not one each.
+a burst of HTTP requests costs one reply round trip, not one each. Only a
+consumer whose last run took under ``HOLD`` runs while sends are held; before
+any other (new, slow last time, or ``async def``) what is held is sent, so a
+slow message does not delay the replies of the quick ones taken with it. A
+quick consumer that suddenly runs long still does, as it delays the messages
+after it.
 
 Pools: a thread serves the channels of one pool, so a consumer that blocks
 (a slow route) can hold only its own pool's threads; channels no pool names
@@ -151,6 +156,8 @@ class Worker:
         self.dispatcher = Dispatcher(router, channel_layer)
         self.sync = self.dispatcher.sync
         self.prefetch = prefetch
+        # Did each consumer's last run take under HOLD? Only those run while earlier messages' sends are held.
+        self._quick: dict[Any, bool] = {}
         self.slow_consumer = slow_consumer or None
         self.channels = select_channels(self.dispatcher.router.channels, only_channels, exclude_channels)
         if not self.channels:
@@ -315,10 +322,25 @@ class Worker:
                 self._running[index] = _Running(channel, consumer, coroutine)
                 asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
             else:
-                self._running[index] = _Running(channel, consumer)
+                if not self._is_quick(consumer):
+                    release_held()  # it may run long: the replies of the messages before it should not wait
+                self._running[index] = running = _Running(channel, consumer)
                 self.dispatcher.run(*prepared)
+                self._ran(consumer, time.monotonic() - running.started)
         finally:
             self._running[index] = None
+
+    def _is_quick(self, consumer: Any) -> bool:
+        try:
+            return self._quick.get(consumer, False)
+        except TypeError:  # an unhashable callable: never known to be quick
+            return False
+
+    def _ran(self, consumer: Any, seconds: float) -> None:
+        try:  # the last run decides, so one run slowed by a busy machine does not end the batching for good
+            self._quick[consumer] = seconds < HOLD
+        except TypeError:
+            pass
 
     # -- the slow consumer report --
 

@@ -68,6 +68,23 @@ def test_a_batch_replies_in_order_when_a_later_message_sends_immediately(channel
     assert worker.dispatcher.counters.undelivered == 0
 
 
+def test_a_slow_message_does_not_hold_the_replies_of_the_quick_ones_taken_with_it(channel_layer):
+    # The quick echoes and the waiting message share a receive; the echoes are answered while it still waits.
+    worker = Worker("apps.mixed:routes", channel_layer, threads=1)
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    sync.send_many([("test.echo", {"n": i, "reply_channel": reply}) for i in range(30)])
+    sync.send("test.echo", {"n": 30, "kind": "wait", "reply_channel": reply})
+    worker.start()
+    try:
+        assert [m["n"] for m in collect(sync, reply, 30)] == list(range(30))  # before the release
+        sync.send("test.release", {})
+        assert collect(sync, reply, 1) == [{"finished": 30, "released": True}]
+    finally:
+        worker.stop()
+        assert worker.join(30)
+
+
 def test_slow_consumers_are_taken_one_at_a_time_so_every_thread_gets_one(channel_layer):
     # A thread takes as many messages as it has been running in a few milliseconds. Consumers that wait (here
     # until released) are taken one by one: the second message goes to the second thread, instead of waiting
