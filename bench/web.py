@@ -651,10 +651,11 @@ def uvicorn_ratio(results: dict[str, Any], row: dict[str, Any], figure: Any) -> 
 
 def per_op(figures: dict[str, Any]) -> tuple[str, str]:
     """CPU µs and Redis commands per request or message (sent, and run with the scripts' own), as table cells."""
-    commands = figures.get("redis_commands_per_op")
+    commands, cpu = figures.get("redis_commands_per_op"), figures.get("cpu_us_per_op")  # absent before issue 17
+    cpu_cell = "—" if cpu is None else f"{cpu:,.0f}"
     if commands is None:
-        return f"{figures['cpu_us_per_op']:,.0f}", "—"
-    return f"{figures['cpu_us_per_op']:,.0f}", f"{commands:.2f} ({figures['redis_commands_run_per_op']:.2f})"
+        return cpu_cell, "—"
+    return cpu_cell, f"{commands:.2f} ({figures['redis_commands_run_per_op']:.2f})"
 
 
 def ratio_cell(value: float, reference: float) -> str:
