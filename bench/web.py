@@ -28,7 +28,9 @@ saturated run: CPU per request or message (every server process, from /proc) and
 per request or message (``INFO commandstats`` deltas).
 
 Usage: ``.venv/bin/python bench/web.py [--quick | --report]``; ``--quick`` is a smoke run that writes nothing,
-``--report`` rewrites the doc section and the plot from the last full run's JSON without measuring.
+``--report`` rewrites the doc section and the plot from the last full run's JSON without measuring. A partial
+run writes nothing either: ``--only crossroads:redis --scenarios http --wrk-seconds 3`` is the quick look at
+crossroads' Redis commands per request under wrk that issue 17 §3 was measured with.
 """
 
 from __future__ import annotations
