@@ -135,7 +135,7 @@ async def echo(spec: dict[str, Any]) -> dict[str, Any]:
     start = now_ns()
     measure_from, measure_to = start + warmup_ns, start + warmup_ns + window_ns
     latencies: list[int] = []
-    counted = [0]
+    counted = [0, 0]  # round trips in the measured window, and in all
     cpu: list[float] = []
 
     async def client(ws: ClientConnection) -> None:
@@ -145,6 +145,7 @@ async def echo(spec: dict[str, Any]) -> dict[str, Any]:
             done = now_ns()
             if reply != TEXT:
                 raise RuntimeError(f"echo returned {reply!r}")
+            counted[1] += 1
             if measure_from <= done < measure_to:
                 counted[0] += 1
                 latencies.append(done - sent)
@@ -157,7 +158,7 @@ async def echo(spec: dict[str, Any]) -> dict[str, Any]:
 
     await asyncio.gather(mark(), *(client(ws) for ws in sockets))
     await asyncio.gather(*(ws.close() for ws in sockets))
-    return {"messages": counted[0], "seconds": spec["seconds"], "latencies_ns": latencies,
+    return {"messages": counted[0], "round_trips": counted[1], "seconds": spec["seconds"], "latencies_ns": latencies,
             "client_cpu_seconds": cpu[1] - cpu[0]}
 
 

@@ -1,11 +1,13 @@
-"""Web benchmark: crossroads' HTTP and WebSocket bridges side by side with Daphne 4 + Channels 4, serving
-the same hello-world HTTP consumer, the same WebSocket echo and the same group broadcast.
+"""Web benchmark: crossroads' HTTP and WebSocket bridges side by side with Channels 4 on Daphne 4 and on
+uvicorn[standard] (uvloop + httptools), serving the same hello-world HTTP consumer, the same WebSocket echo
+and the same group broadcast; a bare uvicorn ASGI app is the ceiling.
 
 Owns this file and its helpers, each run where it must run:
 
 - ``bench/_web_crossroads.py``: crossroads' consumers (``.venv``, imported by the crossroads daemons);
-- ``bench/_web_channels.py``: the Channels application Daphne serves (the channels_redis virtualenv, with
-  ``bench/_worker_django_settings.py`` as its settings, shared with bench/worker.py);
+- ``bench/_web_channels.py``: the Channels application Daphne and uvicorn serve (the channels_redis and the
+  uvicorn virtualenvs, with ``bench/_worker_django_settings.py`` as its settings, shared with bench/worker.py);
+- ``bench/_web_bare.py``: the bare ASGI hello and echo uvicorn serves as the ceiling (the uvicorn virtualenv);
 - ``bench/_web_load.py``: the Python load clients (fixed-rate HTTP, echo, broadcast, idle sockets);
 
 and what they write: the "Web (HTTP and WebSocket)" section of ``docs/benchmarks.md``,
@@ -16,13 +18,19 @@ Servers, each measured alone on an otherwise idle machine:
 - crossroads, memory://: ``crossroads run`` (both bridges and the worker threads in one process);
 - crossroads, redis://: ``crossroads bridge web`` + ``crossroads bridge sockets`` + ``crossroads worker``;
 - Daphne + Channels with ``InMemoryChannelLayer``, and with channels_redis: one ``daphne`` process (Channels 4
-  has no separate worker for HTTP and WebSocket consumers: they run inside Daphne).
+  has no separate worker for HTTP and WebSocket consumers: they run inside Daphne);
+- uvicorn + Channels, the same two layers: one ``uvicorn --loop uvloop --http httptools`` process;
+- bare uvicorn: the same uvicorn with ``_web_bare.py``, HTTP and echo only (no layer, nothing to broadcast).
 
 Scenarios: saturated HTTP requests/s (wrk), HTTP latency at a fixed rate (``_web_load.py``), WebSocket echo
-with 100 clients, a broadcast to a 1,000-member group, and RSS per idle WebSocket with 10,000 open.
+with 100 clients, a broadcast to a 1,000-member group, and RSS per idle WebSocket with 10,000 open. For every
+saturated run: CPU per request or message (every server process, from /proc) and, over Redis, Redis commands
+per request or message (``INFO commandstats`` deltas).
 
 Usage: ``.venv/bin/python bench/web.py [--quick | --report]``; ``--quick`` is a smoke run that writes nothing,
-``--report`` rewrites the doc section and the plot from the last full run's JSON without measuring.
+``--report`` rewrites the doc section and the plot from the last full run's JSON without measuring. A partial
+run writes nothing either: ``--only crossroads:redis --scenarios http --wrk-seconds 3`` is the quick look at
+crossroads' Redis commands per request under wrk that issue 17 §3 was measured with.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +77,11 @@ RESULTS = ROOT / "bench" / "results" / "web.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 CHART = ROOT / "docs" / "img" / "web-throughput.png"
 DAPHNE_PIN = "4.2.3"  # the latest 4.x when this benchmark was written; pinned so runs compare
+UV_VENV = ROOT / ".bench-venvs" / "uvicorn"
+UV_PYTHON = UV_VENV / "bin" / "python"
+# uvicorn[standard] and the parts of it that set its speed, the latest when this was written; pinned so runs compare.
+# Channels, Django and channels_redis as in the Daphne virtualenv (bench/worker.py, bench/layer.py).
+UVICORN_PINS = {"uvicorn": "0.54.0", "uvloop": "0.23.0", "httptools": "0.9.0", "websockets": "15.0.1"}
 
 CLIENT_CORE, SERVER_CORE = 0, 1
 HTTP_CONNECTIONS = 50  # wrk's keep-alive connections, under the layer's default capacity of 100
@@ -81,6 +94,7 @@ TUNED_CAPACITY = 5000
 IDLE_PROCESSES = 2  # client processes holding the idle sockets (each needs a descriptor per socket)
 IDLE_CONCURRENCY = 40  # handshakes in flight per client process; 2 × 40 stays under the connect channel's 100
 KIB_TARGET = 32
+SCENARIOS = ("idle", "http", "echo", "broadcast")
 
 
 @dataclass(frozen=True)
@@ -94,28 +108,55 @@ class Config:
     broadcasts: int
     idle: int  # idle WebSocket connections for the memory figure
     settle: float  # seconds the idle sockets are held before the RSS is read
+    only: tuple[str, ...] = ()  # "system:layer" of the setups to run (--only); empty: every setup
+    scenarios: tuple[str, ...] = SCENARIOS  # what to measure (--scenarios)
 
     @classmethod
-    def make(cls, quick: bool) -> Config:
+    def make(cls, quick: bool, only: tuple[str, ...] = (), scenarios: tuple[str, ...] = SCENARIOS,
+             wrk_seconds: int | None = None) -> Config:
         if quick:
-            return cls(rounds=1, wrk_seconds=1, rate=500, rate_seconds=1, echo_warmup=0.3, echo_seconds=1, broadcasts=1,
-                       idle=600, settle=0.5)
-        return cls(rounds=3, wrk_seconds=3, rate=500, rate_seconds=5, echo_warmup=1, echo_seconds=2.5, broadcasts=8,
-                   idle=10_000, settle=2)
+            config = cls(rounds=1, wrk_seconds=1, rate=500, rate_seconds=1, echo_warmup=0.3, echo_seconds=1,
+                         broadcasts=1, idle=600, settle=0.5, only=only, scenarios=scenarios)
+        else:
+            config = cls(rounds=3, wrk_seconds=3, rate=500, rate_seconds=5, echo_warmup=1, echo_seconds=2.5,
+                         broadcasts=8, idle=10_000, settle=2, only=only, scenarios=scenarios)
+        return replace(config, wrk_seconds=wrk_seconds) if wrk_seconds else config
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.only) or self.scenarios != SCENARIOS
+
+    def runs(self, setup: Setup, scenario: str) -> bool:
+        return scenario in setup.scenarios and scenario in self.scenarios
 
 
 @dataclass(frozen=True)
 class Setup:
-    system: str  # "crossroads" | "daphne"
-    layer: str  # "memory" | "redis"
+    system: str  # "crossroads" | "daphne" | "uvicorn" (+ Channels) | "bare" (uvicorn, a bare ASGI app)
+    layer: str  # "memory" | "redis" | "none" (bare)
     tuned: bool = False  # crossroads with its bridge's reply queue raised to TUNED_CAPACITY (broadcast only)
 
     @property
+    def scenarios(self) -> tuple[str, ...]:
+        """What is measured on this setup: the ceiling has no layer, so no broadcast, and no idle figure; nor has
+        uvicorn + Channels an idle figure: opening 10,000 sockets to a Channels server takes up to two minutes
+        (Daphne's rows), the longest part of a full run, and Daphne's rows already give Channels' cost per socket."""
+        if self.system == "bare":
+            return ("http", "echo")
+        return ("http", "echo", "broadcast") if self.system == "uvicorn" else SCENARIOS
+
+    @property
     def label(self) -> str:
-        if self.system == "daphne":
-            return f"Daphne + Channels, {'InMemoryChannelLayer' if self.layer == 'memory' else 'channels_redis'}"
+        if self.system == "bare":
+            return "uvicorn, bare ASGI app (ceiling)"
+        if self.system in CHANNELS_SERVERS:
+            layer = "InMemoryChannelLayer" if self.layer == "memory" else "channels_redis"
+            return f"{CHANNELS_SERVERS[self.system]} + Channels, {layer}"
         how = "crossroads run" if self.layer == "memory" else "bridges + worker, 3 processes"
         return f"crossroads {self.layer}://, {how}" + (f", reply queue {TUNED_CAPACITY:,}" if self.tuned else "")
+
+
+CHANNELS_SERVERS = {"daphne": "Daphne", "uvicorn": "uvicorn"}  # the servers that run the Channels app
 
 
 # -- the servers --
@@ -129,12 +170,18 @@ class Servers(ProcessGroup):
         log = workdir / f"web-{setup.system}-{setup.layer}{'-tuned' if setup.tuned else ''}.log"
         super().__init__(setup.label, log, SERVER_CORE, ROOT)
         self.http_port = free_port()
-        if setup.system == "daphne":
-            self.ws_port = self.http_port  # Daphne serves both on one port
+        if setup.system != "crossroads":
+            self.ws_port = self.http_port  # Daphne and uvicorn serve both on one port
             env = {**os.environ, "PYTHONPATH": str(ROOT / "bench"), "DJANGO_SETTINGS_MODULE": "_worker_django_settings",
                    "BENCH_CHANNEL_LAYER": setup.layer, "BENCH_REDIS_URL": redis_url}
-            self.start("daphne", [str(CR_VENV / "bin" / "daphne"), "-b", "127.0.0.1", "-p", str(self.http_port),
-                                  "_web_channels:application"], env)
+            if setup.system == "daphne":
+                self.start("daphne", [str(CR_VENV / "bin" / "daphne"), "-b", "127.0.0.1", "-p", str(self.http_port),
+                                      "_web_channels:application"], env)
+            else:  # uvicorn[standard] as its docs run it for speed; Channels' router has no lifespan handler
+                app = "_web_bare:application" if setup.system == "bare" else "_web_channels:application"
+                self.start("uvicorn", [str(UV_VENV / "bin" / "uvicorn"), "--host", "127.0.0.1", "--port",
+                                       str(self.http_port), "--loop", "uvloop", "--http", "httptools",
+                                       "--ws", "websockets", "--lifespan", "off", app], env)
         else:
             self.ws_port = free_port()
             config = workdir / f"crossroads-{setup.layer}{'-tuned' if setup.tuned else ''}.toml"
@@ -249,9 +296,10 @@ def wrk(binary: str, url: str, seconds: float) -> dict[str, Any]:
     command = [*cpu_pin(CLIENT_CORE), binary, "-t1", f"-c{HTTP_CONNECTIONS}", f"-d{seconds:g}s", "--latency", url]
     out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
     rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if rate is None:
+    total = re.search(r"^\s+(\d+) requests in", out, re.MULTILINE)
+    if rate is None or total is None:
         raise BenchError(f"wrk printed no Requests/sec:\n{out}")
-    figures: dict[str, Any] = {"req_per_s": float(rate.group(1)), "errors": 0}
+    figures: dict[str, Any] = {"req_per_s": float(rate.group(1)), "requests": int(total.group(1)), "errors": 0}
     for pct in ("50", "99"):
         found = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
         figures[f"p{pct}_ms"] = float(found.group(1)) * UNITS[found.group(2)] if found else None
@@ -263,11 +311,51 @@ def wrk(binary: str, url: str, seconds: float) -> dict[str, Any]:
     return figures
 
 
-def run_http_saturated(servers: Servers, config: Config, wrk_binary: str) -> dict[str, Any]:
-    cpu = servers.cpu()
+def script_calls() -> frozenset[str]:
+    """The commands crossroads' Lua scripts run inside Redis (``redis.call('RPUSH', ...)`` in layer/redis.py).
+    Redis counts them in ``INFO commandstats`` as if a client had sent them; what crosses the network is the one
+    EVALSHA. crossroads sends these commands itself only on paths HTTP hello and echo do not take (waking a
+    receive blocked on several shards, group membership, pending counts)."""
+    text = (ROOT / "layer" / "redis.py").read_text()
+    return frozenset(name.lower() for name in re.findall(r"redis\.call\('([A-Z]+)'", text))
+
+
+SCRIPT_CALLS = script_calls()
+
+
+def commandstats(redis: BenchRedis) -> dict[str, int]:
+    """Redis' calls so far per command name (``INFO commandstats``), e.g. ``{"evalsha": 1200, "blpop": 30}``."""
+    return {name.removeprefix("cmdstat_"): stats["calls"] for name, stats in redis.client.info("commandstats").items()}
+
+
+class Counted:
+    """CPU of every server process and, over Redis, Redis commands by name, from here to ``done(operations)``."""
+
+    def __init__(self, servers: Servers, redis: BenchRedis) -> None:
+        self.servers, self.redis = servers, redis if servers.setup.layer == "redis" else None
+        self.cpu = servers.cpu()
+        self.commands = commandstats(redis) if self.redis else {}
+
+    def done(self, operations: int, seconds: float) -> dict[str, Any]:
+        cpu = self.servers.cpu() - self.cpu
+        figures: dict[str, Any] = {"server_cpu_percent": cpu / seconds * 100,
+                                   "cpu_us_per_op": cpu / max(operations, 1) * 1e6, "operations": operations}
+        if self.redis:
+            after = commandstats(self.redis)
+            calls = {name: n - self.commands.get(name, 0) for name, n in after.items()
+                     if name != "info" and n > self.commands.get(name, 0)}
+            inside = SCRIPT_CALLS if self.servers.setup.system == "crossroads" else frozenset()
+            figures["redis_commands_per_op"] = sum(n for name, n in calls.items() if name not in inside) / max(
+                operations, 1)
+            figures["redis_commands_run_per_op"] = sum(calls.values()) / max(operations, 1)
+            figures["redis_commands"] = dict(sorted(calls.items(), key=lambda kv: -kv[1]))
+        return figures
+
+
+def run_http_saturated(servers: Servers, config: Config, wrk_binary: str, redis: BenchRedis) -> dict[str, Any]:
+    counted = Counted(servers, redis)
     saturated = wrk(wrk_binary, f"http://127.0.0.1:{servers.http_port}/", config.wrk_seconds)
-    saturated["server_cpu_percent"] = (servers.cpu() - cpu) / config.wrk_seconds * 100
-    return saturated
+    return {**saturated, **counted.done(saturated["requests"], config.wrk_seconds)}
 
 
 def run_http_fixed(servers: Servers, config: Config) -> dict[str, Any]:
@@ -276,14 +364,16 @@ def run_http_fixed(servers: Servers, config: Config) -> dict[str, Any]:
     return {"rate": config.rate, **latency_summary(paced["latencies_ns"]), "errors": paced["errors"]["status"]}
 
 
-def run_echo(servers: Servers, config: Config) -> dict[str, Any]:
-    cpu = servers.cpu()
+def run_echo(servers: Servers, config: Config, redis: BenchRedis) -> dict[str, Any]:
+    counted = Counted(servers, redis)
     got = load({"mode": "echo", "url": f"ws://127.0.0.1:{servers.ws_port}/echo/", "clients": ECHO_CLIENTS,
                 "warmup": config.echo_warmup, "seconds": config.echo_seconds}, config.echo_seconds + 90)
     seconds = config.echo_warmup + config.echo_seconds
+    # Per message over the whole run, warm-up included: the CPU and commands of connecting and closing the
+    # clients are spread over its messages (roughly: 100 sockets against tens of thousands of messages).
     return {"msg_per_s": got["messages"] / got["seconds"], **latency_summary(got["latencies_ns"]),
             "client_cpu_percent": got["client_cpu_seconds"] / got["seconds"] * 100,
-            "server_cpu_percent": (servers.cpu() - cpu) / seconds * 100}  # includes connecting: roughly
+            **counted.done(got["round_trips"], seconds)}
 
 
 def run_broadcast(servers: Servers, config: Config) -> dict[str, Any]:
@@ -362,36 +452,21 @@ def measure(setups: list[Setup], redis: BenchRedis, config: Config, wrk_binary: 
             # Idle sockets first, on servers that have only answered the readiness probe: after the other
             # scenarios their heap would already hold room for those sockets, and the growth would read low.
             for setup, s in servers.items():
+                if not config.runs(setup, "idle"):
+                    continue
                 rows[setup]["idle"] = idle = run_idle(s, config)
                 failed = f", {idle['handshakes_failed']:,} handshakes failed ({idle['failure'][:80]})" \
                     if idle["handshakes_failed"] else ""
                 print(f"  idle {idle['connections']:,} sockets: {idle['bytes_per_connection'] / 1024:5.1f} KiB each "
                       f"(opened in {idle['open_seconds']:.1f} s{failed})  {setup.label}", flush=True)
                 wait_quiet(s)
-            for s in servers.values():
-                wrk(wrk_binary, f"http://127.0.0.1:{s.http_port}/", 1)  # warm-up (wrk takes whole seconds)
-            saturated: dict[Setup, list[dict[str, Any]]] = {setup: [] for setup in setups}
-            for _ in range(config.rounds):
-                for setup, s in servers.items():
-                    saturated[setup].append(run_http_saturated(s, config, wrk_binary))
-            for setup, s in servers.items():
-                sat = median_run(saturated[setup], "req_per_s")
-                fixed = run_http_fixed(s, config)
-                rows[setup]["http"] = {"saturated": sat, "fixed": fixed}
-                print(f"  HTTP {sat['req_per_s']:>7,.0f} req/s (runs {fmt_runs(sat['runs_req_per_s'])}, server CPU "
-                      f"{sat['server_cpu_percent']:.0f}%); at {fixed['rate']} req/s p50 {fixed['p50_ms']:.2f} ms "
-                      f"p99 {fixed['p99_ms']:.2f} ms  {setup.label}", flush=True)
-            echoes: dict[Setup, list[dict[str, Any]]] = {setup: [] for setup in setups}
-            for _ in range(config.rounds):
-                for setup, s in servers.items():
-                    echoes[setup].append(run_echo(s, config))
-                    wait_quiet(s)
-            for setup in setups:
-                rows[setup]["echo"] = echo = median_run(echoes[setup], "msg_per_s")
-                print(f"  echo {echo['msg_per_s']:>7,.0f} msg/s (runs {fmt_runs(echo['runs_msg_per_s'])}), p50 "
-                      f"{echo['p50_ms']:.2f} ms p99 {echo['p99_ms']:.2f} ms (client CPU "
-                      f"{echo['client_cpu_percent']:.0f}%)  {setup.label}", flush=True)
+            if "http" in config.scenarios:
+                measure_http(servers, rows, config, wrk_binary, redis)
+            if "echo" in config.scenarios:
+                measure_echo(servers, rows, config, redis)
         for setup, s in servers.items():
+            if not config.runs(setup, "broadcast"):
+                continue
             rows[setup]["broadcast"] = b = run_broadcast(s, config)
             print(f"  broadcast: all {MEMBERS} in {fmt_ms(b['all_ms'])} ms (median of {b['complete_rounds']} "
                   f"complete rounds), lost {b['lost']:,} of {b['sent']:,}  {setup.label}", flush=True)
@@ -402,6 +477,49 @@ def measure(setups: list[Setup], redis: BenchRedis, config: Config, wrk_binary: 
         return list(rows.values())
     finally:
         stop_all(list(servers.values()))
+
+
+def measure_http(servers: dict[Setup, Servers], rows: dict[Setup, dict[str, Any]], config: Config, wrk_binary: str,
+                 redis: BenchRedis) -> None:
+    """Saturated rounds interleaved server by server, then each at the fixed rate."""
+    for s in servers.values():
+        wrk(wrk_binary, f"http://127.0.0.1:{s.http_port}/", 1)  # warm-up (wrk takes whole seconds)
+    saturated: dict[Setup, list[dict[str, Any]]] = {setup: [] for setup in servers}
+    for _ in range(config.rounds):
+        for setup, s in servers.items():
+            saturated[setup].append(run_http_saturated(s, config, wrk_binary, redis))
+    for setup, s in servers.items():
+        sat = median_run(saturated[setup], "req_per_s")
+        fixed = run_http_fixed(s, config)
+        rows[setup]["http"] = {"saturated": sat, "fixed": fixed}
+        print(f"  HTTP {sat['req_per_s']:>7,.0f} req/s (runs {fmt_runs(sat['runs_req_per_s'])}, server CPU "
+              f"{sat['server_cpu_percent']:.0f}%, {sat['cpu_us_per_op']:.0f} µs/request{commands_note(sat)}); "
+              f"at {fixed['rate']} req/s p50 {fixed['p50_ms']:.2f} ms p99 {fixed['p99_ms']:.2f} ms  {setup.label}",
+              flush=True)
+
+
+def measure_echo(servers: dict[Setup, Servers], rows: dict[Setup, dict[str, Any]], config: Config,
+                 redis: BenchRedis) -> None:
+    """Echo rounds interleaved server by server."""
+    echoes: dict[Setup, list[dict[str, Any]]] = {setup: [] for setup in servers}
+    for _ in range(config.rounds):
+        for setup, s in servers.items():
+            echoes[setup].append(run_echo(s, config, redis))
+            wait_quiet(s)
+    for setup in servers:
+        rows[setup]["echo"] = echo = median_run(echoes[setup], "msg_per_s")
+        print(f"  echo {echo['msg_per_s']:>7,.0f} msg/s (runs {fmt_runs(echo['runs_msg_per_s'])}), p50 "
+              f"{echo['p50_ms']:.2f} ms p99 {echo['p99_ms']:.2f} ms (client CPU "
+              f"{echo['client_cpu_percent']:.0f}%, {echo['cpu_us_per_op']:.0f} µs/message{commands_note(echo)})  "
+              f"{setup.label}", flush=True)
+
+
+def commands_note(figures: dict[str, Any]) -> str:
+    if "redis_commands" not in figures:
+        return ""
+    ops = max(figures["operations"], 1)
+    named = " ".join(f"{name.upper()} {n / ops:.2f}" for name, n in figures["redis_commands"].items())
+    return f", Redis commands {figures['redis_commands_per_op']:.2f} sent/op: {named}"
 
 
 def fmt_runs(values: list[float]) -> str:
@@ -433,8 +551,9 @@ def fmt_ms(value: float | None) -> str:
     return "—" if value is None else f"{value:,.1f}"
 
 
-SETUPS = (Setup("crossroads", "memory"), Setup("daphne", "memory"), Setup("crossroads", "redis"),
-          Setup("daphne", "redis"), Setup("crossroads", "memory", tuned=True), Setup("crossroads", "redis", tuned=True))
+SETUPS = (Setup("crossroads", "memory"), Setup("daphne", "memory"), Setup("uvicorn", "memory"),
+          Setup("crossroads", "redis"), Setup("daphne", "redis"), Setup("uvicorn", "redis"), Setup("bare", "none"),
+          Setup("crossroads", "memory", tuned=True), Setup("crossroads", "redis", tuned=True))
 
 
 def ensure_daphne() -> None:
@@ -445,6 +564,21 @@ def ensure_daphne() -> None:
         keep = installed_versions(str(CR_PYTHON), ["channels_redis", "redis", "hiredis", *CHANNELS_PINS])
         pins = [f"{k}=={v}" for k, v in keep.items() if v]  # Daphne's requirements must not move the others
         subprocess.run([str(CR_PYTHON), "-m", "pip", "install", "-q", f"daphne=={DAPHNE_PIN}", *pins], check=True)
+
+
+def ensure_uvicorn() -> None:
+    """.bench-venvs/uvicorn: uvicorn[standard] at UVICORN_PINS, with the Daphne virtualenv's Channels, Django,
+    channels_redis, redis-py and hiredis at the same versions. Skipped when it already holds exactly those."""
+    pins = {**UVICORN_PINS, **installed_versions(str(CR_PYTHON), ["channels_redis", "redis", "hiredis",
+                                                                    *CHANNELS_PINS])}
+    pins = {name: version for name, version in pins.items() if version}
+    if UV_PYTHON.exists() and installed_versions(str(UV_PYTHON), list(pins)) == pins:
+        return
+    print(f"installing uvicorn[standard] {UVICORN_PINS['uvicorn']} + Channels into {UV_VENV.relative_to(ROOT)} ...",
+          flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(UV_VENV)], check=True)
+    wanted = [f"uvicorn[standard]=={pins.pop('uvicorn')}", *(f"{k}=={v}" for k, v in pins.items())]
+    subprocess.run([str(UV_PYTHON), "-m", "pip", "install", "-q", *wanted], check=True)
 
 
 def raise_nofile() -> None:
@@ -458,6 +592,7 @@ def raise_nofile() -> None:
 def run_all(config: Config) -> dict[str, Any]:
     wrk_binary = ensure_wrk()
     ensure_daphne()
+    ensure_uvicorn()
     raise_nofile()
     redis = BenchRedis()
     try:
@@ -466,11 +601,15 @@ def run_all(config: Config) -> dict[str, Any]:
         results["machine"]["crossroads_venv"].update(installed_versions(sys.executable,
                                                                         ["Twisted", "autobahn", "websockets"]))
         results["machine"]["channels_venv"].update(installed_versions(str(CR_PYTHON), ["Twisted", "autobahn"]))
+        results["machine"]["uvicorn_venv"] = installed_versions(str(UV_PYTHON), [*UVICORN_PINS, "channels",
+                                                                                  "channels_redis", "Django"])
+        results["machine"]["load_before"] = os.getloadavg()
         results["machine"]["wrk"] = subprocess.run([wrk_binary, "-v"], capture_output=True,
                                                    text=True).stdout.split(" Copyright")[0].strip()
         with tempfile.TemporaryDirectory(prefix="web-bench-") as workdir:
-            results["rows"] = measure([s for s in SETUPS if not s.tuned], redis, config, wrk_binary, Path(workdir))
-            for setup in SETUPS:  # one at a time: both use the same Redis group name
+            chosen = [s for s in SETUPS if not config.only or f"{s.system}:{s.layer}" in config.only]
+            results["rows"] = measure([s for s in chosen if not s.tuned], redis, config, wrk_binary, Path(workdir))
+            for setup in chosen if "broadcast" in config.scenarios else ():  # one at a time: the same group name
                 if setup.tuned:
                     results["rows"] += measure([setup], redis, config, wrk_binary, Path(workdir))
         return results
@@ -490,7 +629,7 @@ def find(results: dict[str, Any], system: str, layer: str, tuned: bool = False) 
 
 def daphne_best(results: dict[str, Any], figure: Any) -> float:
     """Daphne's better figure of its two layers: the targets compare against the stronger one."""
-    return max(figure(row) for row in results["rows"] if row["system"] == "daphne")
+    return max((figure(row) for row in results["rows"] if row["system"] == "daphne"), default=0.0)
 
 
 def http_rate(row: dict[str, Any]) -> float:
@@ -501,8 +640,24 @@ def echo_rate(row: dict[str, Any]) -> float:
     return row["echo"]["msg_per_s"]
 
 
-def main_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [row for row in results["rows"] if not row["tuned"]]
+def main_rows(results: dict[str, Any], scenario: str | None = None) -> list[dict[str, Any]]:
+    """The untuned rows; with ``scenario``, only those that measured it (the ceiling has no idle or broadcast)."""
+    return [row for row in results["rows"] if not row["tuned"] and (scenario is None or scenario in row)]
+
+
+def uvicorn_ratio(results: dict[str, Any], row: dict[str, Any], figure: Any) -> str:
+    """``row``'s figure against uvicorn + Channels on the same layer (the ceiling against the in-memory one)."""
+    theirs = find(results, "uvicorn", "memory" if row["layer"] == "none" else row["layer"])
+    return ratio_cell(figure(row), figure(theirs)) if theirs else "—"
+
+
+def per_op(figures: dict[str, Any]) -> tuple[str, str]:
+    """CPU µs and Redis commands per request or message (sent, and run with the scripts' own), as table cells."""
+    commands, cpu = figures.get("redis_commands_per_op"), figures.get("cpu_us_per_op")  # absent before issue 17
+    cpu_cell = "—" if cpu is None else f"{cpu:,.0f}"
+    if commands is None:
+        return cpu_cell, "—"
+    return cpu_cell, f"{commands:.2f} ({figures['redis_commands_run_per_op']:.2f})"
 
 
 def ratio_cell(value: float, reference: float) -> str:
@@ -516,27 +671,50 @@ def spread(values: list[float]) -> str:
 def http_table(results: dict[str, Any]) -> str:
     best = daphne_best(results, http_rate)
     rate = results["config"]["rate"]
-    lines = ["| server | req/s, saturated (wrk, median) | runs, min–max | × Daphne (best) | wrk p50 / p99 ms "
-             f"| server CPU | errors | p50 ms at {rate} req/s | p99 ms at {rate} req/s |",
-             "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
-    for row in main_rows(results):
+    lines = ["| server | req/s, saturated (wrk, median) | runs, min–max | × Daphne (best) | × uvicorn + Channels "
+             "(same layer) | wrk p50 / p99 ms | server CPU | CPU µs per request | Redis commands per request "
+             "(with scripts' own) "
+             f"| errors | p50 ms at {rate} req/s | p99 ms at {rate} req/s |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in main_rows(results, "http"):
         sat, fixed = row["http"]["saturated"], row["http"]["fixed"]
+        cpu, commands = per_op(sat)
         lines.append(f"| {row['label']} | {sat['req_per_s']:,.0f} | {spread(sat['runs_req_per_s'])} "
-                     f"| {ratio_cell(sat['req_per_s'], best)} "
-                     f"| {sat['p50_ms']:.1f} / {sat['p99_ms']:.1f} | {sat['server_cpu_percent']:.0f}% "
-                     f"| {sat['errors'] + fixed['errors']} | {fixed['p50_ms']:.2f} | {fixed['p99_ms']:.2f} |")
+                     f"| {ratio_cell(sat['req_per_s'], best)} | {uvicorn_ratio(results, row, http_rate)} "
+                     f"| {sat['p50_ms']:.1f} / {sat['p99_ms']:.1f} | {sat['server_cpu_percent']:.0f}% | {cpu} "
+                     f"| {commands} | {sat['errors'] + fixed['errors']} | {fixed['p50_ms']:.2f} "
+                     f"| {fixed['p99_ms']:.2f} |")
     return "\n".join(lines)
 
 
 def echo_table(results: dict[str, Any]) -> str:
     best = daphne_best(results, echo_rate)
-    lines = ["| server | messages/s (median) | runs, min–max | × Daphne (best) | round trip p50 ms | p99 ms "
-             "| load client CPU |", "|---|--:|--:|--:|--:|--:|--:|"]
-    for row in main_rows(results):
+    lines = ["| server | messages/s (median) | runs, min–max | × Daphne (best) | × uvicorn + Channels (same layer) "
+             "| round trip p50 ms | p99 ms | CPU µs per message | Redis commands per message (with scripts' own) "
+             "| load client CPU |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in main_rows(results, "echo"):
         e = row["echo"]
+        cpu, commands = per_op(e)
         lines.append(f"| {row['label']} | {e['msg_per_s']:,.0f} | {spread(e['runs_msg_per_s'])} "
-                     f"| {ratio_cell(e['msg_per_s'], best)} "
-                     f"| {e['p50_ms']:.2f} | {e['p99_ms']:.2f} | {e['client_cpu_percent']:.0f}% |")
+                     f"| {ratio_cell(e['msg_per_s'], best)} | {uvicorn_ratio(results, row, echo_rate)} "
+                     f"| {e['p50_ms']:.2f} | {e['p99_ms']:.2f} | {cpu} | {commands} "
+                     f"| {e['client_cpu_percent']:.0f}% |")
+    return "\n".join(lines)
+
+
+def commands_table(results: dict[str, Any]) -> str:
+    """Redis commands per request (HTTP) and per message (echo) by command name, for every Redis setup."""
+    lines = ["| server | scenario | Redis commands per operation, by command (*: run by a script, not sent) |",
+             "|---|---|---|"]
+    for row in main_rows(results):
+        for scenario, figures in (("HTTP", row.get("http", {}).get("saturated")), ("echo", row.get("echo"))):
+            if figures and "redis_commands" in figures:
+                ops = max(figures["operations"], 1)
+                inside = SCRIPT_CALLS if row["system"] == "crossroads" else frozenset()
+                named = ", ".join(f"{name.upper()}{'*' if name in inside else ''} {n / ops:.2f}"
+                                  for name, n in figures["redis_commands"].items() if n / ops >= 0.005) or "none"
+                lines.append(f"| {row['label']} | {scenario} | {named} |")
     return "\n".join(lines)
 
 
@@ -547,6 +725,8 @@ def broadcast_table(results: dict[str, Any]) -> str:
              "Daphne + channels_redis | median member ms (of those that got it) | complete rounds | lost (of sent) |",
              "|---|--:|--:|--:|--:|--:|--:|"]
     for row in results["rows"]:
+        if "broadcast" not in row:
+            continue
         b = row["broadcast"]
         faster = f"{reference / b['all_ms']:.2f}×" if reference and b["all_ms"] else "—"
         lines.append(f"| {row['label']} | {fmt_ms(b['all_ms'])} | {fmt_ms(b['all_ms_max'])} | {faster} "
@@ -558,7 +738,7 @@ def broadcast_table(results: dict[str, Any]) -> str:
 def idle_table(results: dict[str, Any]) -> str:
     lines = ["| server | sockets open | KiB per socket | RSS before → after, MiB (per process) | opened in s "
              "| closed by the server | handshakes failed |", "|---|--:|--:|--:|--:|--:|--:|"]
-    for row in main_rows(results):
+    for row in main_rows(results, "idle"):
         i = row["idle"]
         rss = ", ".join(f"{name} {i['rss_before'][name] / 2**20:.0f} → {i['rss_after'][name] / 2**20:.0f}"
                         for name in i["rss_before"])
@@ -598,22 +778,51 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
             kib = row["idle"]["bytes_per_connection"] / 1024
             found.append((f"< {KIB_TARGET} KiB per idle connection ({layer}://, every crossroads process)",
                           f"{kib:.1f} KiB", kib < KIB_TARGET))
+    return found + uvicorn_targets(results)
+
+
+def uvicorn_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Issue 17's targets, against uvicorn[standard] + Channels on the same layer."""
+    found = []
+    for layer, what, least in (("memory", "memory://, one process", {"HTTP": 1.3, "echo": 2.0}),
+                               ("redis", "redis://, separate worker", {"HTTP": 1.0, "echo": 1.0})):
+        ours, theirs = find(results, "crossroads", layer), find(results, "uvicorn", layer)
+        if ours is None or theirs is None:
+            continue
+        for name, figure, unit in (("HTTP", http_rate, "req/s"), ("echo", echo_rate, "msg/s")):
+            ratio = figure(ours) / figure(theirs)
+            found.append((f"{what}: {'HTTP hello req/s' if name == 'HTTP' else 'WebSocket echo msg/s'} "
+                          f"≥ {least[name]:.1f}× uvicorn + Channels'",
+                          f"{figure(ours):,.0f} {unit} = {ratio:.2f}× uvicorn's {figure(theirs):,.0f}",
+                          ratio >= least[name]))
+        if layer == "memory":
+            p99, their_p99 = ours["http"]["saturated"]["p99_ms"], theirs["http"]["saturated"]["p99_ms"]
+            found.append((f"{what}: HTTP p99 at saturation (wrk) ≤ uvicorn + Channels'",
+                          f"{p99:.1f} ms vs {their_p99:.1f} ms", p99 <= their_p99))
+        else:
+            for name, figures, per in (("HTTP", ours["http"]["saturated"], "request"),
+                                       ("echo", ours["echo"], "message")):
+                commands = figures["redis_commands_per_op"]
+                found.append((f"{what}: {name} ≤ 1.5 Redis commands per {per} at saturation (sent by clients)",
+                              f"{commands:.2f} sent ({figures['redis_commands_run_per_op']:.2f} with the scripts' "
+                              "own calls, as commandstats counts them)", commands <= 1.5))
     return found
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
     """Four panels, one bar per server: HTTP req/s, echo msg/s, broadcast time, KiB per idle socket."""
     plt, _ = pyplot()
-    rows = main_rows(results)
     colors = {("crossroads", "memory"): "#1f77b4", ("crossroads", "redis"): "#6baed6",
-              ("daphne", "memory"): "#d62728", ("daphne", "redis"): "#ff9896"}
-    panels = (("HTTP hello: req/s (higher is better)", rows, http_rate),
-              (f"WebSocket echo, {ECHO_CLIENTS} clients: msg/s (higher is better)", rows, echo_rate),
+              ("daphne", "memory"): "#d62728", ("daphne", "redis"): "#ff9896",
+              ("uvicorn", "memory"): "#2ca02c", ("uvicorn", "redis"): "#98df8a", ("bare", "none"): "#7f7f7f"}
+    panels = (("HTTP hello: req/s (higher is better)", main_rows(results, "http"), http_rate),
+              (f"WebSocket echo, {ECHO_CLIENTS} clients: msg/s (higher is better)", main_rows(results, "echo"),
+               echo_rate),
               (f"Broadcast to {MEMBERS:,}: ms until all have it\n(lower is better; ✗ = messages lost)",
-               results["rows"], lambda r: r["broadcast"]["all_ms"] or 0.0),
-              ("KiB per idle WebSocket (lower is better)", rows,
+               [row for row in results["rows"] if "broadcast" in row], lambda r: r["broadcast"]["all_ms"] or 0.0),
+              ("KiB per idle WebSocket (lower is better)", main_rows(results, "idle"),
                lambda r: r["idle"]["bytes_per_connection"] / 1024))
-    fig, axes = plt.subplots(1, 4, figsize=(18, 5.2), gridspec_kw={"width_ratios": [1, 1, 1.5, 1]})
+    fig, axes = plt.subplots(1, 4, figsize=(22, 5.6), gridspec_kw={"width_ratios": [1.3, 1.3, 1.6, 1.1]})
     for ax, (title, subset, figure) in zip(axes, panels, strict=True):
         values = [figure(row) for row in subset]
         labels = [short_label(row) for row in subset]
@@ -630,10 +839,11 @@ def chart(results: dict[str, Any], path: Path) -> None:
         if "KiB" in title:
             ax.axhline(KIB_TARGET, color="crimson", linestyle="--", linewidth=1)
             ax.text(-0.4, KIB_TARGET * 1.02, f"target < {KIB_TARGET} KiB", color="crimson", fontsize=8)
-        ax.set_xticks(range(len(subset)), labels, fontsize=7.5)
+        ax.set_xticks(range(len(subset)), labels, fontsize=6.5)
         ax.set_title(title, fontsize=9.5)
         ax.set_ylim(top=(max(values) or 1) * 1.18)
-    fig.suptitle("crossroads bridges vs Daphne 4 + Channels 4 (2 cores: servers on one, load on the other)")
+    fig.suptitle("crossroads bridges vs Channels 4 on Daphne 4 and on uvicorn[standard]; bare uvicorn as the "
+                 "ceiling (2 cores: servers on one, load on the other)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -641,8 +851,10 @@ def chart(results: dict[str, Any], path: Path) -> None:
 
 
 def short_label(row: dict[str, Any]) -> str:
-    if row["system"] == "daphne":
-        return f"Daphne\n{'in-memory' if row['layer'] == 'memory' else 'channels_redis'}"
+    if row["system"] == "bare":
+        return "uvicorn\nbare ASGI"
+    if row["system"] in CHANNELS_SERVERS:
+        return f"{CHANNELS_SERVERS[row['system']]}\n{'in-memory' if row['layer'] == 'memory' else 'channels_redis'}"
     return f"crossroads\n{row['layer']}://" + (f"\nqueue {TUNED_CAPACITY:,}" if row["tuned"] else "")
 
 
@@ -698,8 +910,8 @@ def reading(results: dict[str, Any]) -> str:
         lines.append("- `dropped a reply to http.… nothing is registered for it (its connection closed?)`: wrk closes "
                      "its connections at the end of a run with requests in flight; those replies have nowhere to go. "
                      "Expected.")
-    ours = [row["idle"]["open_seconds"] for row in main_rows(results) if row["system"] == "crossroads"]
-    theirs = [row["idle"]["open_seconds"] for row in main_rows(results) if row["system"] == "daphne"]
+    ours = [row["idle"]["open_seconds"] for row in main_rows(results, "idle") if row["system"] == "crossroads"]
+    theirs = [row["idle"]["open_seconds"] for row in main_rows(results, "idle") if row["system"] == "daphne"]
     if ours and theirs:
         lines.append(f"- Opening the {results['config']['idle']:,} idle sockets took crossroads "
                      f"{' and '.join(f'{v:.0f}' for v in ours)} s, Daphne {' and '.join(f'{v:.0f}' for v in theirs)} s "
@@ -722,6 +934,10 @@ def document(results: dict[str, Any]) -> str:
     m, cfg = results["machine"], results["config"]
     mine = ", ".join(f"{k} {v}" for k, v in m["crossroads_venv"].items())
     theirs = ", ".join(f"{k} {v}" for k, v in m["channels_venv"].items())
+    uv = m.get("uvicorn_venv", {})
+    uvs = ", ".join(f"{k} {v}" for k, v in uv.items())
+    load = m.get("load_before")
+    loaded = f" Load average {load[0]:.2f} (1 min) when the run started." if load else ""
     rel = os.path.relpath
     pinning = (f"Every server process is pinned to core {SERVER_CORE} and every load client (wrk, `_web_load.py`) to "
                f"core {CLIENT_CORE} with `taskset -c`; redis-server is not pinned. So each server gets one core, "
@@ -730,19 +946,23 @@ def document(results: dict[str, Any]) -> str:
     return f"""## Web (HTTP and WebSocket)
 
 crossroads' HTTP bridge (`type = "http"`) and WebSocket bridge (`type = "websocket"`) against what a Django user
-runs instead: [Daphne](https://pypi.org/project/daphne/) {m['channels_venv']['daphne']} serving Channels
-{m['channels_venv']['channels']} consumers, with Channels' `InMemoryChannelLayer` or channels_redis
-{m['channels_venv']['channels_redis']}. The same consumers on both sides: a hello-world HTTP consumer
+runs instead: Channels {m['channels_venv']['channels']} consumers served by
+[Daphne](https://pypi.org/project/daphne/) {m['channels_venv']['daphne']} and by the fastest server a Channels user
+picks, [uvicorn](https://pypi.org/project/uvicorn/)[standard] {uv.get('uvicorn', '?')} (uvloop
+{uv.get('uvloop', '?')}, httptools {uv.get('httptools', '?')}), each with Channels' `InMemoryChannelLayer` or
+channels_redis {m['channels_venv']['channels_redis']}. The same consumers on every side: a hello-world HTTP consumer
 (`200`, `content-type: text/plain`, `Hello, world!`), a WebSocket echo, and a broadcast consumer that adds each
-socket to one group on connect and sends what it receives to the group.
+socket to one group on connect and sends what it receives to the group. The ceiling: uvicorn serving a bare ASGI
+app (`bench/_web_bare.py`, the same hello bytes and an echo, no framework, no layer).
 
 Reproduce with `.venv/bin/python bench/web.py` (took {results['seconds'] / 60:.1f} min; `--quick` is a smoke run
 that writes nothing). It starts its own redis-server, installs wrk with apt-get if it is missing (as root; otherwise
-it says what to run), and adds Daphne {DAPHNE_PIN} to bench/layer.py's `.bench-venvs/channels_redis` (Channels and
-Django pinned by bench/worker.py). Raw figures: [`bench/results/web.json`]({rel(RESULTS, DOC.parent)}).
+it says what to run), adds Daphne {DAPHNE_PIN} to bench/layer.py's `.bench-venvs/channels_redis` (Channels and
+Django pinned by bench/worker.py), and makes `.bench-venvs/uvicorn` with uvicorn[standard] and the same Channels,
+Django, channels_redis and redis-py. Raw figures: [`bench/results/web.json`]({rel(RESULTS, DOC.parent)}).
 
 **Machine**: {m['nproc']} cores, {m['cpu']}; Python {m['python']}; redis-server {m['redis_server']};
-{m['wrk']}; crossroads at {m['commit']} with {mine}; Channels venv: {theirs}.
+{m['wrk']}; crossroads at {m['commit']} with {mine}; Daphne venv: {theirs}; uvicorn venv: {uvs}.{loaded}
 
 ### Method
 
@@ -752,6 +972,9 @@ Django pinned by bench/worker.py). Raw figures: [`bench/results/web.json`]({rel(
   and WebSocket consumers (`runworker` only serves `channel` consumers), so our redis:// split is compared with
   Daphne's single process, with its layer set to channels_redis (every consumer instance then also creates a
   channel and listens on it, which is what a Channels deployment with a Redis layer pays) or to the in-memory layer.
+  uvicorn + Channels: the same application in one `uvicorn --loop uvloop --http httptools --ws websockets
+  --lifespan off` process (Channels' router answers no lifespan events). Bare uvicorn: the same command on
+  `_web_bare:application`, measured on HTTP and echo only.
   crossroads' config keeps every default (layer capacity 100, 4 worker threads); both servers keep their access
   log on (to a file). The Channels consumers are what its docs teach: `AsyncHttpConsumer` for HTTP (Channels' own
   HTTP consumer, like-for-like with a crossroads consumer; a Django view would add Django's request machinery),
@@ -761,21 +984,30 @@ Django pinned by bench/worker.py). Raw figures: [`bench/results/web.json`]({rel(
 - {pinning}
 - **HTTP, saturated**: wrk (1 thread, {HTTP_CONNECTIONS} keep-alive connections, {cfg['wrk_seconds']:g} s after a
   1 s warm-up run), `GET /`. Its p50/p99 are latencies at saturation, mostly queueing. Server CPU is all its
-  processes' user + system time over the run ÷ its length (100% = the one core).
+  processes' user + system time over the run ÷ its length (100% = the one core); CPU µs per request is that time
+  ÷ the requests wrk completed. Redis commands per request: the growth of `calls` in redis-server's
+  `INFO commandstats` over the run (every command but `INFO`, from every client: the idle setups' blocking
+  receives too) ÷ the requests. Redis counts the commands a Lua script runs as calls too; the first figure
+  counts what clients send (an `EVALSHA` once), the one in brackets everything Redis ran. The table after the
+  echo one splits them by command. Channels runs its HTTP and WebSocket consumers inside the server process,
+  so neither scenario needs its layer: its figures there are the other setups' stragglers.
 - **HTTP at a fixed rate**: {cfg['rate']} requests/s for {cfg['rate_seconds']:g} s after 0.5 s, the same for every
   server and below every one's saturation, open loop on 20 keep-alive connections (`_web_load.py`; Debian's wrk 4
   cannot pace). Latency runs from each request's scheduled time, so a stall is not hidden.
 - **WebSocket echo**: {ECHO_CLIENTS} clients (`websockets` {m['crossroads_venv'].get('websockets')}, no
   compression), each sending a 100-character text and waiting for it to come back, for {cfg['echo_seconds']:g} s
   after {cfg['echo_warmup']:g} s; messages/s are round trips completed in the window. The load client's CPU is
-  shown: near 100% it, not the server, would be the limit.
+  shown: near 100% it, not the server, would be the limit. CPU µs and Redis commands per message are taken over
+  the whole run (connecting, warm-up and closing included) ÷ every round trip of the run.
 - **Broadcast**: {MEMBERS:,} sockets join the group (opened 50 at a time); one of them sends a text and we time
   until the last member has it, {cfg['broadcasts']} rounds; a member without the message after
   {BROADCAST_TIMEOUT:g} s counts as lost. The time includes the client reading {MEMBERS:,} frames on one core, the
   same for both. crossroads is also run with its WebSocket bridge's reply queue raised to {TUNED_CAPACITY:,}
   (`channel_capacity = {{"websocket.sockets.*" = {TUNED_CAPACITY}}}`): every socket of one bridge process shares
   that queue, 100 messages by default.
-- **Memory**: {cfg['idle']:,} idle sockets to the echo consumer, opened from {IDLE_PROCESSES} client processes
+- **Memory** (crossroads and Daphne; not measured on uvicorn, to keep a full run near 9 minutes: opening
+  10,000 sockets to a Channels server takes up to two minutes): {cfg['idle']:,} idle sockets to the echo
+  consumer, opened from {IDLE_PROCESSES} client processes
   ({IDLE_CONCURRENCY} handshakes in flight each, under the connect channel's capacity), held {cfg['settle']:g} s;
   KiB per socket is the growth of the RSS of every server process (redis-server excluded) ÷ sockets, measured
   first, on servers that have served nothing but a readiness probe. The soft `ulimit -n` is raised to the hard
@@ -789,6 +1021,10 @@ Django pinned by bench/worker.py). Raw figures: [`bench/results/web.json`]({rel(
 
 {echo_table(results)}
 
+### Redis commands per request and per message, by command
+
+{commands_table(results)}
+
 ### Broadcast to a {MEMBERS:,}-member group
 
 {broadcast_table(results)}
@@ -801,7 +1037,8 @@ Django pinned by bench/worker.py). Raw figures: [`bench/results/web.json`]({rel(
 
 ### Targets
 
-× Daphne (best): against the better of Daphne's two layers for each figure.
+× Daphne (best): against the better of Daphne's two layers for each figure; × uvicorn + Channels: against the
+same layer (issue 17).
 
 {targets_markdown(targets(results))}
 
@@ -820,6 +1057,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run that writes no file")
     parser.add_argument("--report", action="store_true",
                         help="measure nothing: rewrite the doc section and the plot from bench/results/web.json")
+    parser.add_argument("--only", action="append", default=[], metavar="SYSTEM:LAYER",
+                        help="run only this setup (crossroads, daphne, uvicorn or bare : memory, redis or none); "
+                             "repeatable; a partial run writes no file")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)}; a partial run writes no file")
+    parser.add_argument("--wrk-seconds", type=int, help="length of each saturated HTTP run")
     args = parser.parse_args(argv)
     if args.report:
         save_run("web", json.loads(RESULTS.read_text()), doc=DOC, chart_path=CHART, chart=chart,
@@ -827,12 +1070,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if hasattr(os, "sched_setaffinity") and cpu_pin(CLIENT_CORE):
         os.sched_setaffinity(0, {CLIENT_CORE})  # this process only waits; keep it off the servers' core
-    results = timed_run(run_all, Config.make(args.quick))
+    scenarios = tuple(name for name in SCENARIOS if name in args.scenarios.split(","))
+    config = Config.make(args.quick, tuple(args.only), scenarios, args.wrk_seconds)
+    results = timed_run(run_all, config)
     if results is None:
         return 1
-    for table in (http_table, echo_table, broadcast_table, idle_table):
-        print()
-        print(table(results))
+    tables = {"http": http_table, "echo": echo_table, "broadcast": broadcast_table, "idle": idle_table}
+    for scenario, table in tables.items():
+        if scenario in config.scenarios:
+            print()
+            print(table(results))
+            if scenario == "echo" or (scenario == "http" and "echo" not in config.scenarios):
+                print()
+                print(commands_table(results))
+    if config.partial:
+        print(f"\ntook {results['seconds']} s (a partial run: no targets, nothing written)")
+        return 0
     print()
     print(targets_markdown(targets(results)))
     print()
@@ -840,7 +1093,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(problems(results))
     print(f"\ntook {results['seconds']} s")
-    if not args.quick:
+    if not args.quick and not config.partial:
         save_run("web", results, doc=DOC, chart_path=CHART, chart=chart, document=document, results_path=RESULTS)
     return 0
 

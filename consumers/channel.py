@@ -7,6 +7,12 @@ round trip. ``dispatch.py`` opens and flushes the buffer; this module only
 appends to it. Outside a consumer (no buffer open), and with
 ``immediately=True``, sends go straight to the layer.
 
+The worker may hold the flushed sends of a thread's batch of messages to send
+them together (``HeldSends``): then anything this module sends or changes at
+once (an immediate send, a group membership change, another flush) first
+releases what is held, so a later message's sends never overtake an earlier
+one's.
+
 Which layer: the one passed in, else the one the running consumer's message
 came from, else the process default set with ``set_default_layer``.
 """
@@ -28,6 +34,41 @@ send_buffer: contextvars.ContextVar[list | None] = contextvars.ContextVar("cross
 _default_layer: Any = None
 
 
+class HeldSends:
+    """Buffered sends of consumers that have returned, held to leave in one ``flush`` (see the module doc)."""
+
+    __slots__ = ("sync_layer", "entries", "sources", "lost")
+
+    def __init__(self, sync_layer: Any) -> None:
+        self.sync_layer = sync_layer
+        self.entries: list = []
+        self.sources: list[str] = []
+        self.lost = 0  # messages not delivered, over every release
+
+    def add(self, buffer: list, source: str) -> None:
+        self.entries += buffer
+        self.sources.append(source)
+
+    def release(self) -> None:
+        if not self.entries:
+            return
+        entries, sources = self.entries, self.sources
+        self.entries, self.sources = [], []
+        source = sources[0] if len(sources) == 1 else f"{len(sources)} consumers ({', '.join(sorted(set(sources)))})"
+        self.lost += flush(entries, self.sync_layer, source)
+
+
+# The held sends of this thread's batch, or None when nothing is held.
+held_sends: contextvars.ContextVar[HeldSends | None] = contextvars.ContextVar("crossroads_held_sends", default=None)
+
+
+def release_held() -> None:
+    """Send what is held now: before anything that must not overtake it."""
+    held = held_sends.get()
+    if held is not None and held.entries:
+        held.release()
+
+
 def set_default_layer(channel_layer: Any) -> None:
     """The layer ``Channel`` and ``Group`` use outside consumers (scripts, management code)."""
     global _default_layer
@@ -42,6 +83,7 @@ def get_layer(explicit: Any = None) -> Any:
             "no channel layer: send from inside a consumer, pass channel_layer=..., "
             "or call crossroads.set_default_layer(layer.from_url(...)) first"
         )
+    release_held()  # every immediate operation comes through here: earlier messages' held sends go first
     return getattr(chosen, "sync", chosen)
 
 
@@ -118,6 +160,7 @@ def flush(buffer: list, sync_layer: Any, source: str) -> int:
     A full channel or an unreachable layer is logged with ``source`` (the consumer)
     and counted in the return value (messages not delivered); it never raises.
     """
+    release_held()  # a flush inside a consumer (ordered sessions) must not overtake held sends
     lost = 0
     batch: list[tuple[str, dict]] = []
 

@@ -20,7 +20,7 @@ from typing import Any
 from crossroads.layer import base
 
 from . import channel as channel_module
-from .channel import flush
+from .channel import HeldSends, flush, held_sends
 from .exceptions import ConsumeLater, DenyConnection
 from .message import Message
 from .routing import Router
@@ -143,6 +143,19 @@ class Dispatcher:
             await consumer(message, **kwargs)
 
     @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Around a batch of messages run in this thread: their buffered sends leave together when the batch is
+        done (one ``send_many`` per run of channel sends), or earlier, before anything sent at once."""
+        held = HeldSends(self.sync)
+        token = held_sends.set(held)
+        try:
+            yield
+        finally:
+            held_sends.reset(token)
+            held.release()
+            self.counters.undelivered += held.lost
+
+    @contextlib.contextmanager
     def consuming(self, consumer: Any, message: Message, retries: int) -> Iterator[None]:
         """Around one consumer run: the send buffer, the signals, and every exception it may raise."""
         buffer: list = []
@@ -170,8 +183,12 @@ class Dispatcher:
             channel_module.send_buffer.reset(buffer_token)
             channel_module.current_layer.reset(layer_token)
             if buffer:
-                self.counters.undelivered += flush(buffer, self.sync,
-                                                   f"consumer {consumer_name(consumer)} on {message.channel.name}")
+                source = f"consumer {consumer_name(consumer)} on {message.channel.name}"
+                held = held_sends.get()
+                if held is not None:
+                    held.add(buffer, source)
+                else:
+                    self.counters.undelivered += flush(buffer, self.sync, source)
             consumer_finished.send(message=message, consumer=consumer, error=error)
 
     def _ran(self, channel: str, consumer: Any, elapsed: float) -> None:

@@ -14,6 +14,14 @@ no thread sits on messages another thread is free to run. A thread runs its
 messages in the order the channel held them. What a thread took has left the
 layer: a worker killed (SIGKILL, OOM) loses it, up to ``prefetch`` messages a
 thread, which is why ``prefetch`` is an option (1 takes one at a time).
+What the consumers of one batch send (their buffered sends) leaves together
+when the batch is done, one ``send_many`` for the lot (``Dispatcher.holding``):
+a burst of HTTP requests costs one reply round trip, not one each. Only a
+consumer whose last run took under ``HOLD`` runs while sends are held; before
+any other (new, slow last time, or ``async def``) what is held is sent, so a
+slow message does not delay the replies of the quick ones taken with it. A
+quick consumer that suddenly runs long still does, as it delays the messages
+after it.
 
 Pools: a thread serves the channels of one pool, so a consumer that blocks
 (a slow route) can hold only its own pool's threads; channels no pool names
@@ -44,6 +52,7 @@ from typing import Any, NamedTuple
 
 from crossroads.layer import base
 
+from .channel import release_held
 from .dispatch import Dispatcher, consumer_name
 
 log = logging.getLogger("crossroads.worker")
@@ -147,6 +156,8 @@ class Worker:
         self.dispatcher = Dispatcher(router, channel_layer)
         self.sync = self.dispatcher.sync
         self.prefetch = prefetch
+        # Did each consumer's last run take under HOLD? Only those run while earlier messages' sends are held.
+        self._quick: dict[Any, bool] = {}
         self.slow_consumer = slow_consumer or None
         self.channels = select_channels(self.dispatcher.router.channels, only_channels, exclude_channels)
         if not self.channels:
@@ -291,9 +302,10 @@ class Worker:
         while not self._stopping.is_set():
             taken = self.sync.receive_many(listen, batch, timeout=FALLBACK_TIMEOUT)
             started = time.perf_counter()
-            for channel, content in taken:
-                if not channel.startswith(control):
-                    self._run(index, channel, content)
+            with self.dispatcher.holding():  # the batch's replies leave together: one send_many, not one each
+                for channel, content in taken:
+                    if not channel.startswith(control):
+                        self._run(index, channel, content)
             if taken:  # a moving average, so one slow message does not make the next batches tiny
                 per_message = 0.7 * per_message + 0.3 * (time.perf_counter() - started) / len(taken)
                 batch = max(1, min(self.prefetch, int(HOLD / max(per_message, 1e-9))))
@@ -305,14 +317,30 @@ class Worker:
         consumer = prepared[0]
         try:
             if self.dispatcher.is_async(consumer):
+                release_held()  # it sends from the event loop's thread: what earlier messages sent goes first
                 coroutine = self.dispatcher.handle_async(*prepared)
                 self._running[index] = _Running(channel, consumer, coroutine)
                 asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
             else:
-                self._running[index] = _Running(channel, consumer)
+                if not self._is_quick(consumer):
+                    release_held()  # it may run long: the replies of the messages before it should not wait
+                self._running[index] = running = _Running(channel, consumer)
                 self.dispatcher.run(*prepared)
+                self._ran(consumer, time.monotonic() - running.started)
         finally:
             self._running[index] = None
+
+    def _is_quick(self, consumer: Any) -> bool:
+        try:
+            return self._quick.get(consumer, False)
+        except TypeError:  # an unhashable callable: never known to be quick
+            return False
+
+    def _ran(self, consumer: Any, seconds: float) -> None:
+        try:  # the last run decides, so one run slowed by a busy machine does not end the batching for good
+            self._quick[consumer] = seconds < HOLD
+        except TypeError:
+            pass
 
     # -- the slow consumer report --
 

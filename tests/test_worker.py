@@ -51,6 +51,40 @@ def test_one_thread_takes_messages_in_batches_and_keeps_their_order(channel_laye
         assert worker.join(30)
 
 
+def test_a_batch_replies_in_order_when_a_later_message_sends_immediately(channel_layer):
+    # A thread's batch sends its replies together when it is done; an immediate send in a later message of the
+    # batch first sends what the earlier ones left, so nothing is overtaken on the reply channel.
+    worker = Worker("apps.mixed:routes", channel_layer, threads=1)
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    sync.send_many([("test.mixed", {"n": i, "reply_channel": reply}) for i in range(40)])
+    worker.start()  # after the sends: every receive can take a full batch
+    try:
+        got = [(m["n"], "immediately" in m) for m in collect(sync, reply, 60)]
+    finally:
+        worker.stop()
+        assert worker.join(30)
+    assert got == [(i, immediate) for i in range(40) for immediate in ((True, False) if i % 2 else (False,))]
+    assert worker.dispatcher.counters.undelivered == 0
+
+
+def test_a_slow_message_does_not_hold_the_replies_of_the_quick_ones_taken_with_it(channel_layer):
+    # The quick echoes and the waiting message share a receive; the echoes are answered while it still waits.
+    worker = Worker("apps.mixed:routes", channel_layer, threads=1)
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    sync.send_many([("test.echo", {"n": i, "reply_channel": reply}) for i in range(30)])
+    sync.send("test.echo", {"n": 30, "kind": "wait", "reply_channel": reply})
+    worker.start()
+    try:
+        assert [m["n"] for m in collect(sync, reply, 30)] == list(range(30))  # before the release
+        sync.send("test.release", {})
+        assert collect(sync, reply, 1) == [{"finished": 30, "released": True}]
+    finally:
+        worker.stop()
+        assert worker.join(30)
+
+
 def test_slow_consumers_are_taken_one_at_a_time_so_every_thread_gets_one(channel_layer):
     # A thread takes as many messages as it has been running in a few milliseconds. Consumers that wait (here
     # until released) are taken one by one: the second message goes to the second thread, instead of waiting
