@@ -1,15 +1,18 @@
 """The server processes of one benchmarked setup: started pinned to a core, their output in one log file.
 
-Shared by bench/web.py, bench/mqtt.py and bench/chat.py. Output goes to a file, not a pipe: a full pipe would
-stall a server in the middle of a measurement. Each benchmark subclasses ``ProcessGroup`` with what is its own
-(its config, how to tell the setup is ready: ``wait_ready()``). The third-party servers (redis-server,
-mosquitto, ngircd) come from tests/servers.py, as in the tests.
+Shared by bench/web.py, bench/mqtt.py and bench/chat.py (``Scraper``, a Prometheus stand-in, by bench/worker.py
+too). Output goes to a file, not a pipe: a full pipe would stall a server in the middle of a measurement. Each
+benchmark subclasses ``ProcessGroup`` with what is its own (its config, how to tell the setup is ready:
+``wait_ready()``). The third-party servers (redis-server, mosquitto, ngircd) come from tests/servers.py, as in the
+tests.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import urllib.request
 from pathlib import Path
 
 from bench.layer import BenchError, cpu_pin
@@ -83,3 +86,22 @@ class ProcessGroup:
         text = self.text()
         self.log.close()
         return text
+
+
+class Scraper(threading.Thread):
+    """GETs a process's /metrics every ``interval`` seconds, as Prometheus would (its default is every 15 s)."""
+
+    def __init__(self, port: int, interval: float) -> None:
+        super().__init__(name="scraper", daemon=True)
+        self.url, self.interval = f"http://127.0.0.1:{port}/metrics", interval
+        self.scrapes, self.failures = 0, 0
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    body = response.read()
+                self.scrapes += b"crossroads_worker_consumed_total" in body
+            except OSError:
+                self.failures += 1

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench package; bench/ stays for the helpers
 sys.path.append(str(ROOT / "tests"))  # tests/servers.py: the server launchers the tests and benchmarks share
 
-from _processes import ProcessGroup  # noqa: E402  (after the sys.path fix)
+from _processes import ProcessGroup, Scraper  # noqa: E402  (after the sys.path fix)
 from _sections import pyplot, save_run, targets_markdown  # noqa: E402
 from _worker_load import process_cpu  # noqa: E402
 from servers import free_port  # noqa: E402
@@ -70,7 +70,13 @@ from bench.layer import (  # noqa: E402
     latency_summary,
     timed_run,
 )
-from bench.worker import CHANNELS_PINS, ensure_channels_venv, machine  # noqa: E402
+from bench.worker import (  # noqa: E402
+    CHANNELS_PINS,
+    METRICS_SCRAPE_INTERVAL,
+    METRICS_TARGET,
+    ensure_channels_venv,
+    machine,
+)
 
 LOAD = ROOT / "bench" / "_web_load.py"
 RESULTS = ROOT / "bench" / "results" / "web.json"
@@ -135,13 +141,14 @@ class Setup:
     system: str  # "crossroads" | "daphne" | "uvicorn" (+ Channels) | "bare" (uvicorn, a bare ASGI app)
     layer: str  # "memory" | "redis" | "none" (bare)
     tuned: bool = False  # crossroads with its bridge's reply queue raised to TUNED_CAPACITY (broadcast only)
+    metrics: bool = False  # crossroads with [metrics] listen set and its /metrics scraped (issue 16: the cost)
 
     @property
     def scenarios(self) -> tuple[str, ...]:
         """What is measured on this setup: the ceiling has no layer, so no broadcast, and no idle figure; nor has
         uvicorn + Channels an idle figure: opening 10,000 sockets to a Channels server takes up to two minutes
         (Daphne's rows), the longest part of a full run, and Daphne's rows already give Channels' cost per socket."""
-        if self.system == "bare":
+        if self.system == "bare" or self.metrics:
             return ("http", "echo")
         return ("http", "echo", "broadcast") if self.system == "uvicorn" else SCENARIOS
 
@@ -153,7 +160,8 @@ class Setup:
             layer = "InMemoryChannelLayer" if self.layer == "memory" else "channels_redis"
             return f"{CHANNELS_SERVERS[self.system]} + Channels, {layer}"
         how = "crossroads run" if self.layer == "memory" else "bridges + worker, 3 processes"
-        return f"crossroads {self.layer}://, {how}" + (f", reply queue {TUNED_CAPACITY:,}" if self.tuned else "")
+        return (f"crossroads {self.layer}://, {how}" + (f", reply queue {TUNED_CAPACITY:,}" if self.tuned else "")
+                + (f", /metrics scraped every {METRICS_SCRAPE_INTERVAL:g} s" if self.metrics else ""))
 
 
 CHANNELS_SERVERS = {"daphne": "Daphne", "uvicorn": "uvicorn"}  # the servers that run the Channels app
@@ -170,6 +178,7 @@ class Servers(ProcessGroup):
         log = workdir / f"web-{setup.system}-{setup.layer}{'-tuned' if setup.tuned else ''}.log"
         super().__init__(setup.label, log, SERVER_CORE, ROOT)
         self.http_port = free_port()
+        self.scraper: Scraper | None = None
         if setup.system != "crossroads":
             self.ws_port = self.http_port  # Daphne and uvicorn serve both on one port
             env = {**os.environ, "PYTHONPATH": str(ROOT / "bench"), "DJANGO_SETTINGS_MODULE": "_worker_django_settings",
@@ -184,12 +193,17 @@ class Servers(ProcessGroup):
                                        "--ws", "websockets", "--lifespan", "off", app], env)
         else:
             self.ws_port = free_port()
-            config = workdir / f"crossroads-{setup.layer}{'-tuned' if setup.tuned else ''}.toml"
-            config.write_text(crossroads_toml(setup, redis_url, self.http_port, self.ws_port))
+            self.metrics_port = free_port() if setup.metrics else None
+            config = workdir / (f"crossroads-{setup.layer}{'-tuned' if setup.tuned else ''}"
+                                f"{'-metrics' if setup.metrics else ''}.toml")
+            config.write_text(crossroads_toml(setup, redis_url, self.http_port, self.ws_port, self.metrics_port))
             # The repository root, not bench/, on the path: the routing is bench._web_crossroads:routes.
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
             self.start_crossroads(setup.layer, config, {"web": "web", "sockets": "sockets"}, env)
         self.ready()
+        if setup.metrics:
+            self.scraper = Scraper(self.metrics_port, METRICS_SCRAPE_INTERVAL)
+            self.scraper.start()
 
     def wait_ready(self) -> None:
         """Until a GET answers 200 and a WebSocket echoes: every process is up and the worker consumes."""
@@ -219,15 +233,16 @@ class Servers(ProcessGroup):
         return {name: rss_bytes(pid) for name, pid in self.pids.items()}
 
 
-def crossroads_toml(setup: Setup, redis_url: str, http_port: int, ws_port: int) -> str:
-    """Defaults everywhere (capacity 100, 4 worker threads, access log on), except the tuned reply queue and
-    room for the idle sockets."""
+def crossroads_toml(setup: Setup, redis_url: str, http_port: int, ws_port: int, metrics_port: int | None) -> str:
+    """Defaults everywhere (capacity 100, 4 worker threads, access log on, no [metrics]), except the tuned reply
+    queue, the metrics setup's [metrics] and room for the idle sockets."""
     url = "memory://" if setup.layer == "memory" else redis_url
     tuned = f'channel_capacity = {{ "websocket.sockets.*" = {TUNED_CAPACITY} }}\n' if setup.tuned else ""
+    metrics = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n\n' if metrics_port else ""
     return f"""[layer]
 url = "{url}"
 {tuned}
-[routing]
+{metrics}[routing]
 app = "bench._web_crossroads:routes"
 
 [bridges.web]
@@ -474,6 +489,12 @@ def measure(setups: list[Setup], redis: BenchRedis, config: Config, wrk_binary: 
         for setup, s in servers.items():
             s.alive()
             rows[setup]["log_warnings"] = warnings(s.text())
+            if s.scraper:
+                s.scraper.stopping.set()
+                rows[setup]["scrapes"] = s.scraper.scrapes
+                if s.scraper.failures or not s.scraper.scrapes:
+                    raise BenchError(f"{setup.label}: /metrics answered {s.scraper.scrapes} scrapes, failed "
+                                     f"{s.scraper.failures}")
         return list(rows.values())
     finally:
         stop_all(list(servers.values()))
@@ -551,7 +572,8 @@ def fmt_ms(value: float | None) -> str:
     return "—" if value is None else f"{value:,.1f}"
 
 
-SETUPS = (Setup("crossroads", "memory"), Setup("daphne", "memory"), Setup("uvicorn", "memory"),
+SETUPS = (Setup("crossroads", "memory"), Setup("crossroads", "memory", metrics=True), Setup("daphne", "memory"),
+          Setup("uvicorn", "memory"),
           Setup("crossroads", "redis"), Setup("daphne", "redis"), Setup("uvicorn", "redis"), Setup("bare", "none"),
           Setup("crossroads", "memory", tuned=True), Setup("crossroads", "redis", tuned=True))
 
@@ -620,9 +642,10 @@ def run_all(config: Config) -> dict[str, Any]:
 # -- reporting --
 
 
-def find(results: dict[str, Any], system: str, layer: str, tuned: bool = False) -> dict[str, Any] | None:
+def find(results: dict[str, Any], system: str, layer: str, tuned: bool = False,
+         metrics: bool = False) -> dict[str, Any] | None:
     for row in results["rows"]:
-        if (row["system"], row["layer"], row["tuned"]) == (system, layer, tuned):
+        if (row["system"], row["layer"], row["tuned"], row.get("metrics", False)) == (system, layer, tuned, metrics):
             return row
     return None
 
@@ -778,7 +801,25 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
             kib = row["idle"]["bytes_per_connection"] / 1024
             found.append((f"< {KIB_TARGET} KiB per idle connection ({layer}://, every crossroads process)",
                           f"{kib:.1f} KiB", kib < KIB_TARGET))
-    return found + uvicorn_targets(results)
+    return found + uvicorn_targets(results) + metrics_targets(results)
+
+
+def metrics_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Issue 16: serving and scraping /metrics costs nothing measurable, within 3%."""
+    on, off = find(results, "crossroads", "memory", metrics=True), find(results, "crossroads", "memory")
+    if on is None or off is None:
+        return []
+    found = []
+    for name, figure, key in (("HTTP req/s", http_rate, "runs_req_per_s"), ("echo msg/s", echo_rate,
+                                                                           "runs_msg_per_s")):
+        runs = (on["http"]["saturated"] if name.startswith("HTTP") else on["echo"])[key]
+        base = (off["http"]["saturated"] if name.startswith("HTTP") else off["echo"])[key]
+        paired = statistics.median(a / b for a, b in zip(runs, base, strict=True))  # rounds ran back to back
+        found.append((f"memory://: {name} with /metrics scraped every {METRICS_SCRAPE_INTERVAL:g} s ≥ "
+                      f"{METRICS_TARGET:.0%} of without (issue 16)",
+                      f"{figure(on):,.0f} vs {figure(off):,.0f} = {paired:.3f}× (median of the rounds' ratios)",
+                      paired >= METRICS_TARGET))
+    return found
 
 
 def uvicorn_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -974,7 +1015,11 @@ Django, channels_redis and redis-py. Raw figures: [`bench/results/web.json`]({re
   channel and listens on it, which is what a Channels deployment with a Redis layer pays) or to the in-memory layer.
   uvicorn + Channels: the same application in one `uvicorn --loop uvloop --http httptools --ws websockets
   --lifespan off` process (Channels' router answers no lifespan events). Bare uvicorn: the same command on
-  `_web_bare:application`, measured on HTTP and echo only.
+  `_web_bare:application`, measured on HTTP and echo only. crossroads memory:// with metrics (issue 16: what
+  serving them costs): the same `crossroads run` with `[metrics] listen` set, a thread of the benchmark GETting its
+  `/metrics` every {METRICS_SCRAPE_INTERVAL:g} s (15× Prometheus' default rate) all through the run, measured on
+  HTTP and echo in the same interleaved rounds as the rest; its ratio to the row without is the median of the
+  rounds' ratios.
   crossroads' config keeps every default (layer capacity 100, 4 worker threads); both servers keep their access
   log on (to a file). The Channels consumers are what its docs teach: `AsyncHttpConsumer` for HTTP (Channels' own
   HTTP consumer, like-for-like with a crossroads consumer; a Django view would add Django's request machinery),

@@ -37,9 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # so bench.layer imports as part of the bench package; bench/ stays for the helpers
 
 import _worker_crossroads as ours  # noqa: E402  (after the sys.path fix, on purpose)
+from _processes import Scraper  # noqa: E402
 from _sections import pyplot, save_run, targets_markdown  # noqa: E402
 
 from bench.layer import (  # noqa: E402
@@ -232,25 +231,6 @@ def run_redis(server: BenchRedis, config: Config, results: list[dict[str, Any]])
     finally:
         worker.process.terminate()
         worker.process.wait(10)
-
-
-class Scraper(threading.Thread):
-    """GETs a worker's /metrics every ``interval`` seconds, as Prometheus would (its default is every 15 s)."""
-
-    def __init__(self, port: int, interval: float) -> None:
-        super().__init__(name="scraper", daemon=True)
-        self.url, self.interval = f"http://127.0.0.1:{port}/metrics", interval
-        self.scrapes, self.failures = 0, 0
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.wait(self.interval):
-            try:
-                with urllib.request.urlopen(self.url, timeout=10) as response:
-                    body = response.read()
-                self.scrapes += b"crossroads_worker_consumed_total" in body
-            except OSError:
-                self.failures += 1
 
 
 def run_metrics(server: BenchRedis, config: Config) -> dict[str, Any]:
