@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import FunctionType
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -368,6 +369,21 @@ class WebsocketConnection(WebSocketServerProtocol):
             self.closed.set_result(None)
 
 
+def _connection_class(factory: WebSocketServerFactory) -> type[WebsocketConnection]:
+    """``WebsocketConnection`` with the factory's protocol options as class attributes, once per factory.
+
+    Autobahn copies its ~30 protocol options from the factory onto every
+    connection unless the connection has them already (``_connectionMade``).
+    Shared on the class, they leave an idle connection's attribute dict under
+    86 entries: a 128-slot table instead of a 256-slot one, ~1.8 KiB less each.
+    The options are set once, in ``make_factory``, before any connection.
+    """
+    options = {name: getattr(factory, name) for name in WebsocketConnection.CONFIG_ATTRS}
+    options = {name: staticmethod(value) if isinstance(value, FunctionType) else value  # not made methods
+               for name, value in options.items()}  # (perMessageCompressionAccept is a function)
+    return type(WebsocketConnection.__name__, (WebsocketConnection,), {**options, "__module__": __name__})
+
+
 class WebsocketBridge(ListeningBridge):
     """Serves WebSocket clients (TCP, a Unix socket, a systemd socket; TLS) for ASGI 1.0 consumers."""
 
@@ -422,7 +438,6 @@ class WebsocketBridge(ListeningBridge):
 
     def make_factory(self) -> WebSocketServerFactory:
         factory = WebSocketServerFactory(server="crossroads")
-        factory.protocol = WebsocketConnection
         factory.bridge = self
         size = self.options["max_message_size"]
         factory.setProtocolOptions(
@@ -434,6 +449,7 @@ class WebsocketBridge(ListeningBridge):
         )
         factory._batched_timer = _ExactTimers()
         factory.isSecure = self.secure
+        factory.protocol = _connection_class(factory)
         return factory
 
     async def open_protocol(self) -> None:
