@@ -58,6 +58,12 @@ RETRY_AFTER = "5"  # seconds, on a 503: when a client (or a proxy) should try th
 INLET_HIGH, INLET_LOW = 32, 8  # frames of one client waiting for the layer: stop reading it / read it again
 _LAYER_BEHIND, _CLIENT_BEHIND = 1, 2  # why a client is not read: its frames wait for the layer / its answers for it
 
+# What Autobahn keeps of the upgrade (the raw request and response, headers parsed twice, the key): ~2 KiB a
+# connection it only reads during the handshake (``processHandshake``). Freed once the connection is open.
+_HANDSHAKE_LEFTOVERS = ("http_request_data", "http_status_line", "http_headers", "http_request_uri",
+                        "http_request_path", "http_request_params", "http_request_host", "websocket_origin",
+                        "websocket_protocols", "websocket_extensions", "_wskey", "http_response_data")
+
 _message_size = payload_limit(MAX_MESSAGE_SIZE, 4096)  # leave room for the message's other keys
 
 
@@ -196,6 +202,8 @@ class WebsocketConnection(WebSocketServerProtocol):
                                timeout_name="send_timeout", on_pause=self._client_behind,
                                on_resume=self._client_caught_up)
         self.registerProducer(self.flow, True)
+        for name in _HANDSHAKE_LEFTOVERS:  # Autobahn keeps them for its test suite; nothing reads them once open
+            setattr(self, name, None)
         if self.bridge.options["idle_timeout"] > 0:
             self.idle_timer = get_reactor().callLater(self.bridge.options["idle_timeout"], self._check_idle)
 
@@ -213,7 +221,9 @@ class WebsocketConnection(WebSocketServerProtocol):
         """The message for the inlet's next item, made when its turn comes; None to skip it."""
         order = self.asgi.next_order()  # orders stay contiguous: a refused frame does not use one up
         if channel == m.CONNECT:
-            return m.connect_message(self.reply_to, self.handshake)
+            message = m.connect_message(self.reply_to, self.handshake)
+            self.handshake = self.handshake.without_headers()  # the connect is built once: no one reads them again
+            return message
         if channel == m.RECEIVE:
             if self.refusing:  # the layer refused an earlier frame: the peer got 1013 and retries them all
                 self.bridge.count("refused")
