@@ -18,6 +18,9 @@ consumer decides, as ASGI 1.0 says, and a full layer refuses the upgrade itself
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import math
 import time
 from types import FunctionType
 from typing import Any
@@ -64,6 +67,7 @@ _HANDSHAKE_LEFTOVERS = ("http_request_data", "http_status_line", "http_headers",
                         "http_request_path", "http_request_params", "http_request_host", "websocket_origin",
                         "websocket_protocols", "websocket_extensions", "_wskey", "http_response_data")
 
+_TICK = 0.05  # seconds: Autobahn's timers due within one share a reactor call (see _TimerWheel)
 _PERSISTENT = frozenset((m.DISCONNECT,))  # one for every connection's inlet
 
 _message_size = payload_limit(MAX_MESSAGE_SIZE, 4096)  # leave room for the message's other keys
@@ -74,16 +78,16 @@ def _origin(entry: Any) -> str | None:
 
 
 class _Timer:
-    """A reactor call Autobahn may cancel after it ran (its batched timers tolerate that; DelayedCall does not)."""
+    """One of Autobahn's timers on a ``_TimerWheel``. ``cancel()`` is all Autobahn asks of it, also after it ran."""
 
-    __slots__ = ("call",)  # a connection's ping timer is one: no attribute dict
+    __slots__ = ("args", "func", "tick", "wheel")
 
-    def __init__(self, call: Any) -> None:
-        self.call = call
+    def __init__(self, wheel: _TimerWheel, tick: int, func: Any, args: tuple) -> None:
+        self.wheel, self.tick, self.func, self.args = wheel, tick, func, args
 
     def cancel(self) -> None:
-        if self.call.active():
-            self.call.cancel()
+        if self.func is not None:
+            self.wheel.cancel(self)
 
 
 class _SendQueue(list):
@@ -97,16 +101,54 @@ class _SendQueue(list):
         return self.pop(0)
 
 
-class _ExactTimers:
-    """Stands in for Autobahn's batched timer (``factory._batched_timer``): one reactor call per timer.
+class _TimerWheel:
+    """Stands in for Autobahn's batched timer (``factory._batched_timer``): its timers (pings, their timeouts, the
+    closing handshake's) due in the same ``_TICK`` share one reactor call, and fire at most a tick late.
 
-    Autobahn's batches share one reactor call per time bucket, and cancelling a
-    timer leaves that call scheduled until the bucket is due. Plain calls are
-    cancelled for real, so a closed connection leaves nothing on the reactor.
+    Every open connection has a ping timer, and a reactor call costs ~0.5 KiB;
+    connections opened about together share one, and so do their later pings.
+    Autobahn's own batches leave their reactor call scheduled when every timer
+    in it was cancelled; here cancelling the last one cancels the call, so a
+    closed connection leaves nothing on the reactor.
     """
 
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.ticks: dict[int, tuple[Any, dict[_Timer, None]]] = {}  # tick -> its reactor call, its timers in order
+
     def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Timer:
-        return _Timer(get_reactor().callLater(delay, func, *args, **kwargs))
+        if kwargs:
+            func = functools.partial(func, **kwargs)
+        reactor = get_reactor()
+        now = reactor.seconds()
+        tick = math.ceil((now + delay) / _TICK)
+        timer = _Timer(self, tick, func, args)
+        entry = self.ticks.get(tick)
+        if entry is None:
+            entry = self.ticks[tick] = (reactor.callLater(max(0.0, tick * _TICK - now), self._fire, tick), {})
+        entry[1][timer] = None
+        return timer
+
+    def cancel(self, timer: _Timer) -> None:
+        timer.func = timer.args = None
+        entry = self.ticks.get(timer.tick)
+        if entry is not None:  # (None: its tick is firing now)
+            entry[1].pop(timer, None)
+            if not entry[1]:
+                del self.ticks[timer.tick]
+                entry[0].cancel()
+
+    def _fire(self, tick: int) -> None:
+        _, timers = self.ticks.pop(tick)  # timers set or cancelled from here on do not touch this tick's dict
+        for timer in timers:
+            func, args = timer.func, timer.args
+            if func is None:
+                continue  # cancelled by one that fired before it
+            timer.func = timer.args = None
+            try:
+                func(*args)
+            except Exception:  # one failing timer must not keep the others of its tick from firing
+                self.log.exception("a WebSocket timer failed")
 
 
 class WebsocketConnection(WebSocketServerProtocol):
@@ -473,7 +515,7 @@ class WebsocketBridge(ListeningBridge):
             autoPingInterval=self.options["ping_interval"], autoPingTimeout=self.options["ping_timeout"],
             allowedOrigins=["*"], allowNullOrigin=True,  # origins are checked by messages.origin_allowed
         )
-        factory._batched_timer = _ExactTimers()
+        factory._batched_timer = _TimerWheel(self.log)
         factory.isSecure = self.secure
         factory.protocol = _connection_class(factory)
         return factory
