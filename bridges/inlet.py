@@ -63,18 +63,23 @@ class Inlet:
                  on_room: Callable[[], None] | None = None) -> None:
         self.bridge, self.what, self.peer = bridge, what, peer
         self.build, self.stored, self.refused, self.too_large = build, stored, refused, too_large
-        self.retry_while, self.batch, self.persistent = retry_while, batch, frozenset(persistent)
+        self.retry_while, self.batch = retry_while, batch
+        self.persistent = frozenset(persistent)  # the same object when it is one: pass a constant, it is shared
         self.high, self.low, self.on_full, self.on_room = high, low, on_full, on_room
         self.paused = False  # past ``high`` and not yet down to ``low``: the bridge is not reading its peer
-        self._queue: deque[tuple[str, Any]] = deque()
+        # Made by the first put and dropped when forwarding empties it: an empty deque is ~600 bytes, and an idle
+        # WebSocket connection has an inlet for life.
+        self._queue: deque[tuple[str, Any]] | None = None
         self._forwarding = False
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     def put(self, channel: str, item: Any) -> None:
         """Queue one message (or what ``build`` makes one of) for ``channel``, behind every earlier one."""
         queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
         queue.append((channel, item))
         if self.high and not self.paused and len(queue) >= self.high:
             self.paused = True
@@ -130,6 +135,8 @@ class Inlet:
                 await asyncio.sleep(next(retry))
         finally:
             self._forwarding = False
+            if not queue:
+                self._queue = None
             self._check_room()
 
     async def _send(self, channel: str, entries: list[tuple[Any, dict]]) -> tuple[int, set[int]]:
@@ -163,7 +170,7 @@ class Inlet:
             self.bridge.bad_input(peer, f"{channel} too large for the layer")
 
     def _check_room(self) -> None:
-        if self.paused and len(self._queue) <= self.low:
+        if self.paused and len(self) <= self.low:
             self.paused = False
             if self.on_room is not None:
                 self.on_room()

@@ -479,6 +479,33 @@ def test_a_peer_that_never_answers_pings_is_dropped(run):
     assert disconnected["code"] == 1006  # dropped without a closing handshake
 
 
+def test_connections_timers_share_reactor_calls_and_leave_none_once_cancelled(run, reactor):
+    """Every open connection has a ping timer: those due together share one reactor call (an idle socket costs
+    less), fire in order, skip the cancelled, and cancelling all of them leaves nothing on the reactor."""
+    from crossroads.bridges.websocket.bridge import _TimerWheel
+
+    async def scenario():
+        wheel = _TimerWheel(logging.getLogger("test"))
+        before = len(reactor.getDelayedCalls())
+        fired: list[int] = []
+        done = asyncio.get_running_loop().create_future()
+        timers = [wheel.call_later(0.1, fired.append, n) for n in range(10)]
+        last = wheel.call_later(0.1, lambda: done.set_result(None))
+        assert len(reactor.getDelayedCalls()) - before <= 2  # made within microseconds: one tick, two at a boundary
+        timers[3].cancel()
+        await asyncio.wait_for(done, 10)
+        for timer in [*timers, last]:
+            timer.cancel()  # after they ran, as Autobahn may
+        unused = [wheel.call_later(30, fired.append, n) for n in range(5)]
+        for timer in unused:
+            timer.cancel()
+        return fired, len(reactor.getDelayedCalls()) - before
+
+    fired, left = run(scenario())
+    assert fired == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+    assert left == 0
+
+
 def test_tls(run, tmp_path):
     import ssl
 

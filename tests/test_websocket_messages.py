@@ -173,6 +173,14 @@ def test_disconnect_message():
                        "text": None}
 
 
+def test_later_messages_are_the_same_from_a_handshake_without_headers():
+    # The bridge keeps only this once websocket.connect is built: what follows must not change.
+    parsed, kept = handshake(), handshake().without_headers()
+    assert kept.headers == [] and parsed.headers  # a copy: the connect message's handshake keeps them
+    assert m.receive_message("r!1", kept, "hi", 1) == m.receive_message("r!1", parsed, "hi", 1)
+    assert m.disconnect_message("r!1", kept, 1000, 2) == m.disconnect_message("r!1", parsed, 1000, 2)
+
+
 # -- replies ---------------------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,11 @@ consumer decides, as ASGI 1.0 says, and a full layer refuses the upgrade itself
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import math
 import time
+from types import FunctionType
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -57,6 +61,15 @@ RETRY_AFTER = "5"  # seconds, on a 503: when a client (or a proxy) should try th
 INLET_HIGH, INLET_LOW = 32, 8  # frames of one client waiting for the layer: stop reading it / read it again
 _LAYER_BEHIND, _CLIENT_BEHIND = 1, 2  # why a client is not read: its frames wait for the layer / its answers for it
 
+# What Autobahn keeps of the upgrade (the raw request and response, headers parsed twice, the key): ~2 KiB a
+# connection it only reads during the handshake (``processHandshake``). Freed once the connection is open.
+_HANDSHAKE_LEFTOVERS = ("http_request_data", "http_status_line", "http_headers", "http_request_uri",
+                        "http_request_path", "http_request_params", "http_request_host", "websocket_origin",
+                        "websocket_protocols", "websocket_extensions", "_wskey", "http_response_data")
+
+_TICK = 0.05  # seconds: Autobahn's timers due within one share a reactor call (see _TimerWheel)
+_PERSISTENT = frozenset((m.DISCONNECT,))  # one for every connection's inlet
+
 _message_size = payload_limit(MAX_MESSAGE_SIZE, 4096)  # leave room for the message's other keys
 
 
@@ -65,26 +78,77 @@ def _origin(entry: Any) -> str | None:
 
 
 class _Timer:
-    """A reactor call Autobahn may cancel after it ran (its batched timers tolerate that; DelayedCall does not)."""
+    """One of Autobahn's timers on a ``_TimerWheel``. ``cancel()`` is all Autobahn asks of it, also after it ran."""
 
-    def __init__(self, call: Any) -> None:
-        self.call = call
+    __slots__ = ("args", "func", "tick", "wheel")
+
+    def __init__(self, wheel: _TimerWheel, tick: int, func: Any, args: tuple) -> None:
+        self.wheel, self.tick, self.func, self.args = wheel, tick, func, args
 
     def cancel(self) -> None:
-        if self.call.active():
-            self.call.cancel()
+        if self.func is not None:
+            self.wheel.cancel(self)
 
 
-class _ExactTimers:
-    """Stands in for Autobahn's batched timer (``factory._batched_timer``): one reactor call per timer.
+class _SendQueue(list):
+    """Autobahn's queue of chopped or synchronous writes (``sendData``), which the bridge never asks for: a list
+    (56 bytes empty) instead of Autobahn's deque (~760), one per connection. ``append``, ``len`` and ``popleft``
+    are all Autobahn uses of it, and it holds at most a few writes."""
 
-    Autobahn's batches share one reactor call per time bucket, and cancelling a
-    timer leaves that call scheduled until the bucket is due. Plain calls are
-    cancelled for real, so a closed connection leaves nothing on the reactor.
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class _TimerWheel:
+    """Stands in for Autobahn's batched timer (``factory._batched_timer``): its timers (pings, their timeouts, the
+    closing handshake's) due in the same ``_TICK`` share one reactor call, and fire at most a tick late.
+
+    Every open connection has a ping timer, and a reactor call costs ~0.5 KiB;
+    connections opened about together share one, and so do their later pings.
+    Autobahn's own batches leave their reactor call scheduled when every timer
+    in it was cancelled; here cancelling the last one cancels the call, so a
+    closed connection leaves nothing on the reactor.
     """
 
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.ticks: dict[int, tuple[Any, dict[_Timer, None]]] = {}  # tick -> its reactor call, its timers in order
+
     def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Timer:
-        return _Timer(get_reactor().callLater(delay, func, *args, **kwargs))
+        if kwargs:
+            func = functools.partial(func, **kwargs)
+        reactor = get_reactor()
+        now = reactor.seconds()
+        tick = math.ceil((now + delay) / _TICK)
+        timer = _Timer(self, tick, func, args)
+        entry = self.ticks.get(tick)
+        if entry is None:
+            entry = self.ticks[tick] = (reactor.callLater(max(0.0, tick * _TICK - now), self._fire, tick), {})
+        entry[1][timer] = None
+        return timer
+
+    def cancel(self, timer: _Timer) -> None:
+        timer.func = timer.args = None
+        entry = self.ticks.get(timer.tick)
+        if entry is not None:  # (None: its tick is firing now)
+            entry[1].pop(timer, None)
+            if not entry[1]:
+                del self.ticks[timer.tick]
+                entry[0].cancel()
+
+    def _fire(self, tick: int) -> None:
+        _, timers = self.ticks.pop(tick)  # timers set or cancelled from here on do not touch this tick's dict
+        for timer in timers:
+            func, args = timer.func, timer.args
+            if func is None:
+                continue  # cancelled by one that fired before it
+            timer.func = timer.args = None
+            try:
+                func(*args)
+            except Exception:  # one failing timer must not keep the others of its tick from firing
+                self.log.exception("a WebSocket timer failed")
 
 
 class WebsocketConnection(WebSocketServerProtocol):
@@ -97,6 +161,7 @@ class WebsocketConnection(WebSocketServerProtocol):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.send_queue = _SendQueue()
         self.bridge: WebsocketBridge = self.factory.bridge
         self.peer_address = address_of(self.transport.getPeer())  # None on a Unix socket
         self.peer_name = describe_peer(self.peer_address)
@@ -111,7 +176,7 @@ class WebsocketConnection(WebSocketServerProtocol):
         # than INLET_LOW wait: a client sending faster than the layer takes costs a few frames, not gigabytes.
         self.inlet = Inlet(self.bridge, f"forwarding messages from {self.peer_name}", build=self._message,
                            stored=self._stored, refused=self._refused, too_large=self._too_large,
-                           persistent=(m.DISCONNECT,), high=INLET_HIGH, low=INLET_LOW,
+                           persistent=_PERSISTENT, high=INLET_HIGH, low=INLET_LOW,
                            on_full=self._layer_behind, on_room=self._layer_caught_up)
         self.connect_stored = False
         self.refusing = False  # the layer refused a frame: later frames are not sent (no gap in their order)
@@ -195,6 +260,8 @@ class WebsocketConnection(WebSocketServerProtocol):
                                timeout_name="send_timeout", on_pause=self._client_behind,
                                on_resume=self._client_caught_up)
         self.registerProducer(self.flow, True)
+        for name in _HANDSHAKE_LEFTOVERS:  # Autobahn keeps them for its test suite; nothing reads them once open
+            setattr(self, name, None)
         if self.bridge.options["idle_timeout"] > 0:
             self.idle_timer = get_reactor().callLater(self.bridge.options["idle_timeout"], self._check_idle)
 
@@ -212,7 +279,9 @@ class WebsocketConnection(WebSocketServerProtocol):
         """The message for the inlet's next item, made when its turn comes; None to skip it."""
         order = self.asgi.next_order()  # orders stay contiguous: a refused frame does not use one up
         if channel == m.CONNECT:
-            return m.connect_message(self.reply_to, self.handshake)
+            message = m.connect_message(self.reply_to, self.handshake)
+            self.handshake = self.handshake.without_headers()  # the connect is built once: no one reads them again
+            return message
         if channel == m.RECEIVE:
             if self.refusing:  # the layer refused an earlier frame: the peer got 1013 and retries them all
                 self.bridge.count("refused")
@@ -368,6 +437,21 @@ class WebsocketConnection(WebSocketServerProtocol):
             self.closed.set_result(None)
 
 
+def _connection_class(factory: WebSocketServerFactory) -> type[WebsocketConnection]:
+    """``WebsocketConnection`` with the factory's protocol options as class attributes, once per factory.
+
+    Autobahn copies its ~30 protocol options from the factory onto every
+    connection unless the connection has them already (``_connectionMade``).
+    Shared on the class, they leave an idle connection's attribute dict under
+    86 entries: a 128-slot table instead of a 256-slot one, ~1.8 KiB less each.
+    The options are set once, in ``make_factory``, before any connection.
+    """
+    options = {name: getattr(factory, name) for name in WebsocketConnection.CONFIG_ATTRS}
+    options = {name: staticmethod(value) if isinstance(value, FunctionType) else value  # not made methods
+               for name, value in options.items()}  # (perMessageCompressionAccept is a function)
+    return type(WebsocketConnection.__name__, (WebsocketConnection,), {**options, "__module__": __name__})
+
+
 class WebsocketBridge(ListeningBridge):
     """Serves WebSocket clients (TCP, a Unix socket, a systemd socket; TLS) for ASGI 1.0 consumers."""
 
@@ -422,7 +506,6 @@ class WebsocketBridge(ListeningBridge):
 
     def make_factory(self) -> WebSocketServerFactory:
         factory = WebSocketServerFactory(server="crossroads")
-        factory.protocol = WebsocketConnection
         factory.bridge = self
         size = self.options["max_message_size"]
         factory.setProtocolOptions(
@@ -432,8 +515,9 @@ class WebsocketBridge(ListeningBridge):
             autoPingInterval=self.options["ping_interval"], autoPingTimeout=self.options["ping_timeout"],
             allowedOrigins=["*"], allowNullOrigin=True,  # origins are checked by messages.origin_allowed
         )
-        factory._batched_timer = _ExactTimers()
+        factory._batched_timer = _TimerWheel(self.log)
         factory.isSecure = self.secure
+        factory.protocol = _connection_class(factory)
         return factory
 
     async def open_protocol(self) -> None:

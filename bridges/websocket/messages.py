@@ -26,7 +26,7 @@ are sent and ``close`` closes. Once closed, replies are ignored.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -92,6 +92,11 @@ class Handshake:
             if key == name:
                 return value
         return None
+
+    def without_headers(self) -> Handshake:
+        """This handshake with no headers: once ``websocket.connect`` has them, later messages need only the rest,
+        and a connection holds its handshake for life (the headers are ~1 KiB of small objects)."""
+        return replace(self, headers=[])
 
 
 def parse_handshake(head: bytes, *, secure: bool, client: tuple[str, int] | None, server: tuple[str, int] | None,
