@@ -212,3 +212,23 @@ def test_pings_whose_pongs_are_never_read_stop_being_read(gateway):
     # Pushed back long before a million, and closed by send_timeout: its pongs were waiting and it read none.
     assert result["sent"] < 1000 and result["closed"], result
     assert max(peak) - before < PING_GROWTH_BOUND, (before, max(peak))
+
+
+def test_a_client_flooding_past_our_close_frame_is_cut_off_not_read_until_the_close_timeout(gateway):
+    """The consumer closes the connection; the client, reading nothing, never sees the close frame and floods on.
+    Autobahn reads on until the client's own close (never coming) or its 1 s timeout; the bridge cuts the TCP
+    connection once the client sent max_message_size + 64 KiB past the close, instead of reading ~300 MB."""
+    sock = non_reading_client(gateway["port"], "/echo/")
+    try:
+        sock.setblocking(True)
+        sock.sendall(frame(0x1, b"close"))  # the echo consumer answers {"close": True}
+        sock.setblocking(False)
+        result = flood(sock, frame(0x2, os.urandom(10_000)), 100_000, 15, lambda: None)
+        assert result["closed"] or closed_by_bridge(sock, 15)
+    finally:
+        sock.close()
+    # 1 MB of budget, plus what the kernel's socket buffers held: a few hundred frames, not tens of thousands.
+    assert result["sent"] < 2_000, result
+    assert "still sending, over max_message_size past our close frame" in gateway["bridge"].log()
+    (gone,) = [d for d in disconnects(gateway) if d["path"] == "/echo/"]
+    assert gone["code"] == 1006  # no close frame came back: an abnormal closure, as the spec says

@@ -68,6 +68,7 @@ _HANDSHAKE_LEFTOVERS = ("http_request_data", "http_status_line", "http_headers",
                         "websocket_protocols", "websocket_extensions", "_wskey", "http_response_data")
 
 _TICK = 0.05  # seconds: Autobahn's timers due within one share a reactor call (see _TimerWheel)
+CLOSING_SLACK = 65536  # bytes past max_message_size a client may send after our close frame, before it is cut
 _PERSISTENT = frozenset((m.DISCONNECT,))  # one for every connection's inlet
 
 _message_size = payload_limit(MAX_MESSAGE_SIZE, 4096)  # leave room for the message's other keys
@@ -157,6 +158,7 @@ class WebsocketConnection(WebSocketServerProtocol):
     # Set on the instance only when they change: an idle connection's attribute dict stays smaller.
     flow: HeldWrites | None = None  # what waits for a client that reads slower than its consumer writes (once open)
     too_slow = False  # cut off for not reading: its consumer hears 1008
+    closing_budget: int | None = None  # bytes the client may still send once we sent our close (close_with)
     reading_held = 0  # why the client is not read: _LAYER_BEHIND | _CLIENT_BEHIND
 
     def connectionMade(self) -> None:
@@ -374,6 +376,23 @@ class WebsocketConnection(WebSocketServerProtocol):
             self.asgi.closed()
         if self.state == self.STATE_OPEN:  # Autobahn's own state: not closing yet
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123] or None, isReply=False)
+            # Room for a whole message the client had in flight when it was told, and for its close frame.
+            self.closing_budget = self.bridge.options["max_message_size"] + CLOSING_SLACK
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        # Once our close is sent, Autobahn reads on until the client's close or its 1 s closeHandshakeTimeout,
+        # dropping data frames: a client that floods without reading (so never sees our close) would be read and
+        # parsed as fast as loopback carries it for that second, ~300 MB. Past its budget it is cut at once.
+        if self.closing_budget is not None:
+            self.closing_budget -= len(data)
+            if self.closing_budget < 0:
+                self.closing_budget = None
+                self.bridge.count("closing_cut")
+                self.bridge.log.info("%s: cut off: still sending, over max_message_size past our close frame",
+                                     self.peer_name)
+                self.transport.abortConnection()
+                return
+        super().dataReceived(data)
 
     # -- timers --
 
