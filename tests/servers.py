@@ -207,6 +207,30 @@ class ServerProcess:
         self.process = None
 
 
+class ScratchServer(ServerProcess):
+    """A server that, run as root, lives in a folder of its own outside pytest's (one its unprivileged user can
+    reach, which pytest's root-owned folder is not), removed by ``cleanup()``; as a user, in ``workdir``."""
+
+    outside: bool = False  # its folder is one of its own, to remove
+
+    def scratch(self, workdir: Path, prefix: str) -> Path:
+        self.outside = os.getuid() == 0
+        return Path(tempfile.mkdtemp(prefix=prefix)) if self.outside else workdir
+
+    def cleanup(self) -> None:
+        """Stop it and, run as root, remove its folder outside pytest's."""
+        self.stop()
+        if self.outside:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()
+
+    @property
+    def version(self) -> str:
+        return self.first_line_of("--version")
+
+
 class RedisServer(ServerProcess):
     """One ``redis-server`` process on a free port, in its own directory, persisting nothing."""
 
@@ -636,7 +660,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-class DovecotServer(ServerProcess):
+class DovecotServer(ScratchServer):
     """One Dovecot IMAP server (Debian's ``dovecot-imapd``) in the foreground, with a scratch config on free ports.
 
     No system service and nothing outside its own folder: the config, the
@@ -659,11 +683,8 @@ class DovecotServer(ServerProcess):
         self.port = free_port()
         self.tls_port = free_port() if tls else None
         self.process: subprocess.Popen | None = None
-        self.as_root = os.getuid() == 0
-        if self.as_root:  # a folder nobody can reach, removed by cleanup()
-            self.workdir = Path(tempfile.mkdtemp(prefix="crossroads-dovecot-"))
-        else:
-            self.workdir = workdir
+        self.workdir = self.scratch(workdir, "crossroads-dovecot-")
+        self.as_root = self.outside  # a folder nobody can reach
         self.log_path = self.workdir / "dovecot.log"
 
     def _account(self) -> tuple[str, int, int, str]:
@@ -735,19 +756,6 @@ class DovecotServer(ServerProcess):
             except ProcessLookupError:
                 pass
 
-    def cleanup(self) -> None:
-        """Stop it and, run as root, remove its folder outside pytest's."""
-        self.stop()
-        if self.as_root:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.cleanup()
-
-    @property
-    def version(self) -> str:
-        return self.first_line_of("--version")
-
 
 POSTGRES_LIB = Path("/usr/lib/postgresql")  # where Debian's postgresql-VERSION packages put their programs
 
@@ -761,7 +769,7 @@ def postgres_binary(name: str) -> str:
     return str(versions[-1]) if versions else require_binary(name)
 
 
-class PostgresServer(ServerProcess):
+class PostgresServer(ScratchServer):
     """One PostgreSQL server (Debian's ``postgresql`` binaries, not its system service) on a free port, its cluster
     made by ``initdb`` in a scratch folder: TCP on 127.0.0.1 only (no Unix socket, so nothing touches the system
     server's /var/run/postgresql), trust authentication for the superuser ``postgres``, no fsync.
@@ -780,13 +788,11 @@ class PostgresServer(ServerProcess):
         self.port = port or free_port()
         self.database = database  # created by start(), empty, owned by postgres
         self.process: subprocess.Popen | None = None
-        self.user = "postgres" if os.getuid() == 0 else None
-        if self.user:  # a folder only postgres reaches, removed by cleanup()
-            self.workdir = Path(tempfile.mkdtemp(prefix="crossroads-postgres-"))
+        self.workdir = self.scratch(workdir, "crossroads-postgres-")
+        self.user = "postgres" if self.outside else None
+        if self.user:  # a folder only postgres reaches
             entry = _as_user(self.user)
             os.chown(self.workdir, entry["user"], entry["group"])
-        else:
-            self.workdir = workdir
         self.data = self.workdir / "data"
 
     @property
@@ -855,15 +861,3 @@ class PostgresServer(ServerProcess):
                 self.process.wait(10)
         self.process = None
 
-    def cleanup(self) -> None:
-        """Stop it and, run as root, remove its folder outside pytest's."""
-        self.stop()
-        if self.user:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.cleanup()
-
-    @property
-    def version(self) -> str:
-        return self.first_line_of("--version")
