@@ -896,7 +896,8 @@ def short_label(row: dict[str, Any]) -> str:
         return "uvicorn\nbare ASGI"
     if row["system"] in CHANNELS_SERVERS:
         return f"{CHANNELS_SERVERS[row['system']]}\n{'in-memory' if row['layer'] == 'memory' else 'channels_redis'}"
-    return f"crossroads\n{row['layer']}://" + (f"\nqueue {TUNED_CAPACITY:,}" if row["tuned"] else "")
+    return (f"crossroads\n{row['layer']}://" + (f"\nqueue {TUNED_CAPACITY:,}" if row["tuned"] else "")
+            + ("\n/metrics on" if row.get("metrics") else ""))
 
 
 def logged(results: dict[str, Any], system: str, text: str) -> int:
@@ -913,7 +914,7 @@ def reading(results: dict[str, Any]) -> str:
     if slow:
         lines.append(f"- The fixed rate ({rate} req/s) is within 25% of the saturation of {', '.join(slow)}: "
                      "its fixed-rate latencies include queueing.")
-    default = [row for row in results["rows"] if row["system"] == "crossroads" and not row["tuned"]]
+    default = [row for row in main_rows(results, "broadcast") if row["system"] == "crossroads"]
     lossy = [row for row in default if row["broadcast"]["lost"]]
     if lossy:
         worst = max(row["broadcast"]["lost"] / row["broadcast"]["sent"] for row in lossy)
@@ -1120,6 +1121,9 @@ def main(argv: list[str] | None = None) -> int:
     results = timed_run(run_all, config)
     if results is None:
         return 1
+    if not args.quick and not config.partial:  # the raw figures first: a failure below must not lose the run
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     tables = {"http": http_table, "echo": echo_table, "broadcast": broadcast_table, "idle": idle_table}
     for scenario, table in tables.items():
         if scenario in config.scenarios:
