@@ -479,6 +479,11 @@ def measure(setups: list[Setup], redis: BenchRedis, config: Config, wrk_binary: 
                 measure_http(servers, rows, config, wrk_binary, redis)
             if "echo" in config.scenarios:
                 measure_echo(servers, rows, config, redis)
+            for setup, s in servers.items():
+                if s.scraper:  # after the load: what one scrape costs the process, alone
+                    rows[setup]["scrape"] = scrape = measure_scrape(s)
+                    print(f"  /metrics: {scrape['cpu_ms']:.2f} ms of CPU per scrape ({scrape['bytes']:,} bytes)  "
+                          f"{setup.label}", flush=True)
         for setup, s in servers.items():
             if not config.runs(setup, "broadcast"):
                 continue
@@ -491,6 +496,7 @@ def measure(setups: list[Setup], redis: BenchRedis, config: Config, wrk_binary: 
             rows[setup]["log_warnings"] = warnings(s.text())
             if s.scraper:
                 s.scraper.stopping.set()
+                s.scraper.join()
                 rows[setup]["scrapes"] = s.scraper.scrapes
                 if s.scraper.failures or not s.scraper.scrapes:
                     raise BenchError(f"{setup.label}: /metrics answered {s.scraper.scrapes} scrapes, failed "
@@ -804,22 +810,48 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return found + uvicorn_targets(results) + metrics_targets(results)
 
 
-def metrics_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
-    """Issue 16: serving and scraping /metrics costs nothing measurable, within 3%."""
+def metrics_ratios(results: dict[str, Any]) -> dict[str, float]:
+    """Throughput with /metrics scraped ÷ without, HTTP and echo: the median of the rounds' ratios (each round's
+    pair ran back to back)."""
     on, off = find(results, "crossroads", "memory", metrics=True), find(results, "crossroads", "memory")
     if on is None or off is None:
+        return {}
+    ratios = {}
+    for name, key in (("http", "runs_req_per_s"), ("echo", "runs_msg_per_s")):
+        runs = (on["http"]["saturated"] if name == "http" else on["echo"])[key]
+        base = (off["http"]["saturated"] if name == "http" else off["echo"])[key]
+        ratios[name] = statistics.median(a / b for a, b in zip(runs, base, strict=True))
+    return ratios
+
+
+def metrics_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Issue 16: serving and scraping /metrics costs nothing measurable, within 3% of the process's core."""
+    on = find(results, "crossroads", "memory", metrics=True)
+    if on is None or "scrape" not in on:
         return []
-    found = []
-    for name, figure, key in (("HTTP req/s", http_rate, "runs_req_per_s"), ("echo msg/s", echo_rate,
-                                                                           "runs_msg_per_s")):
-        runs = (on["http"]["saturated"] if name.startswith("HTTP") else on["echo"])[key]
-        base = (off["http"]["saturated"] if name.startswith("HTTP") else off["echo"])[key]
-        paired = statistics.median(a / b for a, b in zip(runs, base, strict=True))  # rounds ran back to back
-        found.append((f"memory://: {name} with /metrics scraped every {METRICS_SCRAPE_INTERVAL:g} s ≥ "
-                      f"{METRICS_TARGET:.0%} of without (issue 16)",
-                      f"{figure(on):,.0f} vs {figure(off):,.0f} = {paired:.3f}× (median of the rounds' ratios)",
-                      paired >= METRICS_TARGET))
-    return found
+    scrape = on["scrape"]
+    share = scrape["cpu_ms"] / 1000 / METRICS_SCRAPE_INTERVAL
+    return [(f"memory://: /metrics scraped every {METRICS_SCRAPE_INTERVAL:g} s costs ≤ {1 - METRICS_TARGET:.0%} of "
+             "the server's core (issue 16)",
+             f"{scrape['cpu_ms']:.2f} ms of CPU per scrape ({scrape['bytes']:,} bytes) = {share:.2%} of a core at "
+             f"one a second ({share / 15:.3%} at Prometheus' 15 s)", share <= 1 - METRICS_TARGET)]
+
+
+def measure_scrape(s: Servers, count: int = 50) -> dict[str, Any]:
+    """CPU the server spends per /metrics scrape, its load otherwise idle: its CPU over ``count`` scrapes one after
+    the other, less what it spends idle over as long (its metrics thread polls twice a second)."""
+    s.scraper.stopping.set()
+    s.scraper.join()
+    url = f"http://127.0.0.1:{s.metrics_port}/metrics"
+    idle_from, started = s.cpu(), time.monotonic()
+    time.sleep(1.0)  # the idle CPU rate, measured over a fixed span: nothing to wait for
+    idle_rate = (s.cpu() - idle_from) / (time.monotonic() - started)
+    cpu_from, started, size = s.cpu(), time.monotonic(), 0
+    for _ in range(count):
+        with urllib.request.urlopen(url, timeout=10) as response:
+            size = len(response.read())
+    spent = s.cpu() - cpu_from - idle_rate * (time.monotonic() - started)
+    return {"scrapes": count, "cpu_ms": max(spent, 0.0) / count * 1000, "bytes": size}
 
 
 def uvicorn_targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -958,6 +990,14 @@ def reading(results: dict[str, Any]) -> str:
         lines.append(f"- Opening the {results['config']['idle']:,} idle sockets took crossroads "
                      f"{' and '.join(f'{v:.0f}' for v in ours)} s, Daphne {' and '.join(f'{v:.0f}' for v in theirs)} s "
                      "(same clients, same concurrency).")
+    ratios, off = metrics_ratios(results), find(results, "crossroads", "memory")
+    if ratios and off is not None:
+        runs = off["http"]["saturated"]["runs_req_per_s"]
+        spread_pct = (max(runs) - min(runs)) / statistics.median(runs)
+        lines.append(f"- Metrics on ÷ off, throughput: HTTP {ratios['http']:.2f}×, echo {ratios['echo']:.2f}× (medians "
+                     "of the rounds' ratios, each pair back to back). The same setup's own saturated rounds spread by "
+                     f"{spread_pct:.0%} here, so a throughput ratio cannot show a 3% cost either way; the target is "
+                     "judged on what a scrape costs the process, measured alone after the load.")
     lines.append("- This machine's speed drifts by tens of percent from one run to the next (a virtual machine): "
                  "the *runs* columns show the spread; saturated figures are medians of interleaved rounds.")
     return "\n".join(lines)
@@ -1020,7 +1060,8 @@ Django, channels_redis and redis-py. Raw figures: [`bench/results/web.json`]({re
   serving them costs): the same `crossroads run` with `[metrics] listen` set, a thread of the benchmark GETting its
   `/metrics` every {METRICS_SCRAPE_INTERVAL:g} s (15× Prometheus' default rate) all through the run, measured on
   HTTP and echo in the same interleaved rounds as the rest; its ratio to the row without is the median of the
-  rounds' ratios.
+  rounds' ratios. After the load, the scraper stops and 50 scrapes in a row are timed in the server's CPU (less
+  its idle CPU over as long): what one scrape costs, the figure the issue-16 target is judged on.
   crossroads' config keeps every default (layer capacity 100, 4 worker threads); both servers keep their access
   log on (to a file). The Channels consumers are what its docs teach: `AsyncHttpConsumer` for HTTP (Channels' own
   HTTP consumer, like-for-like with a crossroads consumer; a Django view would add Django's request machinery),
