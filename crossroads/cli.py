@@ -28,7 +28,7 @@ from crossroads import layer
 
 from . import __version__
 from .config import DEFAULT_PATH, BridgeConfig, Config, ConfigError, MetricsConfig, load_config, parse_listen
-from .daemon import notify, raise_open_files_limit, setup_logging, watchdog_interval
+from .daemon import notify, raise_open_files_limit, setup_logging, tune_gc, watchdog_interval
 
 log = logging.getLogger("crossroads")
 
@@ -748,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     files, was = raise_open_files_limit()
     if getattr(args, "command", None) in ("run", "worker", "bridge"):  # daemons say what they run with
         log.info("open files limit: %d%s", files, f" (raised from {was})" if files != was else "")
+        tune_gc()
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr, for a daemon that hangs
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     if not getattr(args, "handler", None):
