@@ -703,24 +703,31 @@ def test_options_are_checked(tmp_path):
             MqttBridge.validate_options(options)
 
 
-def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server, mosquitto_server, daemons):
+def echo_daemon_config(tmp_path, layer_url: str, prefix: str, broker_url: str) -> str:
+    """The config file of an MQTT echo run as daemons: bridge ``mq`` takes echo/# at QoS 1 from ``broker_url``,
+    answers go to <topic>/reply, the consumers are apps.mqtt_echo, the layer ``layer_url`` under ``prefix``."""
     from test_cli import write_config
-    from test_daemons import bridge_and_worker
 
-    pub, sub = require_binary("mosquitto_pub"), require_binary("mosquitto_sub")
-    config = str(write_config(tmp_path, f"""[layer]
-url = "{redis_server.url}"
-prefix = "mqttdaemons{free_port()}"
+    return str(write_config(tmp_path, f"""[layer]
+url = "{layer_url}"
+prefix = "{prefix}"
 
 [routing]
 app = "apps.mqtt_echo:routes"
 
 [bridges.mq]
 type = "mqtt"
-broker = "{mosquitto_server.url}"
+broker = "{broker_url}"
 subscribe = [{{topic = "echo/#", qos = 1}}]
 reply_topic = "{{topic}}/reply"
 """))
+
+
+def test_bridge_and_worker_daemons_over_redis(tmp_path, redis_server, mosquitto_server, daemons):
+    from test_daemons import bridge_and_worker
+
+    pub, sub = require_binary("mosquitto_pub"), require_binary("mosquitto_sub")
+    config = echo_daemon_config(tmp_path, redis_server.url, f"mqttdaemons{free_port()}", mosquitto_server.url)
     bridge, worker = bridge_and_worker(tmp_path, daemons, "mq", config)
     port = str(mosquitto_server.port)
     listener = subprocess.Popen([sub, "-p", port, "-i", "daemon-sub", "-q", "1", "-t", "echo/+/reply", "-C", "3",

@@ -104,23 +104,12 @@ def test_mqtt_qos1_through_a_bridge_and_a_worker_survives_the_primary_killed(tmp
     switch is refused and not acknowledged, so it comes later, and bridge and worker resume by themselves."""
     from servers import free_port, require_binary
     from test_daemons import Daemon
+    from test_mqtt_bridge import echo_daemon_config
     from test_operations import sample, scrape
 
     pub, sub = require_binary("mosquitto_pub"), require_binary("mosquitto_sub")
     metrics = free_port()
-    config = str(write_config(tmp_path, f"""[layer]
-url = "{sentinels.url}"
-prefix = "mqttfailover"
-
-[routing]
-app = "apps.mqtt_echo:routes"
-
-[bridges.mq]
-type = "mqtt"
-broker = "{mosquitto_server.url}"
-subscribe = [{{topic = "echo/#", qos = 1}}]
-reply_topic = "{{topic}}/reply"
-"""))
+    config = echo_daemon_config(tmp_path, sentinels.url, "mqttfailover", mosquitto_server.url)
     bridge = Daemon(tmp_path, "bridge", "bridge", "mq", "--config", config, "--metrics-listen", f"127.0.0.1:{metrics}")
     worker = Daemon(tmp_path, "worker", "worker", "--config", config)
     daemons += [bridge, worker]
