@@ -933,12 +933,13 @@ class SlackBridge(ListeningBridge):
         delays = None
         try:
             while queue:
-                wait = self.limiter.wait(channel, time.monotonic())
+                now = time.monotonic()
+                wait = self.limiter.wait(channel, now)
                 if wait > 0:
                     await asyncio.sleep(wait)
                     continue
                 method, args, attempts = queue[0]
-                self.limiter.take(channel, time.monotonic())
+                self.limiter.take(channel, now)
                 try:
                     status, answer, retry_after = await self.poster.call(method, args)
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:

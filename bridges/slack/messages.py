@@ -557,7 +557,11 @@ class RepeatWindow:
 
     def seen(self, keys: list[str], now: float) -> bool:
         self._expire(now)
-        return any(key in self._at for key in keys)
+        at = self._at
+        for key in keys:  # asked once per event: a loop, not any() over a generator
+            if key in at:
+                return True
+        return False
 
     def remember(self, keys: list[str], now: float) -> None:
         for key in keys:
@@ -595,7 +599,9 @@ class ChannelLimiter:
         """``channel`` posts now."""
         if len(self._buckets) > 1000:
             self._forget_idle(now)
-        bucket = self._buckets.setdefault(channel, TokenBucket(self.rate, self.burst, now))
+        bucket = self._buckets.get(channel)
+        if bucket is None:  # not setdefault: it would build a bucket on every post
+            bucket = self._buckets[channel] = TokenBucket(self.rate, self.burst, now)
         bucket.take(now)
 
     def retry_after(self, channel: str, seconds: float, now: float) -> None:
