@@ -10,7 +10,8 @@ and one ``chat.postMessage`` through the SDK took ~690,000 instructions of the c
 bench/slack_post.py: its argument and header building, the retry-state loop, aiohttp's ``ClientRequest`` and
 ``ClientResponse``, a ``SlackResponse``), aiohttp's client alone with headers built once ~480,000, and this
 client ~160,000 (0.23x the SDK's): one pre-built request head and the body written to an idle connection,
-the answer fed to llhttp (httptools, which the HTTP bridge parses with already).
+the answer fed to llhttp (httptools, which the HTTP bridge parses with already). Since the calls' timeouts are
+checked by one timer instead of an ``asyncio.timeout`` each, ~89,000 (with 20 calls in flight).
 
 What it does not do (none of it is needed for Slack's Web API): proxies, redirects, compression, 1xx
 answers, an answer without a length that ends at the close. A request written on a kept-alive connection
