@@ -926,7 +926,7 @@ class SlackBridge(ListeningBridge):
                              self.label, channel, self.options["max_queued"], self.counters["outbound_dropped"])
         queue.append((method, args, 0))
         if channel not in self.senders:
-            self.senders[channel] = asyncio.ensure_future(self._send_channel(channel, queue))
+            self.senders[channel] = self.loop.create_task(self._send_channel(channel, queue))
 
     async def _send_channel(self, channel: str, queue: deque) -> None:
         """Post ``channel``'s queue in order, at the limiter's pace; a 429 holds only this channel."""

@@ -62,6 +62,7 @@ class WebAPI:
         # per call (asyncio.timeout's context and TimerHandle were ~5% of the bridge's CPU in a flood with replies).
         self.answering: set[_Connection] = set()
         self.sweeper: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def call(self, method: str, args: dict[str, Any]) -> tuple[int, dict[str, Any], str | None]:
         """POST ``args`` as JSON to ``method`` (``"chat.postMessage"``); Slack's status, JSON answer, Retry-After."""
@@ -70,7 +71,9 @@ class WebAPI:
             head = self.heads[method] = f"POST {self.path}{method} HTTP/1.1\r\n".encode("latin-1") + self.fields
         body = json.dumps(args).encode()
         request = b"%s%d\r\n\r\n%s" % (head, len(body), body)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        if loop is None:  # the loop of the first call; not per call: Python 3.11's get_running_loop() is a getpid()
+            loop = self.loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         if self.slots.locked():  # CONNECTIONS calls in flight: this one's timeout runs while it waits for one
             await asyncio.wait_for(self.slots.acquire(), self.timeout)
@@ -118,7 +121,7 @@ class WebAPI:
     def _sweep(self) -> None:
         """Fail the calls whose ``timeout`` passed with ``TimeoutError`` (their connections closed); again later while
         calls are in flight."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         for connection in [c for c in self.answering if c.deadline <= now]:
             self.answering.discard(connection)
@@ -152,6 +155,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.waiter: asyncio.Future | None = None
         self.lost = False
         self.keep_alive = True
@@ -163,11 +167,12 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
 
     def request(self, data: bytes) -> asyncio.Future:
         if self.lost:
             raise _Stale()
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = self.loop.create_future()
         self.started, self.body, self.retry_after = False, [], None
         self.transport.write(data)
         return self.waiter
