@@ -567,10 +567,12 @@ class RepeatWindow:
         return False
 
     def remember(self, keys: list[str], now: float) -> None:
+        at = self._at
         for key in keys:
-            self._at.pop(key, None)
-            self._at[key] = now
-        self._expire(now)
+            at.pop(key, None)
+            at[key] = now
+        while len(at) > self.size:  # the window's age is checked by ``seen``, which the bridge asks first
+            at.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._at)
