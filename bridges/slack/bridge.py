@@ -37,6 +37,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
 
 import aiohttp
@@ -555,7 +556,7 @@ class SlackBridge(ListeningBridge):
         if not client.is_open:
             return  # its socket is gone: Slack sends the envelope again, where it is a repeat
         if payload is None:
-            client.acks.append('{"envelope_id": ' + json.dumps(envelope_id) + "}")
+            client.acks.append('{"envelope_id": ' + json_string(envelope_id) + "}")  # what json.dumps gives
         else:
             client.acks.append(json.dumps({"envelope_id": envelope_id, "payload": payload}))
         if client.ack_flush is None:  # once per round of the loop, however many envelopes it stored

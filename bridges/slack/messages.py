@@ -292,14 +292,15 @@ def event_message(payload: dict[str, Any], me: Identity, bridge: str, reply_pref
     bot_id = post.get("bot_id")
     if (user and user == me.user_id) or (bot_id and bot_id == me.bot_id):
         return Skip("own")
-    channel = _str(event, "channel", f"the {kind} event")
-    ts = _str(post, "ts", f"the {kind} event")
-    thread_ts = _str(post, "thread_ts", f"the {kind} event", required=False)
+    where = f"the {kind} event"  # once, not per field
+    channel = _str(event, "channel", where)
+    ts = _str(post, "ts", where)
+    thread_ts = _str(post, "thread_ts", where, required=False)
     body = post.get("text") or ""
     if not isinstance(body, str):
-        raise BadInput(f"the {kind} event's 'text' is not a string")
+        raise BadInput(f"{where}'s 'text' is not a string")
     if not isinstance(user, str) and not isinstance(bot_id, str):
-        raise BadInput(f"the {kind} event names no 'user' or 'bot_id'")
+        raise BadInput(f"{where} names no 'user' or 'bot_id'")
     author = user if isinstance(user, str) else bot_id
     user_name = users(author) if isinstance(user, str) else (post.get("username") or None)
     channel_name = channels(channel)
