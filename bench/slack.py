@@ -247,11 +247,12 @@ PROFILE = (
     "machinery, aiohttp's client, a `SlackResponse` per answer; slack-sdk formatting debug lines too, through a "
     "logger whose own level was NOTSET). Replies now go out on the bridge's own keep-alive HTTP/1.1 client "
     "(bridges/slack/webapi.py: one pre-built request head, a JSON body, the answer parsed by llhttp), a fraction "
-    "of that per post (`bench/slack_post.py` measures the three ways side by side), and acks through one task "
-    "per connection instead of one per ack. Without replies, what is left is mostly I/O: the socket writes of the "
-    "acks (one WebSocket frame each) and of the layer's `send_many`, the envelope's JSON, `event_message`; "
-    "slack-sdk's own Socket Mode receive loop is ~2% (not worth replacing). The worker spends most of its samples "
-    "waiting on Redis."
+    "of that per post (`bench/slack_post.py` measures the three ways side by side; no asyncio.timeout per call "
+    "since: 89,000 instructions per post), and the acks of one loop round in one socket write. At f454d0a, with "
+    "replies: the layer (`send_many` of the envelopes, most of it the socket write, and `receive_many` of the "
+    "replies) ~26% of the bridge's samples, taking the envelopes in (the envelope's JSON ~7%, `event_message`, the "
+    "repeat window) ~16%, posting ~17%, acking ~2%; slack-sdk's own Socket Mode receive loop is ~2% (not worth "
+    "replacing). The worker spends most of its samples waiting on Redis, a round trip per reply."
 )
 
 # -- the scenarios --
@@ -791,9 +792,11 @@ at {m['commit']} with {mine}. A shared machine: load average {m['load_before'][0
 - {pinning}
 - **The emulator** is tests/slack_emulator.py's Web API and `hello` with three paths replaced so that it is not
   what is measured: un-acked envelopes in a dict (the tests' list is scanned on every ack), a post recorded
-  as a timestamp (its token and arguments checked as the tests' emulator checks them), and every request
-  handed to one handler by aiohttp's low-level server (no `Application` router or middlewares). Each envelope
-  is built before the clock starts.
+  as a timestamp (its token, arguments and per-channel limiter checked as the tests' emulator checks them), and
+  the Web API served by a small llhttp-parsed HTTP/1.1 protocol of its own (`WebAPIServer` in bench/slack_peer.py;
+  aiohttp's server spent ~100 µs of the emulator's core per `chat.postMessage`, which capped every posting
+  receiver near 9,000 posts/s), the WebSocket by aiohttp's low-level server. Each envelope is built before the
+  clock starts.
 - **(a) Flood**: {cfg['count']:,} events per run, never more than {cfg['window']} sent and not acked (Slack
   does not say how many it leaves in flight; a busy workspace has many), {cfg['rounds']} rounds per receiver,
   interleaved, the median shown, after {cfg['warmup']} unmeasured events. events/s = acks ÷ the time from the

@@ -4,13 +4,14 @@ Owns the load and every measurement of the Slack benchmark: it sends the envelop
 posts that come back, and times both on its clock. Run as ``python bench/slack_peer.py`` with ``.venv``'s
 interpreter (it imports ``tests/slack_emulator.py``), pinned by the harness to the load core.
 
-``BenchEmulator`` is tests/slack_emulator.py's ``SlackEmulator`` (its Web API, tokens, ``apps.connections.open``
-tickets, ``hello``) with three paths replaced for speed, so that the emulator is not what is measured: the
-tests' Socket Mode handler keeps its pending envelopes in a list it scans on every ack and every send (fine for
-a test's dozen, quadratic for a flood of thousands), ``chat.postMessage`` records every call and the
-channel's history, and every request goes through an aiohttp ``Application`` (router, middlewares). Here
-un-acked envelopes sit in a dict by id, a post is a timestamp by sequence number (its arguments and token
-checked as the base checks them), and aiohttp's low-level ``web.Server`` hands each request to one handler.
+``BenchEmulator`` is tests/slack_emulator.py's ``SlackEmulator`` (its Web API answers, tokens,
+``apps.connections.open`` tickets, ``hello``) with three paths replaced for speed, so that the emulator is not
+what is measured: the tests' Socket Mode handler keeps its pending envelopes in a list it scans on every ack and
+every send (fine for a test's dozen, quadratic for a flood of thousands), ``chat.postMessage`` records every call
+and the channel's history, and every request goes through aiohttp's server. Here un-acked envelopes sit in a dict
+by id, a post is a timestamp by sequence number (its token, arguments and the per-channel limiter checked as the
+base checks them), and the Web API is served by ``WebAPIServer``, a small llhttp-parsed HTTP/1.1 protocol on a
+port of its own (the WebSocket stays on aiohttp's low-level server).
 
 The protocol, one JSON object a line: it prints ``{"ready": true, "api_url": ...}`` once it listens; then for
 each command on stdin one answer on stdout:
@@ -33,8 +34,10 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import aiohttp
+import httptools
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -84,47 +87,63 @@ class BenchEmulator(SlackEmulator):
         return ws
 
     def _chat_postMessage(self, args: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """The base's checks and per-channel limiter (opened wide here), then a timestamp instead of the history."""
         now = time.monotonic_ns()
-        run, _, seq = str(args.get("text", "")).partition(" ")
+        channel = args.get("channel")
+        if not channel:
+            return self._error("channel_not_found")
+        text = args.get("text")
+        if not text and not args.get("blocks"):
+            return self._error("no_text")
+        limited = self._limit_post(channel)
+        if limited is not None:
+            return limited
+        run, _, seq = str(text or "").partition(" ")
         if run == self.run and seq.isdigit() and int(seq) < len(self.posted_ns) and not self.posted_ns[int(seq)]:
             self.posted_ns[int(seq)] = now
             self.posts += 1
             self.progress.set()
-        return self._ok(channel=args.get("channel"), ts=self._next_ts())
+        return self._ok(channel=channel, ts=self._next_ts())
 
     async def start(self) -> BenchEmulator:
-        """aiohttp's low-level server in front (one handler, no Application's router and middlewares per request)."""
+        """aiohttp's low-level server for Socket Mode (the WebSocket), ``WebAPIServer`` on a port of its own for the
+        Web API."""
         self._runner = web.ServerRunner(web.Server(self._dispatch, access_log=None), handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = site._server.sockets[0].getsockname()[1]  # apps.connections.open's URLs point here
+        loop = asyncio.get_running_loop()
+        self.api_server = await loop.create_server(lambda: WebAPIServer(self), "127.0.0.1", 0)
+        self.api_port = self.api_server.sockets[0].getsockname()[1]
         return self
 
+    async def stop(self) -> None:
+        self.api_server.close()
+        await super().stop()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}/api/"
+
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
-        if path == "/api/chat.postMessage":
-            return await self._post(request)
-        if path.startswith("/api/"):
-            return await self._call(request, path[len("/api/"):])
-        if path == "/link/":
+        if request.path == "/link/":
             return await self._link(request)
         return web.Response(status=404, text="not found")
 
-    async def _post(self, request: web.BaseRequest) -> web.Response:
-        """``chat.postMessage`` as the base answers it (its arguments merged, the token checked by ``_answer``), but
-        not recorded in ``calls``: only the timestamps are kept, a flood's calls would be memory for nothing."""
-        args: dict[str, Any] = dict(request.query) if request.query_string else {}
-        if request.can_read_body:
-            if request.content_type == "application/json":
-                args.update(json.loads(await request.read()))
-            else:
-                args.update(await request.post())
-        auth = request.headers.get("Authorization", "")
-        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else args.pop("token", None)
-        status, answer, headers = self._answer(Call("chat.postMessage", token, args))
-        return web.Response(body=json.dumps(answer).encode(), status=status, headers=headers,
-                            content_type="application/json")
+    def api_call(self, method: str, token: str | None, args: dict[str, Any]) -> tuple[int, dict[str, Any],
+                                                                                      dict[str, str]]:
+        """One Web API call, answered by the base's ``_answer`` (the token checked, then the method). Every call is
+        recorded in ``calls`` as the base records it but ``chat.postMessage``: a flood's would be memory for
+        nothing, its timestamp is kept instead."""
+        call = Call(method, token, args)
+        status, answer, headers = self._answer(call)
+        if method != "chat.postMessage":
+            call.status, call.answer = status, answer
+            self.calls.append(call)
+            self._changed()
+        return status, answer, headers
+
 
     def frames(self, run: str, count: int, channels: list[str]) -> list[tuple[str, str]]:
         """(envelope id, frame) of every event of a run, built before the clock starts."""
@@ -184,6 +203,96 @@ class BenchEmulator(SlackEmulator):
                 "round_trip_ns": [self.posted_ns[i] - self.sent_ns[i] for i in posted],
                 "emulator_cpu_s": cpu, "emulator_wall_s": wall,
                 "emulator_waited_s": waited}
+
+
+class WebAPIServer(asyncio.BufferedProtocol):
+    """The emulator's Web API over HTTP/1.1 keep-alive, parsed by llhttp (httptools), without aiohttp's server.
+
+    Why: the bench's emulator answers a ``chat.postMessage`` per event, and aiohttp's server (request and response
+    objects, its stream reader and writer, a task per request) spent ~100 µs of the emulator's core on each: with
+    the emulator on a core of its own, that capped every receiver that posts at ~9,000 posts/s, whatever the
+    receiver. This answers the same calls the same way (``SlackEmulator._answer``: token, method, arguments, the
+    per-channel limiter) at a fraction of that. What a Web API client sends: ``POST`` or ``GET`` to ``/api/{method}``,
+    arguments in the query string, a JSON or form-encoded body, the token as ``Authorization: Bearer`` or a
+    ``token`` argument. Requests on one connection are answered in order (pipelined ones too). Read into a buffer of
+    its own (``BufferedProtocol``): a plain Protocol's every read allocates asyncio's 256 KiB ``recv`` buffer, which
+    in this process meant an mmap, an mremap and a munmap per request (strace -c).
+    """
+
+    def __init__(self, emulator: BenchEmulator) -> None:
+        self.emulator = emulator
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.authorization = b""
+        self.content_type = b""
+        self.body: list[bytes] = []
+        self.buffer = memoryview(bytearray(65536))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self.parser.feed_data(self.buffer[:nbytes])  # llhttp's callbacks get copies (bytes)
+        except httptools.HttpParserError:
+            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.transport.close()
+
+    # llhttp's callbacks
+
+    def on_message_begin(self) -> None:
+        self.url, self.authorization, self.content_type, self.body = b"", b"", b"", []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"authorization":
+            self.authorization = value
+        elif name == b"content-type":
+            self.content_type = value
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        path, _, query = self.url.decode("latin-1").partition("?")
+        if not path.startswith("/api/"):
+            self._answer(404, {"ok": False, "error": "not_found"}, {})
+            return
+        args: dict[str, Any] = dict(parse_qsl(query)) if query else {}
+        body = b"".join(self.body)
+        if body:
+            try:
+                if self.content_type.startswith(b"application/json"):
+                    args.update(json.loads(body))
+                else:
+                    args.update(parse_qsl(body.decode()))
+            except (ValueError, TypeError):
+                self._answer(400, {"ok": False, "error": "invalid_arguments"}, {})
+                return
+        auth = self.authorization.decode("latin-1")
+        token = auth[len("Bearer "):] if auth.startswith("Bearer ") else args.pop("token", None)
+        self._answer(*self.emulator.api_call(path[len("/api/"):], token, args))
+
+    def _answer(self, status: int, answer: dict[str, Any], headers: dict[str, str]) -> None:
+        body = json.dumps(answer).encode()
+        more = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("latin-1")
+        keep_alive = self.parser.should_keep_alive()
+        self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json; charset=utf-8\r\n"
+                             b"Content-Length: %d\r\n%s%s\r\n%s"
+                             % (status, REASONS.get(status, b"Status"), len(body), more,
+                                b"" if keep_alive else b"Connection: close\r\n", body))
+        if not keep_alive:
+            self.transport.close()
+
+
+REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 429: b"Too Many Requests"}
 
 
 def waited_ns() -> int:

@@ -243,15 +243,9 @@ class SlackEmulator:
             return self._error("channel_not_found")
         if not args.get("text") and not args.get("blocks"):
             return self._error("no_text")
-        now = time.monotonic()
-        recent = self._recent_posts.setdefault(channel, deque())
-        while recent and recent[0] <= now - self.window:
-            recent.popleft()
-        if len(recent) >= self.posts_per_window:
-            self.rate_limited.append(channel)
-            retry_after = max(1, math.ceil(recent[0] + self.window - now))
-            return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(retry_after)}
-        recent.append(now)
+        limited = self._limit_post(channel)
+        if limited is not None:
+            return limited
         text = args.get("text") or ""
         warnings = ["message_truncated"] if len(text) > TEXT_LIMIT else []
         message = {"type": "message", "user": self.user_id, "bot_id": self.bot_id, "text": text[:TEXT_LIMIT],
@@ -264,6 +258,22 @@ class SlackEmulator:
         if warnings:
             answer.update(warning=warnings[0], response_metadata={"warnings": warnings})
         return self._ok(**answer)
+
+    def _limit_post(self, channel: str) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+        """The per-channel limiter: a 429 with ``Retry-After`` past ``posts_per_window`` posts in ``window`` seconds,
+        else None (the post is counted)."""
+        now = time.monotonic()
+        recent = self._recent_posts.get(channel)
+        if recent is None:
+            recent = self._recent_posts[channel] = deque()
+        while recent and recent[0] <= now - self.window:
+            recent.popleft()
+        if len(recent) >= self.posts_per_window:
+            self.rate_limited.append(channel)
+            retry_after = max(1, math.ceil(recent[0] + self.window - now))
+            return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": str(retry_after)}
+        recent.append(now)
+        return None
 
     def _find(self, channel: str | None, ts: str | None) -> dict[str, Any] | None:
         return next((msg for msg in self.history.get(channel or "", []) if msg["ts"] == ts), None)

@@ -477,6 +477,30 @@ def test_a_slash_command_is_answered_in_the_ack_and_after_it(run):
     assert responses == [("/commands/T111/2.2.b/x", {"text": "done", "response_type": "in_channel"})]
 
 
+def test_acks_of_every_websocket_frame_size_arrive_whole(run):
+    # The bridge writes its acks as WebSocket frames of its own (a round's in one write): a plain ack (a length
+    # under 126 bytes), and answers in the ack whose frames take the 16-bit and the 64-bit length (40,000 "é" are
+    # 240,000 bytes of JSON), all read back by aiohttp's server in the emulator.
+    texts = {"3.3.c": "short", "4.4.d": "medium " * 200, "5.5.e": "é" * 40_000}
+
+    async def scenario():
+        async with SlackEmulator() as emulator, bridging(emulator, {"command_wait": 2.5}) as bridge:
+            sent = {trigger: await emulator.send_envelope("slash_commands", command_payload(emulator, trigger))
+                    for trigger in texts}
+            for _ in texts:
+                command = await take(bridge.layer, "slack.command")
+                await reply(bridge, command, {"text": texts[command["trigger_id"]]})
+            plain = await emulator.send_event({"type": "message", "channel": "C111", "user": "U222", "text": "hi",
+                                               "ts": "1610241741.000900"})
+            await emulator.wait_for(lambda: all(e in emulator.acks for e in [*sent.values(), plain]),
+                                    what="every ack")
+            return {trigger: emulator.acks[envelope] for trigger, envelope in sent.items()}, emulator.acks[plain]
+
+    answered, plain = run(scenario())
+    assert {trigger: ack["payload"]["text"] for trigger, ack in answered.items()} == texts
+    assert "payload" not in plain
+
+
 # -- the Events API ------------------------------------------------------------------------------------------------
 
 

@@ -25,7 +25,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 from crossroads.bridges.protocol import TokenBucket, shared_keys
@@ -292,14 +292,15 @@ def event_message(payload: dict[str, Any], me: Identity, bridge: str, reply_pref
     bot_id = post.get("bot_id")
     if (user and user == me.user_id) or (bot_id and bot_id == me.bot_id):
         return Skip("own")
-    channel = _str(event, "channel", f"the {kind} event")
-    ts = _str(post, "ts", f"the {kind} event")
-    thread_ts = _str(post, "thread_ts", f"the {kind} event", required=False)
+    where = f"the {kind} event"  # once, not per field
+    channel = _str(event, "channel", where)
+    ts = _str(post, "ts", where)
+    thread_ts = _str(post, "thread_ts", where, required=False)
     body = post.get("text") or ""
     if not isinstance(body, str):
-        raise BadInput(f"the {kind} event's 'text' is not a string")
+        raise BadInput(f"{where}'s 'text' is not a string")
     if not isinstance(user, str) and not isinstance(bot_id, str):
-        raise BadInput(f"the {kind} event names no 'user' or 'bot_id'")
+        raise BadInput(f"{where} names no 'user' or 'bot_id'")
     author = user if isinstance(user, str) else bot_id
     user_name = users(author) if isinstance(user, str) else (post.get("username") or None)
     channel_name = channels(channel)
@@ -432,9 +433,12 @@ _COMMAND_KEYS = {"text", "mrkdwn", "blocks", "response_type"}
 _EMOJI = re.compile(r"^[a-z0-9_+'\-]+(::skin-tone-[2-6])?$")
 
 
-@dataclass(frozen=True)
-class Reply:
-    """One reply, judged: what to call and with what. ``texts`` are the posts, already escaped and split."""
+class Reply(NamedTuple):
+    """One reply, judged: what to call and with what. ``texts`` are the posts, already escaped and split.
+
+    A NamedTuple, not a frozen dataclass: one is made per reply, and a frozen dataclass's ``__init__`` sets each of
+    its ten fields through ``object.__setattr__`` (~2x the cost of the rest of ``parse_reply``).
+    """
 
     kind: str
     texts: tuple[str, ...] = ()
@@ -557,13 +561,19 @@ class RepeatWindow:
 
     def seen(self, keys: list[str], now: float) -> bool:
         self._expire(now)
-        return any(key in self._at for key in keys)
+        at = self._at
+        for key in keys:  # asked once per event: a loop, not any() over a generator
+            if key in at:
+                return True
+        return False
 
     def remember(self, keys: list[str], now: float) -> None:
+        at = self._at
         for key in keys:
-            self._at.pop(key, None)
-            self._at[key] = now
-        self._expire(now)
+            at.pop(key, None)
+            at[key] = now
+        while len(at) > self.size:  # the window's age is checked by ``seen``, which the bridge asks first
+            at.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._at)
@@ -595,7 +605,9 @@ class ChannelLimiter:
         """``channel`` posts now."""
         if len(self._buckets) > 1000:
             self._forget_idle(now)
-        bucket = self._buckets.setdefault(channel, TokenBucket(self.rate, self.burst, now))
+        bucket = self._buckets.get(channel)
+        if bucket is None:  # not setdefault: it would build a bucket on every post
+            bucket = self._buckets[channel] = TokenBucket(self.rate, self.burst, now)
         bucket.take(now)
 
     def retry_after(self, channel: str, seconds: float, now: float) -> None:
