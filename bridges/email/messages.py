@@ -312,26 +312,42 @@ class _ReadPart(EmailMessage):
     a header lookup and a split, ~5 µs), is worked out once. Whatever changes its headers forgets it."""
 
     _type: str | None = None
+    # The first field of each (lowercased) name, for ``get``: the stdlib's walks every field, lowercasing its name,
+    # and a part is asked ~7 times (its type, charset, disposition, transfer encoding). Kept with the list of fields
+    # and its length it was made from: anything that replaces or extends the list (the stdlib's own ``add_header``,
+    # ``set_boundary``) makes it be built again, and the methods below forget it.
+    _index: tuple[list, int, dict[str, tuple[str, Any]]] | None = None
 
     def get_content_type(self) -> str:
         if self._type is None:
             self._type = super().get_content_type()
         return self._type
 
+    def get(self, name: str, failobj: Any = None) -> Any:
+        index = self._index
+        fields = self._headers
+        if index is None or index[0] is not fields or index[1] != len(fields):
+            first: dict[str, tuple[str, Any]] = {}
+            for key, value in fields:
+                first.setdefault(key.lower(), (key, value))
+            index = self._index = (fields, len(fields), first)
+        found = index[2].get(name.lower())
+        return failobj if found is None else self.policy.header_fetch_parse(*found)
+
     def set_raw(self, name: str, value: Any) -> None:
-        self._type = None
+        self._type = self._index = None
         super().set_raw(name, value)
 
     def __setitem__(self, name: str, value: Any) -> None:
-        self._type = None
+        self._type = self._index = None
         super().__setitem__(name, value)
 
     def __delitem__(self, name: str) -> None:
-        self._type = None
+        self._type = self._index = None
         super().__delitem__(name)
 
     def replace_header(self, name: str, value: Any) -> None:
-        self._type = None
+        self._type = self._index = None
         super().replace_header(name, value)
 
     def set_default_type(self, ctype: str) -> None:
@@ -509,15 +525,32 @@ def parsed_headers(part: Message) -> Iterable[tuple[str, str, list[str]]]:
     """Each header of ``part`` as (name, decoded value, defects). ``policy.default`` raises on some odd addresses and
     ids (``To: a@``, ``Message-ID: <@>``: a bare IndexError, python/cpython#151857): such a header is given raw."""
     for name, raw in part.raw_items():
-        plain = _plain_value(name.lower(), raw)
+        lowered = name.lower()
+        plain = _plain_value(lowered, raw)
         if plain is not None:
             yield name, plain, []
+            continue
+        if lowered in _SHARED and len(raw) <= _SHARED_LENGTH:
+            try:
+                text, defects = _shared_reading(name, raw)
+            except Exception:  # noqa: BLE001 - as below
+                yield name, header_text(raw), ["could not be parsed, given as it came"]
+                continue
+            yield name, text, list(defects)
             continue
         try:
             value = part.policy.header_fetch_parse(name, raw)
             yield name, header_text(str(value)), [str(defect) for defect in getattr(value, "defects", ())]
         except Exception:  # noqa: BLE001 - any failure of the header parser leaves the header as it came
             yield name, header_text(raw), ["could not be parsed, given as it came"]
+
+
+@lru_cache(maxsize=256)
+def _shared_reading(name: str, raw: str) -> tuple[str, tuple[str, ...]]:
+    """What ``parsed_headers`` gives for a MIME header's short value (``_SHARED``: "text/plain; charset=utf-8",
+    "1.0"), the same in most mails: the registry's reading of it (``header_fetch_parse``), remembered."""
+    value = policy.default.header_fetch_parse(name, raw)
+    return header_text(str(value)), tuple(str(defect) for defect in getattr(value, "defects", ()))
 
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"  # RFC 5322 atext
