@@ -254,7 +254,7 @@ def _children(part: Message) -> list[Message]:
 def _container(part: Message) -> bool:
     """A multipart that parsed into parts. A message/* part is a leaf here (its body is the embedded mail), and
     so is a multipart without a usable boundary (its body is kept as bytes)."""
-    return part.get_content_maintype() == "multipart" and part.is_multipart()
+    return part.is_multipart() and part.get_content_maintype() == "multipart"  # is_multipart(): an isinstance
 
 
 def walk(mail: Message) -> Iterable[tuple[Message, int]]:
