@@ -953,6 +953,9 @@ def _local_part(address: str | None) -> str:
     return (address or "").rpartition("@")[0].lower() if "@" in (address or "") else (address or "").lower()
 
 
+_KEYWORD_END_RE = re.compile(r"[\s;(]")
+
+
 def auto_kind(mail: Message, envelope_from: str | None, headers: dict[str, str],
               own_addresses: Iterable[str] = ()) -> str | None:
     """Why ``mail`` must not be answered automatically (``BOUNCE``, ``AUTO_REPLIED``, ``AUTO_GENERATED``, ``LIST``,
@@ -963,7 +966,7 @@ def auto_kind(mail: Message, envelope_from: str | None, headers: dict[str, str],
                 and (mail.get_param("report-type") or "").lower() == "delivery-status")
             or "x-failed-recipients" in headers):
         return BOUNCE
-    submitted = re.split(r"[\s;(]", headers.get("auto-submitted", "").strip().lower(), maxsplit=1)[0]  # its keyword
+    submitted = _KEYWORD_END_RE.split(headers.get("auto-submitted", "").strip().lower(), maxsplit=1)[0]  # its keyword
     if submitted == "auto-replied" or "x-autoreply" in headers or "x-autorespond" in headers:
         return AUTO_REPLIED
     suppress = {word.strip().lower() for word in headers.get("x-auto-response-suppress", "").split(",")}
@@ -1176,7 +1179,8 @@ def _receive(mail: EmailMessage, *, envelope_from: str | None, envelope_to: Sequ
                        fallback=f"{sender.lower()}|{_strip_reply_prefixes(subject).lower()}")
     local_id = thread_local_id(root)
     auto = auto_kind(mail, envelope_from, headers, own_addresses)
-    reply_to = tuple(addresses_of(headers.get("reply-to", ""))) or ((sender,) if sender else ())
+    reply_to = headers.get("reply-to")
+    reply_to = (tuple(addresses_of(reply_to)) if reply_to else ()) or ((sender,) if sender else ())
     # An encoded word can decode to CR LF (=?utf-8?q?a=0D=0Ab?=): the subject our replies repeat is made safe here,
     # so the thread can still be answered; the message's own subject key is left as the sender wrote it.
     safe_subject = _CONTROL_RE.sub(" ", subject)
