@@ -417,6 +417,13 @@ def read_mail(raw: bytes, limits: Limits) -> EmailMessage:
 _FIELD_LINE_RE = re.compile(r"[\041-\071\073-\176]+:")  # a field's first line, to the parser: a name, a colon
 
 
+def _source_parse(lines: list[str]) -> tuple[str, str]:
+    """``policy.default.header_source_parse``, its code (one call a field saved): the name, and the value with its
+    leading blanks and the last line end cut; the folding is kept."""
+    name, value = lines[0].split(":", 1)
+    return name, (value.lstrip(" \t") + "".join(lines[1:])).rstrip("\r\n")
+
+
 def _one_part(raw: bytes, mail_policy: Any) -> EmailMessage | None:
     """The mail as ``BytesParser`` builds it, built directly where that is sure to be the same: one part (its header
     block names no multipart or message/* type, nor an encoded word), every header line a field's first line or its
@@ -444,10 +451,10 @@ def _one_part(raw: bytes, mail_policy: Any) -> EmailMessage | None:
         if not _FIELD_LINE_RE.match(line):
             return None  # the parser would end the header block here, or note a defect
         if field:
-            mail.set_raw(*mail_policy.header_source_parse(field))
+            mail.set_raw(*_source_parse(field))
         field = [line]
     if field:
-        mail.set_raw(*mail_policy.header_source_parse(field))
+        mail.set_raw(*_source_parse(field))
     mail.set_payload(text[body_start:])
     return mail
 
@@ -1175,8 +1182,9 @@ def _receive(mail: EmailMessage, *, envelope_from: str | None, envelope_to: Sequ
     references = message_ids(headers.get("references"))
     subject = headers.get("subject", "")
     sender = address_of(headers.get("from", "")) or envelope_from or ""
-    root = thread_root(message_id, in_reply_to, references,
-                       fallback=f"{sender.lower()}|{_strip_reply_prefixes(subject).lower()}")
+    root = thread_root(message_id, in_reply_to, references)
+    if not root:  # no id at all: the thread is the sender's and the subject's (worked out only then)
+        root = f"{sender.lower()}|{_strip_reply_prefixes(subject).lower()}"
     local_id = thread_local_id(root)
     auto = auto_kind(mail, envelope_from, headers, own_addresses)
     reply_to = headers.get("reply-to")
