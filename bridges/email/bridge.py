@@ -516,7 +516,10 @@ class EmailBridge(ListeningBridge):
         previous = self.threads.get(received.local_id)
         self._remember(received.local_id, received.thread)
         try:
-            stored = await self.send_to_layer(m.RECEIVE, received.message)
+            # One message in one call, not send_to_layer's: the layer's per-tick batching of single sends costs a
+            # future, a callback and a Task per mail (bridge callgrind per 256-byte mail, one client: 1.511M ->
+            # 1.438M instructions), and few mails would share one: ~7% of sends found another in the 4-client flood.
+            stored = await self.send_many_to_layer(m.RECEIVE, [received.message]) == 1
         except MessageTooLarge:
             self._take_back(received.local_id, previous)
             raise
