@@ -679,3 +679,82 @@ def test_smtp_paths_are_read_as_aiosmtpd_reads_them(limit):
     connection.local_part_limit = limit
     for path in PATHS:
         assert connection._getaddr(path) == SMTP._getaddr(connection, path), path
+
+
+def _data_cases() -> list[bytes]:
+    """DATA inputs whose reading is easy to get wrong: stuffed dots, a dot line that does not end the mail, bare CR
+    and LF, lines around aiosmtpd's 1,001-byte cap, mails around and over the size limit."""
+    cases = [b".\r\n", b"a\r\n.\r\n", b"Hello.\r\n.\r\n", b"..x\r\n..\r\n.\r\n", b".a\r\nb\r\n.\r\n",
+             b"a\nb\n.\r\n.\r\n", b"a\r.\r\n.\r\n", b"\r\n.\r\n", b"\r\n\r\n.\r\n", b"a.\r\n" * 400 + b".\r\n",
+             b"w" * 98 + b"\r\n.\r\n", b"w" * 99 + b"\r\n.\r\n", b"y" * 90 + b"\r\n" + b"z" * 20 + b"\r\n.\r\n",
+             *(b"x" * n + b"\r\n.\r\n" for n in (997, 998, 999, 1000, 1001, 1002, 5000))]
+    pieces = [b"..", b"a.", b"\n.", b".\r", b"q" * 40, b"x" * 700, b"x" * 1000, b""]
+    for seed in range(40):  # fixed mixtures of those lines
+        cases.append(b"".join(pieces[(seed * 7 + i * i) % len(pieces)] + b"\r\n" for i in range(seed % 13)) + b".\r\n")
+    return cases
+
+
+@pytest.mark.parametrize("limit", [100, 2000, 33554432])
+def test_data_is_read_as_aiosmtpd_reads_it(run, limit):
+    # the bridge's DATA (a small mail in one read) gives aiosmtpd's own smtp_DATA's answers and content, served by
+    # both over TCP, for mails sent whole and sent in pieces
+    from aiosmtpd.smtp import SMTP
+
+    from crossroads.bridges.email.bridge import SmtpConnection
+
+    class Ours(SMTP):
+        smtp_DATA = SmtpConnection.smtp_DATA
+        _data, _read_data, _data_lines = SmtpConnection._data, SmtpConnection._read_data, SmtpConnection._data_lines
+        in_data = None
+
+    class Keep:
+        def __init__(self) -> None:
+            self.contents: list[bytes] = []
+
+        async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 (aiosmtpd's name)
+            self.contents.append(bytes(envelope.original_content))
+            return "250 OK"
+
+    async def answers(port: int, body: bytes, piece: int) -> list[bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        got: list[bytes] = []
+
+        async def reply() -> None:
+            while (line := await reader.readline())[3:4] == b"-":
+                pass
+            got.append(line)
+
+        await reply()
+        for command in (b"EHLO client.example", b"MAIL FROM:<a@b.example>", b"RCPT TO:<c@d.example>", b"DATA"):
+            writer.write(command + b"\r\n")
+            await reply()
+        for start in range(0, len(body), piece):
+            writer.write(body[start:start + piece])
+            await writer.drain()
+            await asyncio.sleep(0)
+        await reply()
+        writer.write(b"NOOP\r\n")  # the session goes on after the mail
+        await reply()
+        writer.close()
+        return got
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        servers = []
+        for kind in (SMTP, Ours):
+            keep = Keep()
+            server = await loop.create_server(lambda kind=kind, keep=keep: kind(keep, data_size_limit=limit, loop=loop),
+                                              "127.0.0.1", 0)
+            servers.append((server, keep, server.sockets[0].getsockname()[1]))
+        try:
+            for body in _data_cases():
+                for piece in (len(body), 7, 1000):
+                    theirs, ours = [await answers(port, body, piece) for _, _, port in servers]
+                    assert ours == theirs, (body[:80], piece)
+                    assert servers[1][1].contents == servers[0][1].contents, (body[:80], piece)
+        finally:
+            for server, _, _ in servers:
+                server.close()
+                await server.wait_closed()
+
+    run(scenario(), timeout=120)

@@ -254,7 +254,7 @@ def _children(part: Message) -> list[Message]:
 def _container(part: Message) -> bool:
     """A multipart that parsed into parts. A message/* part is a leaf here (its body is the embedded mail), and
     so is a multipart without a usable boundary (its body is kept as bytes)."""
-    return part.get_content_maintype() == "multipart" and part.is_multipart()
+    return part.is_multipart() and part.get_content_maintype() == "multipart"  # is_multipart(): an isinstance
 
 
 def walk(mail: Message) -> Iterable[tuple[Message, int]]:
@@ -312,26 +312,42 @@ class _ReadPart(EmailMessage):
     a header lookup and a split, ~5 µs), is worked out once. Whatever changes its headers forgets it."""
 
     _type: str | None = None
+    # The first field of each (lowercased) name, for ``get``: the stdlib's walks every field, lowercasing its name,
+    # and a part is asked ~7 times (its type, charset, disposition, transfer encoding). Kept with the list of fields
+    # and its length it was made from: anything that replaces or extends the list (the stdlib's own ``add_header``,
+    # ``set_boundary``) makes it be built again, and the methods below forget it.
+    _index: tuple[list, int, dict[str, tuple[str, Any]]] | None = None
 
     def get_content_type(self) -> str:
         if self._type is None:
             self._type = super().get_content_type()
         return self._type
 
+    def get(self, name: str, failobj: Any = None) -> Any:
+        index = self._index
+        fields = self._headers
+        if index is None or index[0] is not fields or index[1] != len(fields):
+            first: dict[str, tuple[str, Any]] = {}
+            for key, value in fields:
+                first.setdefault(key.lower(), (key, value))
+            index = self._index = (fields, len(fields), first)
+        found = index[2].get(name.lower())
+        return failobj if found is None else self.policy.header_fetch_parse(*found)
+
     def set_raw(self, name: str, value: Any) -> None:
-        self._type = None
+        self._type = self._index = None
         super().set_raw(name, value)
 
     def __setitem__(self, name: str, value: Any) -> None:
-        self._type = None
+        self._type = self._index = None
         super().__setitem__(name, value)
 
     def __delitem__(self, name: str) -> None:
-        self._type = None
+        self._type = self._index = None
         super().__delitem__(name)
 
     def replace_header(self, name: str, value: Any) -> None:
-        self._type = None
+        self._type = self._index = None
         super().replace_header(name, value)
 
     def set_default_type(self, ctype: str) -> None:
@@ -401,6 +417,13 @@ def read_mail(raw: bytes, limits: Limits) -> EmailMessage:
 _FIELD_LINE_RE = re.compile(r"[\041-\071\073-\176]+:")  # a field's first line, to the parser: a name, a colon
 
 
+def _source_parse(lines: list[str]) -> tuple[str, str]:
+    """``policy.default.header_source_parse``, its code (one call a field saved): the name, and the value with its
+    leading blanks and the last line end cut; the folding is kept."""
+    name, value = lines[0].split(":", 1)
+    return name, (value.lstrip(" \t") + "".join(lines[1:])).rstrip("\r\n")
+
+
 def _one_part(raw: bytes, mail_policy: Any) -> EmailMessage | None:
     """The mail as ``BytesParser`` builds it, built directly where that is sure to be the same: one part (its header
     block names no multipart or message/* type, nor an encoded word), every header line a field's first line or its
@@ -428,10 +451,10 @@ def _one_part(raw: bytes, mail_policy: Any) -> EmailMessage | None:
         if not _FIELD_LINE_RE.match(line):
             return None  # the parser would end the header block here, or note a defect
         if field:
-            mail.set_raw(*mail_policy.header_source_parse(field))
+            mail.set_raw(*_source_parse(field))
         field = [line]
     if field:
-        mail.set_raw(*mail_policy.header_source_parse(field))
+        mail.set_raw(*_source_parse(field))
     mail.set_payload(text[body_start:])
     return mail
 
@@ -509,15 +532,32 @@ def parsed_headers(part: Message) -> Iterable[tuple[str, str, list[str]]]:
     """Each header of ``part`` as (name, decoded value, defects). ``policy.default`` raises on some odd addresses and
     ids (``To: a@``, ``Message-ID: <@>``: a bare IndexError, python/cpython#151857): such a header is given raw."""
     for name, raw in part.raw_items():
-        plain = _plain_value(name.lower(), raw)
+        lowered = name.lower()
+        plain = _plain_value(lowered, raw)
         if plain is not None:
             yield name, plain, []
+            continue
+        if lowered in _SHARED and len(raw) <= _SHARED_LENGTH:
+            try:
+                text, defects = _shared_reading(name, raw)
+            except Exception:  # noqa: BLE001 - as below
+                yield name, header_text(raw), ["could not be parsed, given as it came"]
+                continue
+            yield name, text, list(defects)
             continue
         try:
             value = part.policy.header_fetch_parse(name, raw)
             yield name, header_text(str(value)), [str(defect) for defect in getattr(value, "defects", ())]
         except Exception:  # noqa: BLE001 - any failure of the header parser leaves the header as it came
             yield name, header_text(raw), ["could not be parsed, given as it came"]
+
+
+@lru_cache(maxsize=256)
+def _shared_reading(name: str, raw: str) -> tuple[str, tuple[str, ...]]:
+    """What ``parsed_headers`` gives for a MIME header's short value (``_SHARED``: "text/plain; charset=utf-8",
+    "1.0"), the same in most mails: the registry's reading of it (``header_fetch_parse``), remembered."""
+    value = policy.default.header_fetch_parse(name, raw)
+    return header_text(str(value)), tuple(str(defect) for defect in getattr(value, "defects", ()))
 
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"  # RFC 5322 atext
@@ -920,6 +960,9 @@ def _local_part(address: str | None) -> str:
     return (address or "").rpartition("@")[0].lower() if "@" in (address or "") else (address or "").lower()
 
 
+_KEYWORD_END_RE = re.compile(r"[\s;(]")
+
+
 def auto_kind(mail: Message, envelope_from: str | None, headers: dict[str, str],
               own_addresses: Iterable[str] = ()) -> str | None:
     """Why ``mail`` must not be answered automatically (``BOUNCE``, ``AUTO_REPLIED``, ``AUTO_GENERATED``, ``LIST``,
@@ -930,7 +973,7 @@ def auto_kind(mail: Message, envelope_from: str | None, headers: dict[str, str],
                 and (mail.get_param("report-type") or "").lower() == "delivery-status")
             or "x-failed-recipients" in headers):
         return BOUNCE
-    submitted = re.split(r"[\s;(]", headers.get("auto-submitted", "").strip().lower(), maxsplit=1)[0]  # its keyword
+    submitted = _KEYWORD_END_RE.split(headers.get("auto-submitted", "").strip().lower(), maxsplit=1)[0]  # its keyword
     if submitted == "auto-replied" or "x-autoreply" in headers or "x-autorespond" in headers:
         return AUTO_REPLIED
     suppress = {word.strip().lower() for word in headers.get("x-auto-response-suppress", "").split(",")}
@@ -1139,11 +1182,13 @@ def _receive(mail: EmailMessage, *, envelope_from: str | None, envelope_to: Sequ
     references = message_ids(headers.get("references"))
     subject = headers.get("subject", "")
     sender = address_of(headers.get("from", "")) or envelope_from or ""
-    root = thread_root(message_id, in_reply_to, references,
-                       fallback=f"{sender.lower()}|{_strip_reply_prefixes(subject).lower()}")
+    root = thread_root(message_id, in_reply_to, references)
+    if not root:  # no id at all: the thread is the sender's and the subject's (worked out only then)
+        root = f"{sender.lower()}|{_strip_reply_prefixes(subject).lower()}"
     local_id = thread_local_id(root)
     auto = auto_kind(mail, envelope_from, headers, own_addresses)
-    reply_to = tuple(addresses_of(headers.get("reply-to", ""))) or ((sender,) if sender else ())
+    reply_to = headers.get("reply-to")
+    reply_to = (tuple(addresses_of(reply_to)) if reply_to else ()) or ((sender,) if sender else ())
     # An encoded word can decode to CR LF (=?utf-8?q?a=0D=0Ab?=): the subject our replies repeat is made safe here,
     # so the thread can still be answered; the message's own subject key is left as the sender wrote it.
     safe_subject = _CONTROL_RE.sub(" ", subject)
