@@ -328,6 +328,17 @@ def reason(status: int) -> str:
         return "Unknown Status"
 
 
+_REASONS: dict[int, bytes] = {}
+
+
+def reason_bytes(status: int) -> bytes:
+    """``reason(status)`` as the status line's bytes, looked up once per status (``HTTPStatus()`` is slow)."""
+    found = _REASONS.get(status)
+    if found is None:
+        found = _REASONS[status] = reason(status).encode("latin-1")
+    return found
+
+
 def error_response(status: int, detail: str, *, retry_after: int | None = None) -> Response:
     """A short text/plain page for a status the bridge answers itself (400, 413, 431, 500, 503, 504)."""
     body = f"{status} {reason(status)}: {detail}\n".encode()
