@@ -360,13 +360,28 @@ def error_bytes(status: int, detail: str) -> bytes:
 # -- the access log ------------------------------------------------------------------------------------------
 
 
+_NEEDS_ESCAPE_RE = re.compile(rb'[^ !#-\[\]-~]')  # anything but printable ASCII, or a quote or backslash
+
+
 def _log_field(value: bytes | str | None) -> str:
     """A quoted field of the combined format: escapes make a hostile User-Agent unable to forge a line."""
     if value is None or value in (b"", ""):
         return "-"
     if isinstance(value, bytes):
+        if not _NEEDS_ESCAPE_RE.search(value):  # what nearly every client sends: the same, at a fifth of the cost
+            return value.decode("ascii")
         value = value.decode("latin-1")
     return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+_stamp: list = [None, ""]  # the last whole second logged, and its stamp: lines of the same second share it
+
+
+def _log_stamp(when: float) -> str:
+    second = int(when)
+    if _stamp[0] != second:
+        _stamp[:] = [second, time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(second))]
+    return _stamp[1]
 
 
 def access_log_line(*, client_host: str | None, when: float, method: bytes | None, target: bytes | None,
@@ -377,7 +392,7 @@ def access_log_line(*, client_host: str | None, when: float, method: bytes | Non
     ``method`` is None when the request line itself could not be read: the
     request is then logged as ``"-"``.
     """
-    stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(when))
+    stamp = _log_stamp(when)
     if method is None:
         request = "-"
     else:
