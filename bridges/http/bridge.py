@@ -150,6 +150,7 @@ class HttpRequest:
         self.response_started = False
         self.flow: ResponseFlow | None = None  # while a streamed response is being written
         self.sending: asyncio.Task | None = None  # the task storing http.request, awaited before http.disconnect
+        self.stored = False  # http.request is in the layer (known once ``sending`` is done)
         self.path_text = ""
         self.client_host: str | None = None  # for the access log; the proxy's client when proxy_headers is on
         self.finished = False  # its response is complete
@@ -814,6 +815,8 @@ class HttpBridge(ListeningBridge):
         self._idle: asyncio.Event | None = None
         self._disconnects: set[asyncio.Task] = set()  # close_protocol() lets them reach the layer
         self.deadlines = Deadlines(self.options["http_timeout"], self._timed_out)  # each request's http_timeout
+        self._outbox: list[tuple[HttpRequest, dict]] = []  # requests of this loop turn, not yet sent
+        self._outbox_task: asyncio.Task | None = None  # the task that will send them
         for counter in ("timeouts", "bad_replies", "slow_clients"):  # HTTP's own, shown from the start
             self.count(counter, 0)
         self.websocket: Any = None  # the WebsocketBridge sharing this port, once linked
@@ -904,7 +907,11 @@ class HttpBridge(ListeningBridge):
         if message["client"]:
             request.client_host = message["client"][0]
         self.deadlines.add(request)
-        request.sending = self.spawn(self._forward(request, message), f"forwarding a request from {message['sender']}")
+        # The requests of one loop turn go to the layer together: one task and one send_many for the lot.
+        self._outbox.append((request, message))
+        if self._outbox_task is None:
+            self._outbox_task = self.spawn(self._forward_outbox(), "forwarding requests")
+        request.sending = self._outbox_task
 
     # -- request bodies over max_body, streamed on a body_channel --
 
@@ -942,7 +949,7 @@ class HttpBridge(ListeningBridge):
         return True
 
     async def _forward_streamed(self, channel: HttpChannel, request: HttpRequest, message: dict) -> bool:
-        accepted = await self.send_to_layer(messages.REQUEST_CHANNEL, message)
+        accepted = request.stored = await self.send_to_layer(messages.REQUEST_CHANNEL, message)
         if not accepted:
             self._release(request)
             channel.refuse(503, "busy, try again", bad_input=False)
@@ -960,7 +967,10 @@ class HttpBridge(ListeningBridge):
         request.body_sending = self.spawn(self._send_body(request, part, last), "sending a part of a request body")
 
     async def _send_body(self, request: HttpRequest, part: bytes, last: bool) -> None:
-        if request.sending is None or not await request.sending:
+        if request.sending is None:
+            return
+        await request.sending
+        if not request.stored:
             return
         for delay in backoff_delays(0.01, 1.0):
             if request.body_unwanted or request.disconnected:
@@ -986,17 +996,30 @@ class HttpBridge(ListeningBridge):
             if request.local_id is not None:
                 self.handle_reply(request.local_id, reply)
 
-    async def _forward(self, request: HttpRequest, message: dict) -> bool:
+    async def _forward_outbox(self) -> None:
+        """Send the requests of a loop turn, in one batch; each the layer refused is answered 503."""
+        batch, self._outbox, self._outbox_task = self._outbox, [], None
         try:
-            accepted = await self.send_to_layer(messages.REQUEST_CHANNEL, message)
+            stored = await self.send_many_to_layer(messages.REQUEST_CHANNEL, [message for _, message in batch])
+        except MessageTooLarge:  # nothing was stored: one at a time, so only the one too large is refused
+            for request, message in batch:
+                await self._forward(request, message)
+            return
+        for i, (request, _) in enumerate(batch):
+            request.stored = i < stored
+            if not request.stored:
+                self.respond_error(request, 503, "busy, try again", retry_after=messages.RETRY_AFTER)
+
+    async def _forward(self, request: HttpRequest, message: dict) -> None:
+        try:
+            request.stored = await self.send_to_layer(messages.REQUEST_CHANNEL, message)
         except MessageTooLarge:
             self.bad_input(request.channel.peer if request.channel else message["sender"],
                            "request too large for the layer")
             self.respond_error(request, 413, "request too large for the channel layer", close=True)
-            return False
-        if not accepted:
+            return
+        if not request.stored:
             self.respond_error(request, 503, "busy, try again", retry_after=messages.RETRY_AFTER)
-        return accepted
 
     def _timed_out(self, request: HttpRequest) -> None:
         if not request.response_started:
@@ -1033,7 +1056,10 @@ class HttpBridge(ListeningBridge):
         self.spawn(send(), "reporting a streamed response's progress")
 
     async def _disconnect(self, request: HttpRequest, reply_channel: str) -> None:
-        if request.sending is None or not await request.sending:  # its request never reached the layer
+        if request.sending is None:
+            return
+        await request.sending
+        if not request.stored:  # its request never reached the layer
             return
         await self.send_to_layer_persistently(messages.DISCONNECT_CHANNEL,
                                               messages.disconnect_message(reply_channel, request.path_text))
