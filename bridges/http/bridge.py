@@ -1165,6 +1165,10 @@ class HttpBridge(ListeningBridge):
                 method, target, version = request.method, request.uri, request.clientproto
             client_host = request.client_host or client_host
             referer, user_agent = request.header(b"referer"), request.header(b"user-agent")
-        access_log.info("%s", messages.access_log_line(
+        line = messages.access_log_line(
             client_host=client_host, when=time.time(), method=method, target=target, version=version, status=status,
-            length=length, referer=referer, user_agent=user_agent))
+            length=length, referer=referer, user_agent=user_agent)
+        # What access_log.info(line) does, less its look up the stack for the caller (always here): a third of its
+        # cost, a few per cent of a hello request's. Handlers, filters and propagation are the logger's as ever.
+        access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, None, None,
+                                                "log_access"))
