@@ -143,6 +143,7 @@ class HttpRequest:
         self.uri = b""
         self.clientproto = b"HTTP/1.1"
         self.raw_headers: list[tuple[bytes, bytes]] = []  # as received, in order, duplicates kept
+        self.names: list[bytes] = []  # raw_headers' names lowercased (looked up 5 times a request: lowered once)
         self.body: list[bytes] = []
         self.body_size = 0
         self.persistent = True  # the connection stays open after the response
@@ -169,10 +170,10 @@ class HttpRequest:
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a request header (``name`` lowercase)."""
-        for key, value in self.raw_headers:
-            if key.lower() == name:
-                return value
-        return None
+        try:
+            return self.raw_headers[self.names.index(name)][1]
+        except ValueError:
+            return None
 
     def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
         """The status line and headers: chunked to HTTP/1.1 when the length is not known, as twisted.web did."""
@@ -442,6 +443,7 @@ class HttpChannel(protocol.Protocol):
                 self.refuse(400, "more than one Transfer-Encoding header")
                 raise _Refused
         self.request.raw_headers.append((name, value.strip(b" \t")))
+        self.request.names.append(lowered)
 
     def on_headers_complete(self) -> None:
         request, parser = self.request, self.parser

@@ -229,7 +229,7 @@ class Chunk:
 
 
 def _as_bytes(value: Any, what: str, encoding: str) -> bytes:
-    if isinstance(value, bytes):
+    if type(value) is bytes or isinstance(value, bytes):
         return value
     if isinstance(value, str):
         try:
@@ -264,7 +264,7 @@ def response_headers(headers: Any) -> list[tuple[bytes, bytes]]:
         raise BadReply(f"headers must be a list of [name, value] pairs, not {type(headers).__name__}")
     checked = []
     for i, pair in enumerate(headers):
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
+        if not (type(pair) is list or isinstance(pair, list | tuple)) or len(pair) != 2:
             raise BadReply(f"headers[{i}] must be a [name, value] pair, not {pair!r:.60}")
         name = _as_bytes(pair[0], f"headers[{i}] name", "latin-1")
         value = _as_bytes(pair[1], f"headers[{i}] value", "latin-1")
@@ -286,7 +286,7 @@ def response_from_message(message: Any) -> Response:
     with them: it is the content, UTF-8, and ``text/plain; charset=utf-8``
     unless a content-type is given.
     """
-    if not isinstance(message, Mapping):
+    if type(message) is not dict and not isinstance(message, Mapping):  # (the ABC asked only of what is no dict)
         raise BadReply(f"a reply must be a dict, not {type(message).__name__}")
     status = message.get("status", 200)
     if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
