@@ -38,7 +38,7 @@ _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _FLOW_CHANNEL_RE = re.compile(r"^[a-zA-Z\d\-_.]+\?[\w\-.]*$", re.ASCII)
 BODY_PART = 256 * 1024  # bytes of a streamed request body per message on its body_channel (about: reads add up)
 FLOW_STEP = 256 * 1024  # body bytes written to a client between two reports on a response's flow_channel
-_FORBIDDEN_IN_VALUE = b"\r\n\x00"  # a value with these would split the response or truncate it in C parsers
+_FORBIDDEN_RE = re.compile(rb"[\r\n\x00]")  # a value with these would split the response or truncate it in C parsers
 
 
 class HttpError(Exception):
@@ -271,7 +271,7 @@ def response_headers(headers: Any) -> list[tuple[bytes, bytes]]:
         if not _TOKEN_RE.match(name):
             raise BadReply(f"headers[{i}] name {name[:40]!r} is not a valid header name (letters, digits, "
                            "!#$%&'*+-.^_`|~; no spaces, colons, CR or LF)")
-        if any(c in value for c in _FORBIDDEN_IN_VALUE):
+        if _FORBIDDEN_RE.search(value):
             raise BadReply(f"headers[{i}] value for {name.decode('latin-1')!r} contains CR, LF or NUL, "
                            "which would split the response")
         checked.append((name, value))
