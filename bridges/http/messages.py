@@ -38,7 +38,7 @@ _TOKEN_RE = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _FLOW_CHANNEL_RE = re.compile(r"^[a-zA-Z\d\-_.]+\?[\w\-.]*$", re.ASCII)
 BODY_PART = 256 * 1024  # bytes of a streamed request body per message on its body_channel (about: reads add up)
 FLOW_STEP = 256 * 1024  # body bytes written to a client between two reports on a response's flow_channel
-_FORBIDDEN_IN_VALUE = b"\r\n\x00"  # a value with these would split the response or truncate it in C parsers
+_FORBIDDEN_RE = re.compile(rb"[\r\n\x00]")  # a value with these would split the response or truncate it in C parsers
 
 
 class HttpError(Exception):
@@ -229,7 +229,7 @@ class Chunk:
 
 
 def _as_bytes(value: Any, what: str, encoding: str) -> bytes:
-    if isinstance(value, bytes):
+    if type(value) is bytes or isinstance(value, bytes):
         return value
     if isinstance(value, str):
         try:
@@ -264,14 +264,14 @@ def response_headers(headers: Any) -> list[tuple[bytes, bytes]]:
         raise BadReply(f"headers must be a list of [name, value] pairs, not {type(headers).__name__}")
     checked = []
     for i, pair in enumerate(headers):
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
+        if not (type(pair) is list or isinstance(pair, list | tuple)) or len(pair) != 2:
             raise BadReply(f"headers[{i}] must be a [name, value] pair, not {pair!r:.60}")
         name = _as_bytes(pair[0], f"headers[{i}] name", "latin-1")
         value = _as_bytes(pair[1], f"headers[{i}] value", "latin-1")
         if not _TOKEN_RE.match(name):
             raise BadReply(f"headers[{i}] name {name[:40]!r} is not a valid header name (letters, digits, "
                            "!#$%&'*+-.^_`|~; no spaces, colons, CR or LF)")
-        if any(c in value for c in _FORBIDDEN_IN_VALUE):
+        if _FORBIDDEN_RE.search(value):
             raise BadReply(f"headers[{i}] value for {name.decode('latin-1')!r} contains CR, LF or NUL, "
                            "which would split the response")
         checked.append((name, value))
@@ -286,7 +286,7 @@ def response_from_message(message: Any) -> Response:
     with them: it is the content, UTF-8, and ``text/plain; charset=utf-8``
     unless a content-type is given.
     """
-    if not isinstance(message, Mapping):
+    if type(message) is not dict and not isinstance(message, Mapping):  # (the ABC asked only of what is no dict)
         raise BadReply(f"a reply must be a dict, not {type(message).__name__}")
     status = message.get("status", 200)
     if isinstance(status, bool) or not isinstance(status, int) or not 200 <= status <= 599:
@@ -328,6 +328,17 @@ def reason(status: int) -> str:
         return "Unknown Status"
 
 
+_REASONS: dict[int, bytes] = {}
+
+
+def reason_bytes(status: int) -> bytes:
+    """``reason(status)`` as the status line's bytes, looked up once per status (``HTTPStatus()`` is slow)."""
+    found = _REASONS.get(status)
+    if found is None:
+        found = _REASONS[status] = reason(status).encode("latin-1")
+    return found
+
+
 def error_response(status: int, detail: str, *, retry_after: int | None = None) -> Response:
     """A short text/plain page for a status the bridge answers itself (400, 413, 431, 500, 503, 504)."""
     body = f"{status} {reason(status)}: {detail}\n".encode()
@@ -349,13 +360,28 @@ def error_bytes(status: int, detail: str) -> bytes:
 # -- the access log ------------------------------------------------------------------------------------------
 
 
+_NEEDS_ESCAPE_RE = re.compile(rb'[^ !#-\[\]-~]')  # anything but printable ASCII, or a quote or backslash
+
+
 def _log_field(value: bytes | str | None) -> str:
     """A quoted field of the combined format: escapes make a hostile User-Agent unable to forge a line."""
     if value is None or value in (b"", ""):
         return "-"
     if isinstance(value, bytes):
+        if not _NEEDS_ESCAPE_RE.search(value):  # what nearly every client sends: the same, at a fifth of the cost
+            return value.decode("ascii")
         value = value.decode("latin-1")
     return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
+_stamp: list = [None, ""]  # the last whole second logged, and its stamp: lines of the same second share it
+
+
+def _log_stamp(when: float) -> str:
+    second = int(when)
+    if _stamp[0] != second:
+        _stamp[:] = [second, time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(second))]
+    return _stamp[1]
 
 
 def access_log_line(*, client_host: str | None, when: float, method: bytes | None, target: bytes | None,
@@ -366,7 +392,7 @@ def access_log_line(*, client_host: str | None, when: float, method: bytes | Non
     ``method`` is None when the request line itself could not be read: the
     request is then logged as ``"-"``.
     """
-    stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(when))
+    stamp = _log_stamp(when)
     if method is None:
         request = "-"
     else:
