@@ -30,7 +30,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 
 from crossroads.bridges.base import Inlet, Option, as_future, get_reactor
-from crossroads.bridges.flow import HeldWrites, buffer_limit
+from crossroads.bridges.flow import HeldWrites, buffer_limit, write_now
 from crossroads.bridges.listening import (
     ALLOWED_HOSTS,
     ListeningBridge,
@@ -362,7 +362,7 @@ class WebsocketConnection(WebSocketServerProtocol):
             payload, binary = frame
             if (self.fast_frames and self._perMessageCompress is None and not self.send_queue
                     and len(payload) <= self.maxMessagePayloadSize):
-                self.transport.write(frames.data_frame(payload, binary))
+                write_now(self.transport, frames.data_frame(payload, binary))
             else:  # Autobahn's own way: compressed, queued behind its writes, or over the limit (it raises)
                 self.sendMessage(payload, isBinary=binary)
 
