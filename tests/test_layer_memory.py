@@ -77,3 +77,41 @@ def test_the_sweep_keeps_what_has_not_expired():
     assert sync.kv_get("session:a") == {"user": "ann"}
     assert sync.group_channels("room") == ["member!1"]
     assert sync.receive(["queue"], timeout=1) == ("queue", {"n": 1})
+
+
+def test_a_woken_receiver_takes_what_is_sent_before_it_runs_up_to_its_limit():
+    """One wake-up for a burst: sends made before the woken receiver runs are handed to it too, in order, up to
+    what it asked for; the rest queue, and another waiting receiver is not woken for them."""
+    L = layer.from_url("memory://")
+
+    async def scenario():
+        first = asyncio.ensure_future(L.receive_many(["burst.a"], 3))
+        second = asyncio.ensure_future(L.receive_many(["burst.a"], 3, timeout=0.2))
+        await asyncio.sleep(0)  # both wait
+        for i in range(5):  # no await in between: neither receiver runs until the burst is sent
+            L.sync.send("burst.a", {"i": i})
+        got_first, got_second = await first, await second
+        return got_first, got_second, await L.receive_many(["burst.a"], 10, timeout=1)
+
+    first, second, rest = asyncio.run(scenario())
+    assert [m["i"] for _, m in first] == [0, 1, 2]
+    # The second was woken by none of the burst: it ran when its timeout came and found the rest queued.
+    assert [m["i"] for _, m in second] + [m["i"] for _, m in rest] == [3, 4]
+
+
+def test_a_cancelled_receiver_puts_back_everything_it_was_handed_in_order():
+    L = layer.from_url("memory://")
+
+    async def scenario():
+        receiver = asyncio.ensure_future(L.receive_many(["burst.b"], 10))
+        await asyncio.sleep(0)
+        for i in range(4):
+            L.sync.send("burst.b", {"i": i})  # all four handed to it
+        receiver.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await receiver
+        return await L.receive_many(["burst.b"], 10, timeout=1)
+
+    assert [m["i"] for _, m in asyncio.run(scenario())] == [0, 1, 2, 3]
+    assert L.sync.stats()["received"] == 4
+

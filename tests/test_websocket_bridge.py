@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager
 import pytest
 import websockets
 from servers import running_in_process, take
+from test_websocket_frames import client_frame
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -296,6 +297,75 @@ def test_order_is_kept_for_many_messages(run):
             assert disconnected["order"] == count + 1
 
     run(scenario(), timeout=60)
+
+
+async def raw_upgrade(bridge: WebsocketBridge, path: str = "/echo/"):
+    """A plain TCP connection upgraded by hand, for frames no client library would send the way a test needs."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def server_frame(reader) -> tuple[int, bytes]:
+    """One frame from the server (unmasked, unfragmented): its opcode and payload."""
+    first, second = await asyncio.wait_for(reader.readexactly(2), 10)
+    length = second & 0x7F
+    if length >= 126:
+        length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8), "big")
+    return first & 0x0F, await reader.readexactly(length)
+
+
+def test_frames_read_by_the_bridge_and_by_autobahn_keep_one_order(run):
+    """Whole data frames are read by frames.py until one it leaves to Autobahn (a ping, a fragmented message, a
+    frame cut between two reads): every message still reaches the consumer once, in the order sent."""
+    cut = client_frame(b"order e")
+
+    async def scenario():
+        async with serving() as bridge:
+            reader, writer = await raw_upgrade(bridge)
+            writer.write(client_frame(b"order a") + client_frame(b"p", 0x89) + client_frame(b"ord", 0x01)
+                         + client_frame(b"er b", 0x80) + client_frame(b"order c") + client_frame(b"\x00d", 0x82)
+                         + cut[:5])
+            await writer.drain()
+            got = [await server_frame(reader) for _ in range(5)]
+            writer.write(cut[5:] + client_frame(b"order f"))
+            got += [await server_frame(reader) for _ in range(2)]
+            writer.write(client_frame(b"\x03\xe8", 0x88))
+            got.append(await server_frame(reader))
+            writer.close()
+            disconnected = await take(bridge.layer, "test.disconnects")
+            return got, disconnected
+
+    got, disconnected = run(scenario())
+    assert (0xA, b"p") in got[:5]  # the pong, whenever it was written
+    echoes = [frame for frame in got if frame[0] in (1, 2)]
+    assert echoes == [(1, b"1 order a"), (1, b"2 order b"), (1, b"3 order c"), (2, b"\x00d"), (1, b"5 order e"),
+                      (1, b"6 order f")]
+    assert got[-1] == (8, b"\x03\xe8") and disconnected["code"] == 1000 and disconnected["order"] == 7
+
+
+def test_frames_before_an_invalid_one_in_the_same_read_reach_the_layer(run):
+    async def scenario():
+        async with serving() as bridge:
+            reader, writer = await raw_upgrade(bridge)
+            writer.write(client_frame(b"order a") + client_frame(b"order b") + client_frame(b"bad \xff"))
+            frames_in = []
+            with pytest.raises(asyncio.IncompleteReadError):  # Autobahn closes at once: the echoes may not come
+                while True:
+                    frames_in.append(await server_frame(reader))
+                    if frames_in[-1][0] == 8:
+                        writer.write(client_frame(frames_in[-1][1], 0x88))  # the closing handshake, answered
+            writer.close()
+            disconnected = await take(bridge.layer, "test.disconnects")
+            return bridge, frames_in, disconnected
+
+    bridge, frames_in, disconnected = run(scenario())
+    assert any(opcode == 8 and payload[:2] == (1007).to_bytes(2, "big") for opcode, payload in frames_in)
+    assert disconnected["order"] == 3 and bridge.counters["bad_input"] == 1  # orders 1 and 2 were stored
 
 
 @pytest.mark.parametrize(("command", "code"), [("close", 1000), ("close 4321", 4321), ("close 1011", 1011)])

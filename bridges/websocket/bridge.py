@@ -30,7 +30,7 @@ from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred
 
 from crossroads.bridges.base import Inlet, Option, as_future, get_reactor
-from crossroads.bridges.flow import HeldWrites, buffer_limit
+from crossroads.bridges.flow import HeldWrites, buffer_limit, write_now
 from crossroads.bridges.listening import (
     ALLOWED_HOSTS,
     ListeningBridge,
@@ -54,6 +54,7 @@ from crossroads.bridges.protocol import (
 )
 from crossroads.layer.base import MAX_MESSAGE_SIZE
 
+from . import frames
 from . import messages as m
 
 _CLOSE_WAIT = 5.0  # close_protocol() waits this long for peers to answer our close frames
@@ -160,6 +161,7 @@ class WebsocketConnection(WebSocketServerProtocol):
     too_slow = False  # cut off for not reading: its consumer hears 1008
     closing_budget: int | None = None  # bytes the client may still send once we sent our close (close_with)
     reading_held = 0  # why the client is not read: _LAYER_BEHIND | _CLIENT_BEHIND
+    fast_frames = False  # whole data frames read and sent by frames.py (set per factory by _connection_class)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -270,12 +272,16 @@ class WebsocketConnection(WebSocketServerProtocol):
     # -- frames in --
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N803 (Autobahn's name)
+        # Autobahn validated UTF-8 already (invalid text closes with 1007 before we see it).
+        self._received(payload if isBinary else payload.decode("utf-8"))
+
+    def _received(self, payload: str | bytes) -> None:
+        """One whole message from the client, read by Autobahn (``onMessage``) or by ``frames.read_frame``."""
         self.bridge.count("received")
         self.last_activity = time.monotonic()
         if self.asgi is None or self.asgi.phase != m.OPEN:
             return  # we are closing it: the consumer gets websocket.disconnect, not what came after
-        # Autobahn validated UTF-8 already (invalid text closes with 1007 before we see it).
-        self.inlet.put(m.RECEIVE, payload if isBinary else payload.decode("utf-8"))
+        self.inlet.put(m.RECEIVE, payload)
 
     def _message(self, channel: str, item: Any) -> dict[str, Any] | None:
         """The message for the inlet's next item, made when its turn comes; None to skip it."""
@@ -353,7 +359,12 @@ class WebsocketConnection(WebSocketServerProtocol):
 
     def _send_frame(self, frame: tuple[bytes, bool]) -> None:
         if self.state == self.STATE_OPEN:
-            self.sendMessage(frame[0], isBinary=frame[1])
+            payload, binary = frame
+            if (self.fast_frames and self._perMessageCompress is None and not self.send_queue
+                    and len(payload) <= self.maxMessagePayloadSize):
+                write_now(self.transport, frames.data_frame(payload, binary))
+            else:  # Autobahn's own way: compressed, queued behind its writes, or over the limit (it raises)
+                self.sendMessage(payload, isBinary=binary)
 
     def _cut_off(self, why: str) -> None:
         """Close (1008) a client that reads too little of what its consumer sends; what waited for it is dropped."""
@@ -392,6 +403,23 @@ class WebsocketConnection(WebSocketServerProtocol):
                                      self.peer_name)
                 self.transport.abortConnection()
                 return
+        # Whole data frames are read here (frames.read_frame) while Autobahn holds nothing half-read; from the first
+        # frame read_frame does not take, the bytes are Autobahn's, so it answers every error and rarer case itself.
+        if (self.state == self.STATE_OPEN and self.fast_frames and self.current_frame is None and not self.data
+                and not self.inside_message and self._perMessageCompress is None):
+            offset, end, limit = 0, len(data), self.maxFramePayloadSize
+            while offset < end and self.state == self.STATE_OPEN:
+                frame = frames.read_frame(data, offset, limit)
+                if frame is None:
+                    break
+                payload, offset = frame
+                if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                    self._cancelAutoPingTimeoutCall()  # as Autobahn does on any data frame
+                self._received(payload)
+            if offset:
+                if offset == end:
+                    return
+                data = data[offset:]
         super().dataReceived(data)
 
     # -- timers --
@@ -468,7 +496,13 @@ def _connection_class(factory: WebSocketServerFactory) -> type[WebsocketConnecti
     options = {name: getattr(factory, name) for name in WebsocketConnection.CONFIG_ATTRS}
     options = {name: staticmethod(value) if isinstance(value, FunctionType) else value  # not made methods
                for name, value in options.items()}  # (perMessageCompressionAccept is a function)
-    return type(WebsocketConnection.__name__, (WebsocketConnection,), {**options, "__module__": __name__})
+    # frames.py reads and builds frames as Autobahn would only with its defaults: no logging or timing of frames,
+    # masked client frames required and unmasked, UTF-8 validated, server frames neither masked nor fragmented.
+    fast = (not factory.logOctets and not factory.logFrames and not factory.trackTimings
+            and factory.requireMaskedClientFrames and factory.applyMask and factory.utf8validateIncoming
+            and not factory.maskServerFrames and not factory.autoFragmentSize)
+    return type(WebsocketConnection.__name__, (WebsocketConnection,),
+                {**options, "fast_frames": fast, "__module__": __name__})
 
 
 class WebsocketBridge(ListeningBridge):

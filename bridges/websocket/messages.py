@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -80,7 +81,7 @@ class Handshake:
     server: list[Any] | None  # [host, port]
     subprotocols: list[str] = field(default_factory=list)
 
-    @property
+    @cached_property  # (every websocket.receive carries it: formatted once per connection, not per frame)
     def sender(self) -> str:
         """The client's address as the shared ``sender`` key: ``host:port`` (``[v6]:port`` for IPv6), ``unix`` for
         a client on a Unix socket, which has no address (``client`` is None)."""
