@@ -38,12 +38,12 @@ from collections.abc import Callable
 from typing import Any
 
 import httptools
-from twisted.internet import protocol, tcp
+from twisted.internet import protocol
 from twisted.internet.interfaces import ITCPTransport
 from twisted.web import http  # only its chunked decoder
 
 from crossroads.bridges.base import Bridge, Option, OptionError, as_future, get_reactor
-from crossroads.bridges.flow import HeldWrites, buffer_limit
+from crossroads.bridges.flow import HeldWrites, buffer_limit, write_now
 from crossroads.bridges.listening import (
     ALLOWED_HOSTS,
     ListeningBridge,
@@ -322,28 +322,13 @@ class HttpChannel(protocol.Protocol):
         self.idle_call: Any = self.reactor.callLater(options["idle_timeout"], self._idle_check)
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
-        self.direct = type(self.transport) is tcp.Server  # not TLS, nor a Unix socket (see send())
         self.bridge.channels.add(self)
 
     # -- bytes out --
 
     def send(self, data: bytes) -> None:
-        """Write to the client: on a plain TCP connection with nothing waiting to be written, straight to the
-        socket. Twisted's write would buffer it, have the loop watch the socket for writability and send it on
-        the next turn (two epoll_ctl calls and a loop callback per response: about a tenth of a hello request's
-        cost); what the socket does not take now (or an error, which the transport then finds and closes on) goes
-        through the transport as before, so order and back-pressure are unchanged."""
-        transport = self.transport
-        if (self.direct and not transport.dataBuffer and not transport._tempDataLen and transport.connected
-                and not transport.disconnecting):
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
+        """Write to the client: straight to the socket when nothing waits before it (``flow.write_now``)."""
+        write_now(self.transport, data)
 
     # -- bytes in --
 
