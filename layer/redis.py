@@ -16,7 +16,8 @@ Storage, per shard:
   with a Redis expiry, on the shard its key hashes to.
 
 Cost: a send is one ``EVALSHA`` (capacity check, expired-head trim and push in
-one atomic script, no separate body key); a receive is one ``BLMPOP`` (atomic
+one atomic script, no separate body key; for one message, a push taken back
+only if it went over capacity); a receive is one ``BLMPOP`` (atomic
 pop, no second fetch that could lose the message); ``send_many`` and
 ``receive_many`` are one round trip per shard; ``group_send`` is one script
 call per shard; every key/value call is one round trip (a MULTI block sent in
@@ -29,6 +30,11 @@ blocks on every shard at once and, when one answers, wakes the others by
 pushing to a private wake key each is also blocked on; anything they popped
 meanwhile is kept in this process's buffer and returned by the next receive.
 No sleep, no polling.
+
+Connections: redis-py opens them (handshake, AUTH, TLS, Sentinel); each face
+then speaks RESP on them itself with hiredis (``_Link``, ``_AsyncLink``) and keeps
+its own idle ones, because redis-py's per-command layers cost more client CPU
+than the rest of a one-at-a-time send or receive.
 
 Faults: connection errors become ``LayerUnavailable`` at once (redis-py's own
 retries are off, because retrying a send that may have run would deliver it
