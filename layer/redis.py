@@ -471,9 +471,26 @@ class RedisLayer(base.LayerErrors):
         self.counters.refused += 1
         raise base.refused_error([channel], 1, self.options.capacity_for)
 
+    def _send_call(self, queues: dict[str, list]) -> tuple[_Script, list[str], list]:
+        """The script call for one shard's part of a plan: SEND_ONE_LUA for a lone message (a worker's one
+        reply), else SEND_LUA."""
+        if len(queues) == 1:
+            (queue, batch), = queues.items()
+            if len(batch[2]) == 1:
+                return _SEND_ONE, [self._key_prefix + queue], [batch[2][0], batch[0], self._ttl, repr(time.time())]
+        return (_SEND, *self._send_args(queues))
+
+    @staticmethod
+    def _send_outcome(reply: Any) -> tuple[int, list[int]]:
+        """(expired entries dropped, messages refused per queue) from either send script's reply."""
+        if isinstance(reply, int):
+            return (reply, [0]) if reply >= 0 else (-1 - reply, [1])
+        return reply[0], reply[1]
+
     def _send_done(self, plan: dict[int, dict[str, list]], replies: dict[int, Any], count: int) -> None:
         refused: list[str] = []
-        for shard, (expired, refused_counts) in replies.items():
+        for shard, reply in replies.items():
+            expired, refused_counts = self._send_outcome(reply)
             self.counters.expired += expired
             for (_, channels, _), n in zip(plan[shard].values(), refused_counts, strict=True):
                 if n:
@@ -724,9 +741,9 @@ class RedisLayer(base.LayerErrors):
         plan, count = self._send_plan(items)
         shards = list(plan)
         if len(shards) == 1:  # the common case: no Task per send
-            replies = [await self._script(shards[0], _SEND, *self._send_args(plan[shards[0]]))]
+            replies = [await self._script(shards[0], *self._send_call(plan[shards[0]]))]
         else:
-            replies = await asyncio.gather(*(self._script(s, _SEND, *self._send_args(plan[s])) for s in shards))
+            replies = await asyncio.gather(*(self._script(s, *self._send_call(plan[s])) for s in shards))
         self._send_done(plan, dict(zip(shards, replies, strict=True)), count)
 
     async def receive(self, channels: Any, timeout: float | None = None) -> tuple[str | None, dict | None]:
@@ -1005,7 +1022,7 @@ class _SendBatch:
             batch[3].append(future)
         layer = self.layer
         for shard, queues in plan.items():
-            script, keys, args = self._script_call(queues)
+            script, keys, args = layer._send_call(queues)
             link = layer._idle_link(shard)
             if link is None:  # a connection to open first: a task does that
                 self._start(shard, queues)
@@ -1015,13 +1032,6 @@ class _SendBatch:
             link.request_then(data, 1, COMMAND_TIMEOUT,
                               lambda replies, error, shard=shard, queues=queues, link=link:
                               self._answered(shard, queues, link, replies, error))
-
-    def _script_call(self, queues: dict[str, list]) -> tuple[_Script, list, list]:
-        layer = self.layer
-        if len(queues) == 1 and len(next(iter(queues.values()))[2]) == 1:  # one message: the cheaper script
-            (queue, (capacity, _, (entry,), _)), = queues.items()
-            return _SEND_ONE, [layer._key_prefix + queue], [entry, capacity, layer._ttl, repr(time.time())]
-        return (_SEND, *layer._send_args(queues))
 
     def _start(self, shard: int, queues: dict[str, list]) -> None:
         task = self.loop.create_task(self._send(shard, queues))
@@ -1049,7 +1059,7 @@ class _SendBatch:
 
     async def _send(self, shard: int, queues: dict[str, list]) -> None:
         try:
-            reply = await self.layer._script(shard, *self._script_call(queues))
+            reply = await self.layer._script(shard, *self.layer._send_call(queues))
         except Exception as exc:
             self._fail(queues, exc)
             return
@@ -1065,10 +1075,7 @@ class _SendBatch:
     def _settle(self, queues: dict[str, list], reply: Any) -> None:
         """Resolve every sender's future from the script's reply (SEND_ONE_LUA's integer or SEND_LUA's pair)."""
         layer = self.layer
-        if isinstance(reply, int):
-            expired, refused_counts = (reply, [0]) if reply >= 0 else (-1 - reply, [1])
-        else:
-            expired, refused_counts = reply
+        expired, refused_counts = layer._send_outcome(reply)
         layer.counters.expired += expired
         for (capacity, channels, _, futures), refused in zip(queues.values(), refused_counts, strict=True):
             kept = len(futures) - refused
@@ -1248,7 +1255,7 @@ class _SyncRedis(base.LayerErrors):
 
     def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
         plan, count = self.layer._send_plan(items)
-        replies = {shard: self._script(shard, _SEND, *self.layer._send_args(queues)) for shard, queues in plan.items()}
+        replies = {shard: self._script(shard, *self.layer._send_call(queues)) for shard, queues in plan.items()}
         self.layer._send_done(plan, replies, count)
 
     def receive(self, channels: Any, timeout: float | None = None) -> tuple[str | None, dict | None]:
