@@ -88,6 +88,7 @@ log = logging.getLogger("crossroads.layer.redis")
 
 CONNECT_TIMEOUT = 2.0  # seconds to open a connection before LayerUnavailable
 COMMAND_TIMEOUT = 5.0  # seconds to wait for a non-blocking command's reply
+SWEEP = 0.25  # seconds between the async face's timeout checks (its timeouts fire up to this late)
 RING_POINTS = 160
 _IO_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _DEFAULT = object()  # read with the connection's own socket timeout
@@ -672,7 +673,7 @@ class RedisLayer(base.LayerErrors):
             # _commands bounds each command with one asyncio.timeout instead.
             self._async_pools = [make_pool(url, True, self._pool_options(None)) for url in self.hosts]
             self._async_idle: list[list[_AsyncLink]] = [[] for _ in self.hosts]
-            self._async_links: set[_AsyncLink] = set()  # every open one, idle or not, for close()
+            self._async_links = _Deadlines(loop)  # every open link, idle or not: for close(), and its timeouts
             self._send_batch = _SendBatch(self, loop)
         return self._async_pools
 
@@ -691,9 +692,13 @@ class RedisLayer(base.LayerErrors):
             return link
         conn = pool.make_connection()
         try:
-            await conn.connect()
+            # The handshake's replies too: a frozen Redis accepts the connection but never answers.
+            async with asyncio.timeout(CONNECT_TIMEOUT + COMMAND_TIMEOUT):
+                await conn.connect()
         except _IO_ERRORS as exc:
-            raise self._unavailable(shard, exc) from exc
+            await conn.disconnect(nowait=True)
+            reason = exc if str(exc) else TimeoutError("no answer to the connection's handshake")
+            raise self._unavailable(shard, reason) from exc
         link = _AsyncLink(conn, self.hosts[shard].split("://", 1)[0].lower() in SENTINEL_SCHEMES, self._async_links)
         self._async_links.add(link)
         return link
@@ -879,6 +884,8 @@ class RedisLayer(base.LayerErrors):
         pools, self._async_pools, self._async_loop = self._async_pools, [], None
         for link in list(getattr(self, "_async_links", ())):
             link.close()
+        if getattr(self, "_async_links", None) is not None:
+            self._async_links.stop()
         self._async_idle = []
         for pool in pools:
             await pool.disconnect()
@@ -894,7 +901,7 @@ class _AsyncLink(asyncio.Protocol):
     instructions per send were 404,000 against plain blocking redis-py's 144,000).
     """
 
-    def __init__(self, conn: Any, sentinel: bool, links: set[_AsyncLink]) -> None:
+    def __init__(self, conn: Any, sentinel: bool, links: _Deadlines) -> None:
         self.links = links
         self.transport = conn._writer.transport
         # The transport is ours now. Neither redis-py's connection nor the stream writer (which closes its
@@ -908,7 +915,7 @@ class _AsyncLink(asyncio.Protocol):
         self.callback: Any = None  # or this gets (replies, error), called from data_received itself
         self.expected = 0
         self.replies: list = []
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # loop time by which the request in flight must be answered
         self.transport.set_protocol(self)
 
     def request(self, data: bytes, count: int, timeout: float | None) -> asyncio.Future:
@@ -929,11 +936,11 @@ class _AsyncLink(asyncio.Protocol):
         if self.closed:
             self.loop_soon(RedisConnectionError("Connection closed by server."))
             return
-        loop = asyncio.get_running_loop()
         self.expected = count
         self.replies = []
         if timeout is not None:
-            self.timer = loop.call_later(timeout, self._timed_out)
+            self.deadline = self.links.loop.time() + timeout
+            self.links.watch()
         self.transport.write(data)
 
     def loop_soon(self, error: BaseException) -> None:
@@ -954,9 +961,7 @@ class _AsyncLink(asyncio.Protocol):
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
         future, self.future = self.future, None
         callback, self.callback = self.callback, None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = None
         if callback is not None:
             callback(result, error)
         elif future is not None and not future.done():
@@ -966,7 +971,6 @@ class _AsyncLink(asyncio.Protocol):
                 future.set_exception(error)
 
     def _timed_out(self) -> None:
-        self.timer = None
         self._finish(error=RedisTimeoutError("Timeout reading from Redis"))
         self.close()
 
@@ -980,6 +984,42 @@ class _AsyncLink(asyncio.Protocol):
         self.closed = True
         self.links.discard(self)
         self.transport.close()
+
+
+class _Deadlines(set):
+    """The async face's open links (a set), and their requests' timeouts.
+
+    One timer per loop ticks every SWEEP seconds while a request is in flight and fails those past their
+    deadline, instead of a timer per request: call_later() and cancel() were 15% of an async send's
+    instructions (152,000 -> 129,500 without). A request times out up to SWEEP late.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.handle: asyncio.TimerHandle | None = None
+
+    def watch(self) -> None:
+        if self.handle is None:
+            self.handle = self.loop.call_later(SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        waiting = False
+        for link in list(self):
+            if link.deadline is not None:
+                if link.deadline <= now:
+                    link._timed_out()
+                else:
+                    waiting = True
+        if waiting:
+            self.watch()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 class _SendBatch:
