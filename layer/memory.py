@@ -169,28 +169,10 @@ class MemoryLayer(base.LayerErrors):
 
     def _unhand_locked(self, waiter: _Waiter) -> None:
         """``waiter`` takes no more entries by hand: it is full, or running."""
-        for queue in waiter.queues:
-            handed = self._handed.get(queue)
-            if handed is None:
-                continue
-            try:
-                handed.remove(waiter)
-            except ValueError:
-                pass
-            if not handed:
-                del self._handed[queue]
+        _remove_waiter(self._handed, waiter)
 
     def _unregister_locked(self, waiter: _Waiter) -> None:
-        for queue in waiter.queues:
-            waiters = self._waiters.get(queue)
-            if waiters is None:
-                continue
-            try:
-                waiters.remove(waiter)
-            except ValueError:
-                pass
-            if not waiters:
-                del self._waiters[queue]
+        _remove_waiter(self._waiters, waiter)
 
     @staticmethod
     def _wake(woken: list[_Waiter]) -> None:
@@ -495,3 +477,16 @@ def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
 
+
+def _remove_waiter(lines: dict[str, deque], waiter: Any) -> None:
+    """Take ``waiter`` out of the line of each of its queues in ``lines``, dropping lines left empty."""
+    for queue in waiter.queues:
+        line = lines.get(queue)
+        if line is None:
+            continue
+        try:
+            line.remove(waiter)
+        except ValueError:
+            pass
+        if not line:
+            del lines[queue]
