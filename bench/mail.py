@@ -791,8 +791,9 @@ def reading(results: dict[str, Any]) -> str:
     load = results["machine"]["load_before"]
     lines.append(f"- Load average before the run: {load[0]:.2f} (1 min), {load[1]:.2f} (5 min) on "
                  f"{results['machine']['nproc']} cores"
-                 + (": the machine was not idle (the benchmark run just before this one, or other work, still in the average); "
-                    "the *runs* column shows the spread." if load[0] > 0.3 else ": the machine was quiet."))
+                 + (": the machine was not idle (the benchmark run just before this one, or other work, "
+                    "still in the average); the *runs* column shows the spread."
+                    if load[0] > 0.3 else ": the machine was quiet."))
     return "\n".join(lines)
 
 

@@ -738,8 +738,8 @@ def reading(results: dict[str, Any]) -> str:
     lines.append(PROFILE)
     lines.append(f"- Load average {m['load_before'][0]:.2f} (1 min) / {m['load_before'][1]:.2f} (5 min) when the run "
                  f"started, {m['load_after'][0]:.2f} / {m['load_after'][1]:.2f} when it ended, on {m['nproc']} cores"
-                 + (": the machine was not idle (the benchmark run just before this one, or other work, still in the average), "
-                    "so every process here waited for a core at times; the "
+                 + (": the machine was not idle (the benchmark run just before this one, or other work, "
+                    "still in the average), so every process here waited for a core at times; the "
                     "*runs* column shows the spread, and the ratios (measured side by side, interleaved) hold better "
                     "than the absolute rates." if max(m["load_before"][0], m["load_after"][0]) > 0.3 else "."))
     return "\n".join(lines)
