@@ -523,6 +523,8 @@ class RedisLayer(base.LayerErrors):
         return queues
 
     def _by_shard(self, queues: list[str]) -> dict[int, list[str]]:
+        if len(queues) == 1:  # nearly every receive: one queue, nothing to rotate
+            return {self.ring.shard(queues[0]): [self._key_prefix + queues[0]]}
         plan: dict[int, list[str]] = {}
         for queue in queues:
             plan.setdefault(self.ring.shard(queue), []).append(self._key_prefix + queue)
@@ -706,7 +708,10 @@ class RedisLayer(base.LayerErrors):
     async def _commands(self, shard: int, commands: list[tuple], read_timeout: float | None = None) -> list:
         """Send commands in one write, read their replies, within COMMAND_TIMEOUT or ``read_timeout``
         (``math.inf``: for ever)."""
-        link = await self._link(shard)
+        # An idle link of this loop without a coroutine call of _link's, which only opens what is missing.
+        link = self._idle_link(shard) if self._async_loop is asyncio.get_running_loop() else None
+        if link is None:
+            link = await self._link(shard)
         data = hiredis.pack_command(commands[0]) if len(commands) == 1 else b"".join(
             [hiredis.pack_command(command) for command in commands])
         timeout = COMMAND_TIMEOUT if read_timeout is None else read_timeout
@@ -781,7 +786,7 @@ class RedisLayer(base.LayerErrors):
         read_timeout = math.inf if timeout is None else timeout + COMMAND_TIMEOUT
         if len(plan) == 1:
             (shard, keys), = plan.items()
-            reply = await self._call(shard, *self._pop_command(keys, limit, timeout), read_timeout=read_timeout)
+            reply = (await self._commands(shard, [self._pop_command(keys, limit, timeout)], read_timeout))[0]
             if reply and not self._buffer:  # nothing popped before waits to go first: hand these on directly
                 return self._take_popped(reply)
             self._buffer_popped(reply)
