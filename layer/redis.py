@@ -744,7 +744,8 @@ class RedisLayer(base.LayerErrors):
 
     async def send(self, channel: str, message: dict) -> None:
         """Send one message; sends made while one is in flight on its shard share its next script call."""
-        self._pools()
+        if self._async_loop is not asyncio.get_running_loop():
+            self._pools()  # this loop's connections and send batch
         await self._send_batch.add(channel, message)
 
     async def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
@@ -1163,6 +1164,12 @@ class _SendBatch:
     def _settle(self, queues: dict[str, list], reply: Any) -> None:
         """Resolve every sender's future from the script's reply (SEND_ONE_LUA's integer or SEND_LUA's pair)."""
         layer = self.layer
+        if reply == 0:  # SEND_ONE_LUA (one queue, one sender) stored its message, nothing expired: nearly always
+            (future,) = next(iter(queues.values()))[3]
+            layer.counters.sent += 1
+            if not future.done():
+                future.set_result(None)
+            return
         expired, refused_counts = layer._send_outcome(reply)
         layer.counters.expired += expired
         for (capacity, channels, _, futures), refused in zip(queues.values(), refused_counts, strict=True):
