@@ -523,6 +523,8 @@ class RedisLayer(base.LayerErrors):
         return queues
 
     def _by_shard(self, queues: list[str]) -> dict[int, list[str]]:
+        if len(queues) == 1:  # nearly every receive: one queue, nothing to rotate
+            return {self.ring.shard(queues[0]): [self._key_prefix + queues[0]]}
         plan: dict[int, list[str]] = {}
         for queue in queues:
             plan.setdefault(self.ring.shard(queue), []).append(self._key_prefix + queue)
@@ -706,7 +708,10 @@ class RedisLayer(base.LayerErrors):
     async def _commands(self, shard: int, commands: list[tuple], read_timeout: float | None = None) -> list:
         """Send commands in one write, read their replies, within COMMAND_TIMEOUT or ``read_timeout``
         (``math.inf``: for ever)."""
-        link = await self._link(shard)
+        # An idle link of this loop without a coroutine call of _link's, which only opens what is missing.
+        link = self._idle_link(shard) if self._async_loop is asyncio.get_running_loop() else None
+        if link is None:
+            link = await self._link(shard)
         data = hiredis.pack_command(commands[0]) if len(commands) == 1 else b"".join(
             [hiredis.pack_command(command) for command in commands])
         timeout = COMMAND_TIMEOUT if read_timeout is None else read_timeout
@@ -738,8 +743,9 @@ class RedisLayer(base.LayerErrors):
             return await self._call(shard, "EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def send(self, channel: str, message: dict) -> None:
-        """Send one message; sends made in the same loop tick share one script call per shard."""
-        self._pools()
+        """Send one message; sends made while one is in flight on its shard share its next script call."""
+        if self._async_loop is not asyncio.get_running_loop():
+            self._pools()  # this loop's connections and send batch
         await self._send_batch.add(channel, message)
 
     async def send_many(self, items: Iterable[tuple[str, dict]]) -> None:
@@ -781,7 +787,7 @@ class RedisLayer(base.LayerErrors):
         read_timeout = math.inf if timeout is None else timeout + COMMAND_TIMEOUT
         if len(plan) == 1:
             (shard, keys), = plan.items()
-            reply = await self._call(shard, *self._pop_command(keys, limit, timeout), read_timeout=read_timeout)
+            reply = (await self._commands(shard, [self._pop_command(keys, limit, timeout)], read_timeout))[0]
             if reply and not self._buffer:  # nothing popped before waits to go first: hand these on directly
                 return self._take_popped(reply)
             self._buffer_popped(reply)
@@ -1023,55 +1029,86 @@ class _Deadlines(set):
 
 
 class _SendBatch:
-    """Coalesces the async sends of one event-loop tick into one script call per shard.
+    """The async sends: at most one script call in flight per shard, the sends made meanwhile gathered into the next.
 
-    A bridge with many connections sends concurrently, and each send alone
-    would pay a round trip and the client's per-command cost. Validation and
-    serialization happen in ``add``, so bad input still raises in its sender;
-    messages enter each queue in ``add`` order; a message refused by a full
-    queue raises ``ChannelFull`` in its own sender only (the queue keeps the
-    earliest messages, as ``send_many`` does).
+    A send to a shard with no call in flight is written at once (one loop iteration fewer than waiting for the
+    tick's end); the sends made while a call is in flight (the rest of that loop tick, and after) wait and go
+    together, in one script call, as soon as its reply arrives. So a bridge answering many connections at once
+    still pays one round trip per shard per batch, and a lone sender no extra loop iteration. Validation and
+    serialization happen in ``add``, so bad input still raises in its sender; one call at a time per shard means
+    messages enter each queue in ``add`` order; a message refused by a full queue raises ``ChannelFull`` in its
+    own sender only (the queue keeps the earliest messages, as ``send_many`` does). When a call fails for the
+    connection (reset, timeout), the sends waiting behind it fail too with ``LayerUnavailable``: not stored.
     """
 
     def __init__(self, layer: RedisLayer, loop: asyncio.AbstractEventLoop) -> None:
         self.layer = layer
         self.loop = loop
-        self.items: list[tuple[str, bytes, asyncio.Future]] = []
+        self.busy: set[int] = set()  # shards with a script call in flight
+        self.waiting: dict[int, list[tuple[str, bytes, asyncio.Future]]] = {}  # per busy shard, the sends after it
         self.tasks: set[asyncio.Task] = set()
 
     def add(self, channel: str, message: dict) -> asyncio.Future:
+        layer = self.layer
         base.check_channel_name(channel)
-        entry = base.make_entry(channel, self.layer._body(message), time.time() + self.layer.options.expiry)
+        now = time.time()
+        entry = base.make_entry(channel, layer._body(message), now + layer.options.expiry)
         future = self.loop.create_future()
-        if not self.items:
-            self.loop.call_soon(self._flush)
-        self.items.append((channel, entry, future))
+        queue = base.queue_name(channel)
+        shard = layer.ring.shard(queue)
+        if shard in self.busy:
+            self.waiting.setdefault(shard, []).append((channel, entry, future))
+            return future
+        # Nothing in flight on this shard: write now, SEND_ONE_LUA as _send_call would pick for a lone message.
+        self.busy.add(shard)
+        capacity = layer.options.capacity_for(channel)
+        queues = {queue: [capacity, [channel], [entry], [future]]}
+        link = layer._idle_link(shard)
+        if link is None:  # a connection to open first: a task does that
+            self._start(shard, queues)
+        else:
+            data = hiredis.pack_command(("EVALSHA", _SEND_ONE.sha, 1, layer._key_prefix + queue, entry, capacity,
+                                         layer._ttl, repr(now)))
+            self._write(shard, queues, link, data)
         return future
 
-    def _flush(self) -> None:
-        items, self.items = self.items, []
-        plan: dict[int, dict[str, list]] = {}
+    def _flush(self, shard: int, items: list[tuple[str, bytes, asyncio.Future]]) -> None:
+        """One script call for the sends that waited on ``shard``."""
+        layer = self.layer
+        queues: dict[str, list] = {}
         for channel, entry, future in items:
             queue = base.queue_name(channel)
-            queues = plan.setdefault(self.layer.ring.shard(queue), {})
-            if queue not in queues:
-                queues[queue] = [self.layer.options.capacity_for(channel), [], [], []]
-            batch = queues[queue]
+            batch = queues.get(queue)
+            if batch is None:
+                batch = queues[queue] = [layer.options.capacity_for(channel), [], [], []]
             batch[1].append(channel)
             batch[2].append(entry)
             batch[3].append(future)
-        layer = self.layer
-        for shard, queues in plan.items():
-            script, keys, args = layer._send_call(queues)
-            link = layer._idle_link(shard)
-            if link is None:  # a connection to open first: a task does that
-                self._start(shard, queues)
-                continue
-            # The common case, with no task: write the script call now and settle the senders from the reply.
-            data = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
-            link.request_then(data, 1, COMMAND_TIMEOUT,
-                              lambda replies, error, shard=shard, queues=queues, link=link:
-                              self._answered(shard, queues, link, replies, error))
+        self.busy.add(shard)
+        link = layer._idle_link(shard)
+        if link is None:
+            self._start(shard, queues)
+            return
+        script, keys, args = layer._send_call(queues)
+        self._write(shard, queues, link, hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args)))
+
+    def _write(self, shard: int, queues: dict[str, list], link: _AsyncLink, data: bytes) -> None:
+        # No task: the senders are settled from data_received itself.
+        link.request_then(data, 1, COMMAND_TIMEOUT,
+                          lambda replies, error: self._answered(shard, queues, link, replies, error))
+
+    def _next(self, shard: int, failure: LayerUnavailable | None = None) -> None:
+        """The call in flight on ``shard`` is over: send what waited behind it, or fail it with the same outage."""
+        self.busy.discard(shard)
+        items = self.waiting.pop(shard, None)
+        if not items:
+            return
+        if failure is None:
+            self._flush(shard, items)
+            return
+        for _, _, future in items:
+            if not future.done():
+                future.set_exception(type(failure)(str(failure)))
 
     def _start(self, shard: int, queues: dict[str, list]) -> None:
         task = self.loop.create_task(self._send(shard, queues))
@@ -1083,27 +1120,39 @@ class _SendBatch:
         layer = self.layer
         if error is not None:
             link.close()
-            self._fail(queues, layer._unavailable(shard, error))
+            failure = layer._unavailable(shard, error)
+            self._fail(queues, failure)
+            self._next(shard, failure)
             return
         reply = replies[0]
         layer._async_idle[shard].append(link)
         if isinstance(reply, NoScriptError):  # a restarted or flushed Redis: the task path loads the script
             self._start(shard, queues)
-        elif isinstance(reply, ReadOnlyError) and link.sentinel:
+            return
+        if isinstance(reply, ReadOnlyError) and link.sentinel:
             link.close()
-            self._fail(queues, layer._unavailable(shard, RedisConnectionError("The previous master is now a slave")))
-        elif isinstance(reply, RedisError):
+            failure = layer._unavailable(shard, RedisConnectionError("The previous master is now a slave"))
+            self._fail(queues, failure)
+            self._next(shard, failure)
+            return
+        if isinstance(reply, RedisError):
             self._fail(queues, reply)
         else:
             self._settle(queues, reply)
+        self._next(shard)
 
     async def _send(self, shard: int, queues: dict[str, list]) -> None:
         try:
             reply = await self.layer._script(shard, *self.layer._send_call(queues))
         except Exception as exc:
             self._fail(queues, exc)
+            self._next(shard, exc if isinstance(exc, LayerUnavailable) else None)
             return
+        except BaseException:  # cancelled (the loop closing): what waited is not sent either
+            self.busy.discard(shard)
+            raise
         self._settle(queues, reply)
+        self._next(shard)
 
     def _fail(self, queues: dict[str, list], exc: Exception) -> None:
         for batch in queues.values():
@@ -1115,6 +1164,12 @@ class _SendBatch:
     def _settle(self, queues: dict[str, list], reply: Any) -> None:
         """Resolve every sender's future from the script's reply (SEND_ONE_LUA's integer or SEND_LUA's pair)."""
         layer = self.layer
+        if reply == 0:  # SEND_ONE_LUA (one queue, one sender) stored its message, nothing expired: nearly always
+            (future,) = next(iter(queues.values()))[3]
+            layer.counters.sent += 1
+            if not future.done():
+                future.set_result(None)
+            return
         expired, refused_counts = layer._send_outcome(reply)
         layer.counters.expired += expired
         for (capacity, channels, _, futures), refused in zip(queues.values(), refused_counts, strict=True):
