@@ -179,6 +179,7 @@ class Worker:
         self._workers: list[threading.Thread] = []
         self._running: list[_Running | None] = [None] * self.threads  # each thread's slot, for the watchdog
         self._loop_thread: threading.Thread | None = None  # None until start()
+        self._watchdog: threading.Thread | None = None  # None when slow_consumer is 0, or before start()
         self.watchdog_scans = 0  # how many times the watchdog looked (tests wait on it instead of sleeping)
         self.ready = threading.Event()
 
@@ -191,7 +192,8 @@ class Worker:
             thread.start()
             self._workers.append(thread)
         if self.slow_consumer:
-            threading.Thread(target=self._watch, name="worker-watchdog", daemon=True).start()
+            self._watchdog = threading.Thread(target=self._watch, name="worker-watchdog", daemon=True)
+            self._watchdog.start()
         if list(self.pools) == [DEFAULT_POOL]:
             log.info("worker listening on %s with %d thread(s)", ", ".join(self.channels), self.threads)
         else:
@@ -219,6 +221,8 @@ class Worker:
         finished = not any(thread.is_alive() for thread in self._workers)
         if finished:
             self._finished.set()
+            if self._watchdog is not None:  # a joined worker leaves no thread of its own behind
+                self._watchdog.join(timeout)
         if finished and not self._loop.is_closed():
             if self._loop_thread is None:  # never started (a bridge of its process failed to start first)
                 self._loop.close()
