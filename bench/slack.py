@@ -18,10 +18,11 @@ events with at most ``window`` un-acked at once: events/s acked and, for crossro
 paced at a steady rate: ack latency (envelope sent -> ack received, at the emulator; Slack's budget is 3 s)
 and, for crossroads, the round trip event -> consumer -> ``chat.postMessage`` at the emulator.
 
-Usage: ``.venv/bin/python bench/slack.py [--quick | --report | --profile [quiet] | --callgrind [quiet]]``;
+Usage: ``.venv/bin/python bench/slack.py [--quick | --report | --profile [quiet] | --callgrind [quiet | bare]]``;
 ``--quick`` is a smoke run that writes nothing, ``--report`` rewrites the doc section and the plot from the last
 full run's JSON without measuring; ``--profile`` samples crossroads redis:// with py-spy and ``--callgrind``
-counts its bridge's instructions per event (with replies, or ``quiet`` without), writing nothing.
+counts its bridge's and worker's instructions per event (with replies, or ``quiet`` without; ``bare``: the bare
+slack-sdk client's), writing nothing.
 """
 
 from __future__ import annotations
@@ -124,14 +125,14 @@ class Peer:
             raise BenchError(f"the emulator for {self.setup}: {got['error']}")
         return got
 
-    def command(self, timeout: float = 300, **command: Any) -> dict[str, Any]:
+    def command(self, wait: float = 300, **command: Any) -> dict[str, Any]:
         self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
-        return self.answer(timeout)
+        return self.answer(wait)
 
-    def wait_connected(self, what: str) -> None:
-        if not self.command(70, cmd="connected")["connected"]:  # the peer gives up after 60 s
-            raise BenchError(f"{what} did not connect to the emulator in 60 s")
+    def wait_connected(self, what: str, seconds: float = 60) -> None:
+        if not self.command(seconds + 10, cmd="connected", timeout=seconds)["connected"]:  # the peer's own limit
+            raise BenchError(f"{what} did not connect to the emulator in {seconds:g} s")
 
     def flood(self, run: str, count: int, window: int, posts: bool, rate: float | None = None,
               idle: float = IDLE) -> dict[str, Any]:
@@ -155,7 +156,7 @@ class Crossroads(ProcessGroup):
     def __init__(self, setup: str, redis_url: str, peer: Peer, workdir: Path, callgrind: Path | None = None) -> None:
         super().__init__(LABELS[setup], workdir / f"crossroads-{setup}.log", SERVER_CORE, ROOT)
         self.peer = peer
-        self.callgrind = callgrind  # the bridge under valgrind's callgrind, writing there (--callgrind)
+        self.callgrind = callgrind  # each process under valgrind's callgrind, writing to this path + its name
         config = workdir / f"crossroads-{setup}.toml"
         config.write_text(crossroads_toml(setup, redis_url, peer.api_url))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "SLACK_BOT_TOKEN": peer.bot_token,
@@ -164,13 +165,12 @@ class Crossroads(ProcessGroup):
         self.ready()
 
     def wait_ready(self) -> None:
-        self.peer.wait_connected(self.label)
+        self.peer.wait_connected(self.label, 300 if self.callgrind is not None else 60)  # valgrind starts slowly
         self.alive()
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        if self.callgrind is not None and name == "bridge":
-            command = ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={self.callgrind}",
-                       sys.executable, *command]
+        if self.callgrind is not None:
+            command = [*under_callgrind(Path(f"{self.callgrind}.{name}")), sys.executable, *command]
         super().start(name, command, env)
 
     def cpu(self) -> dict[str, float]:
@@ -183,11 +183,13 @@ class Crossroads(ProcessGroup):
 class Client:
     """A bench/slack_clients.py process (``sdk`` or ``raw``) on SERVER_CORE; stdin closed stops it."""
 
-    def __init__(self, setup: str, peer: Peer) -> None:
+    def __init__(self, setup: str, peer: Peer, callgrind: Path | None = None) -> None:
         spec = {"mode": "raw" if setup == "raw" else "sdk", "echo": setup == "echo", "api_url": peer.api_url,
                 "bot_token": peer.bot_token, "app_token": peer.app_token}
         self.label = LABELS[setup]
-        self.process = subprocess.Popen([*cpu_pin(SERVER_CORE), str(SLACK_PYTHON), str(CLIENTS), json.dumps(spec)],
+        valgrind = under_callgrind(callgrind) if callgrind is not None else []
+        self.process = subprocess.Popen([*cpu_pin(SERVER_CORE), *valgrind, str(SLACK_PYTHON), str(CLIENTS),
+                                         json.dumps(spec)],
                                         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if not self.process.stdout.readline().startswith('{"ready"'):
             self.stop()
@@ -494,33 +496,52 @@ def profile(config: Config, setup: str = "redis", seconds: float = 20.0) -> int:
     return 0
 
 
+def under_callgrind(out: Path) -> list[str]:
+    """The command prefix that runs a process under valgrind's callgrind, its counts written to ``out``."""
+    return ["valgrind", "--tool=callgrind", "--dump-instr=no", f"--callgrind-out-file={out}"]
+
+
 def callgrind(setup: str, count: int = 2000) -> int:
-    """The redis:// bridge (``setup`` "redis" or "quiet") under valgrind's callgrind: instructions per event of
-    one flood, counted from zeroed counters to a dump (callgrind_control), so start-up and warm-up are out.
-    Load-independent, unlike CPU time on a shared machine: the figure to compare two commits by."""
+    """The processes of ``setup`` (crossroads redis:// "redis" or "quiet": bridge and worker; "bare": the bare
+    slack-sdk client) under valgrind's callgrind: instructions per event of one flood, counted from zeroed
+    counters to a dump (callgrind_control), so start-up and warm-up are out. Load-independent, unlike CPU time
+    on a shared machine: the figure to compare two commits by, and crossroads' processes with the bare client's
+    (which pays a write per ack in the kernel, which callgrind does not count; crossroads writes an ack per loop
+    round)."""
     if not all(shutil.which(tool) for tool in ("valgrind", "callgrind_control")):
         print("valgrind is missing: apt-get install valgrind", file=sys.stderr)
         return 1
     with tempfile.TemporaryDirectory(prefix="slack-callgrind-") as workdir:
         out = Path(workdir) / "callgrind.out"
         redis = BenchRedis()
-        peer = crossroads = None
+        peer = receiver = None
         try:
             posts = setup in POSTING
             peer = Peer(setup)
-            crossroads = Crossroads(setup, redis.url, peer, Path(workdir), callgrind=out)
+            if setup == "bare":
+                receiver = Client(setup, peer, callgrind=Path(f"{out}.client"))
+                pids = {"client": receiver.process.pid}
+            else:
+                receiver = Crossroads(setup, redis.url, peer, Path(workdir), callgrind=out)
+                pids = receiver.pids
             peer.flood("warm", 300, 100, posts, idle=120)
-            pid = str(crossroads.pids["bridge"])
-            subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
+            for pid in pids.values():
+                subprocess.run(["callgrind_control", "--zero", str(pid)], check=True, capture_output=True)
             got = peer.flood("counted", count, 100, posts, idle=120)
-            subprocess.run(["callgrind_control", "--dump=flood", pid], check=True, capture_output=True)
-            dump = Path(f"{out}.1")
-            summary = next(line for line in dump.read_text().splitlines() if line.startswith("summary:"))
-            print(f"{LABELS[setup]}: bridge {int(summary.split()[1]) / count:,.0f} instructions per event "
-                  f"({got['acked']:,} of {count:,} acked, {got.get('posts', 0):,} posts)")
+            for pid in pids.values():
+                subprocess.run(["callgrind_control", "--dump=flood", str(pid)], check=True, capture_output=True)
+            per_event = {}
+            for name in pids:
+                dumps = sorted(Path(workdir).glob(f"callgrind.out.{name}*.1"))  # one per thread with --separate
+                dumps = dumps or [Path(f"{out}.{name}.1")]
+                per_event[name] = sum(int(next(line for line in dump.read_text().splitlines()
+                                               if line.startswith("summary:")).split()[1]) for dump in dumps) / count
+            parts = ", ".join(f"{name} {n:,.0f}" for name, n in per_event.items())
+            print(f"{LABELS[setup]}: {sum(per_event.values()):,.0f} instructions per event ({parts}; "
+                  f"{got['acked']:,} of {count:,} acked, {got.get('posts', 0):,} posts)")
         finally:
-            if crossroads is not None:
-                crossroads.stop()
+            if receiver is not None:
+                receiver.stop()
             if peer is not None:
                 peer.stop()
             redis.stop()
@@ -846,9 +867,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--profile", nargs="?", const="redis", choices=("redis", "quiet"),
                             help="only crossroads redis:// (with replies; \"quiet\": a consumer that answers "
                                  "nothing), flooded while py-spy samples its processes; writes nothing")
-        parser.add_argument("--callgrind", nargs="?", const="redis", choices=("redis", "quiet"),
-                            help="only crossroads redis://, its bridge under valgrind: instructions per event of a "
-                                 "2,000-event flood (load-independent); writes nothing")
+        parser.add_argument("--callgrind", nargs="?", const="redis", choices=("redis", "quiet", "bare"),
+                            help="only crossroads redis:// (its bridge and worker) or the bare slack-sdk client, "
+                                 "under valgrind: instructions per event of a 2,000-event flood "
+                                 "(load-independent); writes nothing")
 
         def handle(args: Any) -> int | None:
             if args.profile:
