@@ -24,6 +24,7 @@ import re
 import secrets
 import string
 import struct
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,19 +226,52 @@ def new_channel_name(pattern: Any) -> str:
     return check_channel_name(name)
 
 
+class Packed(dict):
+    """A message copied through its serialized form (``copy_message``), keeping it: ``pack`` returns those bytes
+    instead of serializing the copy again. Only a consumer's send buffer holds one, and nothing changes it."""
+
+    __slots__ = ("packed",)
+    packed: bytes
+
+
+# One msgpack Packer per thread: ``msgpack.packb`` makes (and allocates the buffer of) a new one per call, more
+# than half of what packing a reply costs. Per thread, because a packer in use must not be entered again (a dict
+# subclass's Python ``items()`` may let another thread in mid-message). A packer that grew past this many bytes
+# for a large message is dropped rather than kept, so a thread does not hold a large buffer for ever.
+_packers = threading.local()
+_PACKER_KEEP = 256 * 1024
+
+
 def pack(message: Any) -> bytes:
     """Serialize a message; raise ``MessageTooLarge`` over 1 MiB and ``TypeError`` for non-dicts."""
+    if type(message) is Packed:
+        return message.packed
     if not isinstance(message, dict):
         raise TypeError(f"a message must be a dict, not {type(message).__name__}")
     try:
-        body = msgpack.packb(message, use_bin_type=True)
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    try:
+        body = packer.pack(message)  # a packer that raised has reset itself: it is reusable
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(
             f"message cannot be serialized ({exc}); use dicts, lists, str, bytes, numbers, bools and None"
         ) from exc
-    if len(body) > MAX_MESSAGE_SIZE:
-        raise MessageTooLarge(f"message is {len(body)} bytes serialized; the limit is {MAX_MESSAGE_SIZE}")
+    if len(body) > _PACKER_KEEP:
+        del _packers.packer
+        if len(body) > MAX_MESSAGE_SIZE:
+            raise MessageTooLarge(f"message is {len(body)} bytes serialized; the limit is {MAX_MESSAGE_SIZE}")
     return body
+
+
+def copy_message(message: Any) -> Packed:
+    """A deep copy of ``message`` through its serialized form, validated as ``pack`` validates (its errors), that
+    keeps the serialized bytes for the send it is made for."""
+    body = pack(message)
+    copy = Packed(unpack(body))
+    copy.packed = body
+    return copy
 
 
 def unpack(body: bytes) -> dict:
@@ -246,7 +280,7 @@ def unpack(body: bytes) -> dict:
 
 def make_entry(channel: str, body: bytes, expires_at: float) -> bytes:
     """The stored form of a message: header, channel name if process-local, body."""
-    if is_process_local(channel):
+    if "!" in channel:  # is_process_local(), inline: once per message sent
         name = channel.encode()
         return HEADER.pack(expires_at, len(name)) + name + body
     return HEADER.pack(expires_at, 0) + body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 
 import pytest
@@ -52,6 +53,41 @@ def test_size_limit_is_on_the_serialized_bytes():
         base.pack({"b": b"x" * base.MAX_MESSAGE_SIZE})
     body = base.pack({"b": b"x" * (base.MAX_MESSAGE_SIZE - 10)})
     assert len(body) <= base.MAX_MESSAGE_SIZE
+
+
+def test_a_copied_message_keeps_its_serialized_form_and_pack_errors():
+    original = {"text": "hi", "items": [1, {"b": b"\x00"}]}
+    copy = base.copy_message(original)
+    assert copy == original and copy is not original and copy["items"] is not original["items"]
+    assert base.pack(copy) is copy.packed and copy.packed == base.pack(original)
+    original["items"].append(2)  # later changes to the original are not in the copy, nor in what it sends
+    assert base.unpack(base.pack(copy)) == {"text": "hi", "items": [1, {"b": b"\x00"}]}
+    with pytest.raises(TypeError, match="cannot be serialized"):
+        base.copy_message({"x": object()})
+    with pytest.raises(TypeError, match="must be a dict"):
+        base.copy_message(["not", "a", "dict"])
+    with pytest.raises(layer.MessageTooLarge):
+        base.copy_message({"b": b"x" * base.MAX_MESSAGE_SIZE})
+
+
+def test_pack_after_a_failure_or_a_large_message_and_from_many_threads_is_exact():
+    # pack() reuses a msgpack Packer per thread: one that raised, or grew for a large message, packs the next
+    # message exactly, and threads never share one.
+    import msgpack
+    expected = msgpack.packb({"text": "next"}, use_bin_type=True)
+    for bad in ({"x": object()}, {"n": 2 ** 70}, {"b": b"x" * base.MAX_MESSAGE_SIZE}):
+        with pytest.raises((TypeError, layer.MessageTooLarge)):
+            base.pack(bad)
+        assert base.pack({"text": "next"}) == expected
+    assert len(base.pack({"b": b"x" * 300_000})) > 300_000
+    assert base.pack({"text": "next"}) == expected
+    messages = [{"i": i, "text": "x" * (i % 7), "nested": {"list": list(range(i % 5))}} for i in range(2000)]
+
+    def pack_all(offset: int) -> bool:
+        return all(base.pack(m) == msgpack.packb(m, use_bin_type=True) for m in messages[offset:] + messages[:offset])
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(pack_all, [0, 500, 1000, 1500]))
 
 
 def test_entries_round_trip():
