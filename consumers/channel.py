@@ -42,10 +42,10 @@ class HeldSends:
     def __init__(self, sync_layer: Any) -> None:
         self.sync_layer = sync_layer
         self.entries: list = []
-        self.sources: list[str] = []
+        self.sources: list[Any] = []  # who sent them: str() of each names a consumer, for a failed send's log line
         self.lost = 0  # messages not delivered, over every release
 
-    def add(self, buffer: list, source: str) -> None:
+    def add(self, buffer: list, source: Any) -> None:
         self.entries += buffer
         self.sources.append(source)
 
@@ -54,8 +54,19 @@ class HeldSends:
             return
         entries, sources = self.entries, self.sources
         self.entries, self.sources = [], []
-        source = sources[0] if len(sources) == 1 else f"{len(sources)} consumers ({', '.join(sorted(set(sources)))})"
-        self.lost += flush(entries, self.sync_layer, source)
+        self.lost += flush(entries, self.sync_layer, sources[0] if len(sources) == 1 else _Sources(sources))
+
+
+class _Sources:
+    """The senders of held sends, as a failed send's log line names them: formatted only if one is written."""
+
+    __slots__ = ("sources",)
+
+    def __init__(self, sources: list[Any]) -> None:
+        self.sources = sources
+
+    def __str__(self) -> str:
+        return f"{len(self.sources)} consumers ({', '.join(sorted({str(s) for s in self.sources}))})"
 
 
 # The held sends of this thread's batch, or None when nothing is held.
@@ -88,8 +99,9 @@ def get_layer(explicit: Any = None) -> Any:
 
 
 def _copy(content: Any) -> dict:
-    """Validate and copy now, so errors surface at the call and later mutation is invisible."""
-    return base.unpack(base.pack(content))
+    """Validate and copy now, so errors surface at the call and later mutation is invisible. The copy keeps its
+    serialized bytes, so the layer does not serialize it again when the buffer is flushed."""
+    return base.copy_message(content)
 
 
 class Channel:
@@ -154,11 +166,12 @@ class Group:
         return f"Group({self.name!r})"
 
 
-def flush(buffer: list, sync_layer: Any, source: str) -> int:
+def flush(buffer: list, sync_layer: Any, source: Any) -> int:
     """Send what a consumer buffered, in order: runs of channel sends as one ``send_many``.
 
-    A full channel or an unreachable layer is logged with ``source`` (the consumer)
-    and counted in the return value (messages not delivered); it never raises.
+    A full channel or an unreachable layer is logged with ``source`` (the consumer: a str, or an object whose
+    str() names it, so a name is only formatted for a log line) and counted in the return value (messages not
+    delivered); it never raises.
     """
     release_held()  # a flush inside a consumer (ordered sessions) must not overtake held sends
     lost = 0

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,64 +130,24 @@ class Dispatcher:
 
     def run(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> None:
         """Run a prepared consumer in this thread; an ``async def`` one on a loop of its own."""
-        with self.consuming(consumer, message, retries):
+        with _Consuming(self, consumer, message, retries):
             result = consumer(message, **kwargs)
-            if inspect.isawaitable(result):
+            if result is not None and inspect.isawaitable(result):
                 asyncio.run(_await(result))
 
     async def handle_async(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> None:
         """Run a prepared ``async def`` consumer on the running loop."""
-        with self.consuming(consumer, message, retries):
+        with _Consuming(self, consumer, message, retries):
             await consumer(message, **kwargs)
 
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Around a batch of messages run in this thread: their buffered sends leave together when the batch is
-        done (one ``send_many`` per run of channel sends), or earlier, before anything sent at once."""
-        held = HeldSends(self.sync)
-        token = held_sends.set(held)
-        try:
-            yield
-        finally:
-            held_sends.reset(token)
-            held.release()
-            self.counters.undelivered += held.lost
+    def holding(self) -> _Holding:
+        """Around a batch of messages run in this thread (``with``): their buffered sends leave together when the
+        batch is done (one ``send_many`` per run of channel sends), or earlier, before anything sent at once."""
+        return _Holding(self)
 
-    @contextlib.contextmanager
-    def consuming(self, consumer: Any, message: Message, retries: int) -> Iterator[None]:
-        """Around one consumer run: the send buffer, the signals, and every exception it may raise."""
-        buffer: list = []
-        layer_token = channel_module.current_layer.set(self.layer)
-        buffer_token = channel_module.send_buffer.set(buffer)
-        consumer_started.send(message=message, consumer=consumer)
-        error: BaseException | None = None
-        started = time.perf_counter()
-        try:
-            yield
-            self.counters.consumed += 1
-        except ConsumeLater:
-            self._consume_later(message, consumer_name(consumer), retries)
-        except DenyConnection:
-            self.counters.consumed += 1
-            if message.reply_channel is not None:
-                buffer.append(("send", message.reply_channel.name, {"close": True}))
-        except Exception as exc:
-            error = exc
-            self.counters.errors += 1
-            log.exception("consumer %s raised on a message on %s; the worker carries on", consumer_name(consumer),
-                          message.channel.name)
-        finally:
-            self._ran(message.channel.name, consumer, time.perf_counter() - started)
-            channel_module.send_buffer.reset(buffer_token)
-            channel_module.current_layer.reset(layer_token)
-            if buffer:
-                source = f"consumer {consumer_name(consumer)} on {message.channel.name}"
-                held = held_sends.get()
-                if held is not None:
-                    held.add(buffer, source)
-                else:
-                    self.counters.undelivered += flush(buffer, self.sync, source)
-            consumer_finished.send(message=message, consumer=consumer, error=error)
+    def consuming(self, consumer: Any, message: Message, retries: int) -> _Consuming:
+        """Around one consumer run (``with``): the send buffer, the signals, and every exception it may raise."""
+        return _Consuming(self, consumer, message, retries)
 
     def _ran(self, channel: str, consumer: Any, elapsed: float) -> None:
         try:
@@ -219,3 +177,96 @@ class Dispatcher:
 
 async def _await(awaitable: Any) -> Any:
     return await awaitable
+
+
+class _Holding:
+    """What ``Dispatcher.holding`` returns (a class: no generator per batch)."""
+
+    __slots__ = ("dispatcher", "held", "token")
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self.dispatcher = dispatcher
+
+    def __enter__(self) -> None:
+        self.held = HeldSends(self.dispatcher.sync)
+        self.token = held_sends.set(self.held)
+
+    def __exit__(self, *exc_info: object) -> None:
+        held_sends.reset(self.token)
+        try:
+            self.held.release()
+        finally:
+            self.dispatcher.counters.undelivered += self.held.lost
+
+
+class _Consuming:
+    """What ``Dispatcher.consuming`` returns: a class rather than a generator-based context manager, which costs
+    a generator and two extra calls per message. Entering opens the send buffer and sends ``consumer_started``;
+    leaving counts the run, flushes (or holds) what it sent, and sends ``consumer_finished``. ``ConsumeLater``,
+    ``DenyConnection`` and any other ``Exception`` end here; ``BaseException`` (interrupts, a cancelled task)
+    still passes through, after the buffer is flushed."""
+
+    __slots__ = ("dispatcher", "consumer", "message", "retries", "buffer", "layer_token", "buffer_token", "started")
+
+    def __init__(self, dispatcher: Dispatcher, consumer: Any, message: Message, retries: int) -> None:
+        self.dispatcher = dispatcher
+        self.consumer = consumer
+        self.message = message
+        self.retries = retries
+
+    def __enter__(self) -> None:
+        self.buffer: list = []
+        self.layer_token = channel_module.current_layer.set(self.dispatcher.layer)
+        self.buffer_token = channel_module.send_buffer.set(self.buffer)
+        if consumer_started.receivers:  # most workers connect none: skip the call and its keyword arguments
+            consumer_started.send(message=self.message, consumer=self.consumer)
+        self.started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> bool:
+        dispatcher, consumer, message, buffer = self.dispatcher, self.consumer, self.message, self.buffer
+        counters = dispatcher.counters
+        error: BaseException | None = None
+        handled = True
+        try:
+            if kind is None:
+                counters.consumed += 1
+            elif issubclass(kind, ConsumeLater):
+                dispatcher._consume_later(message, consumer_name(consumer), self.retries)
+            elif issubclass(kind, DenyConnection):
+                counters.consumed += 1
+                if message.reply_channel is not None:
+                    buffer.append(("send", message.reply_channel.name, {"close": True}))
+            elif issubclass(kind, Exception):
+                error = exc
+                counters.errors += 1
+                log.error("consumer %s raised on a message on %s; the worker carries on", consumer_name(consumer),
+                          message.channel.name, exc_info=exc)
+            else:
+                handled = False  # an interrupt or a cancellation: it goes on up, once the run is wound up
+        finally:
+            dispatcher._ran(message.channel.name, consumer, time.perf_counter() - self.started)
+            channel_module.send_buffer.reset(self.buffer_token)
+            channel_module.current_layer.reset(self.layer_token)
+            if buffer:
+                source = _Source(consumer, message.channel.name)
+                held = held_sends.get()
+                if held is not None:
+                    held.add(buffer, source)
+                else:
+                    counters.undelivered += flush(buffer, dispatcher.sync, source)
+            if consumer_finished.receivers:
+                consumer_finished.send(message=message, consumer=consumer, error=error)
+        return handled
+
+
+class _Source:
+    """Which consumer buffered some sends, for the log line of a send that fails: formatted only then."""
+
+    __slots__ = ("consumer", "channel")
+
+    def __init__(self, consumer: Any, channel: str) -> None:
+        self.consumer = consumer
+        self.channel = channel
+
+    def __str__(self) -> str:
+        return f"consumer {consumer_name(self.consumer)} on {self.channel}"

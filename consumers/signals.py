@@ -19,22 +19,23 @@ log = logging.getLogger("crossroads.signals")
 class Signal:
     def __init__(self, name: str) -> None:
         self.name = name
-        self._receivers: list[Callable[..., Any]] = []
+        # Replaced on connect/disconnect, never changed in place: a sender may read it to skip an empty send.
+        self.receivers: list[Callable[..., Any]] = []
         self._lock = threading.Lock()
 
     def connect(self, receiver: Callable[..., Any]) -> Callable[..., Any]:
         """Add a receiver; usable as a decorator."""
         with self._lock:
-            if receiver not in self._receivers:
-                self._receivers = [*self._receivers, receiver]
+            if receiver not in self.receivers:
+                self.receivers = [*self.receivers, receiver]
         return receiver
 
     def disconnect(self, receiver: Callable[..., Any]) -> None:
         with self._lock:
-            self._receivers = [r for r in self._receivers if r is not receiver]
+            self.receivers = [r for r in self.receivers if r is not receiver]
 
     def send(self, **kwargs: Any) -> None:
-        for receiver in self._receivers:  # a snapshot: connect/disconnect replace the list
+        for receiver in self.receivers:  # a snapshot: connect/disconnect replace the list
             try:
                 receiver(**kwargs)
             except Exception:

@@ -320,25 +320,26 @@ class Worker:
             return
         consumer = prepared[0]
         try:
-            if self.dispatcher.is_async(consumer):
+            quick = self._quick.get(consumer, False)  # only sync consumers are in it: one lookup, not two
+        except TypeError:  # an unhashable callable: never known to be quick
+            quick = False
+        try:
+            if quick:
+                self._running[index] = running = _Running(channel, consumer)
+                self.dispatcher.run(*prepared)
+                self._ran(consumer, time.monotonic() - running.started)
+            elif self.dispatcher.is_async(consumer):
                 release_held()  # it sends from the event loop's thread: what earlier messages sent goes first
                 coroutine = self.dispatcher.handle_async(*prepared)
                 self._running[index] = _Running(channel, consumer, coroutine)
                 asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
             else:
-                if not self._is_quick(consumer):
-                    release_held()  # it may run long: the replies of the messages before it should not wait
+                release_held()  # it may run long: the replies of the messages before it should not wait
                 self._running[index] = running = _Running(channel, consumer)
                 self.dispatcher.run(*prepared)
                 self._ran(consumer, time.monotonic() - running.started)
         finally:
             self._running[index] = None
-
-    def _is_quick(self, consumer: Any) -> bool:
-        try:
-            return self._quick.get(consumer, False)
-        except TypeError:  # an unhashable callable: never known to be quick
-            return False
 
     def _ran(self, consumer: Any, seconds: float) -> None:
         try:  # the last run decides, so one run slowed by a busy machine does not end the batching for good

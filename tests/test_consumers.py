@@ -23,7 +23,7 @@ from crossroads import (
     route,
     route_class,
 )
-from crossroads.consumers.dispatch import MAX_CONSUME_LATER
+from crossroads.consumers.dispatch import MAX_CONSUME_LATER, Dispatcher
 from crossroads.consumers.testing import Client
 
 
@@ -145,6 +145,24 @@ def test_routes_on_bytes_values_and_missing_keys():
     assert router.match("a", {"topic": b"\xff"}) is None
     assert router.match("a", {}) is None
     assert router.match("b", {"topic": "rooms/x"}) is None
+
+
+def test_a_route_without_filters_never_overtakes_an_earlier_entry_for_its_channel():
+    def first(message): ...
+    def second(message): ...
+    def inner(message): ...
+    def outer(message): ...
+
+    router = Router([route("a", first, path=r"^/x"), route("a", second), route(["b", "a"], outer),
+                     include([route("c", inner)], path=r"^/p"), route("c", outer), route("d", outer)])
+    assert router.match("a", {"path": "/x"}) == (first, {})
+    assert router.match("a", {"path": "/y"}) == (second, {}) and router.match("a", {}) == (second, {})
+    assert router.match("b", {}) == (outer, {}) and router.match("d", {"path": "/p"}) == (outer, {})
+    assert router.match("c", {"path": "/p/q"}) == (inner, {}) and router.match("c", {"path": "/z"}) == (outer, {})
+    assert router.match("e", {}) is None
+    kwargs = router.match("d", {})[1]
+    kwargs["changed"] = True  # each match's keyword arguments are its own
+    assert router.match("d", {}) == (outer, {})
 
 
 def test_bad_routing_tables_say_what_is_wrong():
@@ -307,6 +325,42 @@ def test_signals_surround_every_consumer():
         consumer_started.disconnect(started)
         consumer_finished.disconnect(finished)
     assert events == [("started", "ok"), ("finished", None), ("started", "bad"), ("finished", "ZeroDivisionError")]
+
+
+def test_an_interrupt_in_a_consumer_goes_on_up_once_its_sends_left_and_it_is_signalled(channel_layer):
+    finished = []
+
+    def consumer(message):
+        message.reply_channel.send({"text": "sent before"})
+        raise KeyboardInterrupt
+
+    def on_finished(message, consumer, error):
+        finished.append(error)
+
+    client = Client([route("a", consumer)], channel_layer)
+    consumer_finished.connect(on_finished)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.send_and_consume("a", {})
+    finally:
+        consumer_finished.disconnect(on_finished)
+    assert client.receive() == {"text": "sent before"} and finished == [None]
+    assert (client.counters.consumed, client.counters.errors) == (0, 0)
+    assert sum(stats.count for stats in client.counters.by_consumer.values()) == 1
+
+
+def test_held_sends_a_full_channel_refused_are_logged_naming_their_consumers(caplog):
+    small = layer.from_url("memory://", capacity=1)
+    dispatcher = Dispatcher([route("a", lambda message: Channel("narrow").send({"n": message["n"]}))], small)
+    with dispatcher.holding():
+        for n in range(3):
+            dispatcher.handle("a", {"n": n})
+        assert small.sync.receive(["narrow"], timeout=0) == (None, None)  # held until the batch is done
+    assert dispatcher.counters.undelivered == 2
+    assert small.sync.receive_many(["narrow"], 10) == [("narrow", {"n": 0})]
+    assert "3 consumers (consumer test_consumers." \
+           "test_held_sends_a_full_channel_refused_are_logged_naming_their_consumers.<locals>.<lambda> on a): " \
+           "send_many: 2 of 3 messages refused" in caplog.text
 
 
 def test_async_consumers_run_too(channel_layer):
