@@ -539,3 +539,11 @@ def test_names_cache_is_bounded_lru_and_ages_out():
     cache.put("U3", "carol", now=1.0)
     assert (cache.get("U2", now=1.0), cache.get("U1", now=1.0), len(cache)) == (None, "alice", 2)
     assert cache.get("U3", now=61.0) is None and len(cache) == 1
+
+
+def test_a_text_only_reply_is_judged_as_with_its_defaults_spelled_out():
+    # parse_reply's fast path for {"text": ...} must give what the full checks give.
+    for target in (m.Target("C1"), m.Target("C1", "1700000001.000100")):
+        for text in ("hi", "a & <b>", "   ", "line\n" * 3000, "x" * 5000, "\n\n"):
+            assert m.parse_reply({"text": text}, target, limit=100) == m.parse_reply(
+                {"text": text, "thread": True, "broadcast": False, "unfurl": True}, target, limit=100)

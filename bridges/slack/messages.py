@@ -133,6 +133,9 @@ def split_text(text: str, limit: int = SPLIT_AT) -> list[str]:
     caller's check, see ``parse_reply``).
     """
     limit = min(limit, TEXT_LIMIT)
+    escaped = escape(text)
+    if len(escaped) <= limit:  # most replies: one post, what the loop below would give (escape keeps the lines)
+        return [escaped] if escaped.strip() else [""]
     posts: list[str] = []
     current: str | None = None
     for line in text.split("\n"):
@@ -482,6 +485,10 @@ def _body(content: dict[str, Any], limit: int, *, split: bool = True) -> tuple[t
 
 def parse_reply(content: Any, target: Target, *, limit: int = SPLIT_AT) -> Reply:
     """Judge what a consumer sent on a channel or thread reply channel; ``InvalidReply`` says what is wrong."""
+    if type(content) is dict and len(content) == 1:  # the common {"text": ...}: what the checks below give for it
+        text = content.get("text")
+        if type(text) is str and text:
+            return Reply(POST, tuple(split_text(text, limit)), thread_ts=target.thread_ts)
     if not isinstance(content, dict):
         raise InvalidReply(f"a reply must be a dict, not {type(content).__name__}")
     kind = content.get("type", EPHEMERAL if "user" in content else POST)
