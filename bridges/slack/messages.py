@@ -617,6 +617,24 @@ class ChannelLimiter:
             bucket = self._buckets[channel] = TokenBucket(self.rate, self.burst, now)
         bucket.take(now)
 
+    def claim(self, channel: str, now: float) -> float:
+        """``take`` when ``channel`` may post now (0), else the seconds ``wait`` gives, nothing taken: one call per
+        post where ``wait`` then ``take`` refilled the bucket twice."""
+        if self._held:  # a 429 is being honoured somewhere: the full check
+            wait = self.wait(channel, now)
+            if wait > 0:
+                return wait
+        bucket = self._buckets.get(channel)
+        if bucket is not None:
+            wait = bucket.wait(now)  # refills
+            if wait > 0:
+                return wait
+            if len(self._buckets) <= 1000:
+                bucket.tokens -= 1  # as take(): the bucket was refilled at ``now`` just above
+                return 0.0
+        self.take(channel, now)  # a new bucket, or idle ones to forget first
+        return 0.0
+
     def retry_after(self, channel: str, seconds: float, now: float) -> None:
         """Slack answered 429 for ``channel``: nothing more goes there for ``seconds``."""
         self._held[channel] = max(self._held.get(channel, 0.0), now + max(seconds, 0.0))
