@@ -539,3 +539,34 @@ def test_names_cache_is_bounded_lru_and_ages_out():
     cache.put("U3", "carol", now=1.0)
     assert (cache.get("U2", now=1.0), cache.get("U1", now=1.0), len(cache)) == (None, "alice", 2)
     assert cache.get("U3", now=61.0) is None and len(cache) == 1
+
+
+def test_a_text_only_reply_is_judged_as_with_its_defaults_spelled_out():
+    # parse_reply's fast path for {"text": ...} must give what the full checks give.
+    for target in (m.Target("C1"), m.Target("C1", "1700000001.000100")):
+        for text in ("hi", "a & <b>", "   ", "line\n" * 3000, "x" * 5000, "\n\n"):
+            assert m.parse_reply({"text": text}, target, limit=100) == m.parse_reply(
+                {"text": text, "thread": True, "broadcast": False, "unfurl": True}, target, limit=100)
+
+
+def test_claim_takes_as_wait_then_take_would():
+    claimed, stepped = m.ChannelLimiter(rate=1.0, burst=3), m.ChannelLimiter(rate=1.0, burst=3)
+    for limiter in (claimed, stepped):
+        limiter.retry_after("C2", 5, now=0.0)
+    for now in (0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 1.2, 2.5, 6.0, 6.0, 6.0, 6.0):
+        for channel in ("C1", "C2"):
+            wait = stepped.wait(channel, now)
+            if wait == 0:
+                stepped.take(channel, now)
+            assert claimed.claim(channel, now) == pytest.approx(wait)
+    assert {c: b.tokens for c, b in claimed._buckets.items()} == pytest.approx(
+        {c: b.tokens for c, b in stepped._buckets.items()})
+
+
+def test_claim_forgets_idle_buckets_as_take_does():
+    limiter = m.ChannelLimiter(rate=1.0, burst=1)
+    for n in range(1002):
+        assert limiter.claim(f"C{n}", now=0.0) == 0
+    assert limiter.claim("C0", now=0.5) == pytest.approx(0.5)  # still spent: not forgotten, nothing taken
+    assert limiter.claim("C1", now=10.0) == 0
+    assert len(limiter._buckets) == 1 and limiter.claim("C1", now=10.0) == pytest.approx(1.0)

@@ -9,6 +9,7 @@ in ``not_delivered`` and the next one goes on (docs/spec/slack.md, "Rate limits 
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -89,8 +90,8 @@ def test_a_connection_closed_while_idle_is_replaced_and_the_request_sent_once_mo
 
     answers, requests = run(scenario())
     assert [a[:2] for a in answers] == [(200, {"ok": True})] * 3
-    assert [r.rpartition(b"\r\n\r\n")[2] for r in requests] == [b'{"channel": "C1", "text": "%d"}' % n
-                                                                 for n in range(3)]
+    assert [json.loads(r.rpartition(b"\r\n\r\n")[2]) for r in requests] == [{"channel": "C1", "text": str(n)}
+                                                                             for n in range(3)]
     head = requests[0].partition(b"\r\n\r\n")[0].split(b"\r\n")
     assert head[0] == b"POST /api/chat.postMessage HTTP/1.1"
     assert b"Authorization: Bearer xoxb-t" in head and b"Content-Type: application/json; charset=utf-8" in head

@@ -938,13 +938,11 @@ class SlackBridge(ListeningBridge):
         delays = None
         try:
             while queue:
-                now = time.monotonic()
-                wait = self.limiter.wait(channel, now)
+                wait = self.limiter.claim(channel, time.monotonic())
                 if wait > 0:
                     await asyncio.sleep(wait)
                     continue
                 method, args, attempts = queue[0]
-                self.limiter.take(channel, now)
                 try:
                     status, answer, retry_after = await self.poster.call(method, args)
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:

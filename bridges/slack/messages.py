@@ -133,6 +133,9 @@ def split_text(text: str, limit: int = SPLIT_AT) -> list[str]:
     caller's check, see ``parse_reply``).
     """
     limit = min(limit, TEXT_LIMIT)
+    escaped = escape(text)
+    if len(escaped) <= limit:  # most replies: one post, what the loop below would give (escape keeps the lines)
+        return [escaped] if escaped.strip() else [""]
     posts: list[str] = []
     current: str | None = None
     for line in text.split("\n"):
@@ -482,6 +485,10 @@ def _body(content: dict[str, Any], limit: int, *, split: bool = True) -> tuple[t
 
 def parse_reply(content: Any, target: Target, *, limit: int = SPLIT_AT) -> Reply:
     """Judge what a consumer sent on a channel or thread reply channel; ``InvalidReply`` says what is wrong."""
+    if type(content) is dict and len(content) == 1:  # the common {"text": ...}: what the checks below give for it
+        text = content.get("text")
+        if type(text) is str and text:
+            return Reply(POST, tuple(split_text(text, limit)), thread_ts=target.thread_ts)
     if not isinstance(content, dict):
         raise InvalidReply(f"a reply must be a dict, not {type(content).__name__}")
     kind = content.get("type", EPHEMERAL if "user" in content else POST)
@@ -609,6 +616,24 @@ class ChannelLimiter:
         if bucket is None:  # not setdefault: it would build a bucket on every post
             bucket = self._buckets[channel] = TokenBucket(self.rate, self.burst, now)
         bucket.take(now)
+
+    def claim(self, channel: str, now: float) -> float:
+        """``take`` when ``channel`` may post now (0), else the seconds ``wait`` gives, nothing taken: one call per
+        post where ``wait`` then ``take`` refilled the bucket twice."""
+        if self._held:  # a 429 is being honoured somewhere: the full check
+            wait = self.wait(channel, now)
+            if wait > 0:
+                return wait
+        bucket = self._buckets.get(channel)
+        if bucket is not None:
+            wait = bucket.wait(now)  # refills
+            if wait > 0:
+                return wait
+            if len(self._buckets) <= 1000:
+                bucket.tokens -= 1  # as take(): the bucket was refilled at ``now`` just above
+                return 0.0
+        self.take(channel, now)  # a new bucket, or idle ones to forget first
+        return 0.0
 
     def retry_after(self, channel: str, seconds: float, now: float) -> None:
         """Slack answered 429 for ``channel``: nothing more goes there for ``seconds``."""

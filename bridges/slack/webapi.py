@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
+import orjson
 
 CONNECTIONS = 100  # calls in flight at once, each on its own connection (aiohttp's default pool size)
 
@@ -69,7 +70,10 @@ class WebAPI:
         head = self.heads.get(method)
         if head is None:
             head = self.heads[method] = f"POST {self.path}{method} HTTP/1.1\r\n".encode("latin-1") + self.fields
-        body = json.dumps(args).encode()
+        try:
+            body = orjson.dumps(args)  # ~15x json.dumps for a post's few keys (setup.cfg pins orjson)
+        except TypeError:  # what orjson refuses and json writes (an int over 64 bits, a lone surrogate)
+            body = json.dumps(args).encode()
         request = b"%s%d\r\n\r\n%s" % (head, len(body), body)
         loop = self.loop
         if loop is None:  # the loop of the first call; not per call: Python 3.11's get_running_loop() is a getpid()
@@ -108,8 +112,8 @@ class WebAPI:
         finally:
             self.slots.release()
         try:
-            answer = json.loads(raw.decode())  # from str: json's detection of a bytes' encoding is Python code
-        except ValueError:  # UnicodeDecodeError too
+            answer = orjson.loads(raw)
+        except ValueError:  # orjson.JSONDecodeError is one
             answer = None
         if not isinstance(answer, dict):  # a proxy's error page, say
             answer = {"ok": False, "error": f"HTTP {status} with an answer that is not a JSON object"}
