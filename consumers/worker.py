@@ -324,17 +324,14 @@ class Worker:
         except TypeError:  # an unhashable callable: never known to be quick
             quick = False
         try:
-            if quick:
-                self._running[index] = running = _Running(channel, consumer)
-                self.dispatcher.run(*prepared)
-                self._ran(consumer, time.monotonic() - running.started)
-            elif self.dispatcher.is_async(consumer):
+            if not quick and self.dispatcher.is_async(consumer):
                 release_held()  # it sends from the event loop's thread: what earlier messages sent goes first
                 coroutine = self.dispatcher.handle_async(*prepared)
                 self._running[index] = _Running(channel, consumer, coroutine)
                 asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
             else:
-                release_held()  # it may run long: the replies of the messages before it should not wait
+                if not quick:
+                    release_held()  # it may run long: the replies of the messages before it should not wait
                 self._running[index] = running = _Running(channel, consumer)
                 self.dispatcher.run(*prepared)
                 self._ran(consumer, time.monotonic() - running.started)

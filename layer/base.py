@@ -280,7 +280,7 @@ def unpack(body: bytes) -> dict:
 
 def make_entry(channel: str, body: bytes, expires_at: float) -> bytes:
     """The stored form of a message: header, channel name if process-local, body."""
-    if "!" in channel:  # is_process_local(), inline: once per message sent
+    if is_process_local(channel):
         name = channel.encode()
         return HEADER.pack(expires_at, len(name)) + name + body
     return HEADER.pack(expires_at, 0) + body

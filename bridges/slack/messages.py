@@ -595,6 +595,8 @@ class ChannelLimiter:
     bounded by the channels that posted in the last ``burst / rate`` seconds.
     """
 
+    KEEP_IDLE = 1000  # buckets held before a post first forgets the idle ones
+
     def __init__(self, rate: float = 1.0, burst: int = 3) -> None:
         self.rate, self.burst = rate, burst
         self._buckets: dict[str, TokenBucket] = {}
@@ -610,7 +612,7 @@ class ChannelLimiter:
 
     def take(self, channel: str, now: float) -> None:
         """``channel`` posts now."""
-        if len(self._buckets) > 1000:
+        if len(self._buckets) > self.KEEP_IDLE:
             self._forget_idle(now)
         bucket = self._buckets.get(channel)
         if bucket is None:  # not setdefault: it would build a bucket on every post
@@ -629,7 +631,7 @@ class ChannelLimiter:
             wait = bucket.wait(now)  # refills
             if wait > 0:
                 return wait
-            if len(self._buckets) <= 1000:
+            if len(self._buckets) <= self.KEEP_IDLE:
                 bucket.tokens -= 1  # as take(): the bucket was refilled at ``now`` just above
                 return 0.0
         self.take(channel, now)  # a new bucket, or idle ones to forget first
