@@ -512,7 +512,7 @@ class SlackBridge(ListeningBridge):
     def _frame(self, client: _SocketClient, raw: str) -> None:
         """One Socket Mode frame, in the order read."""
         try:
-            frame = json.loads(raw)
+            frame = m.parse_json(raw)
         except ValueError:
             self.bad_input("Slack", f"a Socket Mode frame that is not JSON ({raw[:100]!r})")
             return
