@@ -111,7 +111,7 @@ def _path(value: str) -> str | None:
     return None if value.startswith("/") else "must start with '/'"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending:
     """An event or command taken from Slack and on its way into the layer; ``answers`` acknowledge it once stored.
 
@@ -637,9 +637,11 @@ class SlackBridge(ListeningBridge):
     # -- into the layer --
 
     def _lookup(self, kind: str) -> Callable[[str], str | None]:
+        get, monotonic, prefix = self.names.get, time.monotonic, kind + ":"  # bound once: two lookups an event
+
         def lookup(an_id: str) -> str | None:
-            key = f"{kind}:{an_id}"
-            name = self.names.get(key, time.monotonic())
+            key = prefix + an_id
+            name = get(key, monotonic())
             if name is None and an_id:
                 self._look_up_later(kind, an_id, key)
             return name
@@ -685,8 +687,9 @@ class SlackBridge(ListeningBridge):
         keys = m.repeat_keys(payload)
         if self._repeat(keys, answer):
             return
+        prefix = self.prefix
         try:
-            message = m.event_message(payload, self.me, self.name, self.prefix, users=self.user_names,
+            message = m.event_message(payload, self.me, self.name, prefix, users=self.user_names,
                                       channels=self.channel_names, threading=self.options["threading"],
                                       retry_attempt=retry)
         except m.BadInput as exc:
@@ -697,24 +700,23 @@ class SlackBridge(ListeningBridge):
             self.count("skipped")
             answer("done")
             return
-        self._route(message["reply_channel"][len(self.prefix):])
+        self._route(message["reply_channel"][len(prefix):])
         pending = _Pending(keys, message, [answer])
-        wait = self.options["lookup_wait"]
-        if (self.naming or (wait > 0 and self._naming_wanted(payload))) and len(self.naming) < IN_FLIGHT_LIMIT:
+        if (self.naming or (self.lookups and self.options["lookup_wait"] > 0 and self._naming_wanted(payload))) \
+                and len(self.naming) < IN_FLIGHT_LIMIT:
             # A name being looked up for this event (or an earlier one still held): it waits for the lookup, at most
             # lookup_wait, so the first post of a new user or channel carries names, not ids; later events queue
             # behind it, so the order stays Slack's. A failed lookup ends the wait at once.
             for key in keys:
                 self.in_flight[key] = pending  # a redelivery meanwhile joins it
-            self.naming.append((pending, payload, retry, time.monotonic() + wait))
+            self.naming.append((pending, payload, retry, time.monotonic() + self.options["lookup_wait"]))
             if self._namer is None or self._namer.done():
                 self._namer = self.spawn(self._name_and_queue(), "waiting for names")
             return
         self._queue(m.RECEIVE, pending)
 
     def _naming_wanted(self, payload: dict[str, Any]) -> bool:
-        if not self.lookups:
-            return False
+        """Whether a lookup in flight is for this event's user or channel (asked only while lookups run)."""
         event = payload.get("event") if isinstance(payload.get("event"), dict) else {}
         wanted = [f"u:{event.get('user')}", f"c:{event.get('channel')}"]
         return any(key in self.lookups for key in wanted)
