@@ -412,8 +412,8 @@ def ensure_slack_venv() -> dict[str, str]:
 
 def machine(redis: BenchRedis, sdk: dict[str, str]) -> dict[str, Any]:
     measured = ["bridges/base.py", "bridges/inlet.py", "bridges/slack", "layer", "consumers", "crossroads"]
-    return machine_facts(redis, measured, ("slack_sdk", "aiohttp", "Twisted", "redis", "hiredis", "msgpack"),
-                         bare_venv=sdk)
+    packages = ("slack_sdk", "aiohttp", "Twisted", "redis", "hiredis", "msgpack", "ormsgpack", "orjson")
+    return machine_facts(redis, measured, packages, bare_venv=sdk)
 
 
 def run_all(config: Config) -> dict[str, Any]:
