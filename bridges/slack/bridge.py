@@ -1011,6 +1011,14 @@ class SlackBridge(ListeningBridge):
     def _posted(self, outbox: _Outbox, error: BaseException | None, status: int, answer: dict[str, Any],
                 retry_after: str | None) -> None:
         """The outcome of ``outbox``'s post in flight (called back by ``WebAPI``): judged, then the next one goes."""
+        if error is None and status == 200 and not (outbox.closed or outbox.dropped) and answer.get("ok") is True:
+            outbox.current = outbox.delays = None  # posted: the usual case, judged here rather than in _judge
+            self.count("posted")
+            warning = answer.get("warning")
+            if warning:
+                self.log.warning("%s: Slack warned about a post to %s: %s", self.label, outbox.channel, warning)
+            self._send_next(outbox)
+            return
         if outbox.closed:  # the bridge stopped meanwhile: counted in close_protocol's dropped
             return
         if outbox.dropped:  # over max_queued while in flight: counted in outbound_dropped, whatever came of it

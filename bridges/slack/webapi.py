@@ -111,6 +111,15 @@ class WebAPI:
             self._watch()
             return
         self.busy += 1
+        idle = self.idle
+        if idle and not idle[-1].lost:  # the usual case, _start and _write inline
+            connection = idle.pop()
+            connection.deadline = call.deadline
+            self.answering.add(connection)
+            if self.sweeper is None:
+                self.sweeper = loop.call_later(self._sweep_every(), self._sweep)
+            connection.request(call)
+            return
         self._start(call)
 
     def _start(self, call: _Call) -> None:
