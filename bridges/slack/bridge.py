@@ -79,6 +79,7 @@ CONNECT_TIMEOUT = 10.0  # seconds for apps.connections.open, the WebSocket hands
 DRAIN_TIME = 2.0  # seconds a stopping bridge lets queued posts go before dropping (and counting) the rest
 POST_ATTEMPTS = 3  # a post that fails for a network error is tried this often before it is given up
 POST_TIMEOUT = 30.0  # seconds for one Web API call of a reply (slack-sdk's default)
+OUTBOXES_KEPT = 1000  # channels' outboxes held before a new one first forgets the idle ones (one made per post cost)
 # Counted from the start, so `crossroads status` shows them at 0 (docs/spec/slack.md, "Counters and logs").
 COUNTERS = ("repeats", "skipped", "bad_signatures", "app_rate_limited", "lookup_failures", "oversized", "posted",
             "rate_limited", "outbound_dropped", "invalid_replies", "not_delivered")
@@ -329,7 +330,7 @@ class SlackBridge(ListeningBridge):
         self._namer: asyncio.Task | None = None
         self.lookup_failed: OrderedDict[str, float] = OrderedDict()
         self.outboxes: dict[str, _Outbox] = {}  # channel -> its posts waiting and in flight
-        self.drained: asyncio.Future | None = None  # set once the last outbox empties, while stopping
+        self.drained: asyncio.Future | None = None  # set once no outbox is busy, while stopping
         self.socket: _SocketClient | None = None
         self.recycling = False
         self.server: asyncio.Server | None = None
@@ -377,7 +378,7 @@ class SlackBridge(ListeningBridge):
             self.server.close()
 
     async def close_protocol(self) -> None:
-        if self.outboxes:  # replies handed over before the stop: let their posts go, within bounds
+        if any(o.busy for o in self.outboxes.values()):  # posts handed over before the stop: let them go, in bounds
             self.drained = self.loop.create_future()
             try:
                 await asyncio.wait_for(self.drained, DRAIN_TIME)
@@ -949,6 +950,8 @@ class SlackBridge(ListeningBridge):
         """Queue one Web API call for ``channel``, behind the channel's earlier ones (the order replies came in)."""
         outbox = self.outboxes.get(channel)
         if outbox is None:
+            if len(self.outboxes) >= OUTBOXES_KEPT:
+                self._forget_idle_outboxes()
             outbox = self.outboxes[channel] = _Outbox(channel)
             outbox.done = partial(self._posted, outbox)  # bound once per outbox, not per post
         posts = outbox.posts
@@ -986,11 +989,13 @@ class SlackBridge(ListeningBridge):
                 self._unexpected(outbox, exc)
                 continue
             return
-        outbox.busy = False
-        if self.outboxes.get(channel) is outbox:
+        outbox.busy = False  # kept, idle, for the channel's next post (up to OUTBOXES_KEPT of them)
+        if self.drained is not None and not self.drained.done() and not any(o.busy for o in self.outboxes.values()):
+            self.drained.set_result(None)
+
+    def _forget_idle_outboxes(self) -> None:
+        for channel in [c for c, o in self.outboxes.items() if not o.busy]:
             del self.outboxes[channel]
-            if not self.outboxes and self.drained is not None and not self.drained.done():
-                self.drained.set_result(None)
 
     def _send_later(self, outbox: _Outbox, wait: float) -> None:
         outbox.busy = True
