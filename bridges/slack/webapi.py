@@ -202,7 +202,7 @@ class WebAPI:
         for connection in [c for c in self.answering if c.deadline <= now]:
             self.answering.discard(connection)
             connection.time_out()
-        while self.waiting and self.waiting[0].deadline <= now:
+        while self.waiting and self.waiting[0][2] <= now:
             call = self.waiting.popleft()
             self.busy += 1  # as _finish frees it
             self._finish(call, TimeoutError("no Web API connection was free in time"))
