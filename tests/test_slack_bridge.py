@@ -429,6 +429,26 @@ def test_posts_beyond_max_queued_are_dropped_oldest_first_and_counted(run, caplo
     assert "over max_queued (2)" in caplog.text
 
 
+def test_a_post_that_cannot_be_written_is_logged_counted_and_the_channel_goes_on(run, caplog):
+    """Bytes in ``blocks`` pass the reply's checks, but neither orjson nor json writes them (a TypeError): that post
+    is dropped with its traceback logged and counted, and the channel's later posts still go."""
+    async def scenario():
+        async with SlackEmulator() as emulator, bridging(emulator, {"rate": 100, "burst": 100}) as bridge:
+            await emulator.send_event(post("hi", "1700000001.000100"))
+            got = await take(bridge.layer, "slack.receive")
+            await reply(bridge, got, {"text": "one"})
+            await reply(bridge, got, {"text": "fallback", "blocks": [{"type": "section", "text": b"raw"}]})
+            await reply(bridge, got, {"text": "two"})
+            await emulator.wait_for(lambda: len(texts(emulator, "C111")) == 2, what="the posts around the bad one")
+            return bridge, emulator
+
+    bridge, emulator = run(scenario())
+    assert texts(emulator, "C111") == ["one", "two"]
+    assert bridge.counters["not_delivered"] == 1 and bridge.counters["posted"] == 2
+    failed = [r for r in caplog.records if "chat.postMessage to C111 failed unexpectedly" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None and failed[0].exc_info[0] is TypeError
+
+
 def test_events_api_bad_bodies_are_answered_and_counted(run):
     async def scenario():
         async with SlackEmulator() as emulator, events_bridge(emulator) as (bridge, url):

@@ -18,6 +18,7 @@ from servers import take, write_test_certificates
 from slack_emulator import SlackEmulator
 from test_slack_bridge import bridging, post, reply, texts
 
+from crossroads.bridges.slack import webapi
 from crossroads.bridges.slack.webapi import WebAPI
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -115,6 +116,45 @@ def test_kept_alive_connections_are_reused_and_chunked_answers_read(run):
     answers, requests = run(scenario())
     assert answers == [(429, {"ok": False, "error": "limited"}, "7")] * 3
     assert len(requests) == 3  # the server's one connection read all three: it was kept alive
+
+
+def test_calls_beyond_the_connections_wait_for_one_and_time_out_there(run, monkeypatch):
+    monkeypatch.setattr(webapi, "CONNECTIONS", 2)
+    release = two_in = None
+
+    async def answer(reader, writer, n):
+        if n >= 2:
+            two_in.set()
+        await release.wait()  # every answer held until all calls are made: two connections are busy meanwhile
+        writer.write(json_answer())
+        await writer.drain()
+
+    async def scenario():
+        nonlocal release, two_in
+        release, two_in = asyncio.Event(), asyncio.Event()
+        server, url, requests = await serving(answer)
+        api = WebAPI(url, "xoxb-t")
+        calls = [asyncio.ensure_future(api.call("chat.postMessage", {"text": str(n)})) for n in range(6)]
+        await asyncio.wait_for(two_in.wait(), 10)
+        busy, waiting = api.busy, len(api.waiting)
+        release.set()
+        answers = await asyncio.gather(*calls)
+        made = len(requests)
+        short = WebAPI(url, "xoxb-t", timeout=0.3)
+        release.clear()
+        held = [asyncio.ensure_future(short.call("chat.postMessage", {})) for _ in range(3)]
+        outcomes = await asyncio.gather(*held, return_exceptions=True)
+        release.set()
+        for client in (api, short):
+            client.close()
+        server.close()
+        return busy, waiting, answers, made, len(api.idle), outcomes
+
+    busy, waiting, answers, made, idle, outcomes = run(scenario())
+    assert (busy, waiting) == (2, 4)
+    assert [a[:2] for a in answers] == [(200, {"ok": True})] * 6 and made == 6
+    assert idle <= 2
+    assert [type(o) for o in outcomes] == [TimeoutError] * 3  # two on their connections, one waiting for a slot
 
 
 @pytest.mark.parametrize("answer_bytes", [

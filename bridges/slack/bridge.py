@@ -35,8 +35,9 @@ import random
 import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
 
@@ -78,6 +79,7 @@ CONNECT_TIMEOUT = 10.0  # seconds for apps.connections.open, the WebSocket hands
 DRAIN_TIME = 2.0  # seconds a stopping bridge lets queued posts go before dropping (and counting) the rest
 POST_ATTEMPTS = 3  # a post that fails for a network error is tried this often before it is given up
 POST_TIMEOUT = 30.0  # seconds for one Web API call of a reply (slack-sdk's default)
+OUTBOXES_KEPT = 1000  # channels' outboxes held before a new one first forgets the idle ones (one made per post cost)
 # Counted from the start, so `crossroads status` shows them at 0 (docs/spec/slack.md, "Counters and logs").
 COUNTERS = ("repeats", "skipped", "bad_signatures", "app_rate_limited", "lookup_failures", "oversized", "posted",
             "rate_limited", "outbound_dropped", "invalid_replies", "not_delivered")
@@ -133,6 +135,26 @@ class _Command:
     answered: asyncio.Future
     acked: bool = False
     created: float = field(default_factory=time.monotonic)
+
+
+class _Outbox:
+    """One channel's posts: those waiting (``(method, args, attempts)``, in order) and the one in flight.
+
+    ``busy`` while a post is in flight or a timer (the limiter, Retry-After, a backoff) will send the next.
+    """
+
+    __slots__ = ("channel", "posts", "current", "dropped", "busy", "timer", "delays", "done", "closed")
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self.posts: deque[tuple[str, dict[str, Any], int]] = deque()
+        self.current: tuple[str, dict[str, Any], int] | None = None
+        self.dropped = False  # the post in flight was dropped over max_queued: its outcome is not judged
+        self.busy = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.delays: Iterator[float] | None = None  # the backoff after network errors, until a post goes
+        self.done: Callable[..., None] | None = None
+        self.closed = False  # the bridge stopped
 
 
 def text_frames(texts: list[str], random_bits: Callable[[int], int] = random.getrandbits) -> bytes:
@@ -307,8 +329,8 @@ class SlackBridge(ListeningBridge):
         self.naming: deque[tuple[_Pending, dict[str, Any], int, float]] = deque()
         self._namer: asyncio.Task | None = None
         self.lookup_failed: OrderedDict[str, float] = OrderedDict()
-        self.queues: dict[str, deque[tuple[str, dict[str, Any], int]]] = {}  # channel -> (method, args, attempts)
-        self.senders: dict[str, asyncio.Task] = {}
+        self.outboxes: dict[str, _Outbox] = {}  # channel -> its posts waiting and in flight
+        self.drained: asyncio.Future | None = None  # set once no outbox is busy, while stopping
         self.socket: _SocketClient | None = None
         self.recycling = False
         self.server: asyncio.Server | None = None
@@ -356,13 +378,19 @@ class SlackBridge(ListeningBridge):
             self.server.close()
 
     async def close_protocol(self) -> None:
-        if self.senders:  # replies handed over before the stop: let their posts go, within bounds
-            await asyncio.wait(set(self.senders.values()), timeout=DRAIN_TIME)
-        left = sum(len(q) for q in self.queues.values())
-        senders = list(self.senders.values())
-        for task in senders:
-            task.cancel()
-        await asyncio.gather(*senders, return_exceptions=True)
+        if any(o.busy for o in self.outboxes.values()):  # posts handed over before the stop: let them go, in bounds
+            self.drained = self.loop.create_future()
+            try:
+                await asyncio.wait_for(self.drained, DRAIN_TIME)
+            except TimeoutError:
+                pass
+        left = 0
+        for outbox in self.outboxes.values():
+            outbox.closed = True  # its post in flight, if any, is not judged when answered
+            if outbox.timer is not None:
+                outbox.timer.cancel()
+            left += len(outbox.posts) + (outbox.current is not None and not outbox.dropped)
+        self.outboxes.clear()
         if left:
             self.count("dropped", left)
             self.log.warning("%s: stopped with %d post(s) still waiting to go to Slack", self.label, left)
@@ -922,65 +950,134 @@ class SlackBridge(ListeningBridge):
 
     def _post(self, channel: str, method: str, args: dict[str, Any]) -> None:
         """Queue one Web API call for ``channel``, behind the channel's earlier ones (the order replies came in)."""
-        queue = self.queues.get(channel)
-        if queue is None:
-            queue = self.queues[channel] = deque()
-        if len(queue) >= self.options["max_queued"]:
-            queue.popleft()
+        outbox = self.outboxes.get(channel)
+        if outbox is None:
+            if len(self.outboxes) >= OUTBOXES_KEPT:
+                self._forget_idle_outboxes()
+            outbox = self.outboxes[channel] = _Outbox(channel)
+            outbox.done = partial(self._posted, outbox)  # bound once per outbox, not per post
+        posts = outbox.posts
+        if len(posts) + (outbox.current is not None and not outbox.dropped) >= self.options["max_queued"]:
+            if outbox.current is not None and not outbox.dropped:  # the oldest is in flight: not tried again
+                outbox.dropped = True
+            else:
+                posts.popleft()
             self.count("outbound_dropped")
             self.count("dropped")
             self.log.warning("%s: dropped the oldest post waiting for %s: over max_queued (%d); %d dropped so far",
                              self.label, channel, self.options["max_queued"], self.counters["outbound_dropped"])
-        queue.append((method, args, 0))
-        if channel not in self.senders:
-            self.senders[channel] = self.loop.create_task(self._send_channel(channel, queue))
+        posts.append((method, args, 0))
+        if not outbox.busy:
+            self._send_next(outbox)
 
-    async def _send_channel(self, channel: str, queue: deque) -> None:
-        """Post ``channel``'s queue in order, at the limiter's pace; a 429 holds only this channel."""
-        delays = None
+    def _send_next(self, outbox: _Outbox) -> None:
+        """Write ``outbox``'s first post now if the limiter lets it go, else wait for when it does.
+
+        Why no sender task per channel: a post is started here and its answer judged in ``_posted``, called back by
+        the connection that read it, which starts the next; a timer only when the channel must wait (the limiter,
+        a 429's Retry-After, a backoff). So one post per channel is in flight, in the order they were queued.
+        """
+        channel, posts = outbox.channel, outbox.posts
+        while posts:
+            wait = self.limiter.claim(channel, time.monotonic())
+            if wait > 0:
+                self._send_later(outbox, wait)
+                return
+            outbox.current = post = posts.popleft()
+            outbox.busy = True
+            try:
+                self.poster.send(post[0], post[1], outbox.done)
+            except Exception as exc:  # a reply Web API cannot write (a TypeError from json): this post only
+                self._unexpected(outbox, exc)
+                continue
+            return
+        outbox.busy = False  # kept, idle, for the channel's next post (up to OUTBOXES_KEPT of them)
+        if self.drained is not None and not self.drained.done() and not any(o.busy for o in self.outboxes.values()):
+            self.drained.set_result(None)
+
+    def _forget_idle_outboxes(self) -> None:
+        for channel in [c for c, o in self.outboxes.items() if not o.busy]:
+            del self.outboxes[channel]
+
+    def _send_later(self, outbox: _Outbox, wait: float) -> None:
+        outbox.busy = True
+        outbox.timer = self.loop.call_later(wait, self._resume, outbox)
+
+    def _resume(self, outbox: _Outbox) -> None:
+        outbox.timer = None
+        if not outbox.closed:
+            self._send_next(outbox)
+
+    def _unexpected(self, outbox: _Outbox, exc: BaseException) -> None:
+        method = outbox.current[0] if outbox.current else "a call"
+        outbox.current = None
+        self.count("not_delivered")
+        self.log.error("%s: %s to %s failed unexpectedly; dropped", self.label, method, outbox.channel,
+                       exc_info=exc)
+
+    def _posted(self, outbox: _Outbox, error: BaseException | None, status: int, answer: dict[str, Any],
+                retry_after: str | None) -> None:
+        """The outcome of ``outbox``'s post in flight (called back by ``WebAPI``): judged, then the next one goes."""
+        if error is None and status == 200 and not (outbox.closed or outbox.dropped) and answer.get("ok") is True:
+            outbox.current = outbox.delays = None  # posted: the usual case, judged here rather than in _judge
+            self.count("posted")
+            warning = answer.get("warning")
+            if warning:
+                self.log.warning("%s: Slack warned about a post to %s: %s", self.label, outbox.channel, warning)
+            self._send_next(outbox)
+            return
+        if outbox.closed:  # the bridge stopped meanwhile: counted in close_protocol's dropped
+            return
+        if outbox.dropped:  # over max_queued while in flight: counted in outbound_dropped, whatever came of it
+            outbox.dropped = False
+            outbox.current = None
+            self._send_next(outbox)
+            return
         try:
-            while queue:
-                wait = self.limiter.claim(channel, time.monotonic())
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue
-                method, args, attempts = queue[0]
-                try:
-                    status, answer, retry_after = await self.poster.call(method, args)
-                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    if attempts + 1 >= POST_ATTEMPTS:
-                        queue.popleft()
-                        self.count("not_delivered")
-                        self.log.warning("%s: %s to %s failed %d times (%s); given up", self.label, method, channel,
-                                         POST_ATTEMPTS, exc)
-                    else:
-                        queue[0] = (method, args, attempts + 1)
-                        delays = delays or backoff_delays(0.5, 5.0)
-                        await asyncio.sleep(next(delays))
-                    continue
-                if status == 429:
-                    self.count("rate_limited")
-                    try:
-                        held = float(retry_after or "1")
-                    except ValueError:
-                        held = 1.0
-                    self.limiter.retry_after(channel, held, time.monotonic())
-                    self.log.info("%s: Slack rate-limited posts to %s; holding them %.0f s", self.label, channel, held)
-                    continue  # the same post again, after Retry-After: the order stays
-                if status != 200 or answer.get("ok") is not True:
-                    queue.popleft()
-                    self.count("not_delivered")
-                    self.log.warning("%s: %s to %s failed: %s", self.label, method, channel,
-                                     answer.get("error") or f"HTTP {status}")
-                    continue
-                delays = None
-                queue.popleft()
-                self.count("posted")
-                warning = answer.get("warning")
-                if warning:
-                    self.log.warning("%s: Slack warned about a post to %s: %s", self.label, channel, warning)
-        finally:
-            if self.senders.get(channel) is asyncio.current_task():
-                del self.senders[channel]
-            if self.queues.get(channel) is queue and not queue:
-                del self.queues[channel]
+            wait = self._judge(outbox, error, status, answer, retry_after)
+        except Exception as exc:
+            self._unexpected(outbox, exc)
+            wait = 0.0
+        outbox.current = None
+        if wait > 0:
+            self._send_later(outbox, wait)
+        else:
+            self._send_next(outbox)
+
+    def _judge(self, outbox: _Outbox, error: BaseException | None, status: int, answer: dict[str, Any],
+               retry_after: str | None) -> float:
+        """What a post's outcome means (counted, logged, maybe queued again first); seconds before the next try."""
+        method, args, attempts = outbox.current
+        channel = outbox.channel
+        if error is not None:
+            if not isinstance(error, (aiohttp.ClientError, TimeoutError, OSError)):
+                raise error
+            if attempts + 1 >= POST_ATTEMPTS:
+                self.count("not_delivered")
+                self.log.warning("%s: %s to %s failed %d times (%s); given up", self.label, method, channel,
+                                 POST_ATTEMPTS, error)
+                return 0.0
+            outbox.posts.appendleft((method, args, attempts + 1))
+            outbox.delays = outbox.delays or backoff_delays(0.5, 5.0)
+            return next(outbox.delays)
+        if status == 429:
+            self.count("rate_limited")
+            try:
+                held = float(retry_after or "1")
+            except ValueError:
+                held = 1.0
+            self.limiter.retry_after(channel, held, time.monotonic())
+            self.log.info("%s: Slack rate-limited posts to %s; holding them %.0f s", self.label, channel, held)
+            outbox.posts.appendleft((method, args, attempts))  # the same post again, after Retry-After: the order stays
+            return 0.0  # the limiter makes it wait
+        if status != 200 or answer.get("ok") is not True:
+            self.count("not_delivered")
+            self.log.warning("%s: %s to %s failed: %s", self.label, method, channel,
+                             answer.get("error") or f"HTTP {status}")
+            return 0.0
+        outbox.delays = None
+        self.count("posted")
+        warning = answer.get("warning")
+        if warning:
+            self.log.warning("%s: Slack warned about a post to %s: %s", self.label, channel, warning)
+        return 0.0
