@@ -82,6 +82,19 @@ class TokenBucket:
         self._refill(now)
         self.tokens -= 1
 
+    def claim(self, now: float) -> float:
+        """``take`` when a send may go now (0.0), else the seconds ``wait`` gives, nothing taken: one call where a
+        caller asking ``wait`` then ``take`` refilled twice (the Slack bridge asks once per post)."""
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.burst:
+            tokens = float(self.burst)
+        self.stamp = now
+        if tokens >= 1:
+            self.tokens = tokens - 1
+            return 0.0
+        self.tokens = tokens
+        return (1 - tokens) / self.rate
+
 
 class FairQueue:
     """What waits to be sent, one queue per target (an IRC channel, a nick), taken round robin.

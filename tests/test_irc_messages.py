@@ -330,6 +330,19 @@ def test_token_bucket_debt_delays_later_lines():
     assert bucket.wait(0.0) == pytest.approx(3.0)
 
 
+def test_token_bucket_claim_takes_as_wait_then_take_would():
+    claimed, stepped = m.TokenBucket(rate=2.0, burst=3, now=0.0), m.TokenBucket(rate=2.0, burst=3, now=0.0)
+    for now in (0.0, 0.0, 0.0, 0.0, 0.1, 0.5, 0.6, 2.0, 100.0, 100.0):
+        wait = stepped.wait(now)
+        if wait == 0:
+            stepped.take(now)
+        assert claimed.claim(now) == pytest.approx(wait)
+        assert (claimed.tokens, claimed.stamp) == pytest.approx((stepped.tokens, stepped.stamp))
+    claimed.take(100.0)
+    claimed.take(100.0)  # in debt: a claim waits it out and takes nothing
+    assert claimed.claim(100.0) == pytest.approx(1.0) and claimed.tokens == pytest.approx(-1.0)
+
+
 # -- membership ----------------------------------------------------------------------------------------------
 
 

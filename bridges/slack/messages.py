@@ -668,13 +668,11 @@ class ChannelLimiter:
             if wait > 0:
                 return wait
         bucket = self._buckets.get(channel)
-        if bucket is not None:
-            wait = bucket.wait(now)  # refills
-            if wait > 0:
-                return wait
-            if len(self._buckets) <= self.KEEP_IDLE:
-                bucket.tokens -= 1  # as take(): the bucket was refilled at ``now`` just above
-                return 0.0
+        if bucket is not None and len(self._buckets) <= self.KEEP_IDLE:
+            return bucket.claim(now)
+        wait = self.wait(channel, now)
+        if wait > 0:
+            return wait
         self.take(channel, now)  # a new bucket, or idle ones to forget first
         return 0.0
 
