@@ -128,12 +128,15 @@ class Dispatcher:
         if prepared is not None:
             self.run(*prepared)
 
-    def run(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> None:
-        """Run a prepared consumer in this thread; an ``async def`` one on a loop of its own."""
-        with _Consuming(self, consumer, message, retries):
+    def run(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> float:
+        """Run a prepared consumer in this thread; an ``async def`` one on a loop of its own. Returns the seconds
+        it ran (the worker's measure of a quick consumer, so it reads no clock of its own)."""
+        consuming = _Consuming(self, consumer, message, retries)
+        with consuming:
             result = consumer(message, **kwargs)
             if result is not None and inspect.isawaitable(result):
                 asyncio.run(_await(result))
+        return consuming.elapsed
 
     async def handle_async(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> None:
         """Run a prepared ``async def`` consumer on the running loop."""
@@ -206,7 +209,8 @@ class _Consuming:
     ``DenyConnection`` and any other ``Exception`` end here; ``BaseException`` (interrupts, a cancelled task)
     still passes through, after the buffer is flushed."""
 
-    __slots__ = ("dispatcher", "consumer", "message", "retries", "buffer", "layer_token", "buffer_token", "started")
+    __slots__ = ("dispatcher", "consumer", "message", "retries", "buffer", "layer_token", "buffer_token", "started",
+                 "elapsed")
 
     def __init__(self, dispatcher: Dispatcher, consumer: Any, message: Message, retries: int) -> None:
         self.dispatcher = dispatcher
@@ -244,11 +248,13 @@ class _Consuming:
             else:
                 handled = False  # an interrupt or a cancellation: it goes on up, once the run is wound up
         finally:
-            dispatcher._ran(message.channel.name, consumer, time.perf_counter() - self.started)
+            self.elapsed = elapsed = time.perf_counter() - self.started
+            channel = message._channel_name  # not message.channel: that Channel is built only if something reads it
+            dispatcher._ran(channel, consumer, elapsed)
             channel_module.send_buffer.reset(self.buffer_token)
             channel_module.current_layer.reset(self.layer_token)
             if buffer:
-                source = _Source(consumer, message.channel.name)
+                source = _Source(consumer, channel)
                 held = held_sends.get()
                 if held is not None:
                     held.add(buffer, source)

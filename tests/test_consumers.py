@@ -38,6 +38,22 @@ def test_message_reads_like_its_content():
     assert message.reply_channel.name == client.reply_channel
 
 
+def test_a_message_builds_its_channel_when_first_read_and_keeps_it():
+    seen = []
+    client = Client([route("mqtt.receive", seen.append)])
+    client.send_and_consume("mqtt.receive", {"text": "hi"})
+    message = seen[0]
+    assert message.reply_channel.name == client.reply_channel  # built with the message, so checked before the run
+    assert "channel" not in vars(message)  # the consumer never read it: never built
+    assert repr(message).startswith("<Message on mqtt.receive ")
+    channel = message.channel
+    assert channel == Channel("mqtt.receive") and channel.channel_layer is client.channel_layer
+    assert message.channel is channel  # built once
+    message.channel = Channel("elsewhere")  # still a plain attribute to set
+    assert message.channel == Channel("elsewhere")
+    assert (message.channel_session, message.http_session, message.user) == (None, None, None)
+
+
 def test_sends_are_buffered_until_the_consumer_returns(channel_layer):
     observed = {}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 from servers import wait_until
@@ -232,6 +233,22 @@ def test_a_slow_consumer_is_reported_once_with_its_stack_and_counted(channel_lay
     assert "sync.receive" in text or "to_thread" in text
     assert worker.dispatcher.counters.slow == 1
     assert "1 slow consumers reported" in worker.summary()
+
+
+def test_each_slow_run_is_reported_once_even_of_the_same_consumer_on_the_same_thread(caplog):
+    worker = Worker("apps.slow:routes", layer.from_url("memory://"), threads=1, slow_consumer=0.05)
+    worker._workers = [threading.current_thread()]  # the slot's thread: never started, the test fills the slot
+    long_ago = time.monotonic() - 1  # a second ago: past slow_consumer
+    with caplog.at_level(logging.WARNING, logger="crossroads.worker"):
+        worker._running[0] = ("test.hold", print, None, long_ago)
+        assert worker.report_slow() == 1
+        assert worker.report_slow() == 0  # the same run: reported already
+        worker._running[0] = ("test.hold", print, None, long_ago)  # the next message: a run of its own
+        assert worker.report_slow() == 1
+        worker._running[0] = None
+        assert worker.report_slow() == 0
+    assert len(slow_reports(caplog)) == 2 and worker.dispatcher.counters.slow == 2
+    assert worker._reported == {}  # nothing is kept of runs that ended
 
 
 def test_no_watchdog_when_slow_consumer_is_off(channel_layer):
