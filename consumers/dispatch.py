@@ -185,7 +185,7 @@ async def _await(awaitable: Any) -> Any:
 class _Holding:
     """What ``Dispatcher.holding`` returns (a class: no generator per batch)."""
 
-    __slots__ = ("dispatcher", "held", "token")
+    __slots__ = ("dispatcher", "held", "token", "layer_token")
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
@@ -193,8 +193,11 @@ class _Holding:
     def __enter__(self) -> None:
         self.held = HeldSends(self.dispatcher.sync)
         self.token = held_sends.set(self.held)
+        # The batch's consumers find their layer set already: _Consuming sets it only when it differs.
+        self.layer_token = channel_module.current_layer.set(self.dispatcher.layer)
 
     def __exit__(self, *exc_info: object) -> None:
+        channel_module.current_layer.reset(self.layer_token)
         held_sends.reset(self.token)
         try:
             self.held.release()
@@ -220,7 +223,9 @@ class _Consuming:
 
     def __enter__(self) -> None:
         self.buffer: list = []
-        self.layer_token = channel_module.current_layer.set(self.dispatcher.layer)
+        layer = self.dispatcher.layer
+        current_layer = channel_module.current_layer
+        self.layer_token = None if current_layer.get() is layer else current_layer.set(layer)
         self.buffer_token = channel_module.send_buffer.set(self.buffer)
         if consumer_started.receivers:  # most workers connect none: skip the call and its keyword arguments
             consumer_started.send(message=self.message, consumer=self.consumer)
@@ -252,7 +257,8 @@ class _Consuming:
             channel = message._channel_name  # not message.channel: that Channel is built only if something reads it
             dispatcher._ran(channel, consumer, elapsed)
             channel_module.send_buffer.reset(self.buffer_token)
-            channel_module.current_layer.reset(self.layer_token)
+            if self.layer_token is not None:
+                channel_module.current_layer.reset(self.layer_token)
             if buffer:
                 source = _Source(consumer, channel)
                 held = held_sends.get()

@@ -23,6 +23,7 @@ from crossroads import (
     route,
     route_class,
 )
+from crossroads.consumers import channel as channel_module
 from crossroads.consumers.dispatch import MAX_CONSUME_LATER, Dispatcher
 from crossroads.consumers.testing import Client
 
@@ -52,6 +53,22 @@ def test_a_message_builds_its_channel_when_first_read_and_keeps_it():
     message.channel = Channel("elsewhere")  # still a plain attribute to set
     assert message.channel == Channel("elsewhere")
     assert (message.channel_session, message.http_session, message.user) == (None, None, None)
+
+
+def test_a_consumer_finds_its_layer_alone_or_in_a_batch_and_it_is_reset_after():
+    first, second = layer.from_url("memory://"), layer.from_url("memory://")
+    seen = []
+    inner = Dispatcher([route("b", lambda message: seen.append(("b", channel_module.current_layer.get())))], second)
+    dispatcher = Dispatcher([route("a", lambda message: seen.append(("a", channel_module.current_layer.get()))),
+                             route("c", lambda message: inner.handle("b", {}))], first)
+    dispatcher.handle("a", {})
+    assert channel_module.current_layer.get() is None
+    with dispatcher.holding():  # the worker's batch: the layer is set once, for every message of it
+        dispatcher.handle("a", {})
+        dispatcher.handle("c", {})  # another dispatcher's run inside sets its own layer, then gives this one back
+        dispatcher.handle("a", {})
+    assert channel_module.current_layer.get() is None
+    assert seen == [("a", first), ("a", first), ("b", second), ("a", first)]
 
 
 def test_sends_are_buffered_until_the_consumer_returns(channel_layer):
