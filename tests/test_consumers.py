@@ -105,6 +105,30 @@ def test_runs_are_counted_by_channel_and_consumer_with_their_durations_raising_o
         assert sum(stats.buckets) == stats.count and stats.seconds > 0
 
 
+class UnhashableConsumer:
+    """A callable that cannot be a dict key (it defines __eq__ without __hash__)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __call__(self, message) -> None:
+        self.seen += 1
+        message.reply_channel.send({"seen": self.seen})
+
+
+def test_an_unhashable_consumer_runs_and_is_counted_under_its_name():
+    consumer = UnhashableConsumer()
+    client = Client([route("a", consumer)])
+    for _ in range(2):
+        client.send_and_consume("a", {})
+    assert [client.receive(), client.receive()] == [{"seen": 1}, {"seen": 2}]
+    (key,) = client.counters.by_consumer
+    assert key == ("a", f"test_consumers.{consumer!r}") and client.counters.by_consumer[key].count == 2
+
+
 def test_buffered_sends_leave_even_when_the_consumer_raises(channel_layer, caplog):
     def consumer(message):
         message.reply_channel.send({"text": "before the error"})

@@ -9,7 +9,7 @@ import time
 import pytest
 from servers import wait_until
 
-from crossroads import layer
+from crossroads import layer, route
 from crossroads.consumers.worker import Worker, select_channels
 
 
@@ -233,6 +233,23 @@ def test_a_slow_consumer_is_reported_once_with_its_stack_and_counted(channel_lay
     assert "sync.receive" in text or "to_thread" in text
     assert worker.dispatcher.counters.slow == 1
     assert "1 slow consumers reported" in worker.summary()
+
+
+def test_an_unhashable_consumer_is_served_and_never_taken_for_quick(channel_layer):
+    from test_consumers import UnhashableConsumer
+
+    consumer = UnhashableConsumer()
+    worker = Worker([route("test.unhashable", consumer)], channel_layer, threads=1)
+    worker.start()
+    try:
+        sync = channel_layer.sync
+        reply = sync.new_channel("client?")
+        sync.send_many([("test.unhashable", {"reply_channel": reply}) for _ in range(3)])
+        assert collect(sync, reply, 3) == [{"seen": 1}, {"seen": 2}, {"seen": 3}]
+    finally:
+        worker.stop()
+        assert worker.join(30)
+    assert worker._quick == {} and worker.dispatcher.counters.consumed == 3
 
 
 def test_each_slow_run_is_reported_once_even_of_the_same_consumer_on_the_same_thread(caplog):
