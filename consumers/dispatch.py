@@ -261,26 +261,17 @@ class _Consuming:
             channel_module.send_buffer.reset(self.buffer_token)
             if self.layer_token is not None:
                 channel_module.current_layer.reset(self.layer_token)
-            if buffer:
-                source = _Source(consumer, channel)
+            if buffer:  # this run names the sender in a failed send's log line (see __str__)
                 held = held_sends.get()
                 if held is not None:
-                    held.add(buffer, source)
+                    held.add(buffer, self)
                 else:
-                    counters.undelivered += flush(buffer, dispatcher.sync, source)
+                    counters.undelivered += flush(buffer, dispatcher.sync, self)
             if consumer_finished.receivers:
                 consumer_finished.send(message=message, consumer=consumer, error=error)
         return handled
 
-
-class _Source:
-    """Which consumer buffered some sends, for the log line of a send that fails: formatted only then."""
-
-    __slots__ = ("consumer", "channel")
-
-    def __init__(self, consumer: Any, channel: str) -> None:
-        self.consumer = consumer
-        self.channel = channel
-
     def __str__(self) -> str:
-        return f"consumer {consumer_name(self.consumer)} on {self.channel}"
+        """The consumer that buffered some sends, for the log line of one that fails: formatted only then, so a run
+        is its own sender's name and no object is made per message for it."""
+        return f"consumer {consumer_name(self.consumer)} on {self.message._channel_name}"
