@@ -91,6 +91,9 @@ class Dispatcher:
     def prepare(self, channel: str, content: dict) -> tuple[Any, dict, Message, int] | None:
         """Route a message: (consumer, kwargs, message, retries), or None when no route matches."""
         retries = content.pop(RETRIES_KEY, 0)
+        consumer = self.router.direct.get(channel)  # the usual route (Router.direct): a lookup, not a call
+        if consumer is not None:
+            return consumer, {}, Message(content, channel, self.layer), retries
         matched = self.router.match(channel, content)
         if matched is None:
             self.counters.unrouted += 1

@@ -204,6 +204,25 @@ def test_routes_on_bytes_values_and_missing_keys():
     assert router.match("b", {"topic": "rooms/x"}) is None
 
 
+def test_the_dispatcher_prepares_what_the_router_matches():
+    def first(message): ...
+    def second(message): ...
+    def captured(message, name): ...
+
+    dispatcher = Dispatcher([route("a", first, path=r"^/x"), route("a", second), route("b", second),
+                             route("c", captured, path=r"^/(?P<name>\w+)$")], layer.from_url("memory://"))
+    for channel, content, consumer, kwargs in [("a", {"path": "/x"}, first, {}), ("a", {"path": "/y"}, second, {}),
+                                               ("b", {}, second, {}), ("c", {"path": "/ann"}, captured,
+                                                                       {"name": "ann"})]:
+        got, got_kwargs, message, retries = dispatcher.prepare(channel, dict(content))
+        assert (got, got_kwargs, dict(message), message.channel.name, retries) == (consumer, kwargs, content,
+                                                                                   channel, 0)
+    assert dispatcher.prepare("c", {"path": "/a/b"}) is None and dispatcher.counters.unrouted == 1
+    first_kwargs = dispatcher.prepare("b", {})[1]
+    first_kwargs["changed"] = True  # each message's keyword arguments are its own
+    assert dispatcher.prepare("b", {})[1] == {}
+
+
 def test_a_route_without_filters_never_overtakes_an_earlier_entry_for_its_channel():
     def first(message): ...
     def second(message): ...
