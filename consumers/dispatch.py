@@ -91,6 +91,9 @@ class Dispatcher:
     def prepare(self, channel: str, content: dict) -> tuple[Any, dict, Message, int] | None:
         """Route a message: (consumer, kwargs, message, retries), or None when no route matches."""
         retries = content.pop(RETRIES_KEY, 0)
+        consumer = self.router.direct.get(channel)  # the usual route (Router.direct): a lookup, not a call
+        if consumer is not None:
+            return consumer, {}, Message(content, channel, self.layer), retries
         matched = self.router.match(channel, content)
         if matched is None:
             self.counters.unrouted += 1
@@ -128,12 +131,15 @@ class Dispatcher:
         if prepared is not None:
             self.run(*prepared)
 
-    def run(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> None:
-        """Run a prepared consumer in this thread; an ``async def`` one on a loop of its own."""
-        with _Consuming(self, consumer, message, retries):
-            result = consumer(message, **kwargs)
+    def run(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> float:
+        """Run a prepared consumer in this thread; an ``async def`` one on a loop of its own. Returns the seconds
+        it ran (the worker's measure of a quick consumer, so it reads no clock of its own)."""
+        consuming = _Consuming(self, consumer, message, retries)
+        with consuming:
+            result = consumer(message, **kwargs) if kwargs else consumer(message)  # most routes capture nothing
             if result is not None and inspect.isawaitable(result):
                 asyncio.run(_await(result))
+        return consuming.elapsed
 
     async def handle_async(self, consumer: Any, kwargs: dict, message: Message, retries: int) -> None:
         """Run a prepared ``async def`` consumer on the running loop."""
@@ -149,16 +155,14 @@ class Dispatcher:
         """Around one consumer run (``with``): the send buffer, the signals, and every exception it may raise."""
         return _Consuming(self, consumer, message, retries)
 
-    def _ran(self, channel: str, consumer: Any, elapsed: float) -> None:
+    def _stats(self, channel: str, consumer: Any) -> ConsumerStats:
+        """The runs of (channel, consumer), counted from the first; an unhashable callable's under its name."""
         try:
-            stats = self.counters.by_consumer[(channel, consumer)]
-        except KeyError:
-            stats = self.counters.by_consumer.setdefault((channel, consumer),
-                                                         ConsumerStats(channel, consumer_name(consumer)))
-        except TypeError:  # an unhashable callable: counted under its name
+            return self.counters.by_consumer.setdefault((channel, consumer),
+                                                        ConsumerStats(channel, consumer_name(consumer)))
+        except TypeError:
             name = consumer_name(consumer)
-            stats = self.counters.by_consumer.setdefault((channel, name), ConsumerStats(channel, name))
-        stats.add(elapsed)
+            return self.counters.by_consumer.setdefault((channel, name), ConsumerStats(channel, name))
 
     def _consume_later(self, message: Message, name: str, retries: int) -> None:
         if retries >= MAX_CONSUME_LATER:
@@ -182,7 +186,7 @@ async def _await(awaitable: Any) -> Any:
 class _Holding:
     """What ``Dispatcher.holding`` returns (a class: no generator per batch)."""
 
-    __slots__ = ("dispatcher", "held", "token")
+    __slots__ = ("dispatcher", "held", "token", "layer_token")
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self.dispatcher = dispatcher
@@ -190,8 +194,11 @@ class _Holding:
     def __enter__(self) -> None:
         self.held = HeldSends(self.dispatcher.sync)
         self.token = held_sends.set(self.held)
+        # The batch's consumers find their layer set already: _Consuming sets it only when it differs.
+        self.layer_token = channel_module.current_layer.set(self.dispatcher.layer)
 
     def __exit__(self, *exc_info: object) -> None:
+        channel_module.current_layer.reset(self.layer_token)
         held_sends.reset(self.token)
         try:
             self.held.release()
@@ -206,7 +213,8 @@ class _Consuming:
     ``DenyConnection`` and any other ``Exception`` end here; ``BaseException`` (interrupts, a cancelled task)
     still passes through, after the buffer is flushed."""
 
-    __slots__ = ("dispatcher", "consumer", "message", "retries", "buffer", "layer_token", "buffer_token", "started")
+    __slots__ = ("dispatcher", "consumer", "message", "retries", "buffer", "layer_token", "buffer_token", "started",
+                 "elapsed")
 
     def __init__(self, dispatcher: Dispatcher, consumer: Any, message: Message, retries: int) -> None:
         self.dispatcher = dispatcher
@@ -216,7 +224,9 @@ class _Consuming:
 
     def __enter__(self) -> None:
         self.buffer: list = []
-        self.layer_token = channel_module.current_layer.set(self.dispatcher.layer)
+        layer = self.dispatcher.layer
+        current_layer = channel_module.current_layer
+        self.layer_token = None if current_layer.get() is layer else current_layer.set(layer)
         self.buffer_token = channel_module.send_buffer.set(self.buffer)
         if consumer_started.receivers:  # most workers connect none: skip the call and its keyword arguments
             consumer_started.send(message=self.message, consumer=self.consumer)
@@ -244,29 +254,27 @@ class _Consuming:
             else:
                 handled = False  # an interrupt or a cancellation: it goes on up, once the run is wound up
         finally:
-            dispatcher._ran(message.channel.name, consumer, time.perf_counter() - self.started)
+            self.elapsed = elapsed = time.perf_counter() - self.started
+            channel = message._channel_name  # not message.channel: that Channel is built only if something reads it
+            try:  # the lookup here, not in a method: a call less per message
+                stats = counters.by_consumer[(channel, consumer)]
+            except (KeyError, TypeError):
+                stats = dispatcher._stats(channel, consumer)
+            stats.add(elapsed)
             channel_module.send_buffer.reset(self.buffer_token)
-            channel_module.current_layer.reset(self.layer_token)
-            if buffer:
-                source = _Source(consumer, message.channel.name)
+            if self.layer_token is not None:
+                channel_module.current_layer.reset(self.layer_token)
+            if buffer:  # this run names the sender in a failed send's log line (see __str__)
                 held = held_sends.get()
                 if held is not None:
-                    held.add(buffer, source)
+                    held.add(buffer, self)
                 else:
-                    counters.undelivered += flush(buffer, dispatcher.sync, source)
+                    counters.undelivered += flush(buffer, dispatcher.sync, self)
             if consumer_finished.receivers:
                 consumer_finished.send(message=message, consumer=consumer, error=error)
         return handled
 
-
-class _Source:
-    """Which consumer buffered some sends, for the log line of a send that fails: formatted only then."""
-
-    __slots__ = ("consumer", "channel")
-
-    def __init__(self, consumer: Any, channel: str) -> None:
-        self.consumer = consumer
-        self.channel = channel
-
     def __str__(self) -> str:
-        return f"consumer {consumer_name(self.consumer)} on {self.channel}"
+        """The consumer that buffered some sends, for the log line of one that fails: formatted only then, so a run
+        is its own sender's name and no object is made per message for it."""
+        return f"consumer {consumer_name(self.consumer)} on {self.message._channel_name}"

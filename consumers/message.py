@@ -10,6 +10,7 @@ serve every protocol.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from functools import cached_property
 from typing import Any
 
 from .channel import Channel
@@ -18,15 +19,24 @@ from .channel import Channel
 class Message(Mapping):
     """A received message: a read-only mapping over ``content``, plus where it came from."""
 
+    # Set by decorators on the messages they serve; the class holds the default, so the others cost no stores.
+    channel_session: Any = None  # set by @channel_session
+    http_session: Any = None  # set by crossroads.django's @http_session (a Django session)
+    user: Any = None  # set by crossroads.django's @http_session_user and @channel_session_user
+
     def __init__(self, content: dict, channel_name: str, channel_layer: Any = None) -> None:
         self.content = content
-        self.channel = Channel(channel_name, channel_layer)
+        self._channel_name = channel_name
         self.channel_layer = channel_layer
         reply = content.get("reply_channel")
+        # Built now, not when first read: an invalid reply_channel is refused before the consumer runs.
         self.reply_channel = Channel(reply, channel_layer) if reply else None
-        self.channel_session: Any = None  # set by @channel_session
-        self.http_session: Any = None  # set by crossroads.django's @http_session (a Django session)
-        self.user: Any = None  # set by crossroads.django's @http_session_user and @channel_session_user
+
+    @cached_property
+    def channel(self) -> Channel:
+        """The channel it came on; built when first read (most consumers never do). Its name came from a receive,
+        so it is valid: nothing is refused later than before."""
+        return Channel(self._channel_name, self.channel_layer)
 
     def __getitem__(self, key: str) -> Any:
         return self.content[key]
@@ -54,4 +64,4 @@ class Message(Mapping):
         return self.content.get("protocol")
 
     def __repr__(self) -> str:
-        return f"<Message on {self.channel.name} {self.content!r:.120}>"
+        return f"<Message on {self._channel_name} {self.content!r:.120}>"

@@ -155,15 +155,16 @@ class Router:
                 raise RouteError(f"routing entries must be route(), route_class() or include(), got {entry!r}")
         self.channels: set[str] = set().union(*(entry.channels for entry in self.routes)) if self.routes else set()
         # Channel -> consumer where the first entry naming the channel is a route without filters: it matches
-        # every message there, so match() answers with a dict lookup (what nearly every worker routes).
-        self._direct: dict[str, Consumer] = {}
+        # every message there, so match() answers with a dict lookup (what nearly every worker routes), and so
+        # does the dispatcher, without calling match(). Read-only after this.
+        self.direct: dict[str, Consumer] = {}
         for channel in self.channels:
             first = next(entry for entry in self.routes if channel in entry.channels)
             if isinstance(first, Route) and not first.filters:
-                self._direct[channel] = first.consumer
+                self.direct[channel] = first.consumer
 
     def match(self, channel: str, message: dict, rest: dict[str, str] | None = None) -> Match | None:
-        consumer = self._direct.get(channel)
+        consumer = self.direct.get(channel)
         if consumer is not None:
             return consumer, {}
         for entry in self.routes:

@@ -71,17 +71,11 @@ class Pool(NamedTuple):
     threads: int
 
 
-class _Running:
-    """What one thread runs now: set before a consumer starts, cleared after (read by the watchdog)."""
-
-    __slots__ = ("channel", "consumer", "coroutine", "reported", "started")
-
-    def __init__(self, channel: str, consumer: Any, coroutine: Any = None) -> None:
-        self.channel = channel
-        self.consumer = consumer
-        self.coroutine = coroutine  # an ``async def`` consumer's: its stack is in the coroutine, not the thread
-        self.started = time.monotonic()
-        self.reported = False
+# What one thread runs now, in its slot (read by the watchdog): (channel, consumer, coroutine, started), set before a
+# consumer starts and cleared after. A tuple, not an object with an __init__, as one is made per message.
+# ``coroutine`` is an ``async def`` consumer's (its stack is in the coroutine, not the thread), else None;
+# ``started`` is time.monotonic().
+_Running = tuple[str, Any, Any, float]
 
 
 def select_channels(channels: Iterable[str], only: Iterable[str] | None = (), exclude: Iterable[str] = ()) -> list[str]:
@@ -178,6 +172,7 @@ class Worker:
         self._loop = asyncio.new_event_loop()
         self._workers: list[threading.Thread] = []
         self._running: list[_Running | None] = [None] * self.threads  # each thread's slot, for the watchdog
+        self._reported: dict[int, _Running] = {}  # id -> slot of the runs reported slow, while they run
         self._loop_thread: threading.Thread | None = None  # None until start()
         self._watchdog: threading.Thread | None = None  # None when slow_consumer is 0, or before start()
         self.watchdog_scans = 0  # how many times the watchdog looked (tests wait on it instead of sleeping)
@@ -284,7 +279,7 @@ class Worker:
             return None
         now = time.monotonic()
         for thread, running in zip(self._workers, list(self._running), strict=False):
-            if thread.is_alive() and (running is None or now - running.started <= limit):
+            if thread.is_alive() and (running is None or now - running[3] <= limit):
                 return None
         return (f"all {self.threads} worker thread(s) have been on one message for more than {limit:g} s "
                 "([worker] stuck_after), or have died")
@@ -327,22 +322,19 @@ class Worker:
             if not quick and self.dispatcher.is_async(consumer):
                 release_held()  # it sends from the event loop's thread: what earlier messages sent goes first
                 coroutine = self.dispatcher.handle_async(*prepared)
-                self._running[index] = _Running(channel, consumer, coroutine)
+                self._running[index] = (channel, consumer, coroutine, time.monotonic())
                 asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
             else:
                 if not quick:
                     release_held()  # it may run long: the replies of the messages before it should not wait
-                self._running[index] = running = _Running(channel, consumer)
-                self.dispatcher.run(*prepared)
-                self._ran(consumer, time.monotonic() - running.started)
+                self._running[index] = (channel, consumer, None, time.monotonic())
+                seconds = self.dispatcher.run(*prepared)
+                try:  # the last run decides, so one run slowed by a busy machine does not end the batching for good
+                    self._quick[consumer] = seconds < HOLD
+                except TypeError:
+                    pass
         finally:
             self._running[index] = None
-
-    def _ran(self, consumer: Any, seconds: float) -> None:
-        try:  # the last run decides, so one run slowed by a busy machine does not end the batching for good
-            self._quick[consumer] = seconds < HOLD
-        except TypeError:
-            pass
 
     # -- the slow consumer report --
 
@@ -358,15 +350,20 @@ class Worker:
         """Log (once per message) and count every consumer running past ``slow_consumer``; how many were new."""
         now = time.monotonic()
         frames: dict[int, Any] | None = None
+        running_now = list(self._running)
+        # Only runs still in a slot stay reported; an id kept is still its slot's own, as the dict keeps it alive.
+        done = {id(slot): slot for slot in running_now if slot is not None and id(slot) in self._reported}
+        self._reported = done
         reported = 0
-        for thread, running in zip(self._workers, list(self._running), strict=False):
-            if running is None or running.reported or now - running.started < self.slow_consumer:
+        for thread, running in zip(self._workers, running_now, strict=False):
+            if running is None or id(running) in done or now - running[3] < self.slow_consumer:
                 continue
-            running.reported = True
+            done[id(running)] = running
+            channel, consumer, coroutine, started = running
             reported += 1
             self.dispatcher.counters.slow += 1
-            if running.coroutine is not None:
-                where, stack = "the coroutine", coroutine_stack(running.coroutine)
+            if coroutine is not None:
+                where, stack = "the coroutine", coroutine_stack(coroutine)
             else:
                 if frames is None:
                     frames = sys._current_frames()
@@ -375,6 +372,6 @@ class Worker:
                 stack = "".join(traceback.format_stack(frame)) if frame is not None else "  (thread gone)\n"
             log.warning("slow consumer: %s has been running for %.1fs on a message on %s (more than [worker] "
                         "slow_consumer = %gs); it holds a thread of its pool until it returns. Reported once per "
-                        "message and counted. The stack of %s:\n%s", consumer_name(running.consumer),
-                        now - running.started, running.channel, self.slow_consumer, where, stack.rstrip("\n"))
+                        "message and counted. The stack of %s:\n%s", consumer_name(consumer),
+                        now - started, channel, self.slow_consumer, where, stack.rstrip("\n"))
         return reported

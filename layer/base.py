@@ -256,7 +256,9 @@ def _packb(value: Any, what: str) -> bytes:
                         "None") from exc
 
 
-def _unpackb(body: bytes) -> Any:
+def unpack(body: bytes) -> Any:
+    """A message (or a record's field) read back from its serialized form: the function itself, no wrapper, as
+    each message received calls it."""
     try:
         return ormsgpack.unpackb(body, option=_UNPACK)
     except ValueError:  # ormsgpack.MsgpackDecodeError is one: msgpack reads it, or says why not
@@ -282,10 +284,6 @@ def copy_message(message: Any) -> Packed:
     copy = Packed(unpack(body))
     copy.packed = body
     return copy
-
-
-def unpack(body: bytes) -> dict:
-    return _unpackb(body)
 
 
 def make_entry(channel: str, body: bytes, expires_at: float) -> bytes:
@@ -342,7 +340,7 @@ def pack_fields(fields: Any) -> dict[str, bytes]:
 
 
 def unpack_fields(packed: Mapping[str, bytes]) -> dict[str, Any]:
-    return {name: _unpackb(value) for name, value in packed.items()}
+    return {name: unpack(value) for name, value in packed.items()}
 
 
 # The password in scheme://user:password@host, or in a ?password= query (redis-py reads both).

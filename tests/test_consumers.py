@@ -23,6 +23,7 @@ from crossroads import (
     route,
     route_class,
 )
+from crossroads.consumers import channel as channel_module
 from crossroads.consumers.dispatch import MAX_CONSUME_LATER, Dispatcher
 from crossroads.consumers.testing import Client
 
@@ -36,6 +37,38 @@ def test_message_reads_like_its_content():
     assert (message.text, message.sender, message.room, message.protocol) == ("hi", "ann", "a/b", "mqtt")
     assert message.channel == Channel("mqtt.receive")
     assert message.reply_channel.name == client.reply_channel
+
+
+def test_a_message_builds_its_channel_when_first_read_and_keeps_it():
+    seen = []
+    client = Client([route("mqtt.receive", seen.append)])
+    client.send_and_consume("mqtt.receive", {"text": "hi"})
+    message = seen[0]
+    assert message.reply_channel.name == client.reply_channel  # built with the message, so checked before the run
+    assert "channel" not in vars(message)  # the consumer never read it: never built
+    assert repr(message).startswith("<Message on mqtt.receive ")
+    channel = message.channel
+    assert channel == Channel("mqtt.receive") and channel.channel_layer is client.channel_layer
+    assert message.channel is channel  # built once
+    message.channel = Channel("elsewhere")  # still a plain attribute to set
+    assert message.channel == Channel("elsewhere")
+    assert (message.channel_session, message.http_session, message.user) == (None, None, None)
+
+
+def test_a_consumer_finds_its_layer_alone_or_in_a_batch_and_it_is_reset_after():
+    first, second = layer.from_url("memory://"), layer.from_url("memory://")
+    seen = []
+    inner = Dispatcher([route("b", lambda message: seen.append(("b", channel_module.current_layer.get())))], second)
+    dispatcher = Dispatcher([route("a", lambda message: seen.append(("a", channel_module.current_layer.get()))),
+                             route("c", lambda message: inner.handle("b", {}))], first)
+    dispatcher.handle("a", {})
+    assert channel_module.current_layer.get() is None
+    with dispatcher.holding():  # the worker's batch: the layer is set once, for every message of it
+        dispatcher.handle("a", {})
+        dispatcher.handle("c", {})  # another dispatcher's run inside sets its own layer, then gives this one back
+        dispatcher.handle("a", {})
+    assert channel_module.current_layer.get() is None
+    assert seen == [("a", first), ("a", first), ("b", second), ("a", first)]
 
 
 def test_sends_are_buffered_until_the_consumer_returns(channel_layer):
@@ -70,6 +103,30 @@ def test_runs_are_counted_by_channel_and_consumer_with_their_durations_raising_o
         ("a", f"{prefix}.<locals>.fine"): 2, ("b", f"{prefix}.<locals>.broken"): 1}
     for stats in runs.values():
         assert sum(stats.buckets) == stats.count and stats.seconds > 0
+
+
+class UnhashableConsumer:
+    """A callable that cannot be a dict key (it defines __eq__ without __hash__)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    def __call__(self, message) -> None:
+        self.seen += 1
+        message.reply_channel.send({"seen": self.seen})
+
+
+def test_an_unhashable_consumer_runs_and_is_counted_under_its_name():
+    consumer = UnhashableConsumer()
+    client = Client([route("a", consumer)])
+    for _ in range(2):
+        client.send_and_consume("a", {})
+    assert [client.receive(), client.receive()] == [{"seen": 1}, {"seen": 2}]
+    (key,) = client.counters.by_consumer
+    assert key == ("a", f"test_consumers.{consumer!r}") and client.counters.by_consumer[key].count == 2
 
 
 def test_buffered_sends_leave_even_when_the_consumer_raises(channel_layer, caplog):
@@ -145,6 +202,25 @@ def test_routes_on_bytes_values_and_missing_keys():
     assert router.match("a", {"topic": b"\xff"}) is None
     assert router.match("a", {}) is None
     assert router.match("b", {"topic": "rooms/x"}) is None
+
+
+def test_the_dispatcher_prepares_what_the_router_matches():
+    def first(message): ...
+    def second(message): ...
+    def captured(message, name): ...
+
+    dispatcher = Dispatcher([route("a", first, path=r"^/x"), route("a", second), route("b", second),
+                             route("c", captured, path=r"^/(?P<name>\w+)$")], layer.from_url("memory://"))
+    for channel, content, consumer, kwargs in [("a", {"path": "/x"}, first, {}), ("a", {"path": "/y"}, second, {}),
+                                               ("b", {}, second, {}), ("c", {"path": "/ann"}, captured,
+                                                                       {"name": "ann"})]:
+        got, got_kwargs, message, retries = dispatcher.prepare(channel, dict(content))
+        assert (got, got_kwargs, dict(message), message.channel.name, retries) == (consumer, kwargs, content,
+                                                                                   channel, 0)
+    assert dispatcher.prepare("c", {"path": "/a/b"}) is None and dispatcher.counters.unrouted == 1
+    first_kwargs = dispatcher.prepare("b", {})[1]
+    first_kwargs["changed"] = True  # each message's keyword arguments are its own
+    assert dispatcher.prepare("b", {})[1] == {}
 
 
 def test_a_route_without_filters_never_overtakes_an_earlier_entry_for_its_channel():

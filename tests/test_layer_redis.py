@@ -159,6 +159,17 @@ def test_send_while_redis_is_down_raises_layer_unavailable(own_redis, face):
     L.sync.close()
 
 
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_a_command(own_redis):
+    L = layer.from_url(own_redis.url, prefix="idle")
+    L.sync.send("idle.a", {"n": 1})
+    (link,) = L.sync._idle[0]
+    own_redis.command("CLIENT", "KILL", "TYPE", "normal")  # the server ends the layer's connection (not its own)
+    L.sync.send("idle.a", {"n": 2})  # noticed before the command was written on it: another carried it
+    assert link not in L.sync._links and len(L.sync._links) == 1
+    assert [message["n"] for _, message in L.sync.receive_many(["idle.a"], 10, timeout=0)] == [1, 2]
+    L.sync.close()
+
+
 @pytest.fixture(scope="module")
 def redis_with_password(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis-auth"), password="s3cret-Pw").start()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 from servers import wait_until
 
-from crossroads import layer
+from crossroads import layer, route
 from crossroads.consumers.worker import Worker, select_channels
 
 
@@ -232,6 +233,39 @@ def test_a_slow_consumer_is_reported_once_with_its_stack_and_counted(channel_lay
     assert "sync.receive" in text or "to_thread" in text
     assert worker.dispatcher.counters.slow == 1
     assert "1 slow consumers reported" in worker.summary()
+
+
+def test_an_unhashable_consumer_is_served_and_never_taken_for_quick(channel_layer):
+    from test_consumers import UnhashableConsumer
+
+    consumer = UnhashableConsumer()
+    worker = Worker([route("test.unhashable", consumer)], channel_layer, threads=1)
+    worker.start()
+    try:
+        sync = channel_layer.sync
+        reply = sync.new_channel("client?")
+        sync.send_many([("test.unhashable", {"reply_channel": reply}) for _ in range(3)])
+        assert collect(sync, reply, 3) == [{"seen": 1}, {"seen": 2}, {"seen": 3}]
+    finally:
+        worker.stop()
+        assert worker.join(30)
+    assert worker._quick == {} and worker.dispatcher.counters.consumed == 3
+
+
+def test_each_slow_run_is_reported_once_even_of_the_same_consumer_on_the_same_thread(caplog):
+    worker = Worker("apps.slow:routes", layer.from_url("memory://"), threads=1, slow_consumer=0.05)
+    worker._workers = [threading.current_thread()]  # the slot's thread: never started, the test fills the slot
+    long_ago = time.monotonic() - 1  # a second ago: past slow_consumer
+    with caplog.at_level(logging.WARNING, logger="crossroads.worker"):
+        worker._running[0] = ("test.hold", print, None, long_ago)
+        assert worker.report_slow() == 1
+        assert worker.report_slow() == 0  # the same run: reported already
+        worker._running[0] = ("test.hold", print, None, long_ago)  # the next message: a run of its own
+        assert worker.report_slow() == 1
+        worker._running[0] = None
+        assert worker.report_slow() == 0
+    assert len(slow_reports(caplog)) == 2 and worker.dispatcher.counters.slow == 2
+    assert worker._reported == {}  # nothing is kept of runs that ended
 
 
 def test_no_watchdog_when_slow_consumer_is_off(channel_layer):
