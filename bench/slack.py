@@ -89,7 +89,9 @@ class Config:
     def make(cls, quick: bool) -> Config:
         if quick:
             return cls(count=1000, window=100, rounds=1, paced=200, rate=200.0, warmup=100)
-        return cls(count=4000, window=100, rounds=3, paced=500, rate=200.0, warmup=300)
+        # 10,000 events and 5 rounds, not 4,000 and 3: a 4,000-event flood lasted 0.15 s for the bare client, so a
+        # 50 ms stall of a shared VM moved one round by a third, and its median ratio by 0.15 from run to run.
+        return cls(count=10000, window=100, rounds=5, paced=500, rate=200.0, warmup=300)
 
 
 # -- the processes --
@@ -241,20 +243,23 @@ max_queued = 1000000
 """
 
 
-# Where the bridge's CPU goes: `bench/slack.py --profile` (py-spy on crossroads redis:// under floods), by hand.
+# Where the bridge's CPU goes: `bench/slack.py --callgrind` and by-hand callgrind experiments, at the commits named.
 PROFILE = (
-    "- Where the bridge's CPU goes (py-spy at 100 Hz, `bench/slack.py --profile` for the redis:// bridge and worker "
-    "under floods with replies, `--profile quiet` without): at 27b7902, about 60% of the bridge's samples posted "
-    "the replies through slack-sdk's `AsyncWebClient.chat_postMessage` (its per-call argument, header and retry "
-    "machinery, aiohttp's client, a `SlackResponse` per answer; slack-sdk formatting debug lines too, through a "
-    "logger whose own level was NOTSET). Replies now go out on the bridge's own keep-alive HTTP/1.1 client "
-    "(bridges/slack/webapi.py: one pre-built request head, a JSON body, the answer parsed by llhttp), a fraction "
-    "of that per post (`bench/slack_post.py` measures the three ways side by side; no asyncio.timeout per call "
-    "since: 89,000 instructions per post), and the acks of one loop round in one socket write. At f454d0a, with "
-    "replies: the layer (`send_many` of the envelopes, most of it the socket write, and `receive_many` of the "
-    "replies) ~26% of the bridge's samples, taking the envelopes in (the envelope's JSON ~7%, `event_message`, the "
-    "repeat window) ~16%, posting ~17%, acking ~2%; slack-sdk's own Socket Mode receive loop is ~2% (not worth "
-    "replacing). The worker spends most of its samples waiting on Redis, a round trip per reply."
+    "- Where the CPU goes, in instructions per event under callgrind (`bench/slack.py --callgrind [redis | quiet | "
+    "bare]`, load-independent; the worker's own figure from `bench/worker_callgrind.py`, which batches as a flood "
+    "does, where valgrind's slowdown shrinks the worker's batches in the Slack run). At ee55573: the bare slack-sdk "
+    "client 176,397; crossroads' bridge 220,842 with replies (298,402 at 9b50425) and the worker 83,748 per message "
+    "(107,851), so bridge + worker ~1.7x the bare client, which posts nothing. Without replies the bridge took "
+    "143,275 (145,689 at 2d85cb3, taken apart there by cutting one part at a time): ~53,000 reading the frame "
+    "(aiohttp's WebSocket reader, slack-sdk's receive loop), parsing the envelope (orjson) and acking; ~32,000 "
+    "`event_message` (half of it building and freeing the 26-key `slack.receive`, ~600 instructions a key); "
+    "~6,500 the repeat window; ~26,000 the rest of the bridge's own bookkeeping (repeat keys, events in flight, "
+    "reply routes, acknowledging once stored); ~27,000 the layer (the inlet, packing, the Redis script call). A "
+    "reply costs the bridge ~75,000 more (`bench/slack_reply.py --callgrind`: 74,516 at 2f2a87a, from 149,258 at "
+    "3e2fed5): receiving it, `parse_reply`, the limiter, the request written on a kept-alive connection and its "
+    "answer parsed by llhttp, all by callbacks (no task per post). The kernel adds a `sendto` and a `recvfrom` per "
+    "post (strace: 1.05 of each per event in a flood), ~10 µs of the bridge's ~48 per event here; the bare client's "
+    "one system call per event is its ack's write (crossroads writes the acks of a loop round at once)."
 )
 
 # -- the scenarios --
