@@ -68,7 +68,9 @@ class DispatchCounters:
     gave_up: int = 0  # messages dropped after MAX_CONSUME_LATER requeues
     undelivered: int = 0  # buffered sends lost to a full channel or an unreachable layer
     slow: int = 0  # consumers the worker's watchdog reported running past [worker] slow_consumer
+    invalid: int = 0  # messages dropped unrun: their reply_channel is not a channel name
     unrouted_channels: set[str] = field(default_factory=set)
+    invalid_channels: set[str] = field(default_factory=set)  # channels an invalid message came on (logged once)
     # (channel, consumer) -> its runs; read by the metrics endpoint. Counted from several threads without a
     # lock, as the fields above: an increment lost to a race undercounts by one, never runs a counter back.
     by_consumer: dict[tuple[str, Any], ConsumerStats] = field(default_factory=dict)
@@ -93,7 +95,10 @@ class Dispatcher:
         retries = content.pop(RETRIES_KEY, 0)
         consumer = self.router.direct.get(channel)  # the usual route (Router.direct): a lookup, not a call
         if consumer is not None:
-            return consumer, {}, Message(content, channel, self.layer), retries
+            try:
+                return consumer, {}, Message(content, channel, self.layer), retries
+            except base.InvalidChannelName as exc:
+                return self._invalid(channel, exc)
         matched = self.router.match(channel, content)
         if matched is None:
             self.counters.unrouted += 1
@@ -107,7 +112,20 @@ class Dispatcher:
                             ", ".join(sorted(content)) or "none", f", {answered}" if answered else "")
             return None
         consumer, kwargs = matched
-        return consumer, kwargs, Message(content, channel, self.layer), retries
+        try:
+            return consumer, kwargs, Message(content, channel, self.layer), retries
+        except base.InvalidChannelName as exc:
+            return self._invalid(channel, exc)
+
+    def _invalid(self, channel: str, exc: base.InvalidChannelName) -> None:
+        """A message whose reply_channel no reply could reach (a hostile or broken sender): dropped unrun, counted,
+        logged once per channel, so that the thread that took it goes on with the rest of its batch."""
+        self.counters.invalid += 1
+        if channel not in self.counters.invalid_channels:
+            self.counters.invalid_channels.add(channel)
+            log.warning("dropped a message on %s without running its consumer: its reply_channel is not a channel "
+                        "(%s); later ones on it are counted (invalid), not logged", channel, exc)
+        return None
 
     def _answer_unrouted(self, channel: str, reply_channel: str, answer: dict) -> None:
         try:

@@ -292,7 +292,7 @@ class Worker:
         c = self.dispatcher.counters
         return (f"{c.consumed} consumed, {c.errors} consumer errors, {c.unrouted} unrouted, "
                 f"{c.requeued} requeued, {c.gave_up} given up, {c.undelivered} sends undelivered, "
-                f"{c.slow} slow consumers reported")
+                f"{c.slow} slow consumers reported, {c.invalid} invalid dropped")
 
     def _serve(self, index: int, channels: list[str]) -> None:
         control = self.controls[index]

@@ -59,6 +59,7 @@ WORKER_COUNTERS = {  # DispatchCounters field -> (metric name, help)
     "gave_up": ("gave_up", "Messages dropped after too many ConsumeLater requeues."),
     "undelivered": ("undelivered", "Buffered sends of consumers lost to a full channel or an unreachable layer."),
     "slow": ("slow_consumers", "Consumers reported running past [worker] slow_consumer on one message."),
+    "invalid": ("invalid", "Messages dropped unrun: their reply_channel is not a channel name."),
 }
 LAYER_COUNTERS = {
     "sent": "Messages sent into the layer by this process.",

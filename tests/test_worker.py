@@ -39,6 +39,33 @@ def test_worker_threads_answer_every_request(channel_layer):
     assert worker.dispatcher.counters.consumed == 80
 
 
+@pytest.mark.parametrize("bad", ["bad name!!", 5, "x" * 120])
+def test_a_message_with_an_invalid_reply_channel_is_dropped_and_the_thread_goes_on(channel_layer, caplog, bad):
+    # One hostile message in a batch: counted and logged, never run; the thread serves the rest of the batch and
+    # every batch after it (before, the error from building its reply channel ended the thread).
+    worker = Worker("apps.slow:routes", channel_layer, threads=1)
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    sync.send_many([("test.echo", {"text": "m0", "n": 0, "reply_channel": reply}),
+                    ("test.echo", {"text": "bad", "reply_channel": bad}),
+                    ("test.echo", {"text": "bad again", "reply_channel": bad}),
+                    ("test.echo", {"text": "m1", "n": 1, "reply_channel": reply})])
+    with caplog.at_level(logging.WARNING, logger="crossroads.worker"):
+        worker.start()
+        try:
+            assert [m["n"] for m in collect(sync, reply, 2)] == [0, 1]
+            sync.send("test.echo", {"text": "m2", "n": 2, "reply_channel": reply})
+            assert [m["n"] for m in collect(sync, reply, 1)] == [2]
+        finally:
+            worker.stop()
+            assert worker.join(30)
+    counters = worker.dispatcher.counters
+    assert (counters.invalid, counters.consumed) == (2, 3)
+    assert "2 invalid dropped" in worker.summary()
+    dropped = [r for r in caplog.records if "reply_channel is not a channel" in r.getMessage()]
+    assert len(dropped) == 1 and "test.echo" in dropped[0].getMessage()
+
+
 def test_one_thread_takes_messages_in_batches_and_keeps_their_order(channel_layer):
     worker = Worker("apps.slow:routes", channel_layer, threads=1)
     sync = channel_layer.sync
