@@ -352,13 +352,13 @@ class Worker:
         frames: dict[int, Any] | None = None
         running_now = list(self._running)
         # Only runs still in a slot stay reported; an id kept is still its slot's own, as the dict keeps it alive.
-        done = {id(slot): slot for slot in running_now if slot is not None and id(slot) in self._reported}
-        self._reported = done
+        already = {id(slot): slot for slot in running_now if slot is not None and id(slot) in self._reported}
+        self._reported = already
         reported = 0
         for thread, running in zip(self._workers, running_now, strict=False):
-            if running is None or id(running) in done or now - running[3] < self.slow_consumer:
+            if running is None or id(running) in already or now - running[3] < self.slow_consumer:
                 continue
-            done[id(running)] = running
+            already[id(running)] = running
             channel, consumer, coroutine, started = running
             reported += 1
             self.dispatcher.counters.slow += 1

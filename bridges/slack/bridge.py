@@ -1046,7 +1046,8 @@ class SlackBridge(ListeningBridge):
 
     def _judge(self, outbox: _Outbox, error: BaseException | None, status: int, answer: dict[str, Any],
                retry_after: str | None) -> float:
-        """What a post's outcome means (counted, logged, maybe queued again first); seconds before the next try."""
+        """What a post's outcome other than posted means (counted, logged, maybe queued again first); seconds before
+        the next try."""
         method, args, attempts = outbox.current
         channel = outbox.channel
         if error is not None:
@@ -1070,14 +1071,8 @@ class SlackBridge(ListeningBridge):
             self.log.info("%s: Slack rate-limited posts to %s; holding them %.0f s", self.label, channel, held)
             outbox.posts.appendleft((method, args, attempts))  # the same post again, after Retry-After: the order stays
             return 0.0  # the limiter makes it wait
-        if status != 200 or answer.get("ok") is not True:
-            self.count("not_delivered")
-            self.log.warning("%s: %s to %s failed: %s", self.label, method, channel,
-                             answer.get("error") or f"HTTP {status}")
-            return 0.0
-        outbox.delays = None
-        self.count("posted")
-        warning = answer.get("warning")
-        if warning:
-            self.log.warning("%s: Slack warned about a post to %s: %s", self.label, channel, warning)
+        # Not posted (an answer that is not 200 and ok: a post that is, _posted judged itself).
+        self.count("not_delivered")
+        self.log.warning("%s: %s to %s failed: %s", self.label, method, channel,
+                         answer.get("error") or f"HTTP {status}")
         return 0.0
