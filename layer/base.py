@@ -244,7 +244,8 @@ _PACK = (ormsgpack.OPT_NON_STR_KEYS | ormsgpack.OPT_PASSTHROUGH_DATACLASS | orms
 _UNPACK = ormsgpack.OPT_NON_STR_KEYS
 
 
-def _packb(value: Any, what: str) -> bytes:
+def _packb(value: Any, field: str | None = None) -> bytes:
+    """``value`` serialized (a message, or the record field named ``field``); ``TypeError`` says what is wrong."""
     try:
         return ormsgpack.packb(value, option=_PACK)
     except TypeError:  # ormsgpack.MsgpackEncodeError is one
@@ -252,6 +253,7 @@ def _packb(value: Any, what: str) -> bytes:
     try:
         return msgpack.packb(value, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
+        what = "message" if field is None else f"field {field!r}"  # formatted only on failure
         raise TypeError(f"{what} cannot be serialized ({exc}); use dicts, lists, str, bytes, numbers, bools and "
                         "None") from exc
 
@@ -271,7 +273,7 @@ def pack(message: Any) -> bytes:
         return message.packed
     if not isinstance(message, dict):
         raise TypeError(f"a message must be a dict, not {type(message).__name__}")
-    body = _packb(message, "message")
+    body = _packb(message)
     if len(body) > MAX_MESSAGE_SIZE:
         raise MessageTooLarge(f"message is {len(body)} bytes serialized; the limit is {MAX_MESSAGE_SIZE}")
     return body
@@ -332,7 +334,7 @@ def pack_fields(fields: Any) -> dict[str, bytes]:
     for name, value in fields.items():
         if not isinstance(name, str):
             raise TypeError(f"key/value field names must be str, not {type(name).__name__}: {name!r}")
-        packed[name] = _packb(value, f"field {name!r}")
+        packed[name] = _packb(value, name)
         size += len(name) + len(packed[name])
     if size > MAX_MESSAGE_SIZE:
         raise MessageTooLarge(f"key/value record is {size} bytes serialized; the limit is {MAX_MESSAGE_SIZE}")

@@ -156,6 +156,12 @@ class _Outbox:
         self.done: Callable[..., None] | None = None
         self.closed = False  # the bridge stopped
 
+    @property
+    def held(self) -> int:
+        """Posts it holds towards ``max_queued`` and the stop's count: those waiting and the one in flight, unless
+        that one was dropped."""
+        return len(self.posts) + (self.current is not None and not self.dropped)
+
 
 def text_frames(texts: list[str], random_bits: Callable[[int], int] = random.getrandbits) -> bytes:
     """``texts`` as masked WebSocket text frames (RFC 6455 §5.2), one after the other, as a client sends them.
@@ -389,7 +395,7 @@ class SlackBridge(ListeningBridge):
             outbox.closed = True  # its post in flight, if any, is not judged when answered
             if outbox.timer is not None:
                 outbox.timer.cancel()
-            left += len(outbox.posts) + (outbox.current is not None and not outbox.dropped)
+            left += outbox.held
         self.outboxes.clear()
         if left:
             self.count("dropped", left)
@@ -957,8 +963,8 @@ class SlackBridge(ListeningBridge):
             outbox = self.outboxes[channel] = _Outbox(channel)
             outbox.done = partial(self._posted, outbox)  # bound once per outbox, not per post
         posts = outbox.posts
-        if len(posts) + (outbox.current is not None and not outbox.dropped) >= self.options["max_queued"]:
-            if outbox.current is not None and not outbox.dropped:  # the oldest is in flight: not tried again
+        if outbox.held >= self.options["max_queued"]:
+            if len(posts) < outbox.held:  # the oldest is the post in flight: not tried again
                 outbox.dropped = True
             else:
                 posts.popleft()
