@@ -41,7 +41,9 @@ class Inlet:
     bridge told its peer to repeat it); with it, refused messages stay at the
     front and are tried again, with backoff, as long as ``retry_while()`` is
     true (a peer that cannot be asked to repeat, or one that waits for an
-    acknowledgement). ``too_large(channel, item)`` handles a message over the
+    acknowledgement). ``stored_all(channel, pairs)``, when given instead of
+    ``stored``, gets a send's stored ``(item, message)`` pairs at once, in
+    order (a bridge that settles per batch). ``too_large(channel, item)`` handles a message over the
     layer's limit (default: ``bad_input`` from ``peer``, which may be a function
     of the message); it is neither stored nor refused. Channels in
     ``persistent`` go through ``send_to_layer_persistently`` (events such as a
@@ -51,11 +53,13 @@ class Inlet:
     """
 
     __slots__ = ("_forwarding", "_queue", "batch", "bridge", "build", "high", "low", "on_full", "on_room", "paused",
-                 "peer", "persistent", "refused", "retry_while", "stored", "too_large", "what")  # one per connection
+                 "peer", "persistent", "refused", "retry_while", "stored", "stored_all", "too_large",
+                 "what")  # one per connection
 
     def __init__(self, bridge: Bridge, what: str, *, peer: str | Callable[[dict], str] = "a peer",
                  build: Callable[[str, Any], dict | None] | None = None,
                  stored: Callable[[str, Any, dict], None] | None = None,
+                 stored_all: Callable[[str, list[tuple[Any, dict]]], None] | None = None,
                  refused: Callable[[str, Any], None] | None = None,
                  too_large: Callable[[str, Any], None] | None = None,
                  retry_while: Callable[[], bool] | None = None, batch: int = 1, persistent: Collection[str] = (),
@@ -63,6 +67,7 @@ class Inlet:
                  on_room: Callable[[], None] | None = None) -> None:
         self.bridge, self.what, self.peer = bridge, what, peer
         self.build, self.stored, self.refused, self.too_large = build, stored, refused, too_large
+        self.stored_all = stored_all
         self.retry_while, self.batch = retry_while, batch
         self.persistent = frozenset(persistent)  # the same object when it is one: pass a constant, it is shared
         self.high, self.low, self.on_full, self.on_room = high, low, on_full, on_room
@@ -109,13 +114,15 @@ class Inlet:
                     continue
                 taken, oversized = await self._send(channel, entries)
                 stored = self.stored
-                if stored is not None:
+                if stored is not None or self.stored_all is not None:
                     if oversized:
-                        for index, (item, message) in enumerate(entries[:taken]):
-                            if index not in oversized:
-                                stored(channel, item, message)
-                    else:  # the usual case, once per message: no index to look up
-                        for item, message in entries[:taken] if taken < len(entries) else entries:
+                        took = [entry for index, entry in enumerate(entries[:taken]) if index not in oversized]
+                    else:  # the usual case: no index to look up
+                        took = entries[:taken] if taken < len(entries) else entries
+                    if self.stored_all is not None:
+                        self.stored_all(channel, took)
+                    else:
+                        for item, message in took:
                             stored(channel, item, message)
                 held = entries[taken:]
                 if held and self.refused is not None:

@@ -92,6 +92,7 @@ SWEEP = 0.25  # seconds between the async face's timeout checks (its timeouts fi
 RING_POINTS = 160
 _IO_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _DEFAULT = object()  # read with the connection's own socket timeout
+_NO_CHANNEL = object()  # before a send plan's first message: no channel is this one
 
 # Shared by the scripts below: when ``needed`` more entries would not fit, drop
 # expired entries from the queue's head first (an entry's expiry is its first
@@ -434,20 +435,25 @@ class RedisLayer(base.LayerErrors):
         targets = self._targets
         body = base.pack if self._sealer is None else self._body  # a call less per message when nothing is sealed
         count = 0
+        last: Any = _NO_CHANNEL
         for channel, message in items:
-            target = targets.get(channel) if type(channel) is str else None
-            if target is None:
-                target = self._target(channel)
-            queue, shard = target
-            entry = base.make_entry(channel, body(message), expires_at)
-            queues = plan.get(shard)
-            if queues is None:
-                queues = plan[shard] = {}
-            batch = queues.get(queue)
-            if batch is None:
-                batch = queues[queue] = [self.options.capacity_for(channel), [], []]
-            batch[1].append(channel)
-            batch[2].append(entry)
+            # A bridge sends a run of messages to one channel: its checks, batch and entry header are found once.
+            if channel is not last:
+                target = targets.get(channel) if type(channel) is str else None
+                if target is None:
+                    target = self._target(channel)
+                queue, shard = target
+                queues = plan.get(shard)
+                if queues is None:
+                    queues = plan[shard] = {}
+                batch = queues.get(queue)
+                if batch is None:
+                    batch = queues[queue] = [self.options.capacity_for(channel), [], []]
+                channels, entries = batch[1], batch[2]
+                head = base.entry_head(channel, expires_at)
+                last = channel
+            entries.append(head + body(message))
+            channels.append(channel)
             count += 1
         return plan, count
 

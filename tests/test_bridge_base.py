@@ -942,6 +942,33 @@ def test_an_inlet_holds_what_the_layer_refuses_retries_it_in_order_and_pushes_ba
     assert bridge.counters["sent"] == 500 and bridge.counters["refused"] > 0
 
 
+def test_an_inlet_hands_each_send_s_stored_pairs_to_stored_all_in_order(run, layers):
+    bridge_layer, consumer_layer = layers()
+
+    async def scenario():
+        bridge = Recorder("batches", {}, bridge_layer)
+        calls, all_stored = [], asyncio.Event()
+
+        def took_all(channel, pairs):
+            calls.append((channel, [(item, message["n"]) for item, message in pairs]))
+            if sum(len(pairs) for _, pairs in calls) == 50:
+                all_stored.set()
+
+        inlet = Inlet(bridge, "test messages", batch=20, build=lambda channel, item: {"n": item},
+                      stored_all=took_all)
+        async with running(bridge):
+            for n in range(50):
+                inlet.put("toy.receive", n)
+            await asyncio.wait_for(all_stored.wait(), 10)
+            received = await drain(consumer_layer, "toy.receive", 50)
+        return calls, received
+
+    calls, received = run(scenario())
+    assert received == list(range(50))
+    assert [pair for _, pairs in calls for pair in pairs] == [(n, n) for n in range(50)]
+    assert all(channel == "toy.receive" and 0 < len(pairs) <= 20 for channel, pairs in calls)
+
+
 def test_an_inlet_without_retry_reports_each_refusal_and_goes_on(run, layers):
     bridge_layer, consumer_layer = layers(channel_capacity={"toy.receive": 3})
 

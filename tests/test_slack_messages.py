@@ -252,6 +252,14 @@ def test_the_size_bound_drops_the_oldest_first_and_keeps_newer_times():
     assert [window.seen([key], now=3.0) for key in "abcd"] == [True, False, True, True]
 
 
+def test_remember_all_is_remember_for_each_in_order():
+    window = m.RepeatWindow(600, size=3)
+    window.remember_all([["a", "b"], ["e"]], now=0.0)
+    window.remember_all([["a"], ["c", "d"]], now=1.0)  # 5 keys: the two oldest entries go, "a" stays (at 1.0)
+    assert [window.seen([key], now=3.0) for key in "abcde"] == [True, False, True, True, False]
+    assert not window.seen(["a"], now=601.0) and len(window) == 0
+
+
 # -- text ----------------------------------------------------------------------------------------------------------
 
 

@@ -355,7 +355,7 @@ class SlackBridge(ListeningBridge):
         # holds what the layer refuses and tries it again (unacknowledged meanwhile: Slack's redelivery
         # joins the waiting copy); the Events API answers 503 at once, and Slack retries.
         self.inlet = Inlet(self, "forwarding Slack events", batch=FORWARD_BATCH, build=lambda _, p: p.message,
-                           stored=self._stored, refused=self._refused, too_large=self._too_large,
+                           stored_all=self._stored, refused=self._refused, too_large=self._too_large,
                            retry_while=(lambda: self.accepting) if self.socket_mode else None)
         if self.socket_mode:
             self.link = self.reconnector(self._connect_socket, "Slack (Socket Mode)",
@@ -825,14 +825,24 @@ class SlackBridge(ListeningBridge):
             if self.in_flight.get(key) is pending:
                 del self.in_flight[key]
 
-    def _stored(self, channel: str, pending: _Pending, message: dict) -> None:
-        self._settle(pending)
-        self.window.remember(pending.keys, time.monotonic())
-        if pending.command is not None:
-            self.spawn(self._acknowledge_command(pending), "acknowledging a slash command")
-            return
-        for answer in pending.answers:
-            answer("stored")
+    def _stored(self, channel: str, stored: list[tuple[_Pending, dict]]) -> None:
+        """What one layer call stored, in order: each no longer in flight, now a repeat, and acknowledged.
+
+        Once per call, not per event: one clock read and one ``remember`` for them all. Nothing an answer does
+        (an ack queued for the loop's round, a future set) looks at ``in_flight`` or the window meanwhile.
+        """
+        in_flight = self.in_flight
+        for pending, _ in stored:
+            for key in pending.keys:
+                if in_flight.get(key) is pending:
+                    del in_flight[key]
+        self.window.remember_all([pending.keys for pending, _ in stored], time.monotonic())
+        for pending, _ in stored:
+            if pending.command is not None:
+                self.spawn(self._acknowledge_command(pending), "acknowledging a slash command")
+                continue
+            for answer in pending.answers:
+                answer("stored")
 
     def _refused(self, channel: str, pending: _Pending) -> None:
         if not self.socket_mode:  # the Events API answers 503 now: Slack retries

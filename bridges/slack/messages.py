@@ -623,6 +623,16 @@ class RepeatWindow:
         if len(at) > self.size:  # the window's age is checked by ``seen``, which the bridge asks first
             self._expire(now)
 
+    def remember_all(self, key_lists: list[list[str]], now: float) -> None:
+        """``remember`` for several events at once (all one layer call stored), in order."""
+        at = self._at
+        for keys in key_lists:
+            for key in keys:
+                at[key] = now
+        self._order.extend([(now, keys) for keys in key_lists])
+        if len(at) > self.size:
+            self._expire(now)
+
     def __len__(self) -> int:
         return len(self._at)
 
