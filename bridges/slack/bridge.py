@@ -888,6 +888,15 @@ class SlackBridge(ListeningBridge):
         if isinstance(target, _Command):
             self._answer_command(local_id, target, message)
             return
+        texts = m.plain_posts(message, self.options["split_at"])
+        if texts is not None:  # the common {"text": ...}: what the loop below posts for it, with no Reply built
+            channel, thread_ts = target.channel, target.thread_ts
+            for text in texts:
+                args = {"channel": channel, "text": text} if text else {"channel": channel}
+                if thread_ts:
+                    args["thread_ts"] = thread_ts
+                self._post(channel, "chat.postMessage", args)
+            return
         try:
             reply = m.parse_reply(message, target, limit=self.options["split_at"])
         except m.InvalidReply as exc:
