@@ -273,9 +273,9 @@ def pack(message: Any) -> bytes:
         return message.packed
     if not isinstance(message, dict):
         raise TypeError(f"a message must be a dict, not {type(message).__name__}")
-    try:  # _packb's first try, here: a call less for nearly every message
-        body = ormsgpack.packb(message, option=_PACK)
-    except TypeError:
+    try:
+        body = ormsgpack.packb(message, option=_PACK)  # _packb's first try, inline: once per message packed
+    except TypeError:  # _packb tries ormsgpack again, then msgpack, and says what is wrong
         body = _packb(message)
     if len(body) > MAX_MESSAGE_SIZE:
         raise MessageTooLarge(f"message is {len(body)} bytes serialized; the limit is {MAX_MESSAGE_SIZE}")
@@ -286,7 +286,11 @@ def copy_message(message: Any) -> Packed:
     """A deep copy of ``message`` through its serialized form, validated as ``pack`` validates (its errors), that
     keeps the serialized bytes for the send it is made for."""
     body = pack(message)
-    copy = Packed(unpack(body))
+    try:
+        content = ormsgpack.unpackb(body, option=_UNPACK)  # unpack(body), inline: once per buffered send
+    except ValueError:
+        content = unpack(body)
+    copy = Packed(content)
     copy.packed = body
     return copy
 

@@ -22,6 +22,7 @@ from slack_emulator import SlackEmulator
 
 from crossroads import layer
 from crossroads.bridges.base import OptionError
+from crossroads.bridges.slack import messages as m
 from crossroads.bridges.slack.bridge import SlackBridge
 
 USERS = {"U222": "alice", "U333": "bob"}
@@ -696,3 +697,19 @@ api_url = "{emulator.api_url}"
             assert emulator.app_token not in log and emulator.bot_token not in log  # never printed
     finally:
         slack.close()
+
+
+def test_a_text_only_reply_is_posted_as_with_its_defaults_spelled_out():
+    # handle_reply posts {"text": ...} without building a Reply: the same calls, args and key order as the full path.
+    bridge = SlackBridge("work", {"bot_token": "xoxb-t", "app_token": "xapp-t", "split_at": 100}, None)
+    posted = []
+    bridge._post = lambda channel, method, args: posted.append((channel, method, list(args.items())))
+    for local_id in ("c.C1", "t.C1.1700000001.000100"):
+        bridge.targets[local_id] = m.target_of(local_id)
+        for text in ("hi", "a & <b>", "   ", "line\n" * 300, "x" * 500, "\n\n"):
+            posted.clear()
+            bridge.handle_reply(local_id, {"text": text})
+            fast = list(posted)
+            posted.clear()
+            bridge.handle_reply(local_id, {"text": text, "thread": True, "broadcast": False, "unfurl": True})
+            assert fast == posted and fast, (local_id, text)

@@ -13,6 +13,7 @@ import json
 import ssl
 from collections.abc import Awaitable, Callable
 
+import httptools
 import pytest
 from servers import take, write_test_certificates
 from slack_emulator import SlackEmulator
@@ -271,3 +272,43 @@ def test_a_post_slack_refuses_is_counted_and_the_next_goes_on(run, caplog):
     assert texts(emulator, "C111") == ["one", "two"]
     assert bridge.counters["not_delivered"] == 1 and bridge.counters["posted"] == 2
     assert any("chat.postMessage to C111 failed: not_in_channel" in r.getMessage() for r in caplog.records)
+
+
+def test_retry_after_is_read_from_the_head_as_llhttp_reads_the_header():
+    heads = [b"Retry-After: 7", b"retry-after:7", b"RETRY-AFTER: \t 30 ", b"Retry-After:", b"X-Retry-After: 3",
+             b"Retry-After: 1\r\nRetry-After: 2", b"Content-Type: application/json", b"Retry-Afterx: 4"]
+
+    class Headers:
+        def __init__(self):
+            self.found = None
+
+        def on_header(self, name, value):
+            if name.lower() == b"retry-after":
+                self.found = value.decode("latin-1")
+
+    for head in heads:
+        answer = b"HTTP/1.1 429 Too Many Requests\r\n%s\r\nContent-Length: 2\r\n\r\n{}" % head
+        headers = Headers()
+        httptools.HttpResponseParser(headers).feed_data(answer)
+        assert webapi._retry_after_of(answer) == headers.found, head
+
+
+def test_retry_after_is_read_from_an_answer_that_came_in_pieces(run):
+    async def answer(reader, writer, n):
+        whole = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nRetry-After: 12\r\n" \
+                b"Content-Length: 13\r\n\r\n{\"ok\": false}"
+        for at in range(0, len(whole), 9):
+            if at:
+                await asyncio.sleep(0.001)  # each piece read on its own
+            writer.write(whole[at:at + 9])
+            await writer.drain()
+
+    async def scenario():
+        server, url, requests = await serving(answer)
+        api = WebAPI(url, "xoxb-t")
+        answered = await api.call("chat.postMessage", {"channel": "C1", "text": "x"})
+        api.close()
+        server.close()
+        return answered
+
+    assert run(scenario()) == (429, {"ok": False}, "12")

@@ -898,6 +898,15 @@ class SlackBridge(ListeningBridge):
         if isinstance(target, _Command):
             self._answer_command(local_id, target, message)
             return
+        texts = m.plain_posts(message, self.options["split_at"])
+        if texts is not None:  # the common {"text": ...}: what the loop below posts for it, with no Reply built
+            channel, thread_ts = target.channel, target.thread_ts
+            for text in texts:
+                args = {"channel": channel, "text": text} if text else {"channel": channel}
+                if thread_ts:
+                    args["thread_ts"] = thread_ts
+                self._post(channel, "chat.postMessage", args)
+            return
         try:
             reply = m.parse_reply(message, target, limit=self.options["split_at"])
         except m.InvalidReply as exc:
@@ -973,7 +982,8 @@ class SlackBridge(ListeningBridge):
             outbox = self.outboxes[channel] = _Outbox(channel)
             outbox.done = partial(self._posted, outbox)  # bound once per outbox, not per post
         posts = outbox.posts
-        if outbox.held >= self.options["max_queued"]:
+        max_queued = self.options["max_queued"]
+        if len(posts) + 1 >= max_queued and outbox.held >= max_queued:  # held is len(posts) or one more
             if len(posts) < outbox.held:  # the oldest is the post in flight: not tried again
                 outbox.dropped = True
             else:

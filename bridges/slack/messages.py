@@ -135,7 +135,7 @@ def split_text(text: str, limit: int = SPLIT_AT) -> list[str]:
     caller's check, see ``parse_reply``).
     """
     limit = min(limit, TEXT_LIMIT)
-    escaped = escape(text)
+    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # escape(text), inline: per reply
     if len(escaped) <= limit:  # most replies: one post, what the loop below would give (escape keeps the lines)
         return [escaped] if escaped.strip() else [""]
     posts: list[str] = []
@@ -512,12 +512,25 @@ def _body(content: dict[str, Any], limit: int, *, split: bool = True) -> tuple[t
     return texts, (tuple(blocks) if blocks is not None else None)
 
 
-def parse_reply(content: Any, target: Target, *, limit: int = SPLIT_AT) -> Reply:
-    """Judge what a consumer sent on a channel or thread reply channel; ``InvalidReply`` says what is wrong."""
-    if type(content) is dict and len(content) == 1:  # the common {"text": ...}: what the checks below give for it
+def plain_posts(content: Any, limit: int = SPLIT_AT) -> list[str] | None:
+    """The posts of the common reply, ``{"text": "..."}`` alone, as ``parse_reply`` judges it (a post to the reply
+    channel's thread, if any, these its ``texts``), with no ``Reply`` built; None for any other reply.
+
+    Why: the bridge posts such a reply from this alone, and a ``Reply`` (a NamedTuple's ``__new__``, in Python,
+    with keywords) and its fields read back cost about as much as the rest of judging it.
+    """
+    if type(content) is dict and len(content) == 1:  # what the checks of parse_reply give for it (a test holds it)
         text = content.get("text")
         if type(text) is str and text:
-            return Reply(POST, tuple(split_text(text, limit)), thread_ts=target.thread_ts)
+            return split_text(text, limit)
+    return None
+
+
+def parse_reply(content: Any, target: Target, *, limit: int = SPLIT_AT) -> Reply:
+    """Judge what a consumer sent on a channel or thread reply channel; ``InvalidReply`` says what is wrong."""
+    texts = plain_posts(content, limit)
+    if texts is not None:
+        return Reply(POST, tuple(texts), thread_ts=target.thread_ts)
     if not isinstance(content, dict):
         raise InvalidReply(f"a reply must be a dict, not {type(content).__name__}")
     kind = content.get("type", EPHEMERAL if "user" in content else POST)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -88,8 +89,9 @@ class WebAPI:
 
     def send(self, method: str, args: dict[str, Any], done: Done) -> None:
         """POST ``args`` as JSON to ``method``; ``done(error, status, answer, retry_after)`` is called with the
-        outcome later (never from within ``send``): ``error`` None and Slack's status, JSON answer and Retry-After,
-        or the ``OSError`` / ``TimeoutError`` that ended the call (and 0, {}, None).
+        outcome later (never from within ``send``): ``error`` None and Slack's status, JSON answer and Retry-After
+        (read from an answer that is not 200 only: None with a 200), or the ``OSError`` / ``TimeoutError`` that ended
+        the call (and 0, {}, None).
 
         Why callbacks and not only ``call``: a coroutine, its future and a semaphore per post were a fifth of the
         bridge's instructions per reply; the bridge starts a channel's next post from ``done``. Raises what
@@ -105,7 +107,8 @@ class WebAPI:
         loop = self.loop
         if loop is None:  # the loop of the first call; not per call: Python 3.11's get_running_loop() is a getpid()
             loop = self.loop = asyncio.get_running_loop()
-        call = (b"%s%d\r\n\r\n%s" % (head, len(body), body), done, loop.time() + self.timeout)
+        # Deadlines on time.monotonic() itself, not loop.time() (a Python method per call that returns it).
+        call = (b"%s%d\r\n\r\n%s" % (head, len(body), body), done, time.monotonic() + self.timeout)
         if self.busy >= CONNECTIONS:  # this one's timeout runs while it waits for a slot
             self.waiting.append(call)
             self._watch()
@@ -118,7 +121,10 @@ class WebAPI:
             self.answering.add(connection)
             if self.sweeper is None:
                 self.sweeper = loop.call_later(self._sweep_every(), self._sweep)
-            connection.request(call)
+            connection.call = call  # connection.request(call), inline: it is not lost
+            connection.chunks.clear()
+            connection.body.clear()
+            connection.transport.write(call[0])
             return
         self._start(call)
 
@@ -136,7 +142,7 @@ class WebAPI:
 
     async def _connect_for(self, call: _Call) -> None:
         try:
-            connection = await asyncio.wait_for(self._connect(), max(call[2] - self.loop.time(), 0))
+            connection = await asyncio.wait_for(self._connect(), max(call[2] - time.monotonic(), 0))
         except Exception as exc:  # OSError, TimeoutError
             self._finish(call, exc)
             return
@@ -166,7 +172,14 @@ class WebAPI:
             answer = None
         if not isinstance(answer, dict):  # a proxy's error page, say
             answer = {"ok": False, "error": f"HTTP {status} with an answer that is not a JSON object"}
-        self._finish(call, None, status, answer, retry_after)
+        # _finish(call, None, status, answer, retry_after), inline: once per call
+        self.busy -= 1
+        if self.waiting:
+            self._start_waiting()
+        try:
+            call[1](None, status, answer, retry_after)
+        except Exception as exc:  # the caller's bug must not fail this connection (llhttp's callback, say)
+            self.loop.call_exception_handler({"message": "a Web API call's callback failed", "exception": exc})
 
     def _failed(self, connection: _Connection, call: _Call, exc: Exception) -> None:
         """``connection`` failed ``call``: lost, not HTTP, or timed out."""
@@ -183,13 +196,16 @@ class WebAPI:
                 retry_after: str | None = None) -> None:
         """Free ``call``'s slot for the next waiting call, then tell its caller."""
         self.busy -= 1
-        while self.waiting and self.busy < CONNECTIONS:
-            self.busy += 1
-            self._start(self.waiting.popleft())
+        self._start_waiting()
         try:
             call[1](error, status, answer if answer is not None else {}, retry_after)
         except Exception as exc:  # the caller's bug must not fail this connection (llhttp's callback, say)
             self.loop.call_exception_handler({"message": "a Web API call's callback failed", "exception": exc})
+
+    def _start_waiting(self) -> None:
+        while self.waiting and self.busy < CONNECTIONS:
+            self.busy += 1
+            self._start(self.waiting.popleft())
 
     def _sweep_every(self) -> float:
         return min(1.0, self.timeout / 4)  # a call times out at most a quarter of its timeout (or 1 s) late
@@ -198,7 +214,7 @@ class WebAPI:
         """Fail the calls whose ``timeout`` passed with ``TimeoutError`` (their connections closed); again later while
         calls are in flight or waiting."""
         loop = self.loop
-        now = loop.time()
+        now = time.monotonic()
         for connection in [c for c in self.answering if c.deadline <= now]:
             self.answering.discard(connection)
             connection.time_out()
@@ -238,9 +254,16 @@ class _Stale(ConnectionError):
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection: one request at a time, the answer parsed by llhttp as it arrives."""
+    """One keep-alive connection: one request at a time, the answer parsed by llhttp as it arrives.
+
+    Why no ``on_header``: llhttp calls it for every header of every answer (two bytes objects and a Python call
+    each, and Slack sends about twenty), for the one header we read, Retry-After, which comes with a 429. So the
+    answer's bytes are kept as they come, and the head is read for Retry-After only when the status is not 200.
+    """
 
     def __init__(self) -> None:
+        self.body: list[bytes] = []  # the current answer's body, as llhttp hands it over
+        self.on_body = self.body.append  # llhttp's callback: the list's own method, no Python call per piece
         self.parser = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.api: WebAPI | None = None
@@ -248,11 +271,8 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.used = False  # an answer was read on it: a request it loses unanswered may be sent again on another
         self.keep_alive = True
-        self.started = False  # a byte of the current answer has come
-        self.body: list[bytes] = []
-        self.retry_after: str | None = None
-        self.header = b""
-        self.deadline = 0.0  # the loop's time by which the current answer must have come
+        self.chunks: list[bytes] = []  # the current answer's bytes as read (none yet: not started)
+        self.deadline = 0.0  # the time.monotonic() by which the current answer must have come
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -262,11 +282,12 @@ class _Connection(asyncio.Protocol):
         if self.lost:
             self._fail(_Stale())
             return
-        self.started, self.body, self.retry_after = False, [], None
+        self.chunks.clear()
+        self.body.clear()
         self.transport.write(call[0])
 
     def data_received(self, data: bytes) -> None:
-        self.started = True
+        self.chunks.append(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -276,7 +297,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.keep_alive = False
-        if self.started:
+        if self.chunks:
             self._fail(ConnectionError(f"the Web API connection was lost mid-answer ({exc or 'closed'})"))
         else:
             self._fail(_Stale())
@@ -297,18 +318,25 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    # llhttp's callbacks
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 11 and name.lower() == b"retry-after":
-            self.retry_after = value.decode("latin-1")
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
+    # llhttp's callbacks (and on_body, set in __init__)
 
     def on_message_complete(self) -> None:
         self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         self.used = True
         call, self.call = self.call, None
         if call is not None:
-            self.api._answered(self, call, self.parser.get_status_code(), b"".join(self.body), self.retry_after)
+            status = self.parser.get_status_code()
+            self.api._answered(self, call, status, b"".join(self.body),
+                               None if status == 200 else _retry_after_of(b"".join(self.chunks)))
+
+
+def _retry_after_of(answer: bytes) -> str | None:
+    """The Retry-After header of an answer's bytes as llhttp reads a header's value (leading blanks dropped), the
+    last one if there are several; None without one."""
+    head = answer.partition(b"\r\n\r\n")[0]
+    found = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if len(name) == 11 and name.lower() == b"retry-after":
+            found = value.lstrip(b" \t").decode("latin-1")
+    return found
