@@ -512,21 +512,12 @@ class Bridge:
         if pending is not None:  # an async handler for this id is still running: keep the order
             pending.append(message)
             return
-        if local_id not in self.targets:  # _call_handler(local_id, message), inline: once per reply
-            self._unknown_reply(local_id)
-            return
-        try:
-            awaitable = self.handle_reply(local_id, message)
-        except Exception:
-            self._reply_failed(local_id)
-            return
-        if awaitable is None or not (isinstance(awaitable, Deferred) or inspect.isawaitable(awaitable)):
-            self.count("replies")
-            return
-        self._pending[local_id] = deque()
-        task = asyncio.ensure_future(self._finish_in_order(local_id, awaitable))
-        self._reply_tasks.add(task)
-        task.add_done_callback(self._reply_tasks.discard)
+        awaitable = self._call_handler(local_id, message)
+        if awaitable is not None:
+            self._pending[local_id] = deque()
+            task = asyncio.ensure_future(self._finish_in_order(local_id, awaitable))
+            self._reply_tasks.add(task)
+            task.add_done_callback(self._reply_tasks.discard)
 
     def _call_handler(self, local_id: str, message: dict) -> Awaitable[Any] | None:
         """Hand one reply to ``handle_reply``; return what is left to await, if anything."""

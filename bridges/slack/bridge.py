@@ -831,11 +831,8 @@ class SlackBridge(ListeningBridge):
         Once per call, not per event: one clock read and one ``remember`` for them all. Nothing an answer does
         (an ack queued for the loop's round, a future set) looks at ``in_flight`` or the window meanwhile.
         """
-        in_flight = self.in_flight
         for pending, _ in stored:
-            for key in pending.keys:
-                if in_flight.get(key) is pending:
-                    del in_flight[key]
+            self._settle(pending)
         self.window.remember_all([pending.keys for pending, _ in stored], time.monotonic())
         for pending, _ in stored:
             if pending.command is not None:

@@ -629,21 +629,16 @@ class RepeatWindow:
         return False
 
     def remember(self, keys: list[str], now: float) -> None:
-        at = self._at
-        for key in keys:
-            at[key] = now
-        self._order.append((now, keys))
-        if len(at) > self.size:  # the window's age is checked by ``seen``, which the bridge asks first
-            self._expire(now)
+        self.remember_all([keys], now)
 
     def remember_all(self, key_lists: list[list[str]], now: float) -> None:
-        """``remember`` for several events at once (all one layer call stored), in order."""
+        """``remember`` for several events at once (what one layer call stored: the bridge's way), in order."""
         at = self._at
         for keys in key_lists:
             for key in keys:
                 at[key] = now
         self._order.extend([(now, keys) for keys in key_lists])
-        if len(at) > self.size:
+        if len(at) > self.size:  # the window's age is checked by ``seen``, which the bridge asks first
             self._expire(now)
 
     def __len__(self) -> int:
