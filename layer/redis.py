@@ -92,7 +92,6 @@ SWEEP = 0.25  # seconds between the async face's timeout checks (its timeouts fi
 RING_POINTS = 160
 _IO_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _DEFAULT = object()  # read with the connection's own socket timeout
-_NO_CHANNEL = object()  # before a send plan's first message: no channel is this one
 
 # Shared by the scripts below: when ``needed`` more entries would not fit, drop
 # expired entries from the queue's head first (an entry's expiry is its first
@@ -435,7 +434,7 @@ class RedisLayer(base.LayerErrors):
         targets = self._targets
         body = base.pack if self._sealer is None else self._body  # a call less per message when nothing is sealed
         count = 0
-        last: Any = _NO_CHANNEL
+        last = None  # the channel of the message before (never None)
         for channel, message in items:
             # A bridge sends a run of messages to one channel: its checks, batch and entry header are found once.
             if channel is not last:

@@ -979,8 +979,7 @@ class SlackBridge(ListeningBridge):
             outbox = self.outboxes[channel] = _Outbox(channel)
             outbox.done = partial(self._posted, outbox)  # bound once per outbox, not per post
         posts = outbox.posts
-        max_queued = self.options["max_queued"]
-        if len(posts) + 1 >= max_queued and outbox.held >= max_queued:  # held is len(posts) or one more
+        if outbox.held >= self.options["max_queued"]:
             if len(posts) < outbox.held:  # the oldest is the post in flight: not tried again
                 outbox.dropped = True
             else:

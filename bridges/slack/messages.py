@@ -135,7 +135,7 @@ def split_text(text: str, limit: int = SPLIT_AT) -> list[str]:
     caller's check, see ``parse_reply``).
     """
     limit = min(limit, TEXT_LIMIT)
-    escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # escape(text), inline: per reply
+    escaped = escape(text)
     if len(escaped) <= limit:  # most replies: one post, what the loop below would give (escape keeps the lines)
         return [escaped] if escaped.strip() else [""]
     posts: list[str] = []

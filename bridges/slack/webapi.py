@@ -121,10 +121,7 @@ class WebAPI:
             self.answering.add(connection)
             if self.sweeper is None:
                 self.sweeper = loop.call_later(self._sweep_every(), self._sweep)
-            connection.call = call  # connection.request(call), inline: it is not lost
-            connection.chunks.clear()
-            connection.body.clear()
-            connection.transport.write(call[0])
+            connection.request(call)
             return
         self._start(call)
 
@@ -172,14 +169,7 @@ class WebAPI:
             answer = None
         if not isinstance(answer, dict):  # a proxy's error page, say
             answer = {"ok": False, "error": f"HTTP {status} with an answer that is not a JSON object"}
-        # _finish(call, None, status, answer, retry_after), inline: once per call
-        self.busy -= 1
-        if self.waiting:
-            self._start_waiting()
-        try:
-            call[1](None, status, answer, retry_after)
-        except Exception as exc:  # the caller's bug must not fail this connection (llhttp's callback, say)
-            self.loop.call_exception_handler({"message": "a Web API call's callback failed", "exception": exc})
+        self._finish(call, None, status, answer, retry_after)
 
     def _failed(self, connection: _Connection, call: _Call, exc: Exception) -> None:
         """``connection`` failed ``call``: lost, not HTTP, or timed out."""
@@ -196,16 +186,13 @@ class WebAPI:
                 retry_after: str | None = None) -> None:
         """Free ``call``'s slot for the next waiting call, then tell its caller."""
         self.busy -= 1
-        self._start_waiting()
+        while self.waiting and self.busy < CONNECTIONS:
+            self.busy += 1
+            self._start(self.waiting.popleft())
         try:
             call[1](error, status, answer if answer is not None else {}, retry_after)
         except Exception as exc:  # the caller's bug must not fail this connection (llhttp's callback, say)
             self.loop.call_exception_handler({"message": "a Web API call's callback failed", "exception": exc})
-
-    def _start_waiting(self) -> None:
-        while self.waiting and self.busy < CONNECTIONS:
-            self.busy += 1
-            self._start(self.waiting.popleft())
 
     def _sweep_every(self) -> float:
         return min(1.0, self.timeout / 4)  # a call times out at most a quarter of its timeout (or 1 s) late
@@ -330,13 +317,23 @@ class _Connection(asyncio.Protocol):
                                None if status == 200 else _retry_after_of(b"".join(self.chunks)))
 
 
-def _retry_after_of(answer: bytes) -> str | None:
-    """The Retry-After header of an answer's bytes as llhttp reads a header's value (leading blanks dropped), the
-    last one if there are several; None without one."""
-    head = answer.partition(b"\r\n\r\n")[0]
-    found = None
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
+class _RetryAfter:
+    """llhttp's header callback for ``_retry_after_of``: the last Retry-After value."""
+
+    def __init__(self) -> None:
+        self.value: str | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) == 11 and name.lower() == b"retry-after":
-            found = value.lstrip(b" \t").decode("latin-1")
-    return found
+            self.value = value.decode("latin-1")
+
+
+def _retry_after_of(answer: bytes) -> str | None:
+    """The Retry-After header of a whole answer's bytes (the last one if there are several; None without one), read
+    again by llhttp, with a header callback this time: only for an answer that is not 200, so rarely."""
+    found = _RetryAfter()
+    try:
+        httptools.HttpResponseParser(found).feed_data(answer)
+    except httptools.HttpParserError:  # it parsed once already; a second reading cannot fail otherwise
+        return None
+    return found.value
