@@ -5,8 +5,15 @@ pools that give chosen channels threads of their own, the watchdog that reports
 slow consumers, and shutdown. Running one message (routing, buffering,
 exceptions) belongs to ``dispatch.py``; the worker must not re-implement it.
 
-Threads block in the layer's receive (no polling) and take several messages
-of one channel per receive: as many as they have been running in ``HOLD``
+Threads block in the layer's receive (no polling), one thread of a pool at a
+time: it holds the pool's turn while it waits and gives it up as soon as the
+receive returns, before running what it took, so the next thread waits in the
+layer while it runs. Were all of them waiting, each burst a bridge sends would
+be split between them, and they would take the GIL from one another; in the
+Slack flood (bench/slack.py) that cost a 4-thread worker ~3x the CPU per
+message of one thread (29 against 9 µs, medians of 5 rounds), where the turn
+brings it to 9. A slow consumer holds only its own thread, as before. A thread
+takes several messages of one channel per receive: as many as they have been running in ``HOLD``
 seconds, at most ``prefetch`` (``PREFETCH``, 64, by default). Fast consumers
 then cost one round trip to Redis per burst (four times fewer than a fixed 16
 cost the MQTT benchmark's worker), while slow ones are taken one at a time, so
@@ -181,9 +188,10 @@ class Worker:
     def start(self) -> None:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="worker-async", daemon=True)
         self._loop_thread.start()
+        turns = {name: threading.Lock() for name in self.pools}  # a pool's threads take turns to receive
         for i, (pool, channels) in enumerate(self._plan):
             name = f"worker-{i}" if pool == DEFAULT_POOL else f"worker-{pool}-{i}"
-            thread = threading.Thread(target=self._serve, args=(i, channels), name=name, daemon=True)
+            thread = threading.Thread(target=self._serve, args=(i, channels, turns[pool]), name=name, daemon=True)
             thread.start()
             self._workers.append(thread)
         if self.slow_consumer:
@@ -294,12 +302,15 @@ class Worker:
                 f"{c.requeued} requeued, {c.gave_up} given up, {c.undelivered} sends undelivered, "
                 f"{c.slow} slow consumers reported, {c.invalid} invalid dropped")
 
-    def _serve(self, index: int, channels: list[str]) -> None:
+    def _serve(self, index: int, channels: list[str], turn: threading.Lock) -> None:
         control = self.controls[index]
         listen = [*channels, control]
         batch, per_message = 1, HOLD  # nothing is known of the consumers yet: one message at first
         while not self._stopping.is_set():
-            taken = self.sync.receive_many(listen, batch, timeout=FALLBACK_TIMEOUT)
+            with turn:  # one thread of the pool waits in the layer at a time (see the module doc)
+                if self._stopping.is_set():
+                    break
+                taken = self.sync.receive_many(listen, batch, timeout=FALLBACK_TIMEOUT)
             started = time.perf_counter()
             with self.dispatcher.holding():  # the batch's replies leave together: one send_many, not one each
                 for channel, content in taken:

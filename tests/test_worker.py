@@ -133,6 +133,50 @@ def test_slow_consumers_are_taken_one_at_a_time_so_every_thread_gets_one(channel
         assert worker.join(30)
 
 
+class CountingReceives:
+    """The layer's blocking face, counting how many threads are inside ``receive_many`` at once."""
+
+    def __init__(self, sync) -> None:
+        self.sync = sync
+        self.lock = threading.Lock()
+        self.inside = self.most = 0
+
+    def receive_many(self, *args, **kwargs):
+        with self.lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        try:
+            return self.sync.receive_many(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.sync, name)
+
+
+def test_one_thread_of_a_pool_waits_in_the_layer_at_a_time_and_a_slow_consumer_holds_only_its_own(channel_layer):
+    # Were all four threads waiting in the layer, a burst would be split between them; the thread that took
+    # messages gives the turn up before running them, so a consumer that waits does not stop the others.
+    worker = Worker("apps.slow:routes", channel_layer, threads=4)
+    counting = worker.sync = CountingReceives(worker.sync)
+    sync = channel_layer.sync
+    reply = sync.new_channel("client?")
+    worker.start()
+    try:
+        sync.send("test.hold", {"n": 1, "reply_channel": reply})
+        assert sync.receive(["test.started"], timeout=30) == ("test.started", {"n": 1})
+        sync.send_many([("test.echo", {"text": f"m{i}", "n": i, "reply_channel": reply}) for i in range(90)])
+        got = collect(sync, reply, 90)  # while the held one still holds its thread
+        assert sorted(m["n"] for m in got) == list(range(90))
+        sync.send("test.release", {})
+        assert collect(sync, reply, 1) == [{"finished": 1, "released": True}]
+    finally:
+        worker.stop()
+        assert worker.join(30)
+    assert counting.most == 1
+
+
 def test_stop_finishes_the_message_in_hand(channel_layer):
     worker = Worker("apps.slow:routes", channel_layer, threads=2)
     worker.start()
