@@ -95,7 +95,7 @@ class Config:
             return cls(warmup=0.3, seconds=0.5, windows=2, in_flight=(1, 64), threads=(1, 4),
                        overhead_batches=100, overhead_per_batch=100, overhead_warmup=0.3, metrics_rounds=2)
         return cls(warmup=1.0, seconds=2.0, windows=5, in_flight=(1, 64), threads=(1, 4),
-                   overhead_batches=2000, overhead_per_batch=100, overhead_warmup=2.0, metrics_rounds=4)
+                   overhead_batches=2000, overhead_per_batch=100, overhead_warmup=2.0, metrics_rounds=8)
 
 
 @dataclass(frozen=True)
@@ -502,7 +502,10 @@ def metrics_section(results: dict[str, Any]) -> str:
 {m['rounds']} rounds, the order alternating round by round; with metrics on, a thread of the benchmark GETs
 `/metrics` every {m['interval']:g} s ({m['scrapes']} scrapes in all, 15× Prometheus' default rate). What is always
 paid, metrics or not, is counted inside "Consumer overhead per message" above: the dispatcher's counters and the
-per-consumer duration histogram (two `perf_counter` calls and a bisect per message).
+per-consumer duration histogram (two `perf_counter` calls and a bisect per message). A round's ratio swings by
+several percent either way on a shared machine (0.94 to 1.08 over 8 rounds on 2026-12-03, where 4 rounds had
+given 0.961 and a "missed"), so a full run takes 8 rounds. A scrape itself costs the worker ~1.5 ms of CPU
+(200 scrapes of an idle worker, on that machine): 0.15% of a core at one a second.
 
 {metrics_table(results)}
 
