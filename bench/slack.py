@@ -272,10 +272,12 @@ PROFILE = (
 RUNS = (
     "- The (a) ratio moves with the machine more than with the last commits, so here are the full runs behind it "
     "(redis:// events/s ÷ the bare client's, medians of each run's 5 rounds). On the machine of 2026-12-03 (the bare "
-    "client at 81–90 µs of CPU per event): 60%, 62%, 55% at 490bcb1 (the tables show the 60% run), 57%, 59% at "
-    "a876c59, before the worker's threads took turns. On the machine of 2026-12-02, whose core ran the bare client "
-    "at 32 µs per event: 51%, 45%, 42% at 28881b5, so there the target was missed. Counted in instructions, which "
-    "do not depend on the machine, the bare client spends 176,718 per event and crossroads' bridge and worker "
+    "client at 75–90 µs of CPU per event), five runs of the code of 490bcb1 (at 490bcb1, a0d1318 and d38d2ee, which "
+    "changed only bench/ and docs/): 60%, 62%, 55%, 58%, 56%, the tables showing the median one (58%); interleaved "
+    "with the last two, two runs of a876c59, before the worker's threads took turns (its own worktree and copy of "
+    ".venv): 58%, 67%. So the turns show no gain here. On the machine of 2026-12-02, whose core ran the bare "
+    "client at 32 µs per event: 51%, 45%, 42% at 28881b5, so there the target was missed. Counted in instructions, "
+    "which do not depend on the machine, the bare client spends 176,718 per event and crossroads' bridge and worker "
     "290,210 together (above): 61%. Our reading, not measured: the faster core gains more on the bare client's "
     "short path (aiohttp's C WebSocket reader, one small loop) than on crossroads' longer one."
 )
