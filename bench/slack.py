@@ -276,9 +276,9 @@ RUNS = (
     "changed only bench/ and docs/): 60%, 62%, 55%, 58%, 56%, the tables showing the median one (58%); interleaved "
     "with the last two, two runs of a876c59, before the worker's threads took turns (its own worktree and copy of "
     ".venv): 58%, 67%. So the turns show no gain here. On the machine of 2026-12-02, whose core ran the bare "
-    "client at 32 µs per event: 51%, 45%, 42% at 28881b5, so there the target was missed. Counted in instructions, "
-    "which do not depend on the machine, the bare client spends 176,718 per event and crossroads' bridge and worker "
-    "290,210 together (above): 61%. Our reading, not measured: the faster core gains more on the bare client's "
+    "client at 32 µs per event: 51%, 45%, 42% at 28881b5, so there the target was missed. Counted in instructions "
+    "(above), which do not depend on the machine, bridge + worker cost ~1.6x the bare client: 61%. Our reading, not "
+    "measured: the faster core gains more on the bare client's "
     "short path (aiohttp's C WebSocket reader, one small loop) than on crossroads' longer one."
 )
 

@@ -9,11 +9,9 @@ Threads block in the layer's receive (no polling), one thread of a pool at a
 time: it holds the pool's turn while it waits and gives it up as soon as the
 receive returns, before running what it took, so the next thread waits in the
 layer while it runs. Were all of them waiting, each burst a bridge sends would
-be split between them, and they would take the GIL from one another. Measured
-(A/B, interleaved rounds): bench/worker.py's redis:// 4 threads, 64 in flight,
-36.3 -> 32.6 µs of worker CPU per round trip and 5-8% more round trips/s; in one
-A/B of the Slack flood, 29 -> 9 µs per message, though bench/slack.py's full runs
-on another machine showed no difference. A slow consumer holds only its own thread. A thread
+be split between them, and they would take the GIL from one another (A/B,
+bench/worker.py's redis:// 4 threads, 64 in flight: 36.3 -> 32.6 µs of worker
+CPU per round trip). A slow consumer holds only its own thread. A thread
 takes several messages of one channel per receive: as many as they have been running in ``HOLD``
 seconds, at most ``prefetch`` (``PREFETCH``, 64, by default). Fast consumers
 then cost one round trip to Redis per burst (four times fewer than a fixed 16
